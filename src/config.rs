@@ -1,0 +1,679 @@
+//! Configuration: the TOML file structs, and `validate()` that turns them into the typed
+//! [`Config`] the rest of surge reads.
+//!
+//! Owns: parsing, every check on values, error messages that name the file, the key path and
+//! the reason. Must not: be read by anything but through the typed [`Config`] (no module
+//! looks at `File*` structs or raw TOML).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default configuration, compiled into the binary so that `surge serve` runs even
+/// when started outside the repository.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/surge.toml");
+
+/// Where `surge serve` looks for its configuration when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/surge.toml";
+
+/// Why a configuration could not be loaded. Each variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value has the wrong type or an unknown key.
+    #[error("{file}:{line}: {key}: {reason}")]
+    Parse {
+        file: PathBuf,
+        /// 1-based line of the offending value, 0 when unknown.
+        line: usize,
+        /// Dotted key path, e.g. `pool.health.interval`.
+        key: String,
+        reason: String,
+    },
+    /// The file parsed but some values are not acceptable; every problem is listed.
+    #[error("{}", Problems(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One semantic problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `pool.backends[1].address`.
+    pub key: String,
+    pub reason: String,
+}
+
+struct Problems<'a>(&'a PathBuf, &'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.1.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.0.display(), p.key, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// File structs: exactly what the TOML says, no interpretation.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    proxy: FileProxy,
+    pool: FilePool,
+    #[serde(default)]
+    local_blades: Option<FileLocalBlades>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileProxy {
+    listen: String,
+    workers: usize,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    response_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_grace: Duration,
+    max_header_bytes: usize,
+    access_log: bool,
+}
+
+impl Default for FileProxy {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    #[serde(default = "default_pool_name")]
+    name: String,
+    #[serde(default)]
+    algorithm: Algorithm,
+    #[serde(default)]
+    sticky: Option<FileSticky>,
+    #[serde(default = "default_slow_start", with = "humantime_serde")]
+    slow_start: Duration,
+    #[serde(default)]
+    health: FileHealth,
+    #[serde(default)]
+    ejection: FileEjection,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+}
+
+fn default_pool_name() -> String {
+    "shop".into()
+}
+
+fn default_slow_start() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSticky {
+    #[serde(default = "default_sticky_cookie")]
+    cookie: String,
+    #[serde(default = "default_route_cookie")]
+    route_cookie: String,
+}
+
+fn default_sticky_cookie() -> String {
+    "cart".into()
+}
+
+fn default_route_cookie() -> String {
+    "surge_route".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileHealth {
+    path: String,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+}
+
+impl Default for FileHealth {
+    fn default() -> Self {
+        Self {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileEjection {
+    consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    base_time: Duration,
+    #[serde(with = "humantime_serde")]
+    max_time: Duration,
+    max_percent: u32,
+}
+
+impl Default for FileEjection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_time: Duration::from_secs(10),
+            max_time: Duration::from_secs(300),
+            max_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    #[serde(default)]
+    id: Option<String>,
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLocalBlades {
+    count: usize,
+    #[serde(default, with = "humantime_serde")]
+    latency: Duration,
+    #[serde(default)]
+    cpu_work: u32,
+}
+
+// ---------------------------------------------------------------------------------------
+// Typed, validated configuration.
+// ---------------------------------------------------------------------------------------
+
+/// A validated configuration. Only [`Config::load`] and [`Config::parse`] make one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub proxy: ProxyConfig,
+    pub pool: PoolConfig,
+    /// Sample shop frontends the process starts itself on loopback (the demo default).
+    pub local_blades: Option<LocalBlades>,
+}
+
+/// The shopper-facing listener and the upstream request path.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Number of worker threads, each with its own single-threaded runtime and its own
+    /// `SO_REUSEPORT` listener. Always ≥ 1 here (0 in the file means one per core).
+    pub workers: usize,
+    /// Time allowed to open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to a backend until its response head arrives.
+    pub response_timeout: Duration,
+    /// Time a shopper's connection may take to send a complete request head; also closes
+    /// idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// How long an idle pooled connection to a backend is kept.
+    pub upstream_idle_timeout: Duration,
+    /// On shutdown, how long in-flight requests are given to finish.
+    pub shutdown_grace: Duration,
+    /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// One log line per request on target `surge::access`.
+    pub access_log: bool,
+}
+
+/// How a pool picks a backend for a request that is not bound to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Power of two random choices, cost = (in-flight + 1) × peak-EWMA latency / weight.
+    #[default]
+    P2cEwma,
+    /// nginx's smooth weighted round robin.
+    RoundRobin,
+}
+
+/// Cart affinity: which cookie identifies a shopper's session.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    /// Cookie set by the frontend that names the cart (`cart`).
+    pub cookie: String,
+    /// Cookie surge sets to remember which backend holds the cart.
+    pub route_cookie: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub sticky: Option<StickyConfig>,
+    /// How long a backend entering service takes to ramp from 10% to its full weight.
+    pub slow_start: Duration,
+    pub health: HealthConfig,
+    pub ejection: EjectionConfig,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Active HTTP health checks.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Path probed with `GET`; any 2xx is healthy.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a backend (back) into service.
+    pub rise: u32,
+    /// Consecutive failures that take a backend out of service.
+    pub fall: u32,
+}
+
+/// Passive ejection of backends that fail real requests (Envoy's outlier detection).
+#[derive(Debug, Clone)]
+pub struct EjectionConfig {
+    /// Consecutive connect errors or 5xx responses that eject a backend; 0 disables.
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further one lasts one more `base_time`.
+    pub base_time: Duration,
+    /// Cap on one ejection's length.
+    pub max_time: Duration,
+    /// Never eject when this share of the pool (percent) or more is already down.
+    pub max_percent: u32,
+}
+
+/// One backend named in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Demo frontends started in-process.
+#[derive(Debug, Clone)]
+pub struct LocalBlades {
+    pub count: usize,
+    /// Added service time per request.
+    pub latency: Duration,
+    /// Rounds of hashing per request, to cost CPU like a real frontend.
+    pub cpu_work: u32,
+}
+
+/// Largest weight a backend may have; keeps round-robin sequences short.
+pub const MAX_WEIGHT: u32 = 1000;
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is used in messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.to_path_buf();
+        let de = toml::Deserializer::new(text);
+        let raw: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(0);
+            ConfigError::Parse {
+                file: file.clone(),
+                line,
+                key: if key == "." { "(top level)".into() } else { key },
+                reason: inner.message().trim().to_string(),
+            }
+        })?;
+        validate(raw, file)
+    }
+}
+
+fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut bad = |key: &str, reason: String| {
+        problems.push(Problem {
+            key: key.to_string(),
+            reason,
+        })
+    };
+
+    let p = &raw.proxy;
+    let listen = p.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        bad(
+            "proxy.listen",
+            format!("`{}` is not an IP:port address", p.listen),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    if p.workers > 256 {
+        bad("proxy.workers", format!("{} is more than 256", p.workers));
+    }
+    for (key, d) in [
+        ("proxy.connect_timeout", p.connect_timeout),
+        ("proxy.response_timeout", p.response_timeout),
+        ("proxy.header_read_timeout", p.header_read_timeout),
+        ("proxy.upstream_idle_timeout", p.upstream_idle_timeout),
+    ] {
+        if d.is_zero() {
+            bad(key, "must be greater than 0".into());
+        }
+    }
+    if !(8192..=1024 * 1024).contains(&p.max_header_bytes) {
+        bad(
+            "proxy.max_header_bytes",
+            format!("{} is outside 8192..=1048576", p.max_header_bytes),
+        );
+    }
+
+    let pool = &raw.pool;
+    if pool.name.is_empty() || !pool.name.bytes().all(is_name_byte) {
+        bad(
+            "pool.name",
+            format!("`{}` must be non-empty and use only a-z 0-9 - _", pool.name),
+        );
+    }
+    let sticky = pool.sticky.as_ref().map(|s| {
+        for (key, name) in [
+            ("pool.sticky.cookie", &s.cookie),
+            ("pool.sticky.route_cookie", &s.route_cookie),
+        ] {
+            if name.is_empty() || !name.bytes().all(is_cookie_name_byte) {
+                bad(key, format!("`{name}` is not a valid cookie name"));
+            }
+        }
+        if s.cookie == s.route_cookie {
+            bad(
+                "pool.sticky.route_cookie",
+                "must differ from pool.sticky.cookie".into(),
+            );
+        }
+        StickyConfig {
+            cookie: s.cookie.clone(),
+            route_cookie: s.route_cookie.clone(),
+        }
+    });
+
+    let h = &pool.health;
+    if !h.path.starts_with('/') {
+        bad("pool.health.path", format!("`{}` must start with /", h.path));
+    }
+    if h.interval.is_zero() {
+        bad("pool.health.interval", "must be greater than 0".into());
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        bad(
+            "pool.health.timeout",
+            format!(
+                "{} must be greater than 0 and at most pool.health.interval ({})",
+                humantime::format_duration(h.timeout),
+                humantime::format_duration(h.interval)
+            ),
+        );
+    }
+    if h.rise == 0 {
+        bad("pool.health.rise", "must be at least 1".into());
+    }
+    if h.fall == 0 {
+        bad("pool.health.fall", "must be at least 1".into());
+    }
+    let e = &pool.ejection;
+    if e.max_percent > 100 {
+        bad(
+            "pool.ejection.max_percent",
+            format!("{} is more than 100", e.max_percent),
+        );
+    }
+    if e.consecutive_failures > 0 && (e.base_time.is_zero() || e.max_time < e.base_time) {
+        bad(
+            "pool.ejection.max_time",
+            "base_time must be > 0 and max_time ≥ base_time".into(),
+        );
+    }
+
+    let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
+    if let Some(l) = &raw.local_blades {
+        if l.count > 64 {
+            bad(
+                "local_blades.count",
+                format!("{} is more than 64", l.count),
+            );
+        }
+    }
+    if pool.backends.is_empty() && local_count == 0 {
+        bad(
+            "pool.backends",
+            "no backends: list at least one [[pool.backends]] or set local_blades.count".into(),
+        );
+    }
+    let mut backends = Vec::with_capacity(pool.backends.len());
+    let mut seen_addr = HashSet::new();
+    let mut seen_id = HashSet::new();
+    for (i, b) in pool.backends.iter().enumerate() {
+        let key = format!("pool.backends[{i}]");
+        let addr = match b.address.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                bad(
+                    &format!("{key}.address"),
+                    format!("`{}` is not an IP:port address", b.address),
+                );
+                continue;
+            }
+        };
+        if !seen_addr.insert(addr) {
+            bad(
+                &format!("{key}.address"),
+                format!("duplicate address {addr}"),
+            );
+        }
+        if b.weight == 0 || b.weight > MAX_WEIGHT {
+            bad(
+                &format!("{key}.weight"),
+                format!("{} is outside 1..={MAX_WEIGHT}", b.weight),
+            );
+        }
+        let id = b.id.clone().unwrap_or_else(|| format!("static-{i}"));
+        if id.is_empty() || !id.bytes().all(is_name_byte) {
+            bad(
+                &format!("{key}.id"),
+                format!("`{id}` must be non-empty and use only a-z 0-9 - _"),
+            );
+        }
+        if !seen_id.insert(id.clone()) {
+            bad(&format!("{key}.id"), format!("duplicate id `{id}`"));
+        }
+        backends.push(BackendSpec {
+            id,
+            addr,
+            weight: b.weight,
+        });
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            file: source,
+            problems,
+        });
+    }
+    let workers = if p.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        p.workers
+    };
+    Ok(Config {
+        source,
+        proxy: ProxyConfig {
+            listen,
+            workers,
+            connect_timeout: p.connect_timeout,
+            response_timeout: p.response_timeout,
+            header_read_timeout: p.header_read_timeout,
+            upstream_idle_timeout: p.upstream_idle_timeout,
+            shutdown_grace: p.shutdown_grace,
+            max_header_bytes: p.max_header_bytes,
+            access_log: p.access_log,
+        },
+        pool: PoolConfig {
+            name: pool.name.clone(),
+            algorithm: pool.algorithm,
+            sticky,
+            slow_start: pool.slow_start,
+            health: HealthConfig {
+                path: h.path.clone(),
+                interval: h.interval,
+                timeout: h.timeout,
+                rise: h.rise,
+                fall: h.fall,
+            },
+            ejection: EjectionConfig {
+                consecutive_failures: e.consecutive_failures,
+                base_time: e.base_time,
+                max_time: e.max_time,
+                max_percent: e.max_percent,
+            },
+            backends,
+        },
+        local_blades: raw.local_blades.map(|l| LocalBlades {
+            count: l.count,
+            latency: l.latency,
+            cpu_work: l.cpu_work,
+        }),
+    })
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+}
+
+/// RFC 6265 cookie-name is an RFC 9110 token.
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = parse(EMBEDDED_DEFAULT).expect("embedded default must validate");
+        assert_eq!(cfg.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert!(cfg.local_blades.map_or(0, |l| l.count) >= 2);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path_and_line() {
+        let err = parse("[pool]\nname = \"x\"\n[pool.health]\nintervall = \"2s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:4"), "{err}");
+        assert!(err.contains("pool.health"), "{err}");
+        assert!(err.contains("unknown field `intervall`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = parse(
+            "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[pool.health]\ninterval = \"2 parsecs\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pool.health.interval"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed() {
+        let err = parse(
+            r#"
+            [proxy]
+            listen = "nowhere"
+            [pool]
+            [[pool.backends]]
+            address = "127.0.0.1:9001"
+            [[pool.backends]]
+            address = "127.0.0.1:9001"
+            weight = 0
+            "#,
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "proxy.listen",
+                "pool.backends[1].address",
+                "pool.backends[1].weight"
+            ]
+        );
+        assert_eq!(err.to_string().lines().count(), 3);
+    }
+
+    #[test]
+    fn no_backends_is_refused() {
+        let err = parse("[pool]\n").unwrap_err().to_string();
+        assert!(err.contains("pool.backends: no backends"), "{err}");
+    }
+}

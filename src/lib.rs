@@ -1,0 +1,13 @@
+//! surge: an autoscaling L7 load balancer for e-commerce frontends.
+//!
+//! Module floors (a module imports only from floors below its own; see DESIGN.md):
+//! `serve` (the wiring `main` calls); `proxy`; `pool`; `telemetry`, `blade`; `config`.
+
+#![forbid(unsafe_code)]
+
+pub mod blade;
+pub mod config;
+pub mod pool;
+pub mod proxy;
+pub mod serve;
+pub mod telemetry;

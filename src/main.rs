@@ -1,0 +1,115 @@
+//! The `surge` command line. No logic lives here: each subcommand calls into the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use surge::config::{self, Config};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "surge", version, about = "Autoscaling L7 load balancer for e-commerce frontends")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (and, per config, the demo frontends).
+    Serve {
+        /// Configuration file. Default: config/surge.toml if it exists, else the copy
+        /// built into the binary.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a sample shop frontend.
+    Blade {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "blade")]
+        id: String,
+        /// Added service time per request, e.g. "20ms".
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Rounds of hashing per request (CPU cost).
+        #[arg(long, default_value_t = 0)]
+        cpu_work: u32,
+    },
+    /// Validate a configuration file; prints every problem and exits 1 if there is one.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Blade {
+            listen,
+            id,
+            latency,
+            cpu_work,
+        } => blade(surge::blade::BladeConfig {
+            id,
+            listen,
+            latency,
+            cpu_work,
+        }),
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("surge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(&p)?),
+        None if Path::new(config::DEFAULT_PATH).exists() => {
+            Ok(Config::load(Path::new(config::DEFAULT_PATH))?)
+        }
+        None => Ok(Config::parse(
+            config::EMBEDDED_DEFAULT,
+            Path::new("(embedded config/surge.toml)"),
+        )?),
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load_config(config)?;
+    let _log = surge::telemetry::init_logging("info");
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    runtime.block_on(surge::serve::run(cfg))?;
+    Ok(())
+}
+
+fn blade(cfg: surge::blade::BladeConfig) -> anyhow::Result<()> {
+    let _log = surge::telemetry::init_logging("info");
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let handle = surge::blade::start(cfg).await?;
+        println!("surge blade `{}` on http://{}", handle.id, handle.addr);
+        tokio::signal::ctrl_c().await.ok();
+        handle.kill();
+        anyhow::Ok(())
+    })
+}

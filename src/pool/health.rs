@@ -1,0 +1,224 @@
+//! Active health checks: every `interval`, each backend is probed; `rise` consecutive
+//! successes bring it into service, `fall` consecutive failures take it out.
+//!
+//! The decision ([`next_state`]) is a pure function; the loop ([`run`]) does the probing
+//! through a [`Prober`] the caller hands in, so this module does not depend on the HTTP
+//! engine (the proxy implements the prober with its own client).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{Member, Pool, State, Update};
+use crate::config::HealthConfig;
+
+/// Sends one health probe. Healthy means a 2xx answer within `timeout`.
+pub trait Prober: Send + Sync + 'static {
+    /// `Err` carries a short reason for the log ("connect refused", "status 500"...).
+    fn probe(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Consecutive probe results of one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streak {
+    pub successes: u32,
+    pub failures: u32,
+}
+
+/// The state a backend should move to after a probe, or `None` to stay.
+///
+/// Draining backends are probed (so an operator sees their health) but never moved: only
+/// the operator or the drain itself ends a drain. An ejected backend stays down until its
+/// ejection period is over, however healthy it looks.
+pub fn next_state(
+    member: &Member,
+    streak: Streak,
+    cfg: &HealthConfig,
+    now: Instant,
+) -> Option<State> {
+    match member.state {
+        State::Warming if streak.successes >= cfg.rise => Some(State::InService),
+        State::InService if streak.failures >= cfg.fall => Some(State::Down),
+        State::Down
+            if streak.successes >= cfg.rise && member.down_until.is_none_or(|t| now >= t) =>
+        {
+            Some(State::InService)
+        }
+        _ => None,
+    }
+}
+
+/// Probes every backend of `pool` each `cfg.interval` until `shutdown` turns true.
+pub async fn run<P: Prober>(
+    pool: Arc<Pool>,
+    cfg: HealthConfig,
+    prober: Arc<P>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut interval = tokio::time::interval(cfg.interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        check_once(&pool, &cfg, &prober).await;
+    }
+}
+
+/// One round: probe all backends concurrently, then publish the transitions at once.
+pub async fn check_once<P: Prober>(pool: &Pool, cfg: &HealthConfig, prober: &Arc<P>) {
+    let table = pool.snapshot_full();
+    let mut probes = JoinSet::new();
+    for m in table.members() {
+        let backend = m.backend.clone();
+        let prober = prober.clone();
+        let path = cfg.path.clone();
+        let timeout = cfg.timeout;
+        probes.spawn(async move {
+            let result = prober.probe(backend.addr, &path, timeout).await;
+            (backend, result)
+        });
+    }
+    while let Some(joined) = probes.join_next().await {
+        let Ok((backend, result)) = joined else {
+            continue;
+        };
+        match result {
+            Ok(()) => {
+                backend.probe_successes.fetch_add(1, Ordering::Relaxed);
+                backend.probe_failures.store(0, Ordering::Relaxed);
+            }
+            Err(reason) => {
+                let n = backend.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                backend.probe_successes.store(0, Ordering::Relaxed);
+                if n == cfg.fall {
+                    tracing::warn!(backend = &*backend.id, %reason, "health check failing");
+                }
+            }
+        }
+    }
+    pool.update(|members, now| {
+        let mut changed = false;
+        for m in members.iter_mut() {
+            let streak = Streak {
+                successes: m.backend.probe_successes.load(Ordering::Relaxed),
+                failures: m.backend.probe_failures.load(Ordering::Relaxed),
+            };
+            if let Some(next) = next_state(m, streak, cfg, now) {
+                tracing::info!(
+                    backend = &*m.backend.id,
+                    from = m.state.as_str(),
+                    to = next.as_str(),
+                    "backend state changed by health check"
+                );
+                if next == State::InService {
+                    m.backend.ejections.store(0, Ordering::Relaxed);
+                    m.backend.consecutive_failures.store(0, Ordering::Relaxed);
+                    m.slow_start = true;
+                }
+                m.set_state(next, now);
+                changed = true;
+            }
+        }
+        if changed {
+            Update::Publish(())
+        } else {
+            Update::Keep(())
+        }
+    });
+}
+
+/// Republishes the table while a backend ramps up, so slow start advances in steps of
+/// `every`.
+pub async fn run_upkeep(pool: Arc<Pool>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => pool.tick(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{Backend, Origin};
+
+    fn cfg() -> HealthConfig {
+        HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+
+    fn member(state: State) -> Member {
+        let b = Arc::new(Backend::new(
+            "b",
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            Origin::Static,
+        ));
+        Member::new(b, state, Instant::now())
+    }
+
+    fn streak(successes: u32, failures: u32) -> Streak {
+        Streak {
+            successes,
+            failures,
+        }
+    }
+
+    #[test]
+    fn warming_needs_rise_successes() {
+        let m = member(State::Warming);
+        let now = Instant::now();
+        assert_eq!(next_state(&m, streak(1, 0), &cfg(), now), None);
+        assert_eq!(
+            next_state(&m, streak(2, 0), &cfg(), now),
+            Some(State::InService)
+        );
+    }
+
+    #[test]
+    fn in_service_falls_after_fall_failures() {
+        let m = member(State::InService);
+        let now = Instant::now();
+        assert_eq!(next_state(&m, streak(0, 2), &cfg(), now), None);
+        assert_eq!(next_state(&m, streak(0, 3), &cfg(), now), Some(State::Down));
+    }
+
+    #[test]
+    fn ejected_backend_waits_out_its_period() {
+        let mut m = member(State::Down);
+        let now = Instant::now();
+        m.down_until = Some(now + Duration::from_secs(5));
+        assert_eq!(next_state(&m, streak(9, 0), &cfg(), now), None);
+        assert_eq!(
+            next_state(&m, streak(9, 0), &cfg(), now + Duration::from_secs(5)),
+            Some(State::InService)
+        );
+    }
+
+    #[test]
+    fn draining_is_never_moved_by_health() {
+        let m = member(State::Draining);
+        let now = Instant::now();
+        assert_eq!(next_state(&m, streak(0, 99), &cfg(), now), None);
+        assert_eq!(next_state(&m, streak(99, 0), &cfg(), now), None);
+    }
+}

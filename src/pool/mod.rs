@@ -1,0 +1,684 @@
+//! The backend table: the only state shared between the request path, the health checker,
+//! the admin API and the autoscaler.
+//!
+//! Readers (every request) take a snapshot with one atomic load and never lock. Writers
+//! build a new [`Table`] from the current one and publish it with a compare-and-swap loop
+//! (ArcSwap's RCU). Per-backend counters live in `Arc<Backend>` atomics that every snapshot
+//! shares, so publishing a table never resets the load a backend is carrying.
+//!
+//! Owns: backends, their lifecycle state, selection, health state machines, drain, and the
+//! pool-wide traffic counters. Must not: depend on the HTTP engine, or do I/O other than
+//! the health probes it is handed.
+
+pub mod health;
+pub mod select;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use crate::config::{Algorithm, BackendSpec, EjectionConfig, PoolConfig, MAX_WEIGHT};
+
+pub use select::Pick;
+
+/// Lifecycle state of a backend in one table snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Added but not yet proven healthy (`rise` successful checks); gets no traffic.
+    Warming,
+    /// Takes new requests (at a ramped weight during slow start).
+    InService,
+    /// No new requests or carts; bound carts keep reaching it until the deadline.
+    Draining,
+    /// Failed health checks or was ejected; gets no traffic until it recovers.
+    Down,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Warming => "warming",
+            State::InService => "in_service",
+            State::Draining => "draining",
+            State::Down => "down",
+        }
+    }
+}
+
+/// Where a backend came from; the autoscaler only ever removes what it provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Listed in the configuration file.
+    Static,
+    /// Started by this process on loopback (the demo).
+    Local,
+    /// Ordered from a provider.
+    Provisioned,
+}
+
+/// Why a pool change was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolError {
+    #[error("no backend with id `{0}`")]
+    UnknownBackend(String),
+    #[error("a backend with id `{0}` already exists")]
+    DuplicateId(String),
+    #[error("a backend with address {0} already exists")]
+    DuplicateAddress(SocketAddr),
+    #[error("weight {0} is outside 1..={MAX_WEIGHT}")]
+    BadWeight(u32),
+}
+
+/// Process-wide origin for the nanosecond timestamps kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds from [`epoch`] to `t`.
+pub fn nanos_since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// How fast the peak-EWMA latency estimate forgets a peak (linkerd2-proxy's default).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Latency assumed for a backend that has answered nothing yet, so it is neither shunned
+/// nor flooded before its first response.
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
+
+/// Peak-sensitive moving average of response latency (Finagle/linkerd "peak EWMA"): jumps
+/// to a new peak at once, decays towards lower samples with time constant [`EWMA_DECAY`].
+/// Updates race without locks; a lost sample only makes the estimate slightly older.
+#[derive(Debug)]
+pub struct PeakEwma {
+    /// Estimate in nanoseconds, stored as `f64` bits.
+    value_ns: AtomicU64,
+    /// When the estimate was last updated, nanoseconds since [`epoch`].
+    stamp_ns: AtomicU64,
+}
+
+impl PeakEwma {
+    fn new() -> Self {
+        Self {
+            value_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Current estimate in nanoseconds.
+    pub fn get_ns(&self) -> f64 {
+        f64::from_bits(self.value_ns.load(Ordering::Relaxed))
+    }
+
+    /// Feeds one observed latency.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        let now_ns = nanos_since_epoch(now);
+        let rtt_ns = rtt.as_nanos() as f64;
+        let prev = self.get_ns();
+        let next = if rtt_ns > prev {
+            rtt_ns
+        } else {
+            let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            prev * w + rtt_ns * (1.0 - w)
+        };
+        self.value_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.stamp_ns.store(now_ns, Ordering::Relaxed);
+    }
+}
+
+/// One frontend server. Identity is immutable; everything that changes per request is an
+/// atomic, so the same `Arc<Backend>` is shared by every table snapshot it appears in.
+#[derive(Debug)]
+pub struct Backend {
+    /// Stable name, unique in the pool; also the value of the route cookie.
+    pub id: Arc<str>,
+    pub addr: SocketAddr,
+    /// `addr` as `host:port` bytes, ready to become an HTTP authority without formatting.
+    pub authority: Bytes,
+    /// Configured weight (1..=1000); the effective weight in a table may be lower.
+    pub weight: u32,
+    pub origin: Origin,
+    /// Requests sent and not yet finished (response body fully sent or abandoned).
+    in_flight: AtomicU32,
+    /// Requests ever picked for this backend.
+    requests: AtomicU64,
+    /// Requests that ended in a connect error, timeout or 5xx.
+    failures: AtomicU64,
+    /// Failures since the last success; passive ejection looks at this.
+    consecutive_failures: AtomicU32,
+    /// Times this backend was ejected in a row; lengthens the next ejection.
+    ejections: AtomicU32,
+    /// Consecutive successful / failed active probes (the health state machine's input).
+    probe_successes: AtomicU32,
+    probe_failures: AtomicU32,
+    /// Response-head latency estimate used by P2C.
+    pub latency: PeakEwma,
+    /// Metric handles registered once, so the request path does no label lookups.
+    pub metrics: BackendMetrics,
+}
+
+/// Per-backend metric handles. Registered when the backend is created, against whatever
+/// recorder is installed then (install it before building the pool).
+#[derive(Debug)]
+pub struct BackendMetrics {
+    /// `surge_requests_total` for code classes 1xx..5xx (index = first digit - 1).
+    pub requests_by_class: [metrics::Counter; 5],
+    /// `surge_request_duration_seconds`.
+    pub duration: metrics::Histogram,
+}
+
+impl BackendMetrics {
+    fn register(id: &Arc<str>) -> Self {
+        use crate::telemetry::names;
+        let class = |c: &'static str| {
+            metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code_class" => c)
+        };
+        Self {
+            requests_by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: metrics::histogram!(names::REQUEST_DURATION, "backend" => id.to_string()),
+        }
+    }
+
+    /// Counts one response with `status` (100..=599).
+    pub fn count_status(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests_by_class[class].increment(1);
+    }
+}
+
+impl Backend {
+    pub fn new(id: &str, addr: SocketAddr, weight: u32, origin: Origin) -> Self {
+        let id: Arc<str> = Arc::from(id);
+        Self {
+            metrics: BackendMetrics::register(&id),
+            id,
+            addr,
+            authority: Bytes::from(addr.to_string()),
+            weight,
+            origin,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            probe_successes: AtomicU32::new(0),
+            probe_failures: AtomicU32::new(0),
+            latency: PeakEwma::new(),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps a backend's in-flight count raised for as long as it lives; dropping it, on any
+/// exit path (success, error, cancelled client), lowers the count again.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+    /// The backend's state in the snapshot it was picked from.
+    state: State,
+}
+
+impl InFlight {
+    fn new(backend: Arc<Backend>, state: State) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.requests.fetch_add(1, Ordering::Relaxed);
+        Self { backend, state }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// The backend's state when it was picked (draining backends close client keep-alive).
+    pub fn state(&self) -> State {
+        self.state
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A backend's place in one snapshot: the shared backend plus the state that changes only
+/// when a new table is published.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub state: State,
+    /// When `state` was entered; slow start ramps from here.
+    pub since: Instant,
+    /// Whether this stint in service ramps its weight (not for backends up at boot).
+    pub slow_start: bool,
+    /// While draining: bound carts keep reaching the backend until this instant.
+    pub drain_deadline: Option<Instant>,
+    /// While ejected: the health checker may not bring it back before this instant.
+    pub down_until: Option<Instant>,
+}
+
+impl Member {
+    fn new(backend: Arc<Backend>, state: State, now: Instant) -> Self {
+        Self {
+            backend,
+            state,
+            since: now,
+            slow_start: false,
+            drain_deadline: None,
+            down_until: None,
+        }
+    }
+
+    fn set_state(&mut self, state: State, now: Instant) {
+        self.state = state;
+        self.since = now;
+        if state != State::Draining {
+            self.drain_deadline = None;
+        }
+        if state != State::Down {
+            self.down_until = None;
+        }
+    }
+
+    /// Weight for new requests at `now`: 0 unless in service; during slow start it ramps
+    /// linearly from 10% to the full weight.
+    pub fn effective_weight(&self, now: Instant, slow_start: Duration) -> u32 {
+        if self.state != State::InService {
+            return 0;
+        }
+        let full = self.backend.weight;
+        if !self.slow_start || slow_start.is_zero() {
+            return full;
+        }
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= slow_start {
+            return full;
+        }
+        let share = 0.1 + 0.9 * elapsed.as_secs_f64() / slow_start.as_secs_f64();
+        ((f64::from(full) * share).ceil() as u32).clamp(1, full)
+    }
+
+    /// Whether requests bound to this backend (by route cookie) may still go to it.
+    pub fn accepts_bound(&self, now: Instant) -> bool {
+        match self.state {
+            State::InService => true,
+            State::Draining => self.drain_deadline.is_some_and(|d| now < d),
+            State::Warming | State::Down => false,
+        }
+    }
+
+    /// Whether the backend is still ramping up at `now`.
+    fn ramping(&self, now: Instant, slow_start: Duration) -> bool {
+        self.state == State::InService
+            && self.slow_start
+            && now.saturating_duration_since(self.since) < slow_start
+    }
+}
+
+/// Settings of a pool that do not change while it runs.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub name: String,
+    pub algorithm: Algorithm,
+    /// Cart cookie and route cookie names, when carts are sticky.
+    pub sticky: Option<crate::config::StickyConfig>,
+    pub slow_start: Duration,
+    pub ejection: EjectionConfig,
+}
+
+impl PoolSettings {
+    pub fn from_config(cfg: &PoolConfig) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            algorithm: cfg.algorithm,
+            sticky: cfg.sticky.clone(),
+            slow_start: cfg.slow_start,
+            ejection: cfg.ejection.clone(),
+        }
+    }
+}
+
+/// One immutable snapshot of the pool, with everything selection needs precomputed.
+#[derive(Debug)]
+pub struct Table {
+    members: Vec<Member>,
+    /// Precomputed selection structures over `members`.
+    pub(crate) select: select::Selector,
+    /// Member index by backend id, for the route cookie.
+    by_id: HashMap<Arc<str>, usize>,
+    /// Increases by one with every publish; shows that a swap happened.
+    pub generation: u64,
+    /// Whether some member is still ramping (the maintenance loop republishes until not).
+    ramping: bool,
+}
+
+impl Table {
+    fn build(
+        members: Vec<Member>,
+        settings: &PoolSettings,
+        generation: u64,
+        now: Instant,
+        previous: Option<&Table>,
+    ) -> Self {
+        let weights: Vec<u32> = members
+            .iter()
+            .map(|m| m.effective_weight(now, settings.slow_start))
+            .collect();
+        let select = select::Selector::build(&members, &weights, settings, previous.map(|t| &t.select));
+        let by_id = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.backend.id.clone(), i))
+            .collect();
+        let ramping = members.iter().any(|m| m.ramping(now, settings.slow_start));
+        Self {
+            members,
+            select,
+            by_id,
+            generation,
+            ramping,
+        }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Member> {
+        self.by_id.get(id).map(|&i| &self.members[i])
+    }
+
+    /// Number of members in `state`.
+    pub fn count(&self, state: State) -> usize {
+        self.members.iter().filter(|m| m.state == state).count()
+    }
+}
+
+/// Pool-wide traffic counters written by the proxy and read by the autoscaler and admin
+/// API (neither of which imports the proxy).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Shopper connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Requests received from shoppers.
+    pub requests: AtomicU64,
+    /// Requests answered by surge itself with 502/503/504.
+    pub proxy_errors: AtomicU64,
+}
+
+/// Outcome of one proxied request, as passive ejection sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered with something other than 5xx.
+    Success,
+    /// Connect error, broken connection, timeout, or a 5xx response.
+    Failure,
+}
+
+/// A named set of backends behind one lock-free table.
+#[derive(Debug)]
+pub struct Pool {
+    settings: PoolSettings,
+    table: ArcSwap<Table>,
+    /// Round-robin position; lives outside the table so a publish does not restart it.
+    rr_cursor: AtomicUsize,
+    pub traffic: Traffic,
+}
+
+impl Pool {
+    /// A pool whose backends start in service (as HAProxy's do): the health checker takes
+    /// out what is not.
+    pub fn new(settings: PoolSettings, backends: Vec<Arc<Backend>>) -> Self {
+        let now = Instant::now();
+        let members = backends
+            .into_iter()
+            .map(|b| Member::new(b, State::InService, now))
+            .collect();
+        let table = Table::build(members, &settings, 0, now, None);
+        Self {
+            settings,
+            table: ArcSwap::from_pointee(table),
+            rr_cursor: AtomicUsize::new(0),
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Builds the pool from the configuration's static backends plus `extra`.
+    pub fn from_config(cfg: &PoolConfig, extra: Vec<Arc<Backend>>) -> Self {
+        let mut backends: Vec<Arc<Backend>> = cfg
+            .backends
+            .iter()
+            .map(|b: &BackendSpec| Arc::new(Backend::new(&b.id, b.addr, b.weight, Origin::Static)))
+            .collect();
+        backends.extend(extra);
+        Self::new(PoolSettings::from_config(cfg), backends)
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// The current snapshot: one atomic load, no lock.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for holders that outlive a request.
+    pub fn snapshot_full(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Picks a backend for a request and counts it in flight. `None` when no backend
+    /// can take it (the proxy answers 503).
+    pub fn pick(&self, req: &Pick<'_>) -> Option<InFlight> {
+        let table = self.table.load();
+        select::pick(&table, req, &self.rr_cursor).map(|i| {
+            let m = &table.members[i];
+            InFlight::new(m.backend.clone(), m.state)
+        })
+    }
+
+    /// Applies `change` to a copy of the members and publishes the result, retrying if
+    /// another writer published first. Nothing is published when `change` says
+    /// [`Update::Keep`]. It may run more than once, so it must only
+    /// touch the members it is given.
+    pub fn update<T>(&self, mut change: impl FnMut(&mut Vec<Member>, Instant) -> Update<T>) -> T {
+        loop {
+            let now = Instant::now();
+            let current = self.table.load_full();
+            let mut members = current.members.clone();
+            let result = match change(&mut members, now) {
+                Update::Keep(v) => return v,
+                Update::Publish(v) => v,
+            };
+            let next = Arc::new(Table::build(
+                members,
+                &self.settings,
+                current.generation + 1,
+                now,
+                Some(&current),
+            ));
+            let prev = self.table.compare_and_swap(&current, next);
+            if Arc::ptr_eq(&prev, &current) {
+                return result;
+            }
+        }
+    }
+
+    /// Adds a backend in `Warming`: it takes traffic once the health checker has seen it
+    /// healthy `rise` times, then ramps up over the slow-start period.
+    pub fn add(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        if backend.weight == 0 || backend.weight > MAX_WEIGHT {
+            return Err(PoolError::BadWeight(backend.weight));
+        }
+        self.update(|members, now| {
+            if members.iter().any(|m| m.backend.id == backend.id) {
+                return Update::Keep(Err(PoolError::DuplicateId(backend.id.to_string())));
+            }
+            if members.iter().any(|m| m.backend.addr == backend.addr) {
+                return Update::Keep(Err(PoolError::DuplicateAddress(backend.addr)));
+            }
+            members.push(Member::new(backend.clone(), State::Warming, now));
+            Update::Publish(Ok(()))
+        })
+    }
+
+    /// Adds a backend directly in service, without waiting for health checks.
+    pub fn add_in_service(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        self.add(backend.clone())?;
+        self.update(|members, now| {
+            match members.iter_mut().find(|m| Arc::ptr_eq(&m.backend, &backend)) {
+                Some(m) => {
+                    m.set_state(State::InService, now);
+                    Update::Publish(())
+                }
+                None => Update::Keep(()),
+            }
+        });
+        Ok(())
+    }
+
+    /// Removes a backend from the table at once. Requests already on it finish (they hold
+    /// the `Arc<Backend>`); new ones go elsewhere.
+    pub fn remove(&self, id: &str) -> Result<Arc<Backend>, PoolError> {
+        self.update(|members, _| match members.iter().position(|m| &*m.backend.id == id) {
+            Some(i) => Update::Publish(Ok(members.remove(i).backend)),
+            None => Update::Keep(Err(PoolError::UnknownBackend(id.to_string()))),
+        })
+    }
+
+    /// Starts draining: no new requests or carts; carts bound to it keep reaching it until
+    /// `now + timeout`. Draining an already draining backend keeps the earlier deadline.
+    pub fn drain(&self, id: &str, timeout: Duration) -> Result<Instant, PoolError> {
+        self.update(|members, now| {
+            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
+                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
+            };
+            if let (State::Draining, Some(d)) = (m.state, m.drain_deadline) {
+                return Update::Keep(Ok(d));
+            }
+            let deadline = now + timeout;
+            m.set_state(State::Draining, now);
+            m.drain_deadline = Some(deadline);
+            Update::Publish(Ok(deadline))
+        })
+    }
+
+    /// Ends a drain: the backend takes new requests again (ramping up).
+    pub fn undrain(&self, id: &str) -> Result<(), PoolError> {
+        self.update(|members, now| {
+            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
+                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
+            };
+            if m.state != State::Draining {
+                return Update::Keep(Ok(()));
+            }
+            m.set_state(State::InService, now);
+            m.slow_start = true;
+            Update::Publish(Ok(()))
+        })
+    }
+
+    /// Whether a drain of `id` is over: nothing in flight, or the deadline passed.
+    pub fn drain_done(&self, id: &str, now: Instant) -> Option<bool> {
+        let table = self.table.load();
+        let m = table.get(id)?;
+        Some(
+            m.state == State::Draining
+                && (m.backend.in_flight() == 0 || m.drain_deadline.is_some_and(|d| now >= d)),
+        )
+    }
+
+    /// Records the outcome of one proxied request; enough consecutive failures eject the
+    /// backend (Envoy's outlier detection), never more than `max_percent` of the pool.
+    pub fn record(&self, backend: &Backend, outcome: Outcome) {
+        match outcome {
+            Outcome::Success => {
+                // Read before writing: keeps the cache line shared on the happy path.
+                if backend.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    backend.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+            }
+            Outcome::Failure => {
+                backend.failures.fetch_add(1, Ordering::Relaxed);
+                let n = backend.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let threshold = self.settings.ejection.consecutive_failures;
+                if threshold > 0 && n == threshold {
+                    self.eject(&backend.id);
+                }
+            }
+        }
+    }
+
+    /// Takes a backend out for a back-off period that grows with each ejection.
+    fn eject(&self, id: &str) -> bool {
+        let ej = self.settings.ejection.clone();
+        let ejected = self.update(|members, now| {
+            let total = members.len().max(1);
+            let down = members.iter().filter(|m| m.state == State::Down).count();
+            if (down + 1) * 100 > total * ej.max_percent as usize {
+                return Update::Keep(false);
+            }
+            let Some(m) = members
+                .iter_mut()
+                .find(|m| &*m.backend.id == id && m.state == State::InService)
+            else {
+                return Update::Keep(false);
+            };
+            let times = m.backend.ejections.load(Ordering::Relaxed) + 1;
+            let length = ej.base_time.saturating_mul(times).min(ej.max_time);
+            m.set_state(State::Down, now);
+            m.down_until = Some(now + length);
+            Update::Publish(true)
+        });
+        if ejected {
+            if let Some(m) = self.snapshot().get(id) {
+                m.backend.ejections.fetch_add(1, Ordering::Relaxed);
+                m.backend.probe_successes.store(0, Ordering::Relaxed);
+                tracing::warn!(backend = id, "ejected after consecutive failures");
+            }
+        }
+        ejected
+    }
+
+    /// Periodic upkeep: republishes while a backend ramps up so its effective weight grows.
+    pub fn tick(&self) {
+        if self.table.load().ramping {
+            self.update(|_, _| Update::Publish(()));
+        }
+    }
+}
+
+/// What a [`Pool::update`] closure decided: publish the changed members, or keep the
+/// current table. Either way it carries the closure's result.
+#[derive(Debug)]
+pub enum Update<T> {
+    Publish(T),
+    Keep(T),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+//! One request's way through surge: pick a backend, forward, retry once elsewhere when
+//! that is safe, and answer 502/503/504 in surge's own words when it is not.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+
+use super::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::config::{ProxyConfig, StickyConfig};
+use crate::pool::{InFlight, Outcome, Pick, Pool, State};
+use crate::telemetry::names;
+
+/// Body sent to a backend: the shopper's own, or nothing when a bodiless request is
+/// rebuilt for a retry.
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Body sent to the shopper: the backend's (holding the in-flight count until it ends), or
+/// one of surge's short error pages.
+pub type DownstreamBody = Either<GuardedBody, Full<Bytes>>;
+
+/// The per-worker client: a keep-alive connection pool per backend address.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// Everything a worker's request handler needs; one per worker thread.
+pub struct Forwarder {
+    pub pool: Arc<Pool>,
+    pub client: UpstreamClient,
+    pub response_timeout: Duration,
+    pub access_log: bool,
+    pub sticky: Option<StickyConfig>,
+    pub request_ids: Arc<RequestIds>,
+}
+
+impl Forwarder {
+    pub fn new(cfg: &ProxyConfig, pool: Arc<Pool>, request_ids: Arc<RequestIds>) -> Self {
+        let sticky = pool.settings().sticky.clone();
+        Self {
+            client: upstream_client(cfg),
+            pool,
+            response_timeout: cfg.response_timeout,
+            access_log: cfg.access_log,
+            sticky,
+            request_ids,
+        }
+    }
+
+    /// Serves one shopper request. Never fails: every problem becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<DownstreamBody>, Infallible> {
+        let start = Instant::now();
+        self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, peer.ip(), "http");
+        let request_id = self.request_ids.ensure(&mut parts.headers);
+
+        // Cart affinity inputs, copied out because the headers move into the request.
+        let (cart, route) = match &self.sticky {
+            Some(s) => (
+                headers::cookie(&parts.headers, &s.cookie).map(str::to_owned),
+                headers::cookie(&parts.headers, &s.route_cookie).map(str::to_owned),
+            ),
+            None => (None, None),
+        };
+        let log_line = self
+            .access_log
+            .then(|| (parts.method.clone(), parts.uri.clone()));
+
+        // A request may go to a second backend only if repeating it is harmless (an
+        // idempotent method, RFC 9110 §9.2.2) and it has no body we would have to replay.
+        let retry_copy = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
+            let mut copy = Request::new(Empty::new());
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = parts.uri.clone();
+            *copy.version_mut() = parts.version;
+            *copy.headers_mut() = parts.headers.clone();
+            copy
+        });
+        let mut first = Some(Request::from_parts(parts, Either::Left(body)));
+        let mut retry = retry_copy;
+        let mut avoid: Option<InFlight> = None;
+        let result = loop {
+            let pick = Pick {
+                sticky_key: cart.as_deref().map(str::as_bytes),
+                route: route.as_deref(),
+                avoid: avoid.as_ref().map(|g| &**g.backend()),
+            };
+            let Some(guard) = self.pool.pick(&pick) else {
+                break match avoid {
+                    // The retry found nowhere else to go: report the first failure.
+                    Some(failed) => Err(ProxyFailure::Backend(failed, "connection failed")),
+                    None => Err(ProxyFailure::NoBackend),
+                };
+            };
+            let req = match (first.take(), retry.take()) {
+                (Some(req), copy) => {
+                    retry = copy;
+                    req
+                }
+                (None, Some(copy)) => copy.map(Either::Right),
+                (None, None) => break Err(ProxyFailure::NoBackend),
+            };
+            let req = match with_backend_uri(req, &guard) {
+                Ok(r) => r,
+                Err(_) => break Err(ProxyFailure::Backend(guard, "bad request target")),
+            };
+            let sent = Instant::now();
+            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let backend = guard.backend();
+                    backend.latency.observe(sent.elapsed(), Instant::now());
+                    let outcome = if resp.status().is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    self.pool.record(backend, outcome);
+                    break Ok((guard, resp));
+                }
+                Ok(Err(e)) => {
+                    self.pool.record(guard.backend(), Outcome::Failure);
+                    if retry.is_some() && is_retryable(&e) {
+                        tracing::debug!(backend = &*guard.backend().id, error = %e, "retrying on another backend");
+                        avoid = Some(guard);
+                        continue;
+                    }
+                    break Err(ProxyFailure::Backend(guard, short_reason(&e)));
+                }
+                Err(_elapsed) => {
+                    self.pool.record(guard.backend(), Outcome::Failure);
+                    break Err(ProxyFailure::Timeout(guard, self.response_timeout));
+                }
+            }
+        };
+
+        let (resp, backend_id) = match result {
+            Ok((guard, resp)) => {
+                let id = guard.backend().id.clone();
+                (self.finish(guard, resp, route.as_deref(), cart.is_some(), start), Some(id))
+            }
+            Err(failure) => {
+                let id = failure.backend_id();
+                (self.failure_response(failure, &request_id), id)
+            }
+        };
+        let mut resp = resp;
+        if !resp.headers().contains_key(X_REQUEST_ID) {
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        }
+        if let Some((method, uri)) = log_line {
+            tracing::info!(
+                target: "surge::access",
+                client = %peer.ip(),
+                %method,
+                path = uri.path(),
+                status = resp.status().as_u16(),
+                backend = backend_id.as_deref().unwrap_or("-"),
+                ms = start.elapsed().as_secs_f64() * 1e3,
+                request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            );
+        }
+        Ok(resp)
+    }
+
+    /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
+    /// cookie in when the cart was just bound, `Connection: close` when the backend drains.
+    fn finish(
+        &self,
+        guard: InFlight,
+        resp: Response<Incoming>,
+        route: Option<&str>,
+        had_cart: bool,
+        started: Instant,
+    ) -> Response<DownstreamBody> {
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let backend = guard.backend().clone();
+        backend.metrics.count_status(parts.status.as_u16());
+        if let Some(s) = &self.sticky {
+            let bound_here = route == Some(&*backend.id);
+            if !bound_here && (had_cart || headers::sets_cookie(&parts.headers, &s.cookie)) {
+                let cookie = format!(
+                    "{}={}; Path=/; HttpOnly; SameSite=Lax",
+                    s.route_cookie, backend.id
+                );
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    parts.headers.append(header::SET_COOKIE, v);
+                }
+            }
+        }
+        // A draining backend's shoppers should reconnect, so their next requests are
+        // spread over the backends that stay.
+        if guard.state() == State::Draining {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Response::from_parts(
+            parts,
+            Either::Left(GuardedBody {
+                inner: body,
+                guard: Some(guard),
+                started,
+            }),
+        )
+    }
+
+    fn failure_response(
+        &self,
+        failure: ProxyFailure,
+        request_id: &HeaderValue,
+    ) -> Response<DownstreamBody> {
+        self.pool.traffic.proxy_errors.fetch_add(1, Ordering::Relaxed);
+        let rid = request_id.to_str().unwrap_or("-");
+        let (status, text) = match &failure {
+            ProxyFailure::NoBackend => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "503 service unavailable: no backend available in pool `{}` (request {rid})\n",
+                    self.pool.settings().name
+                ),
+            ),
+            ProxyFailure::Backend(g, reason) => (
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "502 bad gateway: backend `{}` failed: {reason} (request {rid})\n",
+                    g.backend().id
+                ),
+            ),
+            ProxyFailure::Timeout(g, after) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "504 gateway timeout: backend `{}` sent no response within {} (request {rid})\n",
+                    g.backend().id,
+                    humantime::format_duration(*after)
+                ),
+            ),
+        };
+        metrics::counter!(names::PROXY_ERRORS_TOTAL, "code" => status.as_str().to_owned())
+            .increment(1);
+        if let ProxyFailure::Backend(g, _) | ProxyFailure::Timeout(g, _) = &failure {
+            g.backend().metrics.count_status(status.as_u16());
+        }
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text))));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// Why surge answered a request itself.
+enum ProxyFailure {
+    /// No backend could take the request.
+    NoBackend,
+    /// The backend failed: refused, reset, closed mid-response, or sent garbage.
+    Backend(InFlight, &'static str),
+    /// The backend sent no response head in time.
+    Timeout(InFlight, Duration),
+}
+
+impl ProxyFailure {
+    fn backend_id(&self) -> Option<Arc<str>> {
+        match self {
+            ProxyFailure::NoBackend => None,
+            ProxyFailure::Backend(g, _) | ProxyFailure::Timeout(g, _) => {
+                Some(g.backend().id.clone())
+            }
+        }
+    }
+}
+
+fn upstream_client(cfg: &ProxyConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(cfg.upstream_idle_timeout)
+        .build(connector)
+}
+
+/// Points the request at the picked backend (absolute URI; the client sends origin-form).
+fn with_backend_uri<B>(mut req: Request<B>, guard: &InFlight) -> Result<Request<B>, http::Error> {
+    let authority = Authority::from_maybe_shared(guard.backend().authority.clone())?;
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    Ok(req)
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Failures after which the request cannot have been processed by the backend, or (for an
+/// idempotent request) processing it again is harmless: connect errors, and connections
+/// that closed before a response came.
+fn is_retryable(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(he) = s.downcast_ref::<hyper::Error>() {
+            return he.is_incomplete_message() || he.is_canceled() || he.is_closed();
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn short_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        return "connection failed";
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(he) = s.downcast_ref::<hyper::Error>() {
+            return if he.is_parse() {
+                "invalid HTTP response"
+            } else if he.is_incomplete_message() {
+                "connection closed before the response was complete"
+            } else if he.is_timeout() {
+                "timed out"
+            } else {
+                "connection error"
+            };
+        }
+        source = s.source();
+    }
+    "connection error"
+}
+
+/// A backend's response body that keeps the backend's in-flight count raised until the
+/// body has been sent to the shopper (or the shopper went away), so a drain waits for
+/// streaming responses too.
+pub struct GuardedBody {
+    inner: Incoming,
+    guard: Option<InFlight>,
+    /// When the shopper's request arrived; the duration histogram counts to the body's end.
+    started: Instant,
+}
+
+impl GuardedBody {
+    fn release(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.backend()
+                .metrics
+                .duration
+                .record(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -1,0 +1,204 @@
+//! Header work on the request path: hop-by-hop removal (RFC 9110 §7.6.1), forwarding
+//! headers, request ids, and reading cookies. Allocation-free where the request is plain.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop and never travel further (RFC 9110 §7.6.1, plus the
+/// legacy `Keep-Alive` and `Proxy-Connection`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
+/// too: surge does not tunnel protocol upgrades yet, and forwarding the header alone would
+/// promise the backend something the proxy cannot carry.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers listed in Connection are hop-by-hop for this message (rare: only then allocate).
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if let Ok(listed) = conn.to_str() {
+            let extra: Vec<HeaderName> = listed
+                .split(',')
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for name in extra {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Adds the shopper's address to `X-Forwarded-For` (appending to what earlier proxies set)
+/// and sets `X-Forwarded-Proto`.
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    let ip = ip_header_value(client);
+    match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if !prev.is_empty() => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + ip.len());
+            joined.extend_from_slice(prev);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        _ => {
+            headers.insert(X_FORWARDED_FOR, ip);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    // An IP address always formats to valid header bytes.
+    let mut buf = [0u8; 45];
+    let len = {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cursor, "{ip}");
+        cursor.position() as usize
+    };
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Makes request ids: a random per-process prefix and a counter, so ids are unique across
+/// restarts and workers without a random number per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self {
+            prefix: fastrand::u32(..),
+            next: AtomicU64::new(fastrand::u64(..1 << 32)),
+        }
+    }
+}
+
+impl RequestIds {
+    /// Keeps the request's `X-Request-Id` if it has a usable one, else sets a new one.
+    /// Returns the id in effect.
+    pub fn ensure(&self, headers: &mut HeaderMap) -> HeaderValue {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            if !v.is_empty() && v.len() <= 200 {
+                return v.clone();
+            }
+        }
+        let id = self.next_id();
+        headers.insert(X_REQUEST_ID, id.clone());
+        id
+    }
+
+    fn next_id(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 25];
+        for (i, slot) in buf[..8].iter_mut().enumerate() {
+            *slot = HEX[((self.prefix >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        buf[8] = b'-';
+        for (i, slot) in buf[9..].iter_mut().enumerate() {
+            *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+/// The value of cookie `name` among the request's `Cookie` headers (RFC 6265 §5.4 form:
+/// `a=1; b=2`). The first occurrence wins, as browsers send the most specific first.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| cookie_in(v, name))
+}
+
+/// Finds `name` in one `Cookie` header value.
+pub fn cookie_in<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    value.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// Whether a response's `Set-Cookie` headers set cookie `name`.
+pub fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split_once('=')
+                .is_some_and(|(k, _)| k.trim() == name)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::HOST, HeaderValue::from_static("shop"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, "10.1.2.3".parse().unwrap(), "http");
+        add_forwarding(&mut h, "::1".parse().unwrap(), "http");
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3, ::1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn request_id_is_kept_or_made_unique() {
+        let ids = RequestIds::default();
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(ids.ensure(&mut h), "abc");
+        let (mut a, mut b) = (HeaderMap::new(), HeaderMap::new());
+        let (ia, ib) = (ids.ensure(&mut a), ids.ensure(&mut b));
+        assert_ne!(ia, ib);
+        assert_eq!(ia.len(), 25);
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        assert_eq!(cookie_in("xcart=1; cart=abc; other=2", "cart"), Some("abc"));
+        assert_eq!(cookie_in("cart=\"q\"", "cart"), Some("q"));
+        assert_eq!(cookie_in("carts=1", "cart"), None);
+        assert_eq!(cookie_in("", "cart"), None);
+        assert_eq!(cookie_in(";;=;cart", "cart"), None);
+    }
+}

@@ -1,0 +1,67 @@
+//! Active health probes over the proxy's own HTTP client, handed to `pool::health` so
+//! that the pool does not depend on the HTTP engine.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::pool::health::Prober;
+
+/// Probes with `GET {path}`; any 2xx within the timeout is healthy.
+#[derive(Debug, Clone)]
+pub struct HttpProber {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl HttpProber {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1)
+            .build(connector);
+        Self { client }
+    }
+}
+
+impl Prober for HttpProber {
+    async fn probe(&self, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
+        let uri: Uri = format!("http://{addr}{path}")
+            .parse()
+            .map_err(|e| format!("bad probe uri: {e}"))?;
+        let req = Request::get(uri)
+            .header(http::header::USER_AGENT, "surge-health")
+            .body(Empty::new())
+            .map_err(|e| format!("bad probe request: {e}"))?;
+        let check = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    "connect failed".to_string()
+                } else {
+                    format!("request failed: {e}")
+                }
+            })?;
+            let status = resp.status();
+            // Read the body so the connection can be reused for the next probe.
+            let _ = resp.into_body().collect().await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("status {}", status.as_u16()))
+            }
+        };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+        }
+    }
+}

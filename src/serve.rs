@@ -1,0 +1,141 @@
+//! `surge serve`: wires config, pool, health checks, demo blades and the proxy together,
+//! and runs them until SIGTERM or Ctrl-C.
+//!
+//! Sits on the top floor with `main` (it imports everything below). Owns: start-up order
+//! and shutdown order. Must not: contain request-path or selection logic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
+use crate::config::Config;
+use crate::pool::{health, Backend, Origin, Pool};
+use crate::proxy::{self, probe::HttpProber, ProxyError, ProxyHandle};
+
+/// How often slow start advances a ramping backend's weight.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Blade(#[from] BladeError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+}
+
+/// A running surge: everything `serve` started, for an orderly stop.
+#[derive(Debug)]
+pub struct Running {
+    pub proxy: ProxyHandle,
+    pub pool: Arc<Pool>,
+    /// Demo frontends this process started (`[local_blades]`).
+    pub blades: Vec<BladeHandle>,
+    background: watch::Sender<bool>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (within the grace period), then
+    /// stops health checks and demo blades.
+    pub async fn stop(self) {
+        self.proxy.shutdown();
+        self.proxy.wait().await;
+        let _ = self.background.send(true);
+        for b in &self.blades {
+            b.kill();
+        }
+    }
+}
+
+/// Starts everything `cfg` describes on the current tokio runtime (proxy workers get
+/// threads of their own).
+pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
+    let mut blades = Vec::new();
+    let mut extra = Vec::new();
+    if let Some(local) = &cfg.local_blades {
+        for n in 1..=local.count {
+            let handle = blade::start(BladeConfig {
+                id: format!("blade-{n}"),
+                listen: ([127, 0, 0, 1], 0).into(),
+                latency: local.latency,
+                cpu_work: local.cpu_work,
+            })
+            .await?;
+            extra.push(Arc::new(Backend::new(
+                &handle.id,
+                handle.addr,
+                1,
+                Origin::Local,
+            )));
+            blades.push(handle);
+        }
+    }
+    let pool = Arc::new(Pool::from_config(&cfg.pool, extra));
+    let (background, rx) = watch::channel(false);
+    let prober = Arc::new(HttpProber::new(cfg.proxy.connect_timeout));
+    tokio::spawn(health::run(
+        pool.clone(),
+        cfg.pool.health.clone(),
+        prober,
+        rx.clone(),
+    ));
+    tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
+    let proxy = proxy::start(&cfg.proxy, pool.clone())?;
+    Ok(Running {
+        proxy,
+        pool,
+        blades,
+        background,
+    })
+}
+
+/// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
+pub async fn run(cfg: Config) -> Result<(), ServeError> {
+    let running = start(&cfg).await?;
+    let table = running.pool.snapshot();
+    println!(
+        "surge: proxy on http://{} ({} workers), pool `{}` with {} backends: {}",
+        running.proxy.local_addr,
+        cfg.proxy.workers,
+        cfg.pool.name,
+        table.members().len(),
+        table
+            .members()
+            .iter()
+            .map(|m| format!("{}={}", m.backend.id, m.backend.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop(table);
+    wait_for_signal().await;
+    println!(
+        "surge: shutting down, letting in-flight requests finish (up to {})",
+        humantime::format_duration(cfg.proxy.shutdown_grace)
+    );
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,38 @@
+//! Logging and metrics plumbing: the `tracing` subscriber (with the per-request access log
+//! on target `surge::access`) and the names of the metrics surge records.
+//!
+//! Owns: where log lines go and how they look. Must not: decide anything.
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::EnvFilter;
+
+/// Metric names, in one place so the exporter, dashboards and tests agree.
+pub mod names {
+    /// Counter, labels `backend`, `code_class` (`2xx`...`5xx`).
+    pub const REQUESTS_TOTAL: &str = "surge_requests_total";
+    /// Histogram of seconds from request received to response head sent, label `backend`.
+    pub const REQUEST_DURATION: &str = "surge_request_duration_seconds";
+    /// Counter of shopper connections accepted.
+    pub const CONNECTIONS_ACCEPTED: &str = "surge_connections_accepted_total";
+    /// Gauge of requests in flight, label `backend`.
+    pub const BACKEND_IN_FLIGHT: &str = "surge_backend_in_flight";
+    /// Counter of responses surge made itself, label `code` (502, 503, 504).
+    pub const PROXY_ERRORS_TOTAL: &str = "surge_proxy_errors_total";
+}
+
+/// Installs the global subscriber. Log lines are written by a background thread so that a
+/// slow terminal or disk never stalls the request path; keep the guard alive until exit so
+/// the last lines are flushed. `RUST_LOG` overrides the default filter.
+pub fn init_logging(default_filter: &str) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // A second init (tests start several servers in one process) is harmless.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_target(true)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    guard
+}
