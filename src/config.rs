@@ -371,7 +371,7 @@ impl Config {
             let inner = e.into_inner();
             let line = inner
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1)
                 .unwrap_or(0);
             ConfigError::Parse {
                 file: file.clone(),

@@ -318,7 +318,7 @@ impl Member {
             return full;
         }
         let share = 0.1 + 0.9 * elapsed.as_secs_f64() / slow_start.as_secs_f64();
-        ((f64::from(full) * share).ceil() as u32).clamp(1, full)
+        ((f64::from(full) * share).round() as u32).clamp(1, full)
     }
 
     /// Whether requests bound to this backend (by route cookie) may still go to it.
