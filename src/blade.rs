@@ -6,7 +6,8 @@
 //! load balancer sends a cart elsewhere, the shopper's cart is gone (`GET /cart` → 404,
 //! checkout → 409). That is what makes cart stickiness observable.
 //!
-//! Every response names the blade in `x-surge-blade`. Service time (`latency`) and CPU cost
+//! `GET /debug/headers` echoes the request headers the blade received, so tests can see
+//! what the proxy forwards. Every response names the blade in `x-surge-blade`. Service time (`latency`) and CPU cost
 //! (`cpu_work`) per request are adjustable at run time, as is the health answer, so tests
 //! can make a blade slow or sick without killing it.
 
@@ -214,6 +215,19 @@ async fn handle(
                 b"<!doctype html><title>surge shop</title><h1>surge shop</h1><a href=\"/catalog\">catalog</a>\n",
             ),
         ),
+        (Method::GET, "/debug/headers") => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    )
+                })
+                .collect();
+            json(&shared, StatusCode::OK, &serde_json::Value::Object(headers))
+        }
         (Method::GET, "/catalog") => reply(
             &shared,
             StatusCode::OK,
@@ -297,12 +311,28 @@ async fn add_to_cart(
     } else {
         match serde_json::from_slice::<Line>(&bytes) {
             Ok(l) if (1..=PRODUCTS).contains(&l.product) && (1..=99).contains(&l.qty) => l,
-            Ok(_) => return error(shared, StatusCode::BAD_REQUEST, "product or qty out of range"),
-            Err(e) => return error(shared, StatusCode::BAD_REQUEST, &format!("bad cart line: {e}")),
+            Ok(_) => {
+                return error(
+                    shared,
+                    StatusCode::BAD_REQUEST,
+                    "product or qty out of range",
+                )
+            }
+            Err(e) => {
+                return error(
+                    shared,
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad cart line: {e}"),
+                )
+            }
         }
     };
     let Ok(mut carts) = shared.carts.lock() else {
-        return error(shared, StatusCode::INTERNAL_SERVER_ERROR, "cart store poisoned");
+        return error(
+            shared,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cart store poisoned",
+        );
     };
     let (id, created) = match cart_id {
         Some(id) if carts.contains_key(&id) => (id, false),
@@ -314,11 +344,16 @@ async fn add_to_cart(
     drop(carts);
     let mut resp = json(
         shared,
-        if created { StatusCode::CREATED } else { StatusCode::OK },
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
         &body,
     );
     if created {
-        if let Ok(v) = HeaderValue::from_str(&format!("cart={id}; Path=/; HttpOnly; SameSite=Lax")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("cart={id}; Path=/; HttpOnly; SameSite=Lax"))
+        {
             resp.headers_mut().append(SET_COOKIE, v);
         }
     }
@@ -368,7 +403,12 @@ fn burn_cpu(rounds: u32) {
     std::hint::black_box(h.finish());
 }
 
-fn reply(shared: &Shared, status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+fn reply(
+    shared: &Shared,
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut()

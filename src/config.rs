@@ -371,13 +371,23 @@ impl Config {
             let inner = e.into_inner();
             let line = inner
                 .span()
-                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1)
+                .map(|s| {
+                    text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1
+                })
                 .unwrap_or(0);
             ConfigError::Parse {
                 file: file.clone(),
                 line,
-                key: if key == "." { "(top level)".into() } else { key },
-                reason: inner.message().trim().to_string(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                reason: inner.message().trim().replace('\n', "; "),
             }
         })?;
         validate(raw, file)
@@ -451,7 +461,10 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
 
     let h = &pool.health;
     if !h.path.starts_with('/') {
-        bad("pool.health.path", format!("`{}` must start with /", h.path));
+        bad(
+            "pool.health.path",
+            format!("`{}` must start with /", h.path),
+        );
     }
     if h.interval.is_zero() {
         bad("pool.health.interval", "must be greater than 0".into());
@@ -489,10 +502,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
     let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
     if let Some(l) = &raw.local_blades {
         if l.count > 64 {
-            bad(
-                "local_blades.count",
-                format!("{} is more than 64", l.count),
-            );
+            bad("local_blades.count", format!("{} is more than 64", l.count));
         }
     }
     if pool.backends.is_empty() && local_count == 0 {

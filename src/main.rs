@@ -14,7 +14,11 @@ use surge::config::{self, Config};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "surge", version, about = "Autoscaling L7 load balancer for e-commerce frontends")]
+#[command(
+    name = "surge",
+    version,
+    about = "Autoscaling L7 load balancer for e-commerce frontends"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -89,16 +89,15 @@ pub fn nanos_since_epoch(t: Instant) -> u64 {
 /// How fast the peak-EWMA latency estimate forgets a peak (linkerd2-proxy's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
-/// Latency assumed for a backend that has answered nothing yet, so it is neither shunned
-/// nor flooded before its first response.
-const DEFAULT_RTT: Duration = Duration::from_millis(5);
-
 /// Peak-sensitive moving average of response latency (Finagle/linkerd "peak EWMA"): jumps
-/// to a new peak at once, decays towards lower samples with time constant [`EWMA_DECAY`].
-/// Updates race without locks; a lost sample only makes the estimate slightly older.
+/// to a new peak at once and decays with time constant [`EWMA_DECAY`], towards lower
+/// samples when there are some and towards zero when the backend sits idle, so a backend
+/// that was slow once is tried again later instead of being shunned forever (tower's
+/// `PeakEwma` does the same). Updates race without locks; a lost sample only makes the
+/// estimate slightly older.
 #[derive(Debug)]
 pub struct PeakEwma {
-    /// Estimate in nanoseconds, stored as `f64` bits.
+    /// Estimate in nanoseconds, stored as `f64` bits; 0 until the first sample.
     value_ns: AtomicU64,
     /// When the estimate was last updated, nanoseconds since [`epoch`].
     stamp_ns: AtomicU64,
@@ -107,14 +106,25 @@ pub struct PeakEwma {
 impl PeakEwma {
     fn new() -> Self {
         Self {
-            value_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
-            stamp_ns: AtomicU64::new(0),
+            value_ns: AtomicU64::new(0f64.to_bits()),
+            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
         }
     }
 
-    /// Current estimate in nanoseconds.
+    /// The estimate as last stored, in nanoseconds (0: no sample yet).
     pub fn get_ns(&self) -> f64 {
         f64::from_bits(self.value_ns.load(Ordering::Relaxed))
+    }
+
+    /// The estimate at `now_ns` (nanoseconds since [`epoch`]), decayed for the idle time
+    /// since the last sample. 0 means no sample yet.
+    pub fn at(&self, now_ns: u64) -> f64 {
+        let value = self.get_ns();
+        let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed));
+        if elapsed == 0 || value == 0.0 {
+            return value;
+        }
+        value * (-(elapsed as f64) / EWMA_DECAY_NS).exp()
     }
 
     /// Feeds one observed latency.
@@ -122,17 +132,19 @@ impl PeakEwma {
         let now_ns = nanos_since_epoch(now);
         let rtt_ns = rtt.as_nanos() as f64;
         let prev = self.get_ns();
-        let next = if rtt_ns > prev {
+        let next = if rtt_ns > prev || prev == 0.0 {
             rtt_ns
         } else {
             let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            let w = (-elapsed / EWMA_DECAY_NS).exp();
             prev * w + rtt_ns * (1.0 - w)
         };
         self.value_ns.store(next.to_bits(), Ordering::Relaxed);
         self.stamp_ns.store(now_ns, Ordering::Relaxed);
     }
 }
+
+const EWMA_DECAY_NS: f64 = EWMA_DECAY.as_nanos() as f64;
 
 /// One frontend server. Identity is immutable; everything that changes per request is an
 /// atomic, so the same `Arc<Backend>` is shared by every table snapshot it appears in.
@@ -178,11 +190,15 @@ pub struct BackendMetrics {
 impl BackendMetrics {
     fn register(id: &Arc<str>) -> Self {
         use crate::telemetry::names;
-        let class = |c: &'static str| {
-            metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code_class" => c)
-        };
+        let class = |c: &'static str| metrics::counter!(names::REQUESTS_TOTAL, "backend" => id.to_string(), "code_class" => c);
         Self {
-            requests_by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            requests_by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             duration: metrics::histogram!(names::REQUEST_DURATION, "backend" => id.to_string()),
         }
     }
@@ -387,7 +403,8 @@ impl Table {
             .iter()
             .map(|m| m.effective_weight(now, settings.slow_start))
             .collect();
-        let select = select::Selector::build(&members, &weights, settings, previous.map(|t| &t.select));
+        let select =
+            select::Selector::build(&members, &weights, settings, previous.map(|t| &t.select));
         let by_id = members
             .iter()
             .enumerate()
@@ -550,7 +567,10 @@ impl Pool {
     pub fn add_in_service(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
         self.add(backend.clone())?;
         self.update(|members, now| {
-            match members.iter_mut().find(|m| Arc::ptr_eq(&m.backend, &backend)) {
+            match members
+                .iter_mut()
+                .find(|m| Arc::ptr_eq(&m.backend, &backend))
+            {
                 Some(m) => {
                     m.set_state(State::InService, now);
                     Update::Publish(())
@@ -564,10 +584,12 @@ impl Pool {
     /// Removes a backend from the table at once. Requests already on it finish (they hold
     /// the `Arc<Backend>`); new ones go elsewhere.
     pub fn remove(&self, id: &str) -> Result<Arc<Backend>, PoolError> {
-        self.update(|members, _| match members.iter().position(|m| &*m.backend.id == id) {
-            Some(i) => Update::Publish(Ok(members.remove(i).backend)),
-            None => Update::Keep(Err(PoolError::UnknownBackend(id.to_string()))),
-        })
+        self.update(
+            |members, _| match members.iter().position(|m| &*m.backend.id == id) {
+                Some(i) => Update::Publish(Ok(members.remove(i).backend)),
+                None => Update::Keep(Err(PoolError::UnknownBackend(id.to_string()))),
+            },
+        )
     }
 
     /// Starts draining: no new requests or carts; carts bound to it keep reaching it until

@@ -32,6 +32,10 @@ pub struct Pick<'a> {
     pub route: Option<&'a str>,
     /// A backend that just failed this request; a retry must go elsewhere.
     pub avoid: Option<&'a Backend>,
+    /// When the request arrived, in nanoseconds since the pool's epoch
+    /// ([`super::nanos_since_epoch`]); latency estimates decay up to this instant. The
+    /// proxy already reads the clock per request, so selection does not read it again.
+    pub now_ns: u64,
 }
 
 /// Longest sequence smooth weighted round robin precomputes; larger weight sums are scaled
@@ -108,10 +112,7 @@ impl Selector {
                 .iter()
                 .map(|&i| (members[i as usize].backend.addr, i))
                 .collect();
-            Ring {
-                continuum,
-                by_addr,
-            }
+            Ring { continuum, by_addr }
         });
         Self {
             eligible,
@@ -156,7 +157,7 @@ pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Option<us
         }
     }
     if sel.rr.is_empty() {
-        p2c(members, sel, avoided)
+        p2c(members, sel, req.now_ns, avoided)
     } else {
         round_robin(sel, rr_cursor, avoided)
     }
@@ -164,8 +165,14 @@ pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Option<us
 
 /// Power of two random choices: of two distinct random backends, the one with the lower
 /// cost `(in_flight + 1) × latency / weight`. Cheaper than least-loaded over all backends
-/// and immune to the herding a global minimum causes.
-fn p2c(members: &[Member], sel: &Selector, avoided: impl Fn(usize) -> bool) -> Option<usize> {
+/// and immune to the herding a global minimum causes. A backend with no latency sample yet
+/// is assumed as fast as the other, so in-flight decides: neither shunned nor flooded.
+fn p2c(
+    members: &[Member],
+    sel: &Selector,
+    now_ns: u64,
+    avoided: impl Fn(usize) -> bool,
+) -> Option<usize> {
     let n = sel.eligible.len();
     match n {
         0 => None,
@@ -185,13 +192,17 @@ fn p2c(members: &[Member], sel: &Selector, avoided: impl Fn(usize) -> bool) -> O
                 (_, true) => return Some(ia),
                 _ => {}
             }
-            let cost = |i: usize| {
-                let b = &members[i].backend;
-                (f64::from(b.in_flight()) + 1.0) * b.latency.get_ns()
-            };
+            let (ba, bb) = (&members[ia].backend, &members[ib].backend);
+            let (mut la, mut lb) = (ba.latency.at(now_ns), bb.latency.at(now_ns));
+            if la == 0.0 || lb == 0.0 {
+                // One or both unmeasured: compare on load alone.
+                (la, lb) = (la.max(lb).max(1.0), la.max(lb).max(1.0));
+            }
+            let cost_a = (f64::from(ba.in_flight()) + 1.0) * la;
+            let cost_b = (f64::from(bb.in_flight()) + 1.0) * lb;
             // cost_a / w_a <= cost_b / w_b, without dividing.
             let (wa, wb) = (f64::from(sel.weights[a]), f64::from(sel.weights[b]));
-            if cost(ia) * wb <= cost(ib) * wa {
+            if cost_a * wb <= cost_b * wa {
                 Some(ia)
             } else {
                 Some(ib)

@@ -103,8 +103,16 @@ fn p2c_prefers_the_faster_backend() {
     let p = pool(2, Algorithm::P2cEwma, false);
     let now = Instant::now();
     let t = p.snapshot();
-    t.get("b0").unwrap().backend.latency.observe(Duration::from_millis(50), now);
-    t.get("b1").unwrap().backend.latency.observe(Duration::from_millis(1), now);
+    t.get("b0")
+        .unwrap()
+        .backend
+        .latency
+        .observe(Duration::from_millis(50), now);
+    t.get("b1")
+        .unwrap()
+        .backend
+        .latency
+        .observe(Duration::from_millis(1), now);
     let counts = picks(&p, &Pick::default(), 100);
     assert_eq!(counts.get("b1"), Some(&100));
 }
@@ -151,7 +159,11 @@ fn drain_is_idempotent_and_keeps_the_first_deadline() {
     let gen = p.snapshot().generation;
     let d2 = p.drain("b0", Duration::from_secs(5)).unwrap();
     assert_eq!(d1, d2);
-    assert_eq!(p.snapshot().generation, gen, "a repeated drain publishes nothing");
+    assert_eq!(
+        p.snapshot().generation,
+        gen,
+        "a repeated drain publishes nothing"
+    );
     assert_eq!(
         p.drain("nope", Duration::from_secs(1)),
         Err(PoolError::UnknownBackend("nope".into()))
@@ -251,6 +263,7 @@ fn a_retry_avoids_the_failed_backend() {
             sticky_key: Some(b"cart"),
             route: Some("b1"),
             avoid: Some(&failed),
+            ..Pick::default()
         };
         assert!(!picks(&p, &req, 100).contains_key("b1"));
     }
@@ -314,4 +327,22 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn latency_estimate_jumps_to_peaks_and_decays_when_idle() {
+    let e = PeakEwma::new();
+    let now = Instant::now();
+    assert_eq!(e.get_ns(), 0.0, "no sample yet");
+    e.observe(Duration::from_millis(1), now);
+    e.observe(Duration::from_millis(50), now);
+    assert_eq!(e.get_ns(), 50e6, "a peak is taken at once");
+    e.observe(Duration::from_millis(1), now + Duration::from_secs(10));
+    let after = e.get_ns();
+    assert!(
+        after < 20e6 && after > 1e6,
+        "decays towards lower samples: {after}"
+    );
+    let t = nanos_since_epoch(now + Duration::from_secs(60));
+    assert!(e.at(t) < after / 50.0, "an idle backend's estimate fades");
 }

@@ -66,6 +66,7 @@ impl Forwarder {
         peer: SocketAddr,
     ) -> Result<Response<DownstreamBody>, Infallible> {
         let start = Instant::now();
+        let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -102,6 +103,7 @@ impl Forwarder {
                 sticky_key: cart.as_deref().map(str::as_bytes),
                 route: route.as_deref(),
                 avoid: avoid.as_ref().map(|g| &**g.backend()),
+                now_ns,
             };
             let Some(guard) = self.pool.pick(&pick) else {
                 break match avoid {
@@ -142,6 +144,7 @@ impl Forwarder {
                         avoid = Some(guard);
                         continue;
                     }
+                    tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
                     break Err(ProxyFailure::Backend(guard, short_reason(&e)));
                 }
                 Err(_elapsed) => {
@@ -154,7 +157,10 @@ impl Forwarder {
         let (resp, backend_id) = match result {
             Ok((guard, resp)) => {
                 let id = guard.backend().id.clone();
-                (self.finish(guard, resp, route.as_deref(), cart.is_some(), start), Some(id))
+                (
+                    self.finish(guard, resp, route.as_deref(), cart.is_some(), start),
+                    Some(id),
+                )
             }
             Err(failure) => {
                 let id = failure.backend_id();
@@ -228,7 +234,10 @@ impl Forwarder {
         failure: ProxyFailure,
         request_id: &HeaderValue,
     ) -> Response<DownstreamBody> {
-        self.pool.traffic.proxy_errors.fetch_add(1, Ordering::Relaxed);
+        self.pool
+            .traffic
+            .proxy_errors
+            .fetch_add(1, Ordering::Relaxed);
         let rid = request_id.to_str().unwrap_or("-");
         let (status, text) = match &failure {
             ProxyFailure::NoBackend => (
@@ -337,7 +346,9 @@ fn is_retryable(e: &hyper_util::client::legacy::Error) -> bool {
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(he) = s.downcast_ref::<hyper::Error>() {
-            return he.is_incomplete_message() || he.is_canceled() || he.is_closed();
+            if he.is_incomplete_message() || he.is_canceled() || he.is_closed() {
+                return true;
+            }
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             return matches!(
@@ -345,6 +356,7 @@ fn is_retryable(e: &hyper_util::client::legacy::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = s.source();

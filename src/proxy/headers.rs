@@ -148,10 +148,7 @@ pub fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
         .get_all(header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split_once('=')
-                .is_some_and(|(k, _)| k.trim() == name)
-        })
+        .any(|v| v.split_once('=').is_some_and(|(k, _)| k.trim() == name))
 }
 
 #[cfg(test)]
@@ -161,7 +158,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

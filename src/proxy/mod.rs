@@ -78,12 +78,10 @@ impl ProxyHandle {
 /// a bind error is reported here rather than lost in a thread.
 pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyError> {
     let first = reuseport_listener(cfg.listen)?;
-    let local_addr = first
-        .local_addr()
-        .map_err(|source| ProxyError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let local_addr = first.local_addr().map_err(|source| ProxyError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let mut listeners = vec![first];
     for _ in 1..cfg.workers.max(1) {
         listeners.push(reuseport_listener(local_addr)?);

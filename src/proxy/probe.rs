@@ -61,7 +61,10 @@ impl Prober for HttpProber {
         };
         match tokio::time::timeout(timeout, check).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
         }
     }
 }

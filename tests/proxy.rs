@@ -1,0 +1,408 @@
+//! End-to-end behaviour of the data plane: real blades, a real surge, real sockets on
+//! 127.0.0.1 ports picked at run time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
+use surge::pool::{Backend, Origin, State};
+
+const FAST_HEALTH: &str =
+    "[pool.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_requests_evenly() {
+    let blades = blades(3, Duration::ZERO).await;
+    let cfg = config(&blades, "algorithm = \"round-robin\"");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let c = client();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let r = get(&c, surge.proxy.local_addr, "/catalog").await.unwrap();
+        assert_eq!(r.status, 200);
+        *counts.entry(r.blade()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 100), "{counts:?}");
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_fewer_requests_to_a_slow_blade() {
+    let blades = blades(3, Duration::ZERO).await;
+    blades[0].set_latency(Duration::from_millis(40));
+    let cfg = config(&blades, "algorithm = \"p2c-ewma\"");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let counts = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let counts = counts.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..50 {
+                let r = get(&c, addr, "/catalog").await.unwrap();
+                assert_eq!(r.status, 200);
+                *counts.lock().unwrap().entry(r.blade()).or_default() += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let counts = counts.lock().unwrap().clone();
+    let slow = counts.get("blade-1").copied().unwrap_or(0);
+    let fast =
+        counts.get("blade-2").copied().unwrap_or(0) + counts.get("blade-3").copied().unwrap_or(0);
+    // Round robin would give the slow blade a third (133 of 400).
+    assert!(
+        slow * 4 < fast / 2,
+        "slow blade got {slow}, fast ones {fast}: {counts:?}"
+    );
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_stays_on_its_blade_and_survives_a_drain() {
+    let blades = blades(3, Duration::ZERO).await;
+    let cfg = config(&blades, "[pool.sticky]\ncookie = \"cart\"\n");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let c = client();
+
+    let created = send(&c, Method::POST, addr, "/cart", &[], "{\"product\": 7}")
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201);
+    let cart = created
+        .set_cookie("cart")
+        .expect("blade sets the cart cookie");
+    let route = created
+        .set_cookie("surge_route")
+        .expect("surge binds the cart");
+    let home = created.blade();
+    assert_eq!(route, home);
+    let cookies = format!("cart={cart}; surge_route={route}");
+
+    for i in 0..100 {
+        let r = send(&c, Method::GET, addr, "/cart", &[("cookie", &cookies)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "request {i}: cart lost");
+        assert_eq!(r.blade(), home, "request {i} left the cart's blade");
+    }
+
+    surge.pool.drain(&home, Duration::from_secs(60)).unwrap();
+    for i in 0..20 {
+        let r = send(
+            &c,
+            Method::POST,
+            addr,
+            "/cart",
+            &[("cookie", &cookies)],
+            "{\"product\": 2}",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "request {i} during drain: cart lost");
+        assert_eq!(r.blade(), home);
+        assert_eq!(
+            r.headers["connection"], "close",
+            "draining blade's shoppers reconnect"
+        );
+    }
+    for _ in 0..30 {
+        let r = send(&c, Method::POST, addr, "/cart", &[], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        assert_ne!(r.blade(), home, "a new cart went to the draining blade");
+    }
+    let checkout = send(
+        &c,
+        Method::POST,
+        addr,
+        "/checkout",
+        &[("cookie", &cookies)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(checkout.status, 200);
+    assert_eq!(checkout.json()["items"], 21);
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_blade_costs_no_get_and_comes_back_after_restart() {
+    let mut blades = blades(3, Duration::from_millis(2)).await;
+    let cfg = config(
+        &blades,
+        &format!("[pool.ejection]\nconsecutive_failures = 3\nbase_time = \"500ms\"\n{FAST_HEALTH}"),
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match get(&c, addr, "/catalog").await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        failures.push(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = blades.remove(0);
+    let victim_addr = victim.addr;
+    victim.kill();
+    let pool = surge.pool.clone();
+    let down = eventually(Duration::from_secs(5), || {
+        pool.snapshot().get("blade-1").map(|m| m.state) == Some(State::Down)
+    })
+    .await;
+    assert!(down, "killed blade was not taken out");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let restarted = surge::blade::start(surge::blade::BladeConfig {
+        id: "blade-1".into(),
+        listen: victim_addr,
+        latency: Duration::from_millis(2),
+        cpu_work: 0,
+    })
+    .await
+    .unwrap();
+    let back = eventually(Duration::from_secs(10), || {
+        pool.snapshot().get("blade-1").map(|m| m.state) == Some(State::InService)
+    })
+    .await;
+    assert!(back, "restarted blade did not come back into service");
+    let served_before = restarted.served();
+    let got_traffic = eventually(Duration::from_secs(5), || {
+        restarted.served() > served_before
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for t in load {
+        failures.extend(t.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed GETs: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert!(got_traffic, "restarted blade gets requests again");
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_table_swaps_under_load_fail_no_request() {
+    let blades = blades(4, Duration::ZERO).await;
+    let cfg = config(&blades[..2], "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let extra: Vec<Arc<Backend>> = blades[2..]
+        .iter()
+        .map(|b| Arc::new(Backend::new(&b.id, b.addr, 1, Origin::Provisioned)))
+        .collect();
+    let mut all: Vec<Arc<Backend>> = surge
+        .pool
+        .snapshot()
+        .members()
+        .iter()
+        .map(|m| m.backend.clone())
+        .collect();
+    all.extend(extra.iter().cloned());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match get(&c, addr, "/catalog").await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status.to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let pool = surge.pool.clone();
+    let start_gen = pool.snapshot().generation;
+    for i in 0..500 {
+        let b = &extra[i % 2];
+        pool.add_in_service(b.clone()).unwrap();
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        pool.remove(&b.id).unwrap();
+    }
+    let swaps = pool.snapshot().generation - start_gen;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in load {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(swaps >= 1000, "only {swaps} swaps");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 200, "too little load to mean anything: {ok}");
+    assert!(
+        blades[2].served() + blades[3].served() > 0,
+        "added backends took traffic"
+    );
+    let settled = eventually(Duration::from_secs(2), || {
+        all.iter().all(|b| b.in_flight() == 0)
+    })
+    .await;
+    assert!(
+        settled,
+        "in-flight counters leaked: {:?}",
+        all.iter().map(|b| b.in_flight()).collect::<Vec<_>>()
+    );
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = surge::serve::start(&config(&blades, "")).await.unwrap();
+    let c = client();
+    let r = send(
+        &c,
+        Method::GET,
+        surge.proxy.local_addr,
+        "/debug/headers",
+        &[
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "secret"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-request-id", "from-edge-1"),
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    let seen = r.json();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-request-id"], "from-edge-1");
+    assert!(seen.get("x-hop").is_none(), "{seen}");
+    assert!(seen.get("connection").is_none(), "{seen}");
+    assert_eq!(r.headers["x-request-id"], "from-edge-1");
+
+    let fresh = get(&c, surge.proxy.local_addr, "/debug/headers")
+        .await
+        .unwrap();
+    let id = fresh.json()["x-request-id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(id.len(), 25, "generated id: {id}");
+    assert_eq!(fresh.headers["x-request-id"], id.as_str());
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_gives_503_and_a_dead_one_502() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = surge::serve::start(&config(&blades, "")).await.unwrap();
+    let c = client();
+    let addr = surge.proxy.local_addr;
+    blades[0].kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = get(&c, addr, "/catalog").await.unwrap();
+    assert_eq!(r.status, 502);
+    assert!(String::from_utf8_lossy(&r.body).contains("backend `blade-1` failed"));
+    surge.pool.drain("blade-1", Duration::from_secs(1)).unwrap();
+    let r = get(&c, addr, "/catalog").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["retry-after"], "1");
+    surge.stop().await;
+}
+
+/// Sends raw bytes, returns everything the proxy answered before closing.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "connection was not closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_or_431_and_reach_no_blade() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = surge::serve::start(&config(&blades, "")).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"HELLO THERE\r\n\r\n".to_vec(), "400"),
+        (
+            "two content-lengths",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab"
+                .to_vec(),
+            "400",
+        ),
+        (
+            "space before colon",
+            b"GET / HTTP/1.1\r\nhost : x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "huge header",
+            [
+                b"GET / HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec(),
+                vec![b'a'; 40_000],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            "431",
+        ),
+    ];
+    for (name, req, status) in cases {
+        let answer = raw(addr, &req).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: {answer:?}"
+        );
+    }
+    assert_eq!(
+        blades[0].served(),
+        0,
+        "a malformed request reached the blade"
+    );
+    let ok = get(&client(), addr, "/").await.unwrap();
+    assert_eq!(ok.status, 200, "proxy still serves");
+    surge.stop().await;
+}
