@@ -34,6 +34,17 @@ fn check_config(text: &str) -> (bool, String) {
     )
 }
 
+/// Kills the child if the test fails before it has stopped on its own, so a failed run
+/// leaves no server behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 const GOOD: &str = "[pool]\n[[pool.backends]]\naddress = \"127.0.0.1:9001\"\n";
 
 #[test]
@@ -108,13 +119,16 @@ async fn serve_proxies_to_its_demo_blades_and_stops_on_sigterm() {
         "surge.toml",
         "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[pool]\nalgorithm = \"round-robin\"\n[pool.sticky]\n[local_blades]\ncount = 2\n",
     );
-    let mut child = Command::new(SURGE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(SURGE)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().expect("a start line").unwrap();

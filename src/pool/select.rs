@@ -181,8 +181,10 @@ fn p2c(
             (!avoided(i)).then_some(i)
         }
         _ => {
-            let a = fastrand::usize(..n);
-            let mut b = fastrand::usize(..n - 1);
+            // Two distinct indices from one random draw (Lemire's multiply-shift, no modulo).
+            let r = fastrand::u64(..);
+            let a = (((r & 0xffff_ffff) * n as u64) >> 32) as usize;
+            let mut b = (((r >> 32) * (n as u64 - 1)) >> 32) as usize;
             if b >= a {
                 b += 1;
             }

@@ -310,6 +310,7 @@ fn upstream_client(cfg: &ProxyConfig) -> UpstreamClient {
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .pool_idle_timeout(cfg.upstream_idle_timeout)
+        .http1_writev(false)
         .build(connector)
 }
 

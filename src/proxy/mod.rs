@@ -173,7 +173,8 @@ async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes);
+        .max_buf_size(settings.max_header_bytes)
+        .writev(false);
     let graceful = GracefulShutdown::new();
     let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
     loop {

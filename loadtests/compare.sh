@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Side-by-side proxy comparison on loopback: nginx, HAProxy and surge, one worker each, in
+# front of the same nginx backend serving a fixed 1 KiB body.
+#
+# For each of ROUNDS interleaved rounds, for each connection count, each proxy in turn gets
+# `wrk -t1 -cC -dDURATION --latency`. The proxy's CPU time is read from /proc/PID/stat
+# before and after, so the table shows CPU microseconds per proxied request, the figure
+# that decides how many cores a shop needs, next to req/s and latency.
+#
+# Usage: loadtests/compare.sh            (defaults: DURATION=10s ROUNDS=3 CONNS="50 200")
+#        DURATION=5s ROUNDS=1 loadtests/compare.sh
+# Everything listens on 127.0.0.1 and is stopped by PID on exit.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-"50 200"}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}..." >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+(cd "$ROOT" && cargo build --release --quiet)
+SURGE="$ROOT/target/release/surge"
+
+WORK=$(mktemp -d /tmp/surge-compare.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); SURGE_PORT=$(free_port)
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+
+mkdir -p "$WORK/backend" "$WORK/nginx"
+cat > "$WORK/backend/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  default_type text/plain;
+  server { listen 127.0.0.1:$BACKEND_PORT reuseport; location / { return 200 "$BODY"; } }
+}
+EOF
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream shop { server 127.0.0.1:$BACKEND_PORT; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend f
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend shop
+backend shop
+  server s1 127.0.0.1:$BACKEND_PORT
+EOF
+cat > "$WORK/surge.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$SURGE_PORT"
+workers = 1
+access_log = false
+[pool]
+algorithm = "p2c-ewma"
+[pool.health]
+path = "/"
+[[pool.backends]]
+address = "127.0.0.1:$BACKEND_PORT"
+EOF
+
+"$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
+"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & NGINX_PID=$!; PIDS+=($NGINX_PID)
+"$HAPROXY" -db -f "$WORK/haproxy.cfg" >/dev/null 2>"$WORK/haproxy.err" & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
+RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
+
+for port in $BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $SURGE_PORT; do
+  for _ in $(seq 1 50); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.1
+  done
+  curl -fs -o /dev/null "http://127.0.0.1:$port/" || {
+    echo "nothing answers on port $port; logs:" >&2
+    tail -n 5 "$WORK"/*.err "$WORK"/*/error.log >&2 2>/dev/null || true
+    exit 1
+  }
+done
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $("$HAPROXY" -v | head -1 | awk '{print $1, $3}'), $("$SURGE" --version)"
+echo "wrk -t1 -d$DURATION --latency; rounds: $ROUNDS; backend: nginx 1 worker, 1 KiB body"
+
+python3 - "$DURATION" "$ROUNDS" "$CONNS" \
+  "nginx=$NGINX_PID:$NGINX_PORT" "haproxy=$HAPROXY_PID:$HAPROXY_PORT" "surge=$SURGE_PID:$SURGE_PORT" <<'PY'
+import os, re, subprocess, sys, statistics
+duration, rounds, conns = sys.argv[1], int(sys.argv[2]), [int(c) for c in sys.argv[3].split()]
+proxies = []
+for arg in sys.argv[4:]:
+    name, rest = arg.split("=")
+    pid, port = rest.split(":")
+    proxies.append((name, int(pid), int(port)))
+tick = os.sysconf("SC_CLK_TCK")
+
+def pids_of(pid):
+    # The proxy and its children (nginx's worker).
+    out = [pid]
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+def cpu_seconds(pid):
+    total = 0
+    for p in pids_of(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / tick
+
+def ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    x = float(m.group(1))
+    return {"us": x / 1000, "ms": x, "s": x * 1000}[m.group(2)]
+
+results = {}
+for r in range(rounds):
+    for c in conns:
+        for name, pid, port in proxies:
+            before = cpu_seconds(pid)
+            out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{duration}", "--latency",
+                                  f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+            cpu = cpu_seconds(pid) - before
+            reqs = int(re.search(r"(\d+) requests in", out).group(1))
+            rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+            p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+            p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+            errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+            sock = re.search(r"Socket errors: (.*)", out)
+            if errs or sock:
+                print(f"  warning: {name} c={c}: {errs.group(0) if errs else ''} {sock.group(0) if sock else ''}")
+            results.setdefault((c, name), []).append((rps, p50, p99, cpu * 1e6 / max(reqs, 1)))
+            print(f"  round {r+1} c={c:<4} {name:<8} {rps:>10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  cpu {cpu*1e6/max(reqs,1):6.2f} us/req", flush=True)
+
+print()
+print(f"{'conns':>5}  {'proxy':<8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10}  {'req/s vs nginx':>14} {'cpu vs nginx':>12}")
+for c in conns:
+    med = {}
+    for name, _, _ in proxies:
+        rows = results[(c, name)]
+        med[name] = [statistics.median(x[i] for x in rows) for i in range(4)]
+    base = med["nginx"]
+    for name, _, _ in proxies:
+        rps, p50, p99, cpu = med[name]
+        print(f"{c:>5}  {name:<8} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/base[0]:>14.2f} {cpu/base[3]:>12.2f}")
+print("(medians over rounds; ratios are to nginx in the same run)")
+PY
