@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,17 +13,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 
 use super::headers::{self, RequestIds, X_REQUEST_ID};
+use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig};
-use crate::pool::{InFlight, Outcome, Pick, Pool, State};
+use crate::pool::{Backend, InFlight, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
 /// Body sent to a backend: the shopper's own, or nothing when a bodiless request is
@@ -33,13 +33,11 @@ pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 /// one of surge's short error pages.
 pub type DownstreamBody = Either<GuardedBody, Full<Bytes>>;
 
-/// The per-worker client: a keep-alive connection pool per backend address.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
-
 /// Everything a worker's request handler needs; one per worker thread.
 pub struct Forwarder {
     pub pool: Arc<Pool>,
-    pub client: UpstreamClient,
+    /// This worker's keep-alive connections to backends.
+    pub upstreams: Rc<Upstreams>,
     pub response_timeout: Duration,
     pub access_log: bool,
     pub sticky: Option<StickyConfig>,
@@ -50,7 +48,10 @@ impl Forwarder {
     pub fn new(cfg: &ProxyConfig, pool: Arc<Pool>, request_ids: Arc<RequestIds>) -> Self {
         let sticky = pool.settings().sticky.clone();
         Self {
-            client: upstream_client(cfg),
+            upstreams: Rc::new(Upstreams::new(
+                cfg.connect_timeout,
+                cfg.upstream_idle_timeout,
+            )),
             pool,
             response_timeout: cfg.response_timeout,
             access_log: cfg.access_log,
@@ -61,7 +62,7 @@ impl Forwarder {
 
     /// Serves one shopper request. Never fails: every problem becomes a response.
     pub async fn handle(
-        self: Arc<Self>,
+        self: Rc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<DownstreamBody>, Infallible> {
@@ -88,17 +89,26 @@ impl Forwarder {
         // A request may go to a second backend only if repeating it is harmless (an
         // idempotent method, RFC 9110 §9.2.2) and it has no body we would have to replay.
         let retry_copy = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            let mut copy = Request::new(Empty::new());
+            let mut copy = Request::new(());
             *copy.method_mut() = parts.method.clone();
             *copy.uri_mut() = parts.uri.clone();
             *copy.version_mut() = parts.version;
             *copy.headers_mut() = parts.headers.clone();
             copy
         });
-        let mut first = Some(Request::from_parts(parts, Either::Left(body)));
-        let mut retry = retry_copy;
+        let mut pending = Some(Request::from_parts(parts, Either::Left(body)));
         let mut avoid: Option<InFlight> = None;
-        let result = loop {
+        let mut failure: Option<ProxyFailure> = None;
+        let mut result = None;
+        // Each pass sends the request once. A pass that fails before the request left
+        // surge (connect error, pooled connection found closed) keeps the request for the
+        // next pass; one that fails after may go on only with the bodiless copy.
+        for _ in 0..MAX_ATTEMPTS {
+            let req = match (pending.take(), retry_copy.as_ref()) {
+                (Some(req), _) => req,
+                (None, Some(copy)) if avoid.is_some() => clone_bodiless(copy),
+                _ => break,
+            };
             let pick = Pick {
                 sticky_key: cart.as_deref().map(str::as_bytes),
                 route: route.as_deref(),
@@ -106,26 +116,29 @@ impl Forwarder {
                 now_ns,
             };
             let Some(guard) = self.pool.pick(&pick) else {
-                break match avoid {
-                    // The retry found nowhere else to go: report the first failure.
-                    Some(failed) => Err(ProxyFailure::Backend(failed, "connection failed")),
-                    None => Err(ProxyFailure::NoBackend),
-                };
+                failure.get_or_insert(ProxyFailure::NoBackend);
+                break;
             };
-            let req = match (first.take(), retry.take()) {
-                (Some(req), copy) => {
-                    retry = copy;
-                    req
+            let mut conn = match self.upstreams.checkout(guard.backend().addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(backend = &*guard.backend().id, error = %e, "connect failed");
+                    self.pool.record(guard.backend(), Outcome::Failure);
+                    pending = Some(req);
+                    failure = Some(ProxyFailure::Backend(
+                        guard.backend().clone(),
+                        "connection failed",
+                    ));
+                    avoid = Some(guard);
+                    continue;
                 }
-                (None, Some(copy)) => copy.map(Either::Right),
-                (None, None) => break Err(ProxyFailure::NoBackend),
             };
-            let req = match with_backend_uri(req, &guard) {
-                Ok(r) => r,
-                Err(_) => break Err(ProxyFailure::Backend(guard, "bad request target")),
-            };
+            let req = with_origin_form(req, guard.backend());
             let sent = Instant::now();
-            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            let answer =
+                tokio::time::timeout(self.response_timeout, conn.sender.try_send_request(req))
+                    .await;
+            match answer {
                 Ok(Ok(resp)) => {
                     let backend = guard.backend();
                     backend.latency.observe(sent.elapsed(), Instant::now());
@@ -135,30 +148,57 @@ impl Forwarder {
                         Outcome::Success
                     };
                     self.pool.record(backend, outcome);
-                    break Ok((guard, resp));
+                    result = Some((guard, conn, resp));
+                    break;
                 }
-                Ok(Err(e)) => {
+                Ok(Err(mut e)) => {
+                    if let Some(unsent) = e.take_message() {
+                        // Never written: safe to send again, whatever the method. A pooled
+                        // connection the backend had closed is not the backend's fault.
+                        if !conn.reused {
+                            self.pool.record(guard.backend(), Outcome::Failure);
+                            failure = Some(ProxyFailure::Backend(
+                                guard.backend().clone(),
+                                "connection failed",
+                            ));
+                            avoid = Some(guard);
+                        }
+                        pending = Some(unsent);
+                        continue;
+                    }
+                    let e = e.into_error();
                     self.pool.record(guard.backend(), Outcome::Failure);
-                    if retry.is_some() && is_retryable(&e) {
-                        tracing::debug!(backend = &*guard.backend().id, error = %e, "retrying on another backend");
+                    tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
+                    failure = Some(ProxyFailure::Backend(
+                        guard.backend().clone(),
+                        short_reason(&e),
+                    ));
+                    if retry_copy.is_some() && is_retryable(&e) {
                         avoid = Some(guard);
                         continue;
                     }
-                    tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
-                    break Err(ProxyFailure::Backend(guard, short_reason(&e)));
+                    break;
                 }
                 Err(_elapsed) => {
                     self.pool.record(guard.backend(), Outcome::Failure);
-                    break Err(ProxyFailure::Timeout(guard, self.response_timeout));
+                    failure = Some(ProxyFailure::Timeout(
+                        guard.backend().clone(),
+                        self.response_timeout,
+                    ));
+                    break;
                 }
             }
-        };
+        }
 
+        let result = match result {
+            Some(ok) => Ok(ok),
+            None => Err(failure.unwrap_or(ProxyFailure::NoBackend)),
+        };
         let (resp, backend_id) = match result {
-            Ok((guard, resp)) => {
+            Ok((guard, conn, resp)) => {
                 let id = guard.backend().id.clone();
                 (
-                    self.finish(guard, resp, route.as_deref(), cart.is_some(), start),
+                    self.finish(guard, conn, resp, route.as_deref(), cart.is_some(), start),
                     Some(id),
                 )
             }
@@ -189,8 +229,9 @@ impl Forwarder {
     /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
     /// cookie in when the cart was just bound, `Connection: close` when the backend drains.
     fn finish(
-        &self,
+        self: &Rc<Self>,
         guard: InFlight,
+        conn: Conn,
         resp: Response<Incoming>,
         route: Option<&str>,
         had_cart: bool,
@@ -224,6 +265,7 @@ impl Forwarder {
             Either::Left(GuardedBody {
                 inner: body,
                 guard: Some(guard),
+                conn: Some((self.upstreams.clone(), conn)),
                 started,
             }),
         )
@@ -247,26 +289,26 @@ impl Forwarder {
                     self.pool.settings().name
                 ),
             ),
-            ProxyFailure::Backend(g, reason) => (
+            ProxyFailure::Backend(b, reason) => (
                 StatusCode::BAD_GATEWAY,
                 format!(
                     "502 bad gateway: backend `{}` failed: {reason} (request {rid})\n",
-                    g.backend().id
+                    b.id
                 ),
             ),
-            ProxyFailure::Timeout(g, after) => (
+            ProxyFailure::Timeout(b, after) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "504 gateway timeout: backend `{}` sent no response within {} (request {rid})\n",
-                    g.backend().id,
+                    b.id,
                     humantime::format_duration(*after)
                 ),
             ),
         };
         metrics::counter!(names::PROXY_ERRORS_TOTAL, "code" => status.as_str().to_owned())
             .increment(1);
-        if let ProxyFailure::Backend(g, _) | ProxyFailure::Timeout(g, _) = &failure {
-            g.backend().metrics.count_status(status.as_u16());
+        if let ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) = &failure {
+            b.metrics.count_status(status.as_u16());
         }
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text))));
         *resp.status_mut() = status;
@@ -287,47 +329,51 @@ enum ProxyFailure {
     /// No backend could take the request.
     NoBackend,
     /// The backend failed: refused, reset, closed mid-response, or sent garbage.
-    Backend(InFlight, &'static str),
+    Backend(Arc<Backend>, &'static str),
     /// The backend sent no response head in time.
-    Timeout(InFlight, Duration),
+    Timeout(Arc<Backend>, Duration),
 }
 
 impl ProxyFailure {
     fn backend_id(&self) -> Option<Arc<str>> {
         match self {
             ProxyFailure::NoBackend => None,
-            ProxyFailure::Backend(g, _) | ProxyFailure::Timeout(g, _) => {
-                Some(g.backend().id.clone())
-            }
+            ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) => Some(b.id.clone()),
         }
     }
 }
 
-fn upstream_client(cfg: &ProxyConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(cfg.upstream_idle_timeout)
-        .http1_writev(false)
-        .build(connector)
+/// Sends of one request at most: a connect failure, a closed pooled connection and a
+/// failure after sending may each cost one.
+const MAX_ATTEMPTS: usize = 4;
+
+fn clone_bodiless(copy: &Request<()>) -> Request<UpstreamBody> {
+    let mut req = Request::new(Either::Right(Empty::new()));
+    *req.method_mut() = copy.method().clone();
+    *req.uri_mut() = copy.uri().clone();
+    *req.version_mut() = copy.version();
+    *req.headers_mut() = copy.headers().clone();
+    req
 }
 
-/// Points the request at the picked backend (absolute URI; the client sends origin-form).
-fn with_backend_uri<B>(mut req: Request<B>, guard: &InFlight) -> Result<Request<B>, http::Error> {
-    let authority = Authority::from_maybe_shared(guard.backend().authority.clone())?;
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
-    Ok(req)
+/// Makes the request target origin-form (`/path?query`), as HTTP/1.1 requires towards an
+/// origin server, and gives HTTP/1.0 requests without `Host` the backend's.
+fn with_origin_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Request<UpstreamBody> {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
+    if !req.headers().contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_maybe_shared(backend.authority.clone()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    req
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -340,8 +386,8 @@ fn is_idempotent(m: &Method) -> bool {
 /// Failures after which the request cannot have been processed by the backend, or (for an
 /// idempotent request) processing it again is harmless: connect errors, and connections
 /// that closed before a response came.
-fn is_retryable(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
+fn is_retryable(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
         return true;
     }
     let mut source = e.source();
@@ -365,26 +411,16 @@ fn is_retryable(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-fn short_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
-    if e.is_connect() {
-        return "connection failed";
+fn short_reason(e: &hyper::Error) -> &'static str {
+    if e.is_parse() {
+        "invalid HTTP response"
+    } else if e.is_incomplete_message() {
+        "connection closed before the response was complete"
+    } else if e.is_timeout() {
+        "timed out"
+    } else {
+        "connection error"
     }
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(he) = s.downcast_ref::<hyper::Error>() {
-            return if he.is_parse() {
-                "invalid HTTP response"
-            } else if he.is_incomplete_message() {
-                "connection closed before the response was complete"
-            } else if he.is_timeout() {
-                "timed out"
-            } else {
-                "connection error"
-            };
-        }
-        source = s.source();
-    }
-    "connection error"
 }
 
 /// A backend's response body that keeps the backend's in-flight count raised until the
@@ -393,11 +429,20 @@ fn short_reason(e: &hyper_util::client::legacy::Error) -> &'static str {
 pub struct GuardedBody {
     inner: Incoming,
     guard: Option<InFlight>,
+    /// The connection the body arrives on; back to the idle pool once it has been read to
+    /// the end, dropped (and so closed) otherwise.
+    conn: Option<(Rc<Upstreams>, Conn)>,
     /// When the shopper's request arrived; the duration histogram counts to the body's end.
     started: Instant,
 }
 
 impl GuardedBody {
+    fn reuse_connection(&mut self) {
+        if let Some((pool, conn)) = self.conn.take() {
+            pool.checkin(conn);
+        }
+    }
+
     fn release(&mut self) {
         if let Some(g) = self.guard.take() {
             g.backend()
@@ -417,8 +462,16 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.release();
+        match &polled {
+            Poll::Ready(None) => {
+                self.reuse_connection();
+                self.release();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                self.conn = None;
+                self.release();
+            }
+            _ => {}
         }
         polled
     }
@@ -434,6 +487,10 @@ impl Body for GuardedBody {
 
 impl Drop for GuardedBody {
     fn drop(&mut self) {
+        // Bodies known to be empty (204, HEAD, length 0) are never polled.
+        if self.inner.is_end_stream() {
+            self.reuse_connection();
+        }
         self.release();
     }
 }

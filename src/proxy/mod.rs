@@ -11,8 +11,10 @@
 pub mod forward;
 pub mod headers;
 pub mod probe;
+pub mod upstream;
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,6 +32,9 @@ use crate::config::ProxyConfig;
 use crate::pool::Pool;
 use crate::telemetry::names;
 use forward::Forwarder;
+
+/// How often a worker closes idle backend connections past their idle timeout.
+const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +95,17 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
     let request_ids = Arc::new(headers::RequestIds::default());
     let mut workers = Vec::with_capacity(listeners.len());
     for (n, listener) in listeners.into_iter().enumerate() {
-        let forwarder = Forwarder::new(cfg, pool.clone(), request_ids.clone());
-        let settings = WorkerSettings::from(cfg);
+        let cfg = cfg.clone();
+        let pool = pool.clone();
+        let request_ids = request_ids.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
-            .spawn(move || run_worker(listener, forwarder, settings, rx))
+            .spawn(move || {
+                // Built on the worker's own thread: it holds thread-local connection pools.
+                let forwarder = Forwarder::new(&cfg, pool, request_ids);
+                run_worker(listener, forwarder, WorkerSettings::from(&cfg), rx)
+            })
             .map_err(ProxyError::Worker)?;
         workers.push(handle);
     }
@@ -153,12 +163,18 @@ fn run_worker(
             return;
         }
     };
-    runtime.block_on(serve(listener, Arc::new(forwarder), settings, shutdown));
+    // A LocalSet: connections, their requests and the upstream pools all live on this
+    // thread, so they share state through `Rc`/`RefCell` instead of atomics and locks.
+    let local = tokio::task::LocalSet::new();
+    local.block_on(
+        &runtime,
+        serve(listener, Rc::new(forwarder), settings, shutdown),
+    );
 }
 
 async fn serve(
     listener: std::net::TcpListener,
-    forwarder: Arc<Forwarder>,
+    forwarder: Rc<Forwarder>,
     settings: WorkerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -177,6 +193,17 @@ async fn serve(
         .writev(false);
     let graceful = GracefulShutdown::new();
     let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
+    let upstreams = Rc::downgrade(&forwarder.upstreams);
+    tokio::task::spawn_local(async move {
+        let mut every = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            match upstreams.upgrade() {
+                Some(u) => u.sweep(),
+                None => return,
+            }
+        }
+    });
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -204,7 +231,7 @@ async fn serve(
             service_fn(move |req| fwd.clone().handle(req, peer)),
         );
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        tokio::task::spawn_local(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
