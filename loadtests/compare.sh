@@ -42,7 +42,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); SURGE_PORT=$(free_port)
+BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 
 mkdir -p "$WORK/backend" "$WORK/nginx"
@@ -105,6 +105,8 @@ workers = 1
 access_log = false
 [pool]
 algorithm = "p2c-ewma"
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
 [pool.health]
 path = "/"
 [[pool.backends]]
@@ -178,6 +180,9 @@ for r in range(rounds):
             out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{duration}", "--latency",
                                   f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
             cpu = cpu_seconds(pid) - before
+            if not re.search(r"(\d+) requests in", out) or not re.search(r"99%\s+(\S+)", out):
+                print(f"  {name} c={c}: wrk gave no result:\n{out}", flush=True)
+                continue
             reqs = int(re.search(r"(\d+) requests in", out).group(1))
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
             p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
@@ -194,11 +199,11 @@ print(f"{'conns':>5}  {'proxy':<8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cp
 for c in conns:
     med = {}
     for name, _, _ in proxies:
-        rows = results[(c, name)]
+        rows = results.get((c, name)) or [(0.0, 0.0, 0.0, 0.0)]
         med[name] = [statistics.median(x[i] for x in rows) for i in range(4)]
     base = med["nginx"]
     for name, _, _ in proxies:
         rps, p50, p99, cpu = med[name]
-        print(f"{c:>5}  {name:<8} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/base[0]:>14.2f} {cpu/base[3]:>12.2f}")
+        print(f"{c:>5}  {name:<8} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/max(base[0],1):>14.2f} {cpu/max(base[3],1e-9):>12.2f}")
 print("(medians over rounds; ratios are to nginx in the same run)")
 PY

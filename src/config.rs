@@ -82,7 +82,30 @@ struct FileConfig {
     proxy: FileProxy,
     pool: FilePool,
     #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
     local_blades: Option<FileLocalBlades>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAdmin {
+    listen: String,
+    token: Option<String>,
+    min_in_service: usize,
+    #[serde(with = "humantime_serde")]
+    default_drain_timeout: Duration,
+}
+
+impl Default for FileAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            token: None,
+            min_in_service: 1,
+            default_drain_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +268,7 @@ pub struct Config {
     pub source: PathBuf,
     pub proxy: ProxyConfig,
     pub pool: PoolConfig,
+    pub admin: AdminConfig,
     /// Sample shop frontends the process starts itself on loopback (the demo default).
     pub local_blades: Option<LocalBlades>,
 }
@@ -272,6 +296,35 @@ pub struct ProxyConfig {
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
 }
+
+/// The operators' API.
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token every route but `/healthz` and `/readyz` requires; from
+    /// `SURGE_ADMIN_TOKEN` if set, else `admin.token`. `None` is allowed only on loopback,
+    /// and then the API is open to local users, like HAProxy's stats socket.
+    pub token: Option<String>,
+    /// A drain that would leave fewer in-service nodes than this is refused (409) unless
+    /// forced.
+    pub min_in_service: usize,
+    /// Drain deadline when a request does not give one.
+    pub default_drain_timeout: Duration,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("min_in_service", &self.min_in_service)
+            .field("default_drain_timeout", &self.default_drain_timeout)
+            .finish()
+    }
+}
+
+/// Environment variable that overrides `admin.token` (keeps the secret out of files).
+pub const ADMIN_TOKEN_ENV: &str = "SURGE_ADMIN_TOKEN";
 
 /// How a pool picks a backend for a request that is not bound to one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -499,6 +552,40 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         );
     }
 
+    let a = &raw.admin;
+    let admin_listen = a.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        bad(
+            "admin.listen",
+            format!("`{}` is not an IP:port address", a.listen),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    let admin_token = std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .or_else(|| a.token.clone())
+        .filter(|t| !t.is_empty());
+    if let Some(t) = &admin_token {
+        if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            bad(
+                "admin.token",
+                "must be at least 16 printable ASCII characters without spaces".into(),
+            );
+        }
+    } else if !admin_listen.ip().is_loopback() {
+        bad(
+            "admin.token",
+            format!(
+                "required when admin.listen ({admin_listen}) is not a loopback address: set admin.token or {ADMIN_TOKEN_ENV}"
+            ),
+        );
+    }
+    if a.default_drain_timeout.is_zero() {
+        bad(
+            "admin.default_drain_timeout",
+            "must be greater than 0".into(),
+        );
+    }
+
     let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
     if let Some(l) = &raw.local_blades {
         if l.count > 64 {
@@ -599,6 +686,12 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             },
             backends,
         },
+        admin: AdminConfig {
+            listen: admin_listen,
+            token: admin_token,
+            min_in_service: a.min_in_service,
+            default_drain_timeout: a.default_drain_timeout,
+        },
         local_blades: raw.local_blades.map(|l| LocalBlades {
             count: l.count,
             latency: l.latency,
@@ -679,6 +772,19 @@ mod tests {
             ]
         );
         assert_eq!(err.to_string().lines().count(), 3);
+    }
+
+    #[test]
+    fn a_public_admin_address_needs_a_token() {
+        if std::env::var(ADMIN_TOKEN_ENV).is_ok() {
+            return; // the environment supplies one
+        }
+        let err = parse("[admin]\nlisten = \"0.0.0.0:9090\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.token: required"), "{err}");
+        let ok = parse("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef0123\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n");
+        assert!(ok.is_ok());
     }
 
     #[test]

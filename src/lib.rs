@@ -1,10 +1,12 @@
 //! surge: an autoscaling L7 load balancer for e-commerce frontends.
 //!
 //! Module floors (a module imports only from floors below its own; see DESIGN.md):
-//! `serve` (the wiring `main` calls); `proxy`; `pool`; `telemetry`, `blade`; `config`.
+//! `serve` (the wiring `main` calls); `admin`; `proxy`; `pool`; `telemetry`, `blade`;
+//! `config`.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod blade;
 pub mod config;
 pub mod pool;

@@ -48,6 +48,46 @@ enum Command {
     },
     /// Validate a configuration file; prints every problem and exits 1 if there is one.
     CheckConfig { file: PathBuf },
+    /// List the pool's nodes (calls the admin API).
+    Nodes {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a node: no new requests or carts; in-flight requests and bound carts finish.
+    Drain {
+        id: String,
+        /// Deadline for bound carts, e.g. "300s" (default: admin.default_drain_timeout).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Drain even if fewer than admin.min_in_service nodes would remain.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Put a drained (or maintained) node back.
+    Undrain {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Base URL of the admin API.
+    #[arg(
+        long = "admin",
+        env = "SURGE_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    url: String,
+    /// Bearer token.
+    #[arg(long, env = "SURGE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +104,31 @@ fn main() -> ExitCode {
             listen,
             latency,
             cpu_work,
+        }),
+        Command::Nodes { admin, json } => admin_call(admin, |c| async move {
+            let v = c.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+                print!("{}", surge::admin::client::table(&nodes));
+            }
+            Ok(())
+        }),
+        Command::Drain {
+            id,
+            timeout,
+            force,
+            admin,
+        } => admin_call(admin, |c| async move {
+            let node = c.drain(&id, timeout, force).await?;
+            print!("{}", surge::admin::client::table(&[node]));
+            Ok(())
+        }),
+        Command::Undrain { id, admin } => admin_call(admin, |c| async move {
+            let node = c.undrain(&id).await?;
+            print!("{}", surge::admin::client::table(&[node]));
+            Ok(())
         }),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
@@ -104,6 +169,19 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(surge::serve::run(cfg))?;
     Ok(())
+}
+
+fn admin_call<F, Fut>(args: AdminArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(surge::admin::client::AdminClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let client = surge::admin::client::AdminClient::new(&args.url, args.token);
+    runtime.block_on(f(client))
 }
 
 fn blade(cfg: surge::blade::BladeConfig) -> anyhow::Result<()> {

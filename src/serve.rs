@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::{self, Admin, AdminError, AdminHandle};
 use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
 use crate::config::Config;
 use crate::pool::{health, Backend, Origin, Pool};
@@ -24,12 +27,15 @@ pub enum ServeError {
     Blade(#[from] BladeError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// A running surge: everything `serve` started, for an orderly stop.
 #[derive(Debug)]
 pub struct Running {
     pub proxy: ProxyHandle,
+    pub admin: AdminHandle,
     pub pool: Arc<Pool>,
     /// Demo frontends this process started (`[local_blades]`).
     pub blades: Vec<BladeHandle>,
@@ -40,6 +46,7 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish (within the grace period), then
     /// stops health checks and demo blades.
     pub async fn stop(self) {
+        self.admin.shutdown();
         self.proxy.shutdown();
         self.proxy.wait().await;
         let _ = self.background.send(true);
@@ -52,6 +59,8 @@ impl Running {
 /// Starts everything `cfg` describes on the current tokio runtime (proxy workers get
 /// threads of their own).
 pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
+    // Before any backend exists: backends register their metric handles when created.
+    let metrics = crate::telemetry::prometheus();
     let mut blades = Vec::new();
     let mut extra = Vec::new();
     if let Some(local) = &cfg.local_blades {
@@ -82,9 +91,19 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         rx.clone(),
     ));
     tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
+    let proxy_listening = Arc::new(AtomicBool::new(false));
+    let admin = admin::start(Admin {
+        pool: pool.clone(),
+        cfg: cfg.admin.clone(),
+        metrics,
+        proxy_listening: proxy_listening.clone(),
+    })
+    .await?;
     let proxy = proxy::start(&cfg.proxy, pool.clone())?;
+    proxy_listening.store(true, Ordering::Relaxed);
     Ok(Running {
         proxy,
+        admin,
         pool,
         blades,
         background,
@@ -96,9 +115,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let running = start(&cfg).await?;
     let table = running.pool.snapshot();
     println!(
-        "surge: proxy on http://{} ({} workers), pool `{}` with {} backends: {}",
+        "surge: proxy on http://{} ({} workers), admin on http://{}, pool `{}` with {} backends: {}",
         running.proxy.local_addr,
         cfg.proxy.workers,
+        running.admin.local_addr,
         cfg.pool.name,
         table.members().len(),
         table

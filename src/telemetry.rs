@@ -18,6 +18,36 @@ pub mod names {
     pub const BACKEND_IN_FLIGHT: &str = "surge_backend_in_flight";
     /// Counter of responses surge made itself, label `code` (502, 503, 504).
     pub const PROXY_ERRORS_TOTAL: &str = "surge_proxy_errors_total";
+    /// Gauge of pool members by `state`.
+    pub const POOL_NODES: &str = "surge_pool_nodes";
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle. Call it
+/// before building the pool: metric handles registered earlier stay no-ops.
+pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use std::sync::OnceLock;
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(names::REQUEST_DURATION.into()),
+                    &buckets,
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics exporter not installed");
+                    None
+                }
+            }
+        })
+        .clone()
 }
 
 /// Installs the global subscriber. Log lines are written by a background thread so that a

@@ -117,7 +117,7 @@ fn a_missing_file_is_one_line_not_a_panic() {
 async fn serve_proxies_to_its_demo_blades_and_stops_on_sigterm() {
     let path = temp_file(
         "surge.toml",
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[pool]\nalgorithm = \"round-robin\"\n[pool.sticky]\n[local_blades]\ncount = 2\n",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n[pool]\nalgorithm = \"round-robin\"\n[pool.sticky]\n[local_blades]\ncount = 2\n",
     );
     let mut child = KillOnDrop(
         Command::new(SURGE)

@@ -80,7 +80,7 @@ pub async fn run<P: Prober>(
 pub async fn check_once<P: Prober>(pool: &Pool, cfg: &HealthConfig, prober: &Arc<P>) {
     let table = pool.snapshot_full();
     let mut probes = JoinSet::new();
-    for m in table.members() {
+    for m in table.members().iter().filter(|m| m.state != State::Maint) {
         let backend = m.backend.clone();
         let prober = prober.clone();
         let path = cfg.path.clone();

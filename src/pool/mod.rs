@@ -37,6 +37,8 @@ pub enum State {
     Draining,
     /// Failed health checks or was ejected; gets no traffic until it recovers.
     Down,
+    /// Put aside by an operator: no traffic and no health checks until undrained.
+    Maint,
 }
 
 impl State {
@@ -46,6 +48,7 @@ impl State {
             State::InService => "in_service",
             State::Draining => "draining",
             State::Down => "down",
+            State::Maint => "maint",
         }
     }
 }
@@ -73,6 +76,8 @@ pub enum PoolError {
     DuplicateAddress(SocketAddr),
     #[error("weight {0} is outside 1..={MAX_WEIGHT}")]
     BadWeight(u32),
+    #[error("draining `{id}` would leave {left} node(s) in service, fewer than the minimum of {min}; force it to drain anyway")]
+    TooFewInService { id: String, left: usize, min: usize },
 }
 
 /// Process-wide origin for the nanosecond timestamps kept in atomics.
@@ -256,6 +261,14 @@ impl Backend {
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
+
+    /// Consecutive successful and failed health probes, as the health checker last saw.
+    pub fn probe_streak(&self) -> (u32, u32) {
+        (
+            self.probe_successes.load(Ordering::Relaxed),
+            self.probe_failures.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Keeps a backend's in-flight count raised for as long as it lives; dropping it, on any
@@ -352,7 +365,7 @@ impl Member {
         match self.state {
             State::InService => true,
             State::Draining => self.drain_deadline.is_some_and(|d| now < d),
-            State::Warming | State::Down => false,
+            State::Warming | State::Down | State::Maint => false,
         }
     }
 
@@ -605,12 +618,35 @@ impl Pool {
     /// Starts draining: no new requests or carts; carts bound to it keep reaching it until
     /// `now + timeout`. Draining an already draining backend keeps the earlier deadline.
     pub fn drain(&self, id: &str, timeout: Duration) -> Result<Instant, PoolError> {
+        self.drain_keeping(id, timeout, 0)
+    }
+
+    /// [`Pool::drain`], refused when fewer than `min_in_service` backends would remain in
+    /// service (checked against the very table the drain is published on).
+    pub fn drain_keeping(
+        &self,
+        id: &str,
+        timeout: Duration,
+        min_in_service: usize,
+    ) -> Result<Instant, PoolError> {
         self.update(|members, now| {
+            let in_service = members
+                .iter()
+                .filter(|m| m.state == State::InService)
+                .count();
             let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
                 return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
             };
             if let (State::Draining, Some(d)) = (m.state, m.drain_deadline) {
                 return Update::Keep(Ok(d));
+            }
+            let left = in_service - usize::from(m.state == State::InService);
+            if left < min_in_service {
+                return Update::Keep(Err(PoolError::TooFewInService {
+                    id: id.to_string(),
+                    left,
+                    min: min_in_service,
+                }));
             }
             let deadline = now + timeout;
             m.set_state(State::Draining, now);
@@ -619,17 +655,39 @@ impl Pool {
         })
     }
 
-    /// Ends a drain: the backend takes new requests again (ramping up).
-    pub fn undrain(&self, id: &str) -> Result<(), PoolError> {
+    /// Ends a drain or a maintenance: a drained backend takes new requests again (ramping
+    /// up); one back from maintenance first proves itself healthy (`Warming`).
+    pub fn undrain(&self, id: &str) -> Result<State, PoolError> {
         self.update(|members, now| {
             let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
                 return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
             };
-            if m.state != State::Draining {
+            match m.state {
+                State::Draining => {
+                    m.set_state(State::InService, now);
+                    m.slow_start = true;
+                }
+                State::Maint => {
+                    m.backend.probe_successes.store(0, Ordering::Relaxed);
+                    m.set_state(State::Warming, now);
+                }
+                other => return Update::Keep(Ok(other)),
+            }
+            Update::Publish(Ok(m.state))
+        })
+    }
+
+    /// Puts a backend in maintenance at once: no traffic (bound carts included) and no
+    /// health checks. Requests already on it finish.
+    pub fn maint(&self, id: &str) -> Result<(), PoolError> {
+        self.update(|members, now| {
+            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
+                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
+            };
+            if m.state == State::Maint {
                 return Update::Keep(Ok(()));
             }
-            m.set_state(State::InService, now);
-            m.slow_start = true;
+            m.set_state(State::Maint, now);
             Update::Publish(Ok(()))
         })
     }

@@ -108,7 +108,7 @@ pub async fn blades(n: usize, latency: Duration) -> Vec<BladeHandle> {
 /// may set pool keys and then open sub-tables like `[pool.health]`).
 pub fn config(blades: &[BladeHandle], pool_extra: &str) -> Config {
     let mut text = String::from(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\n",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
     text.push_str("[pool]\n");
     text.push_str(pool_extra);

@@ -1,0 +1,552 @@
+//! The operators' API (hyper): list the pool, add, drain, undrain, put in maintenance and
+//! remove nodes, Prometheus metrics, liveness and readiness.
+//!
+//! Owns: routing, authentication, JSON shapes. Must not: hold state of its own (everything
+//! it shows or changes lives in `pool`), or import the proxy.
+
+pub mod client;
+pub mod openapi;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::AdminConfig;
+use crate::pool::{Backend, Member, Origin, Pool, PoolError, State};
+
+/// Largest request body the API reads.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How often a node being deleted is checked for the end of its drain.
+const DELETE_POLL: Duration = Duration::from_millis(100);
+
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    #[error("admin API cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the API reads and acts on.
+#[derive(Clone)]
+pub struct Admin {
+    pub pool: Arc<Pool>,
+    pub cfg: AdminConfig,
+    /// Renders `/metrics`; `None` when no exporter is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Whether the proxy is listening (for `/readyz`).
+    pub proxy_listening: Arc<AtomicBool>,
+}
+
+/// A running admin API.
+#[derive(Debug)]
+pub struct AdminHandle {
+    pub local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl AdminHandle {
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Binds `admin.cfg.listen` and serves on the current runtime.
+pub async fn start(admin: Admin) -> Result<AdminHandle, AdminError> {
+    let addr = admin.cfg.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Listen { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| AdminError::Listen { addr, source })?;
+    if admin.cfg.token.is_none() {
+        tracing::warn!(%local_addr, "admin API has no token: open to local users");
+    }
+    let (tx, mut rx) = watch::channel(false);
+    let admin = Arc::new(admin);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = rx.changed() => return,
+                res = listener.accept() => match res {
+                    Ok(c) => c,
+                    Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
+                },
+            };
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    tracing::info!(%local_addr, "admin API listening");
+    Ok(AdminHandle {
+        local_addr,
+        shutdown: tx,
+    })
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// `POST /v1/nodes/{id}/drain` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/nodes` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    #[serde(default)]
+    id: Option<String>,
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        match segments.as_slice() {
+            ["healthz"] => {
+                return only(&method, &[Method::GET], || {
+                    json_reply(StatusCode::OK, &json!({"status": "ok"}))
+                })
+            }
+            ["readyz"] => return only(&method, &[Method::GET], || self.readyz()),
+            _ => {}
+        }
+        if let Err(reply) = self.authorize(&req) {
+            return reply;
+        }
+        match segments.as_slice() {
+            ["metrics"] => only(&method, &[Method::GET], || self.metrics()),
+            ["v1", "openapi.json"] => only(&method, &[Method::GET], || {
+                json_reply(StatusCode::OK, &openapi::document())
+            }),
+            ["v1", "nodes"] => match method {
+                Method::GET => self.list(),
+                Method::POST => match read_json::<AddBody>(req).await {
+                    Ok(Some(body)) => self.add(body),
+                    Ok(None) => error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_argument",
+                        "body required: {\"address\": \"IP:port\", \"id\": ..., \"weight\": ...}",
+                    ),
+                    Err(r) => r,
+                },
+                _ => method_not_allowed(&[Method::GET, Method::POST]),
+            },
+            ["v1", "nodes", id] => {
+                let id = (*id).to_owned();
+                match method {
+                    Method::GET => self.get(&id),
+                    Method::DELETE => {
+                        let query = req.uri().query().unwrap_or("").to_owned();
+                        self.delete(&id, &query)
+                    }
+                    _ => method_not_allowed(&[Method::GET, Method::DELETE]),
+                }
+            }
+            ["v1", "nodes", id, action] => {
+                let (id, action) = ((*id).to_owned(), (*action).to_owned());
+                if method != Method::POST {
+                    return method_not_allowed(&[Method::POST]);
+                }
+                match action.as_str() {
+                    "drain" => match read_json::<DrainBody>(req).await {
+                        Ok(body) => self.drain(&id, body.unwrap_or_default()),
+                        Err(r) => r,
+                    },
+                    "undrain" => self.undrain(&id),
+                    "maint" => self.maint(&id),
+                    _ => error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no action `{action}`"),
+                    ),
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no route {path}"),
+            ),
+        }
+    }
+
+    /// Checks `Authorization: Bearer <token>` in constant time.
+    fn authorize(&self, req: &Request<Incoming>) -> Result<(), Reply> {
+        let Some(token) = &self.cfg.token else {
+            return Ok(());
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or(b"");
+        if bool::from(given.ct_eq(token.as_bytes())) {
+            return Ok(());
+        }
+        let mut reply = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            if given.is_empty() {
+                "missing bearer token: send `Authorization: Bearer <token>`"
+            } else {
+                "invalid bearer token"
+            },
+        );
+        reply
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Err(reply)
+    }
+
+    fn readyz(&self) -> Reply {
+        let listening = self.proxy_listening.load(Ordering::Relaxed);
+        let in_service = self.pool.snapshot().count(State::InService);
+        let ready = listening && in_service > 0;
+        json_reply(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            &json!({"ready": ready, "proxy_listening": listening, "in_service": in_service}),
+        )
+    }
+
+    fn metrics(&self) -> Reply {
+        let Some(handle) = &self.metrics else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no metrics exporter installed",
+            );
+        };
+        // Gauges that are cheaper to read at scrape time than to keep on the request path.
+        let table = self.pool.snapshot();
+        for m in table.members() {
+            metrics::gauge!(crate::telemetry::names::BACKEND_IN_FLIGHT, "backend" => m.backend.id.to_string())
+                .set(f64::from(m.backend.in_flight()));
+        }
+        for state in [
+            State::Warming,
+            State::InService,
+            State::Draining,
+            State::Down,
+            State::Maint,
+        ] {
+            metrics::gauge!(crate::telemetry::names::POOL_NODES, "state" => state.as_str())
+                .set(table.count(state) as f64);
+        }
+        drop(table);
+        let mut reply = Response::new(Full::new(Bytes::from(handle.render())));
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        reply
+    }
+
+    fn list(&self) -> Reply {
+        let table = self.pool.snapshot();
+        let now = Instant::now();
+        let nodes: Vec<Value> = table.members().iter().map(|m| node_json(m, now)).collect();
+        json_reply(
+            StatusCode::OK,
+            &json!({"pool": self.pool.settings().name, "generation": table.generation, "nodes": nodes}),
+        )
+    }
+
+    fn get(&self, id: &str) -> Reply {
+        match self.pool.snapshot().get(id) {
+            Some(m) => json_reply(StatusCode::OK, &node_json(m, Instant::now())),
+            None => unknown(id),
+        }
+    }
+
+    fn add(&self, body: AddBody) -> Reply {
+        let Ok(addr) = body.address.parse::<SocketAddr>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                &format!("address: `{}` is not an IP:port address", body.address),
+            );
+        };
+        let id = body
+            .id
+            .unwrap_or_else(|| format!("node-{}", addr).replace([':', '.', '[', ']'], "-"));
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "id: use only a-z 0-9 - _ .",
+            );
+        }
+        let backend = Arc::new(Backend::new(&id, addr, body.weight, Origin::Static));
+        match self.pool.add(backend) {
+            Ok(()) => {
+                tracing::info!(backend = %id, %addr, "node added by operator");
+                self.node_reply(StatusCode::CREATED, &id)
+            }
+            Err(e) => pool_error(e),
+        }
+    }
+
+    fn drain(&self, id: &str, body: DrainBody) -> Reply {
+        let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
+        let min = if body.force {
+            0
+        } else {
+            self.cfg.min_in_service
+        };
+        match self.pool.drain_keeping(id, timeout, min) {
+            Ok(_) => {
+                tracing::info!(backend = id, timeout = %humantime::format_duration(timeout), force = body.force, "drain started by operator");
+                self.node_reply(StatusCode::ACCEPTED, id)
+            }
+            Err(e) => pool_error(e),
+        }
+    }
+
+    fn undrain(&self, id: &str) -> Reply {
+        match self.pool.undrain(id) {
+            Ok(_) => self.node_reply(StatusCode::OK, id),
+            Err(e) => pool_error(e),
+        }
+    }
+
+    fn maint(&self, id: &str) -> Reply {
+        match self.pool.maint(id) {
+            Ok(()) => self.node_reply(StatusCode::OK, id),
+            Err(e) => pool_error(e),
+        }
+    }
+
+    /// Drains the node, then removes it from the pool once the drain is done.
+    fn delete(&self, id: &str, query: &str) -> Reply {
+        let mut timeout = self.cfg.default_drain_timeout;
+        let mut force = false;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("timeout", v)) => match humantime::parse_duration(v) {
+                    Ok(d) => timeout = d,
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_argument",
+                            &format!("timeout: {e}"),
+                        )
+                    }
+                },
+                Some(("force", v)) => force = v == "true",
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_argument",
+                        &format!("unknown query parameter `{pair}`"),
+                    )
+                }
+            }
+        }
+        let min = if force { 0 } else { self.cfg.min_in_service };
+        if let Err(e) = self.pool.drain_keeping(id, timeout, min) {
+            return pool_error(e);
+        }
+        let reply = self.node_reply(StatusCode::ACCEPTED, id);
+        let pool = self.pool.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            loop {
+                match pool.drain_done(&id, Instant::now()) {
+                    Some(true) => {
+                        if pool.remove(&id).is_ok() {
+                            tracing::info!(backend = %id, "node removed after drain");
+                        }
+                        return;
+                    }
+                    // Undrained or gone meanwhile: the operator changed their mind.
+                    None => return,
+                    Some(false)
+                        if pool.snapshot().get(&id).map(|m| m.state) != Some(State::Draining) =>
+                    {
+                        return
+                    }
+                    Some(false) => tokio::time::sleep(DELETE_POLL).await,
+                }
+            }
+        });
+        reply
+    }
+
+    fn node_reply(&self, status: StatusCode, id: &str) -> Reply {
+        match self.pool.snapshot().get(id) {
+            Some(m) => json_reply(status, &node_json(m, Instant::now())),
+            None => unknown(id),
+        }
+    }
+}
+
+/// One node as the API shows it.
+pub fn node_json(m: &Member, now: Instant) -> Value {
+    let b = &m.backend;
+    let requests = b.requests();
+    let (ok_probes, failed_probes) = b.probe_streak();
+    let deadline = m.drain_deadline.map(|d| {
+        let wall = SystemTime::now() + d.saturating_duration_since(now);
+        humantime::format_rfc3339_seconds(wall).to_string()
+    });
+    json!({
+        "id": &*b.id,
+        "address": b.addr.to_string(),
+        "state": m.state.as_str(),
+        "weight": b.weight,
+        "in_flight": b.in_flight(),
+        "requests": requests,
+        "failures": b.failures(),
+        "error_rate": if requests == 0 { 0.0 } else { b.failures() as f64 / requests as f64 },
+        "latency_ewma_ms": b.latency.get_ns() / 1e6,
+        "health": {"consecutive_successes": ok_probes, "consecutive_failures": failed_probes},
+        "drain_deadline": deadline,
+        "drain_done": (m.state == State::Draining).then(|| b.in_flight() == 0 || m.drain_deadline.is_some_and(|d| now >= d)),
+        "origin": match b.origin { Origin::Static => "static", Origin::Local => "local", Origin::Provisioned => "provisioned" },
+    })
+}
+
+/// Reads a JSON body; `Ok(None)` when it is empty.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<Option<T>, Reply> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("body larger than {MAX_BODY_BYTES} bytes"),
+            ))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()))
+}
+
+fn only(method: &Method, allowed: &[Method], f: impl FnOnce() -> Reply) -> Reply {
+    if allowed.contains(method) {
+        f()
+    } else {
+        method_not_allowed(allowed)
+    }
+}
+
+fn method_not_allowed(allowed: &[Method]) -> Reply {
+    let list = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("allowed: {list}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&list) {
+        r.headers_mut().insert(header::ALLOW, v);
+    }
+    r
+}
+
+fn unknown(id: &str) -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no node with id `{id}`"),
+    )
+}
+
+fn pool_error(e: PoolError) -> Reply {
+    let status = match &e {
+        PoolError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+        PoolError::DuplicateId(_)
+        | PoolError::DuplicateAddress(_)
+        | PoolError::TooFewInService { .. } => StatusCode::CONFLICT,
+        PoolError::BadWeight(_) => StatusCode::BAD_REQUEST,
+    };
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        _ => "invalid_argument",
+    };
+    error(status, kind, &e.to_string())
+}
+
+fn json_reply(status: StatusCode, value: &Value) -> Reply {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `{"error": kind, "detail": text}` with `status`.
+fn error(status: StatusCode, kind: &str, detail: &str) -> Reply {
+    json_reply(status, &json!({"error": kind, "detail": detail}))
+}

@@ -1,0 +1,105 @@
+//! The OpenAPI 3 document of the admin API, served at `/v1/openapi.json`. A test walks it
+//! and calls every operation, so it cannot drift from what the server does.
+
+use serde_json::{json, Value};
+
+fn err(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn node(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Node"}}}})
+}
+
+/// The document.
+pub fn document() -> Value {
+    let id_param =
+        json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "surge admin API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Pool inspection and node lifecycle. Every route but /healthz and /readyz requires `Authorization: Bearer <token>`."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "detail"], "properties": {
+                    "error": {"type": "string"}, "detail": {"type": "string"}}},
+                "Node": {"type": "object", "required": ["id", "address", "state", "weight", "in_flight", "requests", "origin"], "properties": {
+                    "id": {"type": "string"},
+                    "address": {"type": "string"},
+                    "state": {"type": "string", "enum": ["warming", "in_service", "draining", "down", "maint"]},
+                    "weight": {"type": "integer"},
+                    "in_flight": {"type": "integer"},
+                    "requests": {"type": "integer"},
+                    "failures": {"type": "integer"},
+                    "error_rate": {"type": "number"},
+                    "latency_ewma_ms": {"type": "number"},
+                    "health": {"type": "object"},
+                    "drain_deadline": {"type": "string", "format": "date-time", "nullable": true},
+                    "drain_done": {"type": "boolean", "nullable": true},
+                    "origin": {"type": "string", "enum": ["static", "local", "provisioned"]}}},
+                "NodeList": {"type": "object", "required": ["pool", "nodes"], "properties": {
+                    "pool": {"type": "string"}, "generation": {"type": "integer"},
+                    "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+                "Drain": {"type": "object", "properties": {
+                    "timeout": {"type": "string", "example": "300s"}, "force": {"type": "boolean"}}},
+                "NewNode": {"type": "object", "required": ["address"], "properties": {
+                    "id": {"type": "string"}, "address": {"type": "string"}, "weight": {"type": "integer"}}}
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {"summary": "The process is alive.", "security": [],
+                "responses": {"200": {"description": "alive", "content": {"application/json": {}}}}}},
+            "/readyz": {"get": {"summary": "The proxy listens and at least one node is in service.", "security": [],
+                "responses": {"200": {"description": "ready", "content": {"application/json": {}}},
+                              "503": {"description": "not ready", "content": {"application/json": {}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus text exposition.",
+                "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}, "401": err("no or wrong token")}}},
+            "/v1/openapi.json": {"get": {"summary": "This document.",
+                "responses": {"200": {"description": "OpenAPI 3", "content": {"application/json": {}}}, "401": err("no or wrong token")}}},
+            "/v1/nodes": {
+                "get": {"summary": "Every node of the pool.",
+                    "responses": {"200": {"description": "the pool", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeList"}}}},
+                                  "401": err("no or wrong token")}},
+                "post": {"summary": "Add a static node; it takes traffic once health checks pass.",
+                    "requestBody": {"required": true, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/NewNode"},
+                        "example": {"id": "web-9", "address": "127.0.0.1:9", "weight": 1}}}},
+                    "responses": {"201": node("added (warming)"), "400": err("bad body"), "401": err("no or wrong token"),
+                                  "409": err("id or address already in the pool"), "413": err("body too large")}}
+            },
+            "/v1/nodes/{id}": {
+                "parameters": [id_param.clone()],
+                "get": {"summary": "One node.",
+                    "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}},
+                "delete": {"summary": "Drain the node, then remove it from the pool.",
+                    "parameters": [{"name": "timeout", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "force", "in": "query", "schema": {"type": "boolean"}}],
+                    "responses": {"202": node("draining; removed when done"), "400": err("bad query"), "401": err("no or wrong token"),
+                                  "404": err("no such node"), "409": err("would leave too few nodes in service")}}
+            },
+            "/v1/nodes/{id}/drain": {
+                "parameters": [id_param.clone()],
+                "post": {"summary": "No new requests or carts; in-flight requests and bound carts finish until the deadline. Idempotent.",
+                    "requestBody": {"required": false, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Drain"}, "example": {"timeout": "300s", "force": false}}}},
+                    "responses": {"202": node("draining"), "400": err("bad body"), "401": err("no or wrong token"),
+                                  "404": err("no such node"), "409": err("would leave too few nodes in service"), "413": err("body too large")}}
+            },
+            "/v1/nodes/{id}/undrain": {
+                "parameters": [id_param.clone()],
+                "post": {"summary": "End a drain (back in service) or a maintenance (back to warming).",
+                    "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}}
+            },
+            "/v1/nodes/{id}/maint": {
+                "parameters": [id_param],
+                "post": {"summary": "Maintenance: no traffic, no health checks, until undrained.",
+                    "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}}
+            }
+        }
+    })
+}
