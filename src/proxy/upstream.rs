@@ -8,7 +8,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{self, SendRequest};
@@ -91,38 +90,35 @@ impl Upstreams {
         })
     }
 
+    /// The most recently used idle connection that is ready for a request. Connections
+    /// whose connection task has not yet caught up with the end of their last response are
+    /// left for later; closed and expired ones are dropped on the way.
     fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
-        while let Some(c) = list.pop() {
-            if c.sender.is_ready() && now.duration_since(c.since) < self.idle_timeout {
-                return Some(c.sender);
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let c = &list[i];
+            if c.sender.is_closed() || now.duration_since(c.since) >= self.idle_timeout {
+                list.swap_remove(i);
+                continue;
+            }
+            if c.sender.is_ready() {
+                return Some(list.swap_remove(i).sender);
             }
         }
         None
     }
 
-    /// Hands a connection back after its response was read to the end.
-    pub fn checkin(self: &Rc<Self>, conn: Conn) {
-        let Conn {
-            mut sender, addr, ..
-        } = conn;
-        if sender.is_closed() {
-            return;
+    /// Hands a connection back after its response was read to the end. It may not be
+    /// ready for the next request for a moment (its task has yet to see the end of the
+    /// body); [`Upstreams::checkout`] skips it until it is.
+    pub fn checkin(&self, conn: Conn) {
+        if !conn.sender.is_closed() {
+            self.put(conn.addr, conn.sender);
         }
-        if sender.is_ready() {
-            self.put(addr, sender);
-            return;
-        }
-        // The connection task has not yet seen the end of the body: wait for it (it runs
-        // on this thread as soon as this one yields).
-        let me = self.clone();
-        tokio::task::spawn_local(async move {
-            if sender.ready().await.is_ok() {
-                me.put(addr, sender);
-            }
-        });
     }
 
     fn put(&self, addr: SocketAddr, sender: SendRequest<UpstreamBody>) {
