@@ -84,7 +84,71 @@ struct FileConfig {
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
+    provider: Option<FileProvider>,
+    #[serde(default)]
+    sim: Option<FileSim>,
+    #[serde(default)]
     local_blades: Option<FileLocalBlades>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProvider {
+    kind: String,
+    api_url: String,
+    zones: Vec<String>,
+    #[serde(default)]
+    project_id: String,
+    #[serde(default = "default_secret_key_env")]
+    secret_key_env: String,
+    offer: String,
+    #[serde(default)]
+    os_id: String,
+    #[serde(default = "default_blade_port")]
+    blade_port: u16,
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    call_timeout: Duration,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+}
+
+fn default_secret_key_env() -> String {
+    "SCW_SECRET_KEY".into()
+}
+fn default_blade_port() -> u16 {
+    80
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileSim {
+    listen: String,
+    #[serde(with = "humantime_serde")]
+    delivery: Duration,
+    #[serde(with = "humantime_serde")]
+    install: Duration,
+    capacity: usize,
+    blade_port: u16,
+    state_file: Option<PathBuf>,
+}
+
+impl Default for FileSim {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".into(),
+            delivery: Duration::from_secs(3),
+            install: Duration::from_secs(2),
+            capacity: 32,
+            blade_port: 18_000,
+            state_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +333,10 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub pool: PoolConfig,
     pub admin: AdminConfig,
+    /// Where blades are ordered, if anywhere.
+    pub provider: Option<ProviderConfig>,
+    /// The in-process simulator, when `provider.api_url = "sim"`.
+    pub sim: Option<SimSettings>,
     /// Sample shop frontends the process starts itself on loopback (the demo default).
     pub local_blades: Option<LocalBlades>,
 }
@@ -321,6 +389,38 @@ impl fmt::Debug for AdminConfig {
             .field("default_drain_timeout", &self.default_drain_timeout)
             .finish()
     }
+}
+
+/// A bare-metal provider to order blades from.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Only `scaleway` (Elastic Metal) so far.
+    pub kind: String,
+    /// Base URL of the API, or `None` for the in-process simulator (`api_url = "sim"`).
+    pub api_url: Option<String>,
+    /// Zones in order of preference (the second is the disaster-recovery site).
+    pub zones: Vec<String>,
+    pub project_id: String,
+    /// Environment variable holding the secret key (never the key itself in a file).
+    pub secret_key_env: String,
+    /// Offer name to order, e.g. `EM-A115X-SSD`.
+    pub offer: String,
+    pub os_id: String,
+    /// Port the shop frontend listens on on each ordered server.
+    pub blade_port: u16,
+    pub call_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// The in-process BMaaS simulator.
+#[derive(Debug, Clone)]
+pub struct SimSettings {
+    pub listen: SocketAddr,
+    pub delivery: Duration,
+    pub install: Duration,
+    pub capacity: usize,
+    pub blade_port: u16,
+    pub state_file: Option<PathBuf>,
 }
 
 /// Environment variable that overrides `admin.token` (keeps the secret out of files).
@@ -586,16 +686,94 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         );
     }
 
+    let provider = raw.provider.as_ref().map(|p| {
+        if p.kind != "scaleway" {
+            bad(
+                "provider.kind",
+                format!("`{}` is not supported (supported: scaleway)", p.kind),
+            );
+        }
+        let api_url = match p.api_url.as_str() {
+            "sim" => None,
+            url if url.starts_with("https://")
+                || url.starts_with("http://127.")
+                || url.starts_with("http://localhost") =>
+            {
+                Some(url.trim_end_matches('/').to_owned())
+            }
+            url => {
+                bad(
+                    "provider.api_url",
+                    format!("`{url}` must be \"sim\", an https:// URL, or http:// on loopback"),
+                );
+                None
+            }
+        };
+        if p.zones.is_empty() {
+            bad("provider.zones", "list at least one zone".into());
+        }
+        if p.offer.is_empty() {
+            bad(
+                "provider.offer",
+                "name the offer to order, e.g. EM-A115X-SSD".into(),
+            );
+        }
+        if p.max_attempts == 0 {
+            bad("provider.max_attempts", "must be at least 1".into());
+        }
+        if p.call_timeout.is_zero() {
+            bad("provider.call_timeout", "must be greater than 0".into());
+        }
+        ProviderConfig {
+            kind: p.kind.clone(),
+            api_url,
+            zones: p.zones.clone(),
+            project_id: p.project_id.clone(),
+            secret_key_env: p.secret_key_env.clone(),
+            offer: p.offer.clone(),
+            os_id: p.os_id.clone(),
+            blade_port: p.blade_port,
+            call_timeout: p.call_timeout,
+            max_attempts: p.max_attempts,
+        }
+    });
+    let wants_sim = provider.as_ref().is_some_and(|p| p.api_url.is_none());
+    let sim = match (&raw.sim, wants_sim) {
+        (_, false) => None,
+        (file, true) => {
+            let default = FileSim::default();
+            let f = file.as_ref().unwrap_or(&default);
+            let listen = f.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+                bad(
+                    "sim.listen",
+                    format!("`{}` is not an IP:port address", f.listen),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
+            if !listen.ip().is_loopback() {
+                bad("sim.listen", format!("{listen} is not a loopback address"));
+            }
+            Some(SimSettings {
+                listen,
+                delivery: f.delivery,
+                install: f.install,
+                capacity: f.capacity,
+                blade_port: f.blade_port,
+                state_file: f.state_file.clone(),
+            })
+        }
+    };
+
     let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
     if let Some(l) = &raw.local_blades {
         if l.count > 64 {
             bad("local_blades.count", format!("{} is more than 64", l.count));
         }
     }
-    if pool.backends.is_empty() && local_count == 0 {
+    if pool.backends.is_empty() && local_count == 0 && provider.is_none() {
         bad(
             "pool.backends",
-            "no backends: list at least one [[pool.backends]] or set local_blades.count".into(),
+            "no backends: list at least one [[pool.backends]], set local_blades.count, or configure [provider]".into(),
         );
     }
     let mut backends = Vec::with_capacity(pool.backends.len());
@@ -692,6 +870,8 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             min_in_service: a.min_in_service,
             default_drain_timeout: a.default_drain_timeout,
         },
+        provider,
+        sim,
         local_blades: raw.local_blades.map(|l| LocalBlades {
             count: l.count,
             latency: l.latency,

@@ -1,8 +1,8 @@
 //! surge: an autoscaling L7 load balancer for e-commerce frontends.
 //!
 //! Module floors (a module imports only from floors below its own; see DESIGN.md):
-//! `serve` (the wiring `main` calls); `admin`; `proxy`; `pool`; `telemetry`, `blade`;
-//! `config`.
+//! `serve` (the wiring `main` calls); `admin`; `proxy`; `provider`, `pool`, `sim`;
+//! `telemetry`, `blade`; `config`.
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +10,8 @@ pub mod admin;
 pub mod blade;
 pub mod config;
 pub mod pool;
+pub mod provider;
 pub mod proxy;
 pub mod serve;
+pub mod sim;
 pub mod telemetry;

@@ -48,6 +48,8 @@ enum Command {
     },
     /// Validate a configuration file; prints every problem and exits 1 if there is one.
     CheckConfig { file: PathBuf },
+    /// Run the bare-metal simulator (Scaleway Elastic Metal API) on loopback.
+    Sim(SimArgs),
     /// List the pool's nodes (calls the admin API).
     Nodes {
         #[command(flatten)]
@@ -74,6 +76,45 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Secret key clients must send as X-Auth-Token.
+    #[arg(long, env = "SURGE_SIM_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Order to delivered hardware.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    delivery: Duration,
+    /// OS install after delivery.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    install: Duration,
+    /// Servers that may exist at once before offers go out of stock.
+    #[arg(long, default_value_t = 32)]
+    capacity: usize,
+    /// Port of the blades started on each ready server's 127.0.1.x address.
+    #[arg(long, default_value_t = 18000)]
+    blade_port: u16,
+    /// Keep servers in this JSON file across restarts.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Share of orders that end in `error` (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    order_error_share: f64,
+    /// Answer every Nth request with 429 (0 = never).
+    #[arg(long, default_value_t = 0)]
+    rate_limit_every: u64,
+    /// Retry-After seconds on those 429s.
+    #[arg(long, default_value_t = 1)]
+    retry_after: u64,
+    /// Share of requests answered 503 (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    server_error_share: f64,
+    /// Offer names to report out of stock.
+    #[arg(long)]
+    out_of_stock: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +171,7 @@ fn main() -> ExitCode {
             print!("{}", surge::admin::client::table(&[node]));
             Ok(())
         }),
+        Command::Sim(args) => sim(args),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -182,6 +224,35 @@ where
         .context("cannot start the runtime")?;
     let client = surge::admin::client::AdminClient::new(&args.url, args.token);
     runtime.block_on(f(client))
+}
+
+fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let _log = surge::telemetry::init_logging("info");
+    let mut cfg = surge::sim::SimConfig::demo(args.listen, &args.token);
+    cfg.delivery = args.delivery;
+    cfg.install = args.install;
+    cfg.capacity = args.capacity;
+    cfg.blade_port = args.blade_port;
+    cfg.state_file = args.state_file;
+    cfg.faults = surge::sim::Faults {
+        order_error_share: args.order_error_share,
+        out_of_stock: args.out_of_stock,
+        rate_limit_every: args.rate_limit_every,
+        retry_after_secs: args.retry_after,
+        server_error_share: args.server_error_share,
+        ..surge::sim::Faults::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let handle = surge::sim::start(cfg).await?;
+        println!(
+            "surge sim: Elastic Metal API on {}/baremetal/v1/zones/fr-par-2 (and nl-ams-1)",
+            handle.url()
+        );
+        tokio::signal::ctrl_c().await.ok();
+        handle.stop();
+        anyhow::Ok(())
+    })
 }
 
 fn blade(cfg: surge::blade::BladeConfig) -> anyhow::Result<()> {

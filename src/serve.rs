@@ -29,6 +29,8 @@ pub enum ServeError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Sim(#[from] crate::sim::SimError),
 }
 
 /// A running surge: everything `serve` started, for an orderly stop.
@@ -39,6 +41,8 @@ pub struct Running {
     pub pool: Arc<Pool>,
     /// Demo frontends this process started (`[local_blades]`).
     pub blades: Vec<BladeHandle>,
+    /// The in-process BMaaS simulator (`provider.api_url = "sim"`).
+    pub sim: Option<crate::sim::SimHandle>,
     background: watch::Sender<bool>,
 }
 
@@ -52,6 +56,9 @@ impl Running {
         let _ = self.background.send(true);
         for b in &self.blades {
             b.kill();
+        }
+        if let Some(sim) = &self.sim {
+            sim.stop();
         }
     }
 }
@@ -91,6 +98,23 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         rx.clone(),
     ));
     tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
+    let sim = match &cfg.sim {
+        Some(s) => {
+            // The simulator's key exists only in this process: nothing to leak.
+            let token = format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let mut sim_cfg = crate::sim::SimConfig::demo(s.listen, &token);
+            if let Some(p) = &cfg.provider {
+                sim_cfg.zones = p.zones.clone();
+            }
+            sim_cfg.delivery = s.delivery;
+            sim_cfg.install = s.install;
+            sim_cfg.capacity = s.capacity;
+            sim_cfg.blade_port = s.blade_port;
+            sim_cfg.state_file = s.state_file.clone();
+            Some(crate::sim::start(sim_cfg).await?)
+        }
+        None => None,
+    };
     let proxy_listening = Arc::new(AtomicBool::new(false));
     let admin = admin::start(Admin {
         pool: pool.clone(),
@@ -106,6 +130,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         admin,
         pool,
         blades,
+        sim,
         background,
     })
 }
@@ -129,6 +154,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             .join(", ")
     );
     drop(table);
+    if let Some(sim) = &running.sim {
+        println!(
+            "surge: BMaaS simulator (Scaleway Elastic Metal API) on {}",
+            sim.url()
+        );
+    }
     wait_for_signal().await;
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",

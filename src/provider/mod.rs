@@ -1,0 +1,212 @@
+//! Bare-metal-as-a-service providers: order, watch and release servers ("devices").
+//!
+//! Owns: the vendor-neutral [`Provider`] trait, the device lifecycle every vendor's states
+//! map onto, typed errors, and the vendor clients (`scaleway`). Must not: know about the
+//! pool (the autoscaler turns ready devices into backends).
+
+pub mod scaleway;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Where a device is in its life, whatever the vendor calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceState {
+    /// Ordered; the vendor has not started on it.
+    Requested,
+    /// Hardware being delivered.
+    Provisioning,
+    /// Operating system being installed.
+    Installing,
+    /// Delivered and installed: usable.
+    Ready,
+    /// The order or the install failed; the device should be deleted.
+    Failed,
+    /// Being released.
+    Deleting,
+    /// Released (the vendor no longer knows it).
+    Gone,
+}
+
+/// Stock of an offer in a zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stock {
+    Empty,
+    Low,
+    Available,
+}
+
+/// Something a provider sells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Offer {
+    pub id: String,
+    pub name: String,
+    pub stock: Stock,
+    /// Price per hour in the vendor's currency, if it says.
+    pub price_per_hour: Option<f64>,
+}
+
+/// One server at a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub id: String,
+    pub name: String,
+    pub state: DeviceState,
+    /// The vendor's own status words, for messages (`ready/completed`).
+    pub vendor_status: String,
+    /// First public IPv4 address (else IPv6), once the vendor has assigned one.
+    pub address: Option<IpAddr>,
+    pub tags: Vec<String>,
+    pub zone: String,
+    pub offer_id: String,
+}
+
+impl Device {
+    /// The value of tag `key=value` on this device.
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+    }
+}
+
+/// What to order.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub offer_id: String,
+    pub name: String,
+    /// Pool the device will serve; becomes tag `surge-pool=<pool>`.
+    pub pool: String,
+    /// Unique per order; becomes tag `surge-request=<id>`, so that a retried order whose
+    /// first answer was lost finds the server it already ordered instead of ordering again.
+    pub request_id: String,
+}
+
+/// Tag naming the pool a device belongs to.
+pub const POOL_TAG: &str = "surge-pool";
+/// Tag naming the order that created a device.
+pub const REQUEST_TAG: &str = "surge-request";
+
+/// What went wrong talking to a provider.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    #[error("rate limited by the provider; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    #[error("out of stock: {0}")]
+    OutOfStock(String),
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    #[error("the provider refused our credentials: {0}")]
+    Unauthorized(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("the provider refused the request: {0}")]
+    Invalid(String),
+    /// Worth retrying: 5xx, timeouts, connection errors.
+    #[error("transient provider failure: {0}")]
+    Transient(String),
+}
+
+impl ProviderError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::RateLimited { .. } | ProviderError::Transient(_)
+        )
+    }
+}
+
+/// A bare-metal provider. Calls are retried inside the implementation where that is safe;
+/// an error returned here is final for this call.
+pub trait Provider: Send + Sync {
+    /// Offers with their stock.
+    fn offers(&self) -> impl Future<Output = Result<Vec<Offer>, ProviderError>> + Send;
+    /// Orders a server; never orders twice for one `spec.request_id`.
+    fn create(
+        &self,
+        spec: &CreateSpec,
+    ) -> impl Future<Output = Result<Device, ProviderError>> + Send;
+    fn get(&self, id: &str) -> impl Future<Output = Result<Device, ProviderError>> + Send;
+    /// Every device carrying `tag` (`key=value`), across all pages.
+    fn list(&self, tag: &str) -> impl Future<Output = Result<Vec<Device>, ProviderError>> + Send;
+    /// Releases a server. Releasing one that is already gone is not an error.
+    fn delete(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// Exponential back-off with full jitter: attempt `n` (0-based) waits a random time up to
+/// `base × 2^n`, capped at `max`; a server's `Retry-After` is a floor.
+pub fn backoff(
+    attempt: u32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(max);
+    let jittered = ceiling.mul_f64(fastrand::f64());
+    match retry_after {
+        Some(floor) => jittered.max(floor),
+        None => jittered,
+    }
+}
+
+/// A fresh random id for [`CreateSpec::request_id`] (UUID v4 layout).
+pub fn new_request_id() -> String {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 0..20 {
+            let d = backoff(attempt, base, max, None);
+            assert!(d <= max);
+            assert!(d <= base * 2u32.pow(attempt.min(5)));
+        }
+        let floor = Duration::from_secs(3);
+        assert!(backoff(0, base, max, Some(floor)) >= floor);
+    }
+
+    #[test]
+    fn request_ids_look_like_uuids_and_differ() {
+        let a = new_request_id();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert_ne!(a, new_request_id());
+    }
+
+    #[test]
+    fn tags_are_read_by_key() {
+        let d = Device {
+            id: "1".into(),
+            name: "n".into(),
+            state: DeviceState::Ready,
+            vendor_status: "ready".into(),
+            address: None,
+            tags: vec!["surge-pool=shop".into(), "surge-request=abc".into()],
+            zone: "fr-par-2".into(),
+            offer_id: "o".into(),
+        };
+        assert_eq!(d.tag(POOL_TAG), Some("shop"));
+        assert_eq!(d.tag(REQUEST_TAG), Some("abc"));
+        assert_eq!(d.tag("surge"), None);
+    }
+}

@@ -1,0 +1,451 @@
+//! Scaleway Elastic Metal (`/baremetal/v1/zones/{zone}`), over HTTPS with reqwest and
+//! rustls. Auth by `X-Auth-Token`. Retries 5xx, timeouts and connection errors with
+//! exponential back-off and jitter, waits at least `Retry-After` on 429, and never orders
+//! twice: every order carries a `surge-request` tag that a retry looks for first.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{
+    backoff, CreateSpec, Device, DeviceState, Offer, Provider, ProviderError, Stock, POOL_TAG,
+    REQUEST_TAG,
+};
+
+/// Servers asked for per page when listing (the API's maximum is 100).
+const PAGE_SIZE: usize = 100;
+
+/// Wait on a 429 that carries no `Retry-After`.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How to reach one zone of Elastic Metal.
+#[derive(Clone)]
+pub struct ScalewayConfig {
+    /// `https://api.scaleway.com` in production; the simulator's URL in the demo and tests.
+    pub api_url: String,
+    pub zone: String,
+    pub project_id: String,
+    /// Secret key sent as `X-Auth-Token`.
+    pub secret_key: String,
+    /// OS image installed on ordered servers.
+    pub os_id: String,
+    /// Time allowed for one HTTP call.
+    pub call_timeout: Duration,
+    /// Calls per operation, retries included.
+    pub max_attempts: u32,
+    /// First back-off step; doubles per retry up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for ScalewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScalewayConfig")
+            .field("api_url", &self.api_url)
+            .field("zone", &self.zone)
+            .field("project_id", &self.project_id)
+            .field("secret_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The Elastic Metal client.
+#[derive(Debug, Clone)]
+pub struct Scaleway {
+    cfg: ScalewayConfig,
+    base: String,
+    http: reqwest::Client,
+}
+
+// --- The vendor's JSON, as documented (unknown fields ignored: the API grows). ---
+
+#[derive(Debug, Deserialize)]
+pub struct ApiOffers {
+    #[serde(default)]
+    pub offers: Vec<ApiOffer>,
+    #[serde(default)]
+    pub total_count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiOffer {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub stock: String,
+    #[serde(default)]
+    pub price_per_hour: Option<ApiMoney>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiMoney {
+    #[serde(default)]
+    pub units: i64,
+    #[serde(default)]
+    pub nanos: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiServers {
+    #[serde(default)]
+    pub servers: Vec<ApiServer>,
+    #[serde(default)]
+    pub total_count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiServer {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub install: Option<ApiInstall>,
+    #[serde(default)]
+    pub ips: Vec<ApiIp>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub offer_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiInstall {
+    #[serde(default)]
+    pub status: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiIp {
+    pub address: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    message: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+}
+
+/// Maps Elastic Metal's server and install status onto [`DeviceState`].
+pub fn device_state(status: &str, install: Option<&str>) -> DeviceState {
+    match status {
+        "ordered" | "unknown" | "" => DeviceState::Requested,
+        "delivering" | "starting" | "stopping" | "stopped" | "resetting" | "migrating" => {
+            DeviceState::Provisioning
+        }
+        "ready" => match install {
+            None | Some("completed") => DeviceState::Ready,
+            Some("error") => DeviceState::Failed,
+            Some(_) => DeviceState::Installing,
+        },
+        "deleting" => DeviceState::Deleting,
+        // error, out_of_stock, locked and anything new: not usable, to be released.
+        _ => DeviceState::Failed,
+    }
+}
+
+impl From<ApiServer> for Device {
+    fn from(s: ApiServer) -> Self {
+        let install = s.install.as_ref().map(|i| i.status.as_str());
+        let state = device_state(&s.status, install);
+        let ip = |version: &str| {
+            s.ips
+                .iter()
+                .filter(|ip| ip.version == version)
+                .find_map(|ip| ip.address.parse::<IpAddr>().ok())
+        };
+        Device {
+            vendor_status: match install {
+                Some(i) => format!("{}/{}", s.status, i),
+                None => s.status.clone(),
+            },
+            address: ip("IPv4").or_else(|| ip("IPv6")),
+            state,
+            id: s.id,
+            name: s.name,
+            tags: s.tags,
+            zone: s.zone,
+            offer_id: s.offer_id,
+        }
+    }
+}
+
+impl From<ApiOffer> for Offer {
+    fn from(o: ApiOffer) -> Self {
+        Offer {
+            stock: match o.stock.as_str() {
+                "available" => Stock::Available,
+                "low" => Stock::Low,
+                _ => Stock::Empty,
+            },
+            price_per_hour: o
+                .price_per_hour
+                .map(|m| m.units as f64 + m.nanos as f64 / 1e9),
+            id: o.id,
+            name: o.name,
+        }
+    }
+}
+
+impl Scaleway {
+    pub fn new(cfg: ScalewayConfig) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.call_timeout)
+            .user_agent(concat!("surge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProviderError::Invalid(format!("cannot build HTTP client: {e}")))?;
+        let base = format!(
+            "{}/baremetal/v1/zones/{}",
+            cfg.api_url.trim_end_matches('/'),
+            cfg.zone
+        );
+        Ok(Self { cfg, base, http })
+    }
+
+    pub fn zone(&self) -> &str {
+        &self.cfg.zone
+    }
+
+    /// One HTTP exchange; the vendor's answer mapped to a typed error.
+    async fn send_once(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{}", self.base, path))
+            .header("X-Auth-Token", &self.cfg.secret_key)
+            .query(query);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            ProviderError::Transient(format!("{method} {path}: {}", without_url(&e)))
+        })?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = resp.bytes().await.map_err(|e| {
+            ProviderError::Transient(format!(
+                "{method} {path}: reading the answer: {}",
+                without_url(&e)
+            ))
+        })?;
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ProviderError::Transient(format!("{method} {path}: unreadable answer: {e}"))
+            });
+        }
+        let err: ApiError = serde_json::from_slice(&bytes).unwrap_or(ApiError {
+            message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            kind: String::new(),
+        });
+        let what = format!(
+            "{method} {path}: {} {} ({})",
+            status.as_u16(),
+            err.message,
+            err.kind
+        );
+        Err(match (status, err.kind.as_str()) {
+            (StatusCode::TOO_MANY_REQUESTS, _) => ProviderError::RateLimited {
+                retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            },
+            (s, _) if s.is_server_error() => ProviderError::Transient(what),
+            (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)
+            | (_, "permissions_denied" | "denied_authentication") => {
+                ProviderError::Unauthorized(what)
+            }
+            (_, "out_of_stock") => ProviderError::OutOfStock(what),
+            (_, "quotas_exceeded") => ProviderError::QuotaExceeded(what),
+            (StatusCode::NOT_FOUND, _) | (_, "not_found") => ProviderError::NotFound(what),
+            _ => ProviderError::Invalid(what),
+        })
+    }
+
+    /// [`Scaleway::send_once`], retried while the error says a retry may help.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
+        let mut attempt = 0;
+        loop {
+            match self.send_once(method.clone(), path, query, body).await {
+                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
+                    let wait = self.wait_for(attempt, &e);
+                    tracing::debug!(%method, path, error = %e, wait = ?wait, "provider call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn wait_for(&self, attempt: u32, e: &ProviderError) -> Duration {
+        let floor = match e {
+            ProviderError::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        };
+        backoff(attempt, self.cfg.backoff_base, self.cfg.backoff_max, floor)
+    }
+
+    /// The device a previous attempt of this order created, if any.
+    async fn find_order(&self, request_id: &str) -> Result<Option<Device>, ProviderError> {
+        let found = self.list(&format!("{REQUEST_TAG}={request_id}")).await?;
+        Ok(found.into_iter().find(|d| d.state != DeviceState::Gone))
+    }
+}
+
+/// reqwest's errors carry the URL; ours already name the path.
+fn without_url(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, ProviderError> {
+    serde_json::from_value(v)
+        .map_err(|e| ProviderError::Transient(format!("{what}: unexpected answer: {e}")))
+}
+
+impl Provider for Scaleway {
+    async fn offers(&self) -> Result<Vec<Offer>, ProviderError> {
+        let v = self.send(Method::GET, "/offers", &[], None).await?;
+        let offers: ApiOffers = parse(v, "GET /offers")?;
+        Ok(offers.offers.into_iter().map(Offer::from).collect())
+    }
+
+    async fn create(&self, spec: &CreateSpec) -> Result<Device, ProviderError> {
+        let body = json!({
+            "offer_id": spec.offer_id,
+            "project_id": self.cfg.project_id,
+            "name": spec.name,
+            "description": format!("surge pool {}", spec.pool),
+            "tags": [format!("{POOL_TAG}={}", spec.pool), format!("{REQUEST_TAG}={}", spec.request_id)],
+            "install": {"os_id": self.cfg.os_id, "hostname": spec.name, "ssh_key_ids": []},
+        });
+        let mut attempt = 0;
+        loop {
+            match self
+                .send_once(Method::POST, "/servers", &[], Some(&body))
+                .await
+            {
+                Ok(v) => return Ok(Device::from(parse::<ApiServer>(v, "POST /servers")?)),
+                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
+                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
+                    attempt += 1;
+                    // The order may have been taken with its answer lost: look first.
+                    if let Some(existing) = self.find_order(&spec.request_id).await? {
+                        tracing::info!(id = %existing.id, request = %spec.request_id, "order already placed; not ordering again");
+                        return Ok(existing);
+                    }
+                }
+                Err(e) => {
+                    // A lost answer on the last attempt: the server may exist all the same.
+                    if e.is_retryable() {
+                        if let Ok(Some(existing)) = self.find_order(&spec.request_id).await {
+                            return Ok(existing);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Device, ProviderError> {
+        let path = format!("/servers/{id}");
+        let v = self.send(Method::GET, &path, &[], None).await?;
+        Ok(Device::from(parse::<ApiServer>(v, &path)?))
+    }
+
+    async fn list(&self, tag: &str) -> Result<Vec<Device>, ProviderError> {
+        let mut out = Vec::new();
+        for page in 1.. {
+            let query = [
+                ("tags", tag.to_owned()),
+                ("page", page.to_string()),
+                ("page_size", PAGE_SIZE.to_string()),
+            ];
+            let v = self.send(Method::GET, "/servers", &query, None).await?;
+            let servers: ApiServers = parse(v, "GET /servers")?;
+            let got = servers.servers.len();
+            out.extend(servers.servers.into_iter().map(Device::from));
+            if got < PAGE_SIZE || out.len() as u64 >= servers.total_count {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), ProviderError> {
+        match self
+            .send(Method::DELETE, &format!("/servers/{id}"), &[], None)
+            .await
+        {
+            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_states_map_onto_the_lifecycle() {
+        assert_eq!(device_state("ordered", None), DeviceState::Requested);
+        assert_eq!(
+            device_state("delivering", Some("to_install")),
+            DeviceState::Provisioning
+        );
+        assert_eq!(
+            device_state("ready", Some("installing")),
+            DeviceState::Installing
+        );
+        assert_eq!(device_state("ready", Some("completed")), DeviceState::Ready);
+        assert_eq!(device_state("ready", Some("error")), DeviceState::Failed);
+        assert_eq!(device_state("out_of_stock", None), DeviceState::Failed);
+        assert_eq!(device_state("deleting", None), DeviceState::Deleting);
+    }
+}
