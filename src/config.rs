@@ -136,6 +136,8 @@ struct FileSim {
     capacity: usize,
     blade_port: u16,
     state_file: Option<PathBuf>,
+    spread: f64,
+    time_scale: f64,
 }
 
 impl Default for FileSim {
@@ -147,6 +149,8 @@ impl Default for FileSim {
             capacity: 32,
             blade_port: 18_000,
             state_file: None,
+            spread: 0.0,
+            time_scale: 1.0,
         }
     }
 }
@@ -421,6 +425,10 @@ pub struct SimSettings {
     pub capacity: usize,
     pub blade_port: u16,
     pub state_file: Option<PathBuf>,
+    /// Lognormal σ of delivery and install times (0: exact).
+    pub spread: f64,
+    /// Durations are divided by this.
+    pub time_scale: f64,
 }
 
 /// Environment variable that overrides `admin.token` (keeps the secret out of files).
@@ -753,6 +761,15 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             if !listen.ip().is_loopback() {
                 bad("sim.listen", format!("{listen} is not a loopback address"));
             }
+            if !(0.0..=3.0).contains(&f.spread) {
+                bad("sim.spread", format!("{} is outside 0..=3", f.spread));
+            }
+            if !(f.time_scale > 0.0 && f.time_scale.is_finite()) {
+                bad(
+                    "sim.time_scale",
+                    format!("{} must be a positive number", f.time_scale),
+                );
+            }
             Some(SimSettings {
                 listen,
                 delivery: f.delivery,
@@ -760,6 +777,8 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 capacity: f.capacity,
                 blade_port: f.blade_port,
                 state_file: f.state_file.clone(),
+                spread: f.spread,
+                time_scale: f.time_scale,
             })
         }
     };

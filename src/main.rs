@@ -91,6 +91,15 @@ struct SimArgs {
     /// OS install after delivery.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     install: Duration,
+    /// Spread of delivery/install times (lognormal σ; 0 = exact).
+    #[arg(long, default_value_t = 0.0)]
+    spread: f64,
+    /// Time compression: durations are divided by this.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// `realistic`: 10 min delivery, 5 min install, σ 0.4 (combine with --time-scale).
+    #[arg(long)]
+    realistic: bool,
     /// Servers that may exist at once before offers go out of stock.
     #[arg(long, default_value_t = 32)]
     capacity: usize,
@@ -228,9 +237,16 @@ where
 
 fn sim(args: SimArgs) -> anyhow::Result<()> {
     let _log = surge::telemetry::init_logging("info");
-    let mut cfg = surge::sim::SimConfig::demo(args.listen, &args.token);
-    cfg.delivery = args.delivery;
-    cfg.install = args.install;
+    let mut cfg = if args.realistic {
+        surge::sim::SimConfig::realistic(args.listen, &args.token)
+    } else {
+        let mut cfg = surge::sim::SimConfig::demo(args.listen, &args.token);
+        cfg.delivery = args.delivery;
+        cfg.install = args.install;
+        cfg.spread = args.spread;
+        cfg
+    };
+    cfg.time_scale = args.time_scale;
     cfg.capacity = args.capacity;
     cfg.blade_port = args.blade_port;
     cfg.state_file = args.state_file;

@@ -111,6 +111,8 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
             sim_cfg.capacity = s.capacity;
             sim_cfg.blade_port = s.blade_port;
             sim_cfg.state_file = s.state_file.clone();
+            sim_cfg.spread = s.spread;
+            sim_cfg.time_scale = s.time_scale;
             Some(crate::sim::start(sim_cfg).await?)
         }
         None => None,

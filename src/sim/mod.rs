@@ -68,6 +68,11 @@ pub struct SimConfig {
     pub delivery: Duration,
     /// Time for the OS install once delivered (`to_install` → `installing` → `completed`).
     pub install: Duration,
+    /// Spread of each server's delivery and install times: σ of a lognormal whose median
+    /// is the configured duration (0: exactly as configured). Real deliveries vary a lot.
+    pub spread: f64,
+    /// Time compression: every duration is divided by this (60: a minute takes a second).
+    pub time_scale: f64,
     /// Servers that may exist at once (across offers) before offers go out of stock.
     pub capacity: usize,
     /// Port the started blades listen on, each on its server's own loopback address.
@@ -80,6 +85,30 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
+    /// Real bare metal: ~10 minutes to deliver and ~5 to install, widely spread
+    /// (lognormal σ 0.4: one in twenty takes over twice as long as the median).
+    pub fn realistic(listen: SocketAddr, token: &str) -> Self {
+        Self {
+            delivery: Duration::from_secs(600),
+            install: Duration::from_secs(300),
+            spread: 0.4,
+            ..Self::demo(listen, token)
+        }
+    }
+
+    /// A duration for one server: lognormal around `median`, compressed by `time_scale`.
+    fn sample(&self, median: Duration) -> Duration {
+        let factor = if self.spread > 0.0 {
+            // Box–Muller: a standard normal from two uniforms.
+            let (u1, u2) = (fastrand::f64().max(f64::MIN_POSITIVE), fastrand::f64());
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            (self.spread * z).exp()
+        } else {
+            1.0
+        };
+        median.mul_f64(factor / self.time_scale.max(1e-6))
+    }
+
     /// Fast defaults for the demo and tests: seconds, not minutes.
     pub fn demo(listen: SocketAddr, token: &str) -> Self {
         Self {
@@ -88,6 +117,8 @@ impl SimConfig {
             token: token.into(),
             delivery: Duration::from_secs(2),
             install: Duration::from_secs(1),
+            spread: 0.0,
+            time_scale: 1.0,
             capacity: 64,
             blade_port: 18_000,
             blade_latency: Duration::from_millis(2),
@@ -131,6 +162,11 @@ struct Server {
     ip: Option<Ipv4Addr>,
     /// Whether this order is doomed to end in `error`.
     doomed: bool,
+    /// This server's own delivery and install times (sampled at order time).
+    #[serde(default)]
+    delivery_ms: u64,
+    #[serde(default)]
+    install_ms: u64,
     /// Milliseconds since the order at which it moves on (scaled from the config).
     #[serde(skip)]
     ordered_at: Option<Instant>,
@@ -368,7 +404,6 @@ fn advance(sim: &Sim, now: Instant) -> (Vec<(String, Ipv4Addr)>, Vec<BladeHandle
     let Ok(mut state) = sim.state.lock() else {
         return (Vec::new(), Vec::new());
     };
-    let (delivery, install) = (sim.cfg.delivery, sim.cfg.install);
     let mut start = Vec::new();
     let mut gone = Vec::new();
     let mut changed = false;
@@ -382,6 +417,8 @@ fn advance(sim: &Sim, now: Instant) -> (Vec<(String, Ipv4Addr)>, Vec<BladeHandle
         let age = s
             .ordered_at
             .map_or(Duration::MAX, |t| now.duration_since(t));
+        let delivery = Duration::from_millis(s.delivery_ms);
+        let install = Duration::from_millis(s.install_ms);
         let (status, install_status) =
             if s.status == "error" || s.status == "ready" && s.install_status == "completed" {
                 (s.status.clone(), s.install_status.clone())
@@ -769,6 +806,8 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
             install_status: "to_install".into(),
             ip: Some(ip_for(n)),
             doomed: faults.order_error_share > 0.0 && fastrand::f64() < faults.order_error_share,
+            delivery_ms: sim.cfg.sample(sim.cfg.delivery).as_millis() as u64,
+            install_ms: sim.cfg.sample(sim.cfg.install).as_millis() as u64,
             ordered_at: Some(Instant::now()),
             deleting_at: None,
         };
@@ -805,4 +844,25 @@ fn delete(sim: &Sim, id: &str) -> Reply {
     let v = server.json();
     save_state(sim, &state);
     reply(StatusCode::OK, &v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_compressed_and_spread_around_the_median() {
+        let mut cfg = SimConfig::realistic(SocketAddr::from(([127, 0, 0, 1], 0)), "t");
+        cfg.time_scale = 60.0;
+        let mut samples: Vec<Duration> = (0..2001).map(|_| cfg.sample(cfg.delivery)).collect();
+        samples.sort_unstable();
+        let median = samples[1000].as_secs_f64();
+        assert!(
+            (8.0..12.0).contains(&median),
+            "10 min / 60 ≈ 10 s, got {median}"
+        );
+        assert!(samples[0] < samples[2000] / 2, "spread");
+        cfg.spread = 0.0;
+        assert_eq!(cfg.sample(Duration::from_secs(60)), Duration::from_secs(1));
+    }
 }
