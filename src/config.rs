@@ -88,7 +88,58 @@ struct FileConfig {
     #[serde(default)]
     sim: Option<FileSim>,
     #[serde(default)]
+    autoscale: Option<FileAutoscale>,
+    #[serde(default)]
     local_blades: Option<FileLocalBlades>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAutoscale {
+    paused: bool,
+    min: usize,
+    max: usize,
+    target_connections_per_node: f64,
+    tolerance: f64,
+    max_in_flight_per_node: f64,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    metrics_window: Duration,
+    #[serde(with = "humantime_serde")]
+    scale_up_window: Duration,
+    #[serde(with = "humantime_serde")]
+    scale_down_window: Duration,
+    up_percent: f64,
+    up_nodes: usize,
+    #[serde(with = "humantime_serde")]
+    up_period: Duration,
+    #[serde(with = "humantime_serde")]
+    down_period: Duration,
+    #[serde(with = "humantime_serde")]
+    drain_timeout: Duration,
+}
+
+impl Default for FileAutoscale {
+    fn default() -> Self {
+        Self {
+            paused: false,
+            min: 2,
+            max: 20,
+            target_connections_per_node: 250.0,
+            tolerance: 0.1,
+            max_in_flight_per_node: 200.0,
+            interval: Duration::from_secs(1),
+            metrics_window: Duration::from_secs(10),
+            scale_up_window: Duration::ZERO,
+            scale_down_window: Duration::from_secs(300),
+            up_percent: 100.0,
+            up_nodes: 4,
+            up_period: Duration::from_secs(15),
+            down_period: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,6 +392,8 @@ pub struct Config {
     pub provider: Option<ProviderConfig>,
     /// The in-process simulator, when `provider.api_url = "sim"`.
     pub sim: Option<SimSettings>,
+    /// The autoscaler (needs `[provider]`).
+    pub autoscale: Option<AutoscaleConfig>,
     /// Sample shop frontends the process starts itself on loopback (the demo default).
     pub local_blades: Option<LocalBlades>,
 }
@@ -414,6 +467,22 @@ pub struct ProviderConfig {
     pub blade_port: u16,
     pub call_timeout: Duration,
     pub max_attempts: u32,
+}
+
+/// The autoscaler.
+#[derive(Debug, Clone)]
+pub struct AutoscaleConfig {
+    /// Start paused (the admin API resumes it).
+    pub paused: bool,
+    pub policy: crate::autoscale::policy::PolicyConfig,
+    /// How often the loop runs (observe, decide, reconcile).
+    pub interval: Duration,
+    /// Rates are averaged over this window.
+    pub metrics_window: Duration,
+    /// Deadline for carts bound to a node being scaled in.
+    pub drain_timeout: Duration,
+    /// Offer to order (from `provider.offer`).
+    pub offer: String,
 }
 
 /// The in-process BMaaS simulator.
@@ -783,6 +852,70 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         }
     };
 
+    let autoscale = raw.autoscale.as_ref().map(|a| {
+        if provider.is_none() {
+            bad(
+                "autoscale",
+                "needs a [provider] to order blades from".into(),
+            );
+        }
+        if a.max == 0 || a.min > a.max {
+            bad(
+                "autoscale.max",
+                format!("must be ≥ 1 and ≥ autoscale.min ({})", a.min),
+            );
+        }
+        if a.target_connections_per_node.is_nan() || a.target_connections_per_node <= 0.0 {
+            bad(
+                "autoscale.target_connections_per_node",
+                "must be greater than 0".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&a.tolerance) {
+            bad(
+                "autoscale.tolerance",
+                format!("{} is outside 0..1", a.tolerance),
+            );
+        }
+        if a.max_in_flight_per_node.is_nan() || a.max_in_flight_per_node <= 0.0 {
+            bad(
+                "autoscale.max_in_flight_per_node",
+                "must be greater than 0".into(),
+            );
+        }
+        for (key, d) in [
+            ("autoscale.interval", a.interval),
+            ("autoscale.metrics_window", a.metrics_window),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        AutoscaleConfig {
+            paused: a.paused,
+            policy: crate::autoscale::policy::PolicyConfig {
+                min: a.min,
+                max: a.max,
+                target_connections_per_node: a.target_connections_per_node,
+                tolerance: a.tolerance,
+                max_in_flight_per_node: a.max_in_flight_per_node,
+                scale_up_window: a.scale_up_window,
+                scale_down_window: a.scale_down_window,
+                up_percent: a.up_percent,
+                up_nodes: a.up_nodes,
+                up_period: a.up_period,
+                down_period: a.down_period,
+            },
+            interval: a.interval,
+            metrics_window: a.metrics_window,
+            drain_timeout: a.drain_timeout,
+            offer: provider
+                .as_ref()
+                .map(|p| p.offer.clone())
+                .unwrap_or_default(),
+        }
+    });
+
     let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
     if let Some(l) = &raw.local_blades {
         if l.count > 64 {
@@ -891,6 +1024,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         },
         provider,
         sim,
+        autoscale,
         local_blades: raw.local_blades.map(|l| LocalBlades {
             count: l.count,
             latency: l.latency,

@@ -1,12 +1,13 @@
 //! surge: an autoscaling L7 load balancer for e-commerce frontends.
 //!
 //! Module floors (a module imports only from floors below its own; see DESIGN.md):
-//! `serve` (the wiring `main` calls); `admin`; `proxy`; `provider`, `pool`, `sim`;
+//! `serve` (the wiring `main` calls); `admin`; `autoscale`, `proxy`; `provider`, `pool`, `sim`;
 //! `telemetry`, `blade`; `config`.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod autoscale;
 pub mod blade;
 pub mod config;
 pub mod pool;

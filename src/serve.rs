@@ -15,6 +15,7 @@ use crate::admin::{self, Admin, AdminError, AdminHandle};
 use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
 use crate::config::Config;
 use crate::pool::{health, Backend, Origin, Pool};
+use crate::provider::scaleway::{Scaleway, ScalewayConfig};
 use crate::proxy::{self, probe::HttpProber, ProxyError, ProxyHandle};
 
 /// How often slow start advances a ramping backend's weight.
@@ -31,6 +32,8 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Sim(#[from] crate::sim::SimError),
+    #[error("provider: {0}")]
+    Provider(String),
 }
 
 /// A running surge: everything `serve` started, for an orderly stop.
@@ -43,6 +46,8 @@ pub struct Running {
     pub blades: Vec<BladeHandle>,
     /// The in-process BMaaS simulator (`provider.api_url = "sim"`).
     pub sim: Option<crate::sim::SimHandle>,
+    /// The autoscaler's status and pause switch, when it runs.
+    pub autoscaler: Option<Arc<crate::autoscale::Shared>>,
     background: watch::Sender<bool>,
 }
 
@@ -98,10 +103,11 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         rx.clone(),
     ));
     tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
+    // The simulator's key exists only in this process: nothing to leak.
+    let sim_token = format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let sim = match &cfg.sim {
         Some(s) => {
-            // The simulator's key exists only in this process: nothing to leak.
-            let token = format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let token = sim_token.clone();
             let mut sim_cfg = crate::sim::SimConfig::demo(s.listen, &token);
             if let Some(p) = &cfg.provider {
                 sim_cfg.zones = p.zones.clone();
@@ -117,8 +123,54 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         }
         None => None,
     };
+    let autoscaler = match (&cfg.autoscale, &cfg.provider) {
+        (Some(a), Some(p)) => {
+            let (api_url, secret) = match (&p.api_url, &sim) {
+                (Some(url), _) => (
+                    url.clone(),
+                    std::env::var(&p.secret_key_env).map_err(|_| {
+                        ServeError::Provider(format!(
+                            "the secret key is read from ${}, which is not set",
+                            p.secret_key_env
+                        ))
+                    })?,
+                ),
+                (None, Some(s)) => (s.url(), sim_token.clone()),
+                (None, None) => return Err(ServeError::Provider("no simulator running".into())),
+            };
+            let mut zones = Vec::new();
+            for zone in &p.zones {
+                let client = Scaleway::new(ScalewayConfig {
+                    api_url: api_url.clone(),
+                    zone: zone.clone(),
+                    project_id: p.project_id.clone(),
+                    secret_key: secret.clone(),
+                    os_id: p.os_id.clone(),
+                    call_timeout: p.call_timeout,
+                    max_attempts: p.max_attempts,
+                    backoff_base: Duration::from_millis(200),
+                    backoff_max: Duration::from_secs(10),
+                })
+                .map_err(|e| ServeError::Provider(e.to_string()))?;
+                zones.push((zone.clone(), client));
+            }
+            let shared = Arc::new(crate::autoscale::Shared::default());
+            shared.paused.store(a.paused, Ordering::Relaxed);
+            tokio::spawn(crate::autoscale::run(
+                pool.clone(),
+                a.clone(),
+                zones,
+                p.blade_port,
+                shared.clone(),
+                background.subscribe(),
+            ));
+            Some(shared)
+        }
+        _ => None,
+    };
     let proxy_listening = Arc::new(AtomicBool::new(false));
     let admin = admin::start(Admin {
+        autoscaler: autoscaler.clone(),
         pool: pool.clone(),
         cfg: cfg.admin.clone(),
         metrics,
@@ -133,6 +185,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         pool,
         blades,
         sim,
+        autoscaler,
         background,
     })
 }

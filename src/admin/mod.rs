@@ -57,6 +57,8 @@ pub struct Admin {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Whether the proxy is listening (for `/readyz`).
     pub proxy_listening: Arc<AtomicBool>,
+    /// The autoscaler's status and pause switch, when one runs.
+    pub autoscaler: Option<Arc<crate::autoscale::Shared>>,
 }
 
 /// A running admin API.
@@ -165,6 +167,29 @@ impl Admin {
             ["v1", "openapi.json"] => only(&method, &[Method::GET], || {
                 json_reply(StatusCode::OK, &openapi::document())
             }),
+            ["v1", "autoscaler"] => only(&method, &[Method::GET], || match &self.autoscaler {
+                Some(a) => json_reply(StatusCode::OK, &a.to_json()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no autoscaler configured ([autoscale] and [provider])",
+                ),
+            }),
+            ["v1", "autoscaler", action @ ("pause" | "resume")] => {
+                let pause = *action == "pause";
+                only(&method, &[Method::POST], || match &self.autoscaler {
+                    Some(a) => {
+                        a.paused.store(pause, Ordering::Relaxed);
+                        tracing::info!(paused = pause, "autoscaler switched by operator");
+                        json_reply(StatusCode::OK, &a.to_json())
+                    }
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "no autoscaler configured ([autoscale] and [provider])",
+                    ),
+                })
+            }
             ["v1", "nodes"] => match method {
                 Method::GET => self.list(),
                 Method::POST => match read_json::<AddBody>(req).await {

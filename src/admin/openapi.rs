@@ -95,6 +95,15 @@ pub fn document() -> Value {
                 "post": {"summary": "End a drain (back in service) or a maintenance (back to warming).",
                     "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}}
             },
+            "/v1/autoscaler": {"get": {"summary": "Desired and actual size, observations, recent decisions with their reasons.",
+                "responses": {"200": {"description": "status", "content": {"application/json": {}}}, "401": err("no or wrong token"),
+                              "404": err("no autoscaler configured")}}},
+            "/v1/autoscaler/pause": {"post": {"summary": "Hold the current size until resumed.",
+                "responses": {"200": {"description": "status", "content": {"application/json": {}}}, "401": err("no or wrong token"),
+                              "404": err("no autoscaler configured")}}},
+            "/v1/autoscaler/resume": {"post": {"summary": "Resume scaling.",
+                "responses": {"200": {"description": "status", "content": {"application/json": {}}}, "401": err("no or wrong token"),
+                              "404": err("no autoscaler configured")}}},
             "/v1/nodes/{id}/maint": {
                 "parameters": [id_param],
                 "post": {"summary": "Maintenance: no traffic, no health checks, until undrained.",

@@ -1,0 +1,134 @@
+//! Turns the pool's traffic counters (written lock-free by the proxy) into rates over a
+//! sliding window. The request path pays nothing for it: the meter reads the counters once
+//! per autoscaler tick.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::policy::Observations;
+use crate::pool::{Pool, State};
+
+/// One reading of the cumulative counters.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    connections: u64,
+    requests: u64,
+}
+
+/// Sliding-window rates of new connections and requests.
+#[derive(Debug)]
+pub struct Meter {
+    /// Rates are averaged over this much history.
+    window: Duration,
+    samples: VecDeque<Sample>,
+}
+
+impl Meter {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Reads the counters at `now` and returns the observations. Until the samples span
+    /// half a window, the observations are marked not fresh.
+    pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {
+        let t = &pool.traffic;
+        self.samples.push_back(Sample {
+            at: now,
+            connections: t.connections_accepted.load(Ordering::Relaxed),
+            requests: t.requests.load(Ordering::Relaxed),
+        });
+        // Keep one sample at least a window old, so the rate spans the whole window.
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|s| now.saturating_duration_since(s.at) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+        let table = pool.snapshot();
+        let in_service: Vec<_> = table
+            .members()
+            .iter()
+            .filter(|m| m.state == State::InService)
+            .collect();
+        let in_flight: u64 = in_service
+            .iter()
+            .map(|m| u64::from(m.backend.in_flight()))
+            .sum();
+        let in_flight_per_node = in_flight as f64 / in_service.len().max(1) as f64;
+        match (self.samples.front(), self.samples.back()) {
+            (Some(first), Some(last))
+                if last.at.saturating_duration_since(first.at) >= self.window / 2
+                    && self.samples.len() >= 2 =>
+            {
+                let secs = last.at.duration_since(first.at).as_secs_f64();
+                Observations {
+                    connection_rate: (last.connections - first.connections) as f64 / secs,
+                    request_rate: (last.requests - first.requests) as f64 / secs,
+                    in_flight_per_node,
+                    fresh: true,
+                }
+            }
+            _ => Observations {
+                connection_rate: 0.0,
+                request_rate: 0.0,
+                in_flight_per_node,
+                fresh: false,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Algorithm, EjectionConfig};
+    use crate::pool::{Backend, Origin, PoolSettings};
+    use std::sync::Arc;
+
+    #[test]
+    fn rates_cover_the_window_and_start_stale() {
+        let pool = Pool::new(
+            PoolSettings {
+                name: "t".into(),
+                algorithm: Algorithm::P2cEwma,
+                sticky: None,
+                slow_start: Duration::ZERO,
+                ejection: EjectionConfig {
+                    consecutive_failures: 0,
+                    base_time: Duration::from_secs(1),
+                    max_time: Duration::from_secs(1),
+                    max_percent: 50,
+                },
+            },
+            vec![Arc::new(Backend::new(
+                "b",
+                "127.0.0.1:1".parse().unwrap(),
+                1,
+                Origin::Static,
+            ))],
+        );
+        let mut meter = Meter::new(Duration::from_secs(2));
+        let t0 = Instant::now();
+        assert!(!meter.observe(&pool, t0).fresh);
+        for i in 1..=20u64 {
+            pool.traffic
+                .connections_accepted
+                .fetch_add(50, Ordering::Relaxed);
+            let o = meter.observe(&pool, t0 + Duration::from_millis(200 * i));
+            if i >= 5 {
+                assert!(o.fresh, "tick {i}");
+                assert!(
+                    (o.connection_rate - 250.0).abs() < 1.0,
+                    "tick {i}: {}",
+                    o.connection_rate
+                );
+            }
+        }
+    }
+}

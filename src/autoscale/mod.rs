@@ -1,0 +1,153 @@
+//! The autoscaler: every tick the meter reads the pool's counters, the policy decides the
+//! desired size, and the reconciler drives the provider toward it.
+//!
+//! Owns: observations, decisions and the node lifecycle at the provider. Must not: talk
+//! HTTP except through `provider`, or import the proxy.
+
+pub mod meter;
+pub mod policy;
+pub mod reconcile;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::config::AutoscaleConfig;
+use crate::pool::Pool;
+use crate::provider::Provider;
+use meter::Meter;
+use policy::{Decision, PolicyState};
+use reconcile::{ReconcileConfig, Reconciler, Report};
+
+/// Decisions kept for `GET /v1/autoscaler`.
+const HISTORY: usize = 100;
+
+/// What the admin API shows and changes: shared with the running loop.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Operator's pause switch (also `autoscale.paused` in config).
+    pub paused: AtomicBool,
+    status: Mutex<Status>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Status {
+    desired: usize,
+    observations: Option<policy::Observations>,
+    report: Report,
+    decisions: VecDeque<(SystemTime, Decision)>,
+}
+
+impl Shared {
+    /// The status document of `GET /v1/autoscaler`.
+    pub fn to_json(&self) -> Value {
+        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let decisions: Vec<Value> = s
+            .decisions
+            .iter()
+            .rev()
+            .map(|(at, d)| {
+                json!({
+                    "at": humantime::format_rfc3339_seconds(*at).to_string(),
+                    "current": d.current, "desired": d.desired, "direction": d.direction(),
+                    "reasons": d.reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "paused": self.paused.load(Ordering::Relaxed),
+            "desired": s.desired,
+            "in_service": s.report.in_service,
+            "ordered": s.report.pending,
+            "draining": s.report.draining,
+            "provider_servers": s.report.devices,
+            "observations": s.observations.as_ref().map(|o| json!({
+                "connections_per_second": o.connection_rate,
+                "requests_per_second": o.request_rate,
+                "in_flight_per_node": o.in_flight_per_node,
+                "fresh": o.fresh,
+            })),
+            "errors": s.report.errors,
+            "decisions": decisions,
+        })
+    }
+}
+
+/// Runs the loop until `shutdown` turns true.
+pub async fn run<P: Provider>(
+    pool: Arc<Pool>,
+    cfg: AutoscaleConfig,
+    zones: Vec<(String, P)>,
+    blade_port: u16,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut meter = Meter::new(cfg.metrics_window);
+    let mut state = PolicyState::default();
+    let mut reconciler = Reconciler::new(
+        pool.clone(),
+        zones,
+        ReconcileConfig {
+            pool: pool.settings().name.clone(),
+            offer: cfg.offer.clone(),
+            blade_port,
+            drain_timeout: cfg.drain_timeout,
+            order_backoff_base: Duration::from_secs(1),
+            order_backoff_max: Duration::from_secs(60),
+        },
+    );
+    let desired_gauge = metrics::gauge!("surge_autoscaler_desired_nodes");
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = Instant::now();
+        let obs = meter.observe(&pool, now);
+        let current = pool.snapshot().count(crate::pool::State::InService);
+        let paused = shared.paused.load(Ordering::Relaxed);
+        let decision = policy::decide(
+            &obs,
+            current,
+            cfg.policy.min,
+            paused,
+            &cfg.policy,
+            &mut state,
+            now,
+        );
+        if decision.desired != decision.current {
+            tracing::info!(
+                current = decision.current,
+                desired = decision.desired,
+                reasons = %decision.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                "autoscaler decision"
+            );
+        }
+        for r in &decision.reasons {
+            metrics::counter!("surge_autoscaler_decisions_total", "direction" => decision.direction(), "reason" => r.label())
+                .increment(1);
+        }
+        desired_gauge.set(decision.desired as f64);
+        let report = reconciler.step(decision.desired, now).await;
+        if let Ok(mut s) = shared.status.lock() {
+            s.desired = decision.desired;
+            s.observations = Some(obs);
+            s.report = report;
+            let changed = s.decisions.back().is_none_or(|(_, d)| {
+                d.desired != decision.desired || d.current != decision.current
+            });
+            if changed {
+                s.decisions.push_back((SystemTime::now(), decision));
+                if s.decisions.len() > HISTORY {
+                    s.decisions.pop_front();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! How many nodes the pool should have: a pure function of observations, the policy's
+//! memory and the time. No runtime, no I/O: tests feed observations and check decisions.
+//!
+//! Follows the Kubernetes HPA and AWS target tracking: `desired = ceil(metric / target)`
+//! with a tolerance band, stabilization windows (scale down only to the highest
+//! recommendation of the window), step limits per period, min and max. Differences: the
+//! metric is new connections per second (what a sales opening spikes first), and an
+//! in-flight guard scales up even when the connection rate looks fine (slow backends).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The policy's knobs.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub min: usize,
+    pub max: usize,
+    /// New connections per second one in-service node should carry.
+    pub target_connections_per_node: f64,
+    /// No change while `metric / target` is within `1 ± tolerance`.
+    pub tolerance: f64,
+    /// Above this many requests in flight per in-service node, scale up regardless.
+    pub max_in_flight_per_node: f64,
+    /// Scale up to the lowest recommendation of this window (0: at once).
+    pub scale_up_window: Duration,
+    /// Scale down only to the highest recommendation of this window.
+    pub scale_down_window: Duration,
+    /// Per `up_period`, grow by at most max(`up_percent`% of current, `up_nodes`).
+    pub up_percent: f64,
+    pub up_nodes: usize,
+    pub up_period: Duration,
+    /// Shrink by at most one node per `down_period`.
+    pub down_period: Duration,
+}
+
+/// What the meter saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observations {
+    /// New connections per second, pool-wide.
+    pub connection_rate: f64,
+    /// Requests per second, pool-wide.
+    pub request_rate: f64,
+    /// Requests in flight per in-service node.
+    pub in_flight_per_node: f64,
+    /// Whether the figures are recent and complete; stale ones never scale anything.
+    pub fresh: bool,
+}
+
+/// Why the policy decided what it did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    /// Connection rate against the target.
+    Target {
+        rate: f64,
+        target_per_node: f64,
+        recommended: usize,
+    },
+    /// Within the tolerance band: keep the current size.
+    WithinTolerance { ratio: f64 },
+    /// In-flight per node above the limit.
+    InFlightGuard { per_node: f64, limit: f64 },
+    /// Held up by the scale-down stabilization window.
+    Stabilized { highest_recent: usize },
+    /// Growth capped by the step limit.
+    UpStepLimit { at_most: usize },
+    /// Shrink capped: one node per period.
+    DownStepLimit,
+    /// Raised to the minimum (possibly a scheduled one).
+    Min { min: usize },
+    /// Lowered to the maximum.
+    Max { max: usize },
+    /// Metrics missing or stale: hold.
+    StaleMetrics,
+    /// The operator paused the autoscaler.
+    Paused,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Target {
+                rate,
+                target_per_node,
+                recommended,
+            } => write!(
+                f,
+                "{rate:.0} new connections/s at {target_per_node:.0}/node recommends {recommended}"
+            ),
+            Reason::WithinTolerance { ratio } => {
+                write!(f, "load/target {ratio:.2} within tolerance")
+            }
+            Reason::InFlightGuard { per_node, limit } => {
+                write!(f, "{per_node:.1} in flight per node above {limit:.1}")
+            }
+            Reason::Stabilized { highest_recent } => {
+                write!(f, "held at {highest_recent} by the scale-down window")
+            }
+            Reason::UpStepLimit { at_most } => write!(f, "scale-up step limited to {at_most}"),
+            Reason::DownStepLimit => write!(f, "one node per scale-down period"),
+            Reason::Min { min } => write!(f, "raised to minimum {min}"),
+            Reason::Max { max } => write!(f, "capped at maximum {max}"),
+            Reason::StaleMetrics => write!(f, "metrics stale: holding"),
+            Reason::Paused => write!(f, "paused: holding"),
+        }
+    }
+}
+
+impl Reason {
+    /// Short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reason::Target { .. } => "target",
+            Reason::WithinTolerance { .. } => "tolerance",
+            Reason::InFlightGuard { .. } => "in_flight",
+            Reason::Stabilized { .. } => "stabilized",
+            Reason::UpStepLimit { .. } => "up_step",
+            Reason::DownStepLimit => "down_step",
+            Reason::Min { .. } => "min",
+            Reason::Max { .. } => "max",
+            Reason::StaleMetrics => "stale",
+            Reason::Paused => "paused",
+        }
+    }
+}
+
+/// One decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub desired: usize,
+    /// The size it was decided against.
+    pub current: usize,
+    pub reasons: Vec<Reason>,
+}
+
+impl Decision {
+    pub fn direction(&self) -> &'static str {
+        match self.desired.cmp(&self.current) {
+            std::cmp::Ordering::Greater => "up",
+            std::cmp::Ordering::Less => "down",
+            std::cmp::Ordering::Equal => "hold",
+        }
+    }
+}
+
+/// What the policy remembers between decisions.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyState {
+    /// Recent raw recommendations, newest last.
+    recommendations: VecDeque<(Instant, usize)>,
+    /// Start of the current scale-up period and the size then.
+    up_period: Option<(Instant, usize)>,
+    /// When the last scale-down was decided.
+    last_down: Option<Instant>,
+}
+
+/// Decides the desired number of in-service nodes. `current` is the number in service,
+/// `min` the effective minimum (the configured one, raised by a scheduled event).
+pub fn decide(
+    obs: &Observations,
+    current: usize,
+    min: usize,
+    paused: bool,
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+    now: Instant,
+) -> Decision {
+    let min = min.min(cfg.max);
+    let mut reasons = Vec::new();
+    let hold = |reason: Reason| {
+        let mut reasons = vec![reason];
+        // Even when holding, never below the minimum (a scheduled event may raise it).
+        let desired = if current < min {
+            reasons.push(Reason::Min { min });
+            min
+        } else {
+            current.min(cfg.max)
+        };
+        Decision {
+            desired,
+            current,
+            reasons,
+        }
+    };
+    if paused {
+        return hold(Reason::Paused);
+    }
+    if !obs.fresh {
+        return hold(Reason::StaleMetrics);
+    }
+
+    // 1. Raw recommendation from the target, with tolerance and the in-flight guard.
+    let base = current.max(1);
+    let per_node = obs.connection_rate / base as f64;
+    let ratio = per_node / cfg.target_connections_per_node;
+    let mut recommended = if (ratio - 1.0).abs() <= cfg.tolerance {
+        reasons.push(Reason::WithinTolerance { ratio });
+        current
+    } else {
+        let r = (obs.connection_rate / cfg.target_connections_per_node).ceil() as usize;
+        reasons.push(Reason::Target {
+            rate: obs.connection_rate,
+            target_per_node: cfg.target_connections_per_node,
+            recommended: r,
+        });
+        r
+    };
+    if obs.in_flight_per_node > cfg.max_in_flight_per_node {
+        let needed =
+            (base as f64 * obs.in_flight_per_node / cfg.max_in_flight_per_node).ceil() as usize;
+        if needed > recommended {
+            recommended = needed;
+            reasons.push(Reason::InFlightGuard {
+                per_node: obs.in_flight_per_node,
+                limit: cfg.max_in_flight_per_node,
+            });
+        }
+    }
+    recommended = recommended.clamp(min, cfg.max);
+
+    // 2. Stabilization windows over the raw recommendations.
+    state.recommendations.push_back((now, recommended));
+    let keep = cfg.scale_down_window.max(cfg.scale_up_window);
+    while state
+        .recommendations
+        .front()
+        .is_some_and(|(t, _)| now.saturating_duration_since(*t) > keep)
+    {
+        state.recommendations.pop_front();
+    }
+    let within = |w: Duration| {
+        state
+            .recommendations
+            .iter()
+            .filter(move |(t, _)| now.saturating_duration_since(*t) <= w)
+            .map(|(_, r)| *r)
+    };
+    let mut desired = recommended;
+    if desired > current {
+        desired = within(cfg.scale_up_window)
+            .min()
+            .unwrap_or(recommended)
+            .max(current);
+    } else if desired < current {
+        let highest = within(cfg.scale_down_window).max().unwrap_or(recommended);
+        if highest > desired {
+            desired = highest.min(current);
+            reasons.push(Reason::Stabilized {
+                highest_recent: desired,
+            });
+        }
+    }
+
+    // 3. Step limits.
+    if desired > current {
+        let (start, from) = match state.up_period {
+            Some((t, from)) if now.saturating_duration_since(t) < cfg.up_period => (t, from),
+            _ => (now, current),
+        };
+        state.up_period = Some((start, from));
+        let step = ((from as f64 * cfg.up_percent / 100.0).ceil() as usize).max(cfg.up_nodes);
+        let at_most = from + step;
+        if desired > at_most {
+            desired = at_most.max(current);
+            reasons.push(Reason::UpStepLimit { at_most });
+        }
+    } else if desired < current {
+        if state
+            .last_down
+            .is_some_and(|t| now.saturating_duration_since(t) < cfg.down_period)
+        {
+            desired = current;
+            reasons.push(Reason::DownStepLimit);
+        } else {
+            if desired < current - 1 {
+                reasons.push(Reason::DownStepLimit);
+            }
+            desired = current - 1;
+            state.last_down = Some(now);
+        }
+    }
+
+    // 4. Bounds.
+    if desired < min {
+        desired = min;
+        reasons.push(Reason::Min { min });
+    }
+    if desired > cfg.max {
+        desired = cfg.max;
+        reasons.push(Reason::Max { max: cfg.max });
+    }
+    Decision {
+        desired,
+        current,
+        reasons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> PolicyConfig {
+        PolicyConfig {
+            min: 2,
+            max: 20,
+            target_connections_per_node: 250.0,
+            tolerance: 0.1,
+            max_in_flight_per_node: 100.0,
+            scale_up_window: Duration::ZERO,
+            scale_down_window: Duration::from_secs(300),
+            up_percent: 100.0,
+            up_nodes: 4,
+            up_period: Duration::from_secs(15),
+            down_period: Duration::from_secs(60),
+        }
+    }
+
+    fn obs(rate: f64) -> Observations {
+        Observations {
+            connection_rate: rate,
+            request_rate: rate * 5.0,
+            in_flight_per_node: 1.0,
+            fresh: true,
+        }
+    }
+
+    #[test]
+    fn target_tracking_scales_up_to_rate_over_target() {
+        let mut st = PolicyState::default();
+        let d = decide(&obs(1500.0), 4, 2, false, &cfg(), &mut st, Instant::now());
+        assert_eq!(d.desired, 6);
+        assert_eq!(d.direction(), "up");
+    }
+
+    #[test]
+    fn a_spike_is_limited_per_period() {
+        let mut st = PolicyState::default();
+        let t0 = Instant::now();
+        // 2 → 8 wanted; step max(100% of 2, 4) = 4 → 6.
+        let d = decide(&obs(2000.0), 2, 2, false, &cfg(), &mut st, t0);
+        assert_eq!(d.desired, 6);
+        assert!(d.reasons.contains(&Reason::UpStepLimit { at_most: 6 }));
+        // Same period: still capped from the period's start size.
+        let d = decide(
+            &obs(2000.0),
+            6,
+            2,
+            false,
+            &cfg(),
+            &mut st,
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(d.desired, 6);
+        // Next period: grows again.
+        let d = decide(
+            &obs(2000.0),
+            6,
+            2,
+            false,
+            &cfg(),
+            &mut st,
+            t0 + Duration::from_secs(16),
+        );
+        assert_eq!(d.desired, 8);
+    }
+
+    #[test]
+    fn no_scale_in_inside_the_window_after_a_spike() {
+        let mut st = PolicyState::default();
+        let t0 = Instant::now();
+        decide(&obs(2000.0), 8, 2, false, &cfg(), &mut st, t0);
+        for s in (10..300).step_by(10) {
+            let d = decide(
+                &obs(200.0),
+                8,
+                2,
+                false,
+                &cfg(),
+                &mut st,
+                t0 + Duration::from_secs(s),
+            );
+            assert_eq!(d.desired, 8, "scaled in {s} s after the spike");
+        }
+        let d = decide(
+            &obs(200.0),
+            8,
+            2,
+            false,
+            &cfg(),
+            &mut st,
+            t0 + Duration::from_secs(301),
+        );
+        assert_eq!(d.desired, 7, "one node at a time after the window");
+        let d = decide(
+            &obs(200.0),
+            7,
+            2,
+            false,
+            &cfg(),
+            &mut st,
+            t0 + Duration::from_secs(330),
+        );
+        assert_eq!(d.desired, 7, "one node per minute");
+        let d = decide(
+            &obs(200.0),
+            7,
+            2,
+            false,
+            &cfg(),
+            &mut st,
+            t0 + Duration::from_secs(362),
+        );
+        assert_eq!(d.desired, 6);
+    }
+
+    #[test]
+    fn tolerance_holds_and_in_flight_guard_scales_up() {
+        let mut st = PolicyState::default();
+        let now = Instant::now();
+        let d = decide(&obs(4.0 * 260.0), 4, 2, false, &cfg(), &mut st, now);
+        assert_eq!(d.desired, 4);
+        let mut busy = obs(4.0 * 250.0);
+        busy.in_flight_per_node = 150.0;
+        let d = decide(&busy, 4, 2, false, &cfg(), &mut PolicyState::default(), now);
+        assert_eq!(d.desired, 6);
+        assert!(matches!(
+            d.reasons.last(),
+            Some(Reason::InFlightGuard { .. })
+        ));
+    }
+
+    #[test]
+    fn stale_metrics_and_pause_hold_but_respect_a_raised_minimum() {
+        let mut stale = obs(0.0);
+        stale.fresh = false;
+        let now = Instant::now();
+        let d = decide(
+            &stale,
+            6,
+            2,
+            false,
+            &cfg(),
+            &mut PolicyState::default(),
+            now,
+        );
+        assert_eq!(d.desired, 6);
+        assert_eq!(d.reasons, [Reason::StaleMetrics]);
+        let d = decide(
+            &obs(0.0),
+            6,
+            2,
+            true,
+            &cfg(),
+            &mut PolicyState::default(),
+            now,
+        );
+        assert_eq!(d.desired, 6);
+        let d = decide(
+            &stale,
+            2,
+            10,
+            false,
+            &cfg(),
+            &mut PolicyState::default(),
+            now,
+        );
+        assert_eq!(
+            d.desired, 10,
+            "a scheduled minimum applies even without metrics"
+        );
+    }
+
+    proptest! {
+        /// Whatever the load and history: never above max, never below min, and never more
+        /// than one node fewer than current.
+        #[test]
+        fn bounds_always_hold(
+            steps in proptest::collection::vec((0.0f64..20_000.0, 0usize..30, 0.0f64..500.0, any::<bool>(), 0u64..120), 1..60),
+            min in 0usize..10,
+        ) {
+            let c = cfg();
+            let mut st = PolicyState::default();
+            let mut now = Instant::now();
+            for (rate, current, in_flight, fresh, dt) in steps {
+                now += Duration::from_secs(dt);
+                let o = Observations { connection_rate: rate, request_rate: rate, in_flight_per_node: in_flight, fresh };
+                let d = decide(&o, current, min, false, &c, &mut st, now);
+                prop_assert!(d.desired <= c.max);
+                prop_assert!(d.desired >= min.min(c.max));
+                prop_assert!(d.desired + 1 >= current.min(c.max) || d.desired == min.min(c.max) || current > c.max);
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Drives the provider toward the desired size: adopts what the provider already runs for
+//! this pool (so a restart neither orphans nor duplicates a blade), orders what is
+//! missing in the first zone with stock, puts delivered blades into the pool (they warm
+//! up through health checks and slow start), releases failed orders, and on scale-in
+//! drains the least-loaded provisioned node and deletes it once drained.
+//!
+//! It never touches static or demo nodes, never undrains anything, and only finishes
+//! drains it started itself: a node an operator drained stays drained.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::pool::{Backend, Origin, Pool, State};
+use crate::provider::{
+    backoff, new_request_id, CreateSpec, Device, DeviceState, Provider, ProviderError, Stock,
+    POOL_TAG,
+};
+
+/// Most servers ordered in one step; a spike orders over a few ticks, not all at once.
+const MAX_ORDERS_PER_STEP: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// Pool name, also the `surge-pool` tag value.
+    pub pool: String,
+    /// Offer name to order.
+    pub offer: String,
+    /// Port the frontend listens on on each server.
+    pub blade_port: u16,
+    /// Deadline for carts bound to a node being scaled in.
+    pub drain_timeout: Duration,
+    /// Back-off after a round in which no zone could take an order.
+    pub order_backoff_base: Duration,
+    pub order_backoff_max: Duration,
+}
+
+/// What one step saw and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Nodes in service (all origins).
+    pub in_service: usize,
+    /// Ordered or delivered servers not yet in service.
+    pub pending: usize,
+    /// Servers the provider runs for this pool.
+    pub devices: usize,
+    pub ordered: usize,
+    pub released: usize,
+    pub draining: usize,
+    /// Problems met, in words for the status page and the log.
+    pub errors: Vec<String>,
+}
+
+/// The backend id a provisioned server gets in the pool.
+pub fn backend_id(device: &Device) -> String {
+    format!("bm-{}", device.id.chars().take(8).collect::<String>())
+}
+
+pub struct Reconciler<P> {
+    pool: Arc<Pool>,
+    /// Providers, one per zone, in order of preference.
+    zones: Vec<(String, P)>,
+    cfg: ReconcileConfig,
+    /// Nodes this reconciler is draining: backend id → (zone index, device id).
+    draining: HashMap<String, (usize, String)>,
+    /// Consecutive rounds in which no order could be placed.
+    order_failures: u32,
+    next_order_at: Option<Instant>,
+}
+
+impl<P: Provider> Reconciler<P> {
+    pub fn new(pool: Arc<Pool>, zones: Vec<(String, P)>, cfg: ReconcileConfig) -> Self {
+        Self {
+            pool,
+            zones,
+            cfg,
+            draining: HashMap::new(),
+            order_failures: 0,
+            next_order_at: None,
+        }
+    }
+
+    /// One round toward `desired` in-service nodes.
+    pub async fn step(&mut self, desired: usize, now: Instant) -> Report {
+        let mut report = Report::default();
+        let tag = format!("{POOL_TAG}={}", self.cfg.pool);
+
+        // 1. Inventory. Without a complete one, nothing is ordered or released: a zone
+        // that did not answer may hold servers we would otherwise order again.
+        let mut devices: Vec<(usize, Device)> = Vec::new();
+        let mut complete = true;
+        for (zi, (zone, provider)) in self.zones.iter().enumerate() {
+            match provider.list(&tag).await {
+                Ok(list) => devices.extend(list.into_iter().map(|d| (zi, d))),
+                Err(e) => {
+                    complete = false;
+                    report.errors.push(format!("listing {zone}: {e}"));
+                }
+            }
+        }
+        report.devices = devices.len();
+
+        // 2. Finish the drains this reconciler started: release, then forget the node.
+        let finished: Vec<String> = self
+            .draining
+            .keys()
+            .filter(|id| self.pool.drain_done(id, now) != Some(false))
+            .cloned()
+            .collect();
+        for id in finished {
+            let Some((zi, device_id)) = self.draining.get(&id).cloned() else {
+                continue;
+            };
+            match self.zones[zi].1.delete(&device_id).await {
+                Ok(()) => {
+                    let _ = self.pool.remove(&id);
+                    self.draining.remove(&id);
+                    report.released += 1;
+                    tracing::info!(backend = %id, device = %device_id, "drained node released to the provider");
+                }
+                Err(e) => report.errors.push(format!("releasing {device_id}: {e}")),
+            }
+        }
+
+        // 3. Adopt delivered servers; release failed ones.
+        let table = self.pool.snapshot_full();
+        let mut pending = 0;
+        let mut live_ids = HashSet::new();
+        for (zi, d) in &devices {
+            let id = backend_id(d);
+            live_ids.insert(id.clone());
+            match d.state {
+                DeviceState::Ready => match (table.get(&id), d.address) {
+                    (Some(m), _) => {
+                        if matches!(m.state, State::Warming) {
+                            pending += 1;
+                        }
+                    }
+                    (None, Some(ip)) if !self.draining.contains_key(&id) => {
+                        let backend = Backend::new(
+                            &id,
+                            SocketAddr::new(ip, self.cfg.blade_port),
+                            1,
+                            Origin::Provisioned,
+                        );
+                        match self.pool.add(Arc::new(backend)) {
+                            Ok(()) => {
+                                tracing::info!(backend = %id, %ip, zone = %self.zones[*zi].0, "delivered server joins the pool")
+                            }
+                            Err(e) => report.errors.push(format!("adding {id}: {e}")),
+                        }
+                        pending += 1;
+                    }
+                    _ => {}
+                },
+                DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing => {
+                    pending += 1
+                }
+                DeviceState::Failed if complete => {
+                    report.errors.push(format!(
+                        "server {} failed ({}); releasing it",
+                        d.id, d.vendor_status
+                    ));
+                    match self.zones[*zi].1.delete(&d.id).await {
+                        Ok(()) => report.released += 1,
+                        Err(e) => report.errors.push(format!("releasing {}: {e}", d.id)),
+                    }
+                }
+                DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
+            }
+        }
+        // Provisioned nodes whose server vanished (released by hand): out of the pool.
+        if complete {
+            for m in table.members() {
+                if m.backend.origin == Origin::Provisioned && !live_ids.contains(&*m.backend.id) {
+                    let _ = self.pool.remove(&m.backend.id);
+                    self.draining.remove(&*m.backend.id);
+                }
+            }
+        }
+
+        let table = self.pool.snapshot_full();
+        let in_service = table.count(State::InService);
+        report.in_service = in_service;
+        report.pending = pending;
+        report.draining = self.draining.len();
+
+        // 4. Scale up: what is on its way counts, so a slow delivery is not ordered twice.
+        let supply = in_service + pending;
+        if complete && desired > supply && self.next_order_at.is_none_or(|t| now >= t) {
+            let wanted = (desired - supply).min(MAX_ORDERS_PER_STEP);
+            for _ in 0..wanted {
+                match self.order_one().await {
+                    Ok(()) => {
+                        report.ordered += 1;
+                        self.order_failures = 0;
+                        self.next_order_at = None;
+                    }
+                    Err(reasons) => {
+                        report.errors.extend(reasons);
+                        self.order_failures += 1;
+                        let wait = backoff(
+                            self.order_failures,
+                            self.cfg.order_backoff_base,
+                            self.cfg.order_backoff_max,
+                            None,
+                        )
+                        .max(self.cfg.order_backoff_base);
+                        self.next_order_at = Some(now + wait);
+                        break;
+                    }
+                }
+            }
+            report.pending += report.ordered;
+        }
+
+        // 5. Scale in: first servers not yet serving (they cost money and serve nothing),
+        // then drain the least-loaded provisioned in-service node.
+        if complete && desired < in_service + pending && self.draining.is_empty() {
+            let surplus = in_service + pending - desired;
+            let mut released = 0;
+            for (zi, d) in &devices {
+                if released >= surplus.min(pending) {
+                    break;
+                }
+                let not_serving = matches!(
+                    d.state,
+                    DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
+                );
+                if not_serving && self.zones[*zi].1.delete(&d.id).await.is_ok() {
+                    released += 1;
+                    report.released += 1;
+                }
+            }
+            if desired < in_service {
+                let candidate = table
+                    .members()
+                    .iter()
+                    .filter(|m| {
+                        m.state == State::InService && m.backend.origin == Origin::Provisioned
+                    })
+                    .min_by_key(|m| m.backend.in_flight());
+                if let Some(m) = candidate {
+                    let id = m.backend.id.to_string();
+                    let device = devices.iter().find(|(_, d)| backend_id(d) == id);
+                    if let Some((zi, d)) = device {
+                        match self.pool.drain(&id, self.cfg.drain_timeout) {
+                            Ok(_) => {
+                                tracing::info!(backend = %id, "scaling in: draining");
+                                self.draining.insert(id, (*zi, d.id.clone()));
+                                report.draining = self.draining.len();
+                            }
+                            Err(e) => report.errors.push(format!("draining {id}: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+        for e in &report.errors {
+            tracing::warn!(error = %e, "reconciler");
+        }
+        report
+    }
+
+    /// Orders one server in the first zone that has the offer in stock.
+    async fn order_one(&self) -> Result<(), Vec<String>> {
+        let mut reasons = Vec::new();
+        for (zone, provider) in &self.zones {
+            let offer = match provider.offers().await {
+                Ok(offers) => offers.into_iter().find(|o| o.name == self.cfg.offer),
+                Err(e) => {
+                    reasons.push(format!("{zone}: offers: {e}"));
+                    continue;
+                }
+            };
+            let Some(offer) = offer else {
+                reasons.push(format!("{zone}: no offer named {}", self.cfg.offer));
+                continue;
+            };
+            if offer.stock == Stock::Empty {
+                reasons.push(format!("{zone}: {} out of stock", self.cfg.offer));
+                continue;
+            }
+            let spec = CreateSpec {
+                offer_id: offer.id.clone(),
+                name: format!("surge-{}-{}", self.cfg.pool, fastrand::u32(..) % 100_000),
+                pool: self.cfg.pool.clone(),
+                request_id: new_request_id(),
+            };
+            match provider.create(&spec).await {
+                Ok(d) => {
+                    tracing::info!(device = %d.id, %zone, "server ordered");
+                    return Ok(());
+                }
+                Err(e @ ProviderError::OutOfStock(_)) => reasons.push(format!("{zone}: {e}")),
+                Err(e) => reasons.push(format!("{zone}: order: {e}")),
+            }
+        }
+        Err(reasons)
+    }
+}

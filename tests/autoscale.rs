@@ -1,0 +1,295 @@
+//! The autoscaler end to end: surge, the BMaaS simulator and its blades on loopback, with
+//! time compressed (deliveries in a fraction of a second) and bounded runs.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use common::*;
+use surge::config::Config;
+use surge::pool::State;
+use surge::sim::{self, Faults, SimConfig, SimHandle};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Surge in front of one static blade, ordering from `api_url` ("sim" = in-process).
+fn surge_config(
+    static_blade: SocketAddr,
+    api_url: &str,
+    key_env: &str,
+    blade_port: u16,
+    autoscale: &str,
+) -> Config {
+    let text = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+workers = 1
+access_log = false
+shutdown_grace = "2s"
+[admin]
+listen = "127.0.0.1:0"
+[pool]
+slow_start = "0s"
+[pool.health]
+interval = "100ms"
+timeout = "100ms"
+rise = 1
+fall = 2
+[[pool.backends]]
+id = "static-1"
+address = "{static_blade}"
+[provider]
+kind = "scaleway"
+api_url = "{api_url}"
+zones = ["fr-par-2"]
+offer = "EM-A115X-SSD"
+secret_key_env = "{key_env}"
+blade_port = {blade_port}
+call_timeout = "2s"
+max_attempts = 4
+[sim]
+listen = "127.0.0.1:0"
+delivery = "300ms"
+install = "200ms"
+capacity = 20
+blade_port = {blade_port}
+[autoscale]
+interval = "200ms"
+metrics_window = "1s"
+target_connections_per_node = 20.0
+up_period = "1s"
+down_period = "500ms"
+scale_down_window = "2s"
+drain_timeout = "2s"
+{autoscale}
+"#
+    );
+    Config::parse(&text, Path::new("autoscale-test.toml")).expect("valid test config")
+}
+
+/// Open-model load: `rate` new connections per second, each one GET, counted.
+struct Load {
+    rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, rate: u64) -> Self {
+        let rate = Arc::new(AtomicU64::new(rate));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let (r, s, o, f) = (rate.clone(), stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            // No idle connections kept: every arrival is a new connection, as shoppers are.
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http();
+            let mut next = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let per_sec = r.load(Ordering::Relaxed).max(1);
+                next += Duration::from_secs_f64(1.0 / per_sec as f64);
+                tokio::time::sleep_until(next.into()).await;
+                let (client, o, f) = (client.clone(), o.clone(), f.clone());
+                tokio::spawn(async move {
+                    let uri = format!("http://{addr}/catalog");
+                    let req = http::Request::get(uri)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    match client.request(req).await {
+                        Ok(resp) if resp.status() == 200 => {
+                            let _ = resp.into_body().collect().await;
+                            o.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(resp) => f.lock().unwrap().push(resp.status().to_string()),
+                        Err(e) => f.lock().unwrap().push(e.to_string()),
+                    }
+                });
+            }
+        });
+        Self {
+            rate,
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, Ordering::Relaxed);
+    }
+
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+fn in_service(surge: &surge::serve::Running) -> usize {
+    surge.pool.snapshot().count(State::InService)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_request() {
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        "sim",
+        "UNUSED_KEY",
+        free_port(),
+        "min = 1\nmax = 6\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let sim = surge.sim.as_ref().expect("in-process simulator");
+    let load = Load::start(surge.proxy.local_addr, 10);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sim.server_count(),
+        0,
+        "ordered at 10/s with one node good for 20/s"
+    );
+
+    // Ten times the load: 100 new connections/s wants 5 nodes.
+    load.set_rate(100);
+    let grown = eventually(Duration::from_secs(15), || in_service(&surge) >= 5).await;
+    let status = surge.autoscaler.as_ref().unwrap().to_json();
+    assert!(grown, "pool did not grow: {status:#}");
+    assert!(
+        sim.server_count() >= 4 && sim.server_count() <= 5,
+        "{} servers: over-ordered",
+        sim.server_count()
+    );
+    let decisions = status["decisions"].as_array().unwrap();
+    assert!(
+        decisions.iter().any(|d| d["direction"] == "up"),
+        "{status:#}"
+    );
+
+    // The rush is over.
+    load.set_rate(5);
+    let shrunk = eventually(Duration::from_secs(25), || {
+        sim.server_count() == 0 && in_service(&surge) == 1
+    })
+    .await;
+    assert!(
+        shrunk,
+        "pool did not shrink: {} servers, {} in service: {:#}",
+        sim.server_count(),
+        in_service(&surge),
+        surge.autoscaler.as_ref().unwrap().to_json()
+    );
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 150, "too little load to mean anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        surge.pool.snapshot().members().len(),
+        1,
+        "released nodes left the pool"
+    );
+    surge.stop().await;
+}
+
+async fn external_sim(faults: Faults, delivery: Duration, key: &str, blade_port: u16) -> SimHandle {
+    let mut cfg = SimConfig::demo(SocketAddr::from(([127, 0, 0, 1], 0)), key);
+    cfg.delivery = delivery;
+    cfg.install = delivery / 3;
+    cfg.blade_port = blade_port;
+    cfg.faults = faults;
+    sim::start(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_adopts_servers_in_delivery_and_orders_nothing_more() {
+    let key = "restart-test-key";
+    std::env::set_var("SURGE_TEST_SCW_KEY_RESTART", key);
+    let port = free_port();
+    let sim = external_sim(Faults::default(), Duration::from_millis(1500), key, port).await;
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        &sim.url(),
+        "SURGE_TEST_SCW_KEY_RESTART",
+        port,
+        "min = 3\nmax = 6\n",
+    );
+
+    let first = surge::serve::start(&cfg).await.unwrap();
+    let ordered = eventually(Duration::from_secs(5), || sim.server_count() == 2).await;
+    assert!(ordered, "first surge did not order the 2 missing nodes");
+    // Stopped while both are still being delivered (delivery takes 1.5 s).
+    first.stop().await;
+
+    let second = surge::serve::start(&cfg).await.unwrap();
+    let adopted = eventually(Duration::from_secs(10), || in_service(&second) == 3).await;
+    assert!(
+        adopted,
+        "{:#}",
+        second.autoscaler.as_ref().unwrap().to_json()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sim.server_count(), 2, "the restart ordered again");
+    assert_eq!(in_service(&second), 3);
+    second.stop().await;
+    sim.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_provider_still_converges_to_the_desired_count() {
+    let key = "chaos-test-key";
+    std::env::set_var("SURGE_TEST_SCW_KEY_CHAOS", key);
+    let port = free_port();
+    let faults = Faults {
+        rate_limit_every: 3,
+        retry_after_secs: 1,
+        server_error_share: 0.33,
+        ..Faults::default()
+    };
+    let sim = external_sim(faults, Duration::from_millis(300), key, port).await;
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        &sim.url(),
+        "SURGE_TEST_SCW_KEY_CHAOS",
+        port,
+        "min = 4\nmax = 6\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let converged = eventually(Duration::from_secs(30), || in_service(&surge) == 4).await;
+    assert!(
+        converged,
+        "{:#}",
+        surge.autoscaler.as_ref().unwrap().to_json()
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(sim.server_count(), 3, "ordered twice or leaked");
+    surge.stop().await;
+    sim.stop();
+}
