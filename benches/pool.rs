@@ -31,6 +31,7 @@ fn pool(n: usize, algorithm: Algorithm) -> Arc<Pool> {
             max_time: Duration::from_secs(300),
             max_percent: 50,
         },
+        shed: None,
     };
     let backends = (0..n)
         .map(|i| {

@@ -278,7 +278,32 @@ struct FilePool {
     #[serde(default)]
     ejection: FileEjection,
     #[serde(default)]
+    shed: FileShed,
+    #[serde(default)]
     backends: Vec<FileBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileShed {
+    max_in_flight_per_node: u32,
+    #[serde(with = "humantime_serde")]
+    queue_timeout: Duration,
+    queue_size: u64,
+    priority_prefixes: Vec<String>,
+    priority_headroom_percent: u32,
+}
+
+impl Default for FileShed {
+    fn default() -> Self {
+        Self {
+            max_in_flight_per_node: 0,
+            queue_timeout: Duration::from_millis(200),
+            queue_size: 1024,
+            priority_prefixes: vec!["/checkout".into(), "/cart".into()],
+            priority_headroom_percent: 25,
+        }
+    }
 }
 
 fn default_pool_name() -> String {
@@ -532,6 +557,8 @@ pub struct PoolConfig {
     pub slow_start: Duration,
     pub health: HealthConfig,
     pub ejection: EjectionConfig,
+    /// Load shedding (off when `max_in_flight_per_node` is 0).
+    pub shed: crate::pool::shed::ShedConfig,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -916,6 +943,15 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         }
     });
 
+    for (i, prefix) in pool.shed.priority_prefixes.iter().enumerate() {
+        if !prefix.starts_with('/') {
+            bad(
+                &format!("pool.shed.priority_prefixes[{i}]"),
+                format!("`{prefix}` must start with /"),
+            );
+        }
+    }
+
     let local_count = raw.local_blades.as_ref().map_or(0, |l| l.count);
     if let Some(l) = &raw.local_blades {
         if l.count > 64 {
@@ -1013,6 +1049,13 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 base_time: e.base_time,
                 max_time: e.max_time,
                 max_percent: e.max_percent,
+            },
+            shed: crate::pool::shed::ShedConfig {
+                max_in_flight_per_node: pool.shed.max_in_flight_per_node,
+                queue_timeout: pool.shed.queue_timeout,
+                queue_size: pool.shed.queue_size,
+                priority_prefixes: pool.shed.priority_prefixes.clone(),
+                priority_headroom_percent: pool.shed.priority_headroom_percent,
             },
             backends,
         },

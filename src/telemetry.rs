@@ -18,6 +18,8 @@ pub mod names {
     pub const BACKEND_IN_FLIGHT: &str = "surge_backend_in_flight";
     /// Counter of responses surge made itself, label `code` (502, 503, 504).
     pub const PROXY_ERRORS_TOTAL: &str = "surge_proxy_errors_total";
+    /// Counter of requests shed with 503 under load, label `priority`.
+    pub const SHED_TOTAL: &str = "surge_shed_total";
     /// Gauge of pool members by `state`.
     pub const POOL_NODES: &str = "surge_pool_nodes";
 }

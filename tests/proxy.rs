@@ -406,3 +406,57 @@ async fn malformed_requests_get_400_or_431_and_reach_no_blade() {
     assert_eq!(ok.status, 200, "proxy still serves");
     surge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
+    let blades = blades(1, Duration::from_millis(400)).await;
+    let cfg = config(
+        &blades,
+        "[pool.shed]\nmax_in_flight_per_node = 4\nqueue_timeout = \"50ms\"\npriority_headroom_percent = 50\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    // Fill the node: four slow browsing requests.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(tokio::spawn(async move {
+            get(&client(), addr, "/catalog").await.unwrap().status
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let browse = get(&client(), addr, "/catalog").await.unwrap();
+    assert_eq!(
+        browse.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&browse.body)
+    );
+    assert_eq!(browse.headers["retry-after"], "2");
+    assert!(String::from_utf8_lossy(&browse.body).contains("more capacity is on its way"));
+    assert_eq!(browse.blade(), "", "a shed request reaches no blade");
+    let checkout = send(&client(), Method::POST, addr, "/checkout", &[], "")
+        .await
+        .unwrap();
+    assert_ne!(
+        checkout.status, 503,
+        "checkout has headroom above the browsing limit"
+    );
+    assert_eq!(checkout.blade(), "blade-1");
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200, "admitted requests complete");
+    }
+    // Room again once they are done.
+    assert_eq!(get(&client(), addr, "/catalog").await.unwrap().status, 200);
+    assert_eq!(surge.pool.traffic.admission.shed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        surge
+            .pool
+            .traffic
+            .admission
+            .in_flight
+            .load(Ordering::Relaxed),
+        0,
+        "admission counter leaked"
+    );
+    surge.stop().await;
+}

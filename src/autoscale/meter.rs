@@ -105,6 +105,7 @@ mod tests {
                     max_time: Duration::from_secs(1),
                     max_percent: 50,
                 },
+                shed: None,
             },
             vec![Arc::new(Backend::new(
                 "b",

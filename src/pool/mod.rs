@@ -12,6 +12,7 @@
 
 pub mod health;
 pub mod select;
+pub mod shed;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -386,6 +387,8 @@ pub struct PoolSettings {
     pub sticky: Option<crate::config::StickyConfig>,
     pub slow_start: Duration,
     pub ejection: EjectionConfig,
+    /// Load shedding; `None` when off.
+    pub shed: Option<shed::ShedConfig>,
 }
 
 impl PoolSettings {
@@ -396,6 +399,7 @@ impl PoolSettings {
             sticky: cfg.sticky.clone(),
             slow_start: cfg.slow_start,
             ejection: cfg.ejection.clone(),
+            shed: (cfg.shed.max_in_flight_per_node > 0).then(|| cfg.shed.clone()),
         }
     }
 }
@@ -451,6 +455,11 @@ impl Table {
         self.by_id.get(id).map(|&i| &self.members[i])
     }
 
+    /// Number of backends taking new requests.
+    pub fn eligible(&self) -> usize {
+        self.select.eligible_len()
+    }
+
     /// Number of members in `state`.
     pub fn count(&self, state: State) -> usize {
         self.members.iter().filter(|m| m.state == state).count()
@@ -467,6 +476,8 @@ pub struct Traffic {
     pub requests: AtomicU64,
     /// Requests answered by surge itself with 502/503/504.
     pub proxy_errors: AtomicU64,
+    /// Admitted, waiting and shed requests (load shedding).
+    pub admission: Arc<shed::Admission>,
 }
 
 /// Outcome of one proxied request, as passive ejection sees it.

@@ -22,6 +22,7 @@ fn settings(algorithm: Algorithm, sticky: bool) -> PoolSettings {
             max_time: Duration::from_secs(60),
             max_percent: 50,
         },
+        shed: None,
     }
 }
 

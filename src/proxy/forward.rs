@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use super::headers::{self, RequestIds, X_REQUEST_ID};
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig};
+use crate::pool::shed::{self, Admitted, ShedConfig};
 use crate::pool::{Backend, InFlight, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
@@ -73,6 +74,19 @@ impl Forwarder {
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_forwarding(&mut parts.headers, peer.ip(), "http");
         let request_id = self.request_ids.ensure(&mut parts.headers);
+
+        // Load shedding: wait briefly for room, else 503 (browsing before buying).
+        let admitted = match self.pool.settings().shed.as_ref() {
+            Some(cfg) => match self.admit(cfg, parts.uri.path()).await {
+                Some(a) => Some(a),
+                None => {
+                    let mut resp = self.shed_response(&request_id);
+                    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                    return Ok(resp);
+                }
+            },
+            None => None,
+        };
 
         // Cart affinity inputs, copied out because the headers move into the request.
         let (cart, route) = match &self.sticky {
@@ -198,7 +212,17 @@ impl Forwarder {
             Ok((guard, conn, resp)) => {
                 let id = guard.backend().id.clone();
                 (
-                    self.finish(guard, conn, resp, route.as_deref(), cart.is_some(), start),
+                    self.finish(
+                        Held {
+                            guard,
+                            conn,
+                            admitted,
+                        },
+                        resp,
+                        route.as_deref(),
+                        cart.is_some(),
+                        start,
+                    ),
                     Some(id),
                 )
             }
@@ -230,13 +254,17 @@ impl Forwarder {
     /// cookie in when the cart was just bound, `Connection: close` when the backend drains.
     fn finish(
         self: &Rc<Self>,
-        guard: InFlight,
-        conn: Conn,
+        held: Held,
         resp: Response<Incoming>,
         route: Option<&str>,
         had_cart: bool,
         started: Instant,
     ) -> Response<DownstreamBody> {
+        let Held {
+            guard,
+            conn,
+            admitted,
+        } = held;
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let backend = guard.backend().clone();
@@ -267,8 +295,57 @@ impl Forwarder {
                 guard: Some(guard),
                 conn: Some((self.upstreams.clone(), conn)),
                 started,
+                _admitted: admitted,
             }),
         )
+    }
+
+    /// Admits a request under the shedding limit, waiting up to the queue timeout.
+    async fn admit(&self, cfg: &ShedConfig, path: &str) -> Option<Admitted> {
+        let admission = &self.pool.traffic.admission;
+        let priority = shed::is_priority(cfg, path);
+        let fits = || {
+            shed::admits(
+                cfg,
+                admission.in_flight.load(Ordering::Relaxed),
+                self.pool.snapshot().eligible(),
+                priority,
+            )
+        };
+        if fits() {
+            return Some(Admitted::new(admission.clone()));
+        }
+        if admission.waiting.fetch_add(1, Ordering::Relaxed) < cfg.queue_size {
+            let deadline = Instant::now() + cfg.queue_timeout;
+            while Instant::now() < deadline {
+                tokio::time::sleep(SHED_POLL).await;
+                if fits() {
+                    admission.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Some(Admitted::new(admission.clone()));
+                }
+            }
+        }
+        admission.waiting.fetch_sub(1, Ordering::Relaxed);
+        admission.shed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" })
+            .increment(1);
+        None
+    }
+
+    fn shed_response(&self, request_id: &HeaderValue) -> Response<DownstreamBody> {
+        let text = format!(
+            "503 service unavailable: the shop is very busy; more capacity is on its way, please retry shortly (request {})\n",
+            request_id.to_str().unwrap_or("-")
+        );
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text))));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        resp
     }
 
     fn failure_response(
@@ -324,6 +401,14 @@ impl Forwarder {
     }
 }
 
+/// What a response body holds on to until it has been sent: the backend's in-flight
+/// count, the connection it arrives on, and the request's room under the shedding limit.
+struct Held {
+    guard: InFlight,
+    conn: Conn,
+    admitted: Option<Admitted>,
+}
+
 /// Why surge answered a request itself.
 enum ProxyFailure {
     /// No backend could take the request.
@@ -342,6 +427,9 @@ impl ProxyFailure {
         }
     }
 }
+
+/// How often a request waiting for room under the shedding limit looks again.
+const SHED_POLL: Duration = Duration::from_millis(5);
 
 /// Sends of one request at most: a connect failure, a closed pooled connection and a
 /// failure after sending may each cost one.
@@ -434,6 +522,8 @@ pub struct GuardedBody {
     conn: Option<(Rc<Upstreams>, Conn)>,
     /// When the shopper's request arrived; the duration histogram counts to the body's end.
     started: Instant,
+    /// The request's room under the shedding limit, held until the body is sent.
+    _admitted: Option<Admitted>,
 }
 
 impl GuardedBody {
