@@ -97,6 +97,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 struct FileAutoscale {
     paused: bool,
+    standby: usize,
     min: usize,
     max: usize,
     target_connections_per_node: f64,
@@ -124,6 +125,7 @@ impl Default for FileAutoscale {
     fn default() -> Self {
         Self {
             paused: false,
+            standby: 0,
             min: 2,
             max: 20,
             target_connections_per_node: 250.0,
@@ -499,6 +501,8 @@ pub struct ProviderConfig {
 pub struct AutoscaleConfig {
     /// Start paused (the admin API resumes it).
     pub paused: bool,
+    /// Warm spare blades kept delivered and healthy at no traffic.
+    pub standby: usize,
     pub policy: crate::autoscale::policy::PolicyConfig,
     /// How often the loop runs (observe, decide, reconcile).
     pub interval: Duration,
@@ -920,6 +924,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         }
         AutoscaleConfig {
             paused: a.paused,
+            standby: a.standby,
             policy: crate::autoscale::policy::PolicyConfig {
                 min: a.min,
                 max: a.max,

@@ -293,3 +293,62 @@ async fn a_flaky_provider_still_converges_to_the_desired_count() {
     surge.stop().await;
     sim.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_promotes_the_standby_blade_before_anything_new_arrives() {
+    let key = "standby-test-key";
+    std::env::set_var("SURGE_TEST_SCW_KEY_STANDBY", key);
+    let port = free_port();
+    // Deliveries take 3 s: anything in service sooner than that was a spare.
+    let sim = external_sim(Faults::default(), Duration::from_secs(3), key, port).await;
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        &sim.url(),
+        "SURGE_TEST_SCW_KEY_STANDBY",
+        port,
+        "min = 1\nmax = 4\nstandby = 1\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let pool = surge.pool.clone();
+    let spare = eventually(Duration::from_secs(10), || {
+        pool.snapshot().count(State::Standby) == 1
+    })
+    .await;
+    assert!(
+        spare,
+        "no standby blade: {:#}",
+        surge.autoscaler.as_ref().unwrap().to_json()
+    );
+    assert_eq!(in_service(&surge), 1, "the spare takes no traffic");
+    assert_eq!(sim.server_count(), 1);
+    let spare_id = pool
+        .snapshot()
+        .members()
+        .iter()
+        .find(|m| m.state == State::Standby)
+        .unwrap()
+        .backend
+        .id
+        .to_string();
+
+    // 30 new connections/s at 20 per node wants 2 nodes.
+    let load = Load::start(surge.proxy.local_addr, 30);
+    let promoted = eventually(Duration::from_secs(3), || in_service(&surge) == 2).await;
+    assert!(
+        promoted,
+        "{:#}",
+        surge.autoscaler.as_ref().unwrap().to_json()
+    );
+    assert_eq!(
+        pool.snapshot().get(&spare_id).unwrap().state,
+        State::InService,
+        "the spare was promoted"
+    );
+    let replaced = eventually(Duration::from_secs(3), || sim.server_count() == 2).await;
+    assert!(replaced, "no replacement spare ordered");
+    let (_, failed) = load.stop().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    surge.stop().await;
+    sim.stop();
+}

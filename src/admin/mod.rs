@@ -302,6 +302,7 @@ impl Admin {
             State::Draining,
             State::Down,
             State::Maint,
+            State::Standby,
         ] {
             metrics::gauge!(crate::telemetry::names::POOL_NODES, "state" => state.as_str())
                 .set(table.count(state) as f64);

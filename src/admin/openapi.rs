@@ -30,7 +30,7 @@ pub fn document() -> Value {
                 "Node": {"type": "object", "required": ["id", "address", "state", "weight", "in_flight", "requests", "origin"], "properties": {
                     "id": {"type": "string"},
                     "address": {"type": "string"},
-                    "state": {"type": "string", "enum": ["warming", "in_service", "draining", "down", "maint"]},
+                    "state": {"type": "string", "enum": ["warming", "in_service", "draining", "down", "maint", "standby"]},
                     "weight": {"type": "integer"},
                     "in_flight": {"type": "integer"},
                     "requests": {"type": "integer"},

@@ -63,6 +63,7 @@ impl Shared {
             "desired": s.desired,
             "in_service": s.report.in_service,
             "ordered": s.report.pending,
+            "standby": s.report.standby,
             "draining": s.report.draining,
             "provider_servers": s.report.devices,
             "observations": s.observations.as_ref().map(|o| json!({
@@ -96,6 +97,7 @@ pub async fn run<P: Provider>(
             offer: cfg.offer.clone(),
             blade_port,
             drain_timeout: cfg.drain_timeout,
+            standby: cfg.standby,
             order_backoff_base: Duration::from_secs(1),
             order_backoff_max: Duration::from_secs(60),
         },

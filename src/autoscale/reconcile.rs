@@ -31,6 +31,8 @@ pub struct ReconcileConfig {
     pub blade_port: u16,
     /// Deadline for carts bound to a node being scaled in.
     pub drain_timeout: Duration,
+    /// Warm spares to keep: delivered, healthy, no traffic, promoted first on a spike.
+    pub standby: usize,
     /// Back-off after a round in which no zone could take an order.
     pub order_backoff_base: Duration,
     pub order_backoff_max: Duration,
@@ -43,6 +45,10 @@ pub struct Report {
     pub in_service: usize,
     /// Ordered or delivered servers not yet in service.
     pub pending: usize,
+    /// Warm spares ready to be promoted.
+    pub standby: usize,
+    /// Spares promoted into service this step.
+    pub promoted: usize,
     /// Servers the provider runs for this pool.
     pub devices: usize,
     pub ordered: usize,
@@ -64,6 +70,8 @@ pub struct Reconciler<P> {
     cfg: ReconcileConfig,
     /// Nodes this reconciler is draining: backend id → (zone index, device id).
     draining: HashMap<String, (usize, String)>,
+    /// Servers released and not yet gone from the inventory: never re-adopted.
+    released: HashSet<String>,
     /// Consecutive rounds in which no order could be placed.
     order_failures: u32,
     next_order_at: Option<Instant>,
@@ -76,6 +84,7 @@ impl<P: Provider> Reconciler<P> {
             zones,
             cfg,
             draining: HashMap::new(),
+            released: HashSet::new(),
             order_failures: 0,
             next_order_at: None,
         }
@@ -116,6 +125,7 @@ impl<P: Provider> Reconciler<P> {
                 Ok(()) => {
                     let _ = self.pool.remove(&id);
                     self.draining.remove(&id);
+                    self.released.insert(device_id.clone());
                     report.released += 1;
                     tracing::info!(backend = %id, device = %device_id, "drained node released to the provider");
                 }
@@ -123,11 +133,22 @@ impl<P: Provider> Reconciler<P> {
             }
         }
 
-        // 3. Adopt delivered servers; release failed ones.
+        // 3. Adopt delivered servers (into service while short of `desired`, else as
+        // spares); release failed ones.
         let table = self.pool.snapshot_full();
+        let mut toward_service = table.count(State::InService) + table.count(State::Warming);
         let mut pending = 0;
         let mut live_ids = HashSet::new();
-        for (zi, d) in &devices {
+        if complete {
+            self.released
+                .retain(|id| devices.iter().any(|(_, d)| &d.id == id));
+        }
+        let current: Vec<(usize, Device)> = devices
+            .iter()
+            .filter(|(_, d)| !self.released.contains(&d.id))
+            .cloned()
+            .collect();
+        for (zi, d) in &current {
             let id = backend_id(d);
             live_ids.insert(id.clone());
             match d.state {
@@ -144,13 +165,23 @@ impl<P: Provider> Reconciler<P> {
                             1,
                             Origin::Provisioned,
                         );
-                        match self.pool.add(Arc::new(backend)) {
+                        let backend = Arc::new(backend);
+                        let as_spare = toward_service >= desired;
+                        let added = if as_spare {
+                            self.pool.add_standby(backend)
+                        } else {
+                            self.pool.add(backend)
+                        };
+                        match added {
                             Ok(()) => {
-                                tracing::info!(backend = %id, %ip, zone = %self.zones[*zi].0, "delivered server joins the pool")
+                                tracing::info!(backend = %id, %ip, zone = %self.zones[*zi].0, standby = as_spare, "delivered server joins the pool")
                             }
                             Err(e) => report.errors.push(format!("adding {id}: {e}")),
                         }
-                        pending += 1;
+                        if !as_spare {
+                            toward_service += 1;
+                            pending += 1;
+                        }
                     }
                     _ => {}
                 },
@@ -163,7 +194,10 @@ impl<P: Provider> Reconciler<P> {
                         d.id, d.vendor_status
                     ));
                     match self.zones[*zi].1.delete(&d.id).await {
-                        Ok(()) => report.released += 1,
+                        Ok(()) => {
+                            self.released.insert(d.id.clone());
+                            report.released += 1;
+                        }
                         Err(e) => report.errors.push(format!("releasing {}: {e}", d.id)),
                     }
                 }
@@ -180,16 +214,34 @@ impl<P: Provider> Reconciler<P> {
             }
         }
 
+        // 4. Promote spares first: they are in service within this step.
         let table = self.pool.snapshot_full();
-        let in_service = table.count(State::InService);
+        let mut in_service = table.count(State::InService);
+        let mut standby: Vec<&str> = table
+            .members()
+            .iter()
+            .filter(|m| m.state == State::Standby)
+            .map(|m| &*m.backend.id)
+            .collect();
+        while desired > in_service + pending {
+            let Some(id) = standby.pop() else { break };
+            if self.pool.promote(id) {
+                tracing::info!(backend = %id, "standby promoted into service");
+                in_service += 1;
+                report.promoted += 1;
+            }
+        }
         report.in_service = in_service;
         report.pending = pending;
+        report.standby = standby.len();
         report.draining = self.draining.len();
 
-        // 4. Scale up: what is on its way counts, so a slow delivery is not ordered twice.
-        let supply = in_service + pending;
-        if complete && desired > supply && self.next_order_at.is_none_or(|t| now >= t) {
-            let wanted = (desired - supply).min(MAX_ORDERS_PER_STEP);
+        // 5. Scale up: what is on its way counts, so a slow delivery is not ordered twice;
+        // spares are replaced as they are promoted.
+        let supply = in_service + pending + standby.len();
+        let target = desired + self.cfg.standby;
+        if complete && target > supply && self.next_order_at.is_none_or(|t| now >= t) {
+            let wanted = (target - supply).min(MAX_ORDERS_PER_STEP);
             for _ in 0..wanted {
                 match self.order_one().await {
                     Ok(()) => {
@@ -215,13 +267,25 @@ impl<P: Provider> Reconciler<P> {
             report.pending += report.ordered;
         }
 
-        // 5. Scale in: first servers not yet serving (they cost money and serve nothing),
-        // then drain the least-loaded provisioned in-service node.
-        if complete && desired < in_service + pending && self.draining.is_empty() {
-            let surplus = in_service + pending - desired;
-            let mut released = 0;
+        // 6. Scale in, cheapest first: spares beyond the target and servers not yet
+        // delivered (they serve nothing), then drain the least-loaded provisioned node.
+        // Spares on their way count toward the standby target, not as surplus.
+        let total = in_service + pending + standby.len();
+        if complete && total > target && self.draining.is_empty() {
+            let mut surplus = total - target;
+            let extra_spares = standby.len().saturating_sub(self.cfg.standby);
+            for id in standby.iter().take(extra_spares.min(surplus)) {
+                if let Some((zi, d)) = devices.iter().find(|(_, d)| backend_id(d) == *id) {
+                    if self.zones[*zi].1.delete(&d.id).await.is_ok() {
+                        self.released.insert(d.id.clone());
+                        let _ = self.pool.remove(id);
+                        report.released += 1;
+                        surplus -= 1;
+                    }
+                }
+            }
             for (zi, d) in &devices {
-                if released >= surplus.min(pending) {
+                if surplus == 0 {
                     break;
                 }
                 let not_serving = matches!(
@@ -229,11 +293,12 @@ impl<P: Provider> Reconciler<P> {
                     DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
                 );
                 if not_serving && self.zones[*zi].1.delete(&d.id).await.is_ok() {
-                    released += 1;
+                    self.released.insert(d.id.clone());
+                    surplus -= 1;
                     report.released += 1;
                 }
             }
-            if desired < in_service {
+            if surplus > 0 && desired < in_service {
                 let candidate = table
                     .members()
                     .iter()

@@ -37,8 +37,8 @@ pub struct Streak {
 
 /// The state a backend should move to after a probe, or `None` to stay.
 ///
-/// Draining backends are probed (so an operator sees their health) but never moved: only
-/// the operator or the drain itself ends a drain. An ejected backend stays down until its
+/// Draining and standby backends are probed (so their health is known) but never moved:
+/// only the operator, the drain or a promotion changes them. An ejected backend stays down until its
 /// ejection period is over, however healthy it looks.
 pub fn next_state(
     member: &Member,

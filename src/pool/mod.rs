@@ -40,6 +40,9 @@ pub enum State {
     Down,
     /// Put aside by an operator: no traffic and no health checks until undrained.
     Maint,
+    /// A warm spare kept by the autoscaler: health-checked, no traffic, promoted into
+    /// service in one step when a spike comes.
+    Standby,
 }
 
 impl State {
@@ -50,6 +53,7 @@ impl State {
             State::Draining => "draining",
             State::Down => "down",
             State::Maint => "maint",
+            State::Standby => "standby",
         }
     }
 }
@@ -366,7 +370,7 @@ impl Member {
         match self.state {
             State::InService => true,
             State::Draining => self.drain_deadline.is_some_and(|d| now < d),
-            State::Warming | State::Down | State::Maint => false,
+            State::Warming | State::Down | State::Maint | State::Standby => false,
         }
     }
 
@@ -613,6 +617,54 @@ impl Pool {
             }
         });
         Ok(())
+    }
+
+    /// Adds a backend as a warm spare (no traffic until [`Pool::promote`]).
+    pub fn add_standby(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        self.add(backend.clone())?;
+        self.update(|members, now| {
+            match members
+                .iter_mut()
+                .find(|m| Arc::ptr_eq(&m.backend, &backend))
+            {
+                Some(m) => {
+                    m.set_state(State::Standby, now);
+                    Update::Publish(())
+                }
+                None => Update::Keep(()),
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves a healthy standby backend into service (ramping up). Returns whether it did.
+    pub fn promote(&self, id: &str) -> bool {
+        self.update(
+            |members, now| match members.iter_mut().find(|m| &*m.backend.id == id) {
+                Some(m)
+                    if m.state == State::Standby
+                        && m.backend.probe_failures.load(Ordering::Relaxed) == 0 =>
+                {
+                    m.set_state(State::InService, now);
+                    m.slow_start = true;
+                    Update::Publish(true)
+                }
+                _ => Update::Keep(false),
+            },
+        )
+    }
+
+    /// Moves a drained backend to standby instead of releasing it. Returns whether it did.
+    pub fn park(&self, id: &str) -> bool {
+        self.update(
+            |members, now| match members.iter_mut().find(|m| &*m.backend.id == id) {
+                Some(m) if m.state == State::Draining => {
+                    m.set_state(State::Standby, now);
+                    Update::Publish(true)
+                }
+                _ => Update::Keep(false),
+            },
+        )
     }
 
     /// Removes a backend from the table at once. Requests already on it finish (they hold

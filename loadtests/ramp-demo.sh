@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A compressed sales-day ramp against the embedded default (surge + in-process simulator),
+# printing the autoscaler's timeline every 2 s: new connections/s, desired, in service,
+# servers at the provider, sheds. Load is wrk with `Connection: close` (every request a new
+# connection, as new shoppers are), stepped by connection count: a closed model, so use it
+# to watch the autoscaler, not to measure latency (that is `surge loadtest`'s job).
+#
+# Usage: loadtests/ramp-demo.sh   (about 4 minutes; everything on 127.0.0.1, stopped by PID)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+(cd "$ROOT" && cargo build --release --quiet)
+cd "$ROOT"
+WORK=$(mktemp -d /tmp/surge-ramp.XXXXXX)
+"$ROOT/target/release/surge" serve >"$WORK/serve.log" 2>&1 & SURGE=$!
+trap 'kill $SURGE 2>/dev/null; wait $SURGE 2>/dev/null; rm -rf "$WORK"' EXIT
+for _ in $(seq 1 50); do curl -fs -o /dev/null http://127.0.0.1:8080/catalog && break; sleep 0.1; done
+
+sample() {
+  curl -s localhost:9090/v1/autoscaler | python3 -c '
+import json, sys, urllib.request
+d = json.load(sys.stdin)
+o = d.get("observations") or {}
+m = urllib.request.urlopen("http://127.0.0.1:9090/metrics").read().decode()
+shed = sum(float(l.rsplit(" ", 1)[1]) for l in m.splitlines() if l.startswith("surge_shed_total"))
+rate = o.get("connections_per_second", 0)
+row = (sys.argv[1], rate, d["desired"], d["in_service"], d["ordered"], d["provider_servers"], shed)
+print("%5ss  %8.0f  %7d  %10d  %7d  %7d  %6.0f" % row)
+' "$1"
+}
+
+echo "    t  conn/s  desired  in_service  ordered  servers   sheds"
+start=$(date +%s)
+phase() { # connections seconds label
+  wrk -t1 -c"$1" -d"$2"s -H "Connection: close" --latency http://127.0.0.1:8080/catalog > "$WORK/wrk-$3.txt" &
+  local w=$!
+  while kill -0 $w 2>/dev/null; do sample $(( $(date +%s) - start )); sleep 2; done
+  echo "  -- $3: $(grep -E 'Requests/sec' "$WORK/wrk-$3.txt" | awk '{print $2}') req/s, p99 $(grep -E '^ +99%' "$WORK/wrk-$3.txt" | awk '{print $2}'), non-2xx $(grep -oE 'Non-2xx or 3xx responses: [0-9]+' "$WORK/wrk-$3.txt" | awk '{print $NF}')"
+}
+phase 1 20 ordinary-day
+phase 16 40 sales-opening
+phase 1 150 after-the-rush
