@@ -104,6 +104,8 @@ struct FileAutoscale {
     tolerance: f64,
     max_in_flight_per_node: f64,
     #[serde(with = "humantime_serde")]
+    max_p99: Duration,
+    #[serde(with = "humantime_serde")]
     interval: Duration,
     #[serde(with = "humantime_serde")]
     metrics_window: Duration,
@@ -131,6 +133,7 @@ impl Default for FileAutoscale {
             target_connections_per_node: 250.0,
             tolerance: 0.1,
             max_in_flight_per_node: 200.0,
+            max_p99: Duration::ZERO,
             interval: Duration::from_secs(1),
             metrics_window: Duration::from_secs(10),
             scale_up_window: Duration::ZERO,
@@ -931,6 +934,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 target_connections_per_node: a.target_connections_per_node,
                 tolerance: a.tolerance,
                 max_in_flight_per_node: a.max_in_flight_per_node,
+                max_p99: (!a.max_p99.is_zero()).then_some(a.max_p99),
                 scale_up_window: a.scale_up_window,
                 scale_down_window: a.scale_down_window,
                 up_percent: a.up_percent,

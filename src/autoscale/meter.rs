@@ -10,11 +10,13 @@ use super::policy::Observations;
 use crate::pool::{Pool, State};
 
 /// One reading of the cumulative counters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     at: Instant,
     connections: u64,
     requests: u64,
+    /// Cumulative latency histogram counts.
+    latency: Vec<u64>,
 }
 
 /// Sliding-window rates of new connections and requests.
@@ -41,6 +43,7 @@ impl Meter {
             at: now,
             connections: t.connections_accepted.load(Ordering::Relaxed),
             requests: t.requests.load(Ordering::Relaxed),
+            latency: t.latency.snapshot(),
         });
         // Keep one sample at least a window old, so the rate spans the whole window.
         while self
@@ -71,6 +74,11 @@ impl Meter {
                     connection_rate: (last.connections - first.connections) as f64 / secs,
                     request_rate: (last.requests - first.requests) as f64 / secs,
                     in_flight_per_node,
+                    p99: crate::pool::latency::quantile_between(
+                        &first.latency,
+                        &last.latency,
+                        0.99,
+                    ),
                     fresh: true,
                 }
             }
@@ -78,6 +86,7 @@ impl Meter {
                 connection_rate: 0.0,
                 request_rate: 0.0,
                 in_flight_per_node,
+                p99: None,
                 fresh: false,
             },
         }

@@ -70,6 +70,7 @@ impl Shared {
                 "connections_per_second": o.connection_rate,
                 "requests_per_second": o.request_rate,
                 "in_flight_per_node": o.in_flight_per_node,
+                "p99_ms": o.p99.map(|d| d.as_secs_f64() * 1e3),
                 "fresh": o.fresh,
             })),
             "errors": s.report.errors,

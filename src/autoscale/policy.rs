@@ -21,6 +21,8 @@ pub struct PolicyConfig {
     pub tolerance: f64,
     /// Above this many requests in flight per in-service node, scale up regardless.
     pub max_in_flight_per_node: f64,
+    /// Above this p99 (request to response head), add a node per decision; `None`: off.
+    pub max_p99: Option<Duration>,
     /// Scale up to the lowest recommendation of this window (0: at once).
     pub scale_up_window: Duration,
     /// Scale down only to the highest recommendation of this window.
@@ -42,6 +44,8 @@ pub struct Observations {
     pub request_rate: f64,
     /// Requests in flight per in-service node.
     pub in_flight_per_node: f64,
+    /// 99th percentile of request-to-response-head time over the window, if any traffic.
+    pub p99: Option<Duration>,
     /// Whether the figures are recent and complete; stale ones never scale anything.
     pub fresh: bool,
 }
@@ -59,6 +63,8 @@ pub enum Reason {
     WithinTolerance { ratio: f64 },
     /// In-flight per node above the limit.
     InFlightGuard { per_node: f64, limit: f64 },
+    /// p99 latency above the limit.
+    LatencyGuard { p99: Duration, limit: Duration },
     /// Held up by the scale-down stabilization window.
     Stabilized { highest_recent: usize },
     /// Growth capped by the step limit.
@@ -92,6 +98,9 @@ impl std::fmt::Display for Reason {
             Reason::InFlightGuard { per_node, limit } => {
                 write!(f, "{per_node:.1} in flight per node above {limit:.1}")
             }
+            Reason::LatencyGuard { p99, limit } => {
+                write!(f, "p99 {p99:?} above {limit:?}")
+            }
             Reason::Stabilized { highest_recent } => {
                 write!(f, "held at {highest_recent} by the scale-down window")
             }
@@ -112,6 +121,7 @@ impl Reason {
             Reason::Target { .. } => "target",
             Reason::WithinTolerance { .. } => "tolerance",
             Reason::InFlightGuard { .. } => "in_flight",
+            Reason::LatencyGuard { .. } => "latency",
             Reason::Stabilized { .. } => "stabilized",
             Reason::UpStepLimit { .. } => "up_step",
             Reason::DownStepLimit => "down_step",
@@ -215,6 +225,13 @@ pub fn decide(
             });
         }
     }
+    if let (Some(p99), Some(limit)) = (obs.p99, cfg.max_p99) {
+        // Latency does not scale linearly with nodes: one more per decision, step-limited.
+        if p99 > limit && recommended <= current {
+            recommended = current + 1;
+            reasons.push(Reason::LatencyGuard { p99, limit });
+        }
+    }
     recommended = recommended.clamp(min, cfg.max);
 
     // 2. Stabilization windows over the raw recommendations.
@@ -307,6 +324,7 @@ mod tests {
             target_connections_per_node: 250.0,
             tolerance: 0.1,
             max_in_flight_per_node: 100.0,
+            max_p99: Some(Duration::from_millis(300)),
             scale_up_window: Duration::ZERO,
             scale_down_window: Duration::from_secs(300),
             up_percent: 100.0,
@@ -321,8 +339,29 @@ mod tests {
             connection_rate: rate,
             request_rate: rate * 5.0,
             in_flight_per_node: 1.0,
+            p99: Some(Duration::from_millis(20)),
             fresh: true,
         }
+    }
+
+    #[test]
+    fn a_slow_p99_adds_a_node_at_an_unchanged_rate() {
+        let mut slow = obs(4.0 * 250.0);
+        slow.p99 = Some(Duration::from_millis(900));
+        let d = decide(
+            &slow,
+            4,
+            2,
+            false,
+            &cfg(),
+            &mut PolicyState::default(),
+            Instant::now(),
+        );
+        assert_eq!(d.desired, 5);
+        assert!(d
+            .reasons
+            .iter()
+            .any(|r| matches!(r, Reason::LatencyGuard { .. })));
     }
 
     #[test]
@@ -484,7 +523,7 @@ mod tests {
             let mut now = Instant::now();
             for (rate, current, in_flight, fresh, dt) in steps {
                 now += Duration::from_secs(dt);
-                let o = Observations { connection_rate: rate, request_rate: rate, in_flight_per_node: in_flight, fresh };
+                let o = Observations { connection_rate: rate, request_rate: rate, in_flight_per_node: in_flight, p99: None, fresh };
                 let d = decide(&o, current, min, false, &c, &mut st, now);
                 prop_assert!(d.desired <= c.max);
                 prop_assert!(d.desired >= min.min(c.max));

@@ -11,6 +11,7 @@
 //! the health probes it is handed.
 
 pub mod health;
+pub mod latency;
 pub mod select;
 pub mod shed;
 
@@ -482,6 +483,8 @@ pub struct Traffic {
     pub proxy_errors: AtomicU64,
     /// Admitted, waiting and shed requests (load shedding).
     pub admission: Arc<shed::Admission>,
+    /// Time from request received to response head, pool-wide (for the p99 guard).
+    pub latency: latency::LatencyHistogram,
 }
 
 /// Outcome of one proxied request, as passive ejection sees it.

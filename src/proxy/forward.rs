@@ -155,7 +155,14 @@ impl Forwarder {
             match answer {
                 Ok(Ok(resp)) => {
                     let backend = guard.backend();
-                    backend.latency.observe(sent.elapsed(), Instant::now());
+                    let now = Instant::now();
+                    backend
+                        .latency
+                        .observe(now.saturating_duration_since(sent), now);
+                    self.pool
+                        .traffic
+                        .latency
+                        .record(now.saturating_duration_since(start));
                     let outcome = if resp.status().is_server_error() {
                         Outcome::Failure
                     } else {
