@@ -121,6 +121,28 @@ struct FileAutoscale {
     down_period: Duration,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    schedule: Vec<FileEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEvent {
+    name: String,
+    #[serde(default)]
+    at: Option<String>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(with = "humantime_serde")]
+    duration: Duration,
+    #[serde(default = "default_lead", with = "humantime_serde")]
+    lead: Duration,
+    min: usize,
+}
+
+fn default_lead() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 impl Default for FileAutoscale {
@@ -143,6 +165,7 @@ impl Default for FileAutoscale {
             up_period: Duration::from_secs(15),
             down_period: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(300),
+            schedule: Vec::new(),
         }
     }
 }
@@ -515,6 +538,8 @@ pub struct AutoscaleConfig {
     pub drain_timeout: Duration,
     /// Offer to order (from `provider.offer`).
     pub offer: String,
+    /// Known events that raise the minimum.
+    pub schedule: Vec<crate::autoscale::schedule::Event>,
 }
 
 /// The in-process BMaaS simulator.
@@ -925,7 +950,45 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 bad(key, "must be greater than 0".into());
             }
         }
+        let mut schedule = Vec::new();
+        for (i, e) in a.schedule.iter().enumerate() {
+            use crate::autoscale::schedule::{Event, Start};
+            let key = format!("autoscale.schedule[{i}]");
+            let start = match (&e.at, &e.cron, &e.timezone) {
+                (Some(at), None, None) => {
+                    Start::at(at).map_err(|err| (format!("{key}.at"), err.to_string()))
+                }
+                (None, Some(line), Some(zone)) => {
+                    Start::cron(line, zone).map_err(|err| (format!("{key}.cron"), err.to_string()))
+                }
+                (None, Some(_), None) => Err((
+                    format!("{key}.timezone"),
+                    "a cron line needs a time zone, e.g. Europe/Paris".into(),
+                )),
+                _ => Err((
+                    key.clone(),
+                    "give either `at` (RFC 3339) or `cron` with `timezone`".into(),
+                )),
+            };
+            match start {
+                Ok(start) => schedule.push(Event {
+                    name: e.name.clone(),
+                    start,
+                    duration: e.duration,
+                    lead: e.lead,
+                    min: e.min,
+                }),
+                Err((k, reason)) => bad(&k, reason),
+            }
+            if e.min > a.max {
+                bad(
+                    &format!("{key}.min"),
+                    format!("{} is above autoscale.max ({})", e.min, a.max),
+                );
+            }
+        }
         AutoscaleConfig {
+            schedule,
             paused: a.paused,
             standby: a.standby,
             policy: crate::autoscale::policy::PolicyConfig {
@@ -1170,6 +1233,21 @@ mod tests {
         assert!(err.contains("admin.token: required"), "{err}");
         let ok = parse("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef0123\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n");
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn scheduled_events_are_checked() {
+        let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\n[autoscale]\nmax = 10\n";
+        let ok = format!("{base}[[autoscale.schedule]]\nname = \"bf\"\nat = \"2026-11-27T08:00:00+01:00\"\nduration = \"4h\"\nmin = 8\n[[autoscale.schedule]]\nname = \"fri\"\ncron = \"0 0 8 * * Fri\"\ntimezone = \"Europe/Paris\"\nduration = \"1h\"\nmin = 4\n");
+        let cfg = parse(&ok).expect("valid schedule");
+        assert_eq!(cfg.autoscale.map(|a| a.schedule.len()), Some(2));
+        let bad = format!("{base}[[autoscale.schedule]]\nname = \"x\"\ncron = \"0 0 8 * * Fri\"\nduration = \"1h\"\nmin = 40\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("autoscale.schedule[0].timezone"), "{err}");
+        assert!(
+            err.contains("autoscale.schedule[0].min: 40 is above"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -352,3 +352,21 @@ async fn a_spike_promotes_the_standby_blade_before_anything_new_arrives() {
     surge.stop().await;
     sim.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_sale_raises_the_pool_before_any_load() {
+    let blade = blades(1, Duration::from_millis(1)).await;
+    // The sale starts in 10 minutes; the minimum rises 15 minutes ahead, i.e. now.
+    let start = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
+    let schedule = format!(
+        "min = 1\nmax = 6\n[[autoscale.schedule]]\nname = \"sales-opening\"\nat = \"{start}\"\nduration = \"2h\"\nlead = \"15m\"\nmin = 3\n"
+    );
+    let cfg = surge_config(blade[0].addr, "sim", "UNUSED_KEY", free_port(), &schedule);
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let raised = eventually(Duration::from_secs(10), || in_service(&surge) == 3).await;
+    let status = surge.autoscaler.as_ref().unwrap().to_json();
+    assert!(raised, "{status:#}");
+    assert_eq!(status["scheduled_min"]["event"], "sales-opening");
+    assert_eq!(surge.sim.as_ref().unwrap().server_count(), 2);
+    surge.stop().await;
+}

@@ -7,6 +7,7 @@
 pub mod meter;
 pub mod policy;
 pub mod reconcile;
+pub mod schedule;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,8 @@ pub struct Shared {
 #[derive(Debug, Default, Clone)]
 struct Status {
     desired: usize,
+    /// The minimum a scheduled event imposes now, and the event's name.
+    scheduled: Option<(usize, String)>,
     observations: Option<policy::Observations>,
     report: Report,
     decisions: VecDeque<(SystemTime, Decision)>,
@@ -61,6 +64,7 @@ impl Shared {
         json!({
             "paused": self.paused.load(Ordering::Relaxed),
             "desired": s.desired,
+            "scheduled_min": s.scheduled.as_ref().map(|(min, name)| json!({"min": min, "event": name})),
             "in_service": s.report.in_service,
             "ordered": s.report.pending,
             "standby": s.report.standby,
@@ -115,15 +119,9 @@ pub async fn run<P: Provider>(
         let obs = meter.observe(&pool, now);
         let current = pool.snapshot().count(crate::pool::State::InService);
         let paused = shared.paused.load(Ordering::Relaxed);
-        let decision = policy::decide(
-            &obs,
-            current,
-            cfg.policy.min,
-            paused,
-            &cfg.policy,
-            &mut state,
-            now,
-        );
+        let scheduled = schedule::min_at(&cfg.schedule, chrono::Utc::now());
+        let min = scheduled.map_or(cfg.policy.min, |(m, _)| m.max(cfg.policy.min));
+        let decision = policy::decide(&obs, current, min, paused, &cfg.policy, &mut state, now);
         if decision.desired != decision.current {
             tracing::info!(
                 current = decision.current,
@@ -140,6 +138,18 @@ pub async fn run<P: Provider>(
         let report = reconciler.step(decision.desired, now).await;
         if let Ok(mut s) = shared.status.lock() {
             s.desired = decision.desired;
+            let scheduled = scheduled.map(|(m, name)| (m, name.to_owned()));
+            if scheduled != s.scheduled {
+                match &scheduled {
+                    Some((m, name)) => {
+                        tracing::info!(event = %name, min = m, "scheduled event: minimum raised")
+                    }
+                    None => {
+                        tracing::info!("scheduled event over: minimum back to the configured one")
+                    }
+                }
+            }
+            s.scheduled = scheduled;
             s.observations = Some(obs);
             s.report = report;
             let changed = s.decisions.back().is_none_or(|(_, d)| {
