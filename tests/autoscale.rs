@@ -160,25 +160,35 @@ async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_reques
         "sim",
         "UNUSED_KEY",
         free_port(),
-        "min = 1\nmax = 6\n",
+        "min = 1\nmax = 6\nstandby = 1\n",
     );
     let surge = surge::serve::start(&cfg).await.unwrap();
     let sim = surge.sim.as_ref().expect("in-process simulator");
+    let pool = surge.pool.clone();
     let load = Load::start(surge.proxy.local_addr, 10);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spare = eventually(Duration::from_secs(5), || {
+        pool.snapshot().count(State::Standby) == 1
+    })
+    .await;
+    assert!(spare, "no standby blade");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         sim.server_count(),
-        0,
-        "ordered at 10/s with one node good for 20/s"
+        1,
+        "ordered more than the spare at 10/s (one node is good for 20/s)"
     );
+    assert_eq!(in_service(&surge), 1);
 
-    // Ten times the load: 100 new connections/s wants 5 nodes.
+    // Ten times the load: 100 new connections/s wants 5 nodes: the spare first, then 3
+    // more and a new spare.
     load.set_rate(100);
+    let promoted = eventually(Duration::from_secs(2), || in_service(&surge) >= 2).await;
+    assert!(promoted, "the spare was not promoted at once");
     let grown = eventually(Duration::from_secs(15), || in_service(&surge) >= 5).await;
     let status = surge.autoscaler.as_ref().unwrap().to_json();
     assert!(grown, "pool did not grow: {status:#}");
     assert!(
-        sim.server_count() >= 4 && sim.server_count() <= 5,
+        sim.server_count() <= 6,
         "{} servers: over-ordered",
         sim.server_count()
     );
@@ -188,10 +198,12 @@ async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_reques
         "{status:#}"
     );
 
-    // The rush is over.
+    // The rush is over: back to one node in service and one spare.
     load.set_rate(5);
     let shrunk = eventually(Duration::from_secs(25), || {
-        sim.server_count() == 0 && in_service(&surge) == 1
+        in_service(&surge) == 1
+            && sim.server_count() == 1
+            && pool.snapshot().count(State::Standby) == 1
     })
     .await;
     assert!(
@@ -211,7 +223,7 @@ async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_reques
     );
     assert_eq!(
         surge.pool.snapshot().members().len(),
-        1,
+        2,
         "released nodes left the pool"
     );
     surge.stop().await;
