@@ -180,13 +180,14 @@ for r in range(rounds):
             out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{duration}", "--latency",
                                   f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
             cpu = cpu_seconds(pid) - before
-            if not re.search(r"(\d+) requests in", out) or not re.search(r"99%\s+(\S+)", out):
+            if not re.search(r"(\d+) requests in", out) or not re.search(r"^\s+99%\s+(\S+)", out, re.M):
                 print(f"  {name} c={c}: wrk gave no result:\n{out}", flush=True)
                 continue
             reqs = int(re.search(r"(\d+) requests in", out).group(1))
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-            p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-            p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+            # Anchored: "73.50%" in the Stdev column must not pass for the 50% line.
+            p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+            p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
             errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
             sock = re.search(r"Socket errors: (.*)", out)
             if errs or sock:

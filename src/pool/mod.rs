@@ -589,6 +589,21 @@ impl Pool {
     /// Adds a backend in `Warming`: it takes traffic once the health checker has seen it
     /// healthy `rise` times, then ramps up over the slow-start period.
     pub fn add(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        self.add_as(backend, State::Warming)
+    }
+
+    /// Adds a backend directly in service, without waiting for health checks.
+    pub fn add_in_service(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        self.add_as(backend, State::InService)
+    }
+
+    /// Adds a backend as a warm spare (no traffic until [`Pool::promote`]).
+    pub fn add_standby(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
+        self.add_as(backend, State::Standby)
+    }
+
+    /// Adds a backend in `state`, in one publish; ids and addresses stay unique.
+    fn add_as(&self, backend: Arc<Backend>, state: State) -> Result<(), PoolError> {
         if backend.weight == 0 || backend.weight > MAX_WEIGHT {
             return Err(PoolError::BadWeight(backend.weight));
         }
@@ -599,45 +614,9 @@ impl Pool {
             if members.iter().any(|m| m.backend.addr == backend.addr) {
                 return Update::Keep(Err(PoolError::DuplicateAddress(backend.addr)));
             }
-            members.push(Member::new(backend.clone(), State::Warming, now));
+            members.push(Member::new(backend.clone(), state, now));
             Update::Publish(Ok(()))
         })
-    }
-
-    /// Adds a backend directly in service, without waiting for health checks.
-    pub fn add_in_service(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
-        self.add(backend.clone())?;
-        self.update(|members, now| {
-            match members
-                .iter_mut()
-                .find(|m| Arc::ptr_eq(&m.backend, &backend))
-            {
-                Some(m) => {
-                    m.set_state(State::InService, now);
-                    Update::Publish(())
-                }
-                None => Update::Keep(()),
-            }
-        });
-        Ok(())
-    }
-
-    /// Adds a backend as a warm spare (no traffic until [`Pool::promote`]).
-    pub fn add_standby(&self, backend: Arc<Backend>) -> Result<(), PoolError> {
-        self.add(backend.clone())?;
-        self.update(|members, now| {
-            match members
-                .iter_mut()
-                .find(|m| Arc::ptr_eq(&m.backend, &backend))
-            {
-                Some(m) => {
-                    m.set_state(State::Standby, now);
-                    Update::Publish(())
-                }
-                None => Update::Keep(()),
-            }
-        });
-        Ok(())
     }
 
     /// Moves a healthy standby backend into service (ramping up). Returns whether it did.
