@@ -24,6 +24,9 @@ pub mod names {
     pub const POOL_NODES: &str = "surge_pool_nodes";
 }
 
+/// How often buffered histogram samples are folded into their buckets.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Installs the Prometheus recorder once per process and returns its handle. Call it
 /// before building the pool: metric handles registered earlier stay no-ops.
 pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
@@ -42,7 +45,18 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
                 )
                 .ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    // Histograms buffer every sample until drained: without this, memory
+                    // grows with traffic between scrapes.
+                    let upkeep = h.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("surge-metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                            upkeep.run_upkeep();
+                        });
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics exporter not installed");
                     None

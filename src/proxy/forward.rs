@@ -66,13 +66,14 @@ impl Forwarder {
         self: Rc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        client_ip: HeaderValue,
     ) -> Result<Response<DownstreamBody>, Infallible> {
         let start = Instant::now();
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, peer.ip(), "http");
+        headers::add_forwarding(&mut parts.headers, &client_ip, "http");
         let request_id = self.request_ids.ensure(&mut parts.headers);
 
         // Load shedding: wait briefly for room, else 503 (browsing before buying).

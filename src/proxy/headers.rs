@@ -45,10 +45,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Adds the shopper's address to `X-Forwarded-For` (appending to what earlier proxies set)
-/// and sets `X-Forwarded-Proto`.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = ip_header_value(client);
+/// Adds the shopper's address (`ip`, from [`ip_header_value`], made once per connection)
+/// to `X-Forwarded-For`, appending to what earlier proxies set, and sets
+/// `X-Forwarded-Proto`.
+pub fn add_forwarding(headers: &mut HeaderMap, ip: &HeaderValue, proto: &'static str) {
+    let ip = ip.clone();
     match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(prev) if !prev.is_empty() => {
             let mut joined = Vec::with_capacity(prev.len() + 2 + ip.len());
@@ -66,7 +67,8 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static s
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
+/// An IP address as a header value.
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
     // An IP address always formats to valid header bytes.
     let mut buf = [0u8; 45];
     let len = {
@@ -175,8 +177,12 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "10.1.2.3".parse().unwrap(), "http");
-        add_forwarding(&mut h, "::1".parse().unwrap(), "http");
+        add_forwarding(
+            &mut h,
+            &ip_header_value("10.1.2.3".parse().unwrap()),
+            "http",
+        );
+        add_forwarding(&mut h, &ip_header_value("::1".parse().unwrap()), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3, ::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
     }

@@ -226,9 +226,11 @@ async fn serve(
         accepted.increment(1);
         let _ = stream.set_nodelay(true);
         let fwd = forwarder.clone();
+        // The shopper's address as a header value, made once per connection.
+        let client_ip = headers::ip_header_value(peer.ip());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| fwd.clone().handle(req, peer)),
+            service_fn(move |req| fwd.clone().handle(req, peer, client_ip.clone())),
         );
         let conn = graceful.watch(conn);
         tokio::task::spawn_local(async move {
