@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::str::FromStr;
+
+use chrono::{DateTime, FixedOffset};
+use chrono_tz::Tz;
 use serde::Deserialize;
 
 /// The default configuration, compiled into the binary so that `surge serve` runs even
@@ -529,7 +533,7 @@ pub struct AutoscaleConfig {
     pub paused: bool,
     /// Warm spare blades kept delivered and healthy at no traffic.
     pub standby: usize,
-    pub policy: crate::autoscale::policy::PolicyConfig,
+    pub policy: PolicyConfig,
     /// How often the loop runs (observe, decide, reconcile).
     pub interval: Duration,
     /// Rates are averaged over this window.
@@ -539,7 +543,7 @@ pub struct AutoscaleConfig {
     /// Offer to order (from `provider.offer`).
     pub offer: String,
     /// Known events that raise the minimum.
-    pub schedule: Vec<crate::autoscale::schedule::Event>,
+    pub schedule: Vec<Event>,
 }
 
 /// The in-process BMaaS simulator.
@@ -590,7 +594,7 @@ pub struct PoolConfig {
     pub health: HealthConfig,
     pub ejection: EjectionConfig,
     /// Load shedding (off when `max_in_flight_per_node` is 0).
-    pub shed: crate::pool::shed::ShedConfig,
+    pub shed: ShedConfig,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -636,6 +640,98 @@ pub struct LocalBlades {
     pub latency: Duration,
     /// Rounds of hashing per request, to cost CPU like a real frontend.
     pub cpu_work: u32,
+}
+
+// --- Typed settings read by `pool`, `autoscale` (they re-export them): defined here so
+// that `config`, the lowest floor, imports nothing from above it. ---
+
+/// Shedding settings.
+#[derive(Debug, Clone)]
+pub struct ShedConfig {
+    /// Requests in flight per in-service node before new ones wait (0: never shed).
+    pub max_in_flight_per_node: u32,
+    /// Longest a request waits for room before it is shed.
+    pub queue_timeout: Duration,
+    /// Requests waiting at once; beyond it, shed at once.
+    pub queue_size: u64,
+    /// Path prefixes that get priority (cart, checkout).
+    pub priority_prefixes: Vec<String>,
+    /// Extra room above the limit for priority requests, in percent.
+    pub priority_headroom_percent: u32,
+}
+
+/// The policy's knobs.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub min: usize,
+    pub max: usize,
+    /// New connections per second one in-service node should carry.
+    pub target_connections_per_node: f64,
+    /// No change while `metric / target` is within `1 ± tolerance`.
+    pub tolerance: f64,
+    /// Above this many requests in flight per in-service node, scale up regardless.
+    pub max_in_flight_per_node: f64,
+    /// Above this p99 (request to response head), add a node per decision; `None`: off.
+    pub max_p99: Option<Duration>,
+    /// Scale up to the lowest recommendation of this window (0: at once).
+    pub scale_up_window: Duration,
+    /// Scale down only to the highest recommendation of this window.
+    pub scale_down_window: Duration,
+    /// Per `up_period`, grow by at most max(`up_percent`% of current, `up_nodes`).
+    pub up_percent: f64,
+    pub up_nodes: usize,
+    pub up_period: Duration,
+    /// Shrink by at most one node per `down_period`.
+    pub down_period: Duration,
+}
+
+/// When an event starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// One instant (`2026-11-27T08:00:00+01:00`).
+    At(DateTime<FixedOffset>),
+    /// Every occurrence of a cron line (`sec min hour day-of-month month day-of-week`)
+    /// in a time zone.
+    Cron(Box<cron::Schedule>, Tz),
+}
+
+/// One scheduled event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub name: String,
+    pub start: Start,
+    /// How long the event lasts from its start.
+    pub duration: Duration,
+    /// How long before the start the minimum is raised.
+    pub lead: Duration,
+    /// The minimum while active.
+    pub min: usize,
+}
+
+/// Why an event line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("`{0}` is not an RFC 3339 time with an offset (e.g. 2026-11-27T08:00:00+01:00)")]
+    BadTime(String),
+    #[error("`{0}` is not a cron line (sec min hour day month weekday): {1}")]
+    BadCron(String, String),
+    #[error("`{0}` is not a time zone name (e.g. Europe/Paris)")]
+    BadZone(String),
+}
+
+impl Start {
+    pub fn at(text: &str) -> Result<Self, ScheduleError> {
+        DateTime::parse_from_rfc3339(text)
+            .map(Start::At)
+            .map_err(|_| ScheduleError::BadTime(text.to_owned()))
+    }
+
+    pub fn cron(line: &str, zone: &str) -> Result<Self, ScheduleError> {
+        let schedule = cron::Schedule::from_str(line)
+            .map_err(|e| ScheduleError::BadCron(line.to_owned(), e.to_string()))?;
+        let tz = Tz::from_str(zone).map_err(|_| ScheduleError::BadZone(zone.to_owned()))?;
+        Ok(Start::Cron(Box::new(schedule), tz))
+    }
 }
 
 /// Largest weight a backend may have; keeps round-robin sequences short.
@@ -952,7 +1048,6 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         }
         let mut schedule = Vec::new();
         for (i, e) in a.schedule.iter().enumerate() {
-            use crate::autoscale::schedule::{Event, Start};
             let key = format!("autoscale.schedule[{i}]");
             let start = match (&e.at, &e.cron, &e.timezone) {
                 (Some(at), None, None) => {
@@ -991,7 +1086,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             schedule,
             paused: a.paused,
             standby: a.standby,
-            policy: crate::autoscale::policy::PolicyConfig {
+            policy: PolicyConfig {
                 min: a.min,
                 max: a.max,
                 target_connections_per_node: a.target_connections_per_node,
@@ -1122,7 +1217,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 max_time: e.max_time,
                 max_percent: e.max_percent,
             },
-            shed: crate::pool::shed::ShedConfig {
+            shed: ShedConfig {
                 max_in_flight_per_node: pool.shed.max_in_flight_per_node,
                 queue_timeout: pool.shed.queue_timeout,
                 queue_size: pool.shed.queue_size,

@@ -10,30 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// The policy's knobs.
-#[derive(Debug, Clone)]
-pub struct PolicyConfig {
-    pub min: usize,
-    pub max: usize,
-    /// New connections per second one in-service node should carry.
-    pub target_connections_per_node: f64,
-    /// No change while `metric / target` is within `1 ± tolerance`.
-    pub tolerance: f64,
-    /// Above this many requests in flight per in-service node, scale up regardless.
-    pub max_in_flight_per_node: f64,
-    /// Above this p99 (request to response head), add a node per decision; `None`: off.
-    pub max_p99: Option<Duration>,
-    /// Scale up to the lowest recommendation of this window (0: at once).
-    pub scale_up_window: Duration,
-    /// Scale down only to the highest recommendation of this window.
-    pub scale_down_window: Duration,
-    /// Per `up_period`, grow by at most max(`up_percent`% of current, `up_nodes`).
-    pub up_percent: f64,
-    pub up_nodes: usize,
-    pub up_period: Duration,
-    /// Shrink by at most one node per `down_period`.
-    pub down_period: Duration,
-}
+pub use crate::config::PolicyConfig;
 
 /// What the meter saw.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,60 +5,9 @@
 //! zone (so "8:00 in Paris" stays 8:00 across daylight-saving changes). It is active from
 //! `lead` before its start until `duration` after it. Pure: the time is passed in.
 
-use std::str::FromStr;
-use std::time::Duration;
+use chrono::{DateTime, TimeZone, Utc};
 
-use chrono::{DateTime, FixedOffset, TimeZone, Utc};
-use chrono_tz::Tz;
-
-/// When an event starts.
-#[derive(Debug, Clone)]
-pub enum Start {
-    /// One instant (`2026-11-27T08:00:00+01:00`).
-    At(DateTime<FixedOffset>),
-    /// Every occurrence of a cron line (`sec min hour day-of-month month day-of-week`)
-    /// in a time zone.
-    Cron(Box<cron::Schedule>, Tz),
-}
-
-/// One scheduled event.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub name: String,
-    pub start: Start,
-    /// How long the event lasts from its start.
-    pub duration: Duration,
-    /// How long before the start the minimum is raised.
-    pub lead: Duration,
-    /// The minimum while active.
-    pub min: usize,
-}
-
-/// Why an event line was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ScheduleError {
-    #[error("`{0}` is not an RFC 3339 time with an offset (e.g. 2026-11-27T08:00:00+01:00)")]
-    BadTime(String),
-    #[error("`{0}` is not a cron line (sec min hour day month weekday): {1}")]
-    BadCron(String, String),
-    #[error("`{0}` is not a time zone name (e.g. Europe/Paris)")]
-    BadZone(String),
-}
-
-impl Start {
-    pub fn at(text: &str) -> Result<Self, ScheduleError> {
-        DateTime::parse_from_rfc3339(text)
-            .map(Start::At)
-            .map_err(|_| ScheduleError::BadTime(text.to_owned()))
-    }
-
-    pub fn cron(line: &str, zone: &str) -> Result<Self, ScheduleError> {
-        let schedule = cron::Schedule::from_str(line)
-            .map_err(|e| ScheduleError::BadCron(line.to_owned(), e.to_string()))?;
-        let tz = Tz::from_str(zone).map_err(|_| ScheduleError::BadZone(zone.to_owned()))?;
-        Ok(Start::Cron(Box::new(schedule), tz))
-    }
-}
+pub use crate::config::{Event, ScheduleError, Start};
 
 impl Event {
     /// Whether the event holds at `now`: some start lies in `(now - duration, now + lead]`.
@@ -97,6 +46,7 @@ pub fn min_at(events: &[Event], now: DateTime<Utc>) -> Option<(usize, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -6,22 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// Shedding settings.
-#[derive(Debug, Clone)]
-pub struct ShedConfig {
-    /// Requests in flight per in-service node before new ones wait (0: never shed).
-    pub max_in_flight_per_node: u32,
-    /// Longest a request waits for room before it is shed.
-    pub queue_timeout: Duration,
-    /// Requests waiting at once; beyond it, shed at once.
-    pub queue_size: u64,
-    /// Path prefixes that get priority (cart, checkout).
-    pub priority_prefixes: Vec<String>,
-    /// Extra room above the limit for priority requests, in percent.
-    pub priority_headroom_percent: u32,
-}
+pub use crate::config::ShedConfig;
 
 /// Whether one more request fits: `in_flight` admitted requests on `in_service` nodes.
 pub fn admits(cfg: &ShedConfig, in_flight: u64, in_service: usize, priority: bool) -> bool {
@@ -73,6 +59,7 @@ impl Drop for Admitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn cfg() -> ShedConfig {
         ShedConfig {
