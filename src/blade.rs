@@ -73,6 +73,11 @@ struct Shared {
     healthy: AtomicBool,
     /// Requests served, health checks excluded.
     served: AtomicU64,
+    /// Until when every request waits (a stall, e.g. a GC pause), as an offset from
+    /// `epoch`; 0 for none.
+    stall_until_us: AtomicU64,
+    /// Origin of `stall_until_us`.
+    epoch: std::time::Instant,
     /// Cart id → (product, quantity) lines.
     carts: Mutex<HashMap<String, Vec<(u32, u32)>>>,
     catalog: Bytes,
@@ -103,6 +108,14 @@ impl BladeHandle {
         self.shared
             .latency_us
             .store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Freezes request handling for `d` from now (requests wait, then answer).
+    pub fn stall(&self, d: Duration) {
+        let until = self.shared.epoch.elapsed() + d;
+        self.shared
+            .stall_until_us
+            .store(until.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -138,6 +151,8 @@ pub async fn start(cfg: BladeConfig) -> Result<BladeHandle, BladeError> {
         cpu_work: AtomicU32::new(cfg.cpu_work),
         healthy: AtomicBool::new(true),
         served: AtomicU64::new(0),
+        stall_until_us: AtomicU64::new(0),
+        epoch: std::time::Instant::now(),
         carts: Mutex::new(HashMap::new()),
         catalog: catalog_json(),
     });
@@ -197,6 +212,11 @@ async fn handle(
         return Ok(reply(&shared, status, "text/plain", Bytes::from(body)));
     }
     shared.served.fetch_add(1, Ordering::Relaxed);
+    let stall_until = Duration::from_micros(shared.stall_until_us.load(Ordering::Relaxed));
+    let since_epoch = shared.epoch.elapsed();
+    if stall_until > since_epoch {
+        tokio::time::sleep(stall_until - since_epoch).await;
+    }
     let latency = Duration::from_micros(shared.latency_us.load(Ordering::Relaxed));
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod autoscale;
 pub mod blade;
 pub mod config;
+pub mod loadtest;
 pub mod pool;
 pub mod provider;
 pub mod proxy;

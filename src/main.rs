@@ -48,6 +48,13 @@ enum Command {
     },
     /// Validate a configuration file; prints every problem and exits 1 if there is one.
     CheckConfig { file: PathBuf },
+    /// Run a load-test plan (open model); exits 1 when an SLO fails.
+    Loadtest {
+        file: PathBuf,
+        /// Write `report.json` into this folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run the bare-metal simulator (Scaleway Elastic Metal API) on loopback.
     Sim(SimArgs),
     /// List the pool's nodes (calls the admin API).
@@ -181,6 +188,11 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Sim(args) => sim(args),
+        Command::Loadtest { file, out } => match loadtest(&file, out) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -233,6 +245,23 @@ where
         .context("cannot start the runtime")?;
     let client = surge::admin::client::AdminClient::new(&args.url, args.token);
     runtime.block_on(f(client))
+}
+
+/// Runs a plan; `Ok(false)` when an SLO failed.
+fn loadtest(file: &Path, out: Option<PathBuf>) -> anyhow::Result<bool> {
+    let plan = surge::loadtest::Plan::load(file)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    let report = runtime.block_on(surge::loadtest::run(&plan));
+    print!("{}", report.table());
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("report.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&report.json())?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report: {}", path.display());
+    }
+    Ok(report.passed())
 }
 
 fn sim(args: SimArgs) -> anyhow::Result<()> {

@@ -1,0 +1,117 @@
+//! The load-test harness against real blades on 127.0.0.1.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use surge::loadtest::{self, Plan};
+
+fn plan(target: std::net::SocketAddr, stages: &str, slo: &str) -> Plan {
+    let text = format!(
+        "target = \"http://{target}\"\n{stages}\n[[scenarios]]\nname = \"browse\"\nsteps = [{{ name = \"catalog\", path = \"/catalog\" }}]\n{slo}"
+    );
+    Plan::parse(&text, "test-plan.toml").expect("valid plan")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p50_against_a_20ms_blade_is_20_to_25ms_and_the_rate_is_kept() {
+    let blades = blades(1, Duration::from_millis(20)).await;
+    let p = plan(
+        blades[0].addr,
+        "[[stages]]\nduration = \"3s\"\nrate = 100.0\n",
+        "",
+    );
+    let report = loadtest::run(&p).await;
+    let p50 = report.quantile(Some("catalog"), 0.5).unwrap();
+    assert!(
+        p50 >= Duration::from_millis(20) && p50 <= Duration::from_millis(25),
+        "p50 {p50:?}\n{}",
+        report.table()
+    );
+    assert_eq!(report.started_sessions, 300);
+    let rate = report.arrival_rate();
+    assert!(
+        (rate - 100.0).abs() / 100.0 < 0.02,
+        "achieved {rate:.1}/s for 100/s"
+    );
+    assert!(report.passed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_stall_shows_in_p99_where_a_closed_loop_hides_it() {
+    let blades = blades(1, Duration::ZERO).await;
+    let addr = blades[0].addr;
+    let p = plan(addr, "[[stages]]\nduration = \"3s\"\nrate = 100.0\n", "");
+    let run = tokio::spawn(async move { loadtest::run(&p).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    blades[0].stall(Duration::from_secs(1));
+    let report = run.await.unwrap();
+    let p99 = report.quantile(None, 0.99).unwrap();
+    assert!(
+        p99 >= Duration::from_millis(500),
+        "open model p99 {p99:?} misses the stall\n{}",
+        report.table()
+    );
+
+    // The same stall seen by one closed-loop client: one slow request among many fast ones.
+    let c = client();
+    let mut latencies = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut stalled = false;
+    while Instant::now() < until {
+        if !stalled && Instant::now() + Duration::from_secs(2) > until {
+            blades[0].stall(Duration::from_secs(1));
+            stalled = true;
+        }
+        let t = Instant::now();
+        get(&c, addr, "/catalog").await.unwrap();
+        latencies.push(t.elapsed());
+    }
+    latencies.sort_unstable();
+    let closed_p99 = latencies[latencies.len() * 99 / 100];
+    assert!(
+        closed_p99 < Duration::from_millis(100),
+        "closed loop p99 {closed_p99:?} ({} requests)",
+        latencies.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_slo_exits_1_and_says_by_how_much() {
+    let blades = blades(1, Duration::from_millis(20)).await;
+    let dir = std::env::temp_dir().join(format!(
+        "surge-lt-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plan.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "target = \"http://{}\"\n[[stages]]\nduration = \"1s\"\nrate = 20.0\n[[scenarios]]\nname = \"b\"\nsteps = [{{ name = \"catalog\", path = \"/catalog\" }}]\n[[slo]]\nmetric = \"p99\"\nbelow = \"5ms\"\n[[slo]]\nmetric = \"error_rate\"\nbelow = \"1%\"\n",
+            blades[0].addr
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_surge"))
+            .args(["loadtest"])
+            .arg(&file)
+            .arg("--out")
+            .arg(dir.join("out"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("SLO FAILED p99 of all steps < 5ms"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("over by"), "{stdout}");
+    assert!(stdout.contains("SLO passed error_rate"), "{stdout}");
+}
