@@ -115,3 +115,20 @@ async fn a_failing_slo_exits_1_and_says_by_how_much() {
     assert!(stdout.contains("over by"), "{stdout}");
     assert!(stdout.contains("SLO passed error_rate"), "{stdout}");
 }
+
+#[test]
+fn the_shipped_plans_parse() {
+    for name in ["smoke.toml", "sales-day.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("loadtests")
+            .join(name);
+        let plan = Plan::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!plan.stages.is_empty(), "{name}");
+    }
+    let err = Plan::parse(
+        "target = \"http://x\"\nstages = []\nscenarios = []\n",
+        "bad.toml",
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("bad.toml: scenarios:"), "{err}");
+}
