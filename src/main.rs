@@ -51,7 +51,7 @@ enum Command {
     /// Run a load-test plan (open model); exits 1 when an SLO fails.
     Loadtest {
         file: PathBuf,
-        /// Write `report.json` into this folder.
+        /// Write `report.json` and `report.html` into this folder.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -259,7 +259,10 @@ fn loadtest(file: &Path, out: Option<PathBuf>) -> anyhow::Result<bool> {
         let path = dir.join("report.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&report.json())?)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("report: {}", path.display());
+        let html = dir.join("report.html");
+        std::fs::write(&html, report.html())
+            .with_context(|| format!("cannot write {}", html.display()))?;
+        println!("report: {} and {}", path.display(), html.display());
     }
     Ok(report.passed())
 }

@@ -95,6 +95,7 @@ async fn a_failing_slo_exits_1_and_says_by_how_much() {
         ),
     )
     .unwrap();
+    let dir2 = dir.clone();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_surge"))
             .args(["loadtest"])
@@ -114,6 +115,23 @@ async fn a_failing_slo_exits_1_and_says_by_how_much() {
     );
     assert!(stdout.contains("over by"), "{stdout}");
     assert!(stdout.contains("SLO passed error_rate"), "{stdout}");
+    let html = std::fs::read_to_string(dir2.join("out").join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("polyline"),
+        "no plots"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir2.join("out").join("report.json")).unwrap())
+            .unwrap();
+    let timeline = json["timeline"].as_array().unwrap();
+    assert!(!timeline.is_empty());
+    assert_eq!(
+        timeline
+            .iter()
+            .map(|b| b["sessions"].as_u64().unwrap())
+            .sum::<u64>(),
+        20
+    );
 }
 
 #[test]

@@ -298,6 +298,10 @@ pub struct Report {
     pub duration: Duration,
     /// Sessions started per scenario.
     pub scenarios: BTreeMap<String, u64>,
+    /// Requests by the second of their intended start.
+    timeline: Vec<StepStats>,
+    /// Sessions scheduled per second.
+    starts_per_second: Vec<u64>,
     steps: BTreeMap<String, StepStats>,
     total: StepStats,
     /// `(slo label, passed, measured value in words)`.
@@ -387,8 +391,91 @@ impl Report {
             "steps": self.steps.iter().map(|(k, v)| (k.clone(), step(v))).collect::<serde_json::Map<_, _>>(),
             "total": step(&self.total),
             "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
+            "timeline": self.timeline.iter().enumerate().map(|(i, b)| json!({
+                "second": i, "sessions": self.starts_per_second.get(i).copied().unwrap_or(0),
+                "ok": b.ok, "errors": b.errors, "outcomes": b.outcomes,
+                "p50_ms": ms(b.quantile(0.5)), "p99_ms": ms(b.quantile(0.99)),
+            })).collect::<Vec<_>>(),
         })
     }
+
+    /// A self-contained HTML page: the table and SVG plots over time.
+    pub fn html(&self) -> String {
+        let secs = self.timeline.len();
+        let series = |f: &dyn Fn(usize) -> f64| (0..secs).map(f).collect::<Vec<f64>>();
+        let p50 = series(&|i| ms(self.timeline[i].quantile(0.5)));
+        let p99 = series(&|i| ms(self.timeline[i].quantile(0.99)));
+        let rate = series(&|i| self.starts_per_second.get(i).copied().unwrap_or(0) as f64);
+        let errors = series(&|i| self.timeline[i].errors as f64);
+        let spectrum: Vec<(f64, f64)> = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0]
+            .iter()
+            .map(|q| (*q, ms(self.total.quantile(*q))))
+            .collect();
+        let mut spec_rows = String::new();
+        for (q, v) in &spectrum {
+            spec_rows.push_str(&format!(
+                "<tr><td>{:.2}%</td><td>{v:.2} ms</td></tr>",
+                q * 100.0
+            ));
+        }
+        format!(
+            "<!doctype html><meta charset=utf-8><title>surge load test</title>\
+             <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0}}</style>\
+             <h1>surge load test</h1><pre>{}</pre>\
+             <h2>Latency over time (p50 blue, p99 red, ms)</h2>{}\
+             <h2>New sessions per second</h2>{}\
+             <h2>Errors per second</h2>{}\
+             <h2>Percentile spectrum (all steps)</h2><table>{spec_rows}</table>",
+            html_escape(&self.table()),
+            svg_chart(&[(&p50, "#1f77b4"), (&p99, "#d62728")]),
+            svg_chart(&[(&rate, "#2ca02c")]),
+            svg_chart(&[(&errors, "#ff7f0e")]),
+        )
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A line chart of per-second series, 720×200, with the maximum labelled.
+fn svg_chart(series: &[(&Vec<f64>, &str)]) -> String {
+    let (w, h) = (720.0, 200.0);
+    let n = series
+        .iter()
+        .map(|(s, _)| s.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let max = series
+        .iter()
+        .flat_map(|(s, _)| s.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
+    );
+    for (s, color) in series {
+        let points: Vec<String> = s
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    i as f64 * w / (n - 1) as f64,
+                    h - v / max * (h - 20.0)
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
+            points.join(" ")
+        ));
+    }
+    out.push_str(&format!("<text x='4' y='14' font-size='12'>max {max:.2}</text><text x='{}' y='{}' font-size='12'>{} s</text></svg>", w - 40.0, h - 4.0, n));
+    out
 }
 
 fn ms(d: Duration) -> f64 {
@@ -399,12 +486,13 @@ fn fmt_ms(d: Duration) -> String {
     format!("{:.2}ms", ms(d))
 }
 
-type Shared = Arc<Mutex<(BTreeMap<String, StepStats>, StepStats)>>;
+/// Per-step stats, the total, and one bucket per second of the run (by intended start).
+type Shared = Arc<Mutex<(BTreeMap<String, StepStats>, StepStats, Vec<StepStats>)>>;
 
 /// Runs `plan` to the end and checks its SLOs.
 pub async fn run(plan: &Plan) -> Report {
     let arrivals = schedule::arrivals(&plan.stages);
-    let stats: Shared = Arc::new(Mutex::new((BTreeMap::new(), StepStats::new())));
+    let stats: Shared = Arc::new(Mutex::new((BTreeMap::new(), StepStats::new(), Vec::new())));
     let weights: Vec<u32> = plan.scenarios.iter().map(|s| s.weight).collect();
     let total_weight: u32 = weights.iter().sum();
     let start = Instant::now();
@@ -436,7 +524,7 @@ pub async fn run(plan: &Plan) -> Report {
             .unwrap_or_else(|| plan.scenarios[0].clone());
         *per_scenario.entry(scenario.name.clone()).or_default() += 1;
         let (stats, target, timeout) = (stats.clone(), plan.target.clone(), plan.timeout);
-        tasks.spawn(session(scenario, target, timeout, intended, stats));
+        tasks.spawn(session(scenario, target, timeout, intended, start, stats));
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
@@ -444,16 +532,26 @@ pub async fn run(plan: &Plan) -> Report {
     // measured over [0, last start + half a gap].
     let half_gap = arrivals.first().copied().unwrap_or_default();
     let duration = last_start.saturating_duration_since(start) + half_gap;
-    let (steps, total) = match Arc::try_unwrap(stats) {
+    let (steps, total, timeline) = match Arc::try_unwrap(stats) {
         Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-        Err(_) => (BTreeMap::new(), StepStats::new()),
+        Err(_) => (BTreeMap::new(), StepStats::new(), Vec::new()),
     };
+    let mut starts_per_second = vec![0u64; timeline.len().max(1)];
+    for a in &arrivals {
+        let i = a.as_secs() as usize;
+        if i >= starts_per_second.len() {
+            starts_per_second.resize(i + 1, 0);
+        }
+        starts_per_second[i] += 1;
+    }
     let mut report = Report {
         scheduled_sessions: arrivals.len(),
         started_sessions: arrivals.len(),
         late_starts: late,
         duration: duration.max(Duration::from_millis(1)),
         scenarios: per_scenario,
+        timeline,
+        starts_per_second,
         steps,
         total,
         slo_results: Vec::new(),
@@ -505,6 +603,7 @@ async fn session(
     target: String,
     timeout: Duration,
     intended: Instant,
+    run_start: Instant,
     stats: Shared,
 ) {
     let client: Client<HttpConnector, Full<Bytes>> =
@@ -573,6 +672,11 @@ async fn session(
                 .or_insert_with(StepStats::new)
                 .record(latency, &outcome, good);
             s.1.record(latency, &outcome, good);
+            let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
+            if s.2.len() <= second {
+                s.2.resize_with(second + 1, StepStats::new);
+            }
+            s.2[second].record(latency, &outcome, good);
         }
         if !good {
             return;
