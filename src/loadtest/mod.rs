@@ -500,6 +500,7 @@ pub async fn run(plan: &Plan) -> Report {
     let mut last_start = start;
     let mut per_scenario: BTreeMap<String, u64> = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let progress = tokio::spawn(show_progress(stats.clone(), start, arrivals.len()));
     for (n, offset) in arrivals.iter().enumerate() {
         let intended = start + *offset;
         tokio::time::sleep_until(intended.into()).await;
@@ -528,6 +529,8 @@ pub async fn run(plan: &Plan) -> Report {
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
+    progress.abort();
+    let _ = progress.await;
     // Arrivals sit mid-interval: the first at half a gap, so the achieved rate is
     // measured over [0, last start + half a gap].
     let half_gap = arrivals.first().copied().unwrap_or_default();
@@ -595,6 +598,47 @@ pub async fn run(plan: &Plan) -> Report {
             .push((slo.label.clone(), result.0, result.1));
     }
     report
+}
+
+/// A live line on the terminal (hidden when stderr is not one): elapsed time, requests,
+/// the last second's rate and p99, errors so far.
+async fn show_progress(stats: Shared, start: Instant, scheduled: usize) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let _hide_on_exit = scopeguard(bar.clone());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let line = stats.lock().ok().map(|s| {
+            let second = start.elapsed().as_secs().saturating_sub(1) as usize;
+            let last = s.2.get(second);
+            format!(
+                "{} requests ({scheduled} sessions scheduled) | last second: {} req, p99 {} | errors {}",
+                s.1.ok + s.1.errors,
+                last.map_or(0, |b| b.ok + b.errors),
+                last.map_or("-".into(), |b| fmt_ms(b.quantile(0.99))),
+                s.1.errors
+            )
+        });
+        if let Some(line) = line {
+            bar.set_message(line);
+        }
+        bar.tick();
+    }
+}
+
+/// Clears the progress line when the task ends or is aborted.
+fn scopeguard(bar: indicatif::ProgressBar) -> impl Drop {
+    struct Clear(indicatif::ProgressBar);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.finish_and_clear();
+        }
+    }
+    Clear(bar)
 }
 
 /// One shopper: a fresh connection, a cookie jar, the scenario's steps in order.
