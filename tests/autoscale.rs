@@ -19,14 +19,6 @@ use surge::config::Config;
 use surge::pool::State;
 use surge::sim::{self, Faults, SimConfig, SimHandle};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Surge in front of one static blade, ordering from `api_url` ("sim" = in-process).
 fn surge_config(
     static_blade: SocketAddr,

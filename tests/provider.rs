@@ -1,9 +1,12 @@
 //! Contract tests: the real Scaleway Elastic Metal client against the simulator over HTTP
 //! on loopback, and against response bodies shaped like the vendor's documented ones.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use surge::provider::scaleway::{ApiOffers, ApiServer, ApiServers, Scaleway, ScalewayConfig};
 use surge::provider::{
     new_request_id, CreateSpec, Device, DeviceState, Offer, Provider, ProviderError, Stock,
@@ -19,16 +22,6 @@ fn fixture(name: &str) -> String {
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap()
-}
-
-/// A port free on 127.0.0.1 is very likely free on 127.0.1.x too; each test gets its own so
-/// parallel tests never share blade addresses.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn simulator(delivery: Duration, faults: Faults) -> SimHandle {

@@ -133,3 +133,13 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
     cond()
 }
+
+/// A port free on 127.0.0.1 now; also very likely free on 127.0.1.x, where simulated
+/// servers' blades listen, so parallel tests do not share blade addresses.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
