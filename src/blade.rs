@@ -73,6 +73,8 @@ struct Shared {
     healthy: AtomicBool,
     /// Requests served, health checks excluded.
     served: AtomicU64,
+    /// Connections accepted since start.
+    accepted: AtomicU64,
     /// Until when every request waits (a stall, e.g. a GC pause), as an offset from
     /// `epoch`; 0 for none.
     stall_until_us: AtomicU64,
@@ -127,6 +129,11 @@ impl BladeHandle {
         self.shared.served.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted so far (health checks included).
+    pub fn connections(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+
     /// Carts this blade holds.
     pub fn carts(&self) -> usize {
         self.shared.carts.lock().map_or(0, |c| c.len())
@@ -151,6 +158,7 @@ pub async fn start(cfg: BladeConfig) -> Result<BladeHandle, BladeError> {
         cpu_work: AtomicU32::new(cfg.cpu_work),
         healthy: AtomicBool::new(true),
         served: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
         stall_until_us: AtomicU64::new(0),
         epoch: std::time::Instant::now(),
         carts: Mutex::new(HashMap::new()),
@@ -183,6 +191,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 connections.spawn(async move {

@@ -49,12 +49,7 @@ enum Command {
     /// Validate a configuration file; prints every problem and exits 1 if there is one.
     CheckConfig { file: PathBuf },
     /// Run a load-test plan (open model); exits 1 when an SLO fails.
-    Loadtest {
-        file: PathBuf,
-        /// Write `report.json` and `report.html` into this folder.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Loadtest(LoadtestArgs),
     /// Run the bare-metal simulator (Scaleway Elastic Metal API) on loopback.
     Sim(SimArgs),
     /// List the pool's nodes (calls the admin API).
@@ -188,7 +183,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Sim(args) => sim(args),
-        Command::Loadtest { file, out } => match loadtest(&file, out) {
+        Command::Loadtest(args) => match loadtest(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
@@ -247,10 +242,58 @@ where
     runtime.block_on(f(client))
 }
 
-/// Runs a plan; `Ok(false)` when an SLO failed.
-fn loadtest(file: &Path, out: Option<PathBuf>) -> anyhow::Result<bool> {
-    let plan = surge::loadtest::Plan::load(file)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+#[derive(clap::Args, Debug)]
+struct LoadtestArgs {
+    /// The plan (see loadtests/*.toml and README.md).
+    file: PathBuf,
+    /// Write `report.json` and `report.html` into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Stop as soon as an SLO can no longer pass (as `abort_early = true` in the file).
+    #[arg(long)]
+    abort_early: bool,
+    /// A surge admin API (e.g. http://127.0.0.1:9090): record its autoscaler's desired
+    /// and in-service node counts on the report's timeline.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token for `--admin`.
+    #[arg(long, env = "SURGE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Worker threads generating load (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Runs a plan; `Ok(false)` when an SLO failed or the run was aborted.
+fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
+    let LoadtestArgs {
+        file,
+        out,
+        abort_early,
+        admin,
+        token,
+        threads,
+    } = args;
+    let mut plan = surge::loadtest::Plan::load(&file)?;
+    plan.abort_early |= abort_early;
+    if let Some(url) = admin {
+        anyhow::ensure!(
+            url.starts_with("http://"),
+            "--admin {url}: must be an http:// URL"
+        );
+        plan.admin = Some(surge::loadtest::AdminWatch { url, token });
+    }
+    let runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
+    .context("cannot start the runtime")?;
     let report = runtime.block_on(surge::loadtest::run(&plan));
     print!("{}", report.table());
     if let Some(dir) = out {

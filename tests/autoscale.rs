@@ -374,3 +374,46 @@ async fn a_scheduled_sale_raises_the_pool_before_any_load() {
     assert_eq!(surge.sim.as_ref().unwrap().server_count(), 2);
     surge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_test_with_admin_records_the_autoscalers_counts_on_its_timeline() {
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        "sim",
+        "UNUSED_KEY",
+        free_port(),
+        "min = 1\nmax = 3\nstandby = 1\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let text = format!(
+        "target = \"http://{}\"\n[[stages]]\nduration = \"3s\"\nrate = 20.0\n[[scenarios]]\nname = \"b\"\nsteps = [{{ name = \"catalog\", path = \"/catalog\" }}]\n",
+        surge.proxy.local_addr
+    );
+    let mut plan = surge::loadtest::Plan::parse(&text, "admin.toml").unwrap();
+    plan.admin = Some(surge::loadtest::AdminWatch {
+        url: format!("http://{}", surge.admin.local_addr),
+        token: None,
+    });
+    let report = surge::loadtest::run(&plan).await;
+    let samples: Vec<_> = report.autoscaler.iter().flatten().collect();
+    assert!(samples.len() >= 2, "{:?}", report.autoscaler);
+    // The first read may come before the autoscaler's first tick (all zero); after it,
+    // the static blade is in service and the autoscaler wants at least its minimum.
+    assert!(
+        samples[1..]
+            .iter()
+            .all(|s| s.in_service >= 1 && s.desired >= 1),
+        "{samples:?}"
+    );
+    let json = report.json();
+    let timeline = json["timeline"].as_array().unwrap();
+    assert!(timeline.iter().any(|b| b["in_service"].as_u64() >= Some(1)));
+    assert!(
+        report.table().contains("autoscaler: in service"),
+        "{}",
+        report.table()
+    );
+    assert!(report.html().contains("Autoscaler: desired"));
+    surge.stop().await;
+}

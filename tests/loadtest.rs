@@ -136,12 +136,19 @@ async fn a_failing_slo_exits_1_and_says_by_how_much() {
 
 #[test]
 fn the_shipped_plans_parse() {
-    for name in ["smoke.toml", "sales-day.toml"] {
+    for name in ["smoke.toml", "sales-day.toml", "closed.toml"] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("loadtests")
             .join(name);
         let plan = Plan::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!plan.stages.is_empty(), "{name}");
+        if name == "closed.toml" {
+            assert!(matches!(plan.model, loadtest::Model::Closed { .. }));
+            continue;
+        }
+        assert!(
+            matches!(&plan.model, loadtest::Model::Open(stages) if !stages.is_empty()),
+            "{name}"
+        );
     }
     let err = Plan::parse(
         "target = \"http://x\"\nstages = []\nscenarios = []\n",
@@ -149,4 +156,57 @@ fn the_shipped_plans_parse() {
     )
     .unwrap_err();
     assert!(err.to_string().starts_with("bad.toml: scenarios:"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_closed_model_loops_users_on_kept_connections_and_says_so() {
+    let blades = blades(1, Duration::from_millis(2)).await;
+    let p = plan(
+        blades[0].addr,
+        "[closed]\nusers = 4\nduration = \"1s\"\n",
+        "[[slo]]\nmetric = \"error_rate\"\nbelow = \"0.1%\"\n",
+    );
+    let t = Instant::now();
+    let report = loadtest::run(&p).await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let table = report.table();
+    assert!(
+        table.starts_with("closed model: 4 users") && table.contains("NOT corrected"),
+        "{table}"
+    );
+    // 4 users against a 2 ms blade for 1 s: hundreds of requests, not one per user.
+    assert!(report.request_rate() > 200.0, "{table}");
+    assert!(report.passed(), "{table}");
+    // Kept alive: far fewer connections than requests.
+    assert!(
+        blades[0].connections() <= 8,
+        "{} connections for {} requests",
+        blades[0].connections(),
+        report.started_sessions
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_early_stops_once_an_slo_cannot_pass_and_says_which() {
+    let blades = blades(1, Duration::from_millis(30)).await;
+    let mut p = plan(
+        blades[0].addr,
+        "[[stages]]\nduration = \"8s\"\nrate = 50.0\n",
+        "[[slo]]\nmetric = \"p90\"\nbelow = \"5ms\"\n",
+    );
+    p.abort_early = true;
+    let t = Instant::now();
+    let report = loadtest::run(&p).await;
+    let took = t.elapsed();
+    let table = report.table();
+    // p90 < 5 ms fails once 10% of the run's 400 requests (41) are slow: within ~1-2 s.
+    assert!(took < Duration::from_secs(4), "ran {took:?}\n{table}");
+    assert!(!report.passed());
+    let why = report.aborted.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("p90 of all steps < 5ms") && why.contains("cannot pass"),
+        "{table}"
+    );
+    assert!(report.started_sessions < 400, "{table}");
+    assert!(table.contains("ABORTED"), "{table}");
 }

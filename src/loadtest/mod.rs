@@ -1,637 +1,513 @@
-//! `surge loadtest FILE`: open-model load from the outside. Sessions arrive on a timeline
-//! fixed in advance (`schedule`); each session opens its own connection and walks a
-//! scenario (steps with cookies, so carts stick). Latency is measured from each request's
-//! *intended* start, so a stall that delays the next arrivals shows up in the percentiles
-//! (no coordinated omission). SLOs from the file decide the exit code.
+//! `surge loadtest FILE`: load from the outside, as shoppers make it.
 //!
-//! Must not import `proxy` or `pool`: it measures from outside, like a shopper.
+//! Open model (the default, `[[stages]]`): sessions arrive on a timeline fixed in advance
+//! (`schedule`); each session opens its own connection and walks a scenario (steps with
+//! cookies, so carts stick). Latency is measured from each request's *intended* start, so
+//! a stall that delays the next arrivals shows up in the percentiles (no coordinated
+//! omission). Closed model (`[closed]`): N users in a loop on kept-alive connections,
+//! like wrk; for peak throughput, labelled as such in every report. SLOs from the file
+//! decide the exit code; with `abort_early` a run stops once one can no longer pass.
+//!
+//! Must not import `proxy`, `pool` or `admin`: it measures from outside, like a shopper.
 
+pub mod plan;
+pub mod report;
 pub mod schedule;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
-use http::{Method, Request};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
-use serde_json::json;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
-use schedule::Stage;
+pub use plan::{AdminWatch, Model, Plan, PlanError, Scenario, Slo, SloLimit, Step};
+pub use report::{Report, ScalerSample, StepStats};
 
-/// Why a plan could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PlanError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: {key}: {reason}")]
-    Invalid {
-        file: String,
-        key: String,
-        reason: String,
-    },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePlan {
-    target: String,
-    #[serde(default = "default_timeout", with = "humantime_serde")]
-    timeout: Duration,
-    stages: Vec<FileStage>,
-    scenarios: Vec<FileScenario>,
-    #[serde(default)]
-    slo: Vec<FileSlo>,
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileStage {
-    #[serde(with = "humantime_serde")]
-    duration: Duration,
-    rate: f64,
-    #[serde(default)]
-    ramp_to: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileScenario {
-    name: String,
-    #[serde(default = "one")]
-    weight: u32,
-    steps: Vec<Step>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-/// One request of a scenario.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Step {
-    pub name: String,
-    #[serde(default = "get")]
-    pub method: String,
-    pub path: String,
-    #[serde(default)]
-    pub body: Option<String>,
-    /// Expected status; anything else counts as an error.
-    #[serde(default = "ok")]
-    pub expect: u16,
-    /// Pause before this step (a shopper reading the page).
-    #[serde(default, with = "humantime_serde")]
-    pub think: Duration,
-}
-
-fn get() -> String {
-    "GET".into()
-}
-fn ok() -> u16 {
-    200
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSlo {
-    /// `p50`, `p90`, `p99`, `p999` or `error_rate`.
-    metric: String,
-    /// A step name; the whole run when absent.
-    #[serde(default)]
-    step: Option<String>,
-    /// A duration (`"300ms"`) for percentiles, a fraction (`"0.001"`) for error rates.
-    below: String,
-}
-
-/// A validated plan.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub target: String,
-    pub timeout: Duration,
-    pub stages: Vec<Stage>,
-    scenarios: Vec<FileScenario>,
-    slos: Vec<Slo>,
-}
-
-#[derive(Debug, Clone)]
-enum SloLimit {
-    Latency(f64, Duration),
-    ErrorRate(f64),
-}
-
-#[derive(Debug, Clone)]
-struct Slo {
-    label: String,
-    step: Option<String>,
-    limit: SloLimit,
-}
-
-impl Plan {
-    pub fn load(path: &Path) -> Result<Plan, PlanError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::parse(&text, &file)
-    }
-
-    pub fn parse(text: &str, file: &str) -> Result<Plan, PlanError> {
-        let invalid = |key: &str, reason: String| PlanError::Invalid {
-            file: file.to_owned(),
-            key: key.to_owned(),
-            reason,
-        };
-        let raw: FilePlan = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|e| {
-                invalid(
-                    &e.path().to_string(),
-                    e.into_inner().message().replace('\n', "; "),
-                )
-            })?;
-        if !raw.target.starts_with("http://") {
-            return Err(invalid(
-                "target",
-                format!("`{}` must be an http:// URL", raw.target),
-            ));
-        }
-        if raw.scenarios.is_empty()
-            || raw
-                .scenarios
-                .iter()
-                .any(|s| s.steps.is_empty() || s.weight == 0)
-        {
-            return Err(invalid(
-                "scenarios",
-                "need at least one scenario, each with a weight ≥ 1 and a step".into(),
-            ));
-        }
-        let mut slos = Vec::new();
-        for (i, s) in raw.slo.iter().enumerate() {
-            let q = match s.metric.as_str() {
-                "p50" => Some(0.5),
-                "p90" => Some(0.9),
-                "p99" => Some(0.99),
-                "p999" => Some(0.999),
-                "error_rate" => None,
-                m => {
-                    return Err(invalid(
-                        &format!("slo[{i}].metric"),
-                        format!("`{m}`: use p50, p90, p99, p999 or error_rate"),
-                    ))
-                }
-            };
-            let limit = match q {
-                Some(q) => SloLimit::Latency(
-                    q,
-                    humantime::parse_duration(&s.below)
-                        .map_err(|e| invalid(&format!("slo[{i}].below"), e.to_string()))?,
-                ),
-                None => SloLimit::ErrorRate(
-                    s.below
-                        .trim_end_matches('%')
-                        .parse::<f64>()
-                        .map(|v| if s.below.ends_with('%') { v / 100.0 } else { v })
-                        .map_err(|e| invalid(&format!("slo[{i}].below"), e.to_string()))?,
-                ),
-            };
-            slos.push(Slo {
-                label: format!(
-                    "{} of {} < {}",
-                    s.metric,
-                    s.step.as_deref().unwrap_or("all steps"),
-                    s.below
-                ),
-                step: s.step.clone(),
-                limit,
-            });
-        }
-        Ok(Plan {
-            target: raw.target.trim_end_matches('/').to_owned(),
-            timeout: raw.timeout,
-            stages: raw
-                .stages
-                .iter()
-                .map(|s| Stage {
-                    duration: s.duration,
-                    rate: s.rate,
-                    ramp_to: s.ramp_to,
-                })
-                .collect(),
-            scenarios: raw.scenarios,
-            slos,
-        })
-    }
-}
-
-/// Measurements of one step (or of all steps).
-#[derive(Debug)]
-struct StepStats {
-    latency: Histogram<u64>,
-    ok: u64,
-    errors: u64,
-    /// Responses by status class and failures by kind.
-    outcomes: BTreeMap<String, u64>,
-}
-
-impl StepStats {
-    fn new() -> Self {
-        Self {
-            latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("static histogram bounds"),
-            ok: 0,
-            errors: 0,
-            outcomes: BTreeMap::new(),
-        }
-    }
-
-    fn record(&mut self, latency: Duration, outcome: &str, good: bool) {
-        let us = u64::try_from(latency.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let _ = self.latency.record(us.min(3_600_000_000));
-        if good {
-            self.ok += 1;
-        } else {
-            self.errors += 1;
-        }
-        *self.outcomes.entry(outcome.to_owned()).or_default() += 1;
-    }
-
-    fn quantile(&self, q: f64) -> Duration {
-        Duration::from_micros(self.latency.value_at_quantile(q))
-    }
-
-    fn error_rate(&self) -> f64 {
-        let n = self.ok + self.errors;
-        if n == 0 {
-            0.0
-        } else {
-            self.errors as f64 / n as f64
-        }
-    }
-}
-
-/// The outcome of a run.
-#[derive(Debug)]
-pub struct Report {
-    pub scheduled_sessions: usize,
-    pub started_sessions: usize,
-    /// Sessions that started more than 10 ms after their intended time.
-    pub late_starts: usize,
-    pub duration: Duration,
-    /// Sessions started per scenario.
-    pub scenarios: BTreeMap<String, u64>,
-    /// Requests by the second of their intended start.
-    timeline: Vec<StepStats>,
-    /// Sessions scheduled per second.
-    starts_per_second: Vec<u64>,
+/// Everything measured so far; one lock per finished request.
+#[derive(Debug, Default)]
+struct Stats {
     steps: BTreeMap<String, StepStats>,
     total: StepStats,
-    /// `(slo label, passed, measured value in words)`.
-    pub slo_results: Vec<(String, bool, String)>,
+    /// By the second of the request's intended start.
+    timeline: Vec<StepStats>,
 }
 
-impl Report {
-    pub fn passed(&self) -> bool {
-        self.slo_results.iter().all(|(_, ok, _)| *ok)
+impl Stats {
+    fn record(
+        &mut self,
+        step: &str,
+        second: usize,
+        latency: Duration,
+        outcome: &'static str,
+        good: bool,
+    ) {
+        match self.steps.get_mut(step) {
+            Some(s) => s.record(latency, outcome, good),
+            None => {
+                let mut s = StepStats::new();
+                s.record(latency, outcome, good);
+                self.steps.insert(step.to_owned(), s);
+            }
+        }
+        self.total.record(latency, outcome, good);
+        if self.timeline.len() <= second {
+            self.timeline.resize_with(second + 1, StepStats::coarse);
+        }
+        self.timeline[second].record(latency, outcome, good);
     }
+}
 
-    /// Achieved session arrivals per second.
-    pub fn arrival_rate(&self) -> f64 {
-        self.started_sessions as f64 / self.duration.as_secs_f64().max(1e-9)
-    }
+type Shared = Arc<Mutex<Stats>>;
 
-    /// A quantile of one step's latency, or of all steps.
-    pub fn quantile(&self, step: Option<&str>, q: f64) -> Option<Duration> {
-        let s = match step {
-            Some(name) => self.steps.get(name)?,
-            None => &self.total,
+/// A step ready to send: parsed once, cloned per request.
+struct Prepared {
+    name: String,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+    json: bool,
+    expect: u16,
+    think: Duration,
+}
+
+/// The target's address and the scenarios in sendable form.
+struct Target {
+    authority: String,
+    host: HeaderValue,
+    timeout: Duration,
+    scenarios: Vec<(String, Vec<Prepared>)>,
+    weights: Vec<u32>,
+}
+
+impl Target {
+    fn new(plan: &Plan) -> Target {
+        // `Plan::parse` checked the URL; an unparsable one here would be a bug upstream,
+        // and fails every request as a connect error rather than panicking.
+        let authority = plan
+            .target
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.as_str().to_owned()))
+            .unwrap_or_default();
+        let authority = if authority.contains(':') {
+            authority
+        } else {
+            format!("{authority}:80")
         };
-        (!s.latency.is_empty()).then(|| s.quantile(q))
-    }
-
-    /// The terminal table.
-    pub fn table(&self) -> String {
-        let scenarios: Vec<String> = self
+        let host =
+            HeaderValue::from_str(&authority).unwrap_or(HeaderValue::from_static("localhost"));
+        let scenarios = plan
             .scenarios
             .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let mut out = format!(
-            "sessions: {} scheduled, {} started ({:.1}/s achieved), {} late starts; {:.1} s; {}\n",
-            self.scheduled_sessions,
-            self.started_sessions,
-            self.arrival_rate(),
-            self.late_starts,
-            self.duration.as_secs_f64(),
-            scenarios.join(", ")
-        );
-        out.push_str(&format!(
-            "{:<14} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}  outcomes\n",
-            "step", "ok", "errors", "p50", "p90", "p99", "max"
-        ));
-        let rows = self
-            .steps
-            .iter()
-            .map(|(k, v)| (k.as_str(), v))
-            .chain([("(all)", &self.total)]);
-        for (name, s) in rows {
-            let outcomes: Vec<String> =
-                s.outcomes.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-            out.push_str(&format!(
-                "{:<14} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}  {}\n",
-                name,
-                s.ok,
-                s.errors,
-                fmt_ms(s.quantile(0.5)),
-                fmt_ms(s.quantile(0.9)),
-                fmt_ms(s.quantile(0.99)),
-                fmt_ms(Duration::from_micros(s.latency.max())),
-                outcomes.join(" ")
-            ));
-        }
-        for (label, ok, measured) in &self.slo_results {
-            out.push_str(&format!(
-                "SLO {} {label}: {measured}\n",
-                if *ok { "passed" } else { "FAILED" }
-            ));
-        }
-        out
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        let step = |s: &StepStats| {
-            json!({
-                "ok": s.ok, "errors": s.errors, "error_rate": s.error_rate(), "outcomes": s.outcomes,
-                "p50_ms": ms(s.quantile(0.5)), "p90_ms": ms(s.quantile(0.9)), "p99_ms": ms(s.quantile(0.99)),
-                "p999_ms": ms(s.quantile(0.999)), "max_ms": s.latency.max() as f64 / 1e3,
-            })
-        };
-        json!({
-            "scheduled_sessions": self.scheduled_sessions, "started_sessions": self.started_sessions,
-            "late_starts": self.late_starts, "duration_s": self.duration.as_secs_f64(),
-            "arrival_rate": self.arrival_rate(), "scenarios": self.scenarios,
-            "steps": self.steps.iter().map(|(k, v)| (k.clone(), step(v))).collect::<serde_json::Map<_, _>>(),
-            "total": step(&self.total),
-            "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
-            "timeline": self.timeline.iter().enumerate().map(|(i, b)| json!({
-                "second": i, "sessions": self.starts_per_second.get(i).copied().unwrap_or(0),
-                "ok": b.ok, "errors": b.errors, "outcomes": b.outcomes,
-                "p50_ms": ms(b.quantile(0.5)), "p99_ms": ms(b.quantile(0.99)),
-            })).collect::<Vec<_>>(),
-        })
-    }
-
-    /// A self-contained HTML page: the table and SVG plots over time.
-    pub fn html(&self) -> String {
-        let secs = self.timeline.len();
-        let series = |f: &dyn Fn(usize) -> f64| (0..secs).map(f).collect::<Vec<f64>>();
-        let p50 = series(&|i| ms(self.timeline[i].quantile(0.5)));
-        let p99 = series(&|i| ms(self.timeline[i].quantile(0.99)));
-        let rate = series(&|i| self.starts_per_second.get(i).copied().unwrap_or(0) as f64);
-        let errors = series(&|i| self.timeline[i].errors as f64);
-        let spectrum: Vec<(f64, f64)> = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0]
-            .iter()
-            .map(|q| (*q, ms(self.total.quantile(*q))))
-            .collect();
-        let mut spec_rows = String::new();
-        for (q, v) in &spectrum {
-            spec_rows.push_str(&format!(
-                "<tr><td>{:.2}%</td><td>{v:.2} ms</td></tr>",
-                q * 100.0
-            ));
-        }
-        format!(
-            "<!doctype html><meta charset=utf-8><title>surge load test</title>\
-             <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0}}</style>\
-             <h1>surge load test</h1><pre>{}</pre>\
-             <h2>Latency over time (p50 blue, p99 red, ms)</h2>{}\
-             <h2>New sessions per second</h2>{}\
-             <h2>Errors per second</h2>{}\
-             <h2>Percentile spectrum (all steps)</h2><table>{spec_rows}</table>",
-            html_escape(&self.table()),
-            svg_chart(&[(&p50, "#1f77b4"), (&p99, "#d62728")]),
-            svg_chart(&[(&rate, "#2ca02c")]),
-            svg_chart(&[(&errors, "#ff7f0e")]),
-        )
-    }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A line chart of per-second series, 720×200, with the maximum labelled.
-fn svg_chart(series: &[(&Vec<f64>, &str)]) -> String {
-    let (w, h) = (720.0, 200.0);
-    let n = series
-        .iter()
-        .map(|(s, _)| s.len())
-        .max()
-        .unwrap_or(0)
-        .max(2);
-    let max = series
-        .iter()
-        .flat_map(|(s, _)| s.iter().copied())
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let mut out = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
-    );
-    for (s, color) in series {
-        let points: Vec<String> = s
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                format!(
-                    "{:.1},{:.1}",
-                    i as f64 * w / (n - 1) as f64,
-                    h - v / max * (h - 20.0)
-                )
+            .map(|s| {
+                let steps = s
+                    .steps
+                    .iter()
+                    .map(|st| Prepared {
+                        name: st.name.clone(),
+                        method: Method::from_bytes(st.method.as_bytes()).unwrap_or(Method::GET),
+                        uri: st.path.parse().unwrap_or_else(|_| Uri::from_static("/")),
+                        body: Bytes::from(st.body.clone().unwrap_or_default()),
+                        json: st.body.is_some(),
+                        expect: st.expect,
+                        think: st.think,
+                    })
+                    .collect();
+                (s.name.clone(), steps)
             })
             .collect();
-        out.push_str(&format!(
-            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
-            points.join(" ")
-        ));
+        Target {
+            authority,
+            host,
+            timeout: plan.timeout,
+            scenarios,
+            weights: plan.scenarios.iter().map(|s| s.weight).collect(),
+        }
     }
-    out.push_str(&format!("<text x='4' y='14' font-size='12'>max {max:.2}</text><text x='{}' y='{}' font-size='12'>{} s</text></svg>", w - 40.0, h - 4.0, n));
-    out
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+/// One client connection (HTTP/1.1, kept alive), reopened when the server closes it.
+struct Conn {
+    authority: String,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
-fn fmt_ms(d: Duration) -> String {
-    format!("{:.2}ms", ms(d))
+impl Conn {
+    fn new(authority: &str) -> Conn {
+        Conn {
+            authority: authority.to_owned(),
+            sender: None,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), &'static str> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|_| "connect_error")?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| "connect_error")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.sender = Some(sender);
+        Ok(())
+    }
+
+    /// Sends one request; a request the connection never wrote (the server had closed
+    /// it between requests) goes once more on a new connection, as browsers do.
+    async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, &'static str> {
+        let mut req = req;
+        for _ in 0..2 {
+            if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+                self.connect().await?;
+            }
+            let Some(sender) = self.sender.as_mut() else {
+                return Err("connect_error");
+            };
+            if sender.ready().await.is_err() {
+                self.sender = None;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    self.sender = None;
+                    match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err("io_error"),
+                    }
+                }
+            }
+        }
+        Err("io_error")
+    }
 }
 
-/// Per-step stats, the total, and one bucket per second of the run (by intended start).
-type Shared = Arc<Mutex<(BTreeMap<String, StepStats>, StepStats, Vec<StepStats>)>>;
-
-/// Runs `plan` to the end and checks its SLOs.
+/// Runs `plan` to the end (or until an SLO is hopeless, with `abort_early`) and checks
+/// its SLOs.
 pub async fn run(plan: &Plan) -> Report {
-    let arrivals = schedule::arrivals(&plan.stages);
-    let stats: Shared = Arc::new(Mutex::new((BTreeMap::new(), StepStats::new(), Vec::new())));
-    let weights: Vec<u32> = plan.scenarios.iter().map(|s| s.weight).collect();
-    let total_weight: u32 = weights.iter().sum();
+    let target = Arc::new(Target::new(plan));
+    let stats: Shared = Arc::new(Mutex::new(Stats::default()));
+    let scaler: Arc<Mutex<Vec<Option<ScalerSample>>>> = Arc::default();
     let start = Instant::now();
-    let mut late = 0;
+    let (abort_tx, abort_rx) = tokio::sync::watch::channel(None::<String>);
+    let (mut report, label) = match &plan.model {
+        Model::Open(stages) => {
+            let arrivals = schedule::arrivals(stages);
+            let bounds = plan
+                .abort_early
+                .then(|| request_bounds(plan, arrivals.len()));
+            let watcher = tokio::spawn(watch(
+                plan.clone(),
+                stats.clone(),
+                scaler.clone(),
+                start,
+                bounds,
+                abort_tx,
+            ));
+            let report = run_open(plan, &target, &arrivals, &stats, start, abort_rx).await;
+            watcher.abort();
+            let _ = watcher.await;
+            (report, "open model".to_owned())
+        }
+        Model::Closed { users, duration } => {
+            let watcher = tokio::spawn(watch(
+                plan.clone(),
+                stats.clone(),
+                scaler.clone(),
+                start,
+                None,
+                abort_tx,
+            ));
+            let report = run_closed(&target, *users, start + *duration, &stats, start).await;
+            watcher.abort();
+            let _ = watcher.await;
+            (
+                report,
+                format!(
+                    "closed model: {users} users in a loop; latency is service time (coordinated omission NOT corrected)"
+                ),
+            )
+        }
+    };
+    report.model = label;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|p| p.into_inner()));
+    report.steps = stats.steps;
+    report.total = stats.total;
+    report.timeline = stats.timeline;
+    report.autoscaler = std::mem::take(&mut *scaler.lock().unwrap_or_else(|p| p.into_inner()));
+    report.check_slos(&plan.slos);
+    report
+}
+
+fn empty_report(scheduled: usize) -> Report {
+    Report {
+        model: String::new(),
+        scheduled_sessions: scheduled,
+        started_sessions: 0,
+        late_starts: 0,
+        duration: Duration::ZERO,
+        scenarios: BTreeMap::new(),
+        timeline: Vec::new(),
+        starts_per_second: Vec::new(),
+        autoscaler: Vec::new(),
+        steps: BTreeMap::new(),
+        total: StepStats::new(),
+        slo_results: Vec::new(),
+        aborted: None,
+    }
+}
+
+/// At most how many requests the run sends, in all and per step name: every session
+/// walking its whole scenario (scenario picks are deterministic, so this is exact for
+/// runs without errors, and an upper bound otherwise).
+fn request_bounds(plan: &Plan, sessions: usize) -> (u64, BTreeMap<String, u64>) {
+    let mut per_scenario = vec![0u64; plan.scenarios.len()];
+    for n in 0..sessions {
+        per_scenario[plan.scenario_of(n)] += 1;
+    }
+    let mut total = 0;
+    let mut steps = BTreeMap::new();
+    for (s, count) in plan.scenarios.iter().zip(per_scenario) {
+        total += count * s.steps.len() as u64;
+        for st in &s.steps {
+            *steps.entry(st.name.clone()).or_default() += count;
+        }
+    }
+    (total, steps)
+}
+
+async fn run_open(
+    plan: &Plan,
+    target: &Arc<Target>,
+    arrivals: &[Duration],
+    stats: &Shared,
+    start: Instant,
+    mut abort: tokio::sync::watch::Receiver<Option<String>>,
+) -> Report {
+    let mut report = empty_report(arrivals.len());
     let mut last_start = start;
-    let mut per_scenario: BTreeMap<String, u64> = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let progress = tokio::spawn(show_progress(stats.clone(), start, arrivals.len()));
     for (n, offset) in arrivals.iter().enumerate() {
         let intended = start + *offset;
-        tokio::time::sleep_until(intended.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(intended.into()) => {}
+            _ = abort.changed() => break,
+        }
         last_start = Instant::now();
         if last_start.saturating_duration_since(intended) > Duration::from_millis(10) {
-            late += 1;
+            report.late_starts += 1;
         }
-        // Deterministic weighted pick: session n takes the scenario its slot falls in.
-        let mut slot = (n as u32).wrapping_mul(2_654_435_761) % total_weight;
-        let scenario = plan
+        report.started_sessions += 1;
+        let scenario = plan.scenario_of(n);
+        *report
             .scenarios
-            .iter()
-            .find(|s| {
-                if slot < s.weight {
-                    true
-                } else {
-                    slot -= s.weight;
-                    false
-                }
-            })
-            .cloned()
-            .unwrap_or_else(|| plan.scenarios[0].clone());
-        *per_scenario.entry(scenario.name.clone()).or_default() += 1;
-        let (stats, target, timeout) = (stats.clone(), plan.target.clone(), plan.timeout);
-        tasks.spawn(session(scenario, target, timeout, intended, start, stats));
+            .entry(plan.scenarios[scenario].name.clone())
+            .or_default() += 1;
+        let (target, stats) = (target.clone(), stats.clone());
+        tasks.spawn(async move {
+            let mut conn = Conn::new(&target.authority);
+            session(&target, scenario, &mut conn, intended, start, &stats).await;
+        });
         while tasks.try_join_next().is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
-    progress.abort();
-    let _ = progress.await;
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = abort.changed() => tasks.abort_all(),
+        }
+    }
+    report.aborted = abort.borrow().clone();
     // Arrivals sit mid-interval: the first at half a gap, so the achieved rate is
     // measured over [0, last start + half a gap].
     let half_gap = arrivals.first().copied().unwrap_or_default();
-    let duration = last_start.saturating_duration_since(start) + half_gap;
-    let (steps, total, timeline) = match Arc::try_unwrap(stats) {
-        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-        Err(_) => (BTreeMap::new(), StepStats::new(), Vec::new()),
-    };
-    let mut starts_per_second = vec![0u64; timeline.len().max(1)];
-    for a in &arrivals {
+    report.duration =
+        (last_start.saturating_duration_since(start) + half_gap).max(Duration::from_millis(1));
+    for a in arrivals.iter().take(report.started_sessions) {
         let i = a.as_secs() as usize;
-        if i >= starts_per_second.len() {
-            starts_per_second.resize(i + 1, 0);
+        if i >= report.starts_per_second.len() {
+            report.starts_per_second.resize(i + 1, 0);
         }
-        starts_per_second[i] += 1;
-    }
-    let mut report = Report {
-        scheduled_sessions: arrivals.len(),
-        started_sessions: arrivals.len(),
-        late_starts: late,
-        duration: duration.max(Duration::from_millis(1)),
-        scenarios: per_scenario,
-        timeline,
-        starts_per_second,
-        steps,
-        total,
-        slo_results: Vec::new(),
-    };
-    for slo in &plan.slos {
-        let s = match &slo.step {
-            Some(name) => report.steps.get(name),
-            None => Some(&report.total),
-        };
-        let result = match (s, &slo.limit) {
-            (None, _) => (false, "no requests of that step".to_owned()),
-            (Some(s), SloLimit::Latency(q, limit)) => {
-                let v = s.quantile(*q);
-                if v < *limit {
-                    (true, fmt_ms(v))
-                } else {
-                    (
-                        false,
-                        format!("{} (over by {})", fmt_ms(v), fmt_ms(v - *limit)),
-                    )
-                }
-            }
-            (Some(s), SloLimit::ErrorRate(limit)) => {
-                let v = s.error_rate();
-                if v < *limit {
-                    (true, format!("{:.4}%", v * 100.0))
-                } else {
-                    (
-                        false,
-                        format!(
-                            "{:.4}% (over by {:.4} points)",
-                            v * 100.0,
-                            (v - limit) * 100.0
-                        ),
-                    )
-                }
-            }
-        };
-        report
-            .slo_results
-            .push((slo.label.clone(), result.0, result.1));
+        report.starts_per_second[i] += 1;
     }
     report
 }
 
-/// A live line on the terminal (hidden when stderr is not one): elapsed time, requests,
-/// the last second's rate and p99, errors so far.
-async fn show_progress(stats: Shared, start: Instant, scheduled: usize) {
+async fn run_closed(
+    target: &Arc<Target>,
+    users: usize,
+    deadline: Instant,
+    stats: &Shared,
+    start: Instant,
+) -> Report {
+    let iterations = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..users {
+        let (target, stats, iterations) = (target.clone(), stats.clone(), iterations.clone());
+        tasks.spawn(async move {
+            let mut conn = Conn::new(&target.authority);
+            let mut mine: BTreeMap<usize, u64> = BTreeMap::new();
+            while Instant::now() < deadline {
+                let n = iterations.fetch_add(1, Ordering::Relaxed);
+                let scenario = plan::weighted_pick(&target.weights, n);
+                *mine.entry(scenario).or_default() += 1;
+                session(&target, scenario, &mut conn, Instant::now(), start, &stats).await;
+            }
+            mine
+        });
+    }
+    let mut report = empty_report(0);
+    while let Some(done) = tasks.join_next().await {
+        for (scenario, count) in done.unwrap_or_default() {
+            let name = target.scenarios[scenario].0.clone();
+            *report.scenarios.entry(name).or_default() += count;
+            report.started_sessions += count as usize;
+        }
+    }
+    report.scheduled_sessions = report.started_sessions;
+    report.duration = start.elapsed().max(Duration::from_millis(1));
+    report
+}
+
+/// Once a second: the progress line, the autoscaler's counts (with `--admin`), and with
+/// `abort_early` whether an SLO has become hopeless.
+async fn watch(
+    plan: Plan,
+    stats: Shared,
+    scaler: Arc<Mutex<Vec<Option<ScalerSample>>>>,
+    start: Instant,
+    bounds: Option<(u64, BTreeMap<String, u64>)>,
+    abort: tokio::sync::watch::Sender<Option<String>>,
+) {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    let _hide_on_exit = scopeguard(bar.clone());
+    let _hide_on_exit = clear_on_drop(bar.clone());
+    let mut admin = plan
+        .admin
+        .as_ref()
+        .map(|a| (AdminReader::new(a), a.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let line = stats.lock().ok().map(|s| {
-            let second = start.elapsed().as_secs().saturating_sub(1) as usize;
-            let last = s.2.get(second);
-            format!(
-                "{} requests ({scheduled} sessions scheduled) | last second: {} req, p99 {} | errors {}",
-                s.1.ok + s.1.errors,
-                last.map_or(0, |b| b.ok + b.errors),
-                last.map_or("-".into(), |b| fmt_ms(b.quantile(0.99))),
-                s.1.errors
-            )
-        });
-        if let Some(line) = line {
-            bar.set_message(line);
+        let second = start.elapsed().as_secs() as usize;
+        if let Some((reader, _)) = admin.as_mut() {
+            let sample = reader.read().await;
+            let mut v = scaler.lock().unwrap_or_else(|p| p.into_inner());
+            if v.len() <= second {
+                v.resize(second + 1, None);
+            }
+            v[second] = sample;
         }
+        let (line, hopeless) = {
+            let s = stats.lock().unwrap_or_else(|p| p.into_inner());
+            let last = s.timeline.get(second.saturating_sub(1));
+            let line = format!(
+                "{} requests | last second: {} req, p99 {} | errors {}",
+                s.total.count(),
+                last.map_or(0, StepStats::count),
+                last.map_or("-".into(), |b| report::fmt_ms(b.quantile(0.99))),
+                s.total.errors
+            );
+            let hopeless = bounds.as_ref().and_then(|(total, steps)| {
+                plan.slos.iter().find_map(|slo| {
+                    let (st, bound) = match &slo.step {
+                        Some(name) => (s.steps.get(name), steps.get(name).copied().unwrap_or(0)),
+                        None => (Some(&s.total), *total),
+                    };
+                    report::hopeless(slo, st, bound).then(|| {
+                        format!(
+                            "after {second} s, SLO `{}` cannot pass any more ({}; at most {bound} requests in the run)",
+                            slo.label,
+                            report::check(slo, st).1
+                        )
+                    })
+                })
+            });
+            (line, hopeless)
+        };
+        bar.set_message(line);
         bar.tick();
+        if let Some(why) = hopeless {
+            let _ = abort.send(Some(why));
+            return;
+        }
+    }
+}
+
+/// Reads `GET /v1/autoscaler` from a surge admin API.
+struct AdminReader {
+    conn: Conn,
+    uri: Uri,
+    host: HeaderValue,
+    auth: Option<HeaderValue>,
+}
+
+impl AdminReader {
+    fn new(watch: &AdminWatch) -> AdminReader {
+        let base = watch.url.trim_end_matches('/');
+        let uri: Uri = format!("{base}/v1/autoscaler")
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        AdminReader {
+            conn: Conn::new(&authority),
+            host: HeaderValue::from_str(&authority)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            uri: uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/")),
+            auth: watch
+                .token
+                .as_ref()
+                .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()),
+        }
+    }
+
+    /// `None` when the admin API did not answer within 800 ms or answered something else.
+    async fn read(&mut self) -> Option<ScalerSample> {
+        let mut req = Request::get(self.uri.clone()).header(http::header::HOST, self.host.clone());
+        if let Some(auth) = &self.auth {
+            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let req = req.body(Full::new(Bytes::new())).ok()?;
+        let body = tokio::time::timeout(Duration::from_millis(800), async {
+            let resp = self.conn.send(req).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+        })
+        .await
+        .ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(ScalerSample {
+            desired: v.get("desired")?.as_u64()?,
+            in_service: v.get("in_service")?.as_u64()?,
+        })
     }
 }
 
 /// Clears the progress line when the task ends or is aborted.
-fn scopeguard(bar: indicatif::ProgressBar) -> impl Drop {
+fn clear_on_drop(bar: indicatif::ProgressBar) -> impl Drop {
     struct Clear(indicatif::ProgressBar);
     impl Drop for Clear {
         fn drop(&mut self) {
@@ -641,46 +517,43 @@ fn scopeguard(bar: indicatif::ProgressBar) -> impl Drop {
     Clear(bar)
 }
 
-/// One shopper: a fresh connection, a cookie jar, the scenario's steps in order.
+/// One shopper: the scenario's steps in order on `conn`, with a cookie jar. The first
+/// step's latency counts from `intended` (its scheduled start); later steps from when the
+/// previous answer arrived (plus think time).
 async fn session(
-    scenario: FileScenario,
-    target: String,
-    timeout: Duration,
+    target: &Target,
+    scenario: usize,
+    conn: &mut Conn,
     intended: Instant,
     run_start: Instant,
-    stats: Shared,
+    stats: &Shared,
 ) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let Some((_, steps)) = target.scenarios.get(scenario) else {
+        return;
+    };
     let mut cookies: BTreeMap<String, String> = BTreeMap::new();
     let mut step_intended = intended;
-    for step in &scenario.steps {
+    for step in steps {
         if !step.think.is_zero() {
             tokio::time::sleep(step.think).await;
             step_intended = Instant::now();
         }
         let mut req = Request::builder()
-            .method(Method::from_bytes(step.method.as_bytes()).unwrap_or(Method::GET))
-            .uri(format!("{target}{}", step.path));
+            .method(step.method.clone())
+            .uri(step.uri.clone())
+            .header(http::header::HOST, target.host.clone());
         if !cookies.is_empty() {
             let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
             req = req.header(http::header::COOKIE, jar.join("; "));
         }
-        if step.body.is_some() {
+        if step.json {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
-        let body = Bytes::from(step.body.clone().unwrap_or_default());
-        let Ok(req) = req.body(Full::new(body)) else {
+        let Ok(req) = req.body(Full::new(step.body.clone())) else {
             return;
         };
-        let answer = tokio::time::timeout(timeout, async {
-            let resp = client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    "connect_error"
-                } else {
-                    "io_error"
-                }
-            })?;
+        let answer = tokio::time::timeout(target.timeout, async {
+            let resp = conn.send(req).await?;
             let (parts, body) = resp.into_parts();
             body.collect().await.map_err(|_| "io_error")?;
             Ok::<_, &'static str>(parts)
@@ -701,30 +574,34 @@ async fn session(
                     }
                 }
                 let s = parts.status.as_u16();
-                let class = if s == 503 {
-                    "503".to_owned()
-                } else {
-                    format!("{}xx", s / 100)
-                };
-                (class, s == step.expect)
+                (status_class(s), s == step.expect)
             }
-            Ok(Err(kind)) => ((*kind).to_owned(), false),
-            Err(_) => ("timeout".to_owned(), false),
+            Ok(Err(kind)) => (*kind, false),
+            Err(_) => ("timeout", false),
         };
-        if let Ok(mut s) = stats.lock() {
-            s.0.entry(step.name.clone())
-                .or_insert_with(StepStats::new)
-                .record(latency, &outcome, good);
-            s.1.record(latency, &outcome, good);
-            let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
-            if s.2.len() <= second {
-                s.2.resize_with(second + 1, StepStats::new);
-            }
-            s.2[second].record(latency, &outcome, good);
+        if answer.is_err() || matches!(answer, Ok(Err(_))) {
+            // The connection's state is unknown after a failure: start afresh.
+            conn.sender = None;
         }
+        let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
+        stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&step.name, second, latency, outcome, good);
         if !good {
             return;
         }
         step_intended = Instant::now();
+    }
+}
+
+fn status_class(s: u16) -> &'static str {
+    match s {
+        503 => "503",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }

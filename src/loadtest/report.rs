@@ -1,0 +1,482 @@
+//! What a run measured: HDR histograms per step, per second and in all, outcome counts,
+//! SLO verdicts, and the renderings (terminal table, JSON, self-contained HTML with SVG).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::plan::{Slo, SloLimit};
+
+/// The longest latency a histogram keeps (an hour, in µs); longer is clamped.
+const MAX_US: u64 = 3_600_000_000;
+
+/// Measurements of one step (or of all steps, or of one second).
+#[derive(Debug)]
+pub struct StepStats {
+    latency: Histogram<u64>,
+    pub ok: u64,
+    pub errors: u64,
+    /// Responses by status class and failures by kind.
+    pub outcomes: BTreeMap<&'static str, u64>,
+}
+
+impl StepStats {
+    /// Three significant digits: what the final percentiles are read from.
+    pub fn new() -> Self {
+        Self::with_precision(3)
+    }
+
+    /// Two significant digits (1%) for the per-second buckets: a sales-day run has
+    /// hundreds of them and three digits would cost ~180 KB each.
+    pub fn coarse() -> Self {
+        Self::with_precision(2)
+    }
+
+    fn with_precision(sigfig: u8) -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, MAX_US, sigfig)
+                .expect("static histogram bounds"),
+            ok: 0,
+            errors: 0,
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, latency: Duration, outcome: &'static str, good: bool) {
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_US);
+        let _ = self.latency.record(us);
+        if good {
+            self.ok += 1;
+        } else {
+            self.errors += 1;
+        }
+        *self.outcomes.entry(outcome).or_default() += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.ok + self.errors
+    }
+
+    pub fn quantile(&self, q: f64) -> Duration {
+        Duration::from_micros(self.latency.value_at_quantile(q))
+    }
+
+    fn max(&self) -> Duration {
+        Duration::from_micros(self.latency.max())
+    }
+
+    /// Requests that took `limit` or longer.
+    fn at_or_over(&self, limit: Duration) -> u64 {
+        let us = u64::try_from(limit.as_micros()).unwrap_or(MAX_US);
+        self.latency.count_between(us, MAX_US)
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            0.0
+        } else {
+            self.errors as f64 / n as f64
+        }
+    }
+}
+
+impl Default for StepStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether an SLO holds on what was measured, and the measured value in words.
+pub fn check(slo: &Slo, stats: Option<&StepStats>) -> (bool, String) {
+    let Some(s) = stats.filter(|s| s.count() > 0) else {
+        return (false, "no requests of that step".to_owned());
+    };
+    match &slo.limit {
+        SloLimit::Latency(q, limit) => {
+            let v = s.quantile(*q);
+            if v < *limit {
+                (true, fmt_ms(v))
+            } else {
+                (
+                    false,
+                    format!("{} (over by {})", fmt_ms(v), fmt_ms(v - *limit)),
+                )
+            }
+        }
+        SloLimit::ErrorRate(limit) => {
+            let v = s.error_rate();
+            if v < *limit {
+                (true, format!("{:.4}%", v * 100.0))
+            } else {
+                (
+                    false,
+                    format!(
+                        "{:.4}% (over by {:.4} points)",
+                        v * 100.0,
+                        (v - limit) * 100.0
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// True when the SLO cannot pass any more, even if every request still to come (at most
+/// `bound` requests in all, counting those measured) succeeds at once: the errors, or the
+/// requests at or over the latency limit, already exceed the allowed share of `bound`.
+pub fn hopeless(slo: &Slo, stats: Option<&StepStats>, bound: u64) -> bool {
+    let Some(s) = stats else { return false };
+    let bound = bound.max(s.count()) as f64;
+    match &slo.limit {
+        SloLimit::ErrorRate(limit) => s.errors as f64 >= limit * bound,
+        SloLimit::Latency(q, limit) => s.at_or_over(*limit) as f64 > (1.0 - q) * bound + 1.0,
+    }
+}
+
+/// The autoscaler's counts at one second of the run (from `--admin`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScalerSample {
+    pub desired: u64,
+    pub in_service: u64,
+}
+
+/// The outcome of a run.
+#[derive(Debug)]
+pub struct Report {
+    /// `open model` or `closed model: N users`, printed on top of every rendering.
+    pub model: String,
+    pub scheduled_sessions: usize,
+    pub started_sessions: usize,
+    /// Sessions that started more than 10 ms after their intended time.
+    pub late_starts: usize,
+    pub duration: Duration,
+    /// Sessions started per scenario.
+    pub scenarios: BTreeMap<String, u64>,
+    /// Requests by the second of their intended start.
+    pub timeline: Vec<StepStats>,
+    /// Sessions started per second.
+    pub starts_per_second: Vec<u64>,
+    /// Autoscaler counts per second, when the run watched an admin API.
+    pub autoscaler: Vec<Option<ScalerSample>>,
+    pub steps: BTreeMap<String, StepStats>,
+    pub total: StepStats,
+    /// `(slo label, passed, measured value in words)`.
+    pub slo_results: Vec<(String, bool, String)>,
+    /// Why the run stopped early, if it did.
+    pub aborted: Option<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.aborted.is_none() && self.slo_results.iter().all(|(_, ok, _)| *ok)
+    }
+
+    /// Achieved session arrivals per second.
+    pub fn arrival_rate(&self) -> f64 {
+        self.started_sessions as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// Completed requests (answered or failed) per second.
+    pub fn request_rate(&self) -> f64 {
+        self.total.count() as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// A quantile of one step's latency, or of all steps.
+    pub fn quantile(&self, step: Option<&str>, q: f64) -> Option<Duration> {
+        let s = match step {
+            Some(name) => self.steps.get(name)?,
+            None => &self.total,
+        };
+        (s.count() > 0).then(|| s.quantile(q))
+    }
+
+    /// Checks every SLO of the plan against the measurements.
+    pub fn check_slos(&mut self, slos: &[Slo]) {
+        self.slo_results = slos
+            .iter()
+            .map(|slo| {
+                let s = match &slo.step {
+                    Some(name) => self.steps.get(name),
+                    None => Some(&self.total),
+                };
+                let (ok, measured) = check(slo, s);
+                (slo.label.clone(), ok, measured)
+            })
+            .collect();
+    }
+
+    /// The terminal table.
+    pub fn table(&self) -> String {
+        let scenarios: Vec<String> = self
+            .scenarios
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let mut out = format!("{}\n", self.model);
+        out.push_str(&format!(
+            "sessions: {} scheduled, {} started ({:.1}/s achieved), {} late starts; {:.1} s; {:.1} requests/s; {}\n",
+            self.scheduled_sessions,
+            self.started_sessions,
+            self.arrival_rate(),
+            self.late_starts,
+            self.duration.as_secs_f64(),
+            self.request_rate(),
+            scenarios.join(", ")
+        ));
+        out.push_str(&format!(
+            "{:<14} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}  outcomes\n",
+            "step", "ok", "errors", "p50", "p90", "p99", "max"
+        ));
+        let rows = self
+            .steps
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .chain([("(all)", &self.total)]);
+        for (name, s) in rows {
+            let outcomes: Vec<String> =
+                s.outcomes.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            out.push_str(&format!(
+                "{:<14} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}  {}\n",
+                name,
+                s.ok,
+                s.errors,
+                fmt_ms(s.quantile(0.5)),
+                fmt_ms(s.quantile(0.9)),
+                fmt_ms(s.quantile(0.99)),
+                fmt_ms(s.max()),
+                outcomes.join(" ")
+            ));
+        }
+        let seen: Vec<ScalerSample> = self.autoscaler.iter().flatten().copied().collect();
+        if let (Some(first), Some(last)) = (seen.first(), seen.last()) {
+            out.push_str(&format!(
+                "autoscaler: in service {} → {} (peak {}), desired peak {}; {} of {} seconds read\n",
+                first.in_service,
+                last.in_service,
+                seen.iter().map(|s| s.in_service).max().unwrap_or(0),
+                seen.iter().map(|s| s.desired).max().unwrap_or(0),
+                seen.len(),
+                self.autoscaler.len()
+            ));
+        }
+        if let Some(why) = &self.aborted {
+            out.push_str(&format!("ABORTED: {why}\n"));
+        }
+        for (label, ok, measured) in &self.slo_results {
+            out.push_str(&format!(
+                "SLO {} {label}: {measured}\n",
+                if *ok { "passed" } else { "FAILED" }
+            ));
+        }
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let step = |s: &StepStats| {
+            json!({
+                "ok": s.ok, "errors": s.errors, "error_rate": s.error_rate(), "outcomes": s.outcomes,
+                "p50_ms": ms(s.quantile(0.5)), "p90_ms": ms(s.quantile(0.9)), "p99_ms": ms(s.quantile(0.99)),
+                "p999_ms": ms(s.quantile(0.999)), "max_ms": ms(s.max()),
+            })
+        };
+        json!({
+            "model": self.model,
+            "scheduled_sessions": self.scheduled_sessions, "started_sessions": self.started_sessions,
+            "late_starts": self.late_starts, "duration_s": self.duration.as_secs_f64(),
+            "arrival_rate": self.arrival_rate(), "request_rate": self.request_rate(),
+            "scenarios": self.scenarios,
+            "steps": self.steps.iter().map(|(k, v)| (k.clone(), step(v))).collect::<serde_json::Map<_, _>>(),
+            "total": step(&self.total),
+            "aborted": self.aborted,
+            "passed": self.passed(),
+            "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
+            "timeline": (0..self.seconds()).map(|i| {
+                let b = self.timeline.get(i);
+                let scaler = self.autoscaler.get(i).copied().flatten();
+                json!({
+                    "second": i, "sessions": self.starts_per_second.get(i).copied().unwrap_or(0),
+                    "ok": b.map_or(0, |b| b.ok), "errors": b.map_or(0, |b| b.errors),
+                    "outcomes": b.map(|b| b.outcomes.clone()).unwrap_or_default(),
+                    "p50_ms": b.map(|b| ms(b.quantile(0.5))), "p99_ms": b.map(|b| ms(b.quantile(0.99))),
+                    "desired": scaler.map(|s| s.desired), "in_service": scaler.map(|s| s.in_service),
+                })
+            }).collect::<Vec<_>>(),
+        })
+    }
+
+    fn seconds(&self) -> usize {
+        self.timeline
+            .len()
+            .max(self.starts_per_second.len())
+            .max(self.autoscaler.len())
+    }
+
+    /// A self-contained HTML page: the table and SVG plots over time.
+    pub fn html(&self) -> String {
+        let secs = self.seconds();
+        let series = |f: &dyn Fn(usize) -> f64| (0..secs).map(f).collect::<Vec<f64>>();
+        let bucket = |i: usize, q: f64| self.timeline.get(i).map_or(0.0, |b| ms(b.quantile(q)));
+        let p50 = series(&|i| bucket(i, 0.5));
+        let p99 = series(&|i| bucket(i, 0.99));
+        let rate = series(&|i| self.starts_per_second.get(i).copied().unwrap_or(0) as f64);
+        let requests = series(&|i| self.timeline.get(i).map_or(0.0, |b| b.count() as f64));
+        let errors = series(&|i| self.timeline.get(i).map_or(0.0, |b| b.errors as f64));
+        let mut spec_rows = String::new();
+        for q in [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0] {
+            spec_rows.push_str(&format!(
+                "<tr><td>{:.2}%</td><td>{:.2} ms</td></tr>",
+                q * 100.0,
+                ms(self.total.quantile(q))
+            ));
+        }
+        let scaler = if self.autoscaler.iter().any(Option::is_some) {
+            let pick = |f: fn(&ScalerSample) -> u64| {
+                series(&|i| {
+                    self.autoscaler
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map_or(0.0, |s| f(&s) as f64)
+                })
+            };
+            format!(
+                "<h2>Autoscaler: desired (purple) and in service (black) nodes</h2>{}",
+                svg_chart(&[
+                    (&pick(|s| s.desired), "#9467bd"),
+                    (&pick(|s| s.in_service), "#000000")
+                ])
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "<!doctype html><meta charset=utf-8><title>surge load test</title>\
+             <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0}}</style>\
+             <h1>surge load test</h1><pre>{}</pre>\
+             <h2>Latency over time (p50 blue, p99 red, ms)</h2>{}\
+             <h2>New sessions (green) and requests (grey) per second</h2>{}\
+             <h2>Errors per second</h2>{}{scaler}\
+             <h2>Percentile spectrum (all steps)</h2><table>{spec_rows}</table>",
+            html_escape(&self.table()),
+            svg_chart(&[(&p50, "#1f77b4"), (&p99, "#d62728")]),
+            svg_chart(&[(&rate, "#2ca02c"), (&requests, "#888888")]),
+            svg_chart(&[(&errors, "#ff7f0e")]),
+        )
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A line chart of per-second series, 720×200, with the maximum labelled.
+fn svg_chart(series: &[(&Vec<f64>, &str)]) -> String {
+    let (w, h) = (720.0, 200.0);
+    let n = series
+        .iter()
+        .map(|(s, _)| s.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let max = series
+        .iter()
+        .flat_map(|(s, _)| s.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
+    );
+    for (s, color) in series {
+        let points: Vec<String> = s
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    i as f64 * w / (n - 1) as f64,
+                    h - v / max * (h - 20.0)
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
+            points.join(" ")
+        ));
+    }
+    out.push_str(&format!("<text x='4' y='14' font-size='12'>max {max:.2}</text><text x='{}' y='{}' font-size='12'>{} s</text></svg>", w - 40.0, h - 4.0, n));
+    out
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn fmt_ms(d: Duration) -> String {
+    format!("{:.2}ms", ms(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slo(limit: SloLimit) -> Slo {
+        Slo {
+            label: "x".into(),
+            step: None,
+            limit,
+        }
+    }
+
+    #[test]
+    fn an_error_budget_spent_on_the_whole_run_is_hopeless_before_the_end() {
+        let s = slo(SloLimit::ErrorRate(0.01));
+        let mut st = StepStats::new();
+        for _ in 0..50 {
+            st.record(Duration::from_millis(1), "2xx", true);
+        }
+        for _ in 0..9 {
+            st.record(Duration::from_millis(1), "5xx", false);
+        }
+        // 9 errors of at most 1,000 requests: 0.9% still possible.
+        assert!(!hopeless(&s, Some(&st), 1000));
+        st.record(Duration::from_millis(1), "5xx", false);
+        // 10 of at most 1,000: 1.0% at best, not below 1%.
+        assert!(hopeless(&s, Some(&st), 1000));
+        assert!(!check(&s, Some(&st)).0);
+    }
+
+    #[test]
+    fn slow_requests_beyond_the_tail_share_make_a_percentile_hopeless() {
+        let s = slo(SloLimit::Latency(0.99, Duration::from_millis(100)));
+        let mut st = StepStats::new();
+        for _ in 0..10 {
+            st.record(Duration::from_millis(500), "2xx", true);
+        }
+        // 10 slow of at most 1,000: 1% may still sit above p99's cut: not yet.
+        assert!(!hopeless(&s, Some(&st), 1000));
+        for _ in 0..2 {
+            st.record(Duration::from_millis(500), "2xx", true);
+        }
+        assert!(hopeless(&s, Some(&st), 1000));
+        // A bound that grows (more requests to come) makes it possible again.
+        assert!(!hopeless(&s, Some(&st), 100_000));
+    }
+
+    #[test]
+    fn check_says_by_how_much() {
+        let s = slo(SloLimit::Latency(0.5, Duration::from_millis(5)));
+        let mut st = StepStats::new();
+        st.record(Duration::from_millis(20), "2xx", true);
+        let (ok, words) = check(&s, Some(&st));
+        assert!(!ok);
+        assert!(words.contains("over by 15."), "{words}");
+        assert_eq!(check(&s, None).1, "no requests of that step");
+    }
+}
