@@ -32,6 +32,7 @@ fn pool(n: usize, algorithm: Algorithm) -> Arc<Pool> {
             max_percent: 50,
         },
         shed: None,
+        protocol: Default::default(),
     };
     let backends = (0..n)
         .map(|i| {

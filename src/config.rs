@@ -95,6 +95,56 @@ struct FileConfig {
     autoscale: Option<FileAutoscale>,
     #[serde(default)]
     local_blades: Option<FileLocalBlades>,
+    #[serde(default)]
+    listeners: Vec<FileListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    listen: String,
+    #[serde(default)]
+    tls: Option<FileTls>,
+    #[serde(default)]
+    h2c: bool,
+    #[serde(default)]
+    redirect_https: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    hsts: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    #[serde(default)]
+    certificates: Vec<FileCert>,
+    #[serde(default)]
+    self_signed: Option<FileSelfSigned>,
+    #[serde(default = "default_watch_interval", with = "humantime_serde")]
+    watch_interval: Duration,
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCert {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSelfSigned {
+    dir: PathBuf,
+    #[serde(default = "default_self_signed_names")]
+    names: Vec<String>,
+}
+
+fn default_self_signed_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,7 +312,7 @@ impl Default for FileAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileProxy {
-    listen: String,
+    listen: Option<String>,
     workers: usize,
     #[serde(with = "humantime_serde")]
     connect_timeout: Duration,
@@ -281,7 +331,7 @@ struct FileProxy {
 impl Default for FileProxy {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8080".into(),
+            listen: None,
             workers: 0,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(30),
@@ -311,6 +361,8 @@ struct FilePool {
     ejection: FileEjection,
     #[serde(default)]
     shed: FileShed,
+    #[serde(default)]
+    protocol: UpstreamProtocol,
     #[serde(default)]
     backends: Vec<FileBackend>,
 }
@@ -458,7 +510,9 @@ pub struct Config {
 /// The shopper-facing listener and the upstream request path.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub listen: SocketAddr,
+    /// Where shoppers connect: `[[listeners]]`, or one plain listener at `proxy.listen`.
+    /// Never empty.
+    pub listeners: Vec<ListenerConfig>,
     /// Number of worker threads, each with its own single-threaded runtime and its own
     /// `SO_REUSEPORT` listener. Always ≥ 1 here (0 in the file means one per core).
     pub workers: usize,
@@ -575,6 +629,58 @@ pub enum Algorithm {
     RoundRobin,
 }
 
+/// The protocol surge speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive connection pools (one request per connection at a time).
+    #[default]
+    Http1,
+    /// HTTP/2 over plain TCP (prior knowledge): one multiplexed connection per backend
+    /// per worker.
+    H2c,
+}
+
+/// One address shoppers connect to.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// TLS termination; `None` for plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Plain listeners: accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1.
+    pub h2c: bool,
+    /// Plain listeners: answer every request with a 308 to this `https://` origin.
+    pub redirect_https: Option<String>,
+    /// TLS listeners: `Strict-Transport-Security: max-age=…` on every response.
+    pub hsts: Option<Duration>,
+}
+
+/// Certificates of a TLS listener. Paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Chosen by SNI (the names each certificate is valid for); the first is the default
+    /// for clients that send no name or one no certificate covers.
+    pub certificates: Vec<CertPair>,
+    /// Generate a self-signed certificate into this folder at first start (demo, tests).
+    pub self_signed: Option<SelfSigned>,
+    /// How often the files are checked for changes (rotation without a restart).
+    pub watch_interval: Duration,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where a generated self-signed certificate lives and the names it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfSigned {
+    pub dir: PathBuf,
+    pub names: Vec<String>,
+}
+
 /// Cart affinity: which cookie identifies a shopper's session.
 #[derive(Debug, Clone)]
 pub struct StickyConfig {
@@ -595,6 +701,8 @@ pub struct PoolConfig {
     pub ejection: EjectionConfig,
     /// Load shedding (off when `max_in_flight_per_node` is 0).
     pub shed: ShedConfig,
+    /// HTTP/1.1 or h2c to the backends.
+    pub protocol: UpstreamProtocol,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -789,13 +897,111 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
     };
 
     let p = &raw.proxy;
-    let listen = p.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+    let mut listeners = Vec::new();
+    if raw.listeners.is_empty() {
+        let text = p.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen = text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            bad(
+                "proxy.listen",
+                format!("`{text}` is not an IP:port address"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        listeners.push(ListenerConfig {
+            listen,
+            tls: None,
+            h2c: false,
+            redirect_https: None,
+            hsts: None,
+        });
+    } else if p.listen.is_some() {
         bad(
             "proxy.listen",
-            format!("`{}` is not an IP:port address", p.listen),
+            "give the listeners either as proxy.listen or as [[listeners]], not both".into(),
         );
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    });
+    }
+    let mut seen_addrs = HashSet::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let listen = l.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            bad(
+                &key("listen"),
+                format!("`{}` is not an IP:port address", l.listen),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        if listen.port() != 0 && !seen_addrs.insert(listen) {
+            bad(&key("listen"), format!("{listen} is listed twice"));
+        }
+        let tls = l.tls.as_ref().map(|t| {
+            if t.certificates.is_empty() && t.self_signed.is_none() {
+                bad(
+                    &key("tls"),
+                    "needs [[listeners.tls.certificates]] (cert and key PEM files) or self_signed"
+                        .into(),
+                );
+            }
+            if let Some(ss) = &t.self_signed {
+                if ss.names.is_empty() {
+                    bad(
+                        &key("tls.self_signed.names"),
+                        "needs at least one name".into(),
+                    );
+                }
+            }
+            if t.watch_interval.is_zero() {
+                bad(&key("tls.watch_interval"), "must be greater than 0".into());
+            }
+            TlsConfig {
+                certificates: t
+                    .certificates
+                    .iter()
+                    .map(|c| CertPair {
+                        cert: c.cert.clone(),
+                        key: c.key.clone(),
+                    })
+                    .collect(),
+                self_signed: t.self_signed.as_ref().map(|s| SelfSigned {
+                    dir: s.dir.clone(),
+                    names: s.names.clone(),
+                }),
+                watch_interval: t.watch_interval,
+            }
+        });
+        if tls.is_some() && (l.h2c || l.redirect_https.is_some()) {
+            bad(
+                &key("tls"),
+                "h2c and redirect_https are for plain listeners (TLS listeners speak h2 by ALPN)"
+                    .into(),
+            );
+        }
+        if tls.is_none() && l.hsts.is_some() {
+            bad(&key("hsts"), "only TLS listeners can send HSTS".into());
+        }
+        if let Some(r) = &l.redirect_https {
+            let ok = r
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| u.scheme_str() == Some("https") && u.authority().is_some())
+                .is_some_and(|u| u.path() == "/" || u.path().is_empty());
+            if !ok {
+                bad(
+                    &key("redirect_https"),
+                    format!("`{r}` must be an https:// origin, e.g. \"https://shop.example\""),
+                );
+            }
+        }
+        listeners.push(ListenerConfig {
+            listen,
+            tls,
+            h2c: l.h2c,
+            redirect_https: l
+                .redirect_https
+                .as_ref()
+                .map(|r| r.trim_end_matches('/').to_owned()),
+            hsts: l.hsts,
+        });
+    }
     if p.workers > 256 {
         bad("proxy.workers", format!("{} is more than 256", p.workers));
     }
@@ -1189,7 +1395,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
     Ok(Config {
         source,
         proxy: ProxyConfig {
-            listen,
+            listeners,
             workers,
             connect_timeout: p.connect_timeout,
             response_timeout: p.response_timeout,
@@ -1224,6 +1430,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
                 priority_prefixes: pool.shed.priority_prefixes.clone(),
                 priority_headroom_percent: pool.shed.priority_headroom_percent,
             },
+            protocol: pool.protocol,
             backends,
         },
         admin: AdminConfig {
@@ -1263,7 +1470,10 @@ mod tests {
     #[test]
     fn embedded_default_is_valid() {
         let cfg = parse(EMBEDDED_DEFAULT).expect("embedded default must validate");
-        assert_eq!(cfg.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            cfg.proxy.listeners[0].listen,
+            "127.0.0.1:8080".parse().unwrap()
+        );
         assert!(cfg.local_blades.map_or(0, |l| l.count) >= 2);
     }
 

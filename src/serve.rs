@@ -169,7 +169,9 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
         _ => None,
     };
     let proxy_listening = Arc::new(AtomicBool::new(false));
+    let tls_sets = Arc::new(std::sync::OnceLock::new());
     let admin = admin::start(Admin {
+        tls: tls_sets.clone(),
         autoscaler: autoscaler.clone(),
         pool: pool.clone(),
         cfg: cfg.admin.clone(),
@@ -179,6 +181,16 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     .await?;
     let proxy = proxy::start(&cfg.proxy, pool.clone())?;
     proxy_listening.store(true, Ordering::Relaxed);
+    let _ = tls_sets.set(proxy.tls.clone());
+    for tls in &proxy.tls {
+        let (tls, mut stop) = (tls.clone(), background.subscribe());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tls.watch() => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
     Ok(Running {
         proxy,
         admin,
@@ -194,9 +206,15 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
 pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let running = start(&cfg).await?;
     let table = running.pool.snapshot();
+    let listeners: Vec<String> = running
+        .proxy
+        .listeners
+        .iter()
+        .map(|b| format!("{}://{}", if b.tls { "https" } else { "http" }, b.addr))
+        .collect();
     println!(
-        "surge: proxy on http://{} ({} workers), admin on http://{}, pool `{}` with {} backends: {}",
-        running.proxy.local_addr,
+        "surge: proxy on {} ({} workers), admin on http://{}, pool `{}` with {} backends: {}",
+        listeners.join(" and "),
         cfg.proxy.workers,
         running.admin.local_addr,
         cfg.pool.name,
@@ -215,7 +233,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             sim.url()
         );
     }
-    wait_for_signal().await;
+    wait_for_signal(&running).await;
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
@@ -224,19 +242,30 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or Ctrl-C; SIGHUP meanwhile reloads the TLS certificates.
+async fn wait_for_signal(running: &Running) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    for r in running.proxy.reload_tls("SIGHUP") {
+                        match r {
+                            Ok(summary) => println!("surge: SIGHUP: reloaded {summary}"),
+                            Err(e) => eprintln!("surge: SIGHUP: TLS reload refused, old certificates keep serving: {e}"),
+                        }
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }

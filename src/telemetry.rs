@@ -14,6 +14,10 @@ pub mod names {
     pub const REQUEST_DURATION: &str = "surge_request_duration_seconds";
     /// Counter of shopper connections accepted.
     pub const CONNECTIONS_ACCEPTED: &str = "surge_connections_accepted_total";
+    /// Counter of TLS handshakes that failed or timed out.
+    pub const TLS_HANDSHAKE_FAILURES: &str = "surge_tls_handshake_failures_total";
+    /// Counter of certificate reloads, label `result` (`ok`, `refused`).
+    pub const TLS_RELOADS: &str = "surge_tls_reloads_total";
     /// Gauge of requests in flight, label `backend`.
     pub const BACKEND_IN_FLIGHT: &str = "surge_backend_in_flight";
     /// Counter of responses surge made itself, label `code` (502, 503, 504).

@@ -59,6 +59,9 @@ pub struct Admin {
     pub proxy_listening: Arc<AtomicBool>,
     /// The autoscaler's status and pause switch, when one runs.
     pub autoscaler: Option<Arc<crate::autoscale::Shared>>,
+    /// The TLS listeners' certificate sets, filled in once the proxy has started (the
+    /// admin API starts first so that `/readyz` can say the proxy is not up yet).
+    pub tls: Arc<std::sync::OnceLock<Vec<Arc<crate::proxy::tls::Tls>>>>,
 }
 
 /// A running admin API.
@@ -190,6 +193,7 @@ impl Admin {
                     ),
                 })
             }
+            ["v1", "tls", "reload"] => only(&method, &[Method::POST], || self.reload_tls()),
             ["v1", "nodes"] => match method {
                 Method::GET => self.list(),
                 Method::POST => match read_json::<AddBody>(req).await {
@@ -266,6 +270,40 @@ impl Admin {
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         Some(reply)
+    }
+
+    /// Reloads every TLS listener's certificates: 200 when all loaded, 422 naming the
+    /// file and reason when one was refused (its listener keeps its old certificates).
+    fn reload_tls(&self) -> Reply {
+        let sets = self.tls.get().map(Vec::as_slice).unwrap_or_default();
+        if sets.is_empty() {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no TLS listener configured",
+            );
+        }
+        let mut results = Vec::new();
+        let mut failed = false;
+        for t in sets {
+            match t.log_reload("admin API") {
+                Ok(summary) => {
+                    results.push(json!({"listener": t.listener, "ok": true, "detail": summary}))
+                }
+                Err(e) => {
+                    failed = true;
+                    results.push(
+                        json!({"listener": t.listener, "ok": false, "detail": e.to_string()}),
+                    );
+                }
+            }
+        }
+        let status = if failed {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        };
+        json_reply(status, &json!({"reloaded": !failed, "listeners": results}))
     }
 
     fn readyz(&self) -> Reply {

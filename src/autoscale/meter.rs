@@ -115,6 +115,7 @@ mod tests {
                     max_percent: 50,
                 },
                 shed: None,
+                protocol: Default::default(),
             },
             vec![Arc::new(Backend::new(
                 "b",

@@ -394,6 +394,8 @@ pub struct PoolSettings {
     pub ejection: EjectionConfig,
     /// Load shedding; `None` when off.
     pub shed: Option<shed::ShedConfig>,
+    /// What the proxy speaks to the backends.
+    pub protocol: crate::config::UpstreamProtocol,
 }
 
 impl PoolSettings {
@@ -405,6 +407,7 @@ impl PoolSettings {
             slow_start: cfg.slow_start,
             ejection: cfg.ejection.clone(),
             shed: (cfg.shed.max_in_flight_per_node > 0).then(|| cfg.shed.clone()),
+            protocol: cfg.protocol,
         }
     }
 }

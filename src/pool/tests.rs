@@ -23,6 +23,7 @@ fn settings(algorithm: Algorithm, sticky: bool) -> PoolSettings {
             max_percent: 50,
         },
         shed: None,
+        protocol: Default::default(),
     }
 }
 

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 
 use super::headers::{self, RequestIds, X_REQUEST_ID};
 use super::upstream::{Conn, Upstreams};
-use crate::config::{ProxyConfig, StickyConfig};
+use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::{self, Admitted, ShedConfig};
 use crate::pool::{Backend, InFlight, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
@@ -33,6 +33,24 @@ pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 /// Body sent to the shopper: the backend's (holding the in-flight count until it ends), or
 /// one of surge's short error pages.
 pub type DownstreamBody = Either<GuardedBody, Full<Bytes>>;
+
+/// What a request needs to know about the shopper's connection; made once per connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The shopper's address as a header value (for `X-Forwarded-For`).
+    pub client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+    /// Negotiated TLS version and cipher suite, for the access log.
+    pub tls: Option<(&'static str, &'static str)>,
+    /// Whether the connection speaks HTTP/2 (no `Connection` header allowed).
+    pub h2: bool,
+    /// Plain listener set to redirect: the `https://` origin to send shoppers to.
+    pub redirect_https: Option<Rc<str>>,
+    /// `Strict-Transport-Security` value for TLS listeners that send it.
+    pub hsts: Option<HeaderValue>,
+}
 
 /// Everything a worker's request handler needs; one per worker thread.
 pub struct Forwarder {
@@ -52,6 +70,7 @@ impl Forwarder {
             upstreams: Rc::new(Upstreams::new(
                 cfg.connect_timeout,
                 cfg.upstream_idle_timeout,
+                pool.settings().protocol,
             )),
             pool,
             response_timeout: cfg.response_timeout,
@@ -65,15 +84,17 @@ impl Forwarder {
     pub async fn handle(
         self: Rc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        client_ip: HeaderValue,
+        conn_info: Rc<ConnInfo>,
     ) -> Result<Response<DownstreamBody>, Infallible> {
+        if let Some(origin) = &conn_info.redirect_https {
+            return Ok(redirect(origin, &req));
+        }
         let start = Instant::now();
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, &client_ip, "http");
+        headers::add_forwarding(&mut parts.headers, &conn_info.client_ip, conn_info.proto);
         let request_id = self.request_ids.ensure(&mut parts.headers);
 
         // Load shedding: wait briefly for room, else 503 (browsing before buying).
@@ -83,6 +104,10 @@ impl Forwarder {
                 None => {
                     let mut resp = self.shed_response(&request_id);
                     resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                    if let Some(h) = &conn_info.hsts {
+                        resp.headers_mut()
+                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+                    }
                     return Ok(resp);
                 }
             },
@@ -148,7 +173,7 @@ impl Forwarder {
                     continue;
                 }
             };
-            let req = with_origin_form(req, guard.backend());
+            let req = self.upstream_form(req, guard.backend());
             let sent = Instant::now();
             let answer =
                 tokio::time::timeout(self.response_timeout, conn.sender.try_send_request(req))
@@ -230,6 +255,7 @@ impl Forwarder {
                         route.as_deref(),
                         cart.is_some(),
                         start,
+                        conn_info.h2,
                     ),
                     Some(id),
                 )
@@ -243,10 +269,18 @@ impl Forwarder {
         if !resp.headers().contains_key(X_REQUEST_ID) {
             resp.headers_mut().insert(X_REQUEST_ID, request_id);
         }
+        if let Some(h) = &conn_info.hsts {
+            resp.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+        }
         if let Some((method, uri)) = log_line {
+            let (tls_version, cipher) = conn_info.tls.unwrap_or(("-", "-"));
             tracing::info!(
                 target: "surge::access",
-                client = %peer.ip(),
+                client = %conn_info.peer.ip(),
+                proto = conn_info.proto,
+                tls = tls_version,
+                cipher,
                 %method,
                 path = uri.path(),
                 status = resp.status().as_u16(),
@@ -267,6 +301,7 @@ impl Forwarder {
         route: Option<&str>,
         had_cart: bool,
         started: Instant,
+        h2: bool,
     ) -> Response<DownstreamBody> {
         let Held {
             guard,
@@ -290,8 +325,9 @@ impl Forwarder {
             }
         }
         // A draining backend's shoppers should reconnect, so their next requests are
-        // spread over the backends that stay.
-        if guard.state() == State::Draining {
+        // spread over the backends that stay. (HTTP/2 has no such header; its streams
+        // are spread per request anyway.)
+        if !h2 && guard.state() == State::Draining {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -452,9 +488,69 @@ fn clone_bodiless(copy: &Request<()>) -> Request<UpstreamBody> {
     req
 }
 
+impl Forwarder {
+    /// The request as the backend's protocol wants it.
+    fn upstream_form(
+        &self,
+        req: Request<UpstreamBody>,
+        backend: &Backend,
+    ) -> Request<UpstreamBody> {
+        match self.upstreams.protocol {
+            UpstreamProtocol::Http1 => with_origin_form(req, backend),
+            UpstreamProtocol::H2c => with_absolute_form(req, backend),
+        }
+    }
+}
+
+/// A 308 to the same path on the HTTPS origin: keeps the method and body (RFC 9110).
+fn redirect<B>(origin: &str, req: &Request<B>) -> Response<DownstreamBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&format!("{origin}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// HTTP/2 towards the backend: absolute URI (`:scheme` and `:authority` come from it),
+/// with the shopper's host as the authority, and no `Host` header beside it.
+fn with_absolute_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Request<UpstreamBody> {
+    let authority = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| req.uri().authority().cloned())
+        .or_else(|| http::uri::Authority::try_from(&*backend.authority).ok());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = authority;
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    req
+}
+
 /// Makes the request target origin-form (`/path?query`), as HTTP/1.1 requires towards an
-/// origin server, and gives HTTP/1.0 requests without `Host` the backend's.
+/// origin server. `Host` comes from the shopper's request; an HTTP/2 request carries it
+/// as the URI's authority instead, and an HTTP/1.0 one may have none (the backend's then).
 fn with_origin_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Request<UpstreamBody> {
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let path = req
             .uri()

@@ -11,8 +11,10 @@
 pub mod forward;
 pub mod headers;
 pub mod probe;
+pub mod tls;
 pub mod upstream;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -20,21 +22,36 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::ProxyConfig;
+use crate::config::{ListenerConfig, ProxyConfig};
 use crate::pool::Pool;
 use crate::telemetry::names;
-use forward::Forwarder;
+use forward::{ConnInfo, Forwarder};
 
 /// How often a worker closes idle backend connections past their idle timeout.
 const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs hyper's HTTP/2 tasks on the worker's own thread (`spawn_local`): the request
+/// futures hold `Rc`s and never need to cross threads.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +63,33 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("listener {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: tls::TlsError,
+    },
     #[error("cannot start worker thread: {0}")]
     Worker(#[source] std::io::Error),
+}
+
+/// A bound listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub addr: SocketAddr,
+    pub tls: bool,
 }
 
 /// A running proxy. [`ProxyHandle::shutdown`] stops accepting and lets in-flight requests
 /// finish within the configured grace period.
 #[derive(Debug)]
 pub struct ProxyHandle {
-    /// The address shoppers connect to (the real port when the config said port 0).
+    /// The first listener's address (the real port when the config said port 0).
     pub local_addr: SocketAddr,
+    /// Every listener, in the order of the configuration.
+    pub listeners: Vec<Bound>,
+    /// The TLS listeners' certificate sets (for reloads).
+    pub tls: Vec<Arc<tls::Tls>>,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -77,24 +111,78 @@ impl ProxyHandle {
     pub async fn wait(self) {
         let _ = tokio::task::spawn_blocking(move || self.join()).await;
     }
+
+    /// Reloads every TLS listener's certificates; each result names its listener.
+    pub fn reload_tls(&self, why: &str) -> Vec<Result<String, tls::TlsError>> {
+        self.tls.iter().map(|t| t.log_reload(why)).collect()
+    }
 }
 
-/// Binds the listeners and starts the workers. Returns once every listener is bound, so
-/// a bind error is reported here rather than lost in a thread.
+/// What a worker needs to serve one listener (sendable to the worker thread).
+#[derive(Clone)]
+struct ListenerSpec {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    h2c: bool,
+    redirect_https: Option<String>,
+    hsts: Option<HeaderValue>,
+}
+
+impl ListenerSpec {
+    fn new(l: &ListenerConfig, tls: Option<&Arc<tls::Tls>>) -> Self {
+        Self {
+            tls: tls.map(|t| t.server_config()),
+            h2c: l.h2c,
+            redirect_https: l.redirect_https.clone(),
+            hsts: l
+                .hsts
+                .and_then(|d| HeaderValue::from_str(&format!("max-age={}", d.as_secs())).ok()),
+        }
+    }
+}
+
+/// Binds the listeners and starts the workers. Returns once every listener is bound and
+/// every certificate loaded, so such errors are reported here rather than lost in a thread.
 pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyError> {
-    let first = reuseport_listener(cfg.listen)?;
-    let local_addr = first.local_addr().map_err(|source| ProxyError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
-    let mut listeners = vec![first];
-    for _ in 1..cfg.workers.max(1) {
-        listeners.push(reuseport_listener(local_addr)?);
+    let workers_n = cfg.workers.max(1);
+    // sockets[l][w]: listener l's socket for worker w.
+    let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
+    let mut bound = Vec::new();
+    let mut tls_sets = Vec::new();
+    let mut specs = Vec::new();
+    for l in &cfg.listeners {
+        let first = reuseport_listener(l.listen)?;
+        let addr = first.local_addr().map_err(|source| ProxyError::Listen {
+            addr: l.listen,
+            source,
+        })?;
+        let mut these = vec![first];
+        for _ in 1..workers_n {
+            these.push(reuseport_listener(addr)?);
+        }
+        sockets.push(these);
+        let tls = match &l.tls {
+            Some(t) => Some(Arc::new(
+                tls::Tls::new(addr.to_string(), t)
+                    .map_err(|source| ProxyError::Tls { addr, source })?,
+            )),
+            None => None,
+        };
+        specs.push(ListenerSpec::new(l, tls.as_ref()));
+        bound.push(Bound {
+            addr,
+            tls: tls.is_some(),
+        });
+        tls_sets.extend(tls);
     }
     let (tx, rx) = watch::channel(false);
     let request_ids = Arc::new(headers::RequestIds::default());
-    let mut workers = Vec::with_capacity(listeners.len());
-    for (n, listener) in listeners.into_iter().enumerate() {
+    let mut workers = Vec::with_capacity(workers_n);
+    for n in 0..workers_n {
+        let mine: Vec<(std::net::TcpListener, ListenerSpec)> = sockets
+            .iter_mut()
+            .zip(&specs)
+            .filter_map(|(socks, spec)| socks.pop().map(|s| (s, spec.clone())))
+            .collect();
         let cfg = cfg.clone();
         let pool = pool.clone();
         let request_ids = request_ids.clone();
@@ -104,14 +192,18 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
                 let forwarder = Forwarder::new(&cfg, pool, request_ids);
-                run_worker(listener, forwarder, WorkerSettings::from(&cfg), rx)
+                run_worker(mine, forwarder, WorkerSettings::from(&cfg), rx)
             })
             .map_err(ProxyError::Worker)?;
         workers.push(handle);
     }
-    tracing::info!(%local_addr, workers = workers.len(), "proxy listening");
+    for b in &bound {
+        tracing::info!(addr = %b.addr, tls = b.tls, workers = workers.len(), "proxy listening");
+    }
     Ok(ProxyHandle {
-        local_addr,
+        local_addr: bound[0].addr,
+        listeners: bound,
+        tls: tls_sets,
         shutdown: tx,
         workers,
     })
@@ -148,7 +240,7 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyEr
 }
 
 fn run_worker(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
     forwarder: Forwarder,
     settings: WorkerSettings,
     shutdown: watch::Receiver<bool>,
@@ -168,31 +260,58 @@ fn run_worker(
     let local = tokio::task::LocalSet::new();
     local.block_on(
         &runtime,
-        serve(listener, Rc::new(forwarder), settings, shutdown),
+        serve(listeners, Rc::new(forwarder), settings, shutdown),
     );
 }
 
+/// The HTTP server builders of one worker, shared by its connections.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<LocalExec>,
+    /// Plain listeners with h2c: HTTP/1.1 or HTTP/2 by the connection preface.
+    auto: hyper_util::server::conn::auto::Builder<LocalExec>,
+    handshake_timeout: Duration,
+}
+
+impl Builders {
+    fn new(settings: &WorkerSettings) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .writev(false);
+        let mut h2 = http2::Builder::new(LocalExec);
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30));
+        let mut auto = hyper_util::server::conn::auto::Builder::new(LocalExec);
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .writev(false);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .max_concurrent_streams(256);
+        Self {
+            h1,
+            h2,
+            auto,
+            handshake_timeout: settings.header_read_timeout,
+        }
+    }
+}
+
 async fn serve(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
     forwarder: Rc<Forwarder>,
     settings: WorkerSettings,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot register listener");
-            return;
-        }
-    };
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .writev(false);
-    let graceful = GracefulShutdown::new();
-    let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
+    let graceful = Rc::new(GracefulShutdown::new());
+    let builders = Rc::new(Builders::new(&settings));
     let upstreams = Rc::downgrade(&forwarder.upstreams);
     tokio::task::spawn_local(async move {
         let mut every = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
@@ -204,6 +323,47 @@ async fn serve(
             }
         }
     });
+    let mut loops = tokio::task::JoinSet::new();
+    for (listener, spec) in listeners {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register listener");
+                continue;
+            }
+        };
+        loops.spawn_local(accept_loop(
+            listener,
+            Rc::new(spec),
+            forwarder.clone(),
+            builders.clone(),
+            graceful.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while loops.join_next().await.is_some() {}
+    let Ok(graceful) = Rc::try_unwrap(graceful) else {
+        return;
+    };
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// Accepts on one listener until shutdown; each connection gets its own task.
+async fn accept_loop(
+    listener: TcpListener,
+    spec: Rc<ListenerSpec>,
+    forwarder: Rc<Forwarder>,
+    builders: Rc<Builders>,
+    graceful: Rc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
+    let acceptor = spec.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -225,25 +385,101 @@ async fn serve(
             .fetch_add(1, Ordering::Relaxed);
         accepted.increment(1);
         let _ = stream.set_nodelay(true);
-        let fwd = forwarder.clone();
-        // The shopper's address as a header value, made once per connection.
-        let client_ip = headers::ip_header_value(peer.ip());
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| fwd.clone().handle(req, peer, client_ip.clone())),
-        );
-        let conn = graceful.watch(conn);
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-        });
+        tokio::task::spawn_local(serve_connection(
+            stream,
+            peer,
+            spec.clone(),
+            acceptor.clone(),
+            forwarder.clone(),
+            builders.clone(),
+            graceful.watcher(),
+        ));
     }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.shutdown_grace) => {
-            tracing::warn!("shutdown grace period over; closing remaining connections");
+}
+
+/// One shopper connection: TLS handshake if the listener has TLS, then HTTP/1.1 or
+/// HTTP/2 (by ALPN on TLS, by preface with h2c), requests to the forwarder.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    spec: Rc<ListenerSpec>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    forwarder: Rc<Forwarder>,
+    builders: Rc<Builders>,
+    watcher: Watcher,
+) {
+    let info = |proto, tls, h2| {
+        Rc::new(ConnInfo {
+            peer,
+            // The shopper's address as a header value, made once per connection.
+            client_ip: headers::ip_header_value(peer.ip()),
+            proto,
+            tls,
+            h2,
+            redirect_https: spec.redirect_https.as_deref().map(Rc::from),
+            hsts: spec.hsts.clone(),
+        })
+    };
+    let service = |info: Rc<ConnInfo>| {
+        let fwd = forwarder.clone();
+        service_fn(move |req| fwd.clone().handle(req, info.clone()))
+    };
+    let ended = match acceptor {
+        None if spec.h2c => {
+            let conn = builders
+                .auto
+                .serve_connection(TokioIo::new(stream), service(info("http", None, false)));
+            watcher.watch(conn).await.map_err(|e| e.to_string())
         }
+        None => {
+            let conn = builders
+                .h1
+                .serve_connection(TokioIo::new(stream), service(info("http", None, false)));
+            watcher.watch(conn).await.map_err(|e| e.to_string())
+        }
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(builders.handshake_timeout, acceptor.accept(stream)).await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    metrics::counter!(names::TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!(names::TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let session = tls.get_ref().1;
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let details = (
+                session
+                    .protocol_version()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-"),
+                session
+                    .negotiated_cipher_suite()
+                    .and_then(|c| c.suite().as_str())
+                    .unwrap_or("-"),
+            );
+            let info = info("https", Some(details), h2);
+            if h2 {
+                let conn = builders
+                    .h2
+                    .serve_connection(TokioIo::new(tls), service(info));
+                watcher.watch(conn).await.map_err(|e| e.to_string())
+            } else {
+                let conn = builders
+                    .h1
+                    .serve_connection(TokioIo::new(tls), service(info));
+                watcher.watch(conn).await.map_err(|e| e.to_string())
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }

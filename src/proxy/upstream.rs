@@ -1,20 +1,44 @@
-//! Per-worker keep-alive connections to backends, on hyper's low-level HTTP/1 client.
+//! Per-worker connections to backends, on hyper's low-level clients.
 //!
-//! Each worker thread owns one [`Upstreams`]: a map from backend address to idle
-//! connections, touched only by that thread, so checking a connection out or in takes no
-//! lock and no atomic. A connection is handed back when the response body has been read to
-//! its end, and dropped otherwise (hyper closes it then, as its framing is unknown).
+//! Each worker thread owns one [`Upstreams`]: a map from backend address to connections,
+//! touched only by that thread, so checking a connection out or in takes no lock and no
+//! atomic. HTTP/1.1: a pool of idle keep-alive connections; a connection is handed back
+//! when the response body has been read to its end, and dropped otherwise (hyper closes it
+//! then, as its framing is unknown). h2c: one multiplexed connection per backend, shared
+//! by every request of the worker, replaced when it closes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::forward::UpstreamBody;
+use super::LocalExec;
+use crate::config::UpstreamProtocol;
+
+/// A connection's request sender, in the backend's protocol.
+pub enum SendRequest {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+impl SendRequest {
+    /// Sends a request; one the connection never wrote comes back in the error.
+    pub async fn try_send_request(
+        &mut self,
+        req: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, TrySendError<http::Request<UpstreamBody>>> {
+        match self {
+            SendRequest::H1(s) => s.try_send_request(req).await,
+            SendRequest::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 /// Idle connections kept per backend address; beyond it, finished ones are closed.
 const MAX_IDLE_PER_BACKEND: usize = 1024;
@@ -32,7 +56,7 @@ pub enum ConnectError {
 
 /// A connection checked out for one request.
 pub struct Conn {
-    pub sender: SendRequest<UpstreamBody>,
+    pub sender: SendRequest,
     pub addr: SocketAddr,
     /// Whether it served a request before; a reused connection may have been closed by
     /// the backend meanwhile, which makes a failure on it retryable.
@@ -40,35 +64,60 @@ pub struct Conn {
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
 /// One worker's connections to every backend.
 pub struct Upstreams {
+    pub protocol: UpstreamProtocol,
     idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    /// h2c: the one shared connection per backend.
+    shared: RefCell<HashMap<SocketAddr, http2::SendRequest<UpstreamBody>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     builder: http1::Builder,
+    h2_builder: http2::Builder<LocalExec>,
 }
 
 impl Upstreams {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        protocol: UpstreamProtocol,
+    ) -> Self {
         let mut builder = http1::Builder::new();
         builder.writev(false);
+        let mut h2_builder = http2::Builder::new(LocalExec);
+        h2_builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
         Self {
+            protocol,
             idle: RefCell::new(HashMap::new()),
+            shared: RefCell::new(HashMap::new()),
             connect_timeout,
             idle_timeout,
             builder,
+            h2_builder,
         }
     }
 
-    /// An idle connection to `addr` if one is ready, else a new one.
+    /// An idle (HTTP/1.1) or the shared (h2c) connection to `addr`, else a new one.
     pub async fn checkout(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
-        if let Some(sender) = self.take_idle(addr) {
+        if self.protocol == UpstreamProtocol::H2c {
+            let shared = self.shared.borrow().get(&addr).cloned();
+            if let Some(sender) = shared.filter(|s| !s.is_closed()) {
+                return Ok(Conn {
+                    sender: SendRequest::H2(sender),
+                    addr,
+                    reused: true,
+                });
+            }
+        } else if let Some(sender) = self.take_idle(addr) {
             return Ok(Conn {
-                sender,
+                sender: SendRequest::H1(sender),
                 addr,
                 reused: true,
             });
@@ -77,12 +126,19 @@ impl Upstreams {
             .await
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
         stream.set_nodelay(true)?;
-        let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "backend connection ended with an error");
+        let sender = match self.protocol {
+            UpstreamProtocol::Http1 => {
+                let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;
+                spawn_conn(addr, conn);
+                SendRequest::H1(sender)
             }
-        });
+            UpstreamProtocol::H2c => {
+                let (sender, conn) = self.h2_builder.handshake(TokioIo::new(stream)).await?;
+                spawn_conn(addr, conn);
+                self.shared.borrow_mut().insert(addr, sender.clone());
+                SendRequest::H2(sender)
+            }
+        };
         Ok(Conn {
             sender,
             addr,
@@ -93,7 +149,7 @@ impl Upstreams {
     /// The most recently used idle connection that is ready for a request. Connections
     /// whose connection task has not yet caught up with the end of their last response are
     /// left for later; closed and expired ones are dropped on the way.
-    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
@@ -116,12 +172,15 @@ impl Upstreams {
     /// ready for the next request for a moment (its task has yet to see the end of the
     /// body); [`Upstreams::checkout`] skips it until it is.
     pub fn checkin(&self, conn: Conn) {
-        if !conn.sender.is_closed() {
-            self.put(conn.addr, conn.sender);
+        // An h2c sender is a handle on the shared connection: nothing to hand back.
+        if let SendRequest::H1(sender) = conn.sender {
+            if !sender.is_closed() {
+                self.put(conn.addr, sender);
+            }
         }
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, addr: SocketAddr, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND {
@@ -142,5 +201,18 @@ impl Upstreams {
             });
         }
         idle.retain(|_, list| !list.is_empty());
+        self.shared.borrow_mut().retain(|_, s| !s.is_closed());
     }
+}
+
+/// Drives a backend connection on this worker until it closes.
+fn spawn_conn<F>(addr: SocketAddr, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + 'static,
+{
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "backend connection ended with an error");
+        }
+    });
 }

@@ -1,0 +1,370 @@
+//! TLS termination for a listener: a rustls server config (TLS 1.2 and 1.3 only, ring's
+//! AEAD-only suites, ALPN `h2` and `http/1.1`) whose certificate is chosen per handshake
+//! by SNI from a set that can be swapped while connections are open.
+//!
+//! Rotation: [`Tls::reload`] reads every file again and swaps the set in one atomic store
+//! only if all of it loads and each key matches its certificate; otherwise the error
+//! names the file and the old set keeps serving. Open connections keep the certificate
+//! they were made with; new handshakes get the new one. Triggers: SIGHUP and
+//! `POST /v1/tls/reload` (wired in `serve` and `admin`) and [`Tls::watch`], which polls
+//! the files' size and modification time (robust to editors and to Kubernetes' symlink
+//! swaps, where inotify on the file itself misses the change).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{CertPair, SelfSigned, TlsConfig};
+
+/// Why certificates could not be loaded (or generated). Names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("{}: {reason}", .file.display())]
+    File { file: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+fn file_err(file: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        file: file.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One loaded certificate chain with its key.
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    cert_file: PathBuf,
+}
+
+/// The certificates a listener serves; the first is the default.
+#[derive(Debug)]
+struct CertSet {
+    certs: Vec<Loaded>,
+}
+
+impl CertSet {
+    /// The first certificate valid for `name` (exact or wildcard, as a browser would
+    /// check it), else the default.
+    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = name.and_then(|n| ServerName::try_from(n).ok()) {
+            for c in &self.certs {
+                let valid = c.key.end_entity_cert().ok().is_some_and(|der| {
+                    webpki::EndEntityCert::try_from(der)
+                        .and_then(|ee| ee.verify_is_valid_for_subject_name(&name))
+                        .is_ok()
+                });
+                if valid {
+                    return Some(c.key.clone());
+                }
+            }
+        }
+        self.certs.first().map(|c| c.key.clone())
+    }
+}
+
+/// rustls asks this for a certificate on every handshake.
+#[derive(Debug)]
+struct Resolver {
+    set: ArcSwap<CertSet>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.set.load().pick(hello.server_name())
+    }
+}
+
+/// Size and modification time of a file, to notice it changed.
+type Stamp = Option<(u64, SystemTime)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// A TLS listener's certificates and rustls configuration.
+#[derive(Debug)]
+pub struct Tls {
+    /// The listener's address, for messages.
+    pub listener: String,
+    files: Vec<CertPair>,
+    resolver: Arc<Resolver>,
+    config: Arc<rustls::ServerConfig>,
+    stamps: Mutex<Vec<(Stamp, Stamp)>>,
+    watch_interval: Duration,
+}
+
+impl Tls {
+    /// Loads (generating the self-signed pair first if asked and missing) and builds the
+    /// server configuration.
+    pub fn new(listener: String, cfg: &TlsConfig) -> Result<Tls, TlsError> {
+        let mut files = cfg.certificates.clone();
+        if let Some(ss) = &cfg.self_signed {
+            files.push(ensure_self_signed(ss)?);
+        }
+        let stamps = stamps_of(&files);
+        let set = load(&files)?;
+        let resolver = Arc::new(Resolver {
+            set: ArcSwap::from_pointee(set),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Stateless resumption tickets: returning shoppers skip the full handshake on
+        // any worker.
+        if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
+            config.ticketer = ticketer;
+        }
+        Ok(Tls {
+            listener,
+            files,
+            resolver,
+            config: Arc::new(config),
+            stamps: Mutex::new(stamps),
+            watch_interval: cfg.watch_interval,
+        })
+    }
+
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.clone()
+    }
+
+    /// Reads every certificate and key again; swaps them in only if all load. Returns a
+    /// line saying what now serves.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let stamps = stamps_of(&self.files);
+        let result = load(&self.files);
+        // Remember what was seen even on failure, so a bad file is reported once, not
+        // on every poll; fixing it changes the stamp again.
+        if let Ok(mut s) = self.stamps.lock() {
+            *s = stamps;
+        }
+        let set = result?;
+        let summary = set
+            .certs
+            .iter()
+            .map(|c| c.cert_file.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.resolver.set.store(Arc::new(set));
+        Ok(format!("{}: serving {summary}", self.listener))
+    }
+
+    /// Whether any file's size or modification time differs from the last load.
+    fn changed_on_disk(&self) -> bool {
+        let now = stamps_of(&self.files);
+        self.stamps.lock().is_ok_and(|s| *s != now)
+    }
+
+    /// Polls the files and reloads when one changed; runs until the task is dropped.
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.watch_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.changed_on_disk() {
+                // A file being written may be caught half way: wait a moment so both
+                // halves of a pair are in place, then load.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = self.log_reload("files changed");
+            }
+        }
+    }
+
+    /// Reloads and logs the outcome; returns whether it worked.
+    pub fn log_reload(&self, why: &str) -> Result<String, TlsError> {
+        let r = self.reload();
+        let result = if r.is_ok() { "ok" } else { "refused" };
+        metrics::counter!(crate::telemetry::names::TLS_RELOADS, "result" => result).increment(1);
+        match &r {
+            Ok(summary) => tracing::info!(why, "TLS certificates reloaded; {summary}"),
+            Err(e) => tracing::error!(
+                why,
+                listener = %self.listener,
+                "TLS reload refused, the previous certificates keep serving: {e}"
+            ),
+        }
+        r
+    }
+}
+
+fn stamps_of(files: &[CertPair]) -> Vec<(Stamp, Stamp)> {
+    files
+        .iter()
+        .map(|p| (stamp(&p.cert), stamp(&p.key)))
+        .collect()
+}
+
+/// Loads every pair; the first error wins and names its file.
+fn load(files: &[CertPair]) -> Result<CertSet, TlsError> {
+    let mut certs = Vec::with_capacity(files.len());
+    for pair in files {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
+            .map_err(|e| file_err(&pair.cert, pem_reason(e)))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(&pair.cert, pem_reason(e)))?;
+        let Some(leaf) = chain.first() else {
+            return Err(file_err(&pair.cert, "no PEM certificate in the file"));
+        };
+        if let Err(e) = webpki::EndEntityCert::try_from(leaf) {
+            return Err(file_err(
+                &pair.cert,
+                format!("not a usable certificate: {e}"),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&pair.key)
+            .map_err(|e| file_err(&pair.key, pem_reason(e)))?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| file_err(&pair.key, format!("unsupported private key: {e}")))?;
+        let certified = CertifiedKey::new(chain, signer);
+        certified.keys_match().map_err(|e| {
+            file_err(
+                &pair.key,
+                format!(
+                    "does not match the certificate in {}: {e}",
+                    pair.cert.display()
+                ),
+            )
+        })?;
+        certs.push(Loaded {
+            key: Arc::new(certified),
+            cert_file: pair.cert.clone(),
+        });
+    }
+    if certs.is_empty() {
+        return Err(TlsError::Setup("no certificates".into()));
+    }
+    Ok(CertSet { certs })
+}
+
+fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::Io(io) => format!("cannot read: {io}"),
+        E::NoItemsFound => "no PEM item of the expected kind (certificate or private key)".into(),
+        other => format!("bad PEM: {other:?}"),
+    }
+}
+
+/// The self-signed pair in `ss.dir`, generated (rcgen) if missing. The key file is
+/// written readable by the owner only.
+pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
+    let pair = CertPair {
+        cert: ss.dir.join("selfsigned.crt"),
+        key: ss.dir.join("selfsigned.key"),
+    };
+    if pair.cert.exists() && pair.key.exists() {
+        return Ok(pair);
+    }
+    std::fs::create_dir_all(&ss.dir).map_err(|e| file_err(&ss.dir, e))?;
+    let generated = rcgen::generate_simple_self_signed(ss.names.clone())
+        .map_err(|e| TlsError::Setup(format!("cannot generate a certificate: {e}")))?;
+    write_private(&pair.key, generated.key_pair.serialize_pem().as_bytes())?;
+    std::fs::write(&pair.cert, generated.cert.pem()).map_err(|e| file_err(&pair.cert, e))?;
+    tracing::info!(
+        cert = %pair.cert.display(),
+        names = ?ss.names,
+        "generated a self-signed certificate"
+    );
+    Ok(pair)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| file_err(path, e))?;
+    f.write_all(bytes).map_err(|e| file_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(dir: &Path, name: &str, names: &[&str]) -> CertPair {
+        let g = rcgen::generate_simple_self_signed(
+            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let p = CertPair {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&p.cert, g.cert.pem()).unwrap();
+        std::fs::write(&p.key, g.key_pair.serialize_pem()).unwrap();
+        p
+    }
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "surge-tls-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn sni_picks_the_covering_certificate_and_falls_back_to_the_first() {
+        let d = tmp();
+        let a = pair(&d, "a", &["shop.example"]);
+        let b = pair(&d, "b", &["*.api.example"]);
+        let set = load(&[a, b]).unwrap();
+        let leaf = |k: Option<Arc<CertifiedKey>>| k.unwrap().cert[0].clone();
+        assert_eq!(
+            leaf(set.pick(Some("x.api.example"))),
+            set.certs[1].key.cert[0]
+        );
+        assert_eq!(
+            leaf(set.pick(Some("shop.example"))),
+            set.certs[0].key.cert[0]
+        );
+        assert_eq!(
+            leaf(set.pick(Some("other.example"))),
+            set.certs[0].key.cert[0]
+        );
+        assert_eq!(leaf(set.pick(None)), set.certs[0].key.cert[0]);
+    }
+
+    #[test]
+    fn a_key_from_another_certificate_is_refused_naming_the_file() {
+        let d = tmp();
+        let a = pair(&d, "a", &["a.example"]);
+        let b = pair(&d, "b", &["b.example"]);
+        let mixed = CertPair {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        let e = load(&[mixed]).unwrap_err().to_string();
+        assert!(e.contains("b.key") && e.contains("does not match"), "{e}");
+        let garbage = d.join("garbage.crt");
+        std::fs::write(&garbage, "not pem").unwrap();
+        let e = load(&[CertPair {
+            cert: garbage,
+            key: a.key,
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("garbage.crt"), "{e}");
+    }
+}
