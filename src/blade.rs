@@ -245,7 +245,7 @@ async fn handle(
             ),
         ),
         (Method::GET, "/debug/headers") => {
-            let headers: serde_json::Map<String, serde_json::Value> = req
+            let mut headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()
                 .map(|(k, v)| {
@@ -255,6 +255,14 @@ async fn handle(
                     )
                 })
                 .collect();
+            // The protocol the request came in, as a pseudo-header (never a real name).
+            headers.insert(
+                ":version".into(),
+                serde_json::Value::from(format!("{:?}", req.version())),
+            );
+            if let Some(a) = req.uri().authority() {
+                headers.insert(":authority".into(), serde_json::Value::from(a.as_str()));
+            }
             json(&shared, StatusCode::OK, &serde_json::Value::Object(headers))
         }
         (Method::GET, "/catalog") => reply(
