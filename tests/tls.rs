@@ -393,7 +393,10 @@ async fn a_rotation_under_steady_traffic_drops_nothing_and_a_bad_certificate_is_
         kept_ok.load(Ordering::Relaxed) > 50,
         "the connection opened before the rotation stopped serving"
     );
-    let seen = seen.lock().unwrap();
-    assert!(seen.contains(&old) && seen.contains(&new) && seen.contains(&third));
+    let all_three = {
+        let seen = seen.lock().unwrap();
+        seen.contains(&old) && seen.contains(&new) && seen.contains(&third)
+    };
+    assert!(all_three, "not every certificate was seen");
     surge.stop().await;
 }
