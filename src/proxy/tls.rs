@@ -124,6 +124,9 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The server's order (AES-GCM, then ChaCha20, all AEAD with forward secrecy)
+        // rather than whatever a client lists first.
+        config.ignore_client_order = true;
         // Stateless resumption tickets: returning shoppers skip the full handshake on
         // any worker.
         if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
