@@ -325,6 +325,15 @@ struct FileProxy {
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
     max_header_bytes: usize,
+    max_uri_bytes: usize,
+    max_headers: usize,
+    max_body_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
+    max_requests_per_connection: u32,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    requests_per_second_per_ip: u32,
     access_log: bool,
 }
 
@@ -339,6 +348,14 @@ impl Default for FileProxy {
             upstream_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_headers: 100,
+            max_body_bytes: 8 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            max_requests_per_connection: 1000,
+            max_connections: 50_000,
+            max_connections_per_ip: 1000,
+            requests_per_second_per_ip: 0,
             access_log: true,
         }
     }
@@ -529,6 +546,27 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
+    /// Longest request target accepted, in bytes; longer gets 414.
+    pub max_uri_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body, in bytes; larger gets 413. Bodies are read whole before a
+    /// backend is picked (like nginx's request buffering), so a slow or malformed body
+    /// never ties up or reaches a frontend.
+    pub max_body_bytes: u64,
+    /// Time a shopper has to send a whole request body; slower gets 408.
+    pub body_read_timeout: Duration,
+    /// Requests served on one HTTP/1.1 connection before surge asks the shopper to
+    /// reconnect (`Connection: close`), so long-lived connections rebalance over workers.
+    pub max_requests_per_connection: u32,
+    /// Open shopper connections over all listeners and workers; beyond it new ones are
+    /// refused at once (503 on plain listeners, closed on TLS ones).
+    pub max_connections: usize,
+    /// Open connections from one client address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Requests per second from one client address (1-second windows); beyond it 429.
+    /// 0 = no limit. Mind shoppers behind a shared NAT or a CDN when setting it.
+    pub requests_per_second_per_ip: u32,
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
 }
@@ -1021,6 +1059,42 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             format!("{} is outside 8192..=1048576", p.max_header_bytes),
         );
     }
+    if !(256..=p.max_header_bytes).contains(&p.max_uri_bytes) {
+        bad(
+            "proxy.max_uri_bytes",
+            format!(
+                "{} is outside 256..=max_header_bytes ({})",
+                p.max_uri_bytes, p.max_header_bytes
+            ),
+        );
+    }
+    if !(8..=1000).contains(&p.max_headers) {
+        bad(
+            "proxy.max_headers",
+            format!("{} is outside 8..=1000", p.max_headers),
+        );
+    }
+    if p.max_body_bytes > 1 << 30 {
+        bad(
+            "proxy.max_body_bytes",
+            format!(
+                "{} is more than 1 GiB (bodies are held in memory)",
+                p.max_body_bytes
+            ),
+        );
+    }
+    if p.body_read_timeout.is_zero() {
+        bad("proxy.body_read_timeout", "must be greater than 0".into());
+    }
+    if p.max_requests_per_connection == 0 {
+        bad(
+            "proxy.max_requests_per_connection",
+            "must be at least 1".into(),
+        );
+    }
+    if p.max_connections == 0 {
+        bad("proxy.max_connections", "must be at least 1".into());
+    }
 
     let pool = &raw.pool;
     if pool.name.is_empty() || !pool.name.bytes().all(is_name_byte) {
@@ -1403,6 +1477,14 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             upstream_idle_timeout: p.upstream_idle_timeout,
             shutdown_grace: p.shutdown_grace,
             max_header_bytes: p.max_header_bytes,
+            max_uri_bytes: p.max_uri_bytes,
+            max_headers: p.max_headers,
+            max_body_bytes: p.max_body_bytes,
+            body_read_timeout: p.body_read_timeout,
+            max_requests_per_connection: p.max_requests_per_connection,
+            max_connections: p.max_connections,
+            max_connections_per_ip: p.max_connections_per_ip,
+            requests_per_second_per_ip: p.requests_per_second_per_ip,
             access_log: p.access_log,
         },
         pool: PoolConfig {

@@ -14,6 +14,11 @@ pub mod names {
     pub const REQUEST_DURATION: &str = "surge_request_duration_seconds";
     /// Counter of shopper connections accepted.
     pub const CONNECTIONS_ACCEPTED: &str = "surge_connections_accepted_total";
+    /// Counter of requests refused before reaching a backend, label `reason` (`rate`,
+    /// `uri_too_long`, `too_many_headers`, `body_too_large`, `body_timeout`, `bad_body`).
+    pub const REQUESTS_REFUSED: &str = "surge_requests_refused_total";
+    /// Counter of connections refused at accept, label `reason` (`global`, `per_ip`).
+    pub const CONNECTIONS_REFUSED: &str = "surge_connections_refused_total";
     /// Counter of TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "surge_tls_handshake_failures_total";
     /// Counter of certificate reloads, label `result` (`ok`, `refused`).

@@ -1,6 +1,7 @@
 //! One request's way through surge: pick a backend, forward, retry once elsewhere when
 //! that is safe, and answer 502/503/504 in surge's own words when it is not.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -16,19 +17,20 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use super::headers::{self, RequestIds, X_REQUEST_ID};
+use super::limits::Limits;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::{self, Admitted, ShedConfig};
 use crate::pool::{Backend, InFlight, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
-/// Body sent to a backend: the shopper's own, or nothing when a bodiless request is
-/// rebuilt for a retry.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// Body sent to a backend: the shopper's, read whole beforehand (see
+/// [`Forwarder::read_body`]), or nothing.
+pub type UpstreamBody = Either<Full<Bytes>, Empty<Bytes>>;
 
 /// Body sent to the shopper: the backend's (holding the in-flight count until it ends), or
 /// one of surge's short error pages.
@@ -50,6 +52,8 @@ pub struct ConnInfo {
     pub redirect_https: Option<Rc<str>>,
     /// `Strict-Transport-Security` value for TLS listeners that send it.
     pub hsts: Option<HeaderValue>,
+    /// Requests seen on this connection so far.
+    pub requests: Cell<u32>,
 }
 
 /// Everything a worker's request handler needs; one per worker thread.
@@ -61,10 +65,21 @@ pub struct Forwarder {
     pub access_log: bool,
     pub sticky: Option<StickyConfig>,
     pub request_ids: Arc<RequestIds>,
+    pub limits: Arc<Limits>,
+    pub max_uri_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub body_read_timeout: Duration,
+    pub max_requests_per_connection: u32,
 }
 
 impl Forwarder {
-    pub fn new(cfg: &ProxyConfig, pool: Arc<Pool>, request_ids: Arc<RequestIds>) -> Self {
+    pub fn new(
+        cfg: &ProxyConfig,
+        pool: Arc<Pool>,
+        request_ids: Arc<RequestIds>,
+        limits: Arc<Limits>,
+    ) -> Self {
         let sticky = pool.settings().sticky.clone();
         Self {
             upstreams: Rc::new(Upstreams::new(
@@ -77,6 +92,12 @@ impl Forwarder {
             access_log: cfg.access_log,
             sticky,
             request_ids,
+            limits,
+            max_uri_bytes: cfg.max_uri_bytes,
+            max_headers: cfg.max_headers,
+            max_body_bytes: cfg.max_body_bytes,
+            body_read_timeout: cfg.body_read_timeout,
+            max_requests_per_connection: cfg.max_requests_per_connection,
         }
     }
 
@@ -89,10 +110,91 @@ impl Forwarder {
         if let Some(origin) = &conn_info.redirect_https {
             return Ok(redirect(origin, &req));
         }
+        let served = conn_info.requests.get().saturating_add(1);
+        conn_info.requests.set(served);
+        // HTTP/1.1 only: an h2 connection's streams are spread per request anyway.
+        let last_on_connection = !conn_info.h2 && served >= self.max_requests_per_connection;
+        let (parts, body) = req.into_parts();
+        let body = match self.check_limits(&parts, &conn_info) {
+            Ok(()) => self.read_body(&parts, body).await,
+            Err(refused) => Err(refused),
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(refused) => return Ok(refusal(refused, &conn_info)),
+        };
+        let mut resp = self.forward(parts, body, &conn_info).await;
+        if last_on_connection {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(resp)
+    }
+
+    /// Limits checked on the request head: the client's request rate, the target's
+    /// length, the number of header fields (hyper counts them on HTTP/1.1 already).
+    fn check_limits(&self, parts: &http::request::Parts, conn: &ConnInfo) -> Result<(), Refused> {
+        if !self.limits.allow_request(conn.peer.ip()) {
+            return Err(Refused::RateLimited);
+        }
+        let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        if target > self.max_uri_bytes {
+            return Err(Refused::UriTooLong);
+        }
+        if parts.headers.len() > self.max_headers {
+            return Err(Refused::TooManyHeaders);
+        }
+        Ok(())
+    }
+
+    /// Reads the shopper's whole body before any backend is picked, as nginx does by
+    /// default: a slow or malformed body then costs the frontends nothing, a chunked body
+    /// that breaks off reaches no one, and a body can be sent again to a second backend.
+    async fn read_body(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Result<Option<Bytes>, Refused> {
+        if body.is_end_stream() {
+            return Ok(None);
+        }
+        if body.size_hint().exact().unwrap_or(0) > self.max_body_bytes
+            || body.size_hint().lower() > self.max_body_bytes
+        {
+            return Err(Refused::BodyTooLarge);
+        }
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let read =
+            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect()).await;
+        match read {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                Ok(
+                    (!bytes.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH))
+                        .then_some(bytes),
+                )
+            }
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(Refused::BodyTooLarge)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %parts.uri, error = %e, "request body unreadable");
+                Err(Refused::BadBody)
+            }
+            Err(_) => Err(Refused::BodyTimeout),
+        }
+    }
+
+    /// The request, its body read, to a backend and back.
+    async fn forward(
+        self: &Rc<Self>,
+        mut parts: http::request::Parts,
+        body: Option<Bytes>,
+        conn_info: &ConnInfo,
+    ) -> Response<DownstreamBody> {
         let start = Instant::now();
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
-        let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_forwarding(&mut parts.headers, &conn_info.client_ip, conn_info.proto);
         let request_id = self.request_ids.ensure(&mut parts.headers);
@@ -108,7 +210,7 @@ impl Forwarder {
                         resp.headers_mut()
                             .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
                     }
-                    return Ok(resp);
+                    return resp;
                 }
             },
             None => None,
@@ -127,16 +229,16 @@ impl Forwarder {
             .then(|| (parts.method.clone(), parts.uri.clone()));
 
         // A request may go to a second backend only if repeating it is harmless (an
-        // idempotent method, RFC 9110 §9.2.2) and it has no body we would have to replay.
-        let retry_copy = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            let mut copy = Request::new(());
+        // idempotent method, RFC 9110 §9.2.2); its body, read already, goes again too.
+        let retry_copy = is_idempotent(&parts.method).then(|| {
+            let mut copy = Request::new(body.clone());
             *copy.method_mut() = parts.method.clone();
             *copy.uri_mut() = parts.uri.clone();
             *copy.version_mut() = parts.version;
             *copy.headers_mut() = parts.headers.clone();
             copy
         });
-        let mut pending = Some(Request::from_parts(parts, Either::Left(body)));
+        let mut pending = Some(Request::from_parts(parts, upstream_body(body)));
         let mut avoid: Option<InFlight> = None;
         let mut failure: Option<ProxyFailure> = None;
         let mut result = None;
@@ -146,7 +248,7 @@ impl Forwarder {
         for _ in 0..MAX_ATTEMPTS {
             let req = match (pending.take(), retry_copy.as_ref()) {
                 (Some(req), _) => req,
-                (None, Some(copy)) if avoid.is_some() => clone_bodiless(copy),
+                (None, Some(copy)) if avoid.is_some() => clone_request(copy),
                 _ => break,
             };
             let pick = Pick {
@@ -289,7 +391,7 @@ impl Forwarder {
                 request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
             );
         }
-        Ok(resp)
+        resp
     }
 
     /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
@@ -453,6 +555,73 @@ struct Held {
     admitted: Option<Admitted>,
 }
 
+/// Why surge refused a shopper's request before any backend saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    RateLimited,
+    UriTooLong,
+    TooManyHeaders,
+    BodyTooLarge,
+    BodyTimeout,
+    BadBody,
+}
+
+/// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
+/// what is left of the request on it cannot be trusted to be framed as announced.
+fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody> {
+    let (status, label, text) = match why {
+        Refused::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate",
+            "429 too many requests from your address; please slow down\n",
+        ),
+        Refused::UriTooLong => (
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "414 request target too long\n",
+        ),
+        Refused::TooManyHeaders => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_many_headers",
+            "431 too many header fields\n",
+        ),
+        Refused::BodyTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "413 request body too large\n",
+        ),
+        Refused::BodyTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "408 request body not received in time\n",
+        ),
+        Refused::BadBody => (
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "400 malformed request body\n",
+        ),
+    };
+    metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if why == Refused::RateLimited {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    } else if !conn.h2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(v) = &conn.hsts {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+    }
+    resp
+}
+
 /// Why surge answered a request itself.
 enum ProxyFailure {
     /// No backend could take the request.
@@ -479,8 +648,15 @@ const SHED_POLL: Duration = Duration::from_millis(5);
 /// failure after sending may each cost one.
 const MAX_ATTEMPTS: usize = 4;
 
-fn clone_bodiless(copy: &Request<()>) -> Request<UpstreamBody> {
-    let mut req = Request::new(Either::Right(Empty::new()));
+fn upstream_body(body: Option<Bytes>) -> UpstreamBody {
+    match body {
+        Some(b) => Either::Left(Full::new(b)),
+        None => Either::Right(Empty::new()),
+    }
+}
+
+fn clone_request(copy: &Request<Option<Bytes>>) -> Request<UpstreamBody> {
+    let mut req = Request::new(upstream_body(copy.body().clone()));
     *req.method_mut() = copy.method().clone();
     *req.uri_mut() = copy.uri().clone();
     *req.version_mut() = copy.version();

@@ -10,6 +10,7 @@
 
 pub mod forward;
 pub mod headers;
+pub mod limits;
 pub mod probe;
 pub mod tls;
 pub mod upstream;
@@ -35,6 +36,15 @@ use crate::config::{ListenerConfig, ProxyConfig};
 use crate::pool::Pool;
 use crate::telemetry::names;
 use forward::{ConnInfo, Forwarder};
+
+/// hyper's own limit on request header fields (HTTP/1.1).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Refusal sent on a plain listener to a connection over the limits, before reading it.
+const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n503 too many connections; retry in a moment\n";
+
+/// How long a refused connection may linger while its 503 is read.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// How often a worker closes idle backend connections past their idle timeout.
 const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -90,6 +100,8 @@ pub struct ProxyHandle {
     pub listeners: Vec<Bound>,
     /// The TLS listeners' certificate sets (for reloads).
     pub tls: Vec<Arc<tls::Tls>>,
+    /// Connection and request-rate limits, with the count of open shopper connections.
+    pub limits: Arc<limits::Limits>,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -176,6 +188,7 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
     }
     let (tx, rx) = watch::channel(false);
     let request_ids = Arc::new(headers::RequestIds::default());
+    let limits = Arc::new(limits::Limits::new(cfg));
     let mut workers = Vec::with_capacity(workers_n);
     for n in 0..workers_n {
         let mine: Vec<(std::net::TcpListener, ListenerSpec)> = sockets
@@ -186,12 +199,13 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
         let cfg = cfg.clone();
         let pool = pool.clone();
         let request_ids = request_ids.clone();
+        let limits = limits.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
-                let forwarder = Forwarder::new(&cfg, pool, request_ids);
+                let forwarder = Forwarder::new(&cfg, pool, request_ids, limits);
                 run_worker(mine, forwarder, WorkerSettings::from(&cfg), rx)
             })
             .map_err(ProxyError::Worker)?;
@@ -204,6 +218,7 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
         local_addr: bound[0].addr,
         listeners: bound,
         tls: tls_sets,
+        limits,
         shutdown: tx,
         workers,
     })
@@ -214,6 +229,7 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
 struct WorkerSettings {
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    max_headers: usize,
     shutdown_grace: Duration,
 }
 
@@ -222,6 +238,7 @@ impl From<&ProxyConfig> for WorkerSettings {
         Self {
             header_read_timeout: cfg.header_read_timeout,
             max_header_bytes: cfg.max_header_bytes,
+            max_headers: cfg.max_headers,
             shutdown_grace: cfg.shutdown_grace,
         }
     }
@@ -280,6 +297,10 @@ impl Builders {
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes)
             .writev(false);
+        // hyper's default is 100 on the stack; any other number costs a heap allocation.
+        if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(settings.max_headers);
+        }
         let mut h2 = http2::Builder::new(LocalExec);
         h2.timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
@@ -291,6 +312,9 @@ impl Builders {
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes)
             .writev(false);
+        if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            auto.http1().max_headers(settings.max_headers);
+        }
         auto.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
@@ -378,6 +402,18 @@ async fn accept_loop(
                 }
             },
         };
+        let permit = match forwarder.limits.admit_connection(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => why.as_str())
+                    .increment(1);
+                tracing::debug!(%peer, reason = why.as_str(), "connection refused");
+                if acceptor.is_none() {
+                    tokio::task::spawn_local(refuse(stream));
+                }
+                continue;
+            }
+        };
         forwarder
             .pool
             .traffic
@@ -386,8 +422,11 @@ async fn accept_loop(
         accepted.increment(1);
         let _ = stream.set_nodelay(true);
         tokio::task::spawn_local(serve_connection(
-            stream,
-            peer,
+            Accepted {
+                stream,
+                peer,
+                _permit: permit,
+            },
             spec.clone(),
             acceptor.clone(),
             forwarder.clone(),
@@ -397,17 +436,45 @@ async fn accept_loop(
     }
 }
 
+/// A connection just accepted, with its place under the connection limits (given back
+/// when the connection ends).
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: limits::ConnPermit,
+}
+
+/// Answers a connection over the limits with a 503 and closes it, reading (and
+/// discarding) what the client sent meanwhile, so the close is a FIN the client can read
+/// the answer before, not a reset. Bounded in time: a refused client holds nothing long.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(REFUSED_503).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// One shopper connection: TLS handshake if the listener has TLS, then HTTP/1.1 or
 /// HTTP/2 (by ALPN on TLS, by preface with h2c), requests to the forwarder.
 async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    accepted: Accepted,
     spec: Rc<ListenerSpec>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     forwarder: Rc<Forwarder>,
     builders: Rc<Builders>,
     watcher: Watcher,
 ) {
+    // `_permit` lives to the end of this function: the connection's place in the counts.
+    let Accepted {
+        stream,
+        peer,
+        _permit,
+    } = accepted;
     let info = |proto, tls, h2| {
         Rc::new(ConnInfo {
             peer,
@@ -418,6 +485,7 @@ async fn serve_connection(
             h2,
             redirect_https: spec.redirect_https.as_deref().map(Rc::from),
             hsts: spec.hsts.clone(),
+            requests: std::cell::Cell::new(0),
         })
     };
     let service = |info: Rc<ConnInfo>| {

@@ -1,0 +1,178 @@
+//! Connection and request-rate limits, shared by every worker: a global cap on open
+//! shopper connections, a per-client-address cap, and a per-address request rate.
+//!
+//! Per-address counts use `pingora-limits`' count-min sketches (`Inflight`, `Rate`):
+//! fixed memory whatever the number of addresses, lock-free, and they can only
+//! over-estimate, so a flood from many addresses cannot grow a map or make surge let
+//! a heavy client through.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora_limits::inflight::{Guard, Inflight};
+use pingora_limits::rate::Rate;
+
+use crate::config::ProxyConfig;
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `proxy.max_connections` reached.
+    Global,
+    /// `proxy.max_connections_per_ip` reached for this address.
+    PerIp,
+}
+
+impl Refusal {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Global => "global",
+            Refusal::PerIp => "per_ip",
+        }
+    }
+}
+
+/// The limits of one proxy (all listeners, all workers).
+pub struct Limits {
+    max_connections: usize,
+    open: AtomicUsize,
+    per_ip: Option<(Inflight, usize)>,
+    rate: Option<(Rate, u32)>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("max_connections", &self.max_connections)
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one connection's place in the counts; gives it back when dropped.
+pub struct ConnPermit {
+    limits: Arc<Limits>,
+    _per_ip: Option<Guard>,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether one more (the `count`-th, counting itself) is allowed under `limit`.
+fn within(count: usize, limit: usize) -> bool {
+    count <= limit
+}
+
+impl Limits {
+    pub fn new(cfg: &ProxyConfig) -> Self {
+        Self {
+            max_connections: cfg.max_connections,
+            open: AtomicUsize::new(0),
+            per_ip: (cfg.max_connections_per_ip > 0)
+                .then(|| (Inflight::new(), cfg.max_connections_per_ip)),
+            rate: (cfg.requests_per_second_per_ip > 0).then(|| {
+                (
+                    Rate::new(Duration::from_secs(1)),
+                    cfg.requests_per_second_per_ip,
+                )
+            }),
+        }
+    }
+
+    /// Shopper connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new connection from `ip`, or says why it must be refused.
+    pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, Refusal> {
+        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if !within(now, self.max_connections) {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Global);
+        }
+        let per_ip = match &self.per_ip {
+            Some((inflight, limit)) => {
+                let (guard, count) = inflight.incr(ip, 1);
+                if !within(usize::try_from(count).unwrap_or(usize::MAX), *limit) {
+                    drop(guard);
+                    self.open.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Refusal::PerIp);
+                }
+                Some(guard)
+            }
+            None => None,
+        };
+        Ok(ConnPermit {
+            limits: self.clone(),
+            _per_ip: per_ip,
+        })
+    }
+
+    /// Counts one request from `ip`; `false` when the address is over its rate.
+    pub fn allow_request(&self, ip: IpAddr) -> bool {
+        match &self.rate {
+            Some((rate, limit)) => {
+                let in_this_second = rate.observe(&ip, 1);
+                within(
+                    usize::try_from(in_this_second).unwrap_or(usize::MAX),
+                    *limit as usize,
+                )
+            }
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(global: usize, per_ip: usize, rps: u32) -> Arc<Limits> {
+        let mut cfg = crate::config::Config::parse(
+            crate::config::EMBEDDED_DEFAULT,
+            std::path::Path::new("surge.toml"),
+        )
+        .expect("embedded config")
+        .proxy;
+        cfg.max_connections = global;
+        cfg.max_connections_per_ip = per_ip;
+        cfg.requests_per_second_per_ip = rps;
+        Arc::new(Limits::new(&cfg))
+    }
+
+    #[test]
+    fn connections_are_capped_globally_and_per_address_and_given_back() {
+        let l = limits(3, 2, 0);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let a1 = l.admit_connection(a).expect("first");
+        let a2 = l.admit_connection(a).expect("second");
+        assert_eq!(l.admit_connection(a).err(), Some(Refusal::PerIp));
+        let b1 = l.admit_connection(b).expect("other address");
+        assert_eq!(l.admit_connection(b).err(), Some(Refusal::Global));
+        assert_eq!(l.open(), 3);
+        drop(a1);
+        assert_eq!(l.open(), 2);
+        let a3 = l.admit_connection(a).expect("room again after one closed");
+        drop((a2, a3, b1));
+        assert_eq!(l.open(), 0);
+    }
+
+    #[test]
+    fn the_request_rate_is_limited_per_address() {
+        let l = limits(10, 0, 5);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let allowed = (0..8).filter(|_| l.allow_request(a)).count();
+        assert_eq!(allowed, 5);
+        assert!(l.allow_request([10, 0, 0, 2].into()), "others unaffected");
+        let unlimited = limits(10, 0, 0);
+        assert!((0..1000).all(|_| unlimited.allow_request(a)));
+    }
+}

@@ -1,0 +1,593 @@
+//! Hostile input and dying blades: what the internet and a shop's own infrastructure
+//! throw at surge, each promise a test on real sockets (127.0.0.0/8, ports chosen at run
+//! time), bounded in count and time.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use common::*;
+use surge::config::Config;
+
+/// A surge in front of `backends` (id, address) with extra `[proxy]` and `[pool]` keys.
+fn surge_config(backends: &[(&str, SocketAddr)], proxy: &str, pool: &str) -> Config {
+    let mut text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\n{proxy}\n[admin]\nlisten = \"127.0.0.1:0\"\n[pool]\n{pool}\n"
+    );
+    for (id, addr) in backends {
+        text.push_str(&format!(
+            "[[pool.backends]]\nid = \"{id}\"\naddress = \"{addr}\"\n"
+        ));
+    }
+    Config::parse(&text, Path::new("test.toml")).expect("test config is valid")
+}
+
+/// Sends raw bytes, returns everything the proxy answered and whether it then closed the
+/// connection (within 5 s).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // The proxy may answer and close before it has read everything: that is fine.
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            // A reset after the answer is a close too.
+            Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+fn status_of(answer: &str) -> &str {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .unwrap_or("none")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(
+        &[("blade-1", blade[0].addr)],
+        "max_uri_bytes = 1024\nmax_headers = 20\nmax_body_bytes = 1000\n",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let many_headers: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(2000));
+    // Five 256-byte chunks: 1,280 bytes against a 1,000-byte limit.
+    let big_chunks = format!(
+        "POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{}0\r\n\r\n",
+        format!("100\r\n{}\r\n", "a".repeat(256)).repeat(5)
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not HTTP", b"HELLO THERE\r\n\r\n".to_vec(), "400"),
+        (
+            "two different content-lengths",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab".to_vec(),
+            "400",
+        ),
+        (
+            "content-length not a number",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 1x\r\n\r\na".to_vec(),
+            "400",
+        ),
+        (
+            "transfer-encoding other than chunked",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\nab".to_vec(),
+            "400",
+        ),
+        (
+            "chunked not last",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, identity\r\n\r\n1\r\na\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "transfer-encoding on HTTP/1.0",
+            b"POST /cart HTTP/1.0\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "malformed chunk size",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "chunk size overflowing 64 bits",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nfffffffffffffffffff\r\na\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "chunk longer than its size",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabcdef\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nhost: x\r\nx-folded: a\r\n b\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "bare CR",
+            b"GET / HTTP/1.1\rhost: x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "space before colon",
+            b"GET / HTTP/1.1\r\nhost : x\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "NUL in a header value",
+            b"GET / HTTP/1.1\r\nhost: x\r\nx-a: a\0b\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "header section too large",
+            [
+                b"GET / HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec(),
+                vec![b'a'; 40_000],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            "431",
+        ),
+        (
+            "too many header fields",
+            format!("GET / HTTP/1.1\r\nhost: x\r\n{many_headers}\r\n").into_bytes(),
+            "431",
+        ),
+        ("request target too long", long_uri.into_bytes(), "414"),
+        (
+            "declared body too large",
+            b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\nabc".to_vec(),
+            "413",
+        ),
+        ("chunked body too large", big_chunks.into_bytes(), "413"),
+    ];
+    let mut wrong = Vec::new();
+    for (name, req, want) in &cases {
+        let (answer, closed) = exchange(addr, req).await;
+        let got = status_of(&answer);
+        if got != *want || !closed {
+            wrong.push(format!(
+                "{name}: wanted {want} and a close, got {got} (closed: {closed}): {:?}",
+                answer.lines().next()
+            ));
+        }
+        assert_eq!(blade[0].served(), 0, "{name}: a blade saw the request");
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let ok = get(&client(), addr, "/").await.unwrap();
+    assert_eq!(ok.status, 200, "proxy still serves");
+    assert_eq!(blade[0].served(), 1);
+    surge.stop().await;
+}
+
+/// `Content-Length` beside `Transfer-Encoding` is the classic desync. RFC 9112 §6.1 lets
+/// a server either refuse it or frame by `Transfer-Encoding` alone and close the
+/// connection afterwards; hyper does the latter. Either way what matters to a shop is
+/// that the request hidden in the body never reaches a frontend as a request of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_smuggled_behind_content_length_and_chunked_never_reaches_a_blade() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(&[("blade-1", blade[0].addr)], "", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let smuggled = "GET /catalog HTTP/1.1\r\nhost: x\r\n\r\n";
+    let attacks = [
+        // CL.TE: a front end trusting Content-Length would pass the smuggled request on
+        // inside the body; a back end trusting chunked would then run it.
+        format!(
+            "POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        // TE.CL, headers the other way round.
+        format!(
+            "POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        ),
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        let before = blade[0].served();
+        let (answer, closed) = exchange(addr, attack.as_bytes()).await;
+        assert!(closed, "attack {i}: connection left open");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "attack {i}: more than one response: {answer}"
+        );
+        assert!(
+            blade[0].served() - before <= 1,
+            "attack {i}: the blade ran the smuggled request"
+        );
+    }
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_gets_408_and_a_connection_is_recycled_after_its_request_quota() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(
+        &[("blade-1", blade[0].addr)],
+        "body_read_timeout = \"300ms\"\nmax_requests_per_connection = 3\n",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+
+    let (answer, closed) = exchange(
+        addr,
+        b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab",
+    )
+    .await;
+    assert_eq!(status_of(&answer), "408", "{answer}");
+    assert!(closed);
+    assert_eq!(blade[0].served(), 0, "the half body reached the blade");
+
+    // Three requests on one connection; the third answer says goodbye.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut closes = Vec::new();
+    for _ in 0..3 {
+        s.write_all(b"GET /catalog HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        closes.push(head.to_ascii_lowercase().contains("connection: close"));
+        skip_body(&mut s, &head).await;
+    }
+    assert_eq!(closes, [false, false, true]);
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0))),
+        "connection not closed after the quota"
+    );
+    surge.stop().await;
+}
+
+/// Reads one response head (up to the blank line).
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+async fn skip_body(s: &mut TcpStream, head: &str) {
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+}
+
+/// A client from a chosen loopback address (127.0.0.0/8 is all local on Linux).
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    socket.connect(addr).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_is_capped_in_connections_and_request_rate_and_others_are_not() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(
+        &[("blade-1", blade[0].addr)],
+        "max_connections_per_ip = 5\nrequests_per_second_per_ip = 20\n",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect_from([127, 0, 0, 2], addr).await.unwrap());
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || surge.proxy.limits.open() == 5).await,
+        "5 connections counted"
+    );
+    let mut sixth = connect_from([127, 0, 0, 2], addr).await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), sixth.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    // Another address is not affected.
+    let mut other = connect_from([127, 0, 0, 3], addr).await.unwrap();
+    other
+        .write_all(b"GET /catalog HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut other).await.starts_with("HTTP/1.1 200"));
+    drop(other);
+    // One closes: room again.
+    drop(held.pop());
+    assert!(eventually(Duration::from_secs(2), || surge.proxy.limits.open() == 4).await);
+    let mut again = connect_from([127, 0, 0, 2], addr).await.unwrap();
+    again
+        .write_all(b"GET /catalog HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut again).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    skip_body(&mut again, &head).await;
+
+    // Rate: 40 requests at once from one address; 20 per second pass, the rest get 429.
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        again
+            .write_all(b"GET /catalog HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut again).await;
+        codes.push(status_of(&head).to_owned());
+        skip_body(&mut again, &head).await;
+    }
+    let limited = codes.iter().filter(|c| *c == "429").count();
+    let passed = codes.iter().filter(|c| *c == "200").count();
+    assert_eq!(limited + passed, 40, "{codes:?}");
+    assert!(
+        (15..=25).contains(&passed),
+        "about 20 in the second should pass: {codes:?}"
+    );
+    drop(held);
+    drop(again);
+    assert!(
+        eventually(Duration::from_secs(2), || surge.proxy.limits.open() == 0).await,
+        "connection count back to 0, is {}",
+        surge.proxy.limits.open()
+    );
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_cut_off_while_shoppers_are_served() {
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        &[("blade-1", blade[0].addr)],
+        "header_read_timeout = \"1s\"\n",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    const SLOW: usize = 300;
+    let cut_off = Arc::new(AtomicU64::new(0));
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let cut_off = cut_off.clone();
+        // Spread over 127.0.0.10-39, 10 connections each.
+        let source = [127, 0, 0, 10 + (i / 10) as u8];
+        slow.push(tokio::spawn(async move {
+            let Ok(mut s) = connect_from(source, addr).await else {
+                return;
+            };
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n").await;
+            // One header byte every 400 ms, for at most 4 s.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                if s.write_all(b"x").await.is_err() {
+                    cut_off.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let mut b = [0u8; 256];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await
+                {
+                    cut_off.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }));
+    }
+    // Meanwhile a shopper browses.
+    let c = client();
+    let mut worst = Duration::ZERO;
+    let mut served = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let t = Instant::now();
+        let r = get(&c, addr, "/catalog").await.expect("shopper request");
+        assert_eq!(r.status, 200);
+        worst = worst.max(t.elapsed());
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in slow {
+        let _ = t.await;
+    }
+    let cut = cut_off.load(Ordering::Relaxed) as usize;
+    eprintln!("slowloris: {cut}/{SLOW} cut off; shopper: {served} requests, worst {worst:?}");
+    assert_eq!(
+        cut, SLOW,
+        "every slow connection is closed by the header timeout"
+    );
+    // The shopper never waited anywhere near the slow clients' timeout.
+    assert!(
+        worst < Duration::from_secs(1),
+        "worst shopper request {worst:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || surge.proxy.limits.open() == 0).await,
+        "connections left open: {}",
+        surge.proxy.limits.open()
+    );
+    surge.stop().await;
+}
+
+/// A fake frontend misbehaving in one way.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Reads the request, never answers.
+    Silent,
+    /// Answers with bytes that are not HTTP.
+    Garbage,
+    /// Reads the request and closes: killed before answering.
+    Dies,
+    /// Sends a response head and half the body, then closes: killed mid-response.
+    DiesMidBody,
+}
+
+/// Starts a fake frontend on 127.0.0.1; answers `/healthz` properly so health checks keep
+/// it in, misbehaves on everything else. Returns its address and a count of requests.
+async fn bad_blade(how: Misbehaviour) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if got.starts_with(b"GET /healthz") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                        .await;
+                    return;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                match how {
+                    Misbehaviour::Silent => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    Misbehaviour::Garbage => {
+                        let _ = s.write_all(b"SPAM SPAM SPAM\r\n\r\n").await;
+                    }
+                    Misbehaviour::Dies => {}
+                    Misbehaviour::DiesMidBody => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nhalf")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dying_silent_and_garbage_blades_give_clean_errors_gets_are_retried_and_nothing_leaks() {
+    let good = blades(1, Duration::ZERO).await;
+    for (how, name, post_status) in [
+        (Misbehaviour::Garbage, "garbage", 502),
+        (Misbehaviour::Dies, "dies", 502),
+        (Misbehaviour::Silent, "silent", 504),
+    ] {
+        let (bad, seen) = bad_blade(how).await;
+        let cfg = surge_config(
+            &[("bad", bad), ("blade-1", good[0].addr)],
+            "response_timeout = \"500ms\"\n",
+            "algorithm = \"round-robin\"\n[pool.ejection]\nconsecutive_failures = 2\nbase_time = \"30s\"\n",
+        );
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        let c = client();
+        // Until the bad one is ejected, a POST that lands there gets surge's own error.
+        let mut posts = Vec::new();
+        for _ in 0..4 {
+            let r = send(&c, http::Method::POST, addr, "/checkout", &[], "")
+                .await
+                .unwrap();
+            posts.push(r.status.as_u16());
+        }
+        assert!(
+            posts.contains(&post_status),
+            "{name}: a POST to the bad blade gets {post_status}: {posts:?}"
+        );
+        assert!(
+            posts.iter().all(|s| *s == post_status || *s == 409),
+            "{name}: {posts:?} (409 = the good blade: no cart)"
+        );
+        // GETs are idempotent: retried on the good blade when the bad one fails them
+        // (a silent blade costs its timeout, and then the shopper its 504: a request
+        // that may be in progress is not sent twice).
+        let mut gets = Vec::new();
+        for _ in 0..10 {
+            gets.push(get(&c, addr, "/catalog").await.unwrap().status.as_u16());
+        }
+        match how {
+            Misbehaviour::Silent => assert!(gets.iter().all(|s| *s == 200 || *s == 504)),
+            _ => assert!(gets.iter().all(|s| *s == 200), "{name}: {gets:?}"),
+        }
+        let ejected = surge
+            .pool
+            .snapshot()
+            .get("bad")
+            .map(|m| m.state != surge::pool::State::InService);
+        assert_eq!(ejected, Some(true), "{name}: bad blade ejected");
+        assert!(seen.load(Ordering::Relaxed) > 0);
+        let counters_zero = eventually(Duration::from_secs(3), || {
+            surge
+                .pool
+                .snapshot()
+                .members()
+                .iter()
+                .all(|m| m.backend.in_flight() == 0)
+        })
+        .await;
+        assert!(counters_zero, "{name}: in-flight counters back to 0");
+        drop(c);
+        assert!(
+            eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await,
+            "{name}: shopper connections back to 0"
+        );
+        surge.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
+    let (bad, _) = bad_blade(Misbehaviour::DiesMidBody).await;
+    let cfg = surge_config(&[("bad", bad)], "", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    // The head was sent already: the shopper must see a broken body, never a short
+    // one passed off as complete.
+    let r = get(&client(), addr, "/catalog").await;
+    assert!(r.is_err(), "a truncated body looked complete: {r:?}");
+    let zero = eventually(Duration::from_secs(3), || {
+        surge
+            .pool
+            .snapshot()
+            .get("bad")
+            .is_some_and(|m| m.backend.in_flight() == 0)
+    })
+    .await;
+    assert!(zero, "in-flight count back to 0");
+    assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
+    surge.stop().await;
+}
