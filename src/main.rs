@@ -222,10 +222,24 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let cfg = load_config(config)?;
+    // First, before any thread exists: this clears the hand-over variables from the
+    // environment.
+    let inherited = surge::handoff::Inherited::from_env()?;
+    let config_path = config.or_else(|| {
+        let default = PathBuf::from(config::DEFAULT_PATH);
+        default.exists().then_some(default)
+    });
+    let cfg = load_config(config_path.clone())?;
     let _log = surge::telemetry::init_logging("info");
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-    runtime.block_on(surge::serve::run(cfg))?;
+    let restarts = surge::serve::Restarts {
+        config_path,
+        successor: surge::handoff::Successor::of_this_process(
+            surge::serve::SUCCESSOR_READY_TIMEOUT,
+        ),
+        inherited,
+    };
+    runtime.block_on(surge::serve::run(cfg, restarts))?;
     Ok(())
 }
 

@@ -11,9 +11,10 @@ use tokio::sync::watch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::admin::{self, Admin, AdminError, AdminHandle};
+use crate::admin::{self, Admin, AdminError, AdminHandle, Control, ControlKind};
 use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
 use crate::config::Config;
+use crate::handoff::{Inherited, Successor};
 use crate::pool::{health, Backend, Origin, Pool};
 use crate::provider::scaleway::{Scaleway, ScalewayConfig};
 use crate::proxy::{self, probe::HttpProber, ProxyError, ProxyHandle};
@@ -51,6 +52,18 @@ pub struct Running {
     background: watch::Sender<bool>,
 }
 
+/// What `surge serve` needs beyond the config to reload and upgrade itself.
+#[derive(Debug, Default)]
+pub struct Restarts {
+    /// The config file to re-read on reload (`None`: the embedded default, nothing to
+    /// re-read).
+    pub config_path: Option<std::path::PathBuf>,
+    /// How to start the process that takes over (`None`: reload and upgrade refused).
+    pub successor: Option<Successor>,
+    /// Sockets handed over by the process this one takes over from.
+    pub inherited: Inherited,
+}
+
 impl Running {
     /// Stops accepting, lets in-flight requests finish (within the grace period), then
     /// stops health checks and demo blades.
@@ -58,6 +71,7 @@ impl Running {
         self.admin.shutdown();
         self.proxy.shutdown();
         self.proxy.wait().await;
+        self.admin.wait().await;
         let _ = self.background.send(true);
         for b in &self.blades {
             b.kill();
@@ -71,6 +85,16 @@ impl Running {
 /// Starts everything `cfg` describes on the current tokio runtime (proxy workers get
 /// threads of their own).
 pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
+    start_with(cfg, &mut Inherited::default(), None).await
+}
+
+/// [`start`], serving sockets `inherited` from a predecessor where the addresses match,
+/// with admin reload/upgrade requests sent to `control`.
+pub async fn start_with(
+    cfg: &Config,
+    inherited: &mut Inherited,
+    control: Option<tokio::sync::mpsc::Sender<Control>>,
+) -> Result<Running, ServeError> {
     // Before any backend exists: backends register their metric handles when created.
     let metrics = crate::telemetry::prometheus();
     let mut blades = Vec::new();
@@ -170,16 +194,24 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     };
     let proxy_listening = Arc::new(AtomicBool::new(false));
     let tls_sets = Arc::new(std::sync::OnceLock::new());
-    let admin = admin::start(Admin {
-        tls: tls_sets.clone(),
-        autoscaler: autoscaler.clone(),
-        pool: pool.clone(),
-        cfg: cfg.admin.clone(),
-        metrics,
-        proxy_listening: proxy_listening.clone(),
-    })
+    let admin_socket = match cfg.admin.listen.port() {
+        0 => None,
+        _ => inherited.take(cfg.admin.listen).pop(),
+    };
+    let admin = admin::start_with(
+        Admin {
+            tls: tls_sets.clone(),
+            autoscaler: autoscaler.clone(),
+            pool: pool.clone(),
+            cfg: cfg.admin.clone(),
+            metrics,
+            proxy_listening: proxy_listening.clone(),
+            control,
+        },
+        admin_socket,
+    )
     .await?;
-    let proxy = proxy::start(&cfg.proxy, pool.clone())?;
+    let proxy = proxy::start_with(&cfg.proxy, pool.clone(), &mut |addr| inherited.take(addr))?;
     proxy_listening.store(true, Ordering::Relaxed);
     let _ = tls_sets.set(proxy.tls.clone());
     for tls in &proxy.tls {
@@ -202,9 +234,15 @@ pub async fn start(cfg: &Config) -> Result<Running, ServeError> {
     })
 }
 
-/// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
-pub async fn run(cfg: Config) -> Result<(), ServeError> {
-    let running = start(&cfg).await?;
+/// Runs until SIGTERM or Ctrl-C, or until a successor process has taken over (after a
+/// reload or an upgrade), then shuts down gracefully.
+pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> {
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(4);
+    let running = start_with(&cfg, &mut restarts.inherited, Some(control_tx)).await?;
+    for addr in restarts.inherited.close_leftover() {
+        println!("surge: {addr} is no longer in the config; closed it");
+    }
+    let took_over = restarts.inherited.from_predecessor();
     let table = running.pool.snapshot();
     let listeners: Vec<String> = running
         .proxy
@@ -233,7 +271,11 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             sim.url()
         );
     }
-    wait_for_signal(&running).await;
+    if took_over {
+        println!("surge: serving the sockets handed over by the previous process");
+        restarts.inherited.ready();
+    }
+    wait_for_signal(&running, &restarts, &mut control_rx).await;
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
@@ -242,35 +284,92 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Waits for SIGTERM or Ctrl-C; SIGHUP meanwhile reloads the TLS certificates.
-async fn wait_for_signal(running: &Running) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// How long a new process may take to start serving before a switch is called off.
+pub const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits for SIGTERM or Ctrl-C, or for a successor to take over. Meanwhile SIGHUP (or
+/// `POST /v1/config/reload`) reloads the config and SIGUSR2 (or `POST /v1/upgrade`)
+/// upgrades the binary, both by handing the sockets to a new process.
+async fn wait_for_signal(
+    running: &Running,
+    restarts: &Restarts,
+    control: &mut tokio::sync::mpsc::Receiver<Control>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        let (kind, reply) = tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => (ControlKind::Reload, None),
+            _ = usr2.recv() => (ControlKind::Upgrade, None),
+            Some(c) = control.recv() => (c.kind, Some(c.reply)),
         };
-        loop {
-            tokio::select! {
-                _ = term.recv() => return,
-                _ = tokio::signal::ctrl_c() => return,
-                _ = hup.recv() => {
-                    for r in running.proxy.reload_tls("SIGHUP") {
-                        match r {
-                            Ok(summary) => println!("surge: SIGHUP: reloaded {summary}"),
-                            Err(e) => eprintln!("surge: SIGHUP: TLS reload refused, old certificates keep serving: {e}"),
-                        }
-                    }
-                }
+        let outcome = hand_over(running, restarts, kind).await;
+        match &outcome {
+            Ok(summary) => println!("surge: {summary}"),
+            Err(reason) => eprintln!("surge: {reason}"),
+        }
+        let done = outcome.is_ok();
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// Starts the process that takes over: for a reload only once the config file has been
+/// read and validated. `Ok` means the new process serves and this one should stop.
+async fn hand_over(
+    running: &Running,
+    restarts: &Restarts,
+    kind: ControlKind,
+) -> Result<String, String> {
+    let what = match kind {
+        ControlKind::Reload => "config reload",
+        ControlKind::Upgrade => "upgrade",
+    };
+    if kind == ControlKind::Reload {
+        // Without a file (the embedded default) there is nothing to check; the new
+        // process still re-reads the certificates.
+        if let Some(path) = &restarts.config_path {
+            if let Err(e) = Config::load(path) {
+                return Err(format!(
+                    "{what} refused, the running config keeps serving: {e}"
+                ));
             }
         }
     }
-    #[cfg(not(unix))]
+    let Some(successor) = &restarts.successor else {
+        return Err(format!(
+            "{what} refused: the path of this binary is unknown"
+        ));
+    };
+    let mut sockets = running
+        .proxy
+        .sockets()
+        .map_err(|e| format!("{what} failed: {e}"))?;
+    if let Some(admin) = running
+        .admin
+        .socket()
+        .map_err(|e| format!("{what} failed: {e}"))?
     {
-        let _ = tokio::signal::ctrl_c().await;
+        sockets.push(admin);
+    }
+    match successor.start(&sockets).await {
+        Ok(pid) => Ok(format!(
+            "{what}: process {pid} now serves; this one ({}) finishes its requests and exits",
+            std::process::id()
+        )),
+        Err(e) => Err(format!("{what} failed: {e}")),
     }
 }

@@ -62,6 +62,25 @@ pub struct Admin {
     /// The TLS listeners' certificate sets, filled in once the proxy has started (the
     /// admin API starts first so that `/readyz` can say the proxy is not up yet).
     pub tls: Arc<std::sync::OnceLock<Vec<Arc<crate::proxy::tls::Tls>>>>,
+    /// Where config reloads and upgrades are asked for (the process's top level acts on
+    /// them); `None` when nothing listens.
+    pub control: Option<tokio::sync::mpsc::Sender<Control>>,
+}
+
+/// What an operator can ask of the whole process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    /// Re-read the config file; if valid, hand over to a new process running it.
+    Reload,
+    /// Hand over to a new process started from the binary at the same path.
+    Upgrade,
+}
+
+/// A request to the top level, answered with a summary or the reason it was refused.
+#[derive(Debug)]
+pub struct Control {
+    pub kind: ControlKind,
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
 }
 
 /// A running admin API.
@@ -69,20 +88,61 @@ pub struct Admin {
 pub struct AdminHandle {
     pub local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// A copy of the listening socket for a successor process; dropped on shutdown.
+    handoff: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// Fires once the API has stopped and its open calls have been answered.
+    finished: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
+
+/// How long a stopping admin API lets calls in progress finish.
+const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl AdminHandle {
     pub fn shutdown(&self) {
+        if let Ok(mut h) = self.handoff.lock() {
+            h.take();
+        }
         let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the API has stopped (after [`AdminHandle::shutdown`]) and the calls in
+    /// progress have been answered.
+    pub async fn wait(&self) {
+        let finished = self.finished.lock().ok().and_then(|mut f| f.take());
+        if let Some(f) = finished {
+            let _ = f.await;
+        }
+    }
+
+    /// A copy of the listening socket (for a successor process).
+    pub fn socket(&self) -> std::io::Result<Option<std::net::TcpListener>> {
+        match self.handoff.lock() {
+            Ok(h) => h.as_ref().map(std::net::TcpListener::try_clone).transpose(),
+            Err(_) => Ok(None),
+        }
     }
 }
 
 /// Binds `admin.cfg.listen` and serves on the current runtime.
 pub async fn start(admin: Admin) -> Result<AdminHandle, AdminError> {
+    start_with(admin, None).await
+}
+
+/// [`start`] on `inherited`, a socket already listening (from a predecessor process), if
+/// given.
+pub async fn start_with(
+    admin: Admin,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<AdminHandle, AdminError> {
     let addr = admin.cfg.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Listen { addr, source })?;
+    let listen_err = |source| AdminError::Listen { addr, source };
+    let std_listener = match inherited {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr).map_err(listen_err)?,
+    };
+    std_listener.set_nonblocking(true).map_err(listen_err)?;
+    let handoff = std_listener.try_clone().map_err(listen_err)?;
+    let listener = TcpListener::from_std(std_listener).map_err(listen_err)?;
     let local_addr = listener
         .local_addr()
         .map_err(|source| AdminError::Listen { addr, source })?;
@@ -90,34 +150,42 @@ pub async fn start(admin: Admin) -> Result<AdminHandle, AdminError> {
         tracing::warn!(%local_addr, "admin API has no token: open to local users");
     }
     let (tx, mut rx) = watch::channel(false);
+    let (finished_tx, finished) = tokio::sync::oneshot::channel();
     let admin = Arc::new(admin);
     tokio::spawn(async move {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
             let (stream, _) = tokio::select! {
-                _ = rx.changed() => return,
+                _ = rx.changed() => break,
                 res = listener.accept() => match res {
                     Ok(c) => c,
                     Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
                 },
             };
             let admin = admin.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
-                let _ = http1::Builder::new()
+                let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(conn).await;
             });
         }
+        // Answers being written (say, "upgrade done") still reach their callers.
+        let _ = tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, graceful.shutdown()).await;
+        let _ = finished_tx.send(());
     });
     tracing::info!(%local_addr, "admin API listening");
     Ok(AdminHandle {
         local_addr,
         shutdown: tx,
+        handoff: std::sync::Mutex::new(Some(handoff)),
+        finished: std::sync::Mutex::new(Some(finished)),
     })
 }
 
@@ -194,6 +262,11 @@ impl Admin {
                 })
             }
             ["v1", "tls", "reload"] => only(&method, &[Method::POST], || self.reload_tls()),
+            ["v1", "config", "reload"] if method == Method::POST => {
+                self.control(ControlKind::Reload).await
+            }
+            ["v1", "upgrade"] if method == Method::POST => self.control(ControlKind::Upgrade).await,
+            ["v1", "config", "reload"] | ["v1", "upgrade"] => method_not_allowed(&[Method::POST]),
             ["v1", "nodes"] => match method {
                 Method::GET => self.list(),
                 Method::POST => match read_json::<AddBody>(req).await {
@@ -241,6 +314,36 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "not_found",
                 &format!("no route {path}"),
+            ),
+        }
+    }
+
+    /// Asks the top level for a reload or an upgrade and waits for the outcome: 200 once
+    /// a new process serves (this one then finishes its requests and exits), 422 with the
+    /// reason when refused (bad config, new process failed): this one keeps serving.
+    async fn control(&self, kind: ControlKind) -> Reply {
+        let Some(tx) = &self.control else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this surge was not started by `surge serve`: nothing to reload or upgrade",
+            );
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if tx.send(Control { kind, reply }).await.is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "surge is shutting down",
+            );
+        }
+        match answer.await {
+            Ok(Ok(summary)) => json_reply(StatusCode::OK, &json!({"result": summary})),
+            Ok(Err(reason)) => error(StatusCode::UNPROCESSABLE_ENTITY, "refused", &reason),
+            Err(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "surge is shutting down",
             ),
         }
     }

@@ -102,6 +102,9 @@ pub struct ProxyHandle {
     pub tls: Vec<Arc<tls::Tls>>,
     /// Connection and request-rate limits, with the count of open shopper connections.
     pub limits: Arc<limits::Limits>,
+    /// Copies of every listening socket, to hand to a successor process; emptied on
+    /// shutdown so that a stopping surge stops queueing connections.
+    handoff: std::sync::Mutex<Vec<std::net::TcpListener>>,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -109,7 +112,18 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Stops accepting new connections; open connections finish their current request.
     pub fn shutdown(&self) {
+        if let Ok(mut h) = self.handoff.lock() {
+            h.clear();
+        }
         let _ = self.shutdown.send(true);
+    }
+
+    /// Copies of every listening socket (for a successor process).
+    pub fn sockets(&self) -> std::io::Result<Vec<std::net::TcpListener>> {
+        match self.handoff.lock() {
+            Ok(h) => h.iter().map(std::net::TcpListener::try_clone).collect(),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     /// Waits until every worker has finished (after [`ProxyHandle::shutdown`]).
@@ -155,21 +169,53 @@ impl ListenerSpec {
 /// Binds the listeners and starts the workers. Returns once every listener is bound and
 /// every certificate loaded, so such errors are reported here rather than lost in a thread.
 pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyError> {
+    start_with(cfg, pool, &mut |_| Vec::new())
+}
+
+/// [`start`], taking listening sockets from `inherited` (by configured address) before
+/// binding new ones: a process taking over from another serves the very same sockets,
+/// queued connections included. Every inherited socket is served, even if there are more
+/// than workers.
+pub fn start_with(
+    cfg: &ProxyConfig,
+    pool: Arc<Pool>,
+    inherited: &mut dyn FnMut(SocketAddr) -> Vec<std::net::TcpListener>,
+) -> Result<ProxyHandle, ProxyError> {
     let workers_n = cfg.workers.max(1);
-    // sockets[l][w]: listener l's socket for worker w.
+    // sockets[l]: listener l's sockets, one per worker at least.
     let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
     let mut bound = Vec::new();
     let mut tls_sets = Vec::new();
     let mut specs = Vec::new();
+    let mut handoff = Vec::new();
     for l in &cfg.listeners {
-        let first = reuseport_listener(l.listen)?;
-        let addr = first.local_addr().map_err(|source| ProxyError::Listen {
+        let mut these = if l.listen.port() == 0 {
+            Vec::new()
+        } else {
+            inherited(l.listen)
+        };
+        for s in &these {
+            s.set_nonblocking(true)
+                .map_err(|source| ProxyError::Listen {
+                    addr: l.listen,
+                    source,
+                })?;
+        }
+        if these.is_empty() {
+            these.push(reuseport_listener(l.listen)?);
+        }
+        let addr = these[0].local_addr().map_err(|source| ProxyError::Listen {
             addr: l.listen,
             source,
         })?;
-        let mut these = vec![first];
-        for _ in 1..workers_n {
+        while these.len() < workers_n {
             these.push(reuseport_listener(addr)?);
+        }
+        for s in &these {
+            handoff.push(
+                s.try_clone()
+                    .map_err(|source| ProxyError::Listen { addr, source })?,
+            );
         }
         sockets.push(these);
         let tls = match &l.tls {
@@ -190,12 +236,14 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
     let request_ids = Arc::new(headers::RequestIds::default());
     let limits = Arc::new(limits::Limits::new(cfg));
     let mut workers = Vec::with_capacity(workers_n);
-    for n in 0..workers_n {
-        let mine: Vec<(std::net::TcpListener, ListenerSpec)> = sockets
-            .iter_mut()
-            .zip(&specs)
-            .filter_map(|(socks, spec)| socks.pop().map(|s| (s, spec.clone())))
-            .collect();
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerSpec)>> =
+        (0..workers_n).map(|_| Vec::new()).collect();
+    for (socks, spec) in sockets.into_iter().zip(&specs) {
+        for (i, s) in socks.into_iter().enumerate() {
+            per_worker[i % workers_n].push((s, spec.clone()));
+        }
+    }
+    for (n, mine) in per_worker.into_iter().enumerate() {
         let cfg = cfg.clone();
         let pool = pool.clone();
         let request_ids = request_ids.clone();
@@ -219,6 +267,7 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
         listeners: bound,
         tls: tls_sets,
         limits,
+        handoff: std::sync::Mutex::new(handoff),
         shutdown: tx,
         workers,
     })

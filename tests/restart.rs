@@ -1,0 +1,380 @@
+//! Restarts of the real `surge` binary under traffic: SIGTERM finishes what is in flight,
+//! an upgrade in place (SIGUSR2 or the admin API) hands the sockets to a new process and
+//! loses no request, a reload with a broken config is refused and changes nothing.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
+
+const SURGE: &str = env!("CARGO_BIN_EXE_surge");
+const TOKEN: &str = "restart-test-token";
+
+/// A `surge serve` process and every process that took over from it; all are killed
+/// when the test ends, however it ends.
+struct Surge {
+    first: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+}
+
+impl Surge {
+    fn start(backends: &[SocketAddr]) -> Surge {
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "surge-restart-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("surge.toml");
+        std::fs::write(&config, config_text(proxy, admin, backends)).unwrap();
+        let mut first = Command::new(SURGE)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SURGE_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        // Successors inherit these pipes: their lines arrive here too.
+        for stream in [
+            first
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            first
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Surge {
+            first,
+            lines,
+            proxy,
+            admin,
+            config,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Pids named in "process N now serves" lines.
+    fn successors(&self) -> Vec<u32> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.split("process ").nth(1)?.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    async fn wait_serving(&self) {
+        let ok = eventually_async(Duration::from_secs(20), || async {
+            get(&client(), self.proxy, "/").await.is_ok()
+        })
+        .await;
+        assert!(ok, "surge did not start serving:\n{}", self.output());
+    }
+}
+
+impl Drop for Surge {
+    fn drop(&mut self) {
+        for pid in self.successors() {
+            signal(pid, "KILL");
+        }
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+    }
+}
+
+fn config_text(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
+    let mut text = format!(
+        "[proxy]\nlisten = \"{proxy}\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"10s\"\n\
+         [admin]\nlisten = \"{admin}\"\n[pool]\nalgorithm = \"round-robin\"\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        text.push_str(&format!(
+            "[[pool.backends]]\nid = \"blade-{}\"\naddress = \"{b}\"\n",
+            i + 1
+        ));
+    }
+    text
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by its parent) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Steady traffic until stopped: shoppers on kept-alive connections and shoppers who
+/// open a new connection per request (every new visitor does). Returns (ok, failures).
+fn steady_load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (Arc<AtomicU64>, tokio::task::JoinHandle<Vec<String>>) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let counted = ok.clone();
+    let task = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for n in 0..6 {
+            let (stop, ok) = (stop.clone(), counted.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut failures = Vec::new();
+                let c = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let result = if n % 2 == 0 {
+                        get(&c, addr, "/catalog").await.map(|r| r.status.as_u16())
+                    } else {
+                        fresh_connection_get(addr).await
+                    };
+                    match result {
+                        Ok(200) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(s) => failures.push(format!("status {s}")),
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                failures
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    });
+    (ok, task)
+}
+
+/// One request on its own connection (`Connection: close`), as a new visitor sends it.
+async fn fresh_connection_get(addr: SocketAddr) -> anyhow::Result<u16> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /catalog HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no response: {:?}", &text[..text.len().min(80)]))?;
+    Ok(status)
+}
+
+async fn admin_post(surge: &Surge, path: &str) -> Reply {
+    let reply = send(
+        &client(),
+        http::Method::POST,
+        surge.admin,
+        path,
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        "",
+    )
+    .await;
+    match reply {
+        Ok(r) => r,
+        Err(e) => panic!("admin call {path}: {e:#}\n{}", surge.output()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let blade = blades(1, Duration::from_millis(1500)).await;
+    let mut surge = Surge::start(&[blade[0].addr]);
+    blade[0].set_latency(Duration::ZERO);
+    surge.wait_serving().await;
+    blade[0].set_latency(Duration::from_millis(1500));
+    let addr = surge.proxy;
+    let slow = tokio::spawn(async move { get(&client(), addr, "/catalog").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(surge.first.id(), "TERM");
+    let reply = slow.await.unwrap();
+    assert_eq!(
+        reply.as_ref().map(|r| r.status.as_u16()).ok(),
+        Some(200),
+        "the request in flight at SIGTERM was not finished: {reply:?}\n{}",
+        surge.output()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = surge.first.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit: {status:?}\n{}",
+        surge.output()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(surge.proxy).await.is_err(),
+        "still accepting after exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_in_place_under_steady_load_lose_no_request() {
+    let blade = blades(2, Duration::from_millis(2)).await;
+    let surge = Surge::start(&[blade[0].addr, blade[1].addr]);
+    surge.wait_serving().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, load) = steady_load(surge.proxy, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // First by signal, as an operator's script would.
+    let first = surge.first.id();
+    signal(first, "USR2");
+    let handed = eventually_async(Duration::from_secs(20), || async {
+        surge.successors().len() == 1 && !alive(first)
+    })
+    .await;
+    assert!(handed, "no hand-over:\n{}", surge.output());
+    let after_first = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Then through the admin API, which the new process now serves.
+    let second = surge.successors()[0];
+    let reply = admin_post(&surge, "/v1/upgrade").await;
+    assert_eq!(reply.status, 200, "{:?}\n{}", reply.body, surge.output());
+    let gone = eventually_async(Duration::from_secs(20), || async { !alive(second) }).await;
+    assert!(gone, "second process did not exit:\n{}", surge.output());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = load.await.unwrap();
+    let total = ok.load(Ordering::Relaxed);
+    eprintln!("upgrades: {total} requests ok, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} requests failed across two upgrades: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        surge.output()
+    );
+    assert!(
+        after_first > 50 && total > after_first + 50,
+        "load ran throughout"
+    );
+    let third = surge.successors();
+    assert_eq!(third.len(), 2, "{}", surge.output());
+    assert!(alive(third[1]), "the last process serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_reload_is_refused_and_a_good_one_takes_over() {
+    let blade = blades(2, Duration::ZERO).await;
+    let surge = Surge::start(&[blade[0].addr]);
+    surge.wait_serving().await;
+    let good = std::fs::read_to_string(&surge.config).unwrap();
+
+    // A typo in a key: refused by the admin API, naming file and key; nothing changes.
+    std::fs::write(&surge.config, good.replace("workers = 2", "wokers = 2")).unwrap();
+    let reply = admin_post(&surge, "/v1/config/reload").await;
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    assert_eq!(reply.status, 422, "{text}");
+    assert!(
+        text.contains("surge.toml") && text.contains("wokers"),
+        "names file and key: {text}"
+    );
+    // A bad value, by SIGHUP: refused too, said on stderr.
+    std::fs::write(
+        &surge.config,
+        good.replace(
+            "shutdown_grace = \"10s\"",
+            "shutdown_grace = \"ten seconds\"",
+        ),
+    )
+    .unwrap();
+    signal(surge.first.id(), "HUP");
+    let said = eventually(Duration::from_secs(5), || {
+        surge.output().contains("shutdown_grace")
+    })
+    .await;
+    assert!(said, "{}", surge.output());
+    assert!(alive(surge.first.id()), "the old process keeps serving");
+    assert!(surge.successors().is_empty());
+    let r = get(&client(), surge.proxy, "/catalog").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.blade()), (200, "blade-1".to_owned()));
+
+    // A good change (a second frontend): a new process serves it.
+    std::fs::write(
+        &surge.config,
+        config_text(surge.proxy, surge.admin, &[blade[0].addr, blade[1].addr]),
+    )
+    .unwrap();
+    let reply = admin_post(&surge, "/v1/config/reload").await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let both = eventually_async(Duration::from_secs(10), || async {
+        let c = client();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..6 {
+            if let Ok(r) = get(&c, surge.proxy, "/catalog").await {
+                seen.insert(r.blade());
+            }
+        }
+        seen.len() == 2
+    })
+    .await;
+    assert!(both, "the reloaded config's second blade gets traffic");
+    let first = surge.first.id();
+    assert!(
+        eventually_async(Duration::from_secs(10), || async { !alive(first) }).await,
+        "the old process exits after the hand-over"
+    );
+}
