@@ -274,6 +274,11 @@ async fn a_flaky_provider_still_converges_to_the_desired_count() {
         rate_limit_every: 3,
         retry_after_secs: 1,
         server_error_share: 0.33,
+        // Some orders end in `error` (released and ordered again), and the answer to
+        // the first order is lost (found again by its request tag, not placed twice).
+        order_error_share: 0.3,
+        lose_orders: 1,
+        lost_delay: Duration::from_secs(3),
         ..Faults::default()
     };
     let sim = external_sim(faults, Duration::from_millis(300), key, port).await;

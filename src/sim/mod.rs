@@ -35,8 +35,10 @@ use crate::blade::{self, BladeConfig, BladeHandle};
 /// How often server states advance.
 const TICK: Duration = Duration::from_millis(50);
 
-/// Deliberate misbehaviour.
-#[derive(Debug, Clone, Default)]
+/// Deliberate misbehaviour. Also the body of `PUT /sim/v1/faults` (JSON, every field
+/// optional, durations like `"2s"`), which switches chaos on and off at run time.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Share of orders (0..=1) that end in status `error` instead of `ready`.
     pub order_error_share: f64,
@@ -49,10 +51,12 @@ pub struct Faults {
     /// Share of requests (0..=1) answered with 503 before doing anything.
     pub server_error_share: f64,
     /// Added delay on every answer.
+    #[serde(with = "humantime_serde")]
     pub slow: Duration,
     /// The next this-many orders are created but answered only after `lost_delay`, as if
     /// the answer were lost in the network.
     pub lose_orders: u64,
+    #[serde(with = "humantime_serde")]
     pub lost_delay: Duration,
 }
 
@@ -246,14 +250,7 @@ impl SimHandle {
 
     /// Changes the faults while running.
     pub fn set_faults(&self, faults: Faults) {
-        if let Ok(mut s) = self.sim.state.lock() {
-            s.lose_orders = faults.lose_orders;
-        }
-        // Faults other than lost orders are read from the config on each request.
-        let sim = &self.sim;
-        if let Ok(mut f) = sim.faults.lock() {
-            *f = faults;
-        }
+        apply_faults(&self.sim, faults);
     }
 
     /// Stops serving and stops every blade it started.
@@ -532,6 +529,41 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+fn apply_faults(sim: &Sim, faults: Faults) {
+    if let Ok(mut s) = sim.state.lock() {
+        s.lose_orders = faults.lose_orders;
+    }
+    // Faults other than lost orders are read on each request.
+    if let Ok(mut f) = sim.faults.lock() {
+        *f = faults;
+    }
+}
+
+/// `PUT /sim/v1/faults`: the simulator's own control, outside the vendor's API.
+async fn set_faults_call(sim: &Sim, req: Request<Incoming>) -> Reply {
+    if req.method() != Method::PUT {
+        return api_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use PUT",
+        );
+    }
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", "body unreadable"),
+    };
+    let faults: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", &e.to_string()),
+    };
+    tracing::info!(?faults, "simulator faults changed");
+    apply_faults(sim, faults);
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_default()
+}
+
 async fn handle(sim: &Sim, req: Request<Incoming>) -> Reply {
     let n = sim.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let faults = sim.faults.lock().map(|f| f.clone()).unwrap_or_default();
@@ -555,6 +587,9 @@ async fn handle(sim: &Sim, req: Request<Incoming>) -> Reply {
             "denied_authentication",
             "authentication is denied: invalid or missing X-Auth-Token",
         );
+    }
+    if req.uri().path() == "/sim/v1/faults" {
+        return set_faults_call(sim, req).await;
     }
     let rate_limited = (faults.rate_limit_every > 0 && n % faults.rate_limit_every == 0)
         || fault.as_deref() == Some("429");
