@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Chaos rehearsal on loopback: steady shop traffic (loadtests/chaos.toml, 100 new
-# sessions/s for 80 s) while, in turn,
+# Chaos rehearsal on loopback: steady shop traffic (loadtests/chaos.toml, 60 new
+# sessions/s, 150/s from 20 s on, 80 s in all) while, in turn,
 #    10 s  a frontend is killed (kill -9 of its `surge blade` process)
 #    20 s  the provider simulator goes into chaos mode (every 3rd call 429, 30% 503,
-#          30% of orders end in error, one order's answer lost) while the autoscaler is
-#          ordering servers; 35 s chaos off
+#          30% of orders end in error, one order's answer lost) just as the rate rises
+#          and the autoscaler orders servers; 35 s chaos off
 #    38 s  a node is drained through the admin API
 #    48 s  the config is reloaded (SIGHUP; a changed timeout)
 #    60 s  surge is upgraded in place (SIGUSR2: a new process takes the sockets over)
@@ -77,8 +77,10 @@ at 20 "provider chaos on (429s, 503s, failed and lost orders)" \
 at 35 "provider chaos off" sim_faults '{}'
 at 38 "node web-2 drained" curl -fsS -X POST http://127.0.0.1:19090/v1/nodes/web-2/drain -d '{"timeout": "10s", "force": true}'
 sed -i 's/response_timeout = "5s"/response_timeout = "6s"/' "$WORK/surge.toml"
-at 48 "config reloaded (SIGHUP)" kill -HUP "$(current_surge)"
-at 60 "surge upgraded in place (SIGUSR2)" kill -USR2 "$(current_surge)"
+# The pid is looked up when the event fires: after a reload it is the new process's.
+signal_surge() { kill "-$1" "$(current_surge)"; }
+at 48 "config reloaded (SIGHUP)" signal_surge HUP
+at 60 "surge upgraded in place (SIGUSR2)" signal_surge USR2
 set +e
 wait $LOAD; LOAD_RC=$?
 set -e
@@ -113,7 +115,7 @@ for i, (t, label) in enumerate(events):
 outcomes = {}
 for b in timeline:
     for k, v in b["outcomes"].items():
-        if k != "ok":
+        if k not in ("ok", "2xx"):
             outcomes[k] = outcomes.get(k, 0) + v
 print(f"\nfailed requests in all (503 sheds apart): {total_failed}; outcomes other than ok: {outcomes}")
 EOF
@@ -130,4 +132,12 @@ d = json.load(sys.stdin)
 nodes = d["nodes"] if isinstance(d, dict) else d
 print(sum(1 for n in nodes if n.get("origin") == "provisioned"))')
 echo "provider: $SERVERS servers exist; surge's pool holds $POOL provider nodes $( [ "$SERVERS" = "$POOL" ] && echo '(none leaked, none twice)' || echo '(MISMATCH)')"
+echo "autoscaler decisions:"
+curl -fsS http://127.0.0.1:19090/v1/autoscaler | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for x in reversed(d.get("decisions", [])[:8]):
+    print("  ", x["at"], x["current"], "->", x["desired"], "; ".join(x["reasons"]))'
+echo "provider calls refused or failed during the run (simulator log):"
+grep -cE '429|503|error' "$WORK/sim.log" | sed 's/^/   log lines: /' || true
 echo "report: $OUT/report.html   load test exit code: $LOAD_RC"

@@ -272,6 +272,15 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         );
     }
     if took_over {
+        // The predecessor keeps serving until we say ready: first get the pool to where
+        // it was (servers adopted from the provider, nodes through their health checks),
+        // or a cart bound to an adopted node would meet a pool that does not know it yet.
+        if !warm(&running, SUCCESSOR_WARM_LIMIT).await {
+            eprintln!(
+                "surge: pool not fully warm after {}; taking over anyway",
+                humantime::format_duration(SUCCESSOR_WARM_LIMIT)
+            );
+        }
         println!("surge: serving the sockets handed over by the previous process");
         restarts.inherited.ready();
     }
@@ -282,6 +291,33 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
     );
     running.stop().await;
     Ok(())
+}
+
+/// How long a process taking over waits for its pool to warm up before serving anyway.
+const SUCCESSOR_WARM_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until the autoscaler (if any) has adopted what the provider runs and no node is
+/// still warming up (unless failing its probes); `false` if `limit` passed first.
+async fn warm(running: &Running, limit: Duration) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let adopted = running.autoscaler.as_ref().is_none_or(|a| a.adopted());
+        // A warming node whose latest probe failed is not about to serve: no waiting.
+        let warming = running
+            .pool
+            .snapshot()
+            .members()
+            .iter()
+            .filter(|m| m.state == crate::pool::State::Warming && m.backend.probe_streak().1 == 0)
+            .count();
+        if adopted && warming == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// How long a new process may take to start serving before a switch is called off.

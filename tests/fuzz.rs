@@ -346,14 +346,20 @@ fn raw_bytes_at_the_proxy_get_an_answer_or_a_close_and_break_nothing() {
             let _ = s.shutdown().await;
             let mut out = Vec::new();
             let done = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
-            assert!(done.is_ok(), "case {case}: no answer and no close for {req:?}");
+            assert!(
+                done.is_ok(),
+                "case {case}: no answer and no close for {req:?}"
+            );
             if !out.is_empty() {
                 assert!(out.starts_with(b"HTTP/1.1 "), "case {case}: {out:?}");
             }
         }
-        let ok = common::get(&common::client(), addr, "/catalog").await.expect("still serves");
+        let ok = common::get(&common::client(), addr, "/catalog")
+            .await
+            .expect("still serves");
         assert_eq!(ok.status, 200);
-        let zero = common::eventually(Duration::from_secs(5), || surge.proxy.limits.open() == 0).await;
+        let zero =
+            common::eventually(Duration::from_secs(5), || surge.proxy.limits.open() == 0).await;
         assert!(zero, "connections left open: {}", surge.proxy.limits.open());
         surge.stop().await;
     });

@@ -33,6 +33,8 @@ pub struct Shared {
     /// Operator's pause switch (also `autoscale.paused` in config).
     pub paused: AtomicBool,
     status: Mutex<Status>,
+    /// Reconciliation rounds done; ≥ 1 once what the provider runs has been adopted.
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -46,6 +48,12 @@ struct Status {
 }
 
 impl Shared {
+    /// Whether the first reconciliation round is done: servers the provider already
+    /// runs for this pool (a restart, a hand-over) are in the pool by then.
+    pub fn adopted(&self) -> bool {
+        self.rounds.load(Ordering::Relaxed) > 0
+    }
+
     /// The status document of `GET /v1/autoscaler`.
     pub fn to_json(&self) -> Value {
         let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -136,6 +144,7 @@ pub async fn run<P: Provider>(
         }
         desired_gauge.set(decision.desired as f64);
         let report = reconciler.step(decision.desired, now).await;
+        shared.rounds.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = shared.status.lock() {
             s.desired = decision.desired;
             let scheduled = scheduled.map(|(m, name)| (m, name.to_owned()));

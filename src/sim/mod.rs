@@ -550,7 +550,13 @@ async fn set_faults_call(sim: &Sim, req: Request<Incoming>) -> Reply {
     }
     let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return api_error(StatusCode::BAD_REQUEST, "invalid_argument", "body unreadable"),
+        Err(_) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "body unreadable",
+            )
+        }
     };
     let faults: Faults = match serde_json::from_slice(&body) {
         Ok(f) => f,
