@@ -68,8 +68,14 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish (within the grace period), then
     /// stops health checks and demo blades.
     pub async fn stop(self) {
+        self.stop_draining(Duration::ZERO).await;
+    }
+
+    /// [`Running::stop`], letting kept-alive connections end on their own for up to
+    /// `keepalive_drain` first (see `ProxyHandle::shutdown_draining`).
+    pub async fn stop_draining(self, keepalive_drain: Duration) {
         self.admin.shutdown();
-        self.proxy.shutdown();
+        self.proxy.shutdown_draining(keepalive_drain);
         self.proxy.wait().await;
         self.admin.wait().await;
         let _ = self.background.send(true);
@@ -289,9 +295,13 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
     );
-    running.stop().await;
+    running.stop_draining(KEEPALIVE_DRAIN).await;
     Ok(())
 }
+
+/// On SIGTERM and after a hand-over: how long kept-alive connections get to end on
+/// their own (their answers say `Connection: close`) before idle ones are closed.
+const KEEPALIVE_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long a process taking over waits for its pool to warm up before serving anyway.
 const SUCCESSOR_WARM_LIMIT: Duration = Duration::from_secs(30);

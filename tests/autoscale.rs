@@ -291,7 +291,7 @@ async fn a_flaky_provider_still_converges_to_the_desired_count() {
         "min = 4\nmax = 6\n",
     );
     let surge = surge::serve::start(&cfg).await.unwrap();
-    let converged = eventually(Duration::from_secs(30), || in_service(&surge) == 4).await;
+    let converged = eventually(Duration::from_secs(60), || in_service(&surge) == 4).await;
     assert!(
         converged,
         "{:#}",

@@ -128,10 +128,21 @@ fn config_text(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) ->
     text
 }
 
+/// Sends a signal by name (without depending on a `kill` binary being installed).
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status();
+    let signo = match sig {
+        "TERM" => libc::SIGTERM,
+        "HUP" => libc::SIGHUP,
+        "USR2" => libc::SIGUSR2,
+        _ => libc::SIGKILL,
+    };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid, signo);
+    }
 }
 
 fn alive(pid: u32) -> bool {

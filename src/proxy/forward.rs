@@ -71,6 +71,8 @@ pub struct Forwarder {
     pub max_body_bytes: u64,
     pub body_read_timeout: Duration,
     pub max_requests_per_connection: u32,
+    /// Set while surge stops with a keep-alive drain (see `ProxyHandle::shutdown_draining`).
+    pub closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Forwarder {
@@ -79,6 +81,7 @@ impl Forwarder {
         pool: Arc<Pool>,
         request_ids: Arc<RequestIds>,
         limits: Arc<Limits>,
+        closing: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let sticky = pool.settings().sticky.clone();
         Self {
@@ -98,6 +101,7 @@ impl Forwarder {
             max_body_bytes: cfg.max_body_bytes,
             body_read_timeout: cfg.body_read_timeout,
             max_requests_per_connection: cfg.max_requests_per_connection,
+            closing,
         }
     }
 
@@ -113,7 +117,8 @@ impl Forwarder {
         let served = conn_info.requests.get().saturating_add(1);
         conn_info.requests.set(served);
         // HTTP/1.1 only: an h2 connection's streams are spread per request anyway.
-        let last_on_connection = !conn_info.h2 && served >= self.max_requests_per_connection;
+        let last_on_connection = !conn_info.h2
+            && (served >= self.max_requests_per_connection || self.closing.load(Ordering::Relaxed));
         let (parts, body) = req.into_parts();
         let body = match self.check_limits(&parts, &conn_info) {
             Ok(()) => self.read_body(&parts, body).await,

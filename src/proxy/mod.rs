@@ -105,6 +105,10 @@ pub struct ProxyHandle {
     /// Copies of every listening socket, to hand to a successor process; emptied on
     /// shutdown so that a stopping surge stops queueing connections.
     handoff: std::sync::Mutex<Vec<std::net::TcpListener>>,
+    /// Set when stopping with a keep-alive drain: HTTP/1.1 answers say `Connection: close`.
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    /// The keep-alive drain period of the stop under way, in milliseconds.
+    drain_ms: Arc<std::sync::atomic::AtomicU64>,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -116,6 +120,20 @@ impl ProxyHandle {
             h.clear();
         }
         let _ = self.shutdown.send(true);
+    }
+
+    /// Stops accepting like [`ProxyHandle::shutdown`], but first lets kept-alive
+    /// HTTP/1.1 connections end on their own for up to `drain`: each answer meanwhile
+    /// carries `Connection: close`, so shoppers reconnect (to the successor, after an
+    /// upgrade) between requests instead of having an idle connection closed under a
+    /// request they are sending: a request lost in that race was never answered.
+    pub fn shutdown_draining(&self, drain: Duration) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.drain_ms.store(
+            u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.shutdown();
     }
 
     /// Copies of every listening socket (for a successor process).
@@ -235,6 +253,8 @@ pub fn start_with(
     let (tx, rx) = watch::channel(false);
     let request_ids = Arc::new(headers::RequestIds::default());
     let limits = Arc::new(limits::Limits::new(cfg));
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut workers = Vec::with_capacity(workers_n);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerSpec)>> =
         (0..workers_n).map(|_| Vec::new()).collect();
@@ -248,13 +268,14 @@ pub fn start_with(
         let pool = pool.clone();
         let request_ids = request_ids.clone();
         let limits = limits.clone();
+        let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
-                let forwarder = Forwarder::new(&cfg, pool, request_ids, limits);
-                run_worker(mine, forwarder, WorkerSettings::from(&cfg), rx)
+                let forwarder = Forwarder::new(&cfg, pool, request_ids, limits, closing);
+                run_worker(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })
             .map_err(ProxyError::Worker)?;
         workers.push(handle);
@@ -268,6 +289,8 @@ pub fn start_with(
         tls: tls_sets,
         limits,
         handoff: std::sync::Mutex::new(handoff),
+        closing,
+        drain_ms,
         shutdown: tx,
         workers,
     })
@@ -310,6 +333,7 @@ fn run_worker(
     forwarder: Forwarder,
     settings: WorkerSettings,
     shutdown: watch::Receiver<bool>,
+    drain_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -326,7 +350,7 @@ fn run_worker(
     let local = tokio::task::LocalSet::new();
     local.block_on(
         &runtime,
-        serve(listeners, Rc::new(forwarder), settings, shutdown),
+        serve(listeners, Rc::new(forwarder), settings, shutdown, drain_ms),
     );
 }
 
@@ -382,6 +406,7 @@ async fn serve(
     forwarder: Rc<Forwarder>,
     settings: WorkerSettings,
     shutdown: watch::Receiver<bool>,
+    drain_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let graceful = Rc::new(GracefulShutdown::new());
     let builders = Rc::new(Builders::new(&settings));
@@ -415,12 +440,20 @@ async fn serve(
         ));
     }
     while loops.join_next().await.is_some() {}
+    let stopping = tokio::time::Instant::now();
+    let drain =
+        Duration::from_millis(drain_ms.load(Ordering::Relaxed)).min(settings.shutdown_grace);
+    // Keep-alive drain: connections close themselves after their next answer.
+    while forwarder.limits.open() > 0 && stopping.elapsed() < drain {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let Ok(graceful) = Rc::try_unwrap(graceful) else {
         return;
     };
+    let grace_left = settings.shutdown_grace.saturating_sub(stopping.elapsed());
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.shutdown_grace) => {
+        _ = tokio::time::sleep(grace_left) => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
     }
