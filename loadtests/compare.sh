@@ -9,6 +9,9 @@
 #
 # Usage: loadtests/compare.sh            (defaults: DURATION=10s ROUNDS=3 CONNS="50 200")
 #        DURATION=5s ROUNDS=1 loadtests/compare.sh
+#        SURGE_BASELINE=/path/to/older/surge loadtests/compare.sh
+#            adds that binary as `surge-base`, same config: a regression check of a change
+#            measured in the same run as the three proxies.
 # Everything listens on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 
@@ -117,8 +120,16 @@ EOF
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 "$HAPROXY" -db -f "$WORK/haproxy.cfg" >/dev/null 2>"$WORK/haproxy.err" & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
 RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
+EXTRA=()
+if [ -n "${SURGE_BASELINE:-}" ]; then
+  BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
+  sed -e "s/127.0.0.1:$SURGE_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$BASE_ADMIN/" \
+    "$WORK/surge.toml" > "$WORK/surge-base.toml"
+  RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
+  EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
+fi
 
-for port in $BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $SURGE_PORT; do
+for port in $BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $SURGE_PORT ${BASE_PORT:-}; do
   for _ in $(seq 1 50); do
     curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
     sleep 0.1
@@ -135,7 +146,7 @@ echo "versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $("$HAPROXY" -v | head -1 
 echo "wrk -t1 -d$DURATION --latency; rounds: $ROUNDS; backend: nginx 1 worker, 1 KiB body"
 
 python3 - "$DURATION" "$ROUNDS" "$CONNS" \
-  "nginx=$NGINX_PID:$NGINX_PORT" "haproxy=$HAPROXY_PID:$HAPROXY_PORT" "surge=$SURGE_PID:$SURGE_PORT" <<'PY'
+  "nginx=$NGINX_PID:$NGINX_PORT" "haproxy=$HAPROXY_PID:$HAPROXY_PORT" "surge=$SURGE_PID:$SURGE_PORT" "${EXTRA[@]}" <<'PY'
 import os, re, subprocess, sys, statistics
 duration, rounds, conns = sys.argv[1], int(sys.argv[2]), [int(c) for c in sys.argv[3].split()]
 proxies = []
@@ -193,10 +204,10 @@ for r in range(rounds):
             if errs or sock:
                 print(f"  warning: {name} c={c}: {errs.group(0) if errs else ''} {sock.group(0) if sock else ''}")
             results.setdefault((c, name), []).append((rps, p50, p99, cpu * 1e6 / max(reqs, 1)))
-            print(f"  round {r+1} c={c:<4} {name:<8} {rps:>10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  cpu {cpu*1e6/max(reqs,1):6.2f} us/req", flush=True)
+            print(f"  round {r+1} c={c:<4} {name:<10} {rps:>10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  cpu {cpu*1e6/max(reqs,1):6.2f} us/req", flush=True)
 
 print()
-print(f"{'conns':>5}  {'proxy':<8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10}  {'req/s vs nginx':>14} {'cpu vs nginx':>12}")
+print(f"{'conns':>5}  {'proxy':<10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10}  {'req/s vs nginx':>14} {'cpu vs nginx':>12}")
 for c in conns:
     med = {}
     for name, _, _ in proxies:
@@ -205,6 +216,6 @@ for c in conns:
     base = med["nginx"]
     for name, _, _ in proxies:
         rps, p50, p99, cpu = med[name]
-        print(f"{c:>5}  {name:<8} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/max(base[0],1):>14.2f} {cpu/max(base[3],1e-9):>12.2f}")
+        print(f"{c:>5}  {name:<10} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/max(base[0],1):>14.2f} {cpu/max(base[3],1e-9):>12.2f}")
 print("(medians over rounds; ratios are to nginx in the same run)")
 PY

@@ -121,7 +121,10 @@ impl Forwarder {
             && (served >= self.max_requests_per_connection || self.closing.load(Ordering::Relaxed));
         let (parts, body) = req.into_parts();
         let body = match self.check_limits(&parts, &conn_info) {
-            Ok(()) => self.read_body(&parts, body).await,
+            Ok(()) if body.is_end_stream() => Ok(None),
+            // Boxed: the reading future (timer, collector) is large, and most shop
+            // requests have no body; inline it would grow every request's future.
+            Ok(()) => Box::pin(self.read_body(&parts, body)).await,
             Err(refused) => Err(refused),
         };
         let body = match body {
