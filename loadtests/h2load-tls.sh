@@ -13,6 +13,8 @@
 # figure that tells how many cores a sales-day morning of new shoppers needs.
 #
 # Usage: loadtests/h2load-tls.sh     (ROUNDS=3 HANDSHAKES=5000 REQUESTS=200000)
+#        SURGE_BASELINE=/path/to/older/surge loadtests/h2load-tls.sh
+#            adds that binary as `base`, same config, in the same rounds.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -111,8 +113,16 @@ CONF
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
+EXTRA=()
+if [ -n "${SURGE_BASELINE:-}" ]; then
+  BASE_PORT=$(free_port); BASE_PLAIN=$(free_port); BASE_ADMIN=$(free_port)
+  sed -e "s/127.0.0.1:$SURGE_PORT\"/127.0.0.1:$BASE_PORT\"/" -e "s/127.0.0.1:$PLAIN_PORT\"/127.0.0.1:$BASE_PLAIN\"/" \
+    -e "s/127.0.0.1:$ADMIN_PORT\"/127.0.0.1:$BASE_ADMIN\"/" "$WORK/surge.toml" > "$WORK/surge-base.toml"
+  RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
+  EXTRA+=("base=$BASE_PID:$BASE_PORT")
+fi
 
-for port in $NGINX_PORT $SURGE_PORT; do
+for port in $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}; do
   for _ in $(seq 1 50); do
     curl -fsk -o /dev/null "https://127.0.0.1:$port/" && break
     sleep 0.1
@@ -128,7 +138,7 @@ echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(h2load --version | head -1), $("$SURGE" --version)"
 echo "certificate: ECDSA P-256 (same file for both); h2load -t1; rounds: $ROUNDS"
 
-python3 - "$ROUNDS" "$HANDSHAKES" "$REQUESTS" "nginx=$NGINX_PID:$NGINX_PORT" "surge=$SURGE_PID:$SURGE_PORT" <<'PY'
+python3 - "$ROUNDS" "$HANDSHAKES" "$REQUESTS" "nginx=$NGINX_PID:$NGINX_PORT" "surge=$SURGE_PID:$SURGE_PORT" "${EXTRA[@]}" <<'PY'
 import os, re, subprocess, sys, statistics
 rounds, handshakes, requests = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 proxies = [(a.split("=")[0], int(a.split("=")[1].split(":")[0]), int(a.split(":")[1])) for a in sys.argv[4:]]
