@@ -330,6 +330,8 @@ struct FileProxy {
     max_body_bytes: u64,
     #[serde(with = "humantime_serde")]
     body_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
     max_requests_per_connection: u32,
     max_connections: usize,
     max_connections_per_ip: usize,
@@ -352,6 +354,7 @@ impl Default for FileProxy {
             max_headers: 100,
             max_body_bytes: 8 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             max_requests_per_connection: 1000,
             max_connections: 50_000,
             max_connections_per_ip: 1000,
@@ -556,6 +559,10 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     /// Time a shopper has to send a whole request body; slower gets 408.
     pub body_read_timeout: Duration,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (HTTP/2: GOAWAY; requests in progress finish). HTTP/1.1 keep-alive connections
+    /// are usually closed sooner, by `header_read_timeout`.
+    pub idle_timeout: Duration,
     /// Requests served on one HTTP/1.1 connection before surge asks the shopper to
     /// reconnect (`Connection: close`), so long-lived connections rebalance over workers.
     pub max_requests_per_connection: u32,
@@ -1048,6 +1055,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
         ("proxy.response_timeout", p.response_timeout),
         ("proxy.header_read_timeout", p.header_read_timeout),
         ("proxy.upstream_idle_timeout", p.upstream_idle_timeout),
+        ("proxy.idle_timeout", p.idle_timeout),
     ] {
         if d.is_zero() {
             bad(key, "must be greater than 0".into());
@@ -1481,6 +1489,7 @@ fn validate(raw: FileConfig, source: PathBuf) -> Result<Config, ConfigError> {
             max_headers: p.max_headers,
             max_body_bytes: p.max_body_bytes,
             body_read_timeout: p.body_read_timeout,
+            idle_timeout: p.idle_timeout,
             max_requests_per_connection: p.max_requests_per_connection,
             max_connections: p.max_connections,
             max_connections_per_ip: p.max_connections_per_ip,

@@ -440,6 +440,57 @@ async fn slowloris_connections_are_cut_off_while_shoppers_are_served() {
     surge.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_never_under_a_request() {
+    let blade = blades(1, Duration::ZERO).await;
+    let text = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n[proxy]\nworkers = 1\naccess_log = false\nidle_timeout = \"400ms\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[pool]\n[[pool.backends]]\nid = \"blade-1\"\naddress = \"{}\"\n",
+        blade[0].addr
+    );
+    let cfg = Config::parse(&text, Path::new("test.toml")).unwrap();
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let request = || {
+        http::Request::builder()
+            .uri(format!("http://{addr}/catalog"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    // Busy: a request every 150 ms for 1.2 s, three idle timeouts' worth, one connection.
+    for _ in 0..8 {
+        let r = sender
+            .send_request(request())
+            .await
+            .expect("kept open while busy");
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // A request slower than the idle timeout still gets its answer.
+    blade[0].set_latency(Duration::from_millis(1000));
+    let r = sender
+        .send_request(request())
+        .await
+        .expect("slow request answered");
+    assert_eq!(r.status(), 200);
+    // Then, idle: surge closes the connection by itself.
+    let closed = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(closed.is_ok(), "idle HTTP/2 connection still open");
+    assert!(
+        eventually(Duration::from_secs(2), || surge.proxy.limits.open() == 0).await,
+        "connection count back to 0"
+    );
+    surge.stop().await;
+}
+
 /// A fake frontend misbehaving in one way.
 #[derive(Clone, Copy)]
 enum Misbehaviour {

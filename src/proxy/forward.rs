@@ -54,6 +54,8 @@ pub struct ConnInfo {
     pub hsts: Option<HeaderValue>,
     /// Requests seen on this connection so far.
     pub requests: Cell<u32>,
+    /// When the latest request started (for `proxy.idle_timeout`).
+    pub last_request: Cell<std::time::Instant>,
 }
 
 /// Everything a worker's request handler needs; one per worker thread.
@@ -114,6 +116,7 @@ impl Forwarder {
         if let Some(origin) = &conn_info.redirect_https {
             return Ok(redirect(origin, &req));
         }
+        conn_info.last_request.set(Instant::now());
         let served = conn_info.requests.get().saturating_add(1);
         conn_info.requests.set(served);
         // HTTP/1.1 only: an h2 connection's streams are spread per request anyway.

@@ -8,6 +8,7 @@
 //! Owns: everything engine-specific (hyper server and client wiring). Must not: decide
 //! scaling, or keep state about backends beyond connection pools (that is `pool`'s).
 
+pub mod drive;
 pub mod forward;
 pub mod headers;
 pub mod limits;
@@ -27,7 +28,6 @@ use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -302,6 +302,7 @@ struct WorkerSettings {
     header_read_timeout: Duration,
     max_header_bytes: usize,
     max_headers: usize,
+    idle_timeout: Duration,
     shutdown_grace: Duration,
 }
 
@@ -311,6 +312,7 @@ impl From<&ProxyConfig> for WorkerSettings {
             header_read_timeout: cfg.header_read_timeout,
             max_header_bytes: cfg.max_header_bytes,
             max_headers: cfg.max_headers,
+            idle_timeout: cfg.idle_timeout,
             shutdown_grace: cfg.shutdown_grace,
         }
     }
@@ -361,6 +363,7 @@ struct Builders {
     /// Plain listeners with h2c: HTTP/1.1 or HTTP/2 by the connection preface.
     auto: hyper_util::server::conn::auto::Builder<LocalExec>,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Builders {
@@ -397,6 +400,7 @@ impl Builders {
             h2,
             auto,
             handshake_timeout: settings.header_read_timeout,
+            idle_timeout: settings.idle_timeout,
         }
     }
 }
@@ -408,7 +412,7 @@ async fn serve(
     shutdown: watch::Receiver<bool>,
     drain_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
-    let graceful = Rc::new(GracefulShutdown::new());
+    let connections = Rc::new(drive::Connections::default());
     let builders = Rc::new(Builders::new(&settings));
     let upstreams = Rc::downgrade(&forwarder.upstreams);
     tokio::task::spawn_local(async move {
@@ -435,7 +439,7 @@ async fn serve(
             Rc::new(spec),
             forwarder.clone(),
             builders.clone(),
-            graceful.clone(),
+            connections.clone(),
             shutdown.clone(),
         ));
     }
@@ -447,12 +451,12 @@ async fn serve(
     while forwarder.limits.open() > 0 && stopping.elapsed() < drain {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let Ok(graceful) = Rc::try_unwrap(graceful) else {
+    let Ok(connections) = Rc::try_unwrap(connections) else {
         return;
     };
     let grace_left = settings.shutdown_grace.saturating_sub(stopping.elapsed());
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = connections.shutdown() => {}
         _ = tokio::time::sleep(grace_left) => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
@@ -465,7 +469,7 @@ async fn accept_loop(
     spec: Rc<ListenerSpec>,
     forwarder: Rc<Forwarder>,
     builders: Rc<Builders>,
-    graceful: Rc<GracefulShutdown>,
+    connections: Rc<drive::Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
@@ -513,7 +517,7 @@ async fn accept_loop(
             acceptor.clone(),
             forwarder.clone(),
             builders.clone(),
-            graceful.watcher(),
+            connections.ticket(),
         ));
     }
 }
@@ -549,7 +553,7 @@ async fn serve_connection(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     forwarder: Rc<Forwarder>,
     builders: Rc<Builders>,
-    watcher: Watcher,
+    ticket: watch::Receiver<()>,
 ) {
     // `_permit` lives to the end of this function: the connection's place in the counts.
     let Accepted {
@@ -568,24 +572,28 @@ async fn serve_connection(
             redirect_https: spec.redirect_https.as_deref().map(Rc::from),
             hsts: spec.hsts.clone(),
             requests: std::cell::Cell::new(0),
+            last_request: std::cell::Cell::new(std::time::Instant::now()),
         })
     };
     let service = |info: Rc<ConnInfo>| {
         let fwd = forwarder.clone();
         service_fn(move |req| fwd.clone().handle(req, info.clone()))
     };
+    let idle = builders.idle_timeout;
     let ended = match acceptor {
         None if spec.h2c => {
+            let info = info("http", None, false);
             let conn = builders
                 .auto
-                .serve_connection(TokioIo::new(stream), service(info("http", None, false)));
-            watcher.watch(conn).await.map_err(|e| e.to_string())
+                .serve_connection(TokioIo::new(stream), service(info.clone()));
+            drive::drive(conn, ticket, &info.last_request, idle).await
         }
         None => {
+            let info = info("http", None, false);
             let conn = builders
                 .h1
-                .serve_connection(TokioIo::new(stream), service(info("http", None, false)));
-            watcher.watch(conn).await.map_err(|e| e.to_string())
+                .serve_connection(TokioIo::new(stream), service(info.clone()));
+            drive::drive(conn, ticket, &info.last_request, idle).await
         }
         Some(acceptor) => {
             let handshake =
@@ -619,13 +627,13 @@ async fn serve_connection(
             if h2 {
                 let conn = builders
                     .h2
-                    .serve_connection(TokioIo::new(tls), service(info));
-                watcher.watch(conn).await.map_err(|e| e.to_string())
+                    .serve_connection(TokioIo::new(tls), service(info.clone()));
+                drive::drive(conn, ticket, &info.last_request, idle).await
             } else {
                 let conn = builders
                     .h1
-                    .serve_connection(TokioIo::new(tls), service(info));
-                watcher.watch(conn).await.map_err(|e| e.to_string())
+                    .serve_connection(TokioIo::new(tls), service(info.clone()));
+                drive::drive(conn, ticket, &info.last_request, idle).await
             }
         }
     };
