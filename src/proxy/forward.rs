@@ -116,7 +116,6 @@ impl Forwarder {
         if let Some(origin) = &conn_info.redirect_https {
             return Ok(redirect(origin, &req));
         }
-        conn_info.last_request.set(Instant::now());
         let served = conn_info.requests.get().saturating_add(1);
         conn_info.requests.set(served);
         // HTTP/1.1 only: an h2 connection's streams are spread per request anyway.
@@ -204,6 +203,7 @@ impl Forwarder {
         conn_info: &ConnInfo,
     ) -> Response<DownstreamBody> {
         let start = Instant::now();
+        conn_info.last_request.set(start);
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         headers::strip_hop_by_hop(&mut parts.headers);
