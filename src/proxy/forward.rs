@@ -494,14 +494,9 @@ impl Forwarder {
             "503 service unavailable: the shop is very busy; more capacity is on its way, please retry shortly (request {})\n",
             request_id.to_str().unwrap_or("-")
         );
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text))));
-        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(text));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         resp
     }
 
@@ -544,15 +539,10 @@ impl Forwarder {
         if let ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) = &failure {
             b.metrics.count_status(status.as_u16());
         }
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text))));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        let mut resp = text_response(status, Bytes::from(text));
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -564,6 +554,17 @@ struct Held {
     guard: InFlight,
     conn: Conn,
     admitted: Option<Admitted>,
+}
+
+/// One of surge's own short plain-text answers.
+fn text_response(status: StatusCode, text: Bytes) -> Response<DownstreamBody> {
+    let mut resp = Response::new(Either::Right(Full::new(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 /// Why surge refused a shopper's request before any backend saw it.
@@ -613,15 +614,8 @@ fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody> {
         ),
     };
     metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        text.as_bytes(),
-    ))));
-    *resp.status_mut() = status;
+    let mut resp = text_response(status, Bytes::from_static(text.as_bytes()));
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     if why == Refused::RateLimited {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     } else if !conn.h2 {
