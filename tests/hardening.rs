@@ -175,6 +175,21 @@ async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
     let ok = get(&client(), addr, "/").await.unwrap();
     assert_eq!(ok.status, 200, "proxy still serves");
     assert_eq!(blade[0].served(), 1);
+    // A well-formed chunked body is read whole and forwarded (with its length).
+    let body = r#"{"product": 3, "qty": 2}"#;
+    let chunked = format!(
+        "POST /cart HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        10,
+        &body[..10],
+        body.len() - 10,
+        &body[10..]
+    );
+    let (answer, _) = exchange(addr, chunked.as_bytes()).await;
+    assert_eq!(status_of(&answer), "201", "{answer}");
+    assert!(
+        answer.contains("\"qty\":2") || answer.contains("\"qty\": 2"),
+        "{answer}"
+    );
     surge.stop().await;
 }
 

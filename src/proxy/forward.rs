@@ -131,7 +131,22 @@ impl Forwarder {
         };
         let body = match body {
             Ok(b) => b,
-            Err(refused) => return Ok(refusal(refused, &conn_info)),
+            Err(refused) => {
+                let resp = refusal(refused, &conn_info);
+                if self.access_log {
+                    tracing::info!(
+                        target: "surge::access",
+                        client = %conn_info.peer.ip(),
+                        proto = conn_info.proto,
+                        method = %parts.method,
+                        path = parts.uri.path(),
+                        status = resp.status().as_u16(),
+                        backend = "-",
+                        refused = ?refused,
+                    );
+                }
+                return Ok(resp);
+            }
         };
         let mut resp = self.forward(parts, body, &conn_info).await;
         if last_on_connection {
