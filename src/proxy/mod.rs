@@ -43,6 +43,9 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 /// Refusal sent on a plain listener to a connection over the limits, before reading it.
 const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n503 too many connections; retry in a moment\n";
 
+/// Refused connections (per listener and worker) that may linger at once for their 503.
+const MAX_LINGERING_REFUSALS: usize = 1024;
+
 /// How long a refused connection may linger while its 503 is read.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
@@ -474,6 +477,7 @@ async fn accept_loop(
 ) {
     let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
     let acceptor = spec.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let lingering = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -494,8 +498,15 @@ async fn accept_loop(
                 metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => why.as_str())
                     .increment(1);
                 tracing::debug!(%peer, reason = why.as_str(), "connection refused");
-                if acceptor.is_none() {
-                    tokio::task::spawn_local(refuse(stream));
+                // Under a flood, refusals themselves are bounded: past that many lingering,
+                // a refused connection is just closed.
+                if acceptor.is_none() && lingering.get() < MAX_LINGERING_REFUSALS {
+                    lingering.set(lingering.get() + 1);
+                    let lingering = lingering.clone();
+                    tokio::task::spawn_local(async move {
+                        refuse(stream).await;
+                        lingering.set(lingering.get().saturating_sub(1));
+                    });
                 }
                 continue;
             }
