@@ -49,18 +49,22 @@ const GOOD: &str = "[pool]\n[[pool.backends]]\naddress = \"127.0.0.1:9001\"\n";
 
 #[test]
 fn the_shipped_configs_are_valid() {
-    let out = Command::new(SURGE)
-        .args([
-            "check-config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/surge.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for file in [
+        "config/surge.toml",
+        "config/scaleway.example.toml",
+        "loadtests/chaos-surge.toml",
+    ] {
+        let out = Command::new(SURGE)
+            .arg("check-config")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let (ok, err) = check_config(GOOD);
     assert!(ok, "{err}");
 }

@@ -136,7 +136,7 @@ async fn a_failing_slo_exits_1_and_says_by_how_much() {
 
 #[test]
 fn the_shipped_plans_parse() {
-    for name in ["smoke.toml", "sales-day.toml", "closed.toml"] {
+    for name in ["smoke.toml", "sales-day.toml", "closed.toml", "chaos.toml"] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("loadtests")
             .join(name);
