@@ -158,11 +158,6 @@ impl ProxyHandle {
     pub async fn wait(self) {
         let _ = tokio::task::spawn_blocking(move || self.join()).await;
     }
-
-    /// Reloads every TLS listener's certificates; each result names its listener.
-    pub fn reload_tls(&self, why: &str) -> Vec<Result<String, tls::TlsError>> {
-        self.tls.iter().map(|t| t.log_reload(why)).collect()
-    }
 }
 
 /// What a worker needs to serve one listener (sendable to the worker thread).

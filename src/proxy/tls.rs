@@ -5,7 +5,7 @@
 //! Rotation: [`Tls::reload`] reads every file again and swaps the set in one atomic store
 //! only if all of it loads and each key matches its certificate; otherwise the error
 //! names the file and the old set keeps serving. Open connections keep the certificate
-//! they were made with; new handshakes get the new one. Triggers: SIGHUP and
+//! they were made with; new handshakes get the new one. Triggers:
 //! `POST /v1/tls/reload` (wired in `serve` and `admin`) and [`Tls::watch`], which polls
 //! the files' size and modification time (robust to editors and to Kubernetes' symlink
 //! swaps, where inotify on the file itself misses the change).
