@@ -75,6 +75,29 @@ pub struct Reconciler<P> {
     /// Consecutive rounds in which no order could be placed.
     order_failures: u32,
     next_order_at: Option<Instant>,
+    /// Whether servers found on the provider have been adopted once (a complete
+    /// inventory seen). Before that, what the provider runs is what a previous surge
+    /// (restarted, or handing over) was serving with: see [`adopt_as_spare`].
+    adopted_once: bool,
+}
+
+/// Whether a delivered server joining the pool becomes a spare. Normally when the pool
+/// already has (or is getting) the desired in-service count. On the first adoption, the
+/// servers a previous surge ran were serving shoppers (their carts bound to them), and the
+/// desired count of a process just started only knows the static nodes: all but
+/// `standby` of them go back into service.
+fn adopt_as_spare(
+    first_adoption: bool,
+    toward_service: usize,
+    desired: usize,
+    spares_so_far: usize,
+    standby: usize,
+) -> bool {
+    if first_adoption {
+        spares_so_far < standby
+    } else {
+        toward_service >= desired
+    }
 }
 
 impl<P: Provider> Reconciler<P> {
@@ -87,6 +110,7 @@ impl<P: Provider> Reconciler<P> {
             released: HashSet::new(),
             order_failures: 0,
             next_order_at: None,
+            adopted_once: false,
         }
     }
 
@@ -138,6 +162,8 @@ impl<P: Provider> Reconciler<P> {
         let table = self.pool.snapshot_full();
         let mut toward_service = table.count(State::InService) + table.count(State::Warming);
         let mut pending = 0;
+        let first_adoption = !self.adopted_once;
+        let mut spares_so_far = table.count(State::Standby);
         let mut live_ids = HashSet::new();
         if complete {
             self.released
@@ -166,7 +192,13 @@ impl<P: Provider> Reconciler<P> {
                             Origin::Provisioned,
                         );
                         let backend = Arc::new(backend);
-                        let as_spare = toward_service >= desired;
+                        let as_spare = adopt_as_spare(
+                            first_adoption,
+                            toward_service,
+                            desired,
+                            spares_so_far,
+                            self.cfg.standby,
+                        );
                         let added = if as_spare {
                             self.pool.add_standby(backend)
                         } else {
@@ -178,7 +210,9 @@ impl<P: Provider> Reconciler<P> {
                             }
                             Err(e) => report.errors.push(format!("adding {id}: {e}")),
                         }
-                        if !as_spare {
+                        if as_spare {
+                            spares_so_far += 1;
+                        } else {
                             toward_service += 1;
                             pending += 1;
                         }
@@ -203,6 +237,9 @@ impl<P: Provider> Reconciler<P> {
                 }
                 DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
             }
+        }
+        if complete {
+            self.adopted_once = true;
         }
         // Provisioned nodes whose server vanished (released by hand): out of the pool.
         if complete {
@@ -363,5 +400,23 @@ impl<P: Provider> Reconciler<P> {
             }
         }
         Err(reasons)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adopt_as_spare;
+
+    #[test]
+    fn a_previous_surges_servers_go_back_into_service_but_for_the_spares() {
+        // First adoption: desired (3, from static nodes alone) does not matter; with one
+        // spare wanted, the first server found is the spare, the rest serve.
+        assert!(adopt_as_spare(true, 3, 3, 0, 1));
+        assert!(!adopt_as_spare(true, 3, 3, 1, 1));
+        assert!(!adopt_as_spare(true, 4, 3, 1, 1));
+        assert!(!adopt_as_spare(true, 3, 3, 0, 0));
+        // Afterwards: spare once the pool has what is desired.
+        assert!(adopt_as_spare(false, 3, 3, 0, 1));
+        assert!(!adopt_as_spare(false, 2, 3, 0, 1));
     }
 }
