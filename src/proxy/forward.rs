@@ -134,16 +134,7 @@ impl Forwarder {
             Err(refused) => {
                 let resp = refusal(refused, &conn_info);
                 if self.access_log {
-                    tracing::info!(
-                        target: "surge::access",
-                        client = %conn_info.peer.ip(),
-                        proto = conn_info.proto,
-                        method = %parts.method,
-                        path = parts.uri.path(),
-                        status = resp.status().as_u16(),
-                        backend = "-",
-                        refused = ?refused,
-                    );
+                    log_access(&conn_info, &parts.method, &parts.uri, &resp, "-", None);
                 }
                 return Ok(resp);
             }
@@ -402,20 +393,8 @@ impl Forwarder {
                 .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
         }
         if let Some((method, uri)) = log_line {
-            let (tls_version, cipher) = conn_info.tls.unwrap_or(("-", "-"));
-            tracing::info!(
-                target: "surge::access",
-                client = %conn_info.peer.ip(),
-                proto = conn_info.proto,
-                tls = tls_version,
-                cipher,
-                %method,
-                path = uri.path(),
-                status = resp.status().as_u16(),
-                backend = backend_id.as_deref().unwrap_or("-"),
-                ms = start.elapsed().as_secs_f64() * 1e3,
-                request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-            );
+            let backend = backend_id.as_deref().unwrap_or("-");
+            log_access(conn_info, &method, &uri, &resp, backend, Some(start));
         }
         resp
     }
@@ -569,6 +548,32 @@ struct Held {
     guard: InFlight,
     conn: Conn,
     admitted: Option<Admitted>,
+}
+
+/// One line on target `surge::access`; the same fields for every answer, refusals
+/// included (those have no backend and no duration).
+fn log_access(
+    conn: &ConnInfo,
+    method: &Method,
+    uri: &Uri,
+    resp: &Response<DownstreamBody>,
+    backend: &str,
+    started: Option<Instant>,
+) {
+    let (tls_version, cipher) = conn.tls.unwrap_or(("-", "-"));
+    tracing::info!(
+        target: "surge::access",
+        client = %conn.peer.ip(),
+        proto = conn.proto,
+        tls = tls_version,
+        cipher,
+        %method,
+        path = uri.path(),
+        status = resp.status().as_u16(),
+        backend,
+        ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+        request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+    );
 }
 
 /// One of surge's own short plain-text answers.

@@ -539,6 +539,18 @@ fn apply_faults(sim: &Sim, faults: Faults) {
     }
 }
 
+/// A request body of at most 64 KiB, or the vendor-style error to answer.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_arguments",
+            "body too large",
+        )),
+    }
+}
+
 /// `PUT /sim/v1/faults`: the simulator's own control, outside the vendor's API.
 async fn set_faults_call(sim: &Sim, req: Request<Incoming>) -> Reply {
     if req.method() != Method::PUT {
@@ -548,15 +560,9 @@ async fn set_faults_call(sim: &Sim, req: Request<Incoming>) -> Reply {
             "use PUT",
         );
     }
-    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                "body unreadable",
-            )
-        }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
     };
     let faults: Faults = match serde_json::from_slice(&body) {
         Ok(f) => f,
@@ -642,15 +648,9 @@ async fn handle(sim: &Sim, req: Request<Incoming>) -> Reply {
         (Method::GET, ["offers"]) => offers(sim, &faults),
         (Method::GET, ["servers"]) => list(sim, &zone, &query),
         (Method::POST, ["servers"]) => {
-            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return api_error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_arguments",
-                        "body too large",
-                    )
-                }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(reply) => return reply,
             };
             create(sim, &zone, &body, &faults, fault.as_deref() == Some("lose")).await
         }
