@@ -44,28 +44,15 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$ROOT/loadtests/lib.sh"
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); SURGE_PORT=$(free_port); PLAIN_PORT=$(free_port); ADMIN_PORT=$(free_port)
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
   -subj "/CN=shop.test" -addext "subjectAltName=DNS:shop.test,DNS:localhost,IP:127.0.0.1" \
   -keyout "$WORK/shop.key" -out "$WORK/shop.crt" 2>/dev/null
 
-mkdir -p "$WORK/backend" "$WORK/nginx"
-cat > "$WORK/backend/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  default_type text/plain;
-  server { listen 127.0.0.1:$BACKEND_PORT reuseport; location / { return 200 "$BODY"; } }
-}
-CONF
+mkdir -p "$WORK/nginx"
+write_backend_conf "$WORK/backend" "$BACKEND_PORT"
 cat > "$WORK/nginx/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;

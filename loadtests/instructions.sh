@@ -29,19 +29,9 @@ WORK=$(mktemp -d /tmp/surge-instr.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$ROOT/loadtests/lib.sh"
 BACKEND_PORT=$(free_port)
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-mkdir -p "$WORK/backend"
-cat > "$WORK/backend/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log warn;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND_PORT reuseport; location / { return 200 "$BODY"; } } }
-EOF
+write_backend_conf "$WORK/backend" "$BACKEND_PORT"
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>/dev/null & PIDS+=($!)
 
 # count BINARY REQUESTS -> instructions executed by surge over its whole life
