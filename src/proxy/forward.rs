@@ -174,9 +174,8 @@ impl Forwarder {
         if body.is_end_stream() {
             return Ok(None);
         }
-        if body.size_hint().exact().unwrap_or(0) > self.max_body_bytes
-            || body.size_hint().lower() > self.max_body_bytes
-        {
+        // A declared length (Content-Length) is the hint's lower bound.
+        if body.size_hint().lower() > self.max_body_bytes {
             return Err(Refused::BodyTooLarge);
         }
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
@@ -194,7 +193,7 @@ impl Forwarder {
                 Err(Refused::BodyTooLarge)
             }
             Ok(Err(e)) => {
-                tracing::debug!(peer = %parts.uri, error = %e, "request body unreadable");
+                tracing::debug!(path = parts.uri.path(), error = %e, "request body unreadable");
                 Err(Refused::BadBody)
             }
             Err(_) => Err(Refused::BodyTimeout),
