@@ -490,15 +490,11 @@ impl Admin {
         let id = body
             .id
             .unwrap_or_else(|| format!("node-{}", addr).replace([':', '.', '[', ']'], "-"));
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !crate::config::is_valid_name(&id) {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_argument",
-                "id: use only a-z 0-9 - _ .",
+                &format!("id: `{id}` {}", crate::config::NAME_RULE),
             );
         }
         let backend = Arc::new(Backend::new(&id, addr, body.weight, Origin::Static));

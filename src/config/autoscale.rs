@@ -1,0 +1,277 @@
+//! `[autoscale]`: the policy's knobs, warm spares, and scheduled events.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset};
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+use super::{Problems, ProviderConfig};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct FileAutoscale {
+    paused: bool,
+    standby: usize,
+    min: usize,
+    max: usize,
+    target_connections_per_node: f64,
+    tolerance: f64,
+    max_in_flight_per_node: f64,
+    #[serde(with = "humantime_serde")]
+    max_p99: Duration,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    metrics_window: Duration,
+    #[serde(with = "humantime_serde")]
+    scale_up_window: Duration,
+    #[serde(with = "humantime_serde")]
+    scale_down_window: Duration,
+    up_percent: f64,
+    up_nodes: usize,
+    #[serde(with = "humantime_serde")]
+    up_period: Duration,
+    #[serde(with = "humantime_serde")]
+    down_period: Duration,
+    #[serde(with = "humantime_serde")]
+    drain_timeout: Duration,
+    schedule: Vec<FileEvent>,
+}
+
+impl Default for FileAutoscale {
+    fn default() -> Self {
+        Self {
+            paused: false,
+            standby: 0,
+            min: 2,
+            max: 20,
+            target_connections_per_node: 250.0,
+            tolerance: 0.1,
+            max_in_flight_per_node: 200.0,
+            max_p99: Duration::ZERO,
+            interval: Duration::from_secs(1),
+            metrics_window: Duration::from_secs(10),
+            scale_up_window: Duration::ZERO,
+            scale_down_window: Duration::from_secs(300),
+            up_percent: 100.0,
+            up_nodes: 4,
+            up_period: Duration::from_secs(15),
+            down_period: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(300),
+            schedule: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEvent {
+    name: String,
+    #[serde(default)]
+    at: Option<String>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(with = "humantime_serde")]
+    duration: Duration,
+    #[serde(default = "default_lead", with = "humantime_serde")]
+    lead: Duration,
+    min: usize,
+}
+
+fn default_lead() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// The autoscaler.
+#[derive(Debug, Clone)]
+pub struct AutoscaleConfig {
+    /// Start paused (the admin API resumes it).
+    pub paused: bool,
+    /// Warm spare blades kept delivered and healthy at no traffic.
+    pub standby: usize,
+    pub policy: PolicyConfig,
+    /// How often the loop runs (observe, decide, reconcile).
+    pub interval: Duration,
+    /// Rates are averaged over this window.
+    pub metrics_window: Duration,
+    /// Deadline for carts bound to a node being scaled in.
+    pub drain_timeout: Duration,
+    /// Offer to order (from `provider.offer`).
+    pub offer: String,
+    /// Known events that raise the minimum.
+    pub schedule: Vec<Event>,
+}
+
+/// The policy's knobs.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub min: usize,
+    pub max: usize,
+    /// New connections per second one in-service node should carry.
+    pub target_connections_per_node: f64,
+    /// No change while `metric / target` is within `1 ± tolerance`.
+    pub tolerance: f64,
+    /// Above this many requests in flight per in-service node, scale up regardless.
+    pub max_in_flight_per_node: f64,
+    /// Above this p99 (request to response head), add a node per decision; `None`: off.
+    pub max_p99: Option<Duration>,
+    /// Scale up to the lowest recommendation of this window (0: at once).
+    pub scale_up_window: Duration,
+    /// Scale down only to the highest recommendation of this window.
+    pub scale_down_window: Duration,
+    /// Per `up_period`, grow by at most max(`up_percent`% of current, `up_nodes`).
+    pub up_percent: f64,
+    pub up_nodes: usize,
+    pub up_period: Duration,
+    /// Shrink by at most one node per `down_period`.
+    pub down_period: Duration,
+}
+
+/// When an event starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// One instant (`2026-11-27T08:00:00+01:00`).
+    At(DateTime<FixedOffset>),
+    /// Every occurrence of a cron line (`sec min hour day-of-month month day-of-week`)
+    /// in a time zone.
+    Cron(Box<cron::Schedule>, Tz),
+}
+
+/// One scheduled event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub name: String,
+    pub start: Start,
+    /// How long the event lasts from its start.
+    pub duration: Duration,
+    /// How long before the start the minimum is raised.
+    pub lead: Duration,
+    /// The minimum while active.
+    pub min: usize,
+}
+
+/// Why an event line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("`{0}` is not an RFC 3339 time with an offset (e.g. 2026-11-27T08:00:00+01:00)")]
+    BadTime(String),
+    #[error("`{0}` is not a cron line (sec min hour day month weekday): {1}")]
+    BadCron(String, String),
+    #[error("`{0}` is not a time zone name (e.g. Europe/Paris)")]
+    BadZone(String),
+}
+
+impl Start {
+    pub fn at(text: &str) -> Result<Self, ScheduleError> {
+        DateTime::parse_from_rfc3339(text)
+            .map(Start::At)
+            .map_err(|_| ScheduleError::BadTime(text.to_owned()))
+    }
+
+    pub fn cron(line: &str, zone: &str) -> Result<Self, ScheduleError> {
+        let schedule = cron::Schedule::from_str(line)
+            .map_err(|e| ScheduleError::BadCron(line.to_owned(), e.to_string()))?;
+        let tz = Tz::from_str(zone).map_err(|_| ScheduleError::BadZone(zone.to_owned()))?;
+        Ok(Start::Cron(Box::new(schedule), tz))
+    }
+}
+
+/// Checks `[autoscale]` (keys relative to it); it needs a provider to order from.
+pub(super) fn validate(
+    a: &FileAutoscale,
+    provider: Option<&ProviderConfig>,
+    p: &mut Problems,
+) -> AutoscaleConfig {
+    if provider.is_none() {
+        p.bad("", "needs a [provider] to order blades from");
+    }
+    if a.max == 0 || a.min > a.max {
+        let min = p.path("min");
+        p.bad("max", format!("must be ≥ 1 and ≥ {min} ({})", a.min));
+    }
+    if a.target_connections_per_node.is_nan() || a.target_connections_per_node <= 0.0 {
+        p.bad("target_connections_per_node", "must be greater than 0");
+    }
+    if !(0.0..1.0).contains(&a.tolerance) {
+        p.bad("tolerance", format!("{} is outside 0..1", a.tolerance));
+    }
+    if a.max_in_flight_per_node.is_nan() || a.max_in_flight_per_node <= 0.0 {
+        p.bad("max_in_flight_per_node", "must be greater than 0");
+    }
+    for (key, d) in [
+        ("interval", a.interval),
+        ("metrics_window", a.metrics_window),
+    ] {
+        if d.is_zero() {
+            p.bad(key, "must be greater than 0");
+        }
+    }
+    let schedule = a
+        .schedule
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| p.within(&format!("schedule[{i}]"), |p| event(e, a.max, p)))
+        .collect();
+    AutoscaleConfig {
+        schedule,
+        paused: a.paused,
+        standby: a.standby,
+        policy: PolicyConfig {
+            min: a.min,
+            max: a.max,
+            target_connections_per_node: a.target_connections_per_node,
+            tolerance: a.tolerance,
+            max_in_flight_per_node: a.max_in_flight_per_node,
+            max_p99: (!a.max_p99.is_zero()).then_some(a.max_p99),
+            scale_up_window: a.scale_up_window,
+            scale_down_window: a.scale_down_window,
+            up_percent: a.up_percent,
+            up_nodes: a.up_nodes,
+            up_period: a.up_period,
+            down_period: a.down_period,
+        },
+        interval: a.interval,
+        metrics_window: a.metrics_window,
+        drain_timeout: a.drain_timeout,
+        offer: provider.map(|p| p.offer.clone()).unwrap_or_default(),
+    }
+}
+
+/// One `[[autoscale.schedule]]` entry (keys relative to it); `None` when its start is
+/// unusable.
+fn event(e: &FileEvent, max: usize, p: &mut Problems) -> Option<Event> {
+    let start = match (&e.at, &e.cron, &e.timezone) {
+        (Some(at), None, None) => Start::at(at).map_err(|err| ("at", err.to_string())),
+        (None, Some(line), Some(zone)) => {
+            Start::cron(line, zone).map_err(|err| ("cron", err.to_string()))
+        }
+        (None, Some(_), None) => Err((
+            "timezone",
+            "a cron line needs a time zone, e.g. Europe/Paris".into(),
+        )),
+        _ => Err((
+            "",
+            "give either `at` (RFC 3339) or `cron` with `timezone`".into(),
+        )),
+    };
+    if e.min > max {
+        p.bad("min", format!("{} is above autoscale.max ({max})", e.min));
+    }
+    match start {
+        Ok(start) => Some(Event {
+            name: e.name.clone(),
+            start,
+            duration: e.duration,
+            lead: e.lead,
+            min: e.min,
+        }),
+        Err((key, reason)) => {
+            p.bad(key, reason);
+            None
+        }
+    }
+}

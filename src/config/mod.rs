@@ -1,0 +1,244 @@
+//! Configuration: the TOML file structs, and validation that turns them into the typed
+//! [`Config`] the rest of surge reads.
+//!
+//! One file per section (`listeners`, `proxy`, `pool`, `admin`, `provider`, `sim`,
+//! `autoscale`, `local_blades`): each holds its file structs (exactly what the TOML says),
+//! its typed result, and its own `validate`, which records every problem it finds in a
+//! shared [`Problems`] under the section's key path. This file reads the text, runs the
+//! sections in order and turns the problems into one [`ConfigError`] naming file, line,
+//! key and reason for each, so an operator fixes a file in one pass.
+//!
+//! Validation is a pure function of the file's text and an [`Environment`] (the values
+//! that may override the file, such as `SURGE_ADMIN_TOKEN`), passed in explicitly.
+//!
+//! Owns: parsing, every check on values, error messages. Must not: be read by anything
+//! but through the typed [`Config`] (no module looks at `File*` structs or raw TOML).
+
+mod admin;
+mod autoscale;
+mod listeners;
+mod local_blades;
+mod pool;
+mod problems;
+mod provider;
+mod proxy;
+mod sim;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use admin::{AdminConfig, ADMIN_TOKEN_ENV};
+pub use autoscale::{AutoscaleConfig, Event, PolicyConfig, ScheduleError, Start};
+pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
+pub use local_blades::LocalBlades;
+pub use pool::{
+    Algorithm, BackendSpec, EjectionConfig, HealthConfig, PoolConfig, ShedConfig, StickyConfig,
+    UpstreamProtocol, MAX_WEIGHT,
+};
+pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
+pub use provider::ProviderConfig;
+pub use proxy::ProxyConfig;
+pub use sim::SimSettings;
+
+/// The default configuration, compiled into the binary so that `surge serve` runs even
+/// when started outside the repository.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/surge.toml");
+
+/// Where `surge serve` looks for its configuration when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/surge.toml";
+
+/// Why a configuration could not be loaded. Each variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value has the wrong type or an unknown key.
+    #[error("{file}:{line}: {key}: {reason}")]
+    Parse {
+        file: PathBuf,
+        /// 1-based line of the offending value, 0 when unknown.
+        line: usize,
+        /// Dotted key path, e.g. `pool.health.interval`.
+        key: String,
+        reason: String,
+    },
+    /// The file parsed but some values are not acceptable; every problem is listed, one
+    /// per line.
+    #[error("{}", problems::Listing(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// Values from outside the file that take precedence over it. Passed in explicitly so
+/// that validation depends on nothing but its inputs (and tests need not touch the
+/// process environment).
+#[derive(Clone)]
+pub struct Environment {
+    /// `SURGE_ADMIN_TOKEN`: overrides `admin.token`, keeping the secret out of files.
+    pub admin_token: Option<String>,
+    /// Cores of the machine: `proxy.workers = 0` means one worker per core.
+    pub cores: usize,
+}
+
+impl std::fmt::Debug for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Environment")
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("cores", &self.cores)
+            .finish()
+    }
+}
+
+impl Environment {
+    /// The overrides this process was started with.
+    pub fn from_process() -> Self {
+        Self {
+            admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// The whole file, section by section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    proxy: proxy::FileProxy,
+    pool: pool::FilePool,
+    #[serde(default)]
+    admin: admin::FileAdmin,
+    #[serde(default)]
+    provider: Option<provider::FileProvider>,
+    #[serde(default)]
+    sim: Option<sim::FileSim>,
+    #[serde(default)]
+    autoscale: Option<autoscale::FileAutoscale>,
+    #[serde(default)]
+    local_blades: Option<local_blades::FileLocalBlades>,
+    #[serde(default)]
+    listeners: Vec<listeners::FileListener>,
+}
+
+/// A validated configuration. Only [`Config::load`] and [`Config::parse`] make one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub proxy: ProxyConfig,
+    pub pool: PoolConfig,
+    pub admin: AdminConfig,
+    /// Where blades are ordered, if anywhere.
+    pub provider: Option<ProviderConfig>,
+    /// The in-process simulator, when `provider.api_url = "sim"`.
+    pub sim: Option<SimSettings>,
+    /// The autoscaler (needs `[provider]`).
+    pub autoscale: Option<AutoscaleConfig>,
+    /// Sample shop frontends the process starts itself on loopback (the demo default).
+    pub local_blades: Option<LocalBlades>,
+}
+
+impl Config {
+    /// Reads and validates `path`, with this process's environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text` with this process's environment overrides; `path` is
+    /// used in messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_with(text, path, &Environment::from_process())
+    }
+
+    /// Parses and validates `text` with the overrides in `env`: a pure function of its
+    /// inputs.
+    pub fn parse_with(text: &str, path: &Path, env: &Environment) -> Result<Config, ConfigError> {
+        let file = path.to_path_buf();
+        let de = toml::Deserializer::new(text);
+        let raw: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map_or(0, |s| problems::line_at(text, s.start));
+            ConfigError::Parse {
+                file: file.clone(),
+                line,
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                reason: inner.message().trim().replace('\n', "; "),
+            }
+        })?;
+        validate(&raw, env, file).map_err(|(file, mut problems)| {
+            problems::locate(text, &mut problems);
+            ConfigError::Invalid { file, problems }
+        })
+    }
+}
+
+/// Runs every section's checks; either the typed config or every problem found.
+fn validate(
+    raw: &FileConfig,
+    env: &Environment,
+    source: PathBuf,
+) -> Result<Config, (PathBuf, Vec<Problem>)> {
+    let mut problems = Problems::default();
+    let listeners = listeners::validate(raw.proxy.listen.as_deref(), &raw.listeners, &mut problems);
+    let proxy = problems.within("proxy", |p| {
+        proxy::validate(&raw.proxy, listeners, env.cores, p)
+    });
+    let provider = raw
+        .provider
+        .as_ref()
+        .map(|f| problems.within("provider", |p| provider::validate(f, p)));
+    let local_blades = raw
+        .local_blades
+        .as_ref()
+        .map(|f| problems.within("local_blades", |p| local_blades::validate(f, p)));
+    let pool = problems.within("pool", |p| {
+        let other_sources =
+            local_blades.as_ref().is_some_and(|l| l.count > 0) || provider.is_some();
+        pool::validate(&raw.pool, other_sources, p)
+    });
+    let admin = problems.within("admin", |p| admin::validate(&raw.admin, env, p));
+    let wants_sim = provider.as_ref().is_some_and(|p| p.api_url.is_none());
+    let sim = wants_sim.then(|| problems.within("sim", |p| sim::validate(raw.sim.as_ref(), p)));
+    let autoscale = raw.autoscale.as_ref().map(|f| {
+        problems.within("autoscale", |p| {
+            autoscale::validate(f, provider.as_ref(), p)
+        })
+    });
+    if !problems.is_empty() {
+        return Err((source, problems.into_list()));
+    }
+    Ok(Config {
+        source,
+        proxy,
+        pool,
+        admin,
+        provider,
+        sim,
+        autoscale,
+        local_blades,
+    })
+}
+
+#[cfg(test)]
+mod tests;

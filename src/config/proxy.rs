@@ -1,0 +1,199 @@
+//! `[proxy]`: the shopper-facing request path: workers, timeouts, limits.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ListenerConfig, Problems};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct FileProxy {
+    pub(super) listen: Option<String>,
+    workers: usize,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    response_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_grace: Duration,
+    max_header_bytes: usize,
+    max_uri_bytes: usize,
+    max_headers: usize,
+    max_body_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_requests_per_connection: u32,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    requests_per_second_per_ip: u32,
+    access_log: bool,
+}
+
+impl Default for FileProxy {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            workers: 0,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_headers: 100,
+            max_body_bytes: 8 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_requests_per_connection: 1000,
+            max_connections: 50_000,
+            max_connections_per_ip: 1000,
+            requests_per_second_per_ip: 0,
+            access_log: true,
+        }
+    }
+}
+
+/// The shopper-facing listener and the upstream request path.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where shoppers connect: `[[listeners]]`, or one plain listener at `proxy.listen`.
+    /// Never empty.
+    pub listeners: Vec<ListenerConfig>,
+    /// Number of worker threads, each with its own single-threaded runtime and its own
+    /// `SO_REUSEPORT` listener. Always ≥ 1 here (0 in the file means one per core).
+    pub workers: usize,
+    /// Time allowed to open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to a backend until its response head arrives.
+    pub response_timeout: Duration,
+    /// Time a shopper's connection may take to send a complete request head; also closes
+    /// idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// How long an idle pooled connection to a backend is kept.
+    pub upstream_idle_timeout: Duration,
+    /// On shutdown, how long in-flight requests are given to finish.
+    pub shutdown_grace: Duration,
+    /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Longest request target accepted, in bytes; longer gets 414.
+    pub max_uri_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body, in bytes; larger gets 413. Bodies are read whole before a
+    /// backend is picked (like nginx's request buffering), so a slow or malformed body
+    /// never ties up or reaches a frontend.
+    pub max_body_bytes: u64,
+    /// Time a shopper has to send a whole request body; slower gets 408.
+    pub body_read_timeout: Duration,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (HTTP/2: GOAWAY; requests in progress finish). HTTP/1.1 keep-alive connections
+    /// are usually closed sooner, by `header_read_timeout`.
+    pub idle_timeout: Duration,
+    /// Requests served on one HTTP/1.1 connection before surge asks the shopper to
+    /// reconnect (`Connection: close`), so long-lived connections rebalance over workers.
+    pub max_requests_per_connection: u32,
+    /// Open shopper connections over all listeners and workers; beyond it new ones are
+    /// refused at once (503 on plain listeners, closed on TLS ones).
+    pub max_connections: usize,
+    /// Open connections from one client address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Requests per second from one client address (1-second windows); beyond it 429.
+    /// 0 = no limit. Mind shoppers behind a shared NAT or a CDN when setting it.
+    pub requests_per_second_per_ip: u32,
+    /// One log line per request on target `surge::access`.
+    pub access_log: bool,
+}
+
+/// Checks `[proxy]` (keys relative to it) and resolves `workers = 0` to one per core of
+/// the `cores` the machine has.
+pub(super) fn validate(
+    f: &FileProxy,
+    listeners: Vec<ListenerConfig>,
+    cores: usize,
+    p: &mut Problems,
+) -> ProxyConfig {
+    if f.workers > 256 {
+        p.bad("workers", format!("{} is more than 256", f.workers));
+    }
+    for (key, d) in [
+        ("connect_timeout", f.connect_timeout),
+        ("response_timeout", f.response_timeout),
+        ("header_read_timeout", f.header_read_timeout),
+        ("upstream_idle_timeout", f.upstream_idle_timeout),
+        ("idle_timeout", f.idle_timeout),
+        ("body_read_timeout", f.body_read_timeout),
+    ] {
+        if d.is_zero() {
+            p.bad(key, "must be greater than 0");
+        }
+    }
+    if !(8192..=1024 * 1024).contains(&f.max_header_bytes) {
+        p.bad(
+            "max_header_bytes",
+            format!("{} is outside 8192..=1048576", f.max_header_bytes),
+        );
+    }
+    if !(256..=f.max_header_bytes).contains(&f.max_uri_bytes) {
+        p.bad(
+            "max_uri_bytes",
+            format!(
+                "{} is outside 256..=max_header_bytes ({})",
+                f.max_uri_bytes, f.max_header_bytes
+            ),
+        );
+    }
+    if !(8..=1000).contains(&f.max_headers) {
+        p.bad(
+            "max_headers",
+            format!("{} is outside 8..=1000", f.max_headers),
+        );
+    }
+    if f.max_body_bytes > 1 << 30 {
+        p.bad(
+            "max_body_bytes",
+            format!(
+                "{} is more than 1 GiB (bodies are held in memory)",
+                f.max_body_bytes
+            ),
+        );
+    }
+    if f.max_requests_per_connection == 0 {
+        p.bad("max_requests_per_connection", "must be at least 1");
+    }
+    if f.max_connections == 0 {
+        p.bad("max_connections", "must be at least 1");
+    }
+    let workers = if f.workers == 0 {
+        cores.max(1)
+    } else {
+        f.workers
+    };
+    ProxyConfig {
+        listeners,
+        workers,
+        connect_timeout: f.connect_timeout,
+        response_timeout: f.response_timeout,
+        header_read_timeout: f.header_read_timeout,
+        upstream_idle_timeout: f.upstream_idle_timeout,
+        shutdown_grace: f.shutdown_grace,
+        max_header_bytes: f.max_header_bytes,
+        max_uri_bytes: f.max_uri_bytes,
+        max_headers: f.max_headers,
+        max_body_bytes: f.max_body_bytes,
+        body_read_timeout: f.body_read_timeout,
+        idle_timeout: f.idle_timeout,
+        max_requests_per_connection: f.max_requests_per_connection,
+        max_connections: f.max_connections,
+        max_connections_per_ip: f.max_connections_per_ip,
+        requests_per_second_per_ip: f.requests_per_second_per_ip,
+        access_log: f.access_log,
+    }
+}

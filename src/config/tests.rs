@@ -1,0 +1,165 @@
+//! Validation as `surge check-config` reports it.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.toml"))
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let cfg = parse(EMBEDDED_DEFAULT).expect("embedded default must validate");
+    assert_eq!(
+        cfg.proxy.listeners[0].listen,
+        "127.0.0.1:8080".parse().unwrap()
+    );
+    assert!(cfg.local_blades.map_or(0, |l| l.count) >= 2);
+}
+
+#[test]
+fn unknown_key_names_its_path_and_line() {
+    let err = parse("[pool]\nname = \"x\"\n[pool.health]\nintervall = \"2s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("test.toml:4"), "{err}");
+    assert!(err.contains("pool.health"), "{err}");
+    assert!(err.contains("unknown field `intervall`"), "{err}");
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let err = parse(
+        "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[pool.health]\ninterval = \"2 parsecs\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("pool.health.interval"), "{err}");
+}
+
+#[test]
+fn every_semantic_problem_is_listed() {
+    let err = parse(
+        r#"
+        [proxy]
+        listen = "nowhere"
+        [pool]
+        [[pool.backends]]
+        address = "127.0.0.1:9001"
+        [[pool.backends]]
+        address = "127.0.0.1:9001"
+        weight = 0
+        "#,
+    )
+    .unwrap_err();
+    let ConfigError::Invalid { problems, .. } = &err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "proxy.listen",
+            "pool.backends[1].address",
+            "pool.backends[1].weight"
+        ]
+    );
+    assert_eq!(err.to_string().lines().count(), 3);
+}
+
+fn no_env() -> Environment {
+    Environment {
+        admin_token: None,
+        cores: 2,
+    }
+}
+
+#[test]
+fn a_public_admin_address_needs_a_token() {
+    let public =
+        "[admin]\nlisten = \"0.0.0.0:9090\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let err = Config::parse_with(public, Path::new("test.toml"), &no_env())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("admin.token: required"), "{err}");
+    let ok = parse_env("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef0123\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n");
+    assert!(ok.is_ok());
+    // The environment's token is enough, and wins over the file's.
+    let env = Environment {
+        admin_token: Some("from-the-environment-0123".into()),
+        ..no_env()
+    };
+    let cfg = Config::parse_with(public, Path::new("test.toml"), &env).expect("token from env");
+    assert_eq!(
+        cfg.admin.token.as_deref(),
+        Some("from-the-environment-0123")
+    );
+}
+
+fn parse_env(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_with(text, Path::new("test.toml"), &no_env())
+}
+
+#[test]
+fn workers_zero_means_one_per_core() {
+    let cfg = parse_env("[proxy]\nworkers = 0\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n")
+        .expect("valid");
+    assert_eq!(cfg.proxy.workers, 2);
+}
+
+#[test]
+fn every_problem_names_its_line_in_file_order() {
+    let text = "[pool]\nname = \"my shop\"\n\n[pool.health]\nrise = 0\n\n[[pool.backends]]\naddress = \"127.0.0.1:1\"\nid = \"a b\"\n\n[proxy]\nmax_headers = 3\n";
+    let err = parse_env(text).unwrap_err();
+    let ConfigError::Invalid { problems, .. } = &err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let found: Vec<(usize, &str)> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (2, "pool.name"),
+            (5, "pool.health.rise"),
+            (9, "pool.backends[0].id"),
+            (12, "proxy.max_headers"),
+        ]
+    );
+    let text = err.to_string();
+    assert!(text.lines().next().is_some_and(|l| l.starts_with("test.toml:2: pool.name: `my shop` must be non-empty and use only letters, digits, - _ .")), "{text}");
+    // A key that is not in the file (a default) has no line.
+    let err = parse_env("[pool]\n").unwrap_err().to_string();
+    assert!(
+        err.starts_with("test.toml:1: pool.backends: no backends"),
+        "{err}"
+    );
+}
+
+#[test]
+fn names_accept_what_the_message_says() {
+    for good in ["shop", "Shop-2", "eu_west.1"] {
+        assert!(is_valid_name(good), "{good}");
+    }
+    for bad in ["", "a b", "a/b", "a=b", "ü"] {
+        assert!(!is_valid_name(bad), "{bad:?}");
+    }
+}
+
+#[test]
+fn scheduled_events_are_checked() {
+    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\n[autoscale]\nmax = 10\n";
+    let ok = format!("{base}[[autoscale.schedule]]\nname = \"bf\"\nat = \"2026-11-27T08:00:00+01:00\"\nduration = \"4h\"\nmin = 8\n[[autoscale.schedule]]\nname = \"fri\"\ncron = \"0 0 8 * * Fri\"\ntimezone = \"Europe/Paris\"\nduration = \"1h\"\nmin = 4\n");
+    let cfg = parse(&ok).expect("valid schedule");
+    assert_eq!(cfg.autoscale.map(|a| a.schedule.len()), Some(2));
+    let bad = format!("{base}[[autoscale.schedule]]\nname = \"x\"\ncron = \"0 0 8 * * Fri\"\nduration = \"1h\"\nmin = 40\n");
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(err.contains("autoscale.schedule[0].timezone"), "{err}");
+    assert!(
+        err.contains("autoscale.schedule[0].min: 40 is above"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_backends_is_refused() {
+    let err = parse("[pool]\n").unwrap_err().to_string();
+    assert!(err.contains("pool.backends: no backends"), "{err}");
+}
