@@ -158,12 +158,11 @@ fn main() -> ExitCode {
             cpu_work,
         }),
         Command::Nodes { admin, json } => admin_call(admin, |c| async move {
-            let v = c.nodes().await?;
+            let list = c.nodes().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
-                print!("{}", surge::admin::client::table(&nodes));
+                print!("{}", surge::admin::client::table(&list.nodes));
             }
             Ok(())
         }),

@@ -11,13 +11,17 @@ use tokio::sync::watch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::admin::{self, Admin, AdminError, AdminHandle, Control, ControlKind};
+use crate::admin::{
+    self, Admin, AdminError, AdminHandle, CertificateReload, Control, ControlKind, HandOverError,
+    HandedOver,
+};
 use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
 use crate::config::Config;
 use crate::handoff::{Inherited, Successor};
 use crate::pool::{health, Backend, Origin, Pool};
 use crate::provider::scaleway::{Scaleway, ScalewayConfig};
-use crate::proxy::{self, probe::HttpProber, ProxyError, ProxyHandle};
+use crate::provider::ProviderError;
+use crate::proxy::{self, probe::HttpProber, tls::Tls, ProxyError, ProxyHandle};
 
 /// How often slow start advances a ramping backend's weight.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(500);
@@ -33,8 +37,30 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Sim(#[from] crate::sim::SimError),
+    /// The provider's secret key is to be read from an environment variable that is not
+    /// set.
+    #[error("provider: the secret key is read from ${0}, which is not set")]
+    MissingSecret(String),
+    /// `api_url = "sim"` but no simulator was started (a configuration bug).
+    #[error("provider: api_url is \"sim\" but no simulator runs")]
+    NoSimulator,
+    /// The provider client could not be built.
     #[error("provider: {0}")]
-    Provider(String),
+    Provider(#[from] ProviderError),
+}
+
+/// The admin API's view of a TLS listener: certificate reload, without importing the
+/// proxy into `admin`.
+struct TlsReload(Arc<Tls>);
+
+impl CertificateReload for TlsReload {
+    fn listener(&self) -> String {
+        self.0.listener.clone()
+    }
+
+    fn reload(&self, why: &str) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        self.0.log_reload(why).map_err(Into::into)
+    }
 }
 
 /// A running surge: everything `serve` started, for an orderly stop.
@@ -158,15 +184,11 @@ pub async fn start_with(
             let (api_url, secret) = match (&p.api_url, &sim) {
                 (Some(url), _) => (
                     url.clone(),
-                    std::env::var(&p.secret_key_env).map_err(|_| {
-                        ServeError::Provider(format!(
-                            "the secret key is read from ${}, which is not set",
-                            p.secret_key_env
-                        ))
-                    })?,
+                    std::env::var(&p.secret_key_env)
+                        .map_err(|_| ServeError::MissingSecret(p.secret_key_env.clone()))?,
                 ),
                 (None, Some(s)) => (s.url(), sim_token.clone()),
-                (None, None) => return Err(ServeError::Provider("no simulator running".into())),
+                (None, None) => return Err(ServeError::NoSimulator),
             };
             let mut zones = Vec::new();
             for zone in &p.zones {
@@ -180,12 +202,10 @@ pub async fn start_with(
                     max_attempts: p.max_attempts,
                     backoff_base: Duration::from_millis(200),
                     backoff_max: Duration::from_secs(10),
-                })
-                .map_err(|e| ServeError::Provider(e.to_string()))?;
+                })?;
                 zones.push((zone.clone(), client));
             }
-            let shared = Arc::new(crate::autoscale::Shared::default());
-            shared.paused.store(a.paused, Ordering::Relaxed);
+            let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
             tokio::spawn(crate::autoscale::run(
                 pool.clone(),
                 a.clone(),
@@ -219,7 +239,13 @@ pub async fn start_with(
     .await?;
     let proxy = proxy::start_with(&cfg.proxy, pool.clone(), &mut |addr| inherited.take(addr))?;
     proxy_listening.store(true, Ordering::Relaxed);
-    let _ = tls_sets.set(proxy.tls.clone());
+    let _ = tls_sets.set(
+        proxy
+            .tls
+            .iter()
+            .map(|t| Arc::new(TlsReload(t.clone())) as Arc<dyn CertificateReload>)
+            .collect(),
+    );
     for tls in &proxy.tls {
         let (tls, mut stop) = (tls.clone(), background.subscribe());
         tokio::spawn(async move {
@@ -307,10 +333,20 @@ const KEEPALIVE_DRAIN: Duration = Duration::from_secs(5);
 const SUCCESSOR_WARM_LIMIT: Duration = Duration::from_secs(30);
 
 /// Waits until the autoscaler (if any) has adopted what the provider runs and no node is
-/// still warming up (unless failing its probes); `false` if `limit` passed first.
+/// still warming up (unless failing its probes); `false` if `limit` passed first. Wakes
+/// on what can change the answer: a table publish, a health-check round, an autoscaler
+/// round.
 async fn warm(running: &Running, limit: Duration) -> bool {
     let until = tokio::time::Instant::now() + limit;
+    let mut changes = running.pool.changes();
+    let mut probes = running.pool.probe_rounds();
+    let mut rounds = running.autoscaler.as_ref().map(|a| a.rounds());
     loop {
+        changes.borrow_and_update();
+        probes.borrow_and_update();
+        if let Some(r) = rounds.as_mut() {
+            r.borrow_and_update();
+        }
         let adopted = running.autoscaler.as_ref().is_none_or(|a| a.adopted());
         // A warming node whose latest probe failed is not about to serve: no waiting.
         let warming = running
@@ -323,10 +359,18 @@ async fn warm(running: &Running, limit: Duration) -> bool {
         if adopted && warming == 0 {
             return true;
         }
-        if tokio::time::Instant::now() >= until {
-            return false;
+        let autoscaler_round = async {
+            match rounds.as_mut() {
+                Some(r) => r.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = probes.changed() => {}
+            _ = autoscaler_round => {}
+            _ = tokio::time::sleep_until(until) => return false,
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -360,8 +404,8 @@ async fn wait_for_signal(
         };
         let outcome = hand_over(running, restarts, kind).await;
         match &outcome {
-            Ok(summary) => println!("surge: {summary}"),
-            Err(reason) => eprintln!("surge: {reason}"),
+            Ok(done) => println!("surge: {done}"),
+            Err(refused) => eprintln!("surge: {refused}"),
         }
         let done = outcome.is_ok();
         if let Some(reply) = reply {
@@ -379,43 +423,27 @@ async fn hand_over(
     running: &Running,
     restarts: &Restarts,
     kind: ControlKind,
-) -> Result<String, String> {
-    let what = match kind {
-        ControlKind::Reload => "config reload",
-        ControlKind::Upgrade => "upgrade",
-    };
+) -> Result<HandedOver, HandOverError> {
     if kind == ControlKind::Reload {
         // Without a file (the embedded default) there is nothing to check; the new
         // process still re-reads the certificates.
         if let Some(path) = &restarts.config_path {
-            if let Err(e) = Config::load(path) {
-                return Err(format!(
-                    "{what} refused, the running config keeps serving: {e}"
-                ));
-            }
+            Config::load(path).map_err(|e| HandOverError::BadConfig(kind, e))?;
         }
     }
     let Some(successor) = &restarts.successor else {
-        return Err(format!(
-            "{what} refused: the path of this binary is unknown"
-        ));
+        return Err(HandOverError::NoSuccessor(kind));
     };
-    let mut sockets = running
-        .proxy
-        .sockets()
-        .map_err(|e| format!("{what} failed: {e}"))?;
-    if let Some(admin) = running
-        .admin
-        .socket()
-        .map_err(|e| format!("{what} failed: {e}"))?
-    {
-        sockets.push(admin);
-    }
-    match successor.start(&sockets).await {
-        Ok(pid) => Ok(format!(
-            "{what}: process {pid} now serves; this one ({}) finishes its requests and exits",
-            std::process::id()
-        )),
-        Err(e) => Err(format!("{what} failed: {e}")),
-    }
+    let sockets_err = |e| HandOverError::Sockets(kind, e);
+    let mut sockets = running.proxy.sockets().map_err(sockets_err)?;
+    sockets.extend(running.admin.socket().map_err(sockets_err)?);
+    let pid = successor
+        .start(&sockets)
+        .await
+        .map_err(|e| HandOverError::Successor(kind, Box::new(e)))?;
+    Ok(HandedOver {
+        kind,
+        successor: pid,
+        this: std::process::id(),
+    })
 }

@@ -31,6 +31,11 @@ pub mod names {
     pub const SHED_TOTAL: &str = "surge_shed_total";
     /// Gauge of pool members by `state`.
     pub const POOL_NODES: &str = "surge_pool_nodes";
+    /// Gauge of the in-service nodes the autoscaler wants.
+    pub const AUTOSCALER_DESIRED: &str = "surge_autoscaler_desired_nodes";
+    /// Counter of autoscaler decisions, labels `direction` (`up`, `down`, `hold`) and
+    /// `reason` (the policy's reason labels).
+    pub const AUTOSCALER_DECISIONS: &str = "surge_autoscaler_decisions_total";
 }
 
 /// How often buffered histogram samples are folded into their buckets.

@@ -8,7 +8,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::api::{DrainRequest, ErrorBody, Node, NodeList};
 
 /// Time allowed for one admin call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,13 +50,14 @@ impl AdminClient {
         }
     }
 
-    /// Calls `method path` with an optional JSON body; returns the JSON answer.
-    pub async fn call(
+    /// Calls `method path` with an optional JSON body; returns the answer as the
+    /// document type the API documents for it.
+    pub async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ClientError> {
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
         let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.clone()))?;
         let mut req = Request::builder().method(method).uri(uri);
@@ -63,7 +67,9 @@ impl AdminClient {
         let body = match body {
             Some(v) => {
                 req = req.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+                Bytes::from(
+                    serde_json::to_vec(v).map_err(|e| ClientError::Protocol(e.to_string()))?,
+                )
             }
             None => Bytes::new(),
         };
@@ -85,21 +91,21 @@ impl AdminClient {
             .await
             .map_err(|e| unreachable(e.to_string()))?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Protocol(format!("{status}: {e}")))?;
+        let protocol = |e: serde_json::Error| ClientError::Protocol(format!("{status}: {e}"));
         if status.is_success() {
-            Ok(value)
+            serde_json::from_slice(&bytes).map_err(protocol)
         } else {
+            let body: ErrorBody = serde_json::from_slice(&bytes).map_err(protocol)?;
             Err(ClientError::Api {
                 status,
-                error: value["error"].as_str().unwrap_or("error").to_owned(),
-                detail: value["detail"].as_str().unwrap_or("").to_owned(),
+                error: body.error,
+                detail: body.detail,
             })
         }
     }
 
-    pub async fn nodes(&self) -> Result<Value, ClientError> {
-        self.call(Method::GET, "/v1/nodes", None).await
+    pub async fn nodes(&self) -> Result<NodeList, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None::<&()>).await
     }
 
     pub async fn drain(
@@ -107,23 +113,24 @@ impl AdminClient {
         id: &str,
         timeout: Option<Duration>,
         force: bool,
-    ) -> Result<Value, ClientError> {
-        let mut body = serde_json::json!({"force": force});
-        if let Some(t) = timeout {
-            body["timeout"] = Value::from(humantime::format_duration(t).to_string());
-        }
-        self.call(Method::POST, &format!("/v1/nodes/{id}/drain"), Some(body))
+    ) -> Result<Node, ClientError> {
+        let body = DrainRequest { timeout, force };
+        self.call(Method::POST, &format!("/v1/nodes/{id}/drain"), Some(&body))
             .await
     }
 
-    pub async fn undrain(&self, id: &str) -> Result<Value, ClientError> {
-        self.call(Method::POST, &format!("/v1/nodes/{id}/undrain"), None)
-            .await
+    pub async fn undrain(&self, id: &str) -> Result<Node, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/nodes/{id}/undrain"),
+            None::<&()>,
+        )
+        .await
     }
 }
 
 /// Formats nodes (`GET /v1/nodes` items or one node) as a table for a terminal.
-pub fn table(nodes: &[Value]) -> String {
+pub fn table(nodes: &[Node]) -> String {
     let header = [
         "ID",
         "ADDRESS",
@@ -139,15 +146,15 @@ pub fn table(nodes: &[Value]) -> String {
         .iter()
         .map(|n| {
             vec![
-                n["id"].as_str().unwrap_or("?").to_owned(),
-                n["address"].as_str().unwrap_or("?").to_owned(),
-                n["state"].as_str().unwrap_or("?").to_owned(),
-                n["weight"].to_string(),
-                n["in_flight"].to_string(),
-                n["requests"].to_string(),
-                format!("{:.2}", n["error_rate"].as_f64().unwrap_or(0.0) * 100.0),
-                format!("{:.2}", n["latency_ewma_ms"].as_f64().unwrap_or(0.0)),
-                n["drain_deadline"].as_str().unwrap_or("-").to_owned(),
+                n.id.clone(),
+                n.address.clone(),
+                n.state.clone(),
+                n.weight.to_string(),
+                n.in_flight.to_string(),
+                n.requests.to_string(),
+                format!("{:.2}", n.error_rate * 100.0),
+                format!("{:.2}", n.latency_ewma_ms),
+                n.drain_deadline.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();

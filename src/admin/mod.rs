@@ -4,6 +4,7 @@
 //! Owns: routing, authentication, JSON shapes. Must not: hold state of its own (everything
 //! it shows or changes lives in `pool`), or import the proxy.
 
+pub mod api;
 pub mod client;
 pub mod openapi;
 
@@ -11,7 +12,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -20,20 +21,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::AdminConfig;
-use crate::pool::{Backend, Member, Origin, Pool, PoolError, State};
+use crate::pool::{Backend, Origin, Pool, PoolError, State};
 
 /// Largest request body the API reads.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// How often a node being deleted is checked for the end of its drain.
-const DELETE_POLL: Duration = Duration::from_millis(100);
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +55,9 @@ pub struct Admin {
     pub proxy_listening: Arc<AtomicBool>,
     /// The autoscaler's status and pause switch, when one runs.
     pub autoscaler: Option<Arc<crate::autoscale::Shared>>,
-    /// The TLS listeners' certificate sets, filled in once the proxy has started (the
+    /// The TLS listeners' certificate reloads, filled in once the proxy has started (the
     /// admin API starts first so that `/readyz` can say the proxy is not up yet).
-    pub tls: Arc<std::sync::OnceLock<Vec<Arc<crate::proxy::tls::Tls>>>>,
+    pub tls: Arc<std::sync::OnceLock<Vec<Arc<dyn CertificateReload>>>>,
     /// Where config reloads and upgrades are asked for (the process's top level acts on
     /// them); `None` when nothing listens.
     pub control: Option<tokio::sync::mpsc::Sender<Control>>,
@@ -75,11 +72,71 @@ pub enum ControlKind {
     Upgrade,
 }
 
-/// A request to the top level, answered with a summary or the reason it was refused.
+impl std::fmt::Display for ControlKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControlKind::Reload => "config reload",
+            ControlKind::Upgrade => "upgrade",
+        })
+    }
+}
+
+/// A request to the top level, answered with what happened or why it was refused.
 #[derive(Debug)]
 pub struct Control {
     pub kind: ControlKind,
-    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<HandedOver, HandOverError>>,
+}
+
+/// A reload or upgrade that happened: a new process serves, this one is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOver {
+    pub kind: ControlKind,
+    /// The process that serves now.
+    pub successor: u32,
+    /// This process, which finishes its requests and exits.
+    pub this: u32,
+}
+
+impl std::fmt::Display for HandedOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: process {} now serves; this one ({}) finishes its requests and exits",
+            self.kind, self.successor, self.this
+        )
+    }
+}
+
+/// Why a reload or upgrade did not happen; the running process keeps serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandOverError {
+    /// The config file does not validate (its error names file, line, key and reason).
+    #[error("{0} refused, the running config keeps serving: {1}")]
+    BadConfig(ControlKind, #[source] crate::config::ConfigError),
+    /// The path of the running binary is unknown, so no successor can be started.
+    #[error("{0} refused: the path of this binary is unknown")]
+    NoSuccessor(ControlKind),
+    /// The listening sockets could not be copied for the new process.
+    #[error("{0} failed: {1}")]
+    Sockets(ControlKind, #[source] std::io::Error),
+    /// The new process did not start or did not say it was ready in time.
+    #[error("{0} failed: {1}")]
+    Successor(
+        ControlKind,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+}
+
+/// Reloads one TLS listener's certificates. The proxy's listeners implement it (wired by
+/// `serve`), so the admin API reloads certificates without importing the proxy.
+pub trait CertificateReload: Send + Sync {
+    /// The listener's address, for the answer.
+    fn listener(&self) -> String;
+    /// Reads the files again and swaps them in if all load: a line saying what serves
+    /// now, or why the files were refused (the old certificates keep serving).
+    fn reload(&self, why: &str) -> Result<String, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A running admin API.
@@ -190,31 +247,6 @@ pub async fn start_with(
 
 type Reply = Response<Full<Bytes>>;
 
-/// `POST /v1/nodes/{id}/drain` body.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DrainBody {
-    #[serde(default, with = "humantime_serde")]
-    timeout: Option<Duration>,
-    #[serde(default)]
-    force: bool,
-}
-
-/// `POST /v1/nodes` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddBody {
-    #[serde(default)]
-    id: Option<String>,
-    address: String,
-    #[serde(default = "one")]
-    weight: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
 impl Admin {
     /// Answers one API call. Generic over the body so that the fuzz harness can drive
     /// the real router without sockets.
@@ -229,7 +261,12 @@ impl Admin {
         match segments.as_slice() {
             ["healthz"] => {
                 return only(&method, &[Method::GET], || {
-                    json_reply(StatusCode::OK, &json!({"status": "ok"}))
+                    json_reply(
+                        StatusCode::OK,
+                        &api::Alive {
+                            status: "ok".into(),
+                        },
+                    )
                 })
             }
             ["readyz"] => return only(&method, &[Method::GET], || self.readyz()),
@@ -244,7 +281,7 @@ impl Admin {
                 json_reply(StatusCode::OK, &openapi::document())
             }),
             ["v1", "autoscaler"] => only(&method, &[Method::GET], || match &self.autoscaler {
-                Some(a) => json_reply(StatusCode::OK, &a.to_json()),
+                Some(a) => json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a)),
                 None => error(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -255,9 +292,9 @@ impl Admin {
                 let pause = *action == "pause";
                 only(&method, &[Method::POST], || match &self.autoscaler {
                     Some(a) => {
-                        a.paused.store(pause, Ordering::Relaxed);
+                        a.set_paused(pause);
                         tracing::info!(paused = pause, "autoscaler switched by operator");
-                        json_reply(StatusCode::OK, &a.to_json())
+                        json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a))
                     }
                     None => error(
                         StatusCode::NOT_FOUND,
@@ -274,7 +311,7 @@ impl Admin {
             ["v1", "config", "reload"] | ["v1", "upgrade"] => method_not_allowed(&[Method::POST]),
             ["v1", "nodes"] => match method {
                 Method::GET => self.list(),
-                Method::POST => match read_json::<AddBody, _>(req).await {
+                Method::POST => match read_json::<api::NewNode, _>(req).await {
                     Ok(Some(body)) => self.add(body),
                     Ok(None) => error(
                         StatusCode::BAD_REQUEST,
@@ -302,7 +339,7 @@ impl Admin {
                     return method_not_allowed(&[Method::POST]);
                 }
                 match action.as_str() {
-                    "drain" => match read_json::<DrainBody, _>(req).await {
+                    "drain" => match read_json::<api::DrainRequest, _>(req).await {
                         Ok(body) => self.drain(&id, body.unwrap_or_default()),
                         Err(r) => r,
                     },
@@ -343,8 +380,17 @@ impl Admin {
             );
         }
         match answer.await {
-            Ok(Ok(summary)) => json_reply(StatusCode::OK, &json!({"result": summary})),
-            Ok(Err(reason)) => error(StatusCode::UNPROCESSABLE_ENTITY, "refused", &reason),
+            Ok(Ok(done)) => json_reply(
+                StatusCode::OK,
+                &api::HandedOver {
+                    result: done.to_string(),
+                },
+            ),
+            Ok(Err(refused)) => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused",
+                &refused.to_string(),
+            ),
             Err(_) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -391,27 +437,33 @@ impl Admin {
                 "no TLS listener configured",
             );
         }
-        let mut results = Vec::new();
-        let mut failed = false;
-        for t in sets {
-            match t.log_reload("admin API") {
-                Ok(summary) => {
-                    results.push(json!({"listener": t.listener, "ok": true, "detail": summary}))
+        let listeners: Vec<api::ListenerReload> = sets
+            .iter()
+            .map(|t| {
+                let (ok, detail) = match t.reload("admin API") {
+                    Ok(summary) => (true, summary),
+                    Err(e) => (false, e.to_string()),
+                };
+                api::ListenerReload {
+                    listener: t.listener(),
+                    ok,
+                    detail,
                 }
-                Err(e) => {
-                    failed = true;
-                    results.push(
-                        json!({"listener": t.listener, "ok": false, "detail": e.to_string()}),
-                    );
-                }
-            }
-        }
-        let status = if failed {
-            StatusCode::UNPROCESSABLE_ENTITY
-        } else {
+            })
+            .collect();
+        let reloaded = listeners.iter().all(|l| l.ok);
+        let status = if reloaded {
             StatusCode::OK
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
         };
-        json_reply(status, &json!({"reloaded": !failed, "listeners": results}))
+        json_reply(
+            status,
+            &api::TlsReload {
+                reloaded,
+                listeners,
+            },
+        )
     }
 
     fn readyz(&self) -> Reply {
@@ -424,7 +476,11 @@ impl Admin {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             },
-            &json!({"ready": ready, "proxy_listening": listening, "in_service": in_service}),
+            &api::Ready {
+                ready,
+                proxy_listening: listening,
+                in_service,
+            },
         )
     }
 
@@ -465,21 +521,28 @@ impl Admin {
     fn list(&self) -> Reply {
         let table = self.pool.snapshot();
         let now = Instant::now();
-        let nodes: Vec<Value> = table.members().iter().map(|m| node_json(m, now)).collect();
         json_reply(
             StatusCode::OK,
-            &json!({"pool": self.pool.settings().name, "generation": table.generation, "nodes": nodes}),
+            &api::NodeList {
+                pool: self.pool.settings().name.clone(),
+                generation: table.generation,
+                nodes: table
+                    .members()
+                    .iter()
+                    .map(|m| api::Node::of(m, now))
+                    .collect(),
+            },
         )
     }
 
     fn get(&self, id: &str) -> Reply {
         match self.pool.snapshot().get(id) {
-            Some(m) => json_reply(StatusCode::OK, &node_json(m, Instant::now())),
+            Some(m) => json_reply(StatusCode::OK, &api::Node::of(m, Instant::now())),
             None => unknown(id),
         }
     }
 
-    fn add(&self, body: AddBody) -> Reply {
+    fn add(&self, body: api::NewNode) -> Reply {
         let Ok(addr) = body.address.parse::<SocketAddr>() else {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -507,7 +570,7 @@ impl Admin {
         }
     }
 
-    fn drain(&self, id: &str, body: DrainBody) -> Reply {
+    fn drain(&self, id: &str, body: api::DrainRequest) -> Reply {
         let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
         let min = if body.force {
             0
@@ -564,67 +627,18 @@ impl Admin {
             }
         }
         let min = if force { 0 } else { self.cfg.min_in_service };
-        if let Err(e) = self.pool.drain_keeping(id, timeout, min) {
-            return pool_error(e);
+        match crate::pool::drain::drain_then_remove(&self.pool, id, timeout, min) {
+            Ok(_) => self.node_reply(StatusCode::ACCEPTED, id),
+            Err(e) => pool_error(e),
         }
-        let reply = self.node_reply(StatusCode::ACCEPTED, id);
-        let pool = self.pool.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move {
-            loop {
-                match pool.drain_done(&id, Instant::now()) {
-                    Some(true) => {
-                        if pool.remove(&id).is_ok() {
-                            tracing::info!(backend = %id, "node removed after drain");
-                        }
-                        return;
-                    }
-                    // Undrained or gone meanwhile: the operator changed their mind.
-                    None => return,
-                    Some(false)
-                        if pool.snapshot().get(&id).map(|m| m.state) != Some(State::Draining) =>
-                    {
-                        return
-                    }
-                    Some(false) => tokio::time::sleep(DELETE_POLL).await,
-                }
-            }
-        });
-        reply
     }
 
     fn node_reply(&self, status: StatusCode, id: &str) -> Reply {
         match self.pool.snapshot().get(id) {
-            Some(m) => json_reply(status, &node_json(m, Instant::now())),
+            Some(m) => json_reply(status, &api::Node::of(m, Instant::now())),
             None => unknown(id),
         }
     }
-}
-
-/// One node as the API shows it.
-pub fn node_json(m: &Member, now: Instant) -> Value {
-    let b = &m.backend;
-    let requests = b.requests();
-    let (ok_probes, failed_probes) = b.probe_streak();
-    let deadline = m.drain_deadline.map(|d| {
-        let wall = SystemTime::now() + d.saturating_duration_since(now);
-        humantime::format_rfc3339_seconds(wall).to_string()
-    });
-    json!({
-        "id": &*b.id,
-        "address": b.addr.to_string(),
-        "state": m.state.as_str(),
-        "weight": b.weight,
-        "in_flight": b.in_flight(),
-        "requests": requests,
-        "failures": b.failures(),
-        "error_rate": if requests == 0 { 0.0 } else { b.failures() as f64 / requests as f64 },
-        "latency_ewma_ms": b.latency.get_ns() / 1e6,
-        "health": {"consecutive_successes": ok_probes, "consecutive_failures": failed_probes},
-        "drain_deadline": deadline,
-        "drain_done": (m.state == State::Draining).then(|| b.in_flight() == 0 || m.drain_deadline.is_some_and(|d| now >= d)),
-        "origin": match b.origin { Origin::Static => "static", Origin::Local => "local", Origin::Provisioned => "provisioned" },
-    })
 }
 
 /// Reads a JSON body; `Ok(None)` when it is empty.
@@ -704,7 +718,7 @@ fn pool_error(e: PoolError) -> Reply {
     error(status, kind, &e.to_string())
 }
 
-fn json_reply(status: StatusCode, value: &Value) -> Reply {
+fn json_reply<T: Serialize>(status: StatusCode, value: &T) -> Reply {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -718,5 +732,11 @@ fn json_reply(status: StatusCode, value: &Value) -> Reply {
 
 /// `{"error": kind, "detail": text}` with `status`.
 fn error(status: StatusCode, kind: &str, detail: &str) -> Reply {
-    json_reply(status, &json!({"error": kind, "detail": detail}))
+    json_reply(
+        status,
+        &api::ErrorBody {
+            error: kind.to_owned(),
+            detail: detail.to_owned(),
+        },
+    )
 }

@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::config::AutoscaleConfig;
 use crate::pool::Pool;
 use crate::provider::Provider;
+use crate::telemetry::names;
 use meter::Meter;
 use policy::{Decision, PolicyState};
 use reconcile::{ReconcileConfig, Reconciler, Report};
@@ -31,63 +31,58 @@ const HISTORY: usize = 100;
 #[derive(Debug, Default)]
 pub struct Shared {
     /// Operator's pause switch (also `autoscale.paused` in config).
-    pub paused: AtomicBool,
+    paused: AtomicBool,
     status: Mutex<Status>,
     /// Reconciliation rounds done; ≥ 1 once what the provider runs has been adopted.
-    rounds: std::sync::atomic::AtomicU64,
+    rounds: watch::Sender<u64>,
 }
 
+/// The autoscaler's latest round, as the admin API shows it.
 #[derive(Debug, Default, Clone)]
-struct Status {
-    desired: usize,
+pub struct Status {
+    /// In-service nodes the policy wants.
+    pub desired: usize,
     /// The minimum a scheduled event imposes now, and the event's name.
-    scheduled: Option<(usize, String)>,
-    observations: Option<policy::Observations>,
-    report: Report,
-    decisions: VecDeque<(SystemTime, Decision)>,
+    pub scheduled: Option<(usize, String)>,
+    /// What the meter saw.
+    pub observations: Option<policy::Observations>,
+    /// What the reconciler saw and did.
+    pub report: Report,
+    /// Decisions that changed the desired or current size, oldest first.
+    pub decisions: VecDeque<(SystemTime, Decision)>,
 }
 
 impl Shared {
+    /// A status starting paused or not.
+    pub fn new(paused: bool) -> Self {
+        let shared = Self::default();
+        shared.set_paused(paused);
+        shared
+    }
+
     /// Whether the first reconciliation round is done: servers the provider already
     /// runs for this pool (a restart, a hand-over) are in the pool by then.
     pub fn adopted(&self) -> bool {
-        self.rounds.load(Ordering::Relaxed) > 0
+        *self.rounds.borrow() > 0
     }
 
-    /// The status document of `GET /v1/autoscaler`.
-    pub fn to_json(&self) -> Value {
-        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
-        let decisions: Vec<Value> = s
-            .decisions
-            .iter()
-            .rev()
-            .map(|(at, d)| {
-                json!({
-                    "at": humantime::format_rfc3339_seconds(*at).to_string(),
-                    "current": d.current, "desired": d.desired, "direction": d.direction(),
-                    "reasons": d.reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        json!({
-            "paused": self.paused.load(Ordering::Relaxed),
-            "desired": s.desired,
-            "scheduled_min": s.scheduled.as_ref().map(|(min, name)| json!({"min": min, "event": name})),
-            "in_service": s.report.in_service,
-            "ordered": s.report.pending,
-            "standby": s.report.standby,
-            "draining": s.report.draining,
-            "provider_servers": s.report.devices,
-            "observations": s.observations.as_ref().map(|o| json!({
-                "connections_per_second": o.connection_rate,
-                "requests_per_second": o.request_rate,
-                "in_flight_per_node": o.in_flight_per_node,
-                "p99_ms": o.p99.map(|d| d.as_secs_f64() * 1e3),
-                "fresh": o.fresh,
-            })),
-            "errors": s.report.errors,
-            "decisions": decisions,
-        })
+    /// Changes on every reconciliation round (for waiting until [`Shared::adopted`]).
+    pub fn rounds(&self) -> watch::Receiver<u64> {
+        self.rounds.subscribe()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// The operator's pause switch: a paused autoscaler holds the current size.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// A copy of the latest round's status.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -115,7 +110,7 @@ pub async fn run<P: Provider>(
             order_backoff_max: Duration::from_secs(60),
         },
     );
-    let desired_gauge = metrics::gauge!("surge_autoscaler_desired_nodes");
+    let desired_gauge = metrics::gauge!(names::AUTOSCALER_DESIRED);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -126,7 +121,7 @@ pub async fn run<P: Provider>(
         let now = Instant::now();
         let obs = meter.observe(&pool, now);
         let current = pool.snapshot().count(crate::pool::State::InService);
-        let paused = shared.paused.load(Ordering::Relaxed);
+        let paused = shared.is_paused();
         let scheduled = schedule::min_at(&cfg.schedule, chrono::Utc::now());
         let min = scheduled.map_or(cfg.policy.min, |(m, _)| m.max(cfg.policy.min));
         let decision = policy::decide(&obs, current, min, paused, &cfg.policy, &mut state, now);
@@ -139,12 +134,12 @@ pub async fn run<P: Provider>(
             );
         }
         for r in &decision.reasons {
-            metrics::counter!("surge_autoscaler_decisions_total", "direction" => decision.direction(), "reason" => r.label())
+            metrics::counter!(names::AUTOSCALER_DECISIONS, "direction" => decision.direction(), "reason" => r.label())
                 .increment(1);
         }
         desired_gauge.set(decision.desired as f64);
         let report = reconciler.step(decision.desired, now).await;
-        shared.rounds.fetch_add(1, Ordering::Relaxed);
+        shared.rounds.send_modify(|n| *n += 1);
         if let Ok(mut s) = shared.status.lock() {
             s.desired = decision.desired;
             let scheduled = scheduled.map(|(m, name)| (m, name.to_owned()));

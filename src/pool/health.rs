@@ -14,18 +14,39 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::lifecycle::{self, Event};
 use super::{Member, Pool, State, Update};
 use crate::config::HealthConfig;
 
+/// Why a probe found a backend unhealthy (logged when it starts failing).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// No TCP connection could be opened.
+    #[error("connect failed")]
+    Connect,
+    /// The connection broke or the answer was not HTTP.
+    #[error("request failed: {0}")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An answer, but not a 2xx one.
+    #[error("status {0}")]
+    Status(u16),
+    /// No answer within the probe's timeout.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The probe request could not be made from the address and path.
+    #[error("bad probe request: {0}")]
+    BadRequest(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Sends one health probe. Healthy means a 2xx answer within `timeout`.
 pub trait Prober: Send + Sync + 'static {
-    /// `Err` carries a short reason for the log ("connect refused", "status 500"...).
     fn probe(
         &self,
         addr: SocketAddr,
         path: &str,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send;
 }
 
 /// Consecutive probe results of one backend.
@@ -116,19 +137,21 @@ pub async fn check_once<P: Prober>(pool: &Pool, cfg: &HealthConfig, prober: &Arc
                 failures: m.backend.probe_failures.load(Ordering::Relaxed),
             };
             if let Some(next) = next_state(m, streak, cfg, now) {
-                tracing::info!(
-                    backend = &*m.backend.id,
-                    from = m.state.as_str(),
-                    to = next.as_str(),
-                    "backend state changed by health check"
-                );
-                if next == State::InService {
-                    m.backend.ejections.store(0, Ordering::Relaxed);
-                    m.backend.consecutive_failures.store(0, Ordering::Relaxed);
-                    m.slow_start = true;
+                let from = m.state;
+                let event = if next == State::InService {
+                    Event::HealthRise
+                } else {
+                    Event::HealthFall
+                };
+                if lifecycle::apply(m, event, now).is_some() {
+                    tracing::info!(
+                        backend = &*m.backend.id,
+                        from = from.as_str(),
+                        to = next.as_str(),
+                        "backend state changed by health check"
+                    );
+                    changed = true;
                 }
-                m.set_state(next, now);
-                changed = true;
             }
         }
         if changed {
@@ -137,6 +160,7 @@ pub async fn check_once<P: Prober>(pool: &Pool, cfg: &HealthConfig, prober: &Arc
             Update::Keep(())
         }
     });
+    pool.probed();
 }
 
 /// Republishes the table while a backend ramps up, so slow start advances in steps of

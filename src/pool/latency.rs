@@ -1,8 +1,82 @@
-//! A lock-free latency histogram for the autoscaler's p99: 4 buckets per power of two of
-//! microseconds (≤ 19% relative error), one atomic increment per request.
+//! Latency, lock-free: the per-backend peak-EWMA estimate selection reads ([`PeakEwma`]),
+//! and the pool-wide histogram for the autoscaler's p99 ([`LatencyHistogram`]: 4 buckets
+//! per power of two of microseconds, ≤ 19% relative error, one atomic increment per
+//! request).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::nanos_since_epoch;
+
+/// How fast the peak-EWMA latency estimate forgets a peak (linkerd2-proxy's default).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Peak-sensitive moving average of response latency (Finagle/linkerd "peak EWMA"): jumps
+/// to a new peak at once and decays with time constant [`EWMA_DECAY`], towards lower
+/// samples when there are some and towards zero when the backend sits idle, so a backend
+/// that was slow once is tried again later instead of being shunned forever (tower's
+/// `PeakEwma` does the same). Updates race without locks; a lost sample only makes the
+/// estimate slightly older.
+#[derive(Debug)]
+pub struct PeakEwma {
+    /// Estimate in nanoseconds, stored as `f64` bits; 0 until the first sample.
+    value_ns: AtomicU64,
+    /// When the estimate was last updated, nanoseconds since [`epoch`].
+    stamp_ns: AtomicU64,
+}
+
+impl PeakEwma {
+    pub(super) fn new() -> Self {
+        Self {
+            value_ns: AtomicU64::new(0f64.to_bits()),
+            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
+        }
+    }
+
+    /// The estimate as last stored, in nanoseconds (0: no sample yet).
+    pub fn get_ns(&self) -> f64 {
+        f64::from_bits(self.value_ns.load(Ordering::Relaxed))
+    }
+
+    /// The estimate at `now_ns` (nanoseconds since [`epoch`]), decayed for the idle time
+    /// since the last sample. 0 means no sample yet.
+    pub fn at(&self, now_ns: u64) -> f64 {
+        let value = self.get_ns();
+        let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed));
+        if elapsed == 0 || value == 0.0 {
+            return value;
+        }
+        value * decay_factor(elapsed as f64 / EWMA_DECAY_NS)
+    }
+
+    /// Feeds one observed latency.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        let now_ns = nanos_since_epoch(now);
+        let rtt_ns = rtt.as_nanos() as f64;
+        let prev = self.get_ns();
+        let next = if rtt_ns > prev || prev == 0.0 {
+            rtt_ns
+        } else {
+            let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+            let w = (-elapsed / EWMA_DECAY_NS).exp();
+            prev * w + rtt_ns * (1.0 - w)
+        };
+        self.value_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.stamp_ns.store(now_ns, Ordering::Relaxed);
+    }
+}
+
+const EWMA_DECAY_NS: f64 = EWMA_DECAY.as_nanos() as f64;
+
+/// `e^-x`, cheaply for the common case: on a busy backend the last sample is micro- to
+/// milliseconds old, `x` is tiny and the second-order Taylor term is exact to 1e-9.
+fn decay_factor(x: f64) -> f64 {
+    if x < 1e-3 {
+        1.0 - x + 0.5 * x * x
+    } else {
+        (-x).exp()
+    }
+}
 
 /// Buckets: 4 per octave over 2^0..2^31 µs (up to ~36 minutes).
 pub const BUCKETS: usize = 128;

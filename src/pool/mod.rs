@@ -10,8 +10,10 @@
 //! pool-wide traffic counters. Must not: depend on the HTTP engine, or do I/O other than
 //! the health probes it is handed.
 
+pub mod drain;
 pub mod health;
 pub mod latency;
+pub mod lifecycle;
 pub mod select;
 pub mod shed;
 
@@ -23,9 +25,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Algorithm, BackendSpec, EjectionConfig, PoolConfig, MAX_WEIGHT};
 
+pub use latency::PeakEwma;
+pub use lifecycle::Event;
 pub use select::Pick;
 
 /// Lifecycle state of a backend in one table snapshot.
@@ -97,76 +102,6 @@ pub fn nanos_since_epoch(t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// How fast the peak-EWMA latency estimate forgets a peak (linkerd2-proxy's default).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
-
-/// Peak-sensitive moving average of response latency (Finagle/linkerd "peak EWMA"): jumps
-/// to a new peak at once and decays with time constant [`EWMA_DECAY`], towards lower
-/// samples when there are some and towards zero when the backend sits idle, so a backend
-/// that was slow once is tried again later instead of being shunned forever (tower's
-/// `PeakEwma` does the same). Updates race without locks; a lost sample only makes the
-/// estimate slightly older.
-#[derive(Debug)]
-pub struct PeakEwma {
-    /// Estimate in nanoseconds, stored as `f64` bits; 0 until the first sample.
-    value_ns: AtomicU64,
-    /// When the estimate was last updated, nanoseconds since [`epoch`].
-    stamp_ns: AtomicU64,
-}
-
-impl PeakEwma {
-    fn new() -> Self {
-        Self {
-            value_ns: AtomicU64::new(0f64.to_bits()),
-            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
-        }
-    }
-
-    /// The estimate as last stored, in nanoseconds (0: no sample yet).
-    pub fn get_ns(&self) -> f64 {
-        f64::from_bits(self.value_ns.load(Ordering::Relaxed))
-    }
-
-    /// The estimate at `now_ns` (nanoseconds since [`epoch`]), decayed for the idle time
-    /// since the last sample. 0 means no sample yet.
-    pub fn at(&self, now_ns: u64) -> f64 {
-        let value = self.get_ns();
-        let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed));
-        if elapsed == 0 || value == 0.0 {
-            return value;
-        }
-        value * decay_factor(elapsed as f64 / EWMA_DECAY_NS)
-    }
-
-    /// Feeds one observed latency.
-    pub fn observe(&self, rtt: Duration, now: Instant) {
-        let now_ns = nanos_since_epoch(now);
-        let rtt_ns = rtt.as_nanos() as f64;
-        let prev = self.get_ns();
-        let next = if rtt_ns > prev || prev == 0.0 {
-            rtt_ns
-        } else {
-            let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-            let w = (-elapsed / EWMA_DECAY_NS).exp();
-            prev * w + rtt_ns * (1.0 - w)
-        };
-        self.value_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.stamp_ns.store(now_ns, Ordering::Relaxed);
-    }
-}
-
-const EWMA_DECAY_NS: f64 = EWMA_DECAY.as_nanos() as f64;
-
-/// `e^-x`, cheaply for the common case: on a busy backend the last sample is micro- to
-/// milliseconds old, `x` is tiny and the second-order Taylor term is exact to 1e-9.
-fn decay_factor(x: f64) -> f64 {
-    if x < 1e-3 {
-        1.0 - x + 0.5 * x * x
-    } else {
-        (-x).exp()
-    }
-}
-
 /// One frontend server. Identity is immutable; everything that changes per request is an
 /// atomic, so the same `Arc<Backend>` is shared by every table snapshot it appears in.
 #[derive(Debug)]
@@ -196,6 +131,12 @@ pub struct Backend {
     pub latency: PeakEwma,
     /// Metric handles registered once, so the request path does no label lookups.
     pub metrics: BackendMetrics,
+    /// Woken when the last request in flight finishes, for drain waiters
+    /// ([`drain::wait_drained`]); only while `idle_watchers` > 0, so the request path
+    /// touches no lock when nobody waits.
+    idle: Notify,
+    /// Drain waiters watching this backend.
+    idle_watchers: AtomicU32,
 }
 
 /// Per-backend metric handles. Registered when the backend is created, against whatever
@@ -249,6 +190,8 @@ impl Backend {
             probe_successes: AtomicU32::new(0),
             probe_failures: AtomicU32::new(0),
             latency: PeakEwma::new(),
+            idle: Notify::new(),
+            idle_watchers: AtomicU32::new(0),
         }
     }
 
@@ -305,7 +248,12 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst (on x86 the same instruction as Relaxed): pairs with a drain waiter's
+        // registration, so the waiter either sees the count at 0 or is woken.
+        let before = self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.backend.idle_watchers.load(Ordering::SeqCst) > 0 {
+            self.backend.idle.notify_waiters();
+        }
     }
 }
 
@@ -337,17 +285,6 @@ impl Member {
         }
     }
 
-    fn set_state(&mut self, state: State, now: Instant) {
-        self.state = state;
-        self.since = now;
-        if state != State::Draining {
-            self.drain_deadline = None;
-        }
-        if state != State::Down {
-            self.down_until = None;
-        }
-    }
-
     /// Weight for new requests at `now`: 0 unless in service; during slow start it ramps
     /// linearly from 10% to the full weight.
     pub fn effective_weight(&self, now: Instant, slow_start: Duration) -> u32 {
@@ -366,11 +303,14 @@ impl Member {
         ((f64::from(full) * share).round() as u32).clamp(1, full)
     }
 
-    /// Whether requests bound to this backend (by route cookie) may still go to it.
-    pub fn accepts_bound(&self, now: Instant) -> bool {
+    /// Whether requests bound to this backend (by route cookie) may still go to it at
+    /// `now_ns` (nanoseconds since the pool's epoch, as [`Pick::now_ns`]).
+    pub fn accepts_bound(&self, now_ns: u64) -> bool {
         match self.state {
             State::InService => true,
-            State::Draining => self.drain_deadline.is_some_and(|d| now < d),
+            State::Draining => self
+                .drain_deadline
+                .is_some_and(|d| now_ns < nanos_since_epoch(d)),
             State::Warming | State::Down | State::Maint | State::Standby => false,
         }
     }
@@ -507,6 +447,11 @@ pub struct Pool {
     /// Round-robin position; lives outside the table so a publish does not restart it.
     rr_cursor: AtomicUsize,
     pub traffic: Traffic,
+    /// The generation of the table last published: waiters for a pool change (shedding
+    /// queue, drains, start-up) subscribe instead of polling.
+    changes: watch::Sender<u64>,
+    /// Health-check rounds completed (probe streaks are atomics, not publishes).
+    probe_rounds: watch::Sender<u64>,
 }
 
 impl Pool {
@@ -524,7 +469,24 @@ impl Pool {
             table: ArcSwap::from_pointee(table),
             rr_cursor: AtomicUsize::new(0),
             traffic: Traffic::default(),
+            changes: watch::Sender::new(0),
+            probe_rounds: watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a new table is published (the value is its generation).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Changes after every health-check round.
+    pub fn probe_rounds(&self) -> watch::Receiver<u64> {
+        self.probe_rounds.subscribe()
+    }
+
+    /// Called by the health checker when a round of probes is recorded.
+    fn probed(&self) {
+        self.probe_rounds.send_modify(|n| *n += 1);
     }
 
     /// Builds the pool from the configuration's static backends plus `extra`.
@@ -582,8 +544,10 @@ impl Pool {
                 now,
                 Some(&current),
             ));
+            let generation = next.generation;
             let prev = self.table.compare_and_swap(&current, next);
             if Arc::ptr_eq(&prev, &current) {
+                self.changes.send_replace(generation);
                 return result;
             }
         }
@@ -622,34 +586,41 @@ impl Pool {
         })
     }
 
+    /// Moves one backend for `event` (see [`lifecycle`]); the state it is in afterwards,
+    /// and whether it moved.
+    fn apply(&self, id: &str, event: Event) -> Result<(State, bool), PoolError> {
+        self.update(|members, now| {
+            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
+                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
+            };
+            match lifecycle::apply(m, event, now) {
+                Some(state) => Update::Publish(Ok((state, true))),
+                None => Update::Keep(Ok((m.state, false))),
+            }
+        })
+    }
+
     /// Moves a healthy standby backend into service (ramping up). Returns whether it did.
     pub fn promote(&self, id: &str) -> bool {
-        self.update(
-            |members, now| match members.iter_mut().find(|m| &*m.backend.id == id) {
-                Some(m)
-                    if m.state == State::Standby
-                        && m.backend.probe_failures.load(Ordering::Relaxed) == 0 =>
-                {
-                    m.set_state(State::InService, now);
-                    m.slow_start = true;
-                    Update::Publish(true)
-                }
-                _ => Update::Keep(false),
-            },
-        )
+        self.apply(id, Event::Promote).is_ok_and(|(_, moved)| moved)
     }
 
     /// Moves a drained backend to standby instead of releasing it. Returns whether it did.
     pub fn park(&self, id: &str) -> bool {
-        self.update(
-            |members, now| match members.iter_mut().find(|m| &*m.backend.id == id) {
-                Some(m) if m.state == State::Draining => {
-                    m.set_state(State::Standby, now);
-                    Update::Publish(true)
-                }
-                _ => Update::Keep(false),
-            },
-        )
+        self.apply(id, Event::Park).is_ok_and(|(_, moved)| moved)
+    }
+
+    /// Ends a drain or a maintenance: a drained backend takes new requests again (ramping
+    /// up); one back from maintenance first proves itself healthy (`Warming`). Returns
+    /// the state it is in now.
+    pub fn undrain(&self, id: &str) -> Result<State, PoolError> {
+        self.apply(id, Event::Undrain).map(|(state, _)| state)
+    }
+
+    /// Puts a backend in maintenance at once: no traffic (bound carts included) and no
+    /// health checks. Requests already on it finish.
+    pub fn maint(&self, id: &str) -> Result<(), PoolError> {
+        self.apply(id, Event::Maint).map(|_| ())
     }
 
     /// Removes a backend from the table at once. Requests already on it finish (they hold
@@ -660,93 +631,6 @@ impl Pool {
                 Some(i) => Update::Publish(Ok(members.remove(i).backend)),
                 None => Update::Keep(Err(PoolError::UnknownBackend(id.to_string()))),
             },
-        )
-    }
-
-    /// Starts draining: no new requests or carts; carts bound to it keep reaching it until
-    /// `now + timeout`. Draining an already draining backend keeps the earlier deadline.
-    pub fn drain(&self, id: &str, timeout: Duration) -> Result<Instant, PoolError> {
-        self.drain_keeping(id, timeout, 0)
-    }
-
-    /// [`Pool::drain`], refused when fewer than `min_in_service` backends would remain in
-    /// service (checked against the very table the drain is published on).
-    pub fn drain_keeping(
-        &self,
-        id: &str,
-        timeout: Duration,
-        min_in_service: usize,
-    ) -> Result<Instant, PoolError> {
-        self.update(|members, now| {
-            let in_service = members
-                .iter()
-                .filter(|m| m.state == State::InService)
-                .count();
-            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
-                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
-            };
-            if let (State::Draining, Some(d)) = (m.state, m.drain_deadline) {
-                return Update::Keep(Ok(d));
-            }
-            let left = in_service - usize::from(m.state == State::InService);
-            if left < min_in_service {
-                return Update::Keep(Err(PoolError::TooFewInService {
-                    id: id.to_string(),
-                    left,
-                    min: min_in_service,
-                }));
-            }
-            let deadline = now + timeout;
-            m.set_state(State::Draining, now);
-            m.drain_deadline = Some(deadline);
-            Update::Publish(Ok(deadline))
-        })
-    }
-
-    /// Ends a drain or a maintenance: a drained backend takes new requests again (ramping
-    /// up); one back from maintenance first proves itself healthy (`Warming`).
-    pub fn undrain(&self, id: &str) -> Result<State, PoolError> {
-        self.update(|members, now| {
-            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
-                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
-            };
-            match m.state {
-                State::Draining => {
-                    m.set_state(State::InService, now);
-                    m.slow_start = true;
-                }
-                State::Maint => {
-                    m.backend.probe_successes.store(0, Ordering::Relaxed);
-                    m.set_state(State::Warming, now);
-                }
-                other => return Update::Keep(Ok(other)),
-            }
-            Update::Publish(Ok(m.state))
-        })
-    }
-
-    /// Puts a backend in maintenance at once: no traffic (bound carts included) and no
-    /// health checks. Requests already on it finish.
-    pub fn maint(&self, id: &str) -> Result<(), PoolError> {
-        self.update(|members, now| {
-            let Some(m) = members.iter_mut().find(|m| &*m.backend.id == id) else {
-                return Update::Keep(Err(PoolError::UnknownBackend(id.to_string())));
-            };
-            if m.state == State::Maint {
-                return Update::Keep(Ok(()));
-            }
-            m.set_state(State::Maint, now);
-            Update::Publish(Ok(()))
-        })
-    }
-
-    /// Whether a drain of `id` is over: nothing in flight, or the deadline passed.
-    pub fn drain_done(&self, id: &str, now: Instant) -> Option<bool> {
-        let table = self.table.load();
-        let m = table.get(id)?;
-        Some(
-            m.state == State::Draining
-                && (m.backend.in_flight() == 0 || m.drain_deadline.is_some_and(|d| now >= d)),
         )
     }
 
@@ -788,8 +672,13 @@ impl Pool {
             };
             let times = m.backend.ejections.load(Ordering::Relaxed) + 1;
             let length = ej.base_time.saturating_mul(times).min(ej.max_time);
-            m.set_state(State::Down, now);
-            m.down_until = Some(now + length);
+            lifecycle::apply(
+                m,
+                Event::Eject {
+                    until: now + length,
+                },
+                now,
+            );
             Update::Publish(true)
         });
         if ejected {

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use pingora_ketama::{Bucket, Continuum};
 
@@ -33,8 +32,9 @@ pub struct Pick<'a> {
     /// A backend that just failed this request; a retry must go elsewhere.
     pub avoid: Option<&'a Backend>,
     /// When the request arrived, in nanoseconds since the pool's epoch
-    /// ([`super::nanos_since_epoch`]); latency estimates decay up to this instant. The
-    /// proxy already reads the clock per request, so selection does not read it again.
+    /// ([`super::nanos_since_epoch`]): latency estimates decay up to this instant and a
+    /// draining backend's deadline is checked against it. The proxy already reads the
+    /// clock per request, so selection never reads it again.
     pub now_ns: u64,
 }
 
@@ -137,7 +137,7 @@ pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Option<us
     };
     if let Some(route) = req.route {
         if let Some(&i) = table.by_id.get(route) {
-            if !avoided(i) && members[i].accepts_bound(Instant::now()) {
+            if !avoided(i) && members[i].accepts_bound(req.now_ns) {
                 return Some(i);
             }
         }

@@ -2,10 +2,13 @@
 //! bounded wait, then 503 with `Retry-After`. Checkout and cart requests get headroom
 //! above the limit, so when the shop is full it turns away browsers before buyers.
 //!
-//! The decision is pure ([`admits`]); the proxy does the waiting.
+//! The decision is pure ([`admits`]); the proxy does the waiting, woken when a request
+//! gives its room back ([`Admission::room`]) or the pool changes, never by polling.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 pub use crate::config::ShedConfig;
 
@@ -37,6 +40,8 @@ pub struct Admission {
     pub waiting: AtomicU64,
     /// Requests shed (answered 503 by surge).
     pub shed: AtomicU64,
+    /// Woken once per request that ends while others wait for room.
+    pub room: Notify,
 }
 
 /// Holds one admitted request; dropping it frees the room.
@@ -52,7 +57,12 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst pairs with a waiter's "count myself waiting, then look for room": either
+        // the waiter sees the room freed here, or this sees the waiter and wakes one.
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.room.notify_one();
+        }
     }
 }
 

@@ -36,9 +36,15 @@ impl Connections {
         self.tx.subscribe()
     }
 
+    /// Resolves once every connection has ended on its own (used for the keep-alive
+    /// drain, before any is asked to close).
+    pub async fn all_closed(&self) {
+        self.tx.closed().await;
+    }
+
     /// Asks every connection to finish its current requests and close, then waits until
     /// all have.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let _ = self.tx.send(());
         self.tx.closed().await;
     }
@@ -100,16 +106,16 @@ fn is_idle(last: std::time::Instant, now: std::time::Instant, idle_timeout: Dura
 }
 
 /// Drives `conn` to its end: closes it gracefully when `ticket` says stop or when no
-/// request has started for `idle_timeout` (requests in progress still finish).
+/// request has started for `idle_timeout` (requests in progress still finish). The
+/// connection's own error, if it ended with one.
 pub async fn drive<C, E>(
     conn: C,
     mut ticket: watch::Receiver<()>,
     last_request: &LastRequest,
     idle_timeout: Duration,
-) -> Result<(), String>
+) -> Result<(), E>
 where
     C: Graceful<Output = Result<(), E>>,
-    E: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
@@ -118,7 +124,7 @@ where
         tokio::select! {
             // The connection first: it is what wakes this task almost every time.
             biased;
-            ended = conn.as_mut() => return ended.map_err(|e| e.to_string()),
+            ended = conn.as_mut() => return ended,
             _ = ticket.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().begin_shutdown();

@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use super::answers::{self, ProxyFailure, Refused};
 use super::headers::{self, RequestIds, X_REQUEST_ID};
 use super::limits::Limits;
+use super::retry;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::{self, Admitted, ShedConfig};
@@ -114,7 +116,7 @@ impl Forwarder {
         conn_info: Rc<ConnInfo>,
     ) -> Result<Response<DownstreamBody>, Infallible> {
         if let Some(origin) = &conn_info.redirect_https {
-            return Ok(redirect(origin, &req));
+            return Ok(answers::redirect(origin, &req));
         }
         let served = conn_info.requests.get().saturating_add(1);
         conn_info.requests.set(served);
@@ -132,7 +134,7 @@ impl Forwarder {
         let body = match body {
             Ok(b) => b,
             Err(refused) => {
-                let resp = refusal(refused, &conn_info);
+                let resp = answers::refusal(refused, &conn_info);
                 if self.access_log {
                     log_access(&conn_info, &parts.method, &parts.uri, &resp, "-", None);
                 }
@@ -220,7 +222,7 @@ impl Forwarder {
             Some(cfg) => match self.admit(cfg, parts.uri.path()).await {
                 Some(a) => Some(a),
                 None => {
-                    let mut resp = self.shed_response(&request_id);
+                    let mut resp = answers::shed(&request_id);
                     resp.headers_mut().insert(X_REQUEST_ID, request_id);
                     if let Some(h) = &conn_info.hsts {
                         resp.headers_mut()
@@ -277,81 +279,88 @@ impl Forwarder {
                 failure.get_or_insert(ProxyFailure::NoBackend);
                 break;
             };
-            let mut conn = match self.upstreams.checkout(guard.backend().addr).await {
-                Ok(c) => c,
+            // What happened, the request if it never left, and how to describe a failure.
+            let (attempt, unsent, failed) = match self
+                .upstreams
+                .checkout(guard.backend().addr)
+                .await
+            {
                 Err(e) => {
                     tracing::debug!(backend = &*guard.backend().id, error = %e, "connect failed");
-                    self.pool.record(guard.backend(), Outcome::Failure);
-                    pending = Some(req);
-                    failure = Some(ProxyFailure::Backend(
-                        guard.backend().clone(),
+                    (
+                        retry::Attempt::ConnectFailed,
+                        Some(req),
                         "connection failed",
-                    ));
-                    avoid = Some(guard);
-                    continue;
+                    )
+                }
+                Ok(mut conn) => {
+                    let req = self.upstream_form(req, guard.backend());
+                    let sent = Instant::now();
+                    let answer = tokio::time::timeout(
+                        self.response_timeout,
+                        conn.sender.try_send_request(req),
+                    )
+                    .await;
+                    match answer {
+                        Ok(Ok(resp)) => {
+                            let backend = guard.backend();
+                            let now = Instant::now();
+                            backend
+                                .latency
+                                .observe(now.saturating_duration_since(sent), now);
+                            self.pool
+                                .traffic
+                                .latency
+                                .record(now.saturating_duration_since(start));
+                            let outcome = if resp.status().is_server_error() {
+                                Outcome::Failure
+                            } else {
+                                Outcome::Success
+                            };
+                            self.pool.record(backend, outcome);
+                            result = Some((guard, conn, resp));
+                            break;
+                        }
+                        Ok(Err(mut e)) => match e.take_message() {
+                            // Never written: safe to send again, whatever the method.
+                            Some(unsent) => (
+                                retry::Attempt::Unsent {
+                                    reused: conn.reused,
+                                },
+                                Some(unsent),
+                                "connection failed",
+                            ),
+                            None => {
+                                let e = e.into_error();
+                                tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
+                                (
+                                    retry::Attempt::Failed {
+                                        closed_early: closed_before_response(&e),
+                                    },
+                                    None,
+                                    short_reason(&e),
+                                )
+                            }
+                        },
+                        Err(_elapsed) => (retry::Attempt::TimedOut, None, "timed out"),
+                    }
                 }
             };
-            let req = self.upstream_form(req, guard.backend());
-            let sent = Instant::now();
-            let answer =
-                tokio::time::timeout(self.response_timeout, conn.sender.try_send_request(req))
-                    .await;
-            match answer {
-                Ok(Ok(resp)) => {
-                    let backend = guard.backend();
-                    let now = Instant::now();
-                    backend
-                        .latency
-                        .observe(now.saturating_duration_since(sent), now);
-                    self.pool
-                        .traffic
-                        .latency
-                        .record(now.saturating_duration_since(start));
-                    let outcome = if resp.status().is_server_error() {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    };
-                    self.pool.record(backend, outcome);
-                    result = Some((guard, conn, resp));
-                    break;
-                }
-                Ok(Err(mut e)) => {
-                    if let Some(unsent) = e.take_message() {
-                        // Never written: safe to send again, whatever the method. A pooled
-                        // connection the backend had closed is not the backend's fault.
-                        if !conn.reused {
-                            self.pool.record(guard.backend(), Outcome::Failure);
-                            failure = Some(ProxyFailure::Backend(
-                                guard.backend().clone(),
-                                "connection failed",
-                            ));
-                            avoid = Some(guard);
-                        }
-                        pending = Some(unsent);
-                        continue;
+            let verdict = retry::after(attempt, retry_copy.is_some());
+            if verdict.blame {
+                self.pool.record(guard.backend(), Outcome::Failure);
+                failure = Some(match attempt {
+                    retry::Attempt::TimedOut => {
+                        ProxyFailure::Timeout(guard.backend().clone(), self.response_timeout)
                     }
-                    let e = e.into_error();
-                    self.pool.record(guard.backend(), Outcome::Failure);
-                    tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
-                    failure = Some(ProxyFailure::Backend(
-                        guard.backend().clone(),
-                        short_reason(&e),
-                    ));
-                    if retry_copy.is_some() && is_retryable(&e) {
-                        avoid = Some(guard);
-                        continue;
-                    }
-                    break;
-                }
-                Err(_elapsed) => {
-                    self.pool.record(guard.backend(), Outcome::Failure);
-                    failure = Some(ProxyFailure::Timeout(
-                        guard.backend().clone(),
-                        self.response_timeout,
-                    ));
-                    break;
-                }
+                    _ => ProxyFailure::Backend(guard.backend().clone(), failed),
+                });
+                avoid = Some(guard);
+            }
+            match verdict.next {
+                retry::Next::Resend => pending = unsent,
+                retry::Next::SendCopy => {}
+                retry::Next::GiveUp => break,
             }
         }
 
@@ -450,14 +459,16 @@ impl Forwarder {
         )
     }
 
-    /// Admits a request under the shedding limit, waiting up to the queue timeout.
+    /// Admits a request under the shedding limit, waiting up to the queue timeout. The
+    /// wait is woken by a request giving its room back or by a pool change (a node coming
+    /// into service), not by a timer.
     async fn admit(&self, cfg: &ShedConfig, path: &str) -> Option<Admitted> {
         let admission = &self.pool.traffic.admission;
         let priority = shed::is_priority(cfg, path);
         let fits = || {
             shed::admits(
                 cfg,
-                admission.in_flight.load(Ordering::Relaxed),
+                admission.in_flight.load(Ordering::SeqCst),
                 self.pool.snapshot().eligible(),
                 priority,
             )
@@ -465,32 +476,31 @@ impl Forwarder {
         if fits() {
             return Some(Admitted::new(admission.clone()));
         }
-        if admission.waiting.fetch_add(1, Ordering::Relaxed) < cfg.queue_size {
-            let deadline = Instant::now() + cfg.queue_timeout;
-            while Instant::now() < deadline {
-                tokio::time::sleep(SHED_POLL).await;
+        if admission.waiting.fetch_add(1, Ordering::SeqCst) < cfg.queue_size {
+            let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
+            let mut changes = self.pool.changes();
+            loop {
+                let room = admission.room.notified();
+                let mut room = std::pin::pin!(room);
+                // Registered before looking, so room freed in between still wakes us.
+                room.as_mut().enable();
+                changes.borrow_and_update();
                 if fits() {
-                    admission.waiting.fetch_sub(1, Ordering::Relaxed);
+                    admission.waiting.fetch_sub(1, Ordering::SeqCst);
                     return Some(Admitted::new(admission.clone()));
+                }
+                tokio::select! {
+                    _ = room => {}
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
         }
-        admission.waiting.fetch_sub(1, Ordering::Relaxed);
+        admission.waiting.fetch_sub(1, Ordering::SeqCst);
         admission.shed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" })
             .increment(1);
         None
-    }
-
-    fn shed_response(&self, request_id: &HeaderValue) -> Response<DownstreamBody> {
-        let text = format!(
-            "503 service unavailable: the shop is very busy; more capacity is on its way, please retry shortly (request {})\n",
-            request_id.to_str().unwrap_or("-")
-        );
-        let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(text));
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-        resp
     }
 
     fn failure_response(
@@ -502,40 +512,11 @@ impl Forwarder {
             .traffic
             .proxy_errors
             .fetch_add(1, Ordering::Relaxed);
-        let rid = request_id.to_str().unwrap_or("-");
-        let (status, text) = match &failure {
-            ProxyFailure::NoBackend => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "503 service unavailable: no backend available in pool `{}` (request {rid})\n",
-                    self.pool.settings().name
-                ),
-            ),
-            ProxyFailure::Backend(b, reason) => (
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "502 bad gateway: backend `{}` failed: {reason} (request {rid})\n",
-                    b.id
-                ),
-            ),
-            ProxyFailure::Timeout(b, after) => (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "504 gateway timeout: backend `{}` sent no response within {} (request {rid})\n",
-                    b.id,
-                    humantime::format_duration(*after)
-                ),
-            ),
-        };
-        metrics::counter!(names::PROXY_ERRORS_TOTAL, "code" => status.as_str().to_owned())
+        let resp = answers::failure(&failure, &self.pool.settings().name, request_id);
+        metrics::counter!(names::PROXY_ERRORS_TOTAL, "code" => resp.status().as_str().to_owned())
             .increment(1);
         if let ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) = &failure {
-            b.metrics.count_status(status.as_u16());
-        }
-        let mut resp = text_response(status, Bytes::from(text));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            b.metrics.count_status(resp.status().as_u16());
         }
         resp
     }
@@ -575,99 +556,6 @@ fn log_access(
     );
 }
 
-/// One of surge's own short plain-text answers.
-fn text_response(status: StatusCode, text: Bytes) -> Response<DownstreamBody> {
-    let mut resp = Response::new(Either::Right(Full::new(text)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// Why surge refused a shopper's request before any backend saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refused {
-    RateLimited,
-    UriTooLong,
-    TooManyHeaders,
-    BodyTooLarge,
-    BodyTimeout,
-    BadBody,
-}
-
-/// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
-/// what is left of the request on it cannot be trusted to be framed as announced.
-fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody> {
-    let (status, label, text) = match why {
-        Refused::RateLimited => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate",
-            "429 too many requests from your address; please slow down\n",
-        ),
-        Refused::UriTooLong => (
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            "414 request target too long\n",
-        ),
-        Refused::TooManyHeaders => (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "too_many_headers",
-            "431 too many header fields\n",
-        ),
-        Refused::BodyTooLarge => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            "413 request body too large\n",
-        ),
-        Refused::BodyTimeout => (
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "408 request body not received in time\n",
-        ),
-        Refused::BadBody => (
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            "400 malformed request body\n",
-        ),
-    };
-    metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);
-    let mut resp = text_response(status, Bytes::from_static(text.as_bytes()));
-    let h = resp.headers_mut();
-    if why == Refused::RateLimited {
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    } else if !conn.h2 {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if let Some(v) = &conn.hsts {
-        h.insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
-    }
-    resp
-}
-
-/// Why surge answered a request itself.
-enum ProxyFailure {
-    /// No backend could take the request.
-    NoBackend,
-    /// The backend failed: refused, reset, closed mid-response, or sent garbage.
-    Backend(Arc<Backend>, &'static str),
-    /// The backend sent no response head in time.
-    Timeout(Arc<Backend>, Duration),
-}
-
-impl ProxyFailure {
-    fn backend_id(&self) -> Option<Arc<str>> {
-        match self {
-            ProxyFailure::NoBackend => None,
-            ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) => Some(b.id.clone()),
-        }
-    }
-}
-
-/// How often a request waiting for room under the shedding limit looks again.
-const SHED_POLL: Duration = Duration::from_millis(5);
-
 /// Sends of one request at most: a connect failure, a closed pooled connection and a
 /// failure after sending may each cost one.
 const MAX_ATTEMPTS: usize = 4;
@@ -700,17 +588,6 @@ impl Forwarder {
             UpstreamProtocol::H2c => with_absolute_form(req, backend),
         }
     }
-}
-
-/// A 308 to the same path on the HTTPS origin: keeps the method and body (RFC 9110).
-fn redirect<B>(origin: &str, req: &Request<B>) -> Response<DownstreamBody> {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(v) = HeaderValue::from_str(&format!("{origin}{path}")) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    resp
 }
 
 /// HTTP/2 towards the backend: absolute URI (`:scheme` and `:authority` come from it),
@@ -775,10 +652,9 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Failures after which the request cannot have been processed by the backend, or (for an
-/// idempotent request) processing it again is harmless: connect errors, and connections
-/// that closed before a response came.
-fn is_retryable(e: &hyper::Error) -> bool {
+/// Whether the connection closed or reset before any response came: the backend may not
+/// have processed the request (an idempotent one may then go elsewhere).
+fn closed_before_response(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
         return true;
     }

@@ -11,7 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::pool::health::Prober;
+use crate::pool::health::{ProbeError, Prober};
 
 /// Probes with `GET {path}`; any 2xx within the timeout is healthy.
 #[derive(Debug, Clone)]
@@ -34,20 +34,25 @@ impl HttpProber {
 }
 
 impl Prober for HttpProber {
-    async fn probe(&self, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
+    async fn probe(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(), ProbeError> {
         let uri: Uri = format!("http://{addr}{path}")
             .parse()
-            .map_err(|e| format!("bad probe uri: {e}"))?;
+            .map_err(|e| ProbeError::BadRequest(Box::new(e)))?;
         let req = Request::get(uri)
             .header(http::header::USER_AGENT, "surge-health")
             .body(Empty::new())
-            .map_err(|e| format!("bad probe request: {e}"))?;
+            .map_err(|e| ProbeError::BadRequest(Box::new(e)))?;
         let check = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 if e.is_connect() {
-                    "connect failed".to_string()
+                    ProbeError::Connect
                 } else {
-                    format!("request failed: {e}")
+                    ProbeError::Request(Box::new(e))
                 }
             })?;
             let status = resp.status();
@@ -56,15 +61,12 @@ impl Prober for HttpProber {
             if status.is_success() {
                 Ok(())
             } else {
-                Err(format!("status {}", status.as_u16()))
+                Err(ProbeError::Status(status.as_u16()))
             }
         };
         match tokio::time::timeout(timeout, check).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer within {}",
-                humantime::format_duration(timeout)
-            )),
+            Err(_) => Err(ProbeError::Timeout(timeout)),
         }
     }
 }

@@ -1,0 +1,263 @@
+//! The admin API's JSON documents, as serde types shared by the server (which writes
+//! them), [`super::client`] (which reads them) and the tests that walk the OpenAPI
+//! document. One definition per shape, so the three cannot drift apart.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::autoscale;
+use crate::pool::{Member, Origin, State};
+
+/// `{"error": kind, "detail": text}`: every refusal and failure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable kind: `not_found`, `conflict`, `unauthorized`...
+    pub error: String,
+    /// What happened, in words for the operator.
+    pub detail: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alive {
+    pub status: String,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ready {
+    pub ready: bool,
+    pub proxy_listening: bool,
+    pub in_service: usize,
+}
+
+/// One node: `GET /v1/nodes/{id}` and the answers of every node action.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    /// `IP:port` the node is reached at.
+    pub address: String,
+    /// `warming`, `in_service`, `draining`, `down`, `maint` or `standby`.
+    pub state: String,
+    pub weight: u32,
+    /// Requests on the node right now.
+    pub in_flight: u32,
+    /// Requests ever sent to it.
+    pub requests: u64,
+    /// Requests that ended in a connect error, timeout or 5xx.
+    pub failures: u64,
+    /// `failures / requests` (0 without requests).
+    pub error_rate: f64,
+    /// Peak-EWMA response-head latency, milliseconds.
+    pub latency_ewma_ms: f64,
+    pub health: Health,
+    /// While draining: when bound carts stop reaching it (RFC 3339).
+    pub drain_deadline: Option<String>,
+    /// While draining: whether the drain is over (nothing in flight, or deadline passed).
+    pub drain_done: Option<bool>,
+    /// `static`, `local` or `provisioned`.
+    pub origin: String,
+}
+
+/// Active health-check streaks of a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+}
+
+impl Node {
+    /// The node as the API shows it at `now`.
+    pub fn of(m: &Member, now: Instant) -> Self {
+        let b = &m.backend;
+        let requests = b.requests();
+        let (ok_probes, failed_probes) = b.probe_streak();
+        let drain_deadline = m.drain_deadline.map(|d| {
+            let wall = SystemTime::now() + d.saturating_duration_since(now);
+            humantime::format_rfc3339_seconds(wall).to_string()
+        });
+        Self {
+            id: b.id.to_string(),
+            address: b.addr.to_string(),
+            state: m.state.as_str().to_owned(),
+            weight: b.weight,
+            in_flight: b.in_flight(),
+            requests,
+            failures: b.failures(),
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                b.failures() as f64 / requests as f64
+            },
+            latency_ewma_ms: b.latency.get_ns() / 1e6,
+            health: Health {
+                consecutive_successes: ok_probes,
+                consecutive_failures: failed_probes,
+            },
+            drain_deadline,
+            drain_done: (m.state == State::Draining).then(|| m.drain_is_over(now)),
+            origin: match b.origin {
+                Origin::Static => "static",
+                Origin::Local => "local",
+                Origin::Provisioned => "provisioned",
+            }
+            .to_owned(),
+        }
+    }
+}
+
+/// `POST /v1/nodes/{id}/drain` (every field optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Deadline for bound carts, like `"300s"`; `admin.default_drain_timeout` if absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Drain even if fewer than `admin.min_in_service` nodes would stay in service.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/nodes`: a static node to add.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewNode {
+    /// Defaults to one made from the address.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `IP:port`.
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeList {
+    pub pool: String,
+    /// The table snapshot's generation (grows with every change).
+    pub generation: u64,
+    pub nodes: Vec<Node>,
+}
+
+/// `POST /v1/config/reload` and `POST /v1/upgrade` when a new process serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandedOver {
+    pub result: String,
+}
+
+/// `POST /v1/tls/reload`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsReload {
+    /// Whether every listener took its new certificates.
+    pub reloaded: bool,
+    pub listeners: Vec<ListenerReload>,
+}
+
+/// One TLS listener's reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerReload {
+    pub listener: String,
+    pub ok: bool,
+    /// What was loaded, or why it was refused (file and reason).
+    pub detail: String,
+}
+
+/// `GET /v1/autoscaler`: desired and actual size, what the meter saw, recent decisions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscalerStatus {
+    pub paused: bool,
+    /// In-service nodes the policy wants.
+    pub desired: usize,
+    /// A scheduled event raising the minimum now.
+    pub scheduled_min: Option<ScheduledMin>,
+    pub in_service: usize,
+    /// Servers ordered or delivered, not yet in service.
+    pub ordered: usize,
+    pub standby: usize,
+    pub draining: usize,
+    /// Servers the provider runs for this pool.
+    pub provider_servers: usize,
+    pub observations: Option<Observed>,
+    /// Problems met in the last round, in words.
+    pub errors: Vec<String>,
+    /// Newest first.
+    pub decisions: Vec<DecisionView>,
+}
+
+/// The minimum a scheduled event imposes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduledMin {
+    pub min: usize,
+    pub event: String,
+}
+
+/// What the meter saw in the last round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Observed {
+    pub connections_per_second: f64,
+    pub requests_per_second: f64,
+    pub in_flight_per_node: f64,
+    pub p99_ms: Option<f64>,
+    /// Whether the figures are recent and complete (stale ones scale nothing).
+    pub fresh: bool,
+}
+
+/// One decision that changed the desired or current size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecisionView {
+    /// RFC 3339.
+    pub at: String,
+    pub current: usize,
+    pub desired: usize,
+    /// `up`, `down` or `hold`.
+    pub direction: String,
+    /// Why, in words.
+    pub reasons: Vec<String>,
+}
+
+impl AutoscalerStatus {
+    /// The document for the running autoscaler's current status.
+    pub fn of(shared: &autoscale::Shared) -> Self {
+        let s = shared.status();
+        Self {
+            paused: shared.is_paused(),
+            desired: s.desired,
+            scheduled_min: s.scheduled.map(|(min, event)| ScheduledMin { min, event }),
+            in_service: s.report.in_service,
+            ordered: s.report.pending,
+            standby: s.report.standby,
+            draining: s.report.draining,
+            provider_servers: s.report.devices,
+            observations: s.observations.map(|o| Observed {
+                connections_per_second: o.connection_rate,
+                requests_per_second: o.request_rate,
+                in_flight_per_node: o.in_flight_per_node,
+                p99_ms: o.p99.map(|d| d.as_secs_f64() * 1e3),
+                fresh: o.fresh,
+            }),
+            errors: s.report.errors,
+            decisions: s
+                .decisions
+                .iter()
+                .rev()
+                .map(|(at, d)| DecisionView {
+                    at: humantime::format_rfc3339_seconds(*at).to_string(),
+                    current: d.current,
+                    desired: d.desired,
+                    direction: d.direction().to_owned(),
+                    reasons: d.reasons.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+        }
+    }
+}

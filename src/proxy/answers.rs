@@ -1,0 +1,168 @@
+//! The answers surge writes itself, in its own words: refusals of bad or excessive
+//! requests (4xx), its own failures (502/503/504), the shedding page and the HTTPS
+//! redirect. One place for their status, text and headers, so they stay consistent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::forward::{ConnInfo, DownstreamBody};
+use crate::pool::Backend;
+use crate::telemetry::names;
+
+/// One of surge's own short plain-text answers.
+pub(super) fn text_response(status: StatusCode, text: Bytes) -> Response<DownstreamBody> {
+    let mut resp = Response::new(Either::Right(Full::new(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Why surge refused a shopper's request before any backend saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    RateLimited,
+    UriTooLong,
+    TooManyHeaders,
+    BodyTooLarge,
+    BodyTimeout,
+    BadBody,
+}
+
+/// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
+/// what is left of the request on it cannot be trusted to be framed as announced.
+pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody> {
+    let (status, label, text) = match why {
+        Refused::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate",
+            "429 too many requests from your address; please slow down\n",
+        ),
+        Refused::UriTooLong => (
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            "414 request target too long\n",
+        ),
+        Refused::TooManyHeaders => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_many_headers",
+            "431 too many header fields\n",
+        ),
+        Refused::BodyTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "413 request body too large\n",
+        ),
+        Refused::BodyTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "408 request body not received in time\n",
+        ),
+        Refused::BadBody => (
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "400 malformed request body\n",
+        ),
+    };
+    metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);
+    let mut resp = text_response(status, Bytes::from_static(text.as_bytes()));
+    let h = resp.headers_mut();
+    if why == Refused::RateLimited {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    } else if !conn.h2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(v) = &conn.hsts {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+    }
+    resp
+}
+
+/// Why surge answered a request itself.
+pub(super) enum ProxyFailure {
+    /// No backend could take the request.
+    NoBackend,
+    /// The backend failed: refused, reset, closed mid-response, or sent garbage.
+    Backend(Arc<Backend>, &'static str),
+    /// The backend sent no response head in time.
+    Timeout(Arc<Backend>, Duration),
+}
+
+impl ProxyFailure {
+    pub(super) fn backend_id(&self) -> Option<Arc<str>> {
+        match self {
+            ProxyFailure::NoBackend => None,
+            ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) => Some(b.id.clone()),
+        }
+    }
+}
+
+/// Surge's answer when no backend answered: 503 (none available, with `Retry-After`),
+/// 502 (the backend failed) or 504 (it sent no response head in time), naming the pool or
+/// backend and the request id.
+pub(super) fn failure(
+    failure: &ProxyFailure,
+    pool: &str,
+    request_id: &HeaderValue,
+) -> Response<DownstreamBody> {
+    let rid = request_id.to_str().unwrap_or("-");
+    let (status, text) = match failure {
+        ProxyFailure::NoBackend => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "503 service unavailable: no backend available in pool `{pool}` (request {rid})\n"
+            ),
+        ),
+        ProxyFailure::Backend(b, reason) => (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "502 bad gateway: backend `{}` failed: {reason} (request {rid})\n",
+                b.id
+            ),
+        ),
+        ProxyFailure::Timeout(b, after) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "504 gateway timeout: backend `{}` sent no response within {} (request {rid})\n",
+                b.id,
+                humantime::format_duration(*after)
+            ),
+        ),
+    };
+    let mut resp = text_response(status, Bytes::from(text));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// The page for a request shed while capacity is on its way: 503 with `Retry-After`.
+pub(super) fn shed(request_id: &HeaderValue) -> Response<DownstreamBody> {
+    let text = format!(
+        "503 service unavailable: the shop is very busy; more capacity is on its way, please retry shortly (request {})\n",
+        request_id.to_str().unwrap_or("-")
+    );
+    let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(text));
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    resp
+}
+
+/// A 308 to the same path on the HTTPS origin: keeps the method and body (RFC 9110).
+pub(super) fn redirect<B>(origin: &str, req: &Request<B>) -> Response<DownstreamBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&format!("{origin}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}

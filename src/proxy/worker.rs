@@ -1,0 +1,399 @@
+//! One proxy worker: a thread with its own single-threaded tokio runtime, its listeners,
+//! its forwarder (with its upstream connection pools) and its shopper connections. A
+//! request never leaves the thread it arrived on.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::drive::{self, Graceful};
+use super::forward::{ConnInfo, Forwarder};
+use super::listen::ListenerSpec;
+use super::{headers, limits, LocalExec};
+use crate::config::ProxyConfig;
+use crate::telemetry::names;
+
+/// hyper's own limit on request header fields (HTTP/1.1).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Refusal sent on a plain listener to a connection over the limits, before reading it.
+const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n503 too many connections; retry in a moment\n";
+
+/// Refused connections (per listener and worker) that may linger at once for their 503.
+const MAX_LINGERING_REFUSALS: usize = 1024;
+
+/// How long a refused connection may linger while its 503 is read.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// How often a worker closes idle backend connections past their idle timeout.
+const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Pause after a failed accept (out of file descriptors...), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Per-connection settings a worker needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WorkerSettings {
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
+    idle_timeout: Duration,
+    shutdown_grace: Duration,
+}
+
+impl From<&ProxyConfig> for WorkerSettings {
+    fn from(cfg: &ProxyConfig) -> Self {
+        Self {
+            header_read_timeout: cfg.header_read_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            max_headers: cfg.max_headers,
+            idle_timeout: cfg.idle_timeout,
+            shutdown_grace: cfg.shutdown_grace,
+        }
+    }
+}
+
+/// The HTTP server builders of one worker, shared by its connections.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<LocalExec>,
+    /// Plain listeners with h2c: HTTP/1.1 or HTTP/2 by the connection preface.
+    auto: hyper_util::server::conn::auto::Builder<LocalExec>,
+}
+
+impl Builders {
+    fn new(settings: &WorkerSettings) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .writev(false);
+        // hyper's default is 100 on the stack; any other number costs a heap allocation.
+        if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(settings.max_headers);
+        }
+        let mut h2 = http2::Builder::new(LocalExec);
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30));
+        let mut auto = hyper_util::server::conn::auto::Builder::new(LocalExec);
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .writev(false);
+        if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            auto.http1().max_headers(settings.max_headers);
+        }
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .max_concurrent_streams(256);
+        Self { h1, h2, auto }
+    }
+}
+
+/// A worker: what its connections share. Lives on the worker's thread only.
+pub(super) struct Worker {
+    forwarder: Rc<Forwarder>,
+    builders: Builders,
+    /// The open shopper connections, to stop them and wait for them.
+    connections: drive::Connections,
+    settings: WorkerSettings,
+}
+
+/// Runs one worker on the current thread until `shutdown` says stop and its connections
+/// are done (within the grace period).
+pub(super) fn run(
+    listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
+    forwarder: Forwarder,
+    settings: WorkerSettings,
+    shutdown: watch::Receiver<bool>,
+    drain_ms: Arc<AtomicU64>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start proxy worker runtime");
+            return;
+        }
+    };
+    let worker = Rc::new(Worker {
+        forwarder: Rc::new(forwarder),
+        builders: Builders::new(&settings),
+        connections: drive::Connections::default(),
+        settings,
+    });
+    // A LocalSet: connections, their requests and the upstream pools all live on this
+    // thread, so they share state through `Rc`/`RefCell` instead of atomics and locks.
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, worker.serve(listeners, shutdown, drain_ms));
+}
+
+impl Worker {
+    /// Accepts on every listener until shutdown, then drains and closes the connections.
+    async fn serve(
+        self: Rc<Self>,
+        listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
+        shutdown: watch::Receiver<bool>,
+        drain_ms: Arc<AtomicU64>,
+    ) {
+        let upstreams = Rc::downgrade(&self.forwarder.upstreams);
+        tokio::task::spawn_local(async move {
+            let mut every = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
+            loop {
+                every.tick().await;
+                match upstreams.upgrade() {
+                    Some(u) => u.sweep(),
+                    None => return,
+                }
+            }
+        });
+        let mut loops = tokio::task::JoinSet::new();
+        for (listener, spec) in listeners {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register listener");
+                    continue;
+                }
+            };
+            loops.spawn_local(
+                self.clone()
+                    .accept_loop(listener, Rc::new(spec), shutdown.clone()),
+            );
+        }
+        while loops.join_next().await.is_some() {}
+        let stopping = tokio::time::Instant::now();
+        let grace = self.settings.shutdown_grace;
+        let drain = Duration::from_millis(drain_ms.load(Ordering::Relaxed)).min(grace);
+        // Keep-alive drain: connections close themselves after their next answer.
+        let _ = tokio::time::timeout(drain, self.connections.all_closed()).await;
+        let grace_left = grace.saturating_sub(stopping.elapsed());
+        if tokio::time::timeout(grace_left, self.connections.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
+    }
+
+    /// Accepts on one listener until shutdown; each connection gets its own task.
+    async fn accept_loop(
+        self: Rc<Self>,
+        listener: TcpListener,
+        spec: Rc<ListenerSpec>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
+        let acceptor = spec.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let lingering = Rc::new(std::cell::Cell::new(0usize));
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                res = listener.accept() => match res {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let permit = match self.forwarder.limits.admit_connection(peer.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => why.as_str())
+                        .increment(1);
+                    tracing::debug!(%peer, reason = why.as_str(), "connection refused");
+                    // Under a flood, refusals themselves are bounded: past that many
+                    // lingering, a refused connection is just closed.
+                    if acceptor.is_none() && lingering.get() < MAX_LINGERING_REFUSALS {
+                        lingering.set(lingering.get() + 1);
+                        let lingering = lingering.clone();
+                        tokio::task::spawn_local(async move {
+                            refuse(stream).await;
+                            lingering.set(lingering.get().saturating_sub(1));
+                        });
+                    }
+                    continue;
+                }
+            };
+            self.forwarder
+                .pool
+                .traffic
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            accepted.increment(1);
+            let _ = stream.set_nodelay(true);
+            let ticket = self.connections.ticket();
+            tokio::task::spawn_local(self.clone().serve_connection(
+                Accepted {
+                    stream,
+                    peer,
+                    _permit: permit,
+                },
+                spec.clone(),
+                acceptor.clone(),
+                ticket,
+            ));
+        }
+    }
+
+    /// One shopper connection: TLS handshake if the listener has TLS, then HTTP/1.1 or
+    /// HTTP/2 (by ALPN on TLS, by preface with h2c), requests to the forwarder.
+    async fn serve_connection(
+        self: Rc<Self>,
+        accepted: Accepted,
+        spec: Rc<ListenerSpec>,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        ticket: watch::Receiver<()>,
+    ) {
+        // `_permit` lives to the end of this function: the connection's place in the counts.
+        let Accepted {
+            stream,
+            peer,
+            _permit,
+        } = accepted;
+        let info = |proto, tls, h2| {
+            Rc::new(ConnInfo {
+                peer,
+                // The shopper's address as a header value, made once per connection.
+                client_ip: headers::ip_header_value(peer.ip()),
+                proto,
+                tls,
+                h2,
+                redirect_https: spec.redirect_https.as_deref().map(Rc::from),
+                hsts: spec.hsts.clone(),
+                requests: std::cell::Cell::new(0),
+                last_request: std::cell::Cell::new(std::time::Instant::now()),
+            })
+        };
+        let Some(acceptor) = acceptor else {
+            let speaks = if spec.h2c { Speaks::H1OrH2 } else { Speaks::H1 };
+            return self
+                .serve_http(stream, speaks, info("http", None, false), ticket)
+                .await;
+        };
+        let handshake =
+            tokio::time::timeout(self.settings.header_read_timeout, acceptor.accept(stream)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                metrics::counter!(names::TLS_HANDSHAKE_FAILURES).increment(1);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!(names::TLS_HANDSHAKE_FAILURES).increment(1);
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        let h2 = session.alpn_protocol() == Some(b"h2");
+        let details = (
+            session
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("-"),
+            session
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("-"),
+        );
+        let speaks = if h2 { Speaks::H2 } else { Speaks::H1 };
+        self.serve_http(tls, speaks, info("https", Some(details), h2), ticket)
+            .await;
+    }
+
+    /// Serves HTTP on an established connection (plain or TLS) until it ends.
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        speaks: Speaks,
+        info: Rc<ConnInfo>,
+        ticket: watch::Receiver<()>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let io = TokioIo::new(io);
+        let fwd = self.forwarder.clone();
+        let conn_info = info.clone();
+        let service = service_fn(move |req| fwd.clone().handle(req, conn_info.clone()));
+        let b = &self.builders;
+        match speaks {
+            Speaks::H1 => {
+                self.drive(b.h1.serve_connection(io, service), &info, ticket)
+                    .await
+            }
+            Speaks::H2 => {
+                self.drive(b.h2.serve_connection(io, service), &info, ticket)
+                    .await
+            }
+            Speaks::H1OrH2 => {
+                self.drive(b.auto.serve_connection(io, service), &info, ticket)
+                    .await
+            }
+        }
+    }
+
+    /// Drives one server connection to its end (graceful stop, idle timeout).
+    async fn drive<C, E>(&self, conn: C, info: &ConnInfo, ticket: watch::Receiver<()>)
+    where
+        C: Graceful<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let idle = self.settings.idle_timeout;
+        if let Err(e) = drive::drive(conn, ticket, &info.last_request, idle).await {
+            tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy)]
+enum Speaks {
+    H1,
+    H2,
+    /// Plain listeners with h2c: HTTP/1.1 or HTTP/2 by the connection preface.
+    H1OrH2,
+}
+
+/// A connection just accepted, with its place under the connection limits (given back
+/// when the connection ends).
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: limits::ConnPermit,
+}
+
+/// Answers a connection over the limits with a 503 and closes it, reading (and
+/// discarding) what the client sent meanwhile, so the close is a FIN the client can read
+/// the answer before, not a reset. Bounded in time: a refused client holds nothing long.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(REFUSED_503).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
