@@ -58,6 +58,43 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+/// Why no zone could take an order: each zone's reason, in order of preference.
+#[derive(Debug, thiserror::Error)]
+#[error("no zone could take the order: {}", .zones.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct OrderRefused {
+    pub zones: Vec<ZoneRefusal>,
+}
+
+/// Why one zone could not take an order.
+#[derive(Debug, thiserror::Error)]
+#[error("{zone}: {why}")]
+pub struct ZoneRefusal {
+    pub zone: String,
+    pub why: WhyNot,
+}
+
+/// What stood in the way of an order in a zone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WhyNot {
+    #[error("offers: {0}")]
+    Offers(#[source] ProviderError),
+    #[error("no offer named {0}")]
+    NoSuchOffer(String),
+    #[error("{0} out of stock")]
+    OutOfStock(String),
+    #[error("{}", order_error(.0))]
+    Order(#[source] ProviderError),
+}
+
+/// An order's error as the status page words it (out of stock needs no "order:").
+fn order_error(e: &ProviderError) -> String {
+    match e {
+        ProviderError::OutOfStock(_) => e.to_string(),
+        other => format!("order: {other}"),
+    }
+}
+
 /// The backend id a provisioned server gets in the pool.
 pub fn backend_id(device: &Device) -> String {
     format!("bm-{}", device.id.chars().take(8).collect::<String>())
@@ -286,8 +323,10 @@ impl<P: Provider> Reconciler<P> {
                         self.order_failures = 0;
                         self.next_order_at = None;
                     }
-                    Err(reasons) => {
-                        report.errors.extend(reasons);
+                    Err(refused) => {
+                        report
+                            .errors
+                            .extend(refused.zones.iter().map(ToString::to_string));
                         self.order_failures += 1;
                         let wait = backoff(
                             self.order_failures,
@@ -365,23 +404,30 @@ impl<P: Provider> Reconciler<P> {
         report
     }
 
-    /// Orders one server in the first zone that has the offer in stock.
-    async fn order_one(&self) -> Result<(), Vec<String>> {
-        let mut reasons = Vec::new();
+    /// Orders one server in the first zone that has the offer in stock; why each zone
+    /// could not take it otherwise.
+    async fn order_one(&self) -> Result<(), OrderRefused> {
+        let mut refused = OrderRefused { zones: Vec::new() };
+        let mut no = |zone: &str, why| {
+            refused.zones.push(ZoneRefusal {
+                zone: zone.to_owned(),
+                why,
+            })
+        };
         for (zone, provider) in &self.zones {
             let offer = match provider.offers().await {
                 Ok(offers) => offers.into_iter().find(|o| o.name == self.cfg.offer),
                 Err(e) => {
-                    reasons.push(format!("{zone}: offers: {e}"));
+                    no(zone, WhyNot::Offers(e));
                     continue;
                 }
             };
             let Some(offer) = offer else {
-                reasons.push(format!("{zone}: no offer named {}", self.cfg.offer));
+                no(zone, WhyNot::NoSuchOffer(self.cfg.offer.clone()));
                 continue;
             };
             if offer.stock == Stock::Empty {
-                reasons.push(format!("{zone}: {} out of stock", self.cfg.offer));
+                no(zone, WhyNot::OutOfStock(self.cfg.offer.clone()));
                 continue;
             }
             let spec = CreateSpec {
@@ -395,11 +441,10 @@ impl<P: Provider> Reconciler<P> {
                     tracing::info!(device = %d.id, %zone, "server ordered");
                     return Ok(());
                 }
-                Err(e @ ProviderError::OutOfStock(_)) => reasons.push(format!("{zone}: {e}")),
-                Err(e) => reasons.push(format!("{zone}: order: {e}")),
+                Err(e) => no(zone, WhyNot::Order(e)),
             }
         }
-        Err(reasons)
+        Err(refused)
     }
 }
 
