@@ -1,8 +1,15 @@
 //! surge: an autoscaling L7 load balancer for e-commerce frontends.
 //!
-//! Module floors (a module imports only from floors below its own; see DESIGN.md):
-//! `serve`, `handoff` (the wiring `main` calls); `admin`; `autoscale`, `proxy`; `provider`, `pool`, `sim`;
-//! `telemetry`, `blade`; `config`.
+//! Module floors (a module imports only from floors below its own, never across its own
+//! floor; see DESIGN.md), top to bottom:
+//! 1. `serve`, `handoff`: the wiring `main` calls;
+//! 2. `admin`;
+//! 3. `autoscale`, `proxy`;
+//! 4. `provider`, `pool`, `sim`;
+//! 5. `telemetry`, `blade`, `loadtest`;
+//! 6. `config`.
+//!
+//! (`cluster`, on floor 4 in DESIGN.md, does not exist yet.)
 
 #![forbid(unsafe_code)]
 

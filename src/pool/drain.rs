@@ -157,3 +157,123 @@ impl Drop for IdleWatch {
         self.backend.idle_watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Algorithm, EjectionConfig};
+    use crate::pool::{Origin, Pick, PoolSettings};
+
+    fn pool() -> Arc<Pool> {
+        let settings = PoolSettings {
+            name: "t".into(),
+            algorithm: Algorithm::RoundRobin,
+            sticky: None,
+            slow_start: Duration::ZERO,
+            ejection: EjectionConfig {
+                consecutive_failures: 0,
+                base_time: Duration::from_secs(1),
+                max_time: Duration::from_secs(1),
+                max_percent: 50,
+            },
+            shed: None,
+            protocol: crate::config::UpstreamProtocol::Http1,
+        };
+        let backends = (0..2)
+            .map(|i| {
+                Arc::new(Backend::new(
+                    &format!("b{i}"),
+                    format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                    1,
+                    Origin::Static,
+                ))
+            })
+            .collect();
+        Arc::new(Pool::new(settings, backends))
+    }
+
+    /// A request in flight on `id`.
+    fn request_on(p: &Pool, id: &str) -> crate::pool::InFlight {
+        loop {
+            let g = p.pick(&Pick::default()).expect("a backend");
+            if &*g.backend().id == id {
+                return g;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_request_finishing_ends_the_wait() {
+        let p = pool();
+        let busy = request_on(&p, "b0");
+        p.drain("b0", Duration::from_secs(3600)).unwrap();
+        let waiter = tokio::spawn({
+            let p = p.clone();
+            async move { wait_drained(&p, "b0").await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "done while a request is in flight");
+        drop(busy);
+        let end = tokio::time::timeout(Duration::from_secs(1), waiter).await;
+        assert_eq!(end.ok().and_then(Result::ok), Some(DrainEnd::Done));
+    }
+
+    // Real time: the drain deadline is a clock reading, as in production.
+    #[tokio::test]
+    async fn the_deadline_ends_the_wait_and_an_undrain_or_removal_abandons_it() {
+        let p = pool();
+        let _stuck = request_on(&p, "b0");
+        p.drain("b0", Duration::from_millis(100)).unwrap();
+        // Done at the deadline although the request never ends.
+        assert_eq!(wait_drained(&p, "b0").await, DrainEnd::Done);
+
+        let _busy = request_on(&p, "b1");
+        p.drain("b1", Duration::from_secs(3600)).unwrap();
+        let waiter = tokio::spawn({
+            let p = p.clone();
+            async move { wait_drained(&p, "b1").await }
+        });
+        tokio::task::yield_now().await;
+        p.undrain("b1").unwrap();
+        assert_eq!(waiter.await.ok(), Some(DrainEnd::Abandoned));
+
+        p.drain("b1", Duration::from_secs(3600)).unwrap();
+        let waiter = tokio::spawn({
+            let p = p.clone();
+            async move { wait_drained(&p, "b1").await }
+        });
+        tokio::task::yield_now().await;
+        p.remove("b1").unwrap();
+        assert_eq!(waiter.await.ok(), Some(DrainEnd::Gone));
+    }
+
+    #[tokio::test]
+    async fn drain_then_remove_removes_once_drained_and_not_after_an_undrain() {
+        let p = pool();
+        let busy = request_on(&p, "b0");
+        drain_then_remove(&p, "b0", Duration::from_secs(3600), 0).unwrap();
+        tokio::task::yield_now().await;
+        assert!(p.snapshot().get("b0").is_some(), "removed while busy");
+        let mut changes = p.changes();
+        drop(busy);
+        let removed = tokio::time::timeout(Duration::from_secs(5), async {
+            while p.snapshot().get("b0").is_some() {
+                let _ = changes.changed().await;
+            }
+        })
+        .await;
+        assert!(removed.is_ok(), "not removed after its drain");
+
+        let busy = request_on(&p, "b1");
+        drain_then_remove(&p, "b1", Duration::from_secs(3600), 0).unwrap();
+        tokio::task::yield_now().await;
+        p.undrain("b1").unwrap();
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            p.snapshot().get("b1").map(|m| m.state),
+            Some(State::InService),
+            "an undrained node stays"
+        );
+    }
+}
