@@ -47,6 +47,9 @@ pub enum ServeError {
     /// The provider client could not be built.
     #[error("provider: {0}")]
     Provider(#[from] ProviderError),
+    /// The order ledger cannot be read: ordering without it could order twice.
+    #[error("autoscaler: {0}")]
+    Ledger(#[from] crate::autoscale::ledger::LedgerError),
 }
 
 /// The admin API's view of a TLS listener: certificate reload, without importing the
@@ -202,15 +205,18 @@ pub async fn start_with(
                     max_attempts: p.max_attempts,
                     backoff_base: Duration::from_millis(200),
                     backoff_max: Duration::from_secs(10),
+                    max_retry_after: p.max_retry_after,
                 })?;
                 zones.push((zone.clone(), client));
             }
             let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
+            let ledger = crate::autoscale::open_ledger(a)?;
             tokio::spawn(crate::autoscale::run(
                 pool.clone(),
                 a.clone(),
                 zones,
                 p.blade_port,
+                ledger,
                 shared.clone(),
                 background.subscribe(),
             ));

@@ -36,6 +36,19 @@ pub mod names {
     /// Counter of autoscaler decisions, labels `direction` (`up`, `down`, `hold`) and
     /// `reason` (the policy's reason labels).
     pub const AUTOSCALER_DECISIONS: &str = "surge_autoscaler_decisions_total";
+    /// Counter of rounds in which the budget held orders back.
+    pub const AUTOSCALER_BUDGET_REACHED: &str = "surge_autoscaler_budget_reached_total";
+    /// Counter of failed server releases (retried with back-off).
+    pub const AUTOSCALER_RELEASE_FAILURES: &str = "surge_autoscaler_release_failures_total";
+    /// Gauge of servers provisioned (ordered and not released).
+    pub const AUTOSCALER_SERVERS: &str = "surge_autoscaler_provisioned_servers";
+    /// Gauge of what the provisioned servers cost per hour, in the offer's currency.
+    pub const AUTOSCALER_COST_PER_HOUR: &str = "surge_autoscaler_cost_per_hour";
+    /// Gauge of what the servers cost since midnight (budget time zone), started hours.
+    pub const AUTOSCALER_SPENT_TODAY: &str = "surge_autoscaler_spent_today";
+    /// Counter of new connections not counted for scaling: they sent no complete request,
+    /// or their client address was over its share.
+    pub const SCALING_CONNECTIONS_DISCOUNTED: &str = "surge_scaling_connections_discounted_total";
 }
 
 /// How often buffered histogram samples are folded into their buckets.

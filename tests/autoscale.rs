@@ -27,6 +27,15 @@ fn surge_config(
     blade_port: u16,
     autoscale: &str,
 ) -> Config {
+    // One ledger per surge (a restarted one reads its predecessor's).
+    let ledger = std::env::temp_dir()
+        .join(format!(
+            "surge-ledger-{}-{}.json",
+            std::process::id(),
+            fastrand::u64(..)
+        ))
+        .display()
+        .to_string();
     let text = format!(
         r#"
 [proxy]
@@ -69,6 +78,8 @@ up_period = "1s"
 down_period = "500ms"
 scale_down_window = "2s"
 drain_timeout = "2s"
+release_margin = "1h"
+ledger = "{ledger}"
 {autoscale}
 "#
     );

@@ -190,8 +190,43 @@ pub struct AutoscalerStatus {
     pub observations: Option<Observed>,
     /// Problems met in the last round, in words.
     pub errors: Vec<String>,
+    /// Things an operator should know from the last round (servers missing from a
+    /// listing, spares kept until their paid hour ends...).
+    pub notes: Vec<String>,
+    /// Why orders are held back, when the budget does it (shedding takes over).
+    pub budget_reached: Option<String>,
+    /// What the servers cost, in the offer's currency.
+    pub cost: CostView,
+    /// Orders not yet seen in the provider's inventory (counted as on their way).
+    pub orders_on_the_way: Vec<OrderView>,
     /// Newest first.
     pub decisions: Vec<DecisionView>,
+}
+
+/// The cost of the provisioned servers (Elastic Metal bills by started hour).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CostView {
+    /// Servers ordered and not released.
+    pub servers: usize,
+    /// Their hourly prices added up.
+    pub per_hour: f64,
+    /// Spent since this process started.
+    pub since_start: f64,
+    /// Spent since midnight in `autoscale.budget.timezone`.
+    pub today: f64,
+}
+
+/// One order of the ledger.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderView {
+    /// Its `surge-request` tag.
+    pub request_id: String,
+    pub zone: String,
+    /// RFC 3339.
+    pub placed_at: String,
+    pub device_id: Option<String>,
+    /// Why it was ordered.
+    pub reason: String,
 }
 
 /// The minimum a scheduled event imposes.
@@ -246,6 +281,27 @@ impl AutoscalerStatus {
                 fresh: o.fresh,
             }),
             errors: s.report.errors,
+            notes: s.report.notes,
+            budget_reached: s.report.budget_reached,
+            cost: CostView {
+                servers: s.cost.servers,
+                per_hour: s.cost.per_hour,
+                since_start: s.cost.since_start,
+                today: s.cost.today,
+            },
+            orders_on_the_way: s
+                .report
+                .orders
+                .iter()
+                .filter(|o| o.in_flight())
+                .map(|o| OrderView {
+                    request_id: o.request_id.clone(),
+                    zone: o.zone.clone(),
+                    placed_at: humantime::format_rfc3339_seconds(o.placed_at).to_string(),
+                    device_id: o.device_id.clone(),
+                    reason: o.reason.clone(),
+                })
+                .collect(),
             decisions: s
                 .decisions
                 .iter()

@@ -4,7 +4,10 @@
 //! Owns: observations, decisions and the node lifecycle at the provider. Must not: talk
 //! HTTP except through `provider`, or import the proxy.
 
+pub mod cost;
+pub mod ledger;
 pub mod meter;
+pub mod plan;
 pub mod policy;
 pub mod reconcile;
 pub mod schedule;
@@ -50,6 +53,8 @@ pub struct Status {
     pub report: Report,
     /// Decisions that changed the desired or current size, oldest first.
     pub decisions: VecDeque<(SystemTime, Decision)>,
+    /// What the servers cost.
+    pub cost: cost::Cost,
 }
 
 impl Shared {
@@ -86,30 +91,61 @@ impl Shared {
     }
 }
 
+/// The reconciler's settings from the configuration.
+pub fn reconcile_config(cfg: &AutoscaleConfig, pool: &str, blade_port: u16) -> ReconcileConfig {
+    ReconcileConfig {
+        pool: pool.to_owned(),
+        offer: cfg.offer.clone(),
+        rules: plan::Rules {
+            blade_port,
+            standby: cfg.standby,
+            drain_timeout: cfg.drain_timeout,
+            missing_limit: cfg.missing_listings,
+            order_deadline: cfg.order_deadline,
+            release_margin: cfg.release_margin,
+            down_release_after: cfg.release_down_after,
+            budget: plan::Budget {
+                max_orders_per_hour: cfg.budget.max_orders_per_hour,
+                max_servers: cfg.budget.max_servers,
+                max_price_per_hour: cfg.budget.max_price_per_hour,
+            },
+        },
+        order_backoff_base: Duration::from_secs(1),
+        order_backoff_max: Duration::from_secs(60),
+        release_backoff_base: Duration::from_secs(1),
+    }
+}
+
+/// Opens the order ledger the configuration names (in memory when it names none).
+pub fn open_ledger(cfg: &AutoscaleConfig) -> Result<ledger::Ledger, ledger::LedgerError> {
+    match &cfg.ledger {
+        Some(file) => ledger::Ledger::open(file),
+        None => Ok(ledger::Ledger::in_memory()),
+    }
+}
+
 /// Runs the loop until `shutdown` turns true.
 pub async fn run<P: Provider>(
     pool: Arc<Pool>,
     cfg: AutoscaleConfig,
     zones: Vec<(String, P)>,
     blade_port: u16,
+    ledger: ledger::Ledger,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut meter = Meter::new(cfg.metrics_window);
     let mut state = PolicyState::default();
+    let started = SystemTime::now();
     let mut reconciler = Reconciler::new(
         pool.clone(),
         zones,
-        ReconcileConfig {
-            pool: pool.settings().name.clone(),
-            offer: cfg.offer.clone(),
-            blade_port,
-            drain_timeout: cfg.drain_timeout,
-            standby: cfg.standby,
-            order_backoff_base: Duration::from_secs(1),
-            order_backoff_max: Duration::from_secs(60),
-        },
+        reconcile_config(&cfg, &pool.settings().name, blade_port),
+        ledger,
     );
+    let servers_gauge = metrics::gauge!(names::AUTOSCALER_SERVERS);
+    let cost_gauge = metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR);
+    let today_gauge = metrics::gauge!(names::AUTOSCALER_SPENT_TODAY);
     let desired_gauge = metrics::gauge!(names::AUTOSCALER_DESIRED);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -138,7 +174,12 @@ pub async fn run<P: Provider>(
                 .increment(1);
         }
         desired_gauge.set(decision.desired as f64);
-        let report = reconciler.step(decision.desired, now).await;
+        let wall = SystemTime::now();
+        let report = reconciler.step_at(decision.desired, now, wall).await;
+        let cost = cost::cost(&report.orders, started, cfg.budget.timezone, wall);
+        servers_gauge.set(cost.servers as f64);
+        cost_gauge.set(cost.per_hour);
+        today_gauge.set(cost.today);
         shared.rounds.send_modify(|n| *n += 1);
         if let Ok(mut s) = shared.status.lock() {
             s.desired = decision.desired;
@@ -156,6 +197,7 @@ pub async fn run<P: Provider>(
             s.scheduled = scheduled;
             s.observations = Some(obs);
             s.report = report;
+            s.cost = cost;
             let changed = s.decisions.back().is_none_or(|(_, d)| {
                 d.desired != decision.desired || d.current != decision.current
             });

@@ -1,25 +1,30 @@
-//! Drives the provider toward the desired size: adopts what the provider already runs for
-//! this pool (so a restart neither orphans nor duplicates a blade), orders what is
-//! missing in the first zone with stock, puts delivered blades into the pool (they warm
-//! up through health checks and slow start), releases failed orders, and on scale-in
-//! drains the least-loaded provisioned node and deletes it once drained.
+//! Drives the provider toward the desired size, in three steps per round:
+//!
+//! 1. **observe**: the inventory of every zone (with completeness), and a direct look-up
+//!    of every known server a complete listing no longer shows;
+//! 2. **plan** ([`super::plan`], pure): what to adopt, promote, order, drain, park and
+//!    release, from the observations, the pool, the order ledger and this reconciler's
+//!    memory;
+//! 3. **apply**: the actions through the provider and the pool, outcomes recorded in the
+//!    ledger (on disk) and the memory.
 //!
 //! It never touches static or demo nodes, never undrains anything, and only finishes
-//! drains it started itself: a node an operator drained stays drained.
+//! drains it started itself: a node an operator drained stays drained, and a node an
+//! operator took back from a scale-in is left alone.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::pool::{Backend, Origin, Pool, State};
+use super::ledger::{Ledger, Order, OrderState};
+use super::plan::{self, Action, Inputs, LookUp, Memory, Node, Releasing, Rules, ZoneListing};
+use crate::pool::{Backend, Origin, Pool};
 use crate::provider::{
-    backoff, new_request_id, CreateSpec, Device, DeviceState, Provider, ProviderError, Stock,
-    POOL_TAG,
+    backoff, new_request_id, CreateSpec, DeviceState, Provider, ProviderError, Stock, POOL_TAG,
+    REQUEST_TAG,
 };
 
-/// Most servers ordered in one step; a spike orders over a few ticks, not all at once.
-const MAX_ORDERS_PER_STEP: usize = 8;
+pub use super::plan::backend_id;
 
 #[derive(Debug, Clone)]
 pub struct ReconcileConfig {
@@ -27,35 +32,535 @@ pub struct ReconcileConfig {
     pub pool: String,
     /// Offer name to order.
     pub offer: String,
-    /// Port the frontend listens on on each server.
-    pub blade_port: u16,
-    /// Deadline for carts bound to a node being scaled in.
-    pub drain_timeout: Duration,
-    /// Warm spares to keep: delivered, healthy, no traffic, promoted first on a spike.
-    pub standby: usize,
+    /// The plan's rules (standby, drain timeout, deadlines, budget...).
+    pub rules: Rules,
     /// Back-off after a round in which no zone could take an order.
     pub order_backoff_base: Duration,
     pub order_backoff_max: Duration,
+    /// Back-off of a failed release, doubled per failure up to `order_backoff_max`.
+    pub release_backoff_base: Duration,
 }
 
-/// What one step saw and did.
+/// What one round saw and did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
     /// Nodes in service (all origins).
     pub in_service: usize,
-    /// Ordered or delivered servers not yet in service.
+    /// Ordered or delivered servers not yet in service, and orders not yet seen.
     pub pending: usize,
     /// Warm spares ready to be promoted.
     pub standby: usize,
-    /// Spares promoted into service this step.
+    /// Spares promoted into service this round.
     pub promoted: usize,
     /// Servers the provider runs for this pool.
     pub devices: usize,
     pub ordered: usize,
     pub released: usize,
     pub draining: usize,
+    /// The budget limit that held orders back, in words.
+    pub budget_reached: Option<String>,
+    /// Things an operator should know (servers missing from a listing, kept spares...).
+    pub notes: Vec<String>,
     /// Problems met, in words for the status page and the log.
     pub errors: Vec<String>,
+    /// The ledger's orders, for the cost view.
+    pub orders: Vec<Order>,
+}
+
+pub struct Reconciler<P> {
+    pool: Arc<Pool>,
+    /// Providers, one per zone, in order of preference.
+    zones: Vec<(String, P)>,
+    cfg: ReconcileConfig,
+    memory: Memory,
+    ledger: Ledger,
+    /// Consecutive rounds in which no order could be placed.
+    order_failures: u32,
+    /// The offer's price per hour, as last seen.
+    offer_price: Option<f64>,
+}
+
+impl<P: Provider> Reconciler<P> {
+    pub fn new(
+        pool: Arc<Pool>,
+        zones: Vec<(String, P)>,
+        cfg: ReconcileConfig,
+        ledger: Ledger,
+    ) -> Self {
+        let offer_price = ledger
+            .orders
+            .iter()
+            .rev()
+            .find(|o| o.price_per_hour > 0.0)
+            .map(|o| o.price_per_hour);
+        Self {
+            pool,
+            zones,
+            cfg,
+            memory: Memory::default(),
+            ledger,
+            order_failures: 0,
+            offer_price,
+        }
+    }
+
+    /// One round toward `desired` in-service nodes.
+    pub async fn step(&mut self, desired: usize, now: Instant) -> Report {
+        self.step_at(desired, now, SystemTime::now()).await
+    }
+
+    /// [`Reconciler::step`] at wall-clock time `wall` (billing hours, order deadlines).
+    pub async fn step_at(&mut self, desired: usize, now: Instant, wall: SystemTime) -> Report {
+        let mut report = Report::default();
+        let (zones, looked_up) = self.observe(&mut report).await;
+        let nodes = self.nodes(now);
+        let plan = plan::plan(&Inputs {
+            desired,
+            zones: &zones,
+            looked_up: &looked_up,
+            nodes: &nodes,
+            ledger: &self.ledger.orders,
+            memory: &self.memory,
+            rules: &self.cfg.rules,
+            offer_price: self.offer_price,
+            now,
+            wall,
+        });
+        let s = &plan.summary;
+        report.in_service = s.in_service;
+        report.pending = s.pending;
+        report.standby = s.standby;
+        report.devices = s.devices;
+        report.budget_reached = s.budget_reached.clone();
+        report.notes = s.notes.clone();
+        if let Some(limit) = &s.budget_reached {
+            metrics::counter!(crate::telemetry::names::AUTOSCALER_BUDGET_REACHED).increment(1);
+            tracing::warn!(%limit, "orders held back by the budget; shedding takes over");
+        }
+        self.apply(plan.actions, now, wall, &mut report).await;
+        if zones.iter().all(|z| z.complete) {
+            self.memory.adopted_once = true;
+        }
+        if let Err(e) = self.ledger.save(wall) {
+            report.errors.push(e.to_string());
+        }
+        report.draining = self.memory.draining.len();
+        report.orders = self.ledger.orders.clone();
+        for e in &report.errors {
+            tracing::warn!(error = %e, "reconciler");
+        }
+        report
+    }
+
+    /// The inventory of every zone, and look-ups of known servers a complete listing
+    /// did not show.
+    async fn observe(&self, report: &mut Report) -> (Vec<ZoneListing>, HashMap<String, LookUp>) {
+        let tag = format!("{POOL_TAG}={}", self.cfg.pool);
+        let mut zones = Vec::with_capacity(self.zones.len());
+        for (zone, provider) in &self.zones {
+            match provider.inventory(&tag).await {
+                Ok(listing) => {
+                    if !listing.complete {
+                        report.errors.push(format!(
+                            "listing {zone}: incomplete (pages changed while read, or no total); nothing ordered or removed this round"
+                        ));
+                    }
+                    zones.push(ZoneListing {
+                        zone: zone.clone(),
+                        devices: listing.devices,
+                        complete: listing.complete,
+                    });
+                }
+                Err(e) => {
+                    report.errors.push(format!("listing {zone}: {e}"));
+                    zones.push(ZoneListing {
+                        zone: zone.clone(),
+                        devices: Vec::new(),
+                        complete: false,
+                    });
+                }
+            }
+        }
+        let mut looked_up = HashMap::new();
+        for k in self.memory.known.values() {
+            let Some(listing) = zones.iter().find(|z| z.zone == k.zone && z.complete) else {
+                continue;
+            };
+            if listing.devices.iter().any(|d| d.id == k.device_id) {
+                continue;
+            }
+            let Some(provider) = self.provider(&k.zone) else {
+                continue;
+            };
+            let found = match provider.get(&k.device_id).await {
+                Ok(d) if matches!(d.state, DeviceState::Deleting | DeviceState::Gone) => {
+                    LookUp::Gone
+                }
+                Ok(d) => LookUp::Present(d),
+                Err(ProviderError::NotFound(_)) => LookUp::Gone,
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("looking up server {}: {e}", k.device_id));
+                    LookUp::Unknown
+                }
+            };
+            looked_up.insert(k.device_id.clone(), found);
+        }
+        (zones, looked_up)
+    }
+
+    /// The pool as the plan sees it.
+    fn nodes(&self, now: Instant) -> Vec<Node> {
+        let table = self.pool.snapshot();
+        table
+            .members()
+            .iter()
+            .map(|m| Node {
+                id: m.backend.id.to_string(),
+                state: m.state,
+                origin: m.backend.origin,
+                in_state_for: now.saturating_duration_since(m.since),
+                drain_done: m.drain_is_over(now),
+            })
+            .collect()
+    }
+
+    fn provider(&self, zone: &str) -> Option<&P> {
+        self.zones.iter().find(|(z, _)| z == zone).map(|(_, p)| p)
+    }
+
+    /// Runs the plan's actions in order.
+    async fn apply(
+        &mut self,
+        actions: Vec<Action>,
+        now: Instant,
+        wall: SystemTime,
+        report: &mut Report,
+    ) {
+        for action in actions {
+            match action {
+                Action::Adopt {
+                    id,
+                    known,
+                    addr,
+                    spare,
+                } => {
+                    let backend = Arc::new(Backend::new(&id, addr, 1, Origin::Provisioned));
+                    let added = if spare {
+                        self.pool.add_standby(backend)
+                    } else {
+                        self.pool.add(backend)
+                    };
+                    match added {
+                        Ok(()) => {
+                            tracing::info!(backend = %id, %addr, zone = %known.zone, standby = spare, "delivered server joins the pool");
+                            self.memory.known.insert(id, known);
+                        }
+                        Err(e) => report.errors.push(format!("adding {id}: {e}")),
+                    }
+                }
+                Action::Promote { id } => {
+                    if self.pool.promote(&id) {
+                        tracing::info!(backend = %id, "standby promoted into service");
+                        report.promoted += 1;
+                    }
+                }
+                Action::Order { count, reason } => {
+                    for _ in 0..count {
+                        if !self.order_one(&reason, now, wall, report).await {
+                            break;
+                        }
+                    }
+                }
+                Action::Drain { id, why } => {
+                    match self.pool.drain(&id, self.cfg.rules.drain_timeout) {
+                        Ok(_) => {
+                            tracing::info!(backend = %id, ?why, "draining");
+                            self.memory.draining.insert(id, why);
+                        }
+                        Err(e) => report.errors.push(format!("draining {id}: {e}")),
+                    }
+                }
+                Action::Park { id } => {
+                    if self.pool.park(&id) {
+                        tracing::info!(backend = %id, "scaled in: kept as a spare until its paid hour nearly ends");
+                    }
+                    self.memory.draining.remove(&id);
+                }
+                Action::Release {
+                    device_id,
+                    zone,
+                    node,
+                    why,
+                } => {
+                    self.release(&device_id, &zone, node, &why, now, wall, report)
+                        .await
+                }
+                Action::Remove { id } => {
+                    if self.pool.remove(&id).is_ok() {
+                        tracing::info!(backend = %id, "node whose server is gone removed after its drain");
+                    }
+                    self.forget(&id);
+                }
+                Action::Seen {
+                    request_id,
+                    device_id,
+                } => {
+                    if let Some(o) = self.ledger.get_mut(&request_id) {
+                        o.state = OrderState::Seen;
+                        o.device_id = Some(device_id);
+                    }
+                }
+                Action::LookUpOrder { request_id, zone } => {
+                    let found = match self.provider(&zone) {
+                        Some(p) => p.list(&format!("{REQUEST_TAG}={request_id}")).await,
+                        None => Ok(Vec::new()),
+                    };
+                    match found {
+                        Ok(list) => {
+                            let device = list.into_iter().find(|d| d.state != DeviceState::Gone);
+                            if let Some(o) = self.ledger.get_mut(&request_id) {
+                                match device {
+                                    Some(d) => {
+                                        o.state = OrderState::Seen;
+                                        o.device_id = Some(d.id);
+                                    }
+                                    None => {
+                                        o.state = OrderState::Lost;
+                                        report.errors.push(format!(
+                                            "order {request_id} in {zone} never showed up by its deadline and is not found by its tag: given up (check the provider's console)"
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => report
+                            .errors
+                            .push(format!("looking up order {request_id}: {e}")),
+                    }
+                }
+                Action::Released { device_id } => {
+                    self.memory.releasing.remove(&device_id);
+                }
+                Action::Missing { id } => *self.memory.missing.entry(id).or_insert(0) += 1,
+                Action::Present { id } => {
+                    self.memory.missing.remove(&id);
+                }
+                Action::OperatorKept { id } => {
+                    tracing::info!(backend = %id, "operator took the node back from scale-in; leaving it alone");
+                    self.memory.draining.remove(&id);
+                    self.memory.operator_kept.insert(id);
+                }
+                Action::Forget { id } => self.forget(&id),
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.memory.known.remove(id);
+        self.memory.draining.remove(id);
+        self.memory.missing.remove(id);
+    }
+
+    /// Releases one server; its node (if any) leaves the pool once the provider took the
+    /// release. A failed release is retried on a back-off and reported.
+    #[allow(clippy::too_many_arguments)]
+    async fn release(
+        &mut self,
+        device_id: &str,
+        zone: &str,
+        node: Option<String>,
+        why: &str,
+        now: Instant,
+        wall: SystemTime,
+        report: &mut Report,
+    ) {
+        let Some(provider) = self.provider(zone) else {
+            report.errors.push(format!(
+                "releasing {device_id}: zone {zone} is not configured"
+            ));
+            return;
+        };
+        let outcome = provider.delete(device_id).await;
+        let entry = self
+            .memory
+            .releasing
+            .entry(device_id.to_owned())
+            .or_insert_with(|| Releasing {
+                zone: zone.to_owned(),
+                failures: 0,
+                next_try: None,
+            });
+        match outcome {
+            Ok(()) => {
+                entry.next_try = None;
+                tracing::info!(device = %device_id, %zone, why, "server released to the provider");
+                report.released += 1;
+                if let Some(id) = node {
+                    let _ = self.pool.remove(&id);
+                    self.forget(&id);
+                }
+                if let Some(o) = self
+                    .ledger
+                    .orders
+                    .iter_mut()
+                    .find(|o| o.device_id.as_deref() == Some(device_id))
+                {
+                    o.state = OrderState::Released;
+                    o.released_at = Some(wall);
+                }
+            }
+            Err(e) => {
+                entry.failures += 1;
+                let wait = backoff(
+                    entry.failures,
+                    self.cfg.release_backoff_base,
+                    self.cfg.order_backoff_max,
+                    None,
+                )
+                .max(self.cfg.release_backoff_base);
+                entry.next_try = Some(now + wait);
+                metrics::counter!(crate::telemetry::names::AUTOSCALER_RELEASE_FAILURES)
+                    .increment(1);
+                report.errors.push(format!(
+                    "releasing server {device_id} ({why}) failed (attempt {}): {e}; retrying in {}",
+                    entry.failures,
+                    humantime::format_duration(Duration::from_secs(wait.as_secs().max(1)))
+                ));
+            }
+        }
+    }
+
+    /// Orders one server in the first zone that has the offer in stock, recording it in
+    /// the ledger before it is sent. Returns whether to go on ordering this round.
+    async fn order_one(
+        &mut self,
+        reason: &str,
+        now: Instant,
+        wall: SystemTime,
+        report: &mut Report,
+    ) -> bool {
+        let mut refused = OrderRefused { zones: Vec::new() };
+        for zi in 0..self.zones.len() {
+            let (zone, provider) = &self.zones[zi];
+            let zone = zone.clone();
+            let offer = match provider.offers().await {
+                Ok(offers) => offers.into_iter().find(|o| o.name == self.cfg.offer),
+                Err(e) => {
+                    refused.zones.push(ZoneRefusal {
+                        zone,
+                        why: WhyNot::Offers(e),
+                    });
+                    continue;
+                }
+            };
+            let Some(offer) = offer else {
+                refused.zones.push(ZoneRefusal {
+                    zone,
+                    why: WhyNot::NoSuchOffer(self.cfg.offer.clone()),
+                });
+                continue;
+            };
+            if offer.stock == Stock::Empty {
+                refused.zones.push(ZoneRefusal {
+                    zone,
+                    why: WhyNot::OutOfStock(self.cfg.offer.clone()),
+                });
+                continue;
+            }
+            if let Some(price) = offer.price_per_hour {
+                self.offer_price = Some(price);
+                if let Some(max) = self.cfg.rules.budget.max_price_per_hour {
+                    let billed: f64 = self
+                        .ledger
+                        .orders
+                        .iter()
+                        .filter(|o| o.billed())
+                        .map(|o| o.price_per_hour)
+                        .sum();
+                    if billed + price > max + 1e-9 {
+                        report.budget_reached = Some(format!(
+                            "budget: {billed:.2}/h spent on servers, at most {max:.2}/h ({price:.2}/h each)"
+                        ));
+                        return false;
+                    }
+                }
+            }
+            let request_id = new_request_id();
+            self.ledger.orders.push(Order {
+                request_id: request_id.clone(),
+                zone: zone.clone(),
+                offer: self.cfg.offer.clone(),
+                placed_at: wall,
+                device_id: None,
+                state: OrderState::Placed,
+                price_per_hour: offer.price_per_hour.unwrap_or(0.0),
+                released_at: None,
+                reason: reason.to_owned(),
+            });
+            // Write-ahead: if this process dies with the order sent, the next one knows.
+            if let Err(e) = self.ledger.save(wall) {
+                report
+                    .errors
+                    .push(format!("{e}; not ordering without a ledger"));
+                self.ledger.orders.pop();
+                return false;
+            }
+            let spec = CreateSpec {
+                offer_id: offer.id.clone(),
+                name: format!("surge-{}-{}", self.cfg.pool, &request_id[..8]),
+                pool: self.cfg.pool.clone(),
+                request_id: request_id.clone(),
+            };
+            let (_, provider) = &self.zones[zi];
+            let created = provider.create(&spec).await;
+            let order = self.ledger.get_mut(&request_id);
+            match created {
+                Ok(d) => {
+                    tracing::info!(device = %d.id, %zone, request = %request_id, reason, "server ordered");
+                    if let Some(o) = order {
+                        o.device_id = Some(d.id);
+                    }
+                    report.ordered += 1;
+                    self.order_failures = 0;
+                    self.memory.next_order_at = None;
+                    return true;
+                }
+                Err(e @ ProviderError::Uncertain(_)) => {
+                    // It may stand: it counts as on its way until its server shows (or
+                    // its deadline passes), and is never sent again.
+                    report.errors.push(format!(
+                        "order {request_id} in {zone}: {e}; counted as on its way until its server shows"
+                    ));
+                    report.ordered += 1;
+                    return true;
+                }
+                Err(e) => {
+                    if let Some(o) = order {
+                        o.state = OrderState::Refused;
+                    }
+                    refused.zones.push(ZoneRefusal {
+                        zone,
+                        why: WhyNot::Order(e),
+                    });
+                }
+            }
+        }
+        report
+            .errors
+            .extend(refused.zones.iter().map(ToString::to_string));
+        self.order_failures += 1;
+        let wait = backoff(
+            self.order_failures,
+            self.cfg.order_backoff_base,
+            self.cfg.order_backoff_max,
+            None,
+        )
+        .max(self.cfg.order_backoff_base);
+        self.memory.next_order_at = Some(now + wait);
+        false
+    }
 }
 
 /// Why no zone could take an order: each zone's reason, in order of preference.
@@ -92,376 +597,5 @@ fn order_error(e: &ProviderError) -> String {
     match e {
         ProviderError::OutOfStock(_) => e.to_string(),
         other => format!("order: {other}"),
-    }
-}
-
-/// The backend id a provisioned server gets in the pool.
-pub fn backend_id(device: &Device) -> String {
-    format!("bm-{}", device.id.chars().take(8).collect::<String>())
-}
-
-pub struct Reconciler<P> {
-    pool: Arc<Pool>,
-    /// Providers, one per zone, in order of preference.
-    zones: Vec<(String, P)>,
-    cfg: ReconcileConfig,
-    /// Nodes this reconciler is draining: backend id → (zone index, device id).
-    draining: HashMap<String, (usize, String)>,
-    /// Servers released and not yet gone from the inventory: never re-adopted.
-    released: HashSet<String>,
-    /// Consecutive rounds in which no order could be placed.
-    order_failures: u32,
-    next_order_at: Option<Instant>,
-    /// Whether servers found on the provider have been adopted once (a complete
-    /// inventory seen). Before that, what the provider runs is what a previous surge
-    /// (restarted, or handing over) was serving with: see [`adopt_as_spare`].
-    adopted_once: bool,
-}
-
-/// Whether a delivered server joining the pool becomes a spare. Normally when the pool
-/// already has (or is getting) the desired in-service count. On the first adoption, the
-/// servers a previous surge ran were serving shoppers (their carts bound to them), and the
-/// desired count of a process just started only knows the static nodes: all but
-/// `standby` of them go back into service.
-fn adopt_as_spare(
-    first_adoption: bool,
-    toward_service: usize,
-    desired: usize,
-    spares_so_far: usize,
-    standby: usize,
-) -> bool {
-    if first_adoption {
-        spares_so_far < standby
-    } else {
-        toward_service >= desired
-    }
-}
-
-impl<P: Provider> Reconciler<P> {
-    pub fn new(pool: Arc<Pool>, zones: Vec<(String, P)>, cfg: ReconcileConfig) -> Self {
-        Self {
-            pool,
-            zones,
-            cfg,
-            draining: HashMap::new(),
-            released: HashSet::new(),
-            order_failures: 0,
-            next_order_at: None,
-            adopted_once: false,
-        }
-    }
-
-    /// One round toward `desired` in-service nodes.
-    pub async fn step(&mut self, desired: usize, now: Instant) -> Report {
-        let mut report = Report::default();
-        let tag = format!("{POOL_TAG}={}", self.cfg.pool);
-
-        // 1. Inventory. Without a complete one, nothing is ordered or released: a zone
-        // that did not answer may hold servers we would otherwise order again.
-        let mut devices: Vec<(usize, Device)> = Vec::new();
-        let mut complete = true;
-        for (zi, (zone, provider)) in self.zones.iter().enumerate() {
-            match provider.list(&tag).await {
-                Ok(list) => devices.extend(list.into_iter().map(|d| (zi, d))),
-                Err(e) => {
-                    complete = false;
-                    report.errors.push(format!("listing {zone}: {e}"));
-                }
-            }
-        }
-        report.devices = devices.len();
-
-        // 2. Finish the drains this reconciler started: release, then forget the node.
-        let finished: Vec<String> = self
-            .draining
-            .keys()
-            .filter(|id| self.pool.drain_done(id, now) != Some(false))
-            .cloned()
-            .collect();
-        for id in finished {
-            let Some((zi, device_id)) = self.draining.get(&id).cloned() else {
-                continue;
-            };
-            match self.zones[zi].1.delete(&device_id).await {
-                Ok(()) => {
-                    let _ = self.pool.remove(&id);
-                    self.draining.remove(&id);
-                    self.released.insert(device_id.clone());
-                    report.released += 1;
-                    tracing::info!(backend = %id, device = %device_id, "drained node released to the provider");
-                }
-                Err(e) => report.errors.push(format!("releasing {device_id}: {e}")),
-            }
-        }
-
-        // 3. Adopt delivered servers (into service while short of `desired`, else as
-        // spares); release failed ones.
-        let table = self.pool.snapshot_full();
-        let mut toward_service = table.count(State::InService) + table.count(State::Warming);
-        let mut pending = 0;
-        let first_adoption = !self.adopted_once;
-        let mut spares_so_far = table.count(State::Standby);
-        let mut live_ids = HashSet::new();
-        if complete {
-            self.released
-                .retain(|id| devices.iter().any(|(_, d)| &d.id == id));
-        }
-        let current: Vec<(usize, Device)> = devices
-            .iter()
-            .filter(|(_, d)| !self.released.contains(&d.id))
-            .cloned()
-            .collect();
-        for (zi, d) in &current {
-            let id = backend_id(d);
-            live_ids.insert(id.clone());
-            match d.state {
-                DeviceState::Ready => match (table.get(&id), d.address) {
-                    (Some(m), _) => {
-                        if matches!(m.state, State::Warming) {
-                            pending += 1;
-                        }
-                    }
-                    (None, Some(ip)) if !self.draining.contains_key(&id) => {
-                        let backend = Backend::new(
-                            &id,
-                            SocketAddr::new(ip, self.cfg.blade_port),
-                            1,
-                            Origin::Provisioned,
-                        );
-                        let backend = Arc::new(backend);
-                        let as_spare = adopt_as_spare(
-                            first_adoption,
-                            toward_service,
-                            desired,
-                            spares_so_far,
-                            self.cfg.standby,
-                        );
-                        let added = if as_spare {
-                            self.pool.add_standby(backend)
-                        } else {
-                            self.pool.add(backend)
-                        };
-                        match added {
-                            Ok(()) => {
-                                tracing::info!(backend = %id, %ip, zone = %self.zones[*zi].0, standby = as_spare, "delivered server joins the pool")
-                            }
-                            Err(e) => report.errors.push(format!("adding {id}: {e}")),
-                        }
-                        if as_spare {
-                            spares_so_far += 1;
-                        } else {
-                            toward_service += 1;
-                            pending += 1;
-                        }
-                    }
-                    _ => {}
-                },
-                DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing => {
-                    pending += 1
-                }
-                DeviceState::Failed if complete => {
-                    report.errors.push(format!(
-                        "server {} failed ({}); releasing it",
-                        d.id, d.vendor_status
-                    ));
-                    match self.zones[*zi].1.delete(&d.id).await {
-                        Ok(()) => {
-                            self.released.insert(d.id.clone());
-                            report.released += 1;
-                        }
-                        Err(e) => report.errors.push(format!("releasing {}: {e}", d.id)),
-                    }
-                }
-                DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
-            }
-        }
-        if complete {
-            self.adopted_once = true;
-        }
-        // Provisioned nodes whose server vanished (released by hand): out of the pool.
-        if complete {
-            for m in table.members() {
-                if m.backend.origin == Origin::Provisioned && !live_ids.contains(&*m.backend.id) {
-                    let _ = self.pool.remove(&m.backend.id);
-                    self.draining.remove(&*m.backend.id);
-                }
-            }
-        }
-
-        // 4. Promote spares first: they are in service within this step.
-        let table = self.pool.snapshot_full();
-        let mut in_service = table.count(State::InService);
-        let mut standby: Vec<&str> = table
-            .members()
-            .iter()
-            .filter(|m| m.state == State::Standby)
-            .map(|m| &*m.backend.id)
-            .collect();
-        while desired > in_service + pending {
-            let Some(id) = standby.pop() else { break };
-            if self.pool.promote(id) {
-                tracing::info!(backend = %id, "standby promoted into service");
-                in_service += 1;
-                report.promoted += 1;
-            }
-        }
-        report.in_service = in_service;
-        report.pending = pending;
-        report.standby = standby.len();
-        report.draining = self.draining.len();
-
-        // 5. Scale up: what is on its way counts, so a slow delivery is not ordered twice;
-        // spares are replaced as they are promoted.
-        let supply = in_service + pending + standby.len();
-        let target = desired + self.cfg.standby;
-        if complete && target > supply && self.next_order_at.is_none_or(|t| now >= t) {
-            let wanted = (target - supply).min(MAX_ORDERS_PER_STEP);
-            for _ in 0..wanted {
-                match self.order_one().await {
-                    Ok(()) => {
-                        report.ordered += 1;
-                        self.order_failures = 0;
-                        self.next_order_at = None;
-                    }
-                    Err(refused) => {
-                        report
-                            .errors
-                            .extend(refused.zones.iter().map(ToString::to_string));
-                        self.order_failures += 1;
-                        let wait = backoff(
-                            self.order_failures,
-                            self.cfg.order_backoff_base,
-                            self.cfg.order_backoff_max,
-                            None,
-                        )
-                        .max(self.cfg.order_backoff_base);
-                        self.next_order_at = Some(now + wait);
-                        break;
-                    }
-                }
-            }
-            report.pending += report.ordered;
-        }
-
-        // 6. Scale in, cheapest first: spares beyond the target and servers not yet
-        // delivered (they serve nothing), then drain the least-loaded provisioned node.
-        // Spares on their way count toward the standby target, not as surplus.
-        let total = in_service + pending + standby.len();
-        if complete && total > target && self.draining.is_empty() {
-            let mut surplus = total - target;
-            let extra_spares = standby.len().saturating_sub(self.cfg.standby);
-            for id in standby.iter().take(extra_spares.min(surplus)) {
-                if let Some((zi, d)) = devices.iter().find(|(_, d)| backend_id(d) == *id) {
-                    if self.zones[*zi].1.delete(&d.id).await.is_ok() {
-                        self.released.insert(d.id.clone());
-                        let _ = self.pool.remove(id);
-                        report.released += 1;
-                        surplus -= 1;
-                    }
-                }
-            }
-            for (zi, d) in &devices {
-                if surplus == 0 {
-                    break;
-                }
-                let not_serving = matches!(
-                    d.state,
-                    DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
-                );
-                if not_serving && self.zones[*zi].1.delete(&d.id).await.is_ok() {
-                    self.released.insert(d.id.clone());
-                    surplus -= 1;
-                    report.released += 1;
-                }
-            }
-            if surplus > 0 && desired < in_service {
-                let candidate = table
-                    .members()
-                    .iter()
-                    .filter(|m| {
-                        m.state == State::InService && m.backend.origin == Origin::Provisioned
-                    })
-                    .min_by_key(|m| m.backend.in_flight());
-                if let Some(m) = candidate {
-                    let id = m.backend.id.to_string();
-                    let device = devices.iter().find(|(_, d)| backend_id(d) == id);
-                    if let Some((zi, d)) = device {
-                        match self.pool.drain(&id, self.cfg.drain_timeout) {
-                            Ok(_) => {
-                                tracing::info!(backend = %id, "scaling in: draining");
-                                self.draining.insert(id, (*zi, d.id.clone()));
-                                report.draining = self.draining.len();
-                            }
-                            Err(e) => report.errors.push(format!("draining {id}: {e}")),
-                        }
-                    }
-                }
-            }
-        }
-        for e in &report.errors {
-            tracing::warn!(error = %e, "reconciler");
-        }
-        report
-    }
-
-    /// Orders one server in the first zone that has the offer in stock; why each zone
-    /// could not take it otherwise.
-    async fn order_one(&self) -> Result<(), OrderRefused> {
-        let mut refused = OrderRefused { zones: Vec::new() };
-        let mut no = |zone: &str, why| {
-            refused.zones.push(ZoneRefusal {
-                zone: zone.to_owned(),
-                why,
-            })
-        };
-        for (zone, provider) in &self.zones {
-            let offer = match provider.offers().await {
-                Ok(offers) => offers.into_iter().find(|o| o.name == self.cfg.offer),
-                Err(e) => {
-                    no(zone, WhyNot::Offers(e));
-                    continue;
-                }
-            };
-            let Some(offer) = offer else {
-                no(zone, WhyNot::NoSuchOffer(self.cfg.offer.clone()));
-                continue;
-            };
-            if offer.stock == Stock::Empty {
-                no(zone, WhyNot::OutOfStock(self.cfg.offer.clone()));
-                continue;
-            }
-            let spec = CreateSpec {
-                offer_id: offer.id.clone(),
-                name: format!("surge-{}-{}", self.cfg.pool, fastrand::u32(..) % 100_000),
-                pool: self.cfg.pool.clone(),
-                request_id: new_request_id(),
-            };
-            match provider.create(&spec).await {
-                Ok(d) => {
-                    tracing::info!(device = %d.id, %zone, "server ordered");
-                    return Ok(());
-                }
-                Err(e) => no(zone, WhyNot::Order(e)),
-            }
-        }
-        Err(refused)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::adopt_as_spare;
-
-    #[test]
-    fn a_previous_surges_servers_go_back_into_service_but_for_the_spares() {
-        // First adoption: desired (3, from static nodes alone) does not matter; with one
-        // spare wanted, the first server found is the spare, the rest serve.
-        assert!(adopt_as_spare(true, 3, 3, 0, 1));
-        assert!(!adopt_as_spare(true, 3, 3, 1, 1));
-        assert!(!adopt_as_spare(true, 4, 3, 1, 1));
-        assert!(!adopt_as_spare(true, 3, 3, 0, 0));
-        // Afterwards: spare once the pool has what is desired.
-        assert!(adopt_as_spare(false, 3, 3, 0, 1));
-        assert!(!adopt_as_spare(false, 2, 3, 0, 1));
     }
 }

@@ -1,5 +1,6 @@
 //! `[autoscale]`: the policy's knobs, warm spares, and scheduled events.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -38,6 +39,36 @@ pub(super) struct FileAutoscale {
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
     schedule: Vec<FileEvent>,
+    ledger: PathBuf,
+    #[serde(with = "humantime_serde")]
+    order_deadline: Duration,
+    missing_listings: u32,
+    #[serde(with = "humantime_serde")]
+    release_margin: Duration,
+    #[serde(with = "humantime_serde")]
+    release_down_after: Duration,
+    max_client_share: f64,
+    budget: FileBudget,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileBudget {
+    max_orders_per_hour: Option<usize>,
+    max_servers: Option<usize>,
+    max_price_per_hour: Option<f64>,
+    timezone: String,
+}
+
+impl Default for FileBudget {
+    fn default() -> Self {
+        Self {
+            max_orders_per_hour: None,
+            max_servers: None,
+            max_price_per_hour: None,
+            timezone: "UTC".into(),
+        }
+    }
 }
 
 impl Default for FileAutoscale {
@@ -61,6 +92,13 @@ impl Default for FileAutoscale {
             down_period: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(300),
             schedule: Vec::new(),
+            ledger: PathBuf::from("data/orders.json"),
+            order_deadline: Duration::from_secs(20 * 60),
+            missing_listings: 3,
+            release_margin: Duration::from_secs(5 * 60),
+            release_down_after: Duration::from_secs(10 * 60),
+            max_client_share: 0.1,
+            budget: FileBudget::default(),
         }
     }
 }
@@ -104,6 +142,34 @@ pub struct AutoscaleConfig {
     pub offer: String,
     /// Known events that raise the minimum.
     pub schedule: Vec<Event>,
+    /// The order ledger's file (`None`: kept in memory only, `ledger = ""`).
+    pub ledger: Option<PathBuf>,
+    /// An order whose server has not shown in a listing by then is looked up by its
+    /// request tag one last time, then reported and forgotten.
+    pub order_deadline: Duration,
+    /// Consecutive complete listings a server may be missing from before its node is
+    /// drained (a direct look-up that says it is gone drains it at once).
+    pub missing_listings: u32,
+    /// A surplus server is released only this close to the end of its paid hour.
+    pub release_margin: Duration,
+    /// A provisioned node failing its health checks this long is released.
+    pub release_down_after: Duration,
+    /// Most of the scaling rate one client address (IPv6: its /64) may make, 0..=1.
+    pub max_client_share: f64,
+    pub budget: BudgetConfig,
+}
+
+/// Spending limits (`[autoscale.budget]`); `None`: no limit.
+#[derive(Debug, Clone)]
+pub struct BudgetConfig {
+    /// Servers ordered in any hour.
+    pub max_orders_per_hour: Option<usize>,
+    /// Servers provisioned at once (ordered and not released).
+    pub max_servers: Option<usize>,
+    /// Sum of the hourly prices of the provisioned servers, in the offer's currency.
+    pub max_price_per_hour: Option<f64>,
+    /// Where "since midnight" is for the cost view.
+    pub timezone: Tz,
 }
 
 /// The policy's knobs.
@@ -210,6 +276,42 @@ pub(super) fn validate(
             p.bad(key, "must be greater than 0");
         }
     }
+    if a.missing_listings == 0 {
+        p.bad("missing_listings", "must be at least 1");
+    }
+    if a.order_deadline.is_zero() {
+        p.bad("order_deadline", "must be greater than 0");
+    }
+    if !(a.max_client_share > 0.0 && a.max_client_share <= 1.0) {
+        p.bad(
+            "max_client_share",
+            format!("{} is outside 0 (exclusive) ..= 1", a.max_client_share),
+        );
+    }
+    let budget = p.within("budget", |p| {
+        let b = &a.budget;
+        if b.max_price_per_hour
+            .is_some_and(|m| !(m >= 0.0 && m.is_finite()))
+        {
+            p.bad("max_price_per_hour", "must be a number ≥ 0");
+        }
+        let timezone = Tz::from_str(&b.timezone).unwrap_or_else(|_| {
+            p.bad(
+                "timezone",
+                format!(
+                    "`{}` is not a time zone name (e.g. Europe/Paris)",
+                    b.timezone
+                ),
+            );
+            Tz::UTC
+        });
+        BudgetConfig {
+            max_orders_per_hour: b.max_orders_per_hour,
+            max_servers: b.max_servers,
+            max_price_per_hour: b.max_price_per_hour,
+            timezone,
+        }
+    });
     let schedule = a
         .schedule
         .iter()
@@ -238,6 +340,13 @@ pub(super) fn validate(
         metrics_window: a.metrics_window,
         drain_timeout: a.drain_timeout,
         offer: provider.map(|p| p.offer.clone()).unwrap_or_default(),
+        ledger: (!a.ledger.as_os_str().is_empty()).then(|| a.ledger.clone()),
+        order_deadline: a.order_deadline,
+        missing_listings: a.missing_listings,
+        release_margin: a.release_margin,
+        release_down_after: a.release_down_after,
+        max_client_share: a.max_client_share,
+        budget,
     }
 }
 

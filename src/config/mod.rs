@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, ADMIN_TOKEN_ENV};
-pub use autoscale::{AutoscaleConfig, Event, PolicyConfig, ScheduleError, Start};
+pub use autoscale::{AutoscaleConfig, BudgetConfig, Event, PolicyConfig, ScheduleError, Start};
 pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
 pub use local_blades::LocalBlades;
 pub use pool::{

@@ -25,6 +25,12 @@ pub(super) struct FileProvider {
     call_timeout: Duration,
     #[serde(default = "default_max_attempts")]
     max_attempts: u32,
+    #[serde(default = "default_max_retry_after", with = "humantime_serde")]
+    max_retry_after: Duration,
+}
+
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 fn default_secret_key_env() -> String {
@@ -61,6 +67,8 @@ pub struct ProviderConfig {
     pub call_timeout: Duration,
     /// Tries per API call (1 = no retry).
     pub max_attempts: u32,
+    /// Longest `Retry-After` honoured (longer ones are cut to this and logged).
+    pub max_retry_after: Duration,
 }
 
 /// Checks `[provider]` (keys relative to it).
@@ -73,16 +81,13 @@ pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
     }
     let api_url = match f.api_url.as_str() {
         "sim" => None,
-        url if url.starts_with("https://")
-            || url.starts_with("http://127.")
-            || url.starts_with("http://localhost") =>
-        {
-            Some(url.trim_end_matches('/').to_owned())
-        }
+        url if api_url_ok(url) => Some(url.trim_end_matches('/').to_owned()),
         url => {
             p.bad(
                 "api_url",
-                format!("`{url}` must be \"sim\", an https:// URL, or http:// on loopback"),
+                format!(
+                    "`{url}` must be \"sim\", an https:// URL, or http:// to a loopback address"
+                ),
             );
             None
         }
@@ -110,5 +115,51 @@ pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
         blade_port: f.blade_port,
         call_timeout: f.call_timeout,
         max_attempts: f.max_attempts,
+        max_retry_after: f.max_retry_after,
+    }
+}
+
+/// Whether `url` is an absolute `https://` URL, or `http://` to a loopback address (the
+/// simulator): parsed, not matched by prefix (`http://127.evil.example` is no loopback).
+fn api_url_ok(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return false;
+    };
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    uri.query().is_none() && (scheme == "https" || (scheme == "http" && loopback))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_url_ok;
+
+    #[test]
+    fn api_urls_are_parsed_not_prefix_matched() {
+        for ok in [
+            "https://api.scaleway.com",
+            "http://127.0.0.1:9000",
+            "http://localhost:8080",
+            "http://[::1]:9000",
+        ] {
+            assert!(api_url_ok(ok), "{ok}");
+        }
+        for bad in [
+            "http://127.evil.example",
+            "http://127.0.0.1.evil.example",
+            "http://api.scaleway.com",
+            "ftp://127.0.0.1",
+            "https://",
+            "api.scaleway.com",
+        ] {
+            assert!(!api_url_ok(bad), "{bad}");
+        }
     }
 }

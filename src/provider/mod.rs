@@ -8,7 +8,7 @@ pub mod scaleway;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Where a device is in its life, whatever the vendor calls it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +60,18 @@ pub struct Device {
     pub tags: Vec<String>,
     pub zone: String,
     pub offer_id: String,
+    /// When the vendor created it (billing starts here), if it says.
+    pub created_at: Option<SystemTime>,
+}
+
+/// Every device carrying a tag, and whether the answer can be trusted to be all of them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Listing {
+    /// Deduplicated by id (a page repeated while the list changed).
+    pub devices: Vec<Device>,
+    /// False when a page was missing or short, or `total_count` was missing or changed
+    /// between pages: servers may be missing from `devices`.
+    pub complete: bool,
 }
 
 impl Device {
@@ -104,9 +116,18 @@ pub enum ProviderError {
     NotFound(String),
     #[error("the provider refused the request: {0}")]
     Invalid(String),
-    /// Worth retrying: 5xx, timeouts, connection errors.
+    /// Worth retrying: 5xx, connection errors.
     #[error("transient provider failure: {0}")]
     Transient(String),
+    /// The call was sent but its answer was lost (timed out, connection broken): it may
+    /// or may not have taken effect. Retried for reads and deletes; an order is looked
+    /// up by its request tag instead of being sent again.
+    #[error("answer lost, outcome unknown: {0}")]
+    Uncertain(String),
+    /// The vendor answered with a redirect, which surge never follows (the secret key
+    /// would go with it).
+    #[error("the provider redirected {0}; surge follows no redirects (check provider.api_url)")]
+    Redirected(String),
 }
 
 impl ProviderError {
@@ -114,7 +135,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ProviderError::RateLimited { .. } | ProviderError::Transient(_)
+            ProviderError::RateLimited { .. }
+                | ProviderError::Transient(_)
+                | ProviderError::Uncertain(_)
         )
     }
 }
@@ -132,6 +155,9 @@ pub trait Provider: Send + Sync {
     fn get(&self, id: &str) -> impl Future<Output = Result<Device, ProviderError>> + Send;
     /// Every device carrying `tag` (`key=value`), across all pages.
     fn list(&self, tag: &str) -> impl Future<Output = Result<Vec<Device>, ProviderError>> + Send;
+    /// [`Provider::list`], saying whether the answer is complete (the reconciler trusts
+    /// only complete listings to remove anything).
+    fn inventory(&self, tag: &str) -> impl Future<Output = Result<Listing, ProviderError>> + Send;
     /// Releases a server. Releasing one that is already gone is not an error.
     fn delete(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
 }
@@ -204,6 +230,7 @@ mod tests {
             tags: vec!["surge-pool=shop".into(), "surge-request=abc".into()],
             zone: "fr-par-2".into(),
             offer_id: "o".into(),
+            created_at: None,
         };
         assert_eq!(d.tag(POOL_TAG), Some("shop"));
         assert_eq!(d.tag(REQUEST_TAG), Some("abc"));

@@ -11,12 +11,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    backoff, CreateSpec, Device, DeviceState, Offer, Provider, ProviderError, Stock, POOL_TAG,
-    REQUEST_TAG,
+    backoff, CreateSpec, Device, DeviceState, Listing, Offer, Provider, ProviderError, Stock,
+    POOL_TAG, REQUEST_TAG,
 };
 
 /// Servers asked for per page when listing (the API's maximum is 100).
 const PAGE_SIZE: usize = 100;
+
+/// Most pages read in one listing (100,000 servers): a vendor answering forever is cut.
+const MAX_PAGES: usize = 1000;
 
 /// Wait on a 429 that carries no `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -39,6 +42,9 @@ pub struct ScalewayConfig {
     /// First back-off step; doubles per retry up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Longest `Retry-After` honoured; a longer one is cut to this and reported (one bad
+    /// answer must not stall the autoscaler for an hour).
+    pub max_retry_after: Duration,
 }
 
 impl std::fmt::Debug for ScalewayConfig {
@@ -93,8 +99,9 @@ pub struct ApiMoney {
 pub struct ApiServers {
     #[serde(default)]
     pub servers: Vec<ApiServer>,
+    /// Missing means the listing cannot be checked for completeness.
     #[serde(default)]
-    pub total_count: u64,
+    pub total_count: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +121,8 @@ pub struct ApiServer {
     pub zone: String,
     #[serde(default)]
     pub offer_id: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +186,11 @@ impl From<ApiServer> for Device {
             tags: s.tags,
             zone: s.zone,
             offer_id: s.offer_id,
+            created_at: s
+                .created_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(std::time::SystemTime::from),
         }
     }
 }
@@ -202,6 +216,8 @@ impl Scaleway {
     pub fn new(cfg: ScalewayConfig) -> Result<Self, ProviderError> {
         let http = reqwest::Client::builder()
             .timeout(cfg.call_timeout)
+            // A redirect would carry X-Auth-Token to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("surge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderError::Invalid(format!("cannot build HTTP client: {e}")))?;
@@ -234,7 +250,13 @@ impl Scaleway {
             req = req.json(b);
         }
         let resp = req.send().await.map_err(|e| {
-            ProviderError::Transient(format!("{method} {path}: {}", without_url(&e)))
+            let what = format!("{method} {path}: {}", without_url(&e));
+            if e.is_connect() {
+                // Never reached the vendor.
+                ProviderError::Transient(what)
+            } else {
+                ProviderError::Uncertain(what)
+            }
         })?;
         let status = resp.status();
         let retry_after = resp
@@ -243,8 +265,20 @@ impl Scaleway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_owned();
+            return Err(ProviderError::Redirected(format!(
+                "{method} {path} with {} to {to}",
+                status.as_u16()
+            )));
+        }
         let bytes = resp.bytes().await.map_err(|e| {
-            ProviderError::Transient(format!(
+            ProviderError::Uncertain(format!(
                 "{method} {path}: reading the answer: {}",
                 without_url(&e)
             ))
@@ -268,9 +302,19 @@ impl Scaleway {
             err.kind
         );
         Err(match (status, err.kind.as_str()) {
-            (StatusCode::TOO_MANY_REQUESTS, _) => ProviderError::RateLimited {
-                retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
-            },
+            (StatusCode::TOO_MANY_REQUESTS, _) => {
+                let asked = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
+                if asked > self.cfg.max_retry_after {
+                    tracing::warn!(
+                        asked = %humantime::format_duration(asked),
+                        honoured = %humantime::format_duration(self.cfg.max_retry_after),
+                        "provider asked to wait longer than provider.max_retry_after; waiting that long only"
+                    );
+                }
+                ProviderError::RateLimited {
+                    retry_after: asked.min(self.cfg.max_retry_after),
+                }
+            }
             (s, _) if s.is_server_error() => ProviderError::Transient(what),
             (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)
             | (_, "permissions_denied" | "denied_authentication") => {
@@ -370,6 +414,19 @@ impl Provider for Scaleway {
                 .await
             {
                 Ok(v) => return Ok(Device::from(parse::<ApiServer>(v, "POST /servers")?)),
+                // Sent, answer lost: the order may stand. Look for it; if the vendor's
+                // list does not show it (yet), say so rather than order again: the
+                // caller counts it as on its way until its server shows.
+                Err(e @ ProviderError::Uncertain(_)) => {
+                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
+                    return match self.find_order(&spec.request_id).await {
+                        Ok(Some(existing)) => {
+                            tracing::info!(id = %existing.id, request = %spec.request_id, "order placed though its answer was lost");
+                            Ok(existing)
+                        }
+                        _ => Err(e),
+                    };
+                }
                 Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
                     tokio::time::sleep(self.wait_for(attempt, &e)).await;
                     attempt += 1;
@@ -399,7 +456,13 @@ impl Provider for Scaleway {
     }
 
     async fn list(&self, tag: &str) -> Result<Vec<Device>, ProviderError> {
-        let mut out = Vec::new();
+        Ok(self.inventory(tag).await?.devices)
+    }
+
+    async fn inventory(&self, tag: &str) -> Result<Listing, ProviderError> {
+        let mut out: Vec<Device> = Vec::new();
+        let mut total: Option<u64> = None;
+        let mut complete = true;
         for page in 1.. {
             let query = [
                 ("tags", tag.to_owned()),
@@ -408,13 +471,33 @@ impl Provider for Scaleway {
             ];
             let v = self.send(Method::GET, "/servers", &query, None).await?;
             let servers: ApiServers = parse(v, "GET /servers")?;
+            match (total, servers.total_count) {
+                (_, None) => complete = false,
+                (None, Some(t)) => total = Some(t),
+                (Some(before), Some(t)) if before != t => {
+                    // The list changed between pages: a server may have slid past us.
+                    complete = false;
+                    total = Some(t);
+                }
+                _ => {}
+            }
             let got = servers.servers.len();
-            out.extend(servers.servers.into_iter().map(Device::from));
-            if got < PAGE_SIZE || out.len() as u64 >= servers.total_count {
+            for d in servers.servers.into_iter().map(Device::from) {
+                if !out.iter().any(|o| o.id == d.id) {
+                    out.push(d);
+                }
+            }
+            if got < PAGE_SIZE || total.is_none_or(|t| out.len() as u64 >= t) || page >= MAX_PAGES {
                 break;
             }
         }
-        Ok(out)
+        if total.is_some_and(|t| (out.len() as u64) < t) {
+            complete = false;
+        }
+        Ok(Listing {
+            devices: out,
+            complete,
+        })
     }
 
     async fn delete(&self, id: &str) -> Result<(), ProviderError> {

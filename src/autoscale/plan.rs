@@ -1,0 +1,711 @@
+//! What the reconciler should do this round: a pure function of what it observed (the
+//! provider's inventory per zone, with completeness, and direct look-ups of servers the
+//! inventory no longer shows), the pool, the order ledger, its own memory, the desired
+//! size and the time. No runtime, no provider, no clock: table tests feed inputs and check
+//! the actions.
+//!
+//! The accountant's rules, each a place below:
+//! - a server leaves the pool only when confirmed gone (a direct look-up says so) or when
+//!   missing from `missing_limit` consecutive complete listings, and even then it is
+//!   drained, never dropped;
+//! - an order counts as supply from before it is sent until its server is seen (or its
+//!   deadline passes and a last look-up by its request tag finds nothing);
+//! - orders stop at the budget, with the reason said;
+//! - scale-in drains the node whose paid hour ends soonest, and a drained or spare node is
+//!   released only within `release_margin` of the end of its paid hour (Elastic Metal
+//!   bills by started hour: releasing earlier saves nothing and costs a new order's lead
+//!   time if the load comes back); until then it waits as a spare;
+//! - an operator's undrain or maintenance takes a node out of scale-in for good.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::ledger::{Order, OrderState};
+use crate::pool::{Origin, State};
+use crate::provider::{Device, DeviceState, REQUEST_TAG};
+
+/// Most servers ordered in one round; a spike orders over a few rounds, not all at once.
+pub const MAX_ORDERS_PER_ROUND: usize = 8;
+
+/// One hour of Elastic Metal billing.
+const BILLING_HOUR: Duration = Duration::from_secs(3600);
+
+/// The provider's inventory in one zone, as one round listed it.
+#[derive(Debug, Clone, Default)]
+pub struct ZoneListing {
+    pub zone: String,
+    /// Servers carrying the pool's tag, deduplicated by id.
+    pub devices: Vec<Device>,
+    /// Whether the listing can be trusted to hold every server: it answered, every page
+    /// came, and `total_count` held still between pages.
+    pub complete: bool,
+}
+
+/// A direct look-up of a server a complete listing did not show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LookUp {
+    /// The server exists: the listing was wrong.
+    Present(Device),
+    /// 404, or a deleting/gone state: the server is really gone.
+    Gone,
+    /// The look-up failed; nothing is known.
+    Unknown,
+}
+
+/// One pool member, as the plan needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub id: String,
+    pub state: State,
+    pub origin: Origin,
+    /// How long it has been in `state`.
+    pub in_state_for: Duration,
+    /// While draining: whether the drain is over.
+    pub drain_done: bool,
+}
+
+/// A provisioned node surge knows the server of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub zone: String,
+    pub device_id: String,
+}
+
+/// Why the reconciler drains a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainWhy {
+    /// Scale-in: release (or park) it once drained.
+    ScaleIn,
+    /// Its server is gone at the provider: remove it from the pool once drained.
+    Vanished,
+    /// Its server failed at the provider: release it once drained.
+    Broken,
+}
+
+/// A release asked of the provider and not confirmed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Releasing {
+    pub zone: String,
+    /// Failed delete calls so far.
+    pub failures: u32,
+    /// Not before this instant (back-off after a failed delete).
+    pub next_try: Option<Instant>,
+}
+
+/// What the reconciler remembers between rounds (updated by apply).
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    /// Provisioned nodes by backend id.
+    pub known: HashMap<String, Known>,
+    /// Drains this reconciler started, by backend id.
+    pub draining: HashMap<String, DrainWhy>,
+    /// Nodes an operator took back from a scale-in: never picked for scale-in again.
+    pub operator_kept: HashSet<String>,
+    /// Servers being released, by device id.
+    pub releasing: HashMap<String, Releasing>,
+    /// Consecutive complete listings each known node was missing from.
+    pub missing: HashMap<String, u32>,
+    /// Whether a complete inventory has been adopted once (see [`adopt_as_spare`]).
+    pub adopted_once: bool,
+    /// No order before this instant (back-off after a round in which no zone could take
+    /// one).
+    pub next_order_at: Option<Instant>,
+}
+
+/// Spending limits (`[autoscale.budget]`); `None`: no limit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Budget {
+    pub max_orders_per_hour: Option<usize>,
+    pub max_servers: Option<usize>,
+    pub max_price_per_hour: Option<f64>,
+}
+
+/// The plan's knobs.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Port the frontend listens on on each server.
+    pub blade_port: u16,
+    /// Warm spares to keep.
+    pub standby: usize,
+    /// Deadline for carts bound to a node being drained.
+    pub drain_timeout: Duration,
+    /// Complete listings a known node may be missing from before it is drained.
+    pub missing_limit: u32,
+    /// An order not seen in a listing by then is looked up by its tag one last time.
+    pub order_deadline: Duration,
+    /// A drained or spare surplus node is released only this close to the end of its
+    /// paid hour.
+    pub release_margin: Duration,
+    /// A provisioned node down (failing health checks) this long is released.
+    pub down_release_after: Duration,
+    pub budget: Budget,
+}
+
+/// Everything one round's plan is made from.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    /// In-service nodes the policy wants.
+    pub desired: usize,
+    pub zones: &'a [ZoneListing],
+    /// Look-ups of known servers missing from complete listings, by device id.
+    pub looked_up: &'a HashMap<String, LookUp>,
+    pub nodes: &'a [Node],
+    pub ledger: &'a [Order],
+    pub memory: &'a Memory,
+    pub rules: &'a Rules,
+    /// The price per hour of the offer, as last seen (for the budget), if known.
+    pub offer_price: Option<f64>,
+    pub now: Instant,
+    pub wall: SystemTime,
+}
+
+/// Something to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Add a delivered server to the pool (warming, or as a spare).
+    Adopt {
+        id: String,
+        known: Known,
+        addr: SocketAddr,
+        spare: bool,
+    },
+    /// Put a spare into service.
+    Promote { id: String },
+    /// Order `count` servers, for `reason`.
+    Order { count: usize, reason: String },
+    /// Start draining a node.
+    Drain { id: String, why: DrainWhy },
+    /// Keep a drained surplus node as a spare until its paid hour nearly ends.
+    Park { id: String },
+    /// Release a server to the provider; then the node (if any) leaves the pool.
+    Release {
+        device_id: String,
+        zone: String,
+        node: Option<String>,
+        why: String,
+    },
+    /// Remove a drained node whose server is gone.
+    Remove { id: String },
+    /// The ledger order's server is in the inventory.
+    Seen {
+        request_id: String,
+        device_id: String,
+    },
+    /// The order's deadline passed unseen: look it up by its request tag one last time.
+    LookUpOrder { request_id: String, zone: String },
+    /// A release is confirmed: the server is no longer in the inventory.
+    Released { device_id: String },
+    /// A known node was missing from a complete listing once more.
+    Missing { id: String },
+    /// A known node is back in the listing (or found by a look-up).
+    Present { id: String },
+    /// An operator took a node back from a scale-in drain.
+    OperatorKept { id: String },
+    /// A node left the pool by other means: forget it.
+    Forget { id: String },
+}
+
+/// What the round saw, for the status page.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub in_service: usize,
+    /// On its way to service: warming nodes, undelivered servers, unseen orders.
+    pub pending: usize,
+    pub standby: usize,
+    pub draining: usize,
+    /// Servers the provider runs for this pool.
+    pub devices: usize,
+    /// Everything counted as capacity: in service, on its way, spares.
+    pub supply: usize,
+    /// Why no (or fewer) orders were placed though more were wanted, when a limit did it.
+    pub budget_reached: Option<String>,
+    /// Things an operator should know, in words.
+    pub notes: Vec<String>,
+}
+
+/// The plan: actions in the order they are to be applied, and what was seen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub summary: Summary,
+}
+
+/// The backend id a provisioned server gets in the pool.
+pub fn backend_id(device: &Device) -> String {
+    format!("bm-{}", device.id.chars().take(8).collect::<String>())
+}
+
+/// Whether a delivered server joining the pool becomes a spare. Normally when the pool
+/// already has (or is getting) the desired in-service count. On the first adoption, the
+/// servers a previous surge ran were serving shoppers (their carts bound to them), and the
+/// desired count of a process just started only knows the static nodes: all but
+/// `standby` of them go back into service.
+pub fn adopt_as_spare(
+    first_adoption: bool,
+    toward_service: usize,
+    desired: usize,
+    spares_so_far: usize,
+    standby: usize,
+) -> bool {
+    if first_adoption {
+        spares_so_far < standby
+    } else {
+        toward_service >= desired
+    }
+}
+
+/// When the hour being paid for a server placed at `since` ends, seen at `wall`.
+pub fn paid_hour_ends(since: SystemTime, wall: SystemTime) -> SystemTime {
+    let age = wall.duration_since(since).unwrap_or_default();
+    let hours = age.as_secs() / BILLING_HOUR.as_secs() + 1;
+    since + BILLING_HOUR * u32::try_from(hours).unwrap_or(u32::MAX)
+}
+
+/// Whether a surplus server placed at `since` may be released at `wall`: within
+/// `margin` of the end of its paid hour.
+pub fn release_due(since: SystemTime, wall: SystemTime, margin: Duration) -> bool {
+    paid_hour_ends(since, wall)
+        .duration_since(wall)
+        .is_ok_and(|left| left <= margin)
+}
+
+/// The round's plan.
+pub fn plan(i: &Inputs<'_>) -> Plan {
+    let mut p = Plan::default();
+    let m = i.memory;
+    let all_complete = i.zones.iter().all(|z| z.complete);
+    let nodes: HashMap<&str, &Node> = i.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    // Every device, with its zone, deduplicated by id (a zone listed twice, a page
+    // repeated while the list changed).
+    let mut seen_ids = HashSet::new();
+    let devices: Vec<(&ZoneListing, &Device)> = i
+        .zones
+        .iter()
+        .flat_map(|z| z.devices.iter().map(move |d| (z, d)))
+        .filter(|(_, d)| seen_ids.insert(d.id.as_str()))
+        .collect();
+    p.summary.devices = devices.len();
+    let by_id: HashMap<&str, &Device> = devices.iter().map(|(_, d)| (d.id.as_str(), *d)).collect();
+    let zone_complete = |zone: &str| i.zones.iter().any(|z| z.zone == zone && z.complete);
+    // Placed time of a server, for billing: its order's, else now (unknown: assume the
+    // hour just started, the conservative choice for keeping it).
+    let placed_at = |device_id: &str| {
+        i.ledger
+            .iter()
+            .find(|o| o.device_id.as_deref() == Some(device_id))
+            .map_or(i.wall, |o| o.placed_at)
+    };
+
+    // 1. The ledger: orders seen, orders past their deadline.
+    let mut unseen_orders = 0;
+    for o in i.ledger.iter().filter(|o| o.state == OrderState::Placed) {
+        let found = devices
+            .iter()
+            .find(|(_, d)| d.tag(REQUEST_TAG) == Some(o.request_id.as_str()));
+        if let Some((_, d)) = found {
+            p.actions.push(Action::Seen {
+                request_id: o.request_id.clone(),
+                device_id: d.id.clone(),
+            });
+        } else if i
+            .wall
+            .duration_since(o.placed_at)
+            .is_ok_and(|age| age >= i.rules.order_deadline)
+        {
+            p.actions.push(Action::LookUpOrder {
+                request_id: o.request_id.clone(),
+                zone: o.zone.clone(),
+            });
+        } else {
+            // On its way: the vendor's list may lag its create.
+            unseen_orders += 1;
+        }
+    }
+
+    // 2. Releases in flight: confirmed once the server is no longer listed; retried on
+    // their back-off otherwise.
+    for (device_id, r) in &m.releasing {
+        match by_id.get(device_id.as_str()) {
+            None if zone_complete(&r.zone) => p.actions.push(Action::Released {
+                device_id: device_id.clone(),
+            }),
+            Some(d) if matches!(d.state, DeviceState::Deleting | DeviceState::Gone) => {
+                p.actions.push(Action::Released {
+                    device_id: device_id.clone(),
+                })
+            }
+            Some(_) if r.next_try.is_none_or(|t| i.now >= t) => p.actions.push(Action::Release {
+                device_id: device_id.clone(),
+                zone: r.zone.clone(),
+                node: None,
+                why: format!("retrying the release (attempt {})", r.failures + 1),
+            }),
+            _ => {}
+        }
+    }
+
+    // 3. Known nodes the inventory no longer shows: drained (never dropped) once
+    // confirmed gone or missing too often; an operator's hand on a scale-in drain.
+    for (id, k) in &m.known {
+        let Some(node) = nodes.get(id.as_str()) else {
+            if !m.draining.contains_key(id) {
+                p.actions.push(Action::Forget { id: id.clone() });
+            }
+            continue;
+        };
+        let listed = by_id.contains_key(k.device_id.as_str());
+        let present = listed || matches!(i.looked_up.get(&k.device_id), Some(LookUp::Present(_)));
+        if present {
+            if m.missing.contains_key(id) {
+                p.actions.push(Action::Present { id: id.clone() });
+            }
+        } else if zone_complete(&k.zone) && !m.draining.contains_key(id) {
+            let gone = i.looked_up.get(&k.device_id) == Some(&LookUp::Gone);
+            let misses = m.missing.get(id).copied().unwrap_or(0) + 1;
+            if gone || misses >= i.rules.missing_limit {
+                p.summary.notes.push(format!(
+                    "server {} of node {id} is gone at the provider ({}); draining the node",
+                    k.device_id,
+                    if gone {
+                        "confirmed by a look-up".to_owned()
+                    } else {
+                        format!("missing from {misses} complete listings")
+                    }
+                ));
+                if node.state != State::Draining {
+                    p.actions.push(Action::Drain {
+                        id: id.clone(),
+                        why: DrainWhy::Vanished,
+                    });
+                }
+            } else {
+                p.actions.push(Action::Missing { id: id.clone() });
+                p.summary.notes.push(format!(
+                    "server {} of node {id} missing from the listing ({misses} of {}); kept",
+                    k.device_id, i.rules.missing_limit
+                ));
+            }
+        }
+    }
+    let mut scale_in_draining = false;
+    for (id, why) in &m.draining {
+        let Some(node) = nodes.get(id.as_str()) else {
+            p.actions.push(Action::Forget { id: id.clone() });
+            continue;
+        };
+        if node.state != State::Draining {
+            // Undrained or put in maintenance by an operator: theirs now.
+            p.actions.push(Action::OperatorKept { id: id.clone() });
+            continue;
+        }
+        if !node.drain_done {
+            scale_in_draining |= *why == DrainWhy::ScaleIn;
+            continue;
+        }
+        match (why, m.known.get(id)) {
+            (DrainWhy::Vanished, _) | (_, None) => {
+                p.actions.push(Action::Remove { id: id.clone() })
+            }
+            (DrainWhy::Broken, Some(k)) => p.actions.push(Action::Release {
+                device_id: k.device_id.clone(),
+                zone: k.zone.clone(),
+                node: Some(id.clone()),
+                why: "its server failed".into(),
+            }),
+            (DrainWhy::ScaleIn, Some(k)) => {
+                if release_due(placed_at(&k.device_id), i.wall, i.rules.release_margin) {
+                    p.actions.push(Action::Release {
+                        device_id: k.device_id.clone(),
+                        zone: k.zone.clone(),
+                        node: Some(id.clone()),
+                        why: "scaled in; its paid hour is ending".into(),
+                    });
+                } else {
+                    p.actions.push(Action::Park { id: id.clone() });
+                }
+            }
+        }
+    }
+
+    // 4. Delivered servers join the pool; failed ones and long-down nodes are released.
+    let count = |s: State| i.nodes.iter().filter(|n| n.state == s).count();
+    let mut in_service = count(State::InService);
+    let mut toward_service = in_service + count(State::Warming);
+    let mut pending = count(State::Warming);
+    let mut spares: Vec<&str> = i
+        .nodes
+        .iter()
+        .filter(|n| n.state == State::Standby)
+        .map(|n| n.id.as_str())
+        .collect();
+    let first_adoption = !m.adopted_once;
+    for (z, d) in &devices {
+        if m.releasing.contains_key(&d.id) {
+            continue;
+        }
+        let id = backend_id(d);
+        match d.state {
+            DeviceState::Ready => {
+                if nodes.contains_key(id.as_str()) || m.draining.contains_key(&id) {
+                    continue;
+                }
+                let Some(ip) = d.address.filter(usable_address) else {
+                    // Counted as on its way (it is billed and may get an address), not
+                    // ordered again; released if it never becomes usable.
+                    pending += 1;
+                    let since = placed_at(&d.id);
+                    if i.wall.duration_since(since).unwrap_or_default() >= i.rules.order_deadline {
+                        p.actions.push(Action::Release {
+                            device_id: d.id.clone(),
+                            zone: z.zone.clone(),
+                            node: None,
+                            why: "ready but without a usable address past the order deadline"
+                                .into(),
+                        });
+                    } else {
+                        p.summary.notes.push(format!(
+                            "server {} is ready but has no usable address yet",
+                            d.id
+                        ));
+                    }
+                    continue;
+                };
+                let spare = adopt_as_spare(
+                    first_adoption,
+                    toward_service,
+                    i.desired,
+                    spares.len(),
+                    i.rules.standby,
+                );
+                p.actions.push(Action::Adopt {
+                    id: id.clone(),
+                    known: Known {
+                        zone: z.zone.clone(),
+                        device_id: d.id.clone(),
+                    },
+                    addr: SocketAddr::new(ip, i.rules.blade_port),
+                    spare,
+                });
+                if spare {
+                    spares.push("");
+                } else {
+                    toward_service += 1;
+                    pending += 1;
+                }
+            }
+            DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing => {
+                pending += 1
+            }
+            DeviceState::Failed if z.complete => match nodes.get(id.as_str()) {
+                // Serving or warming: drained first, released once drained.
+                Some(n) if matches!(n.state, State::InService | State::Warming) => {
+                    p.summary.notes.push(format!(
+                        "server {} of node {id} failed ({}); draining it before release",
+                        d.id, d.vendor_status
+                    ));
+                    if !m.draining.contains_key(&id) {
+                        p.actions.push(Action::Drain {
+                            id,
+                            why: DrainWhy::Broken,
+                        });
+                    }
+                }
+                Some(n) if n.state == State::Draining => {}
+                node => p.actions.push(Action::Release {
+                    device_id: d.id.clone(),
+                    zone: z.zone.clone(),
+                    node: node.map(|_| id),
+                    why: format!("the server failed ({})", d.vendor_status),
+                }),
+            },
+            DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
+        }
+    }
+    for n in i.nodes.iter().filter(|n| {
+        n.origin == Origin::Provisioned
+            && n.state == State::Down
+            && n.in_state_for >= i.rules.down_release_after
+    }) {
+        if let Some(k) = m.known.get(&n.id) {
+            if !m.releasing.contains_key(&k.device_id) {
+                p.actions.push(Action::Release {
+                    device_id: k.device_id.clone(),
+                    zone: k.zone.clone(),
+                    node: Some(n.id.clone()),
+                    why: format!(
+                        "down for {}",
+                        humantime::format_duration(Duration::from_secs(n.in_state_for.as_secs()))
+                    ),
+                });
+            }
+        }
+    }
+
+    // 5. Spares first: in service within this round.
+    let mut promotable: Vec<&str> = i
+        .nodes
+        .iter()
+        .filter(|n| n.state == State::Standby)
+        .map(|n| n.id.as_str())
+        .collect();
+    while i.desired > in_service + pending {
+        let Some(id) = promotable.pop() else { break };
+        p.actions.push(Action::Promote { id: id.to_owned() });
+        spares.retain(|s| *s != id);
+        in_service += 1;
+    }
+    let supply = in_service + pending + unseen_orders + spares.len();
+    p.summary.in_service = in_service;
+    p.summary.pending = pending + unseen_orders;
+    p.summary.standby = spares.len();
+    p.summary.supply = supply;
+    p.summary.draining = m.draining.len();
+
+    // 6. Scale up, within the budget: what is on its way counts, so a slow delivery or a
+    // lagging list is not ordered twice.
+    let target = i.desired + i.rules.standby;
+    if all_complete && target > supply && m.next_order_at.is_none_or(|t| i.now >= t) {
+        let wanted = (target - supply).min(MAX_ORDERS_PER_ROUND);
+        let (allowed, limit) = within_budget(wanted, i);
+        if let Some(limit) = limit {
+            p.summary.budget_reached = Some(limit);
+        }
+        if allowed > 0 {
+            p.actions.push(Action::Order {
+                count: allowed,
+                reason: format!(
+                    "{} wanted ({} in service + standby {}), {supply} in service, on the way or spare",
+                    target, i.desired, i.rules.standby
+                ),
+            });
+        }
+    }
+
+    // 7. Scale in, cheapest first, billing-aware; never while a listing is incomplete or
+    // another scale-in drain is under way.
+    if all_complete && supply > target && !scale_in_draining {
+        let mut surplus = supply - target;
+        let spare_ids: Vec<&str> = i
+            .nodes
+            .iter()
+            .filter(|n| n.state == State::Standby && n.origin == Origin::Provisioned)
+            .map(|n| n.id.as_str())
+            .collect();
+        let extra_spares = spare_ids.len().saturating_sub(i.rules.standby);
+        for id in spare_ids.iter().take(extra_spares.min(surplus)) {
+            let Some(k) = m.known.get(*id) else { continue };
+            if release_due(placed_at(&k.device_id), i.wall, i.rules.release_margin) {
+                p.actions.push(Action::Release {
+                    device_id: k.device_id.clone(),
+                    zone: k.zone.clone(),
+                    node: Some((*id).to_owned()),
+                    why: "surplus spare; its paid hour is ending".into(),
+                });
+            }
+            // Kept otherwise: paid for anyway, and ready at once if the load comes back.
+            surplus -= 1;
+        }
+        for (z, d) in &devices {
+            if surplus == 0 {
+                break;
+            }
+            let not_serving = matches!(
+                d.state,
+                DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
+            );
+            if not_serving && !m.releasing.contains_key(&d.id) {
+                p.actions.push(Action::Release {
+                    device_id: d.id.clone(),
+                    zone: z.zone.clone(),
+                    node: None,
+                    why: "surplus order not yet delivered".into(),
+                });
+                surplus -= 1;
+            }
+        }
+        if surplus > 0 && i.desired < in_service {
+            // The node whose paid hour ends soonest: it is the cheapest to let go.
+            let candidate = i
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.state == State::InService
+                        && n.origin == Origin::Provisioned
+                        && !m.operator_kept.contains(&n.id)
+                        && !m.draining.contains_key(&n.id)
+                })
+                .filter_map(|n| m.known.get(&n.id).map(|k| (n, k)))
+                .min_by_key(|(_, k)| paid_hour_ends(placed_at(&k.device_id), i.wall));
+            if let Some((n, _)) = candidate {
+                p.actions.push(Action::Drain {
+                    id: n.id.clone(),
+                    why: DrainWhy::ScaleIn,
+                });
+            }
+        }
+    }
+    p
+}
+
+/// How many of `wanted` orders the budget allows, and the limit that cut them, in words.
+fn within_budget(wanted: usize, i: &Inputs<'_>) -> (usize, Option<String>) {
+    let b = &i.rules.budget;
+    let mut allowed = wanted;
+    let mut limit = None;
+    let mut cap = |n: usize, why: String| {
+        if n < allowed {
+            allowed = n;
+            limit = Some(why);
+        }
+    };
+    let billed: Vec<&Order> = i.ledger.iter().filter(|o| o.billed()).collect();
+    if let Some(max) = b.max_orders_per_hour {
+        let placed = i
+            .ledger
+            .iter()
+            .filter(|o| o.state != OrderState::Refused)
+            .filter(|o| {
+                i.wall
+                    .duration_since(o.placed_at)
+                    .is_ok_and(|a| a < BILLING_HOUR)
+            })
+            .count();
+        cap(
+            max.saturating_sub(placed),
+            format!("budget: {placed} servers ordered in the last hour, at most {max}"),
+        );
+    }
+    if let Some(max) = b.max_servers {
+        cap(
+            max.saturating_sub(billed.len()),
+            format!(
+                "budget: {} servers provisioned, at most {max}",
+                billed.len()
+            ),
+        );
+    }
+    if let Some(max) = b.max_price_per_hour {
+        let now: f64 = billed.iter().map(|o| o.price_per_hour).sum();
+        match i.offer_price.filter(|p| *p > 0.0) {
+            Some(price) => {
+                let room = ((max - now) / price + 1e-9).floor().max(0.0) as usize;
+                cap(
+                    room,
+                    format!("budget: {now:.2}/h spent on servers, at most {max:.2}/h ({price:.2}/h each)"),
+                );
+            }
+            None if now >= max => cap(0, format!("budget: {now:.2}/h, at most {max:.2}/h")),
+            None => {}
+        }
+    }
+    (allowed, limit)
+}
+
+/// Whether a server's address can carry traffic (not unspecified, not multicast).
+fn usable_address(ip: &IpAddr) -> bool {
+    !ip.is_unspecified() && !ip.is_multicast()
+}
+
+#[cfg(test)]
+mod tests;
