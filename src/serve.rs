@@ -178,6 +178,8 @@ pub async fn start_with(
             sim_cfg.state_file = s.state_file.clone();
             sim_cfg.spread = s.spread;
             sim_cfg.time_scale = s.time_scale;
+            sim_cfg.blade_latency = s.blade_latency;
+            sim_cfg.blade_cpu_work = s.blade_cpu_work;
             Some(crate::sim::start(sim_cfg).await?)
         }
         None => None,
@@ -210,6 +212,7 @@ pub async fn start_with(
                 zones.push((zone.clone(), client));
             }
             let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
+            pool.traffic.scaling.set_share(a.max_client_share);
             let ledger = crate::autoscale::open_ledger(a)?;
             tokio::spawn(crate::autoscale::run(
                 pool.clone(),

@@ -80,6 +80,8 @@ scale_down_window = "2s"
 drain_timeout = "2s"
 release_margin = "1h"
 ledger = "{ledger}"
+# The test's load comes from one address.
+max_client_share = 1.0
 {autoscale}
 "#
     );

@@ -41,7 +41,7 @@ impl Meter {
         let t = &pool.traffic;
         self.samples.push_back(Sample {
             at: now,
-            connections: t.connections_accepted.load(Ordering::Relaxed),
+            connections: t.scaling.counted.load(Ordering::Relaxed),
             requests: t.requests.load(Ordering::Relaxed),
             latency: t.latency.snapshot(),
         });
@@ -129,7 +129,8 @@ mod tests {
         assert!(!meter.observe(&pool, t0).fresh);
         for i in 1..=20u64 {
             pool.traffic
-                .connections_accepted
+                .scaling
+                .counted
                 .fetch_add(50, Ordering::Relaxed);
             let o = meter.observe(&pool, t0 + Duration::from_millis(200 * i));
             if i >= 5 {

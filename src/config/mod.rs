@@ -219,7 +219,11 @@ fn validate(
     });
     let admin = problems.within("admin", |p| admin::validate(&raw.admin, env, p));
     let wants_sim = provider.as_ref().is_some_and(|p| p.api_url.is_none());
-    let sim = wants_sim.then(|| problems.within("sim", |p| sim::validate(raw.sim.as_ref(), p)));
+    let sim = wants_sim.then(|| {
+        problems.within("sim", |p| {
+            sim::validate(raw.sim.as_ref(), local_blades.as_ref(), p)
+        })
+    });
     let autoscale = raw.autoscale.as_ref().map(|f| {
         problems.within("autoscale", |p| {
             autoscale::validate(f, provider.as_ref(), p)

@@ -33,6 +33,7 @@ pub(super) struct FileProxy {
     max_connections: usize,
     max_connections_per_ip: usize,
     requests_per_second_per_ip: u32,
+    max_new_connections_per_second_per_ip: u32,
     access_log: bool,
 }
 
@@ -56,6 +57,7 @@ impl Default for FileProxy {
             max_connections: 50_000,
             max_connections_per_ip: 1000,
             requests_per_second_per_ip: 0,
+            max_new_connections_per_second_per_ip: 0,
             access_log: true,
         }
     }
@@ -108,6 +110,9 @@ pub struct ProxyConfig {
     /// Requests per second from one client address (1-second windows); beyond it 429.
     /// 0 = no limit. Mind shoppers behind a shared NAT or a CDN when setting it.
     pub requests_per_second_per_ip: u32,
+    /// New connections per second from one client address (IPv6: its /64); beyond it
+    /// refused at accept (a connect/close flood). 0 = no limit.
+    pub max_new_connections_per_second_per_ip: u32,
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
 }
@@ -194,6 +199,7 @@ pub(super) fn validate(
         max_connections: f.max_connections,
         max_connections_per_ip: f.max_connections_per_ip,
         requests_per_second_per_ip: f.requests_per_second_per_ip,
+        max_new_connections_per_second_per_ip: f.max_new_connections_per_second_per_ip,
         access_log: f.access_log,
     }
 }

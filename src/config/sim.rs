@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::listeners::socket_addr;
-use super::Problems;
+use super::{LocalBlades, Problems};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +22,9 @@ pub(super) struct FileSim {
     state_file: Option<PathBuf>,
     spread: f64,
     time_scale: f64,
+    #[serde(with = "humantime_serde")]
+    blade_latency: Option<Duration>,
+    blade_cpu_work: Option<u32>,
 }
 
 impl Default for FileSim {
@@ -35,6 +38,8 @@ impl Default for FileSim {
             state_file: None,
             spread: 0.0,
             time_scale: 1.0,
+            blade_latency: None,
+            blade_cpu_work: None,
         }
     }
 }
@@ -58,10 +63,20 @@ pub struct SimSettings {
     pub spread: f64,
     /// Durations are divided by this.
     pub time_scale: f64,
+    /// Service time of the simulated servers' blades (default: `local_blades.latency`),
+    /// so provisioned blades are as slow as the shop's real frontends.
+    pub blade_latency: Duration,
+    /// CPU work per request of those blades (default: `local_blades.cpu_work`).
+    pub blade_cpu_work: u32,
 }
 
-/// Checks `[sim]` (keys relative to it); a missing section means the defaults.
-pub(super) fn validate(f: Option<&FileSim>, p: &mut Problems) -> SimSettings {
+/// Checks `[sim]` (keys relative to it); a missing section means the defaults. The
+/// blades' cost defaults to the demo blades' (`local`).
+pub(super) fn validate(
+    f: Option<&FileSim>,
+    local: Option<&LocalBlades>,
+    p: &mut Problems,
+) -> SimSettings {
     let default = FileSim::default();
     let f = f.unwrap_or(&default);
     let listen = socket_addr(&f.listen, "listen", p);
@@ -86,5 +101,14 @@ pub(super) fn validate(f: Option<&FileSim>, p: &mut Problems) -> SimSettings {
         state_file: f.state_file.clone(),
         spread: f.spread,
         time_scale: f.time_scale,
+        blade_latency: f
+            .blade_latency
+            .or(local.map(|l| l.latency))
+            .unwrap_or(DEFAULT_BLADE_LATENCY),
+        blade_cpu_work: f.blade_cpu_work.or(local.map(|l| l.cpu_work)).unwrap_or(0),
     }
 }
+
+/// Service time of a simulated server's blade when neither `[sim]` nor `[local_blades]`
+/// says.
+const DEFAULT_BLADE_LATENCY: Duration = Duration::from_millis(2);

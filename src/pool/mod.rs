@@ -16,6 +16,7 @@ pub mod latency;
 pub mod lifecycle;
 pub mod select;
 pub mod shed;
+pub mod signal;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -420,6 +421,8 @@ impl Table {
 pub struct Traffic {
     /// Shopper connections accepted.
     pub connections_accepted: AtomicU64,
+    /// Connections that count for scaling (see [`signal`]).
+    pub scaling: signal::ScalingSignal,
     /// Requests received from shoppers.
     pub requests: AtomicU64,
     /// Requests answered by surge itself with 502/503/504.

@@ -211,6 +211,13 @@ impl Forwarder {
     ) -> Response<DownstreamBody> {
         let start = Instant::now();
         conn_info.last_request.set(start);
+        if conn_info.requests.get() == 1 {
+            // A connection counts for scaling once it delivered a whole request.
+            let counted = self.pool.traffic.scaling.first_request(conn_info.peer.ip());
+            if !counted {
+                metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
+            }
+        }
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         headers::strip_hop_by_hop(&mut parts.headers);

@@ -23,6 +23,8 @@ pub enum Refusal {
     Global,
     /// `proxy.max_connections_per_ip` reached for this address.
     PerIp,
+    /// `proxy.max_new_connections_per_second_per_ip` reached for this address.
+    ConnectionRate,
 }
 
 impl Refusal {
@@ -31,6 +33,7 @@ impl Refusal {
         match self {
             Refusal::Global => "global",
             Refusal::PerIp => "per_ip",
+            Refusal::ConnectionRate => "connection_rate",
         }
     }
 }
@@ -41,6 +44,8 @@ pub struct Limits {
     open: AtomicUsize,
     per_ip: Option<(Inflight, usize)>,
     rate: Option<(Rate, u32)>,
+    /// New connections per second per client (IPv6: per /64) and the limit.
+    new_connections: Option<(Rate, u32)>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -82,6 +87,12 @@ impl Limits {
                     cfg.requests_per_second_per_ip,
                 )
             }),
+            new_connections: (cfg.max_new_connections_per_second_per_ip > 0).then(|| {
+                (
+                    Rate::new(Duration::from_secs(1)),
+                    cfg.max_new_connections_per_second_per_ip,
+                )
+            }),
         }
     }
 
@@ -92,6 +103,15 @@ impl Limits {
 
     /// Counts a new connection from `ip`, or says why it must be refused.
     pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, Refusal> {
+        if let Some((rate, limit)) = &self.new_connections {
+            let this_second = rate.observe(&crate::pool::signal::client_key(ip), 1);
+            if !within(
+                usize::try_from(this_second).unwrap_or(usize::MAX),
+                *limit as usize,
+            ) {
+                return Err(Refusal::ConnectionRate);
+            }
+        }
         let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         if !within(now, self.max_connections) {
             self.open.fetch_sub(1, Ordering::Relaxed);

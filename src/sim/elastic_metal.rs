@@ -179,7 +179,7 @@ pub(super) async fn handle(sim: &Sim, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     match (method, rest) {
         (Method::GET, ["offers"]) => offers(sim, &faults),
-        (Method::GET, ["servers"]) => list(sim, &zone, &query),
+        (Method::GET, ["servers"]) => list(sim, &zone, &query, &faults),
         (Method::POST, ["servers"]) => {
             let Some(body) = read_body(req).await else {
                 return too_large();
@@ -255,7 +255,7 @@ fn offers(sim: &Sim, faults: &Faults) -> Reply {
     )
 }
 
-fn list(sim: &Sim, zone: &str, query: &str) -> Reply {
+fn list(sim: &Sim, zone: &str, query: &str, faults: &Faults) -> Reply {
     let tags: Vec<String> = query_param(query, "tags")
         .map(|t| t.split(',').map(percent_decode).collect())
         .unwrap_or_default();
@@ -268,17 +268,34 @@ fn list(sim: &Sim, zone: &str, query: &str) -> Reply {
         .and_then(|p| p.parse().ok())
         .unwrap_or(50)
         .clamp(1, 100);
-    let Ok(fleet) = sim.fleet.lock() else {
+    let Ok(mut fleet) = sim.fleet.lock() else {
         return poisoned();
+    };
+    if page == 1 && fleet.empty_listings > 0 {
+        fleet.empty_listings -= 1;
+        return reply(StatusCode::OK, &json!({"servers": [], "total_count": 0}));
+    }
+    // A skipped first page: its servers are missing, the total still counts them.
+    let skip = page == 1 && fleet.skip_pages > 0;
+    if skip {
+        fleet.skip_pages -= 1;
+    }
+    let now = Instant::now();
+    let hidden = |s: &Server| {
+        !faults.hide_new_for.is_zero()
+            && s.ordered_at
+                .is_some_and(|t| now.saturating_duration_since(t) < faults.hide_new_for)
     };
     let matching: Vec<&Server> = fleet
         .servers
         .values()
         .filter(|s| s.zone == zone)
+        .filter(|s| !hidden(s))
         .filter(|s| tags.iter().all(|t| s.tags.contains(t)))
         .filter(|s| status.as_deref().is_none_or(|st| statuses(s).0 == st))
         .collect();
     let total = matching.len();
+    let page = if skip { page + 1 } else { page };
     let servers: Vec<Value> = matching
         .into_iter()
         .skip((page - 1) * page_size)

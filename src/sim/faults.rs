@@ -29,6 +29,16 @@ pub struct Faults {
     pub lose_orders: u64,
     #[serde(with = "humantime_serde")]
     pub lost_delay: Duration,
+    /// The next this-many server listings answer as if there were no servers at all
+    /// (`servers: []`, `total_count: 0`): a wrong project id, a vendor hiccup.
+    pub empty_listings: u64,
+    /// The next this-many listings skip their first page (its servers are missing, the
+    /// total still counts them), as when the list changes between pages.
+    pub skip_pages: u64,
+    /// Servers younger than this are missing from listings (a `GET` by id finds them):
+    /// an eventually consistent list that lags its creates.
+    #[serde(with = "humantime_serde")]
+    pub hide_new_for: Duration,
 }
 
 /// A fault asked for on one request with `?sim_fault=`.

@@ -93,11 +93,15 @@ pub struct Fleet {
     pub next_ip: u32,
     /// Orders still to have their answer "lost" (see `Faults::lose_orders`).
     pub lose_orders: u64,
+    /// Listings still to answer empty (see `Faults::empty_listings`).
+    pub empty_listings: u64,
+    /// Listings still to skip their first page (see `Faults::skip_pages`).
+    pub skip_pages: u64,
 }
 
 impl Fleet {
     /// A fleet holding `servers` (from a state file), numbering new ones after them.
-    pub fn with(servers: BTreeMap<String, Server>, lose_orders: u64) -> Self {
+    pub fn with(servers: BTreeMap<String, Server>, faults: &super::Faults) -> Self {
         let next_ip = servers
             .values()
             .filter_map(|s| s.ip)
@@ -108,7 +112,9 @@ impl Fleet {
             servers,
             blades: BTreeMap::new(),
             next_ip,
-            lose_orders,
+            lose_orders: faults.lose_orders,
+            empty_listings: faults.empty_listings,
+            skip_pages: faults.skip_pages,
         }
     }
 
@@ -266,7 +272,7 @@ mod tests {
         let mut s = server(false);
         s.ip = Some(ip_for(7));
         servers.insert(s.id.clone(), s);
-        let mut fleet = Fleet::with(servers, 0);
+        let mut fleet = Fleet::with(servers, &super::super::Faults::default());
         assert_eq!(fleet.next_address(), ip_for(8));
         assert_eq!(ip_for(251), Ipv4Addr::new(127, 0, 2, 1));
         assert_eq!(ip_index(ip_for(251)), 251);

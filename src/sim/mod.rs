@@ -67,6 +67,8 @@ pub struct SimConfig {
     pub blade_port: u16,
     /// Service time of the started blades.
     pub blade_latency: Duration,
+    /// CPU work per request of the started blades (rounds of hashing, as `surge blade`).
+    pub blade_cpu_work: u32,
     /// Keep servers in this JSON file, so a restarted simulator still knows them.
     pub state_file: Option<PathBuf>,
     pub faults: Faults,
@@ -110,6 +112,7 @@ impl SimConfig {
             capacity: 64,
             blade_port: 18_000,
             blade_latency: Duration::from_millis(2),
+            blade_cpu_work: 0,
             state_file: None,
             faults: Faults::default(),
         }
@@ -201,7 +204,7 @@ pub async fn start(cfg: SimConfig) -> Result<SimHandle, SimError> {
     };
     let sim = Arc::new(Sim {
         faults: Mutex::new(cfg.faults.clone()),
-        fleet: Mutex::new(Fleet::with(servers, cfg.faults.lose_orders)),
+        fleet: Mutex::new(Fleet::with(servers, &cfg.faults)),
         requests: AtomicU64::new(0),
         cfg,
     });
@@ -233,10 +236,13 @@ impl Sim {
         self.faults.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
-    /// Replaces the faults (also resets how many order answers are still to be lost).
+    /// Replaces the faults (also resets how many order answers are still to be lost and
+    /// listings still to be wrong).
     fn set_faults(&self, faults: Faults) {
         if let Ok(mut f) = self.fleet.lock() {
             f.lose_orders = faults.lose_orders;
+            f.empty_listings = faults.empty_listings;
+            f.skip_pages = faults.skip_pages;
         }
         if let Ok(mut f) = self.faults.lock() {
             *f = faults;
@@ -267,7 +273,7 @@ async fn tick_loop(sim: Arc<Sim>, mut shutdown: watch::Receiver<bool>) {
                 id: format!("bm-{}", &id[..8.min(id.len())]),
                 listen: SocketAddr::new(IpAddr::V4(ip), sim.cfg.blade_port),
                 latency: sim.cfg.blade_latency,
-                cpu_work: 0,
+                cpu_work: sim.cfg.blade_cpu_work,
             };
             match blade::start(cfg).await {
                 Ok(handle) => {
