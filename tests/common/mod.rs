@@ -2,6 +2,8 @@
 //! run time, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod scaling;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};

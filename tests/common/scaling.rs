@@ -1,0 +1,175 @@
+//! Autoscaling test rig: surge in front of one static blade ordering from a simulator, an
+//! open-model load of new connections, and the autoscaler's status.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use surge::config::Config;
+use surge::pool::State;
+use surge::sim::{self, Faults, SimConfig, SimHandle};
+
+/// Surge in front of one static blade, ordering from `api_url` ("sim" = in-process).
+pub fn surge_config(
+    static_blade: SocketAddr,
+    api_url: &str,
+    key_env: &str,
+    blade_port: u16,
+    autoscale: &str,
+) -> Config {
+    // One ledger per surge (a restarted one reads its predecessor's).
+    let ledger = std::env::temp_dir()
+        .join(format!(
+            "surge-ledger-{}-{}.json",
+            std::process::id(),
+            fastrand::u64(..)
+        ))
+        .display()
+        .to_string();
+    let text = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+workers = 1
+access_log = false
+shutdown_grace = "2s"
+[admin]
+listen = "127.0.0.1:0"
+[pool]
+slow_start = "0s"
+[pool.health]
+interval = "100ms"
+timeout = "100ms"
+rise = 1
+fall = 2
+[[pool.backends]]
+id = "static-1"
+address = "{static_blade}"
+[provider]
+kind = "scaleway"
+api_url = "{api_url}"
+zones = ["fr-par-2"]
+offer = "EM-A115X-SSD"
+secret_key_env = "{key_env}"
+blade_port = {blade_port}
+call_timeout = "2s"
+max_attempts = 4
+[sim]
+listen = "127.0.0.1:0"
+delivery = "300ms"
+install = "200ms"
+capacity = 20
+blade_port = {blade_port}
+[autoscale]
+interval = "200ms"
+metrics_window = "1s"
+target_connections_per_node = 20.0
+up_period = "1s"
+down_period = "500ms"
+scale_down_window = "2s"
+drain_timeout = "2s"
+release_margin = "1h"
+ledger = "{ledger}"
+# The test's load comes from one address.
+max_client_share = 1.0
+{autoscale}
+"#
+    );
+    Config::parse(&text, Path::new("autoscale-test.toml")).expect("valid test config")
+}
+
+/// Open-model load: `rate` new connections per second, each one GET, counted.
+pub struct Load {
+    rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, rate: u64) -> Self {
+        let rate = Arc::new(AtomicU64::new(rate));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let (r, s, o, f) = (rate.clone(), stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            // No idle connections kept: every arrival is a new connection, as shoppers are.
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http();
+            let mut next = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let per_sec = r.load(Ordering::Relaxed).max(1);
+                next += Duration::from_secs_f64(1.0 / per_sec as f64);
+                tokio::time::sleep_until(next.into()).await;
+                let (client, o, f) = (client.clone(), o.clone(), f.clone());
+                tokio::spawn(async move {
+                    let uri = format!("http://{addr}/catalog");
+                    let req = http::Request::get(uri)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    match client.request(req).await {
+                        Ok(resp) if resp.status() == 200 => {
+                            let _ = resp.into_body().collect().await;
+                            o.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(resp) => f.lock().unwrap().push(resp.status().to_string()),
+                        Err(e) => f.lock().unwrap().push(e.to_string()),
+                    }
+                });
+            }
+        });
+        Self {
+            rate,
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    pub fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, Ordering::Relaxed);
+    }
+
+    pub async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// The autoscaler's status document, as `GET /v1/autoscaler` shows it.
+pub fn status_of(surge: &surge::serve::Running) -> surge::admin::api::AutoscalerStatus {
+    surge::admin::api::AutoscalerStatus::of(surge.autoscaler.as_ref().expect("an autoscaler"))
+}
+
+pub fn in_service(surge: &surge::serve::Running) -> usize {
+    surge.pool.snapshot().count(State::InService)
+}
+
+/// A simulator of its own on loopback, for tests that restart surge or need faults.
+pub async fn external_sim(
+    faults: Faults,
+    delivery: Duration,
+    key: &str,
+    blade_port: u16,
+) -> SimHandle {
+    let mut cfg = SimConfig::demo(SocketAddr::from(([127, 0, 0, 1], 0)), key);
+    cfg.delivery = delivery;
+    cfg.install = delivery / 3;
+    cfg.blade_port = blade_port;
+    cfg.faults = faults;
+    sim::start(cfg).await.unwrap()
+}
