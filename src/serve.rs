@@ -196,7 +196,8 @@ pub async fn start_with(
                 (None, None) => return Err(ServeError::NoSimulator),
             };
             let mut zones = Vec::new();
-            for zone in &p.zones {
+            let mut watched = Vec::new();
+            for (i, zone) in p.zones.iter().chain(&p.watch_zones).enumerate() {
                 let client = Scaleway::new(ScalewayConfig {
                     api_url: api_url.clone(),
                     zone: zone.clone(),
@@ -209,7 +210,11 @@ pub async fn start_with(
                     backoff_max: Duration::from_secs(10),
                     max_retry_after: p.max_retry_after,
                 })?;
-                zones.push((zone.clone(), client));
+                if i < p.zones.len() {
+                    zones.push((zone.clone(), client));
+                } else {
+                    watched.push((zone.clone(), client));
+                }
             }
             let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
             pool.traffic.scaling.set_share(a.max_client_share);
@@ -217,8 +222,11 @@ pub async fn start_with(
             tokio::spawn(crate::autoscale::run(
                 pool.clone(),
                 a.clone(),
-                zones,
-                p.blade_port,
+                crate::autoscale::Providers {
+                    zones,
+                    watched,
+                    blade_port: p.blade_port,
+                },
                 ledger,
                 shared.clone(),
                 background.subscribe(),

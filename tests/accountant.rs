@@ -304,6 +304,13 @@ async fn the_budget_refuses_orders_at_its_cap_and_says_why() {
     assert!(capped, "{status:#?}");
     let reason = status.budget_reached.clone().unwrap_or_default();
     assert!(reason.contains("at most 2"), "{reason}");
+    assert!(
+        status
+            .decisions
+            .iter()
+            .any(|d| d.reasons.iter().any(|r| r.contains("budget"))),
+        "the decision log does not say: {status:#?}"
+    );
     assert_eq!(status.cost.servers, 2, "{status:#?}");
     assert!(
         status.cost.per_hour > 0.0,
@@ -368,25 +375,13 @@ impl Rig {
             "shop",
             blade_port,
         );
-        let client = Scaleway::new(ScalewayConfig {
-            api_url: sim.url(),
-            zone: "fr-par-2".into(),
-            project_id: String::new(),
-            secret_key: key.into(),
-            os_id: "os".into(),
-            call_timeout: Duration::from_secs(2),
-            max_attempts: 3,
-            backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
-            max_retry_after: Duration::from_secs(5),
-        })
-        .unwrap();
         let reconciler = Reconciler::new(
             pool.clone(),
-            vec![("fr-par-2".into(), client)],
+            vec![("fr-par-2".into(), rig_client(&sim, "fr-par-2"))],
             rc,
             Ledger::in_memory(),
-        );
+        )
+        .watching(vec![("nl-ams-1".into(), rig_client(&sim, "nl-ams-1"))]);
         Self {
             pool,
             reconciler,
@@ -418,6 +413,23 @@ impl Rig {
     fn count(&self, state: State) -> usize {
         self.pool.snapshot().count(state)
     }
+}
+
+/// The real client for one zone of the rig's simulator.
+fn rig_client(sim: &surge::sim::SimHandle, zone: &str) -> Scaleway {
+    Scaleway::new(ScalewayConfig {
+        api_url: sim.url(),
+        zone: zone.into(),
+        project_id: String::new(),
+        secret_key: "accountant-rig-key".into(),
+        os_id: "os".into(),
+        call_timeout: Duration::from_secs(2),
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        max_retry_after: Duration::from_secs(5),
+    })
+    .unwrap()
 }
 
 impl Drop for Rig {
@@ -582,4 +594,56 @@ async fn a_redirecting_vendor_gets_no_key() {
         "{text}"
     );
     assert_eq!(seen.load(Ordering::Relaxed), 0, "the redirect was followed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_of_other_pools_and_unordered_zones_are_shown_never_released() {
+    let mut rig = Rig::new(Duration::from_secs(3600)).await;
+    let other_pool = surge::provider::CreateSpec {
+        offer_id: "b0d2b4a4-e2f4-4b1b-9e2a-0f5e3c1a9a01".into(),
+        name: "old-name".into(),
+        pool: "shop-2025".into(),
+        request_id: surge::provider::new_request_id(),
+    };
+    let old = rig_client(&rig.sim, "fr-par-2")
+        .create(&other_pool)
+        .await
+        .unwrap();
+    let this_pool_elsewhere = surge::provider::CreateSpec {
+        name: "dr-site".into(),
+        pool: "shop".into(),
+        request_id: surge::provider::new_request_id(),
+        ..other_pool
+    };
+    let dr = rig_client(&rig.sim, "nl-ams-1")
+        .create(&this_pool_elsewhere)
+        .await
+        .unwrap();
+    let report = rig
+        .reconciler
+        .step_at(1, Instant::now(), SystemTime::now())
+        .await;
+    let mut ids: Vec<&str> = report
+        .unmanaged
+        .iter()
+        .map(|u| u.device_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    let mut want = vec![old.id.as_str(), dr.id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want, "{report:#?}");
+    assert!(report.unmanaged.iter().any(|u| u.why.contains("shop-2025")));
+    assert!(report.unmanaged.iter().any(|u| u.why.contains("nl-ams-1")));
+    // Surplus everywhere, and still: never released.
+    for _ in 0..10 {
+        rig.reconciler
+            .step_at(1, Instant::now(), SystemTime::now())
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        rig.sim.server_count(),
+        2,
+        "an unmanaged server was released"
+    );
 }

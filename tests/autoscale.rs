@@ -261,5 +261,14 @@ async fn a_load_test_with_admin_records_the_autoscalers_counts_on_its_timeline()
         report.table()
     );
     assert!(report.html().contains("Autoscaler: desired"));
+    // The spare ordered for the run shows in the cost (the simulator's offers have prices).
+    let cost = report.cost().expect("a cost with --admin");
+    assert!(
+        cost.peak_servers >= 1 && cost.peak_per_hour > 0.0,
+        "{cost:?}: {:?}",
+        report.autoscaler
+    );
+    assert!(report.table().contains("cost: peak"), "{}", report.table());
+    assert!(json["cost"]["peak_servers"].as_u64() >= Some(1));
     surge.stop().await;
 }

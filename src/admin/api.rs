@@ -199,6 +199,9 @@ pub struct AutoscalerStatus {
     pub cost: CostView,
     /// Orders not yet seen in the provider's inventory (counted as on their way).
     pub orders_on_the_way: Vec<OrderView>,
+    /// Servers with a `surge-pool` tag this surge does not manage (other pool names,
+    /// zones not ordered from): still billed, never released by surge.
+    pub unmanaged: Vec<UnmanagedView>,
     /// Newest first.
     pub decisions: Vec<DecisionView>,
 }
@@ -214,6 +217,16 @@ pub struct CostView {
     pub since_start: f64,
     /// Spent since midnight in `autoscale.budget.timezone`.
     pub today: f64,
+}
+
+/// A server surge sees but does not manage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnmanagedView {
+    pub zone: String,
+    pub device_id: String,
+    pub name: String,
+    pub pool_tag: String,
+    pub why: String,
 }
 
 /// One order of the ledger.
@@ -300,6 +313,18 @@ impl AutoscalerStatus {
                     placed_at: humantime::format_rfc3339_seconds(o.placed_at).to_string(),
                     device_id: o.device_id.clone(),
                     reason: o.reason.clone(),
+                })
+                .collect(),
+            unmanaged: s
+                .report
+                .unmanaged
+                .iter()
+                .map(|u| UnmanagedView {
+                    zone: u.zone.clone(),
+                    device_id: u.device_id.clone(),
+                    name: u.name.clone(),
+                    pool_tag: u.pool_tag.clone(),
+                    why: u.why.clone(),
                 })
                 .collect(),
             decisions: s

@@ -124,12 +124,21 @@ pub fn open_ledger(cfg: &AutoscaleConfig) -> Result<ledger::Ledger, ledger::Ledg
     }
 }
 
+/// Where the autoscaler orders from.
+pub struct Providers<P> {
+    /// One client per zone ordered from, in order of preference.
+    pub zones: Vec<(String, P)>,
+    /// Zones only watched for unmanaged servers.
+    pub watched: Vec<(String, P)>,
+    /// Port the frontend listens on on each server.
+    pub blade_port: u16,
+}
+
 /// Runs the loop until `shutdown` turns true.
 pub async fn run<P: Provider>(
     pool: Arc<Pool>,
     cfg: AutoscaleConfig,
-    zones: Vec<(String, P)>,
-    blade_port: u16,
+    providers: Providers<P>,
     ledger: ledger::Ledger,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
@@ -139,10 +148,11 @@ pub async fn run<P: Provider>(
     let started = SystemTime::now();
     let mut reconciler = Reconciler::new(
         pool.clone(),
-        zones,
-        reconcile_config(&cfg, &pool.settings().name, blade_port),
+        providers.zones,
+        reconcile_config(&cfg, &pool.settings().name, providers.blade_port),
         ledger,
-    );
+    )
+    .watching(providers.watched);
     let servers_gauge = metrics::gauge!(names::AUTOSCALER_SERVERS);
     let cost_gauge = metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR);
     let today_gauge = metrics::gauge!(names::AUTOSCALER_SPENT_TODAY);
@@ -198,8 +208,20 @@ pub async fn run<P: Provider>(
             s.observations = Some(obs);
             s.report = report;
             s.cost = cost;
+            let mut decision = decision;
+            if let Some(limit) = &s.report.budget_reached {
+                decision.reasons.push(policy::Reason::Budget {
+                    limit: limit.clone(),
+                });
+            }
+            let budget_changed = |d: &Decision| {
+                d.reasons
+                    .iter()
+                    .any(|r| matches!(r, policy::Reason::Budget { .. }))
+                    != s.report.budget_reached.is_some()
+            };
             let changed = s.decisions.back().is_none_or(|(_, d)| {
-                d.desired != decision.desired || d.current != decision.current
+                d.desired != decision.desired || d.current != decision.current || budget_changed(d)
             });
             if changed {
                 s.decisions.push_back((SystemTime::now(), decision));

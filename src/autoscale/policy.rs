@@ -56,6 +56,9 @@ pub enum Reason {
     StaleMetrics,
     /// The operator paused the autoscaler.
     Paused,
+    /// The budget holds orders back (the reconciler's finding, added to the decision so
+    /// that the decision log says why the pool does not grow).
+    Budget { limit: String },
 }
 
 impl std::fmt::Display for Reason {
@@ -87,6 +90,7 @@ impl std::fmt::Display for Reason {
             Reason::Max { max } => write!(f, "capped at maximum {max}"),
             Reason::StaleMetrics => write!(f, "metrics stale: holding"),
             Reason::Paused => write!(f, "paused: holding"),
+            Reason::Budget { limit } => write!(f, "orders held back by the {limit}"),
         }
     }
 }
@@ -106,6 +110,7 @@ impl Reason {
             Reason::Max { .. } => "max",
             Reason::StaleMetrics => "stale",
             Reason::Paused => "paused",
+            Reason::Budget { .. } => "budget",
         }
     }
 }

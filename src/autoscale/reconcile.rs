@@ -65,7 +65,27 @@ pub struct Report {
     pub errors: Vec<String>,
     /// The ledger's orders, for the cost view.
     pub orders: Vec<Order>,
+    /// Servers with a `surge-pool` tag that this reconciler does not manage (another
+    /// pool name, or this pool's tag in a zone not ordered from): never released by
+    /// surge, shown so that someone decides.
+    pub unmanaged: Vec<Unmanaged>,
 }
+
+/// A server surge sees but does not manage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmanaged {
+    pub zone: String,
+    pub device_id: String,
+    pub name: String,
+    /// The value of its `surge-pool` tag.
+    pub pool_tag: String,
+    /// Why it is not managed, in words.
+    pub why: String,
+}
+
+/// How often every server of the zones (not only this pool's) is listed for unmanaged
+/// ones.
+const UNMANAGED_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Reconciler<P> {
     pool: Arc<Pool>,
@@ -78,6 +98,11 @@ pub struct Reconciler<P> {
     order_failures: u32,
     /// The offer's price per hour, as last seen.
     offer_price: Option<f64>,
+    /// Zones only watched for unmanaged servers (`provider.watch_zones`).
+    watched: Vec<(String, P)>,
+    /// The last scan for unmanaged servers, and when the next is due.
+    unmanaged: Vec<Unmanaged>,
+    next_scan: Option<Instant>,
 }
 
 impl<P: Provider> Reconciler<P> {
@@ -101,7 +126,60 @@ impl<P: Provider> Reconciler<P> {
             ledger,
             order_failures: 0,
             offer_price,
+            watched: Vec::new(),
+            unmanaged: Vec::new(),
+            next_scan: None,
         }
+    }
+
+    /// Also watches `zones` (not ordered from) for servers carrying this pool's tag.
+    pub fn watching(mut self, zones: Vec<(String, P)>) -> Self {
+        self.watched = zones;
+        self
+    }
+
+    /// Lists every server of every zone (ordered from or watched) and keeps those with a
+    /// `surge-pool` tag this reconciler does not manage; warns once about each new one.
+    async fn scan_unmanaged(&mut self, report: &mut Report) {
+        let mut found = Vec::new();
+        let managed_zones: Vec<&str> = self.zones.iter().map(|(z, _)| z.as_str()).collect();
+        for (zone, provider) in self.zones.iter().chain(&self.watched) {
+            let listing = match provider.inventory("").await {
+                Ok(l) => l,
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("scanning {zone} for unmanaged servers: {e}"));
+                    continue;
+                }
+            };
+            for d in listing.devices {
+                let Some(tag) = d.tag(POOL_TAG) else { continue };
+                let why = if tag != self.cfg.pool {
+                    format!(
+                        "tagged for pool `{tag}`, this surge runs pool `{}`",
+                        self.cfg.pool
+                    )
+                } else if !managed_zones.contains(&zone.as_str()) {
+                    format!("this pool's server in zone {zone}, which is not in provider.zones")
+                } else {
+                    continue;
+                };
+                found.push(Unmanaged {
+                    zone: zone.clone(),
+                    device_id: d.id.clone(),
+                    name: d.name.clone(),
+                    pool_tag: tag.to_owned(),
+                    why,
+                });
+            }
+        }
+        for u in &found {
+            if !self.unmanaged.iter().any(|o| o.device_id == u.device_id) {
+                tracing::warn!(device = %u.device_id, zone = %u.zone, name = %u.name, why = %u.why, "server not managed by this surge (still billed; surge never releases it)");
+            }
+        }
+        self.unmanaged = found;
     }
 
     /// One round toward `desired` in-service nodes.
@@ -112,6 +190,10 @@ impl<P: Provider> Reconciler<P> {
     /// [`Reconciler::step`] at wall-clock time `wall` (billing hours, order deadlines).
     pub async fn step_at(&mut self, desired: usize, now: Instant, wall: SystemTime) -> Report {
         let mut report = Report::default();
+        if self.next_scan.is_none_or(|t| now >= t) {
+            self.scan_unmanaged(&mut report).await;
+            self.next_scan = Some(now + UNMANAGED_SCAN_EVERY);
+        }
         let (zones, looked_up) = self.observe(&mut report).await;
         let nodes = self.nodes(now);
         let plan = plan::plan(&Inputs {
@@ -146,6 +228,7 @@ impl<P: Provider> Reconciler<P> {
         }
         report.draining = self.memory.draining.len();
         report.orders = self.ledger.orders.clone();
+        report.unmanaged = self.unmanaged.clone();
         for e in &report.errors {
             tracing::warn!(error = %e, "reconciler");
         }

@@ -27,6 +27,8 @@ pub(super) struct FileProvider {
     max_attempts: u32,
     #[serde(default = "default_max_retry_after", with = "humantime_serde")]
     max_retry_after: Duration,
+    #[serde(default)]
+    watch_zones: Vec<String>,
 }
 
 fn default_max_retry_after() -> Duration {
@@ -69,6 +71,9 @@ pub struct ProviderConfig {
     pub max_attempts: u32,
     /// Longest `Retry-After` honoured (longer ones are cut to this and logged).
     pub max_retry_after: Duration,
+    /// Zones not ordered from but watched for servers carrying the pool's tag (a zone
+    /// dropped from `zones`): such servers are reported as unmanaged, never released.
+    pub watch_zones: Vec<String>,
 }
 
 /// Checks `[provider]` (keys relative to it).
@@ -95,6 +100,14 @@ pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
     if f.zones.is_empty() {
         p.bad("zones", "list at least one zone");
     }
+    for (i, z) in f.watch_zones.iter().enumerate() {
+        if f.zones.contains(z) {
+            p.bad(
+                &format!("watch_zones[{i}]"),
+                format!("`{z}` is in provider.zones already"),
+            );
+        }
+    }
     if f.offer.is_empty() {
         p.bad("offer", "name the offer to order, e.g. EM-A115X-SSD");
     }
@@ -116,6 +129,7 @@ pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
         call_timeout: f.call_timeout,
         max_attempts: f.max_attempts,
         max_retry_after: f.max_retry_after,
+        watch_zones: f.watch_zones.clone(),
     }
 }
 

@@ -499,9 +499,18 @@ impl AdminReader {
         .await
         .ok()??;
         let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        // The cost view is newer than the counts: absent from an older surge, it reads 0.
+        let cost = |key: &str| {
+            v.get("cost")
+                .and_then(|c| c.get(key))
+                .and_then(serde_json::Value::as_f64)
+        };
         Some(ScalerSample {
             desired: v.get("desired")?.as_u64()?,
             in_service: v.get("in_service")?.as_u64()?,
+            servers: cost("servers").unwrap_or(0.0) as u64,
+            cost_per_hour: cost("per_hour").unwrap_or(0.0),
+            spent: cost("since_start").unwrap_or(0.0),
         })
     }
 }

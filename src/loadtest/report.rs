@@ -143,6 +143,21 @@ pub fn hopeless(slo: &Slo, stats: Option<&StepStats>, bound: u64) -> bool {
 pub struct ScalerSample {
     pub desired: u64,
     pub in_service: u64,
+    /// Servers provisioned (ordered and not released).
+    pub servers: u64,
+    /// Their hourly prices added up, in the offer's currency.
+    pub cost_per_hour: f64,
+    /// Spent since the surge started (started billing hours).
+    pub spent: f64,
+}
+
+/// What the run cost, from the first and last autoscaler readings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunCost {
+    pub peak_servers: u64,
+    pub peak_per_hour: f64,
+    /// Spent (started billing hours) between the first and last reading.
+    pub spent: f64,
 }
 
 /// The outcome of a run.
@@ -264,6 +279,12 @@ impl Report {
                 self.autoscaler.len()
             ));
         }
+        if let Some(c) = self.cost() {
+            out.push_str(&format!(
+                "cost: peak {} servers at {:.2}/h; {:.2} spent during the run (started billing hours)\n",
+                c.peak_servers, c.peak_per_hour, c.spent
+            ));
+        }
         if let Some(why) = &self.aborted {
             out.push_str(&format!("ABORTED: {why}\n"));
         }
@@ -295,6 +316,7 @@ impl Report {
             "aborted": self.aborted,
             "passed": self.passed(),
             "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
+            "cost": self.cost().map(|c| json!({"peak_servers": c.peak_servers, "peak_per_hour": c.peak_per_hour, "spent": c.spent})),
             "timeline": (0..self.seconds()).map(|i| {
                 let b = self.timeline.get(i);
                 let scaler = self.autoscaler.get(i).copied().flatten();
@@ -304,8 +326,20 @@ impl Report {
                     "outcomes": b.map(|b| b.outcomes.clone()).unwrap_or_default(),
                     "p50_ms": b.map(|b| ms(b.quantile(0.5))), "p99_ms": b.map(|b| ms(b.quantile(0.99))),
                     "desired": scaler.map(|s| s.desired), "in_service": scaler.map(|s| s.in_service),
+                    "servers": scaler.map(|s| s.servers), "cost_per_hour": scaler.map(|s| s.cost_per_hour),
                 })
             }).collect::<Vec<_>>(),
+        })
+    }
+
+    /// What the autoscaler's servers cost during the run, when `--admin` was given.
+    pub fn cost(&self) -> Option<RunCost> {
+        let seen: Vec<&ScalerSample> = self.autoscaler.iter().flatten().collect();
+        let (first, last) = (seen.first()?, seen.last()?);
+        Some(RunCost {
+            peak_servers: seen.iter().map(|s| s.servers).max().unwrap_or(0),
+            peak_per_hour: seen.iter().map(|s| s.cost_per_hour).fold(0.0, f64::max),
+            spent: (last.spent - first.spent).max(0.0),
         })
     }
 

@@ -156,7 +156,7 @@ pub trait Provider: Send + Sync {
     /// Every device carrying `tag` (`key=value`), across all pages.
     fn list(&self, tag: &str) -> impl Future<Output = Result<Vec<Device>, ProviderError>> + Send;
     /// [`Provider::list`], saying whether the answer is complete (the reconciler trusts
-    /// only complete listings to remove anything).
+    /// only complete listings to remove anything). An empty `tag`: every server.
     fn inventory(&self, tag: &str) -> impl Future<Output = Result<Listing, ProviderError>> + Send;
     /// Releases a server. Releasing one that is already gone is not an error.
     fn delete(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;

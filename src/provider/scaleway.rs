@@ -464,11 +464,13 @@ impl Provider for Scaleway {
         let mut total: Option<u64> = None;
         let mut complete = true;
         for page in 1.. {
-            let query = [
-                ("tags", tag.to_owned()),
+            let mut query = vec![
                 ("page", page.to_string()),
                 ("page_size", PAGE_SIZE.to_string()),
             ];
+            if !tag.is_empty() {
+                query.push(("tags", tag.to_owned()));
+            }
             let v = self.send(Method::GET, "/servers", &query, None).await?;
             let servers: ApiServers = parse(v, "GET /servers")?;
             match (total, servers.total_count) {
