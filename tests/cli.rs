@@ -53,6 +53,7 @@ fn the_shipped_configs_are_valid() {
         "config/surge.toml",
         "config/scaleway.example.toml",
         "loadtests/chaos-surge.toml",
+        "loadtests/budget-surge.toml",
     ] {
         let out = Command::new(SURGE)
             .arg("check-config")

@@ -708,3 +708,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_known_node_removed_by_an_operator_is_forgotten() {
+    // The operator deleted bm-a through the admin API: it is no longer in the pool.
+    let c = Case::new(
+        1,
+        vec![device("a", DeviceState::Ready, Some("127.0.1.1"))],
+        vec![node("static", State::InService)],
+    )
+    .knowing(&[("bm-a", "a")]);
+    let p = c.plan();
+    assert!(
+        has(&p, |a| matches!(a, Action::Forget { id } if id == "bm-a")),
+        "{p:?}"
+    );
+    assert!(!has(&p, |a| matches!(
+        a,
+        Action::Drain { .. } | Action::Release { .. }
+    )));
+}
