@@ -223,6 +223,13 @@ pub async fn start_with(
                 pool.clone(),
                 a.clone(),
                 crate::autoscale::Providers {
+                    settings: p.clone(),
+                    proxy_address: cfg
+                        .proxy
+                        .listeners
+                        .first()
+                        .map(|l| l.listen.to_string())
+                        .unwrap_or_default(),
                     zones,
                     watched,
                     blade_port: p.blade_port,

@@ -38,6 +38,10 @@ pub mod names {
     pub const AUTOSCALER_DECISIONS: &str = "surge_autoscaler_decisions_total";
     /// Counter of rounds in which the budget held orders back.
     pub const AUTOSCALER_BUDGET_REACHED: &str = "surge_autoscaler_budget_reached_total";
+    /// Counter of delivered servers not healthy by `autoscale.bootstrap_timeout`.
+    pub const AUTOSCALER_BOOTSTRAP_FAILURES: &str = "surge_autoscaler_bootstrap_failures_total";
+    /// Gauge: 1 while bootstraps keep failing and orders are stopped, else 0.
+    pub const AUTOSCALER_BOOTSTRAP_ALARM: &str = "surge_autoscaler_bootstrap_alarm";
     /// Counter of failed server releases (retried with back-off).
     pub const AUTOSCALER_RELEASE_FAILURES: &str = "surge_autoscaler_release_failures_total";
     /// Gauge of servers provisioned (ordered and not released).

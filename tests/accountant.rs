@@ -186,6 +186,7 @@ api_url = "sim"
 zones = ["fr-par-2"]
 offer = "EM-A115X-SSD"
 blade_port = {blade_port}
+private_network = "pn-flood"
 [sim]
 delivery = "300ms"
 install = "100ms"
@@ -364,7 +365,7 @@ impl Rig {
         ));
         let auto = surge::config::Config::parse(
             &format!(
-                "[pool]\nbackends = [{{address = \"127.0.0.1:1\"}}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\n[autoscale]\nmin = 1\ndrain_timeout = \"1s\"\nrelease_margin = \"{}s\"\nledger = \"\"\n",
+                "[pool]\nbackends = [{{address = \"127.0.0.1:1\"}}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\nprivate_network = \"pn-rig\"\n[autoscale]\nmin = 1\ndrain_timeout = \"1s\"\nrelease_margin = \"{}s\"\nledger = \"\"\n",
                 release_margin.as_secs()
             ),
             std::path::Path::new("rig.toml"),
@@ -372,7 +373,9 @@ impl Rig {
         .unwrap();
         let rc = surge::autoscale::reconcile_config(
             auto.autoscale.as_ref().unwrap(),
+            auto.provider.as_ref(),
             "shop",
+            "127.0.0.1:8080",
             blade_port,
         );
         let reconciler = Reconciler::new(
@@ -604,6 +607,9 @@ async fn servers_of_other_pools_and_unordered_zones_are_shown_never_released() {
         name: "old-name".into(),
         pool: "shop-2025".into(),
         request_id: surge::provider::new_request_id(),
+        user_data: None,
+        ssh_key_ids: Vec::new(),
+        private_network: None,
     };
     let old = rig_client(&rig.sim, "fr-par-2")
         .create(&other_pool)

@@ -56,6 +56,9 @@ fn spec(name: &str) -> CreateSpec {
         name: name.into(),
         pool: "shop".into(),
         request_id: new_request_id(),
+        user_data: None,
+        ssh_key_ids: Vec::new(),
+        private_network: None,
     }
 }
 

@@ -91,8 +91,19 @@ impl Shared {
     }
 }
 
-/// The reconciler's settings from the configuration.
-pub fn reconcile_config(cfg: &AutoscaleConfig, pool: &str, blade_port: u16) -> ReconcileConfig {
+/// The reconciler's settings from the configuration: the autoscaler's, and what of the
+/// provider's the orders need (`None`: no bootstrap, public addresses).
+pub fn reconcile_config(
+    cfg: &AutoscaleConfig,
+    provider: Option<&crate::config::ProviderConfig>,
+    pool: &str,
+    proxy_address: &str,
+    blade_port: u16,
+) -> ReconcileConfig {
+    let private_network = provider.and_then(|p| match &p.reach {
+        crate::config::Reach::Private(network) => Some(network.clone()),
+        crate::config::Reach::Public => None,
+    });
     ReconcileConfig {
         pool: pool.to_owned(),
         offer: cfg.offer.clone(),
@@ -109,10 +120,19 @@ pub fn reconcile_config(cfg: &AutoscaleConfig, pool: &str, blade_port: u16) -> R
                 max_servers: cfg.budget.max_servers,
                 max_price_per_hour: cfg.budget.max_price_per_hour,
             },
+            private_network: private_network.is_some(),
+            bootstrap_timeout: cfg.bootstrap_timeout,
+            bootstrap_failure_limit: cfg.bootstrap_failures,
         },
         order_backoff_base: Duration::from_secs(1),
         order_backoff_max: Duration::from_secs(60),
         release_backoff_base: Duration::from_secs(1),
+        bootstrap: provider.and_then(|p| p.bootstrap.clone()),
+        private_network,
+        proxy_address: provider
+            .and_then(|p| p.bootstrap.as_ref())
+            .and_then(|b| b.proxy_address.clone())
+            .unwrap_or_else(|| proxy_address.to_owned()),
     }
 }
 
@@ -126,6 +146,10 @@ pub fn open_ledger(cfg: &AutoscaleConfig) -> Result<ledger::Ledger, ledger::Ledg
 
 /// Where the autoscaler orders from.
 pub struct Providers<P> {
+    /// The provider's settings (bootstrap, private network).
+    pub settings: crate::config::ProviderConfig,
+    /// The proxy's first listener, for `{{proxy_address}}` in the user-data.
+    pub proxy_address: String,
     /// One client per zone ordered from, in order of preference.
     pub zones: Vec<(String, P)>,
     /// Zones only watched for unmanaged servers.
@@ -149,7 +173,13 @@ pub async fn run<P: Provider>(
     let mut reconciler = Reconciler::new(
         pool.clone(),
         providers.zones,
-        reconcile_config(&cfg, &pool.settings().name, providers.blade_port),
+        reconcile_config(
+            &cfg,
+            Some(&providers.settings),
+            &pool.settings().name,
+            &providers.proxy_address,
+            providers.blade_port,
+        ),
         ledger,
     )
     .watching(providers.watched);

@@ -63,6 +63,10 @@ pub struct Node {
     pub in_state_for: Duration,
     /// While draining: whether the drain is over.
     pub drain_done: bool,
+    /// Whether its latest health checks passed (for spares, which health never moves).
+    pub healthy: bool,
+    /// Why its latest failed health check failed.
+    pub last_probe_error: Option<String>,
 }
 
 /// A provisioned node surge knows the server of.
@@ -111,6 +115,12 @@ pub struct Memory {
     /// No order before this instant (back-off after a round in which no zone could take
     /// one).
     pub next_order_at: Option<Instant>,
+    /// Delivered servers not yet proven healthy (their bootstrap is under way).
+    pub booting: HashSet<String>,
+    /// Bootstraps that failed in a row.
+    pub bootstrap_failures: u32,
+    /// The latest bootstrap failure, in words.
+    pub last_bootstrap_error: Option<String>,
 }
 
 /// Spending limits (`[autoscale.budget]`); `None`: no limit.
@@ -140,6 +150,13 @@ pub struct Rules {
     /// A provisioned node down (failing health checks) this long is released.
     pub down_release_after: Duration,
     pub budget: Budget,
+    /// Whether blades are reached on a private network (their private address) rather
+    /// than their public one.
+    pub private_network: bool,
+    /// A delivered server not healthy this long after delivery has failed its bootstrap.
+    pub bootstrap_timeout: Duration,
+    /// Bootstrap failures in a row that stop orders.
+    pub bootstrap_failure_limit: u32,
 }
 
 /// Everything one round's plan is made from.
@@ -150,6 +167,8 @@ pub struct Inputs<'a> {
     pub zones: &'a [ZoneListing],
     /// Look-ups of known servers missing from complete listings, by device id.
     pub looked_up: &'a HashMap<String, LookUp>,
+    /// Private addresses of delivered servers, by device id (with a private network).
+    pub addresses: &'a HashMap<String, IpAddr>,
     pub nodes: &'a [Node],
     pub ledger: &'a [Order],
     pub memory: &'a Memory,
@@ -204,6 +223,10 @@ pub enum Action {
     OperatorKept { id: String },
     /// A node left the pool by other means: forget it.
     Forget { id: String },
+    /// A delivered server passed its health checks: its bootstrap worked.
+    Booted { id: String },
+    /// A delivered server was not healthy by its deadline.
+    BootFailed { id: String, error: String },
 }
 
 /// What the round saw, for the status page.
@@ -220,6 +243,8 @@ pub struct Summary {
     pub supply: usize,
     /// Why no (or fewer) orders were placed though more were wanted, when a limit did it.
     pub budget_reached: Option<String>,
+    /// Set when bootstraps keep failing and orders stopped: why, in words.
+    pub bootstrap_alarm: Option<String>,
     /// Things an operator should know, in words.
     pub notes: Vec<String>,
 }
@@ -428,15 +453,79 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         }
     }
 
+    // 3b. Bootstraps: a delivered server proves itself healthy by its deadline, or it is
+    // released (it never served: nothing to drain) and counted as a failure.
+    let mut expired: HashSet<&str> = HashSet::new();
+    for id in &m.booting {
+        let Some(n) = nodes.get(id.as_str()) else {
+            continue;
+        };
+        let booted = n.state == State::InService || (n.state == State::Standby && n.healthy);
+        if booted {
+            p.actions.push(Action::Booted { id: id.clone() });
+        } else if matches!(n.state, State::Warming | State::Standby)
+            && n.in_state_for >= i.rules.bootstrap_timeout
+        {
+            let error = n
+                .last_probe_error
+                .clone()
+                .unwrap_or_else(|| "no health check answered".into());
+            expired.insert(id.as_str());
+            if let Some(k) = m.known.get(id) {
+                p.actions.push(Action::Release {
+                    device_id: k.device_id.clone(),
+                    zone: k.zone.clone(),
+                    node: Some(id.clone()),
+                    why: format!(
+                        "not healthy within {} of delivery (last check: {error})",
+                        humantime::format_duration(i.rules.bootstrap_timeout)
+                    ),
+                });
+            }
+            p.actions.push(Action::BootFailed {
+                id: id.clone(),
+                error,
+            });
+        }
+    }
+    let failures = m.bootstrap_failures
+        + p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::BootFailed { .. }))
+            .count() as u32;
+    let booted_now = p.actions.iter().any(|a| matches!(a, Action::Booted { .. }));
+    if failures >= i.rules.bootstrap_failure_limit && !booted_now {
+        let last = p
+            .actions
+            .iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::BootFailed { error, .. } => Some(error.clone()),
+                _ => None,
+            })
+            .or_else(|| m.last_bootstrap_error.clone())
+            .unwrap_or_default();
+        p.summary.bootstrap_alarm = Some(format!(
+            "bootstrap is failing: {failures} delivered servers in a row were not healthy within {}; no more orders until one is (last error: {last})",
+            humantime::format_duration(i.rules.bootstrap_timeout)
+        ));
+    }
+
     // 4. Delivered servers join the pool; failed ones and long-down nodes are released.
-    let count = |s: State| i.nodes.iter().filter(|n| n.state == s).count();
+    let count = |s: State| {
+        i.nodes
+            .iter()
+            .filter(|n| n.state == s && !expired.contains(n.id.as_str()))
+            .count()
+    };
     let mut in_service = count(State::InService);
+    // Warming nodes count as capacity on its way only until their bootstrap deadline.
     let mut toward_service = in_service + count(State::Warming);
     let mut pending = count(State::Warming);
     let mut spares: Vec<&str> = i
         .nodes
         .iter()
-        .filter(|n| n.state == State::Standby)
+        .filter(|n| n.state == State::Standby && !expired.contains(n.id.as_str()))
         .map(|n| n.id.as_str())
         .collect();
     let first_adoption = !m.adopted_once;
@@ -450,7 +539,12 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
                 if nodes.contains_key(id.as_str()) || m.draining.contains_key(&id) {
                     continue;
                 }
-                let Some(ip) = d.address.filter(usable_address) else {
+                let address = if i.rules.private_network {
+                    i.addresses.get(&d.id).copied()
+                } else {
+                    d.address
+                };
+                let Some(ip) = address.filter(usable_address) else {
                     // Counted as on its way (it is billed and may get an address), not
                     // ordered again; released if it never becomes usable.
                     pending += 1;
@@ -565,7 +659,11 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
     // 6. Scale up, within the budget: what is on its way counts, so a slow delivery or a
     // lagging list is not ordered twice.
     let target = i.desired + i.rules.standby;
-    if all_complete && target > supply && m.next_order_at.is_none_or(|t| i.now >= t) {
+    if all_complete
+        && target > supply
+        && m.next_order_at.is_none_or(|t| i.now >= t)
+        && p.summary.bootstrap_alarm.is_none()
+    {
         let wanted = (target - supply).min(MAX_ORDERS_PER_ROUND);
         let (allowed, limit) = within_budget(wanted, i);
         if let Some(limit) = limit {

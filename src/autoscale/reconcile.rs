@@ -39,6 +39,12 @@ pub struct ReconcileConfig {
     pub order_backoff_max: Duration,
     /// Back-off of a failed release, doubled per failure up to `order_backoff_max`.
     pub release_backoff_base: Duration,
+    /// Cloud-init user-data and SSH keys sent with every order.
+    pub bootstrap: Option<crate::config::BootstrapConfig>,
+    /// Private network blades are attached to and reached on (`None`: public addresses).
+    pub private_network: Option<String>,
+    /// `{{proxy_address}}` for the user-data.
+    pub proxy_address: String,
 }
 
 /// What one round saw and did.
@@ -59,6 +65,8 @@ pub struct Report {
     pub draining: usize,
     /// The budget limit that held orders back, in words.
     pub budget_reached: Option<String>,
+    /// Why orders stopped because bootstraps keep failing.
+    pub bootstrap_alarm: Option<String>,
     /// Things an operator should know (servers missing from a listing, kept spares...).
     pub notes: Vec<String>,
     /// Problems met, in words for the status page and the log.
@@ -195,11 +203,13 @@ impl<P: Provider> Reconciler<P> {
             self.next_scan = Some(now + UNMANAGED_SCAN_EVERY);
         }
         let (zones, looked_up) = self.observe(&mut report).await;
+        let addresses = self.private_addresses(&zones, &mut report).await;
         let nodes = self.nodes(now);
         let plan = plan::plan(&Inputs {
             desired,
             zones: &zones,
             looked_up: &looked_up,
+            addresses: &addresses,
             nodes: &nodes,
             ledger: &self.ledger.orders,
             memory: &self.memory,
@@ -214,7 +224,19 @@ impl<P: Provider> Reconciler<P> {
         report.standby = s.standby;
         report.devices = s.devices;
         report.budget_reached = s.budget_reached.clone();
+        report.bootstrap_alarm = s.bootstrap_alarm.clone();
+        if let Some(alarm) = &s.bootstrap_alarm {
+            metrics::gauge!(crate::telemetry::names::AUTOSCALER_BOOTSTRAP_ALARM).set(1.0);
+            tracing::error!(%alarm, "bootstrap alarm");
+        } else {
+            metrics::gauge!(crate::telemetry::names::AUTOSCALER_BOOTSTRAP_ALARM).set(0.0);
+        }
         report.notes = s.notes.clone();
+        if self.cfg.private_network.is_none() {
+            report.notes.push(
+                "blades are reached on their public addresses (provider.public_addresses = true): frontend traffic crosses the Internet".into(),
+            );
+        }
         if let Some(limit) = &s.budget_reached {
             metrics::counter!(crate::telemetry::names::AUTOSCALER_BUDGET_REACHED).increment(1);
             tracing::warn!(%limit, "orders held back by the budget; shedding takes over");
@@ -293,6 +315,49 @@ impl<P: Provider> Reconciler<P> {
         (zones, looked_up)
     }
 
+    /// The private addresses of delivered servers not yet in the pool (with a private
+    /// network; one look-up per server, until it is adopted).
+    async fn private_addresses(
+        &self,
+        zones: &[ZoneListing],
+        report: &mut Report,
+    ) -> HashMap<String, std::net::IpAddr> {
+        let mut out = HashMap::new();
+        let Some(network) = &self.cfg.private_network else {
+            return out;
+        };
+        let table = self.pool.snapshot_full();
+        for z in zones {
+            let Some(provider) = self.provider(&z.zone) else {
+                continue;
+            };
+            for d in z.devices.iter().filter(|d| d.state == DeviceState::Ready) {
+                if table.get(&plan::backend_id(d)).is_some() {
+                    continue;
+                }
+                match provider.private_address(&d.id, network).await {
+                    Ok(Some(ip)) => {
+                        out.insert(d.id.clone(), ip);
+                    }
+                    // Not attached (the order's answer was lost before surge could, or
+                    // the attach failed): attach it now, its address shows next round.
+                    Ok(None) => {
+                        if let Err(e) = provider.attach(&d.id, network).await {
+                            report.errors.push(format!(
+                                "attaching server {} to private network {network}: {e}",
+                                d.id
+                            ));
+                        }
+                    }
+                    Err(e) => report
+                        .errors
+                        .push(format!("private address of server {}: {e}", d.id)),
+                }
+            }
+        }
+        out
+    }
+
     /// The pool as the plan sees it.
     fn nodes(&self, now: Instant) -> Vec<Node> {
         let table = self.pool.snapshot();
@@ -305,6 +370,11 @@ impl<P: Provider> Reconciler<P> {
                 origin: m.backend.origin,
                 in_state_for: now.saturating_duration_since(m.since),
                 drain_done: m.drain_is_over(now),
+                healthy: {
+                    let (ok, failed) = m.backend.probe_streak();
+                    ok > 0 && failed == 0
+                },
+                last_probe_error: m.backend.last_probe_error(),
             })
             .collect()
     }
@@ -338,6 +408,7 @@ impl<P: Provider> Reconciler<P> {
                     match added {
                         Ok(()) => {
                             tracing::info!(backend = %id, %addr, zone = %known.zone, standby = spare, "delivered server joins the pool");
+                            self.memory.booting.insert(id.clone());
                             self.memory.known.insert(id, known);
                         }
                         Err(e) => report.errors.push(format!("adding {id}: {e}")),
@@ -436,11 +507,30 @@ impl<P: Provider> Reconciler<P> {
                     self.memory.operator_kept.insert(id);
                 }
                 Action::Forget { id } => self.forget(&id),
+                Action::Booted { id } => {
+                    self.memory.booting.remove(&id);
+                    if self.memory.bootstrap_failures > 0 {
+                        tracing::info!(backend = %id, "a bootstrap succeeded; ordering resumes");
+                    }
+                    self.memory.bootstrap_failures = 0;
+                }
+                Action::BootFailed { id, error } => {
+                    self.memory.booting.remove(&id);
+                    self.memory.bootstrap_failures += 1;
+                    metrics::counter!(crate::telemetry::names::AUTOSCALER_BOOTSTRAP_FAILURES)
+                        .increment(1);
+                    report.errors.push(format!(
+                        "server of {id} did not become healthy after its delivery (bootstrap failure {} in a row): {error}",
+                        self.memory.bootstrap_failures
+                    ));
+                    self.memory.last_bootstrap_error = Some(error);
+                }
             }
         }
     }
 
     fn forget(&mut self, id: &str) {
+        self.memory.booting.remove(id);
         self.memory.known.remove(id);
         self.memory.draining.remove(id);
         self.memory.missing.remove(id);
@@ -590,11 +680,30 @@ impl<P: Provider> Reconciler<P> {
                 self.ledger.orders.pop();
                 return false;
             }
+            let name = format!("surge-{}-{}", self.cfg.pool, &request_id[..8]);
+            let blade_port = self.cfg.rules.blade_port.to_string();
+            let user_data = self.cfg.bootstrap.as_ref().map(|b| {
+                b.render(&[
+                    ("server_name", &name),
+                    ("pool", &self.cfg.pool),
+                    ("zone", &zone),
+                    ("proxy_address", &self.cfg.proxy_address),
+                    ("blade_port", &blade_port),
+                ])
+            });
             let spec = CreateSpec {
                 offer_id: offer.id.clone(),
-                name: format!("surge-{}-{}", self.cfg.pool, &request_id[..8]),
+                name,
                 pool: self.cfg.pool.clone(),
                 request_id: request_id.clone(),
+                user_data,
+                ssh_key_ids: self
+                    .cfg
+                    .bootstrap
+                    .as_ref()
+                    .map(|b| b.ssh_key_ids.clone())
+                    .unwrap_or_default(),
+                private_network: self.cfg.private_network.clone(),
             };
             let (_, provider) = &self.zones[zi];
             let created = provider.create(&spec).await;

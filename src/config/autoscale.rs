@@ -48,6 +48,9 @@ pub(super) struct FileAutoscale {
     #[serde(with = "humantime_serde")]
     release_down_after: Duration,
     max_client_share: f64,
+    #[serde(with = "humantime_serde")]
+    bootstrap_timeout: Duration,
+    bootstrap_failures: u32,
     budget: FileBudget,
 }
 
@@ -98,6 +101,8 @@ impl Default for FileAutoscale {
             release_margin: Duration::from_secs(5 * 60),
             release_down_after: Duration::from_secs(10 * 60),
             max_client_share: 0.1,
+            bootstrap_timeout: Duration::from_secs(20 * 60),
+            bootstrap_failures: 3,
             budget: FileBudget::default(),
         }
     }
@@ -156,6 +161,10 @@ pub struct AutoscaleConfig {
     pub release_down_after: Duration,
     /// Most of the scaling rate one client address (IPv6: its /64) may make, 0..=1.
     pub max_client_share: f64,
+    /// A delivered server not healthy this long after delivery is released, replaced.
+    pub bootstrap_timeout: Duration,
+    /// Bootstrap failures in a row that stop new orders (and raise the alarm).
+    pub bootstrap_failures: u32,
     pub budget: BudgetConfig,
 }
 
@@ -276,6 +285,9 @@ pub(super) fn validate(
             p.bad(key, "must be greater than 0");
         }
     }
+    if a.bootstrap_failures == 0 {
+        p.bad("bootstrap_failures", "must be at least 1");
+    }
     if a.missing_listings == 0 {
         p.bad("missing_listings", "must be at least 1");
     }
@@ -346,6 +358,8 @@ pub(super) fn validate(
         release_margin: a.release_margin,
         release_down_after: a.release_down_after,
         max_client_share: a.max_client_share,
+        bootstrap_timeout: a.bootstrap_timeout,
+        bootstrap_failures: a.bootstrap_failures,
         budget,
     }
 }

@@ -37,7 +37,7 @@ pub use pool::{
     UpstreamProtocol, MAX_WEIGHT,
 };
 pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
-pub use provider::ProviderConfig;
+pub use provider::{BootstrapConfig, ProviderConfig, Reach};
 pub use proxy::ProxyConfig;
 pub use sim::SimSettings;
 
@@ -87,6 +87,8 @@ pub struct Environment {
     pub admin_token: Option<String>,
     /// Cores of the machine: `proxy.workers = 0` means one worker per core.
     pub cores: usize,
+    /// Reads a file the configuration names (`provider.bootstrap.user_data`).
+    pub read_file: fn(&Path) -> std::io::Result<String>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -107,6 +109,7 @@ impl Environment {
         Self {
             admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            read_file: |p| std::fs::read_to_string(p),
         }
     }
 }
@@ -207,7 +210,7 @@ fn validate(
     let provider = raw
         .provider
         .as_ref()
-        .map(|f| problems.within("provider", |p| provider::validate(f, p)));
+        .map(|f| problems.within("provider", |p| provider::validate(f, env, p)));
     let local_blades = raw
         .local_blades
         .as_ref()

@@ -1,10 +1,19 @@
 //! `[provider]`: the bare-metal provider blades are ordered from.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Problems;
+use super::{Environment, Problems};
+
+/// Largest user-data surge sends (after rendering); cloud-init payloads beyond this are
+/// better fetched by the payload itself.
+pub const MAX_USER_DATA_BYTES: usize = 64 * 1024;
+
+/// The variables a user-data template may use.
+pub const USER_DATA_VARIABLES: [&str; 5] =
+    ["server_name", "pool", "zone", "proxy_address", "blade_port"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +38,56 @@ pub(super) struct FileProvider {
     max_retry_after: Duration,
     #[serde(default)]
     watch_zones: Vec<String>,
+    #[serde(default)]
+    bootstrap: Option<FileBootstrap>,
+    #[serde(default)]
+    private_network: Option<String>,
+    #[serde(default)]
+    public_addresses: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBootstrap {
+    user_data: PathBuf,
+    #[serde(default)]
+    ssh_key_ids: Vec<String>,
+    #[serde(default)]
+    proxy_address: Option<String>,
+}
+
+/// How ordered servers are installed as shop frontends (cloud-init at first boot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    /// The user-data template (cloud-config or a script), as read from `source`.
+    pub user_data: String,
+    /// The file it was read from, for messages.
+    pub source: PathBuf,
+    /// SSH keys (the vendor's key ids) installed for the operator's access.
+    pub ssh_key_ids: Vec<String>,
+    /// `{{proxy_address}}` in the template: where the frontend should expect surge from.
+    pub proxy_address: Option<String>,
+}
+
+impl BootstrapConfig {
+    /// The user-data for one server: every `{{variable}}` replaced.
+    pub fn render(&self, vars: &[(&str, &str)]) -> String {
+        let mut out = self.user_data.clone();
+        for (k, v) in vars {
+            out = out.replace(&format!("{{{{{k}}}}}"), v);
+        }
+        out
+    }
+}
+
+/// How surge reaches ordered servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// On their address in this private network (Elastic Metal private network id).
+    Private(String),
+    /// On their public address: only when configured so (`public_addresses = true`),
+    /// and warned about.
+    Public,
 }
 
 fn default_max_retry_after() -> Duration {
@@ -74,10 +133,32 @@ pub struct ProviderConfig {
     /// Zones not ordered from but watched for servers carrying the pool's tag (a zone
     /// dropped from `zones`): such servers are reported as unmanaged, never released.
     pub watch_zones: Vec<String>,
+    /// Cloud-init user-data and SSH keys sent with every order.
+    pub bootstrap: Option<BootstrapConfig>,
+    /// The network surge reaches the blades on.
+    pub reach: Reach,
 }
 
 /// Checks `[provider]` (keys relative to it).
-pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
+pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) -> ProviderConfig {
+    let reach = match (&f.private_network, f.public_addresses) {
+        (Some(pn), false) if !pn.is_empty() => Reach::Private(pn.clone()),
+        (None, true) => Reach::Public,
+        (Some(_), true) => {
+            p.bad(
+                "public_addresses",
+                "give either private_network or public_addresses = true, not both",
+            );
+            Reach::Public
+        }
+        _ => {
+            p.bad(
+                "private_network",
+                "name the private network surge reaches the blades on (its id), or set public_addresses = true to reach them on the Internet",
+            );
+            Reach::Public
+        }
+    };
     if f.kind != "scaleway" {
         p.bad(
             "kind",
@@ -130,7 +211,66 @@ pub(super) fn validate(f: &FileProvider, p: &mut Problems) -> ProviderConfig {
         max_attempts: f.max_attempts,
         max_retry_after: f.max_retry_after,
         watch_zones: f.watch_zones.clone(),
+        bootstrap: f
+            .bootstrap
+            .as_ref()
+            .and_then(|b| p.within("bootstrap", |p| bootstrap(b, env, p))),
+        reach,
     }
+}
+
+/// Reads and checks the user-data template: present, not too big, every `{{variable}}`
+/// one surge knows.
+fn bootstrap(b: &FileBootstrap, env: &Environment, p: &mut Problems) -> Option<BootstrapConfig> {
+    let text = match (env.read_file)(&b.user_data) {
+        Ok(t) => t,
+        Err(e) => {
+            p.bad(
+                "user_data",
+                format!("cannot read {}: {e}", b.user_data.display()),
+            );
+            return None;
+        }
+    };
+    if text.len() > MAX_USER_DATA_BYTES - 1024 {
+        p.bad(
+            "user_data",
+            format!(
+                "{} is {} bytes; at most {} (less 1 KiB for the variables)",
+                b.user_data.display(),
+                text.len(),
+                MAX_USER_DATA_BYTES
+            ),
+        );
+    }
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else { break };
+        let name = after[..end].trim();
+        if !USER_DATA_VARIABLES.contains(&name) {
+            p.bad(
+                "user_data",
+                format!(
+                    "{}: unknown variable `{{{{{name}}}}}` (known: {})",
+                    b.user_data.display(),
+                    USER_DATA_VARIABLES.join(", ")
+                ),
+            );
+        }
+        rest = &after[end + 2..];
+    }
+    for (i, k) in b.ssh_key_ids.iter().enumerate() {
+        if k.is_empty() {
+            p.bad(&format!("ssh_key_ids[{i}]"), "must not be empty");
+        }
+    }
+    Some(BootstrapConfig {
+        user_data: text,
+        source: b.user_data.clone(),
+        ssh_key_ids: b.ssh_key_ids.clone(),
+        proxy_address: b.proxy_address.clone(),
+    })
 }
 
 /// Whether `url` is an absolute `https://` URL, or `http://` to a loopback address (the

@@ -70,6 +70,7 @@ fn no_env() -> Environment {
     Environment {
         admin_token: None,
         cores: 2,
+        read_file: |p| std::fs::read_to_string(p),
     }
 }
 
@@ -145,7 +146,7 @@ fn names_accept_what_the_message_says() {
 
 #[test]
 fn scheduled_events_are_checked() {
-    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\n[autoscale]\nmax = 10\n";
+    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\npublic_addresses = true\n[autoscale]\nmax = 10\n";
     let ok = format!("{base}[[autoscale.schedule]]\nname = \"bf\"\nat = \"2026-11-27T08:00:00+01:00\"\nduration = \"4h\"\nmin = 8\n[[autoscale.schedule]]\nname = \"fri\"\ncron = \"0 0 8 * * Fri\"\ntimezone = \"Europe/Paris\"\nduration = \"1h\"\nmin = 4\n");
     let cfg = parse(&ok).expect("valid schedule");
     assert_eq!(cfg.autoscale.map(|a| a.schedule.len()), Some(2));

@@ -121,6 +121,9 @@ pub async fn check_once<P: Prober>(pool: &Pool, cfg: &HealthConfig, prober: &Arc
                 backend.probe_failures.store(0, Ordering::Relaxed);
             }
             Err(reason) => {
+                backend
+                    .last_probe_error
+                    .store(Some(std::sync::Arc::new(reason.to_string())));
                 let n = backend.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 backend.probe_successes.store(0, Ordering::Relaxed);
                 if n == cfg.fall {

@@ -138,6 +138,8 @@ pub struct Backend {
     idle: Notify,
     /// Drain waiters watching this backend.
     idle_watchers: AtomicU32,
+    /// Why the latest failed health probe failed (for the bootstrap deadline's report).
+    last_probe_error: arc_swap::ArcSwapOption<String>,
 }
 
 /// Per-backend metric handles. Registered when the backend is created, against whatever
@@ -193,6 +195,7 @@ impl Backend {
             latency: PeakEwma::new(),
             idle: Notify::new(),
             idle_watchers: AtomicU32::new(0),
+            last_probe_error: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -210,6 +213,11 @@ impl Backend {
 
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the latest failed health probe failed, if one ever did.
+    pub fn last_probe_error(&self) -> Option<String> {
+        self.last_probe_error.load_full().map(|e| (*e).clone())
     }
 
     /// Consecutive successful and failed health probes, as the health checker last saw.

@@ -93,6 +93,12 @@ pub struct CreateSpec {
     /// Unique per order; becomes tag `surge-request=<id>`, so that a retried order whose
     /// first answer was lost finds the server it already ordered instead of ordering again.
     pub request_id: String,
+    /// Cloud-init user-data run at first boot (rendered for this server).
+    pub user_data: Option<String>,
+    /// The vendor's ids of the SSH keys to install.
+    pub ssh_key_ids: Vec<String>,
+    /// Private network to attach the server to (surge reaches it there).
+    pub private_network: Option<String>,
 }
 
 /// Tag naming the pool a device belongs to.
@@ -160,6 +166,19 @@ pub trait Provider: Send + Sync {
     fn inventory(&self, tag: &str) -> impl Future<Output = Result<Listing, ProviderError>> + Send;
     /// Releases a server. Releasing one that is already gone is not an error.
     fn delete(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Attaches the server to private network `network` (attaching it again is not an
+    /// error).
+    fn attach(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// The server's address in private network `network`, once it has one.
+    fn private_address(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> impl Future<Output = Result<Option<IpAddr>, ProviderError>> + Send;
 }
 
 /// Exponential back-off with full jitter: attempt `n` (0-based) waits a random time up to

@@ -138,6 +138,19 @@ pub struct ApiIp {
     pub version: String,
 }
 
+/// `GET /ipam/v1/regions/{region}/ips`: addresses by resource.
+#[derive(Debug, Deserialize)]
+pub struct ApiIpamIps {
+    #[serde(default)]
+    pub ips: Vec<ApiIpamIp>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiIpamIp {
+    /// CIDR notation: `10.12.0.5/22`.
+    pub address: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct ApiError {
     #[serde(default)]
@@ -233,7 +246,7 @@ impl Scaleway {
         &self.cfg.zone
     }
 
-    /// One HTTP exchange; the vendor's answer mapped to a typed error.
+    /// One HTTP exchange on the zone's v1 API; the vendor's answer mapped to a typed error.
     async fn send_once(
         &self,
         method: Method,
@@ -241,9 +254,43 @@ impl Scaleway {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
+        let url = format!("{}{}", self.base, path);
+        self.exchange(method, &url, path, query, body).await
+    }
+
+    /// [`Scaleway::exchange`] retried as [`Scaleway::send`] is, on any URL of the API.
+    async fn send_to(
+        &self,
+        method: Method,
+        url: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
+        let mut attempt = 0;
+        loop {
+            match self.exchange(method.clone(), url, path, query, body).await {
+                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
+                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One HTTP exchange with `url` (`path` names it in messages).
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
         let mut req = self
             .http
-            .request(method.clone(), format!("{}{}", self.base, path))
+            .request(method.clone(), url)
             .header("X-Auth-Token", &self.cfg.secret_key)
             .query(query);
         if let Some(b) = body {
@@ -364,6 +411,60 @@ impl Scaleway {
     }
 }
 
+impl Scaleway {
+    /// Attaches a new server to the configured private network. A failure is logged,
+    /// not returned: the order stands, and a server that never gets a private address is
+    /// released by the reconciler after its order deadline.
+    async fn attach_new(&self, server: &str, spec: &CreateSpec) {
+        let Some(network) = &spec.private_network else {
+            return;
+        };
+        if let Err(e) = Provider::attach(self, server, network).await {
+            tracing::warn!(server, network, error = %e, "cannot attach the server to the private network yet; retried when it is delivered");
+        }
+    }
+
+    /// `/baremetal/v3/zones/{zone}{path}` (private networks live in v3 of the API).
+    fn v3(&self, path: &str) -> String {
+        format!(
+            "{}/baremetal/v3/zones/{}{path}",
+            self.cfg.api_url.trim_end_matches('/'),
+            self.cfg.zone
+        )
+    }
+
+    /// The zone's region (`fr-par-2` → `fr-par`), for the IPAM API.
+    fn region(&self) -> &str {
+        self.cfg
+            .zone
+            .rsplit_once('-')
+            .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+            .map_or(&self.cfg.zone, |(r, _)| r)
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), for the API's bytes fields.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// reqwest's errors carry the URL; ours already name the path.
 fn without_url(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -399,21 +500,29 @@ impl Provider for Scaleway {
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<Device, ProviderError> {
-        let body = json!({
+        let mut body = json!({
             "offer_id": spec.offer_id,
             "project_id": self.cfg.project_id,
             "name": spec.name,
             "description": format!("surge pool {}", spec.pool),
             "tags": [format!("{POOL_TAG}={}", spec.pool), format!("{REQUEST_TAG}={}", spec.request_id)],
-            "install": {"os_id": self.cfg.os_id, "hostname": spec.name, "ssh_key_ids": []},
+            "install": {"os_id": self.cfg.os_id, "hostname": spec.name, "ssh_key_ids": spec.ssh_key_ids},
         });
+        if let Some(user_data) = &spec.user_data {
+            // A bytes field: base64 in the API's JSON.
+            body["user_data"] = Value::from(base64(user_data.as_bytes()));
+        }
         let mut attempt = 0;
         loop {
             match self
                 .send_once(Method::POST, "/servers", &[], Some(&body))
                 .await
             {
-                Ok(v) => return Ok(Device::from(parse::<ApiServer>(v, "POST /servers")?)),
+                Ok(v) => {
+                    let device = Device::from(parse::<ApiServer>(v, "POST /servers")?);
+                    self.attach_new(&device.id, spec).await;
+                    return Ok(device);
+                }
                 // Sent, answer lost: the order may stand. Look for it; if the vendor's
                 // list does not show it (yet), say so rather than order again: the
                 // caller counts it as on its way until its server shows.
@@ -502,6 +611,36 @@ impl Provider for Scaleway {
         })
     }
 
+    async fn attach(&self, id: &str, network: &str) -> Result<(), ProviderError> {
+        let path = format!("/servers/{id}/private-networks");
+        let body = json!({"private_network_id": network});
+        let url = self.v3(&path);
+        self.send_to(Method::POST, &url, &path, &[], Some(&body))
+            .await
+            .map(drop)
+    }
+
+    async fn private_address(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> Result<Option<IpAddr>, ProviderError> {
+        let path = format!("/ipam/v1/regions/{}/ips", self.region());
+        let url = format!("{}{path}", self.cfg.api_url.trim_end_matches('/'));
+        let query = [
+            ("resource_id", id.to_owned()),
+            ("private_network_id", network.to_owned()),
+        ];
+        let v = self.send_to(Method::GET, &url, &path, &query, None).await?;
+        let ips: ApiIpamIps = parse(v, &path)?;
+        Ok(ips.ips.iter().find_map(|ip| {
+            ip.address
+                .split('/')
+                .next()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+        }))
+    }
+
     async fn delete(&self, id: &str) -> Result<(), ProviderError> {
         match self
             .send(Method::DELETE, &format!("/servers/{id}"), &[], None)
@@ -516,6 +655,15 @@ impl Provider for Scaleway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
 
     #[test]
     fn vendor_states_map_onto_the_lifecycle() {

@@ -161,6 +161,14 @@ pub(super) async fn handle(sim: &Sim, req: Request<Incoming>) -> Reply {
     }
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["baremetal", "v3", "zones", _, "servers", id, "private-networks"] => {
+            let id = (*id).to_owned();
+            return attach(sim, &id, req).await;
+        }
+        ["ipam", "v1", "regions", _, "ips"] => return ipam_ips(sim, &query),
+        _ => {}
+    }
     let ["baremetal", "v1", "zones", zone, rest @ ..] = parts.as_slice() else {
         return api_error(
             StatusCode::NOT_FOUND,
@@ -334,7 +342,44 @@ struct CreateBody {
     name: String,
     #[serde(default)]
     tags: Vec<String>,
-    install: Option<Value>,
+    install: Option<Install>,
+    /// Cloud-init user-data, base64 (a bytes field of the API).
+    #[serde(default)]
+    user_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Install {
+    #[serde(default)]
+    ssh_key_ids: Vec<String>,
+}
+
+/// Largest user-data accepted, decoded.
+const MAX_USER_DATA_BYTES: usize = 64 * 1024;
+
+/// Decodes standard base64 (RFC 4648, padding optional); `None` when it is not.
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    Some(out)
 }
 
 async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool) -> Reply {
@@ -355,13 +400,33 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
             &format!("offer {} not found", order.offer_id),
         );
     };
-    if order.name.is_empty() || order.install.is_none() {
+    let Some(install) = order.install.filter(|_| !order.name.is_empty()) else {
         return api_error(
             StatusCode::BAD_REQUEST,
             "invalid_arguments",
             "name and install are required",
         );
-    }
+    };
+    let user_data = match order.user_data.as_deref().map(unbase64) {
+        None => None,
+        Some(Some(bytes)) if bytes.len() <= MAX_USER_DATA_BYTES => {
+            Some(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        Some(Some(_)) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_arguments",
+                "user_data is larger than 64 KiB",
+            )
+        }
+        Some(None) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_arguments",
+                "user_data is not base64",
+            )
+        }
+    };
     if !in_stock(sim, faults, offer_name) {
         return api_error(
             StatusCode::CONFLICT,
@@ -392,6 +457,10 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
             install_ms: sim.cfg.sample(sim.cfg.install).as_millis() as u64,
             ordered_at: Some(Instant::now()),
             deleting_at: None,
+            user_data,
+            ssh_key_ids: install.ssh_key_ids,
+            private_network: None,
+            private_ip: None,
         };
         fleet.servers.insert(server.id.clone(), server.clone());
         sim.save(&fleet);
@@ -401,6 +470,75 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
         tokio::time::sleep(faults.lost_delay()).await;
     }
     reply(StatusCode::OK, &server_json(&server))
+}
+
+/// `POST /baremetal/v3/zones/{zone}/servers/{id}/private-networks`
+/// `{"private_network_id"}`: attaches the server; its private address shows in IPAM.
+async fn attach(sim: &Sim, id: &str, req: Request<Incoming>) -> Reply {
+    #[derive(Deserialize)]
+    struct Attach {
+        private_network_id: String,
+    }
+    if req.method() != Method::POST {
+        return api_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+    }
+    let Some(body) = read_body(req).await else {
+        return too_large();
+    };
+    let Ok(a) = serde_json::from_slice::<Attach>(&body) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_arguments",
+            "private_network_id is required",
+        );
+    };
+    let Ok(mut fleet) = sim.fleet.lock() else {
+        return poisoned();
+    };
+    let Some(moved) = fleet.attach(id, &a.private_network_id) else {
+        return not_found(id);
+    };
+    if let Some(blade) = moved {
+        blade.kill();
+    }
+    let v = json!({
+        "id": format!("spn-{id}"), "server_id": id, "private_network_id": a.private_network_id,
+        "status": "attached", "vlan": 1000, "ipam_ip_ids": [format!("ip-priv-{id}")],
+    });
+    sim.save(&fleet);
+    reply(StatusCode::OK, &v)
+}
+
+/// `GET /ipam/v1/regions/{region}/ips?resource_id=&private_network_id=`: the private
+/// addresses of a server.
+fn ipam_ips(sim: &Sim, query: &str) -> Reply {
+    let resource = query_param(query, "resource_id").map(percent_decode);
+    let network = query_param(query, "private_network_id").map(percent_decode);
+    let Ok(fleet) = sim.fleet.lock() else {
+        return poisoned();
+    };
+    let ips: Vec<Value> = fleet
+        .servers
+        .values()
+        .filter(|s| resource.as_deref().is_none_or(|r| r == s.id))
+        .filter(|s| s.private_network.is_some())
+        .filter(|s| network.is_none() || s.private_network == network)
+        .filter_map(|s| {
+            s.private_ip.map(|ip| {
+                json!({
+                    "id": format!("ip-priv-{}", s.id), "address": format!("{ip}/32"), "is_ipv6": false,
+                    "resource": {"type": "baremetal_private_nic", "id": s.id},
+                    "private_network_id": s.private_network,
+                })
+            })
+        })
+        .collect();
+    let total = ips.len();
+    reply(StatusCode::OK, &json!({"ips": ips, "total_count": total}))
 }
 
 fn delete(sim: &Sim, id: &str) -> Reply {

@@ -64,6 +64,50 @@ pub struct Server {
     /// When it was deleted.
     #[serde(skip)]
     pub deleting_at: Option<Instant>,
+    /// The user-data it was ordered with (decoded), run at "first boot".
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// SSH key ids it was ordered with.
+    #[serde(default)]
+    pub ssh_key_ids: Vec<String>,
+    /// The private network it is attached to, and its address there.
+    #[serde(default)]
+    pub private_network: Option<String>,
+    #[serde(default)]
+    pub private_ip: Option<Ipv4Addr>,
+}
+
+/// What a server's user-data asks of the simulator: lines `#surge-sim <directive>` in
+/// it (ignored by a real cloud-init, which reads them as comments).
+///
+/// - `#surge-sim never-healthy`: the frontend never starts (health checks fail);
+/// - `#surge-sim healthy-after 30s`: it starts that long after the server is ready;
+/// - `#surge-sim latency 20ms`: its service time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Boot {
+    pub never_healthy: bool,
+    pub delay: Duration,
+    pub latency: Option<Duration>,
+}
+
+impl Boot {
+    /// The directives in `user_data` (unknown ones are ignored, as cloud-init would).
+    pub fn of(user_data: Option<&str>) -> Self {
+        let mut boot = Boot::default();
+        for line in user_data.unwrap_or("").lines() {
+            let Some(directive) = line.trim().strip_prefix("#surge-sim") else {
+                continue;
+            };
+            let mut words = directive.split_whitespace();
+            match (words.next(), words.next().map(humantime::parse_duration)) {
+                (Some("never-healthy"), _) => boot.never_healthy = true,
+                (Some("healthy-after"), Some(Ok(d))) => boot.delay = d,
+                (Some("latency"), Some(Ok(d))) => boot.latency = Some(d),
+                _ => {}
+            }
+        }
+        boot
+    }
 }
 
 impl Server {
@@ -97,6 +141,8 @@ pub struct Fleet {
     pub empty_listings: u64,
     /// Listings still to skip their first page (see `Faults::skip_pages`).
     pub skip_pages: u64,
+    /// Servers whose frontend is starting (a boot delay), so it is not started twice.
+    pub booting: std::collections::BTreeSet<String>,
 }
 
 impl Fleet {
@@ -115,6 +161,7 @@ impl Fleet {
             lose_orders: faults.lose_orders,
             empty_listings: faults.empty_listings,
             skip_pages: faults.skip_pages,
+            booting: Default::default(),
         }
     }
 
@@ -123,6 +170,20 @@ impl Fleet {
         let n = self.next_ip;
         self.next_ip += 1;
         ip_for(n)
+    }
+
+    /// Attaches server `id` to private network `network`: its address there is on
+    /// 127.1.x.y, mirroring its public 127.0.x.y one. `None` when there is no such server.
+    /// A frontend already running on the public address moves to the private one (the
+    /// returned blade is to be stopped; the next tick starts it there).
+    pub fn attach(&mut self, id: &str, network: &str) -> Option<Option<BladeHandle>> {
+        let server = self.servers.get_mut(id)?;
+        server.private_network = Some(network.to_owned());
+        server.private_ip = server.ip.map(|ip| {
+            let o = ip.octets();
+            Ipv4Addr::new(127, 1, o[2] - 1, o[3])
+        });
+        Some(self.blades.remove(id))
     }
 
     /// Marks server `id` deleted (idempotent); `None` when there is no such server.
@@ -163,8 +224,10 @@ impl Fleet {
             if s.phase == Phase::Ready
                 && s.deleting_at.is_none()
                 && !self.blades.contains_key(&s.id)
+                && !self.booting.contains(&s.id)
             {
-                if let Some(ip) = s.ip {
+                // On a private network the frontend listens there only.
+                if let Some(ip) = s.private_ip.or(s.ip) {
                     start.push((s.id.clone(), ip));
                 }
             }
@@ -248,7 +311,27 @@ mod tests {
             install_ms: 1000,
             ordered_at: None,
             deleting_at: None,
+            user_data: None,
+            ssh_key_ids: Vec::new(),
+            private_network: None,
+            private_ip: None,
         }
+    }
+
+    #[test]
+    fn user_data_directives_choose_how_the_server_boots() {
+        let ud = "#cloud-config\n#surge-sim healthy-after 3s\n#surge-sim latency 20ms\npackages: [nginx]\n";
+        assert_eq!(
+            Boot::of(Some(ud)),
+            Boot {
+                never_healthy: false,
+                delay: Duration::from_secs(3),
+                latency: Some(Duration::from_millis(20)),
+            }
+        );
+        assert!(Boot::of(Some("#!/bin/sh\n#surge-sim never-healthy\n")).never_healthy);
+        assert_eq!(Boot::of(None), Boot::default());
+        assert_eq!(Boot::of(Some("#surge-sim dance 3s\n")), Boot::default());
     }
 
     #[test]

@@ -142,6 +142,17 @@ struct Sim {
     requests: AtomicU64,
 }
 
+/// What a server was ordered with, as the simulator received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderedWith {
+    /// The user-data, decoded.
+    pub user_data: Option<String>,
+    pub ssh_key_ids: Vec<String>,
+    pub private_network: Option<String>,
+    /// Its address on the private network.
+    pub private_ip: Option<std::net::Ipv4Addr>,
+}
+
 /// A running simulator.
 pub struct SimHandle {
     pub local_addr: SocketAddr,
@@ -166,6 +177,27 @@ impl SimHandle {
     /// Servers that exist (not deleted), for tests.
     pub fn server_count(&self) -> usize {
         self.sim.fleet.lock().map_or(0, |s| s.servers.len())
+    }
+
+    /// What server `id` was ordered with: (user-data, SSH key ids, private network,
+    /// private address), for tests.
+    pub fn ordered_with(&self, id: &str) -> Option<OrderedWith> {
+        let fleet = self.sim.fleet.lock().ok()?;
+        let s = fleet.servers.get(id)?;
+        Some(OrderedWith {
+            user_data: s.user_data.clone(),
+            ssh_key_ids: s.ssh_key_ids.clone(),
+            private_network: s.private_network.clone(),
+            private_ip: s.private_ip,
+        })
+    }
+
+    /// Ids of the servers that exist, for tests.
+    pub fn server_ids(&self) -> Vec<String> {
+        self.sim
+            .fleet
+            .lock()
+            .map_or(Vec::new(), |f| f.servers.keys().cloned().collect())
     }
 
     /// Address of the blade started for server `id`, once it runs.
@@ -269,26 +301,68 @@ async fn tick_loop(sim: Arc<Sim>, mut shutdown: watch::Receiver<bool>) {
             (start, stop)
         };
         for (id, ip) in to_start {
+            let boot = sim
+                .fleet
+                .lock()
+                .ok()
+                .and_then(|f| {
+                    f.servers
+                        .get(&id)
+                        .map(|s| fleet::Boot::of(s.user_data.as_deref()))
+                })
+                .unwrap_or_default();
+            if boot.never_healthy {
+                // Its bootstrap is broken: nothing ever listens. Marked so it is not tried
+                // on every tick.
+                if let Ok(mut f) = sim.fleet.lock() {
+                    f.booting.insert(id);
+                }
+                continue;
+            }
             let cfg = BladeConfig {
                 id: format!("bm-{}", &id[..8.min(id.len())]),
                 listen: SocketAddr::new(IpAddr::V4(ip), sim.cfg.blade_port),
-                latency: sim.cfg.blade_latency,
+                latency: boot.latency.unwrap_or(sim.cfg.blade_latency),
                 cpu_work: sim.cfg.blade_cpu_work,
             };
-            match blade::start(cfg).await {
-                Ok(handle) => {
+            if boot.delay.is_zero() {
+                start_blade(&sim, id, cfg).await;
+            } else {
+                if let Ok(mut f) = sim.fleet.lock() {
+                    f.booting.insert(id.clone());
+                }
+                let (sim, delay) = (sim.clone(), boot.delay);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    start_blade(&sim, id.clone(), cfg).await;
                     if let Ok(mut f) = sim.fleet.lock() {
-                        f.blades.insert(id, handle);
+                        f.booting.remove(&id);
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(server = %id, error = %e, "simulator cannot start a blade")
-                }
+                });
             }
         }
         for b in to_stop {
             b.kill();
         }
+    }
+}
+
+/// Starts the frontend of server `id` (unless it was deleted meanwhile).
+async fn start_blade(sim: &Sim, id: String, cfg: BladeConfig) {
+    let alive = sim
+        .fleet
+        .lock()
+        .is_ok_and(|f| f.servers.get(&id).is_some_and(|s| s.deleting_at.is_none()));
+    if !alive {
+        return;
+    }
+    match blade::start(cfg).await {
+        Ok(handle) => {
+            if let Ok(mut f) = sim.fleet.lock() {
+                f.blades.insert(id, handle);
+            }
+        }
+        Err(e) => tracing::warn!(server = %id, error = %e, "simulator cannot start a blade"),
     }
 }
 

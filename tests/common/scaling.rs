@@ -61,6 +61,7 @@ secret_key_env = "{key_env}"
 blade_port = {blade_port}
 call_timeout = "2s"
 max_attempts = 4
+private_network = "pn-test"
 [sim]
 listen = "127.0.0.1:0"
 delivery = "300ms"

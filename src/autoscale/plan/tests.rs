@@ -34,6 +34,8 @@ fn node(id: &str, state: State) -> Node {
         origin: Origin::Provisioned,
         in_state_for: Duration::from_secs(30),
         drain_done: false,
+        healthy: true,
+        last_probe_error: None,
     }
 }
 
@@ -54,6 +56,9 @@ fn rules() -> Rules {
         release_margin: 5 * MIN,
         down_release_after: 10 * MIN,
         budget: Budget::default(),
+        private_network: false,
+        bootstrap_timeout: 20 * MIN,
+        bootstrap_failure_limit: 3,
     }
 }
 
@@ -76,6 +81,7 @@ struct Case {
     desired: usize,
     zones: Vec<ZoneListing>,
     looked_up: HashMap<String, LookUp>,
+    addresses: HashMap<String, IpAddr>,
     nodes: Vec<Node>,
     ledger: Vec<Order>,
     memory: Memory,
@@ -95,6 +101,7 @@ impl Case {
                 complete: true,
             }],
             looked_up: HashMap::new(),
+            addresses: HashMap::new(),
             nodes,
             ledger: Vec::new(),
             memory: Memory {
@@ -121,6 +128,7 @@ impl Case {
             desired: self.desired,
             zones: &self.zones,
             looked_up: &self.looked_up,
+            addresses: &self.addresses,
             nodes: &self.nodes,
             ledger: &self.ledger,
             memory: &self.memory,
@@ -727,4 +735,86 @@ fn a_known_node_removed_by_an_operator_is_forgotten() {
         a,
         Action::Drain { .. } | Action::Release { .. }
     )));
+}
+
+#[test]
+fn a_bootstrap_that_never_gets_healthy_is_released_and_three_in_a_row_stop_orders() {
+    let mut booting = node("bm-b", State::Warming);
+    booting.in_state_for = 21 * MIN;
+    booting.last_probe_error = Some("connect failed".into());
+    let mut c = Case::new(
+        2,
+        vec![device("b", DeviceState::Ready, Some("127.0.1.1"))],
+        vec![node("static", State::InService), booting],
+    )
+    .knowing(&[("bm-b", "b")]);
+    c.memory.booting.insert("bm-b".into());
+    let p = c.plan();
+    assert!(
+        has(
+            &p,
+            |a| matches!(a, Action::Release { device_id, why, .. } if device_id == "b" && why.contains("connect failed"))
+        ),
+        "{p:?}"
+    );
+    assert!(has(
+        &p,
+        |a| matches!(a, Action::BootFailed { id, .. } if id == "bm-b")
+    ));
+    assert_eq!(
+        orders(&p),
+        1,
+        "past its deadline a warming node is no capacity: replaced"
+    );
+    assert!(p.summary.bootstrap_alarm.is_none());
+    // The third failure in a row: no more orders, and the alarm says why.
+    c.memory.bootstrap_failures = 2;
+    let p = c.plan();
+    assert_eq!(orders(&p), 0, "{p:?}");
+    let alarm = p.summary.bootstrap_alarm.clone().unwrap_or_default();
+    assert!(
+        alarm.contains("bootstrap is failing") && alarm.contains("connect failed"),
+        "{alarm}"
+    );
+    // Within its deadline a slow bootstrap counts as on its way: nothing ordered.
+    c.memory.bootstrap_failures = 0;
+    c.nodes[1].in_state_for = 5 * MIN;
+    let p = c.plan();
+    assert_eq!(orders(&p), 0, "{p:?}");
+    assert!(!has(&p, |a| matches!(a, Action::Release { .. })));
+    // Healthy: booted, the failure streak ends.
+    c.nodes[1].state = State::InService;
+    assert!(has(
+        &c.plan(),
+        |a| matches!(a, Action::Booted { id } if id == "bm-b")
+    ));
+}
+
+#[test]
+fn with_a_private_network_blades_are_reached_on_their_private_address() {
+    let mut c = Case::new(
+        2,
+        vec![device("p", DeviceState::Ready, Some("127.0.1.1"))],
+        vec![node("static", State::InService)],
+    );
+    c.rules.private_network = true;
+    let p = c.plan();
+    assert!(
+        !has(&p, |a| matches!(a, Action::Adopt { .. })),
+        "adopted without a private address: {p:?}"
+    );
+    assert_eq!(
+        orders(&p),
+        0,
+        "a server waiting for its private address is on its way"
+    );
+    c.addresses.insert("p".into(), "127.1.0.1".parse().unwrap());
+    let p = c.plan();
+    assert!(
+        has(
+            &p,
+            |a| matches!(a, Action::Adopt { addr, .. } if addr.ip().to_string() == "127.1.0.1")
+        ),
+        "{p:?}"
+    );
 }
