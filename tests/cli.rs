@@ -172,3 +172,45 @@ async fn serve_proxies_to_its_demo_blades_and_stops_on_sigterm() {
         "still listening"
     );
 }
+
+#[test]
+fn a_missing_oversized_or_unknown_user_data_is_a_check_config_error_naming_the_key() {
+    let dir = temp_file("placeholder", "").parent().unwrap().to_path_buf();
+    let big = dir.join("big.yaml");
+    std::fs::write(&big, "#cloud-config\n".repeat(6000)).unwrap();
+    let unknown = dir.join("unknown.yaml");
+    std::fs::write(&unknown, "#cloud-config\nhostname: {{hostname}}\n").unwrap();
+    let provider = |user_data: &std::path::Path| {
+        format!(
+            "[pool]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\nprivate_network = \"pn\"\n[provider.bootstrap]\nuser_data = \"{}\"\n",
+            user_data.display()
+        )
+    };
+    for (name, path, expected) in [
+        ("missing", dir.join("nope.yaml"), "cannot read"),
+        ("oversized", big, "bytes; at most 65536"),
+        (
+            "unknown variable",
+            unknown,
+            "unknown variable `{{hostname}}`",
+        ),
+    ] {
+        let (ok, err) = check_config(&provider(&path));
+        assert!(!ok, "{name}: accepted");
+        assert!(
+            err.contains("provider.bootstrap.user_data"),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "{name}: expected `{expected}` in {err}"
+        );
+    }
+    // Neither a private network nor public addresses: refused, saying what to do.
+    let (ok, err) = check_config("[pool]\n[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\n");
+    assert!(!ok);
+    assert!(
+        err.contains("provider.private_network") && err.contains("public_addresses = true"),
+        "{err}"
+    );
+}

@@ -195,6 +195,9 @@ pub struct AutoscalerStatus {
     pub notes: Vec<String>,
     /// Why orders are held back, when the budget does it (shedding takes over).
     pub budget_reached: Option<String>,
+    /// Set while bootstraps keep failing and orders are stopped: why, with the last
+    /// health-check error.
+    pub bootstrap_alarm: Option<String>,
     /// What the servers cost, in the offer's currency.
     pub cost: CostView,
     /// Orders not yet seen in the provider's inventory (counted as on their way).
@@ -296,6 +299,7 @@ impl AutoscalerStatus {
             errors: s.report.errors,
             notes: s.report.notes,
             budget_reached: s.report.budget_reached,
+            bootstrap_alarm: s.report.bootstrap_alarm,
             cost: CostView {
                 servers: s.cost.servers,
                 per_hour: s.cost.per_hour,
