@@ -47,6 +47,9 @@ pub struct BladeConfig {
     pub latency: Duration,
     /// Rounds of hashing per request, to cost CPU like template rendering would.
     pub cpu_work: u32,
+    /// Serve HTTPS with this configuration instead of plain HTTP (a frontend that is not
+    /// on a private network).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Why a blade could not start.
@@ -164,7 +167,8 @@ pub async fn start(cfg: BladeConfig) -> Result<BladeHandle, BladeError> {
         carts: Mutex::new(HashMap::new()),
         catalog: catalog_json(),
     });
-    let task = tokio::spawn(accept_loop(listener, shared.clone()));
+    let acceptor = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor));
     Ok(BladeHandle {
         id: cfg.id,
         addr,
@@ -184,7 +188,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Owning the connections here means aborting this task closes all of them.
     let mut connections = JoinSet::new();
     loop {
@@ -194,11 +202,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
+                let acceptor = acceptor.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| handle(shared.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                    }
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

@@ -156,6 +156,7 @@ fn main() -> ExitCode {
             listen,
             latency,
             cpu_work,
+            tls: None,
         }),
         Command::Nodes { admin, json } => admin_call(admin, |c| async move {
             let list = c.nodes().await?;

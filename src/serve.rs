@@ -141,6 +141,7 @@ pub async fn start_with(
                 listen: ([127, 0, 0, 1], 0).into(),
                 latency: local.latency,
                 cpu_work: local.cpu_work,
+                tls: None,
             })
             .await?;
             extra.push(Arc::new(Backend::new(
@@ -154,7 +155,14 @@ pub async fn start_with(
     }
     let pool = Arc::new(Pool::from_config(&cfg.pool, extra));
     let (background, rx) = watch::channel(false);
-    let prober = Arc::new(HttpProber::new(cfg.proxy.connect_timeout));
+    let upstream_tls = match &cfg.pool.tls {
+        Some(t) => Some(
+            crate::proxy::tls::UpstreamTls::new(t)
+                .map_err(|e| ServeError::Proxy(ProxyError::UpstreamTls(e)))?,
+        ),
+        None => None,
+    };
+    let prober = Arc::new(HttpProber::new(cfg.proxy.connect_timeout).with_tls(upstream_tls));
     tokio::spawn(health::run(
         pool.clone(),
         cfg.pool.health.clone(),

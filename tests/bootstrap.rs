@@ -181,3 +181,79 @@ async fn a_slow_bootstrap_joins_without_being_ordered_twice() {
     surge.stop().await;
     sim.stop();
 }
+
+/// A CA, and a blade certificate it signs for 127.0.0.1: (CA PEM, blade TLS config).
+fn blade_pki() -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), std::sync::Arc::new(server))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blades_off_a_private_network_are_reached_over_verified_tls() {
+    let (ca_pem, blade_tls) = blade_pki();
+    let blade = surge::blade::start(surge::blade::BladeConfig {
+        id: "tls-blade".into(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        latency: Duration::from_millis(1),
+        cpu_work: 0,
+        tls: Some(blade_tls),
+    })
+    .await
+    .unwrap();
+    let ca = user_data(&ca_pem);
+    let (other_ca, _) = blade_pki();
+    let wrong = user_data(&other_ca);
+    for (ca, trusted) in [(&ca, true), (&wrong, false)] {
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[pool]\nslow_start = \"0s\"\n[pool.health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\n[[pool.backends]]\nid = \"tls-blade\"\naddress = \"{}\"\n",
+            ca.display(),
+            blade.addr
+        );
+        let cfg =
+            surge::config::Config::parse(&text, std::path::Path::new("tls-blade.toml")).unwrap();
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let c = client();
+        if trusted {
+            // Health checks over TLS keep it in service; requests reach it.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let r = get(&c, surge.proxy.local_addr, "/catalog").await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.blade(), "tls-blade");
+            assert_eq!(
+                surge.pool.snapshot().get("tls-blade").map(|m| m.state),
+                Some(State::InService)
+            );
+        } else {
+            // A blade whose certificate the configured CA did not sign is never trusted.
+            let down = eventually(Duration::from_secs(3), || {
+                surge.pool.snapshot().get("tls-blade").map(|m| m.state) == Some(State::Down)
+            })
+            .await;
+            assert!(
+                down,
+                "a blade with an unverifiable certificate stayed in service"
+            );
+            let r = get(&c, surge.proxy.local_addr, "/catalog").await.unwrap();
+            assert_ne!(r.status, 200);
+        }
+        surge.stop().await;
+    }
+}

@@ -188,6 +188,7 @@ async fn a_killed_blade_costs_no_get_and_comes_back_after_restart() {
         listen: victim_addr,
         latency: Duration::from_millis(2),
         cpu_work: 0,
+        tls: None,
     })
     .await
     .unwrap();

@@ -34,7 +34,7 @@ pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
 pub use local_blades::LocalBlades;
 pub use pool::{
     Algorithm, BackendSpec, EjectionConfig, HealthConfig, PoolConfig, ShedConfig, StickyConfig,
-    UpstreamProtocol, MAX_WEIGHT,
+    UpstreamProtocol, UpstreamTlsConfig, MAX_WEIGHT,
 };
 pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
 pub use provider::{BootstrapConfig, ProviderConfig, Reach};
@@ -218,7 +218,7 @@ fn validate(
     let pool = problems.within("pool", |p| {
         let other_sources =
             local_blades.as_ref().is_some_and(|l| l.count > 0) || provider.is_some();
-        pool::validate(&raw.pool, other_sources, p)
+        pool::validate(&raw.pool, other_sources, env, p)
     });
     let admin = problems.within("admin", |p| admin::validate(&raw.admin, env, p));
     let wants_sim = provider.as_ref().is_some_and(|p| p.api_url.is_none());
@@ -235,6 +235,8 @@ fn validate(
     if !problems.is_empty() {
         return Err((source, problems.into_list()));
     }
+    let mut proxy = proxy;
+    proxy.upstream_tls = pool.tls.clone();
     Ok(Config {
         source,
         proxy,

@@ -31,6 +31,26 @@ pub(super) struct FilePool {
     protocol: UpstreamProtocol,
     #[serde(default)]
     backends: Vec<FileBackend>,
+    #[serde(default)]
+    tls: Option<FileUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstreamTls {
+    ca: std::path::PathBuf,
+    #[serde(default)]
+    server_name: Option<String>,
+}
+
+/// TLS from surge to the blades (shops whose blades are not on a private network).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CA (or CAs) the blades' certificates are verified against.
+    pub ca: std::path::PathBuf,
+    /// The name every blade's certificate must be valid for; `None`: the blade's IP
+    /// address (its certificate needs an IP subject alternative name).
+    pub server_name: Option<String>,
 }
 
 fn default_pool_name() -> String {
@@ -182,6 +202,8 @@ pub struct PoolConfig {
     /// HTTP/1.1 or h2c to the backends.
     pub protocol: UpstreamProtocol,
     pub backends: Vec<BackendSpec>,
+    /// HTTPS to the blades, verified against a CA; `None`: plain HTTP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// Cart affinity: which cookie identifies a shopper's session.
@@ -244,7 +266,12 @@ pub struct BackendSpec {
 
 /// Checks `[pool]` (keys relative to it). `other_sources`: whether backends also come
 /// from elsewhere (demo blades, a provider), so that an empty `backends` list is fine.
-pub(super) fn validate(f: &FilePool, other_sources: bool, p: &mut Problems) -> PoolConfig {
+pub(super) fn validate(
+    f: &FilePool,
+    other_sources: bool,
+    env: &super::Environment,
+    p: &mut Problems,
+) -> PoolConfig {
     if !is_valid_name(&f.name) {
         p.bad("name", format!("`{}` {NAME_RULE}", f.name));
     }
@@ -262,7 +289,35 @@ pub(super) fn validate(f: &FilePool, other_sources: bool, p: &mut Problems) -> P
         );
     }
     let backends = backends(&f.backends, p);
+    let tls = f.tls.as_ref().map(|t| {
+        p.within("tls", |p| {
+            match (env.read_file)(&t.ca) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => p.bad("ca", format!("{} holds no PEM certificate", t.ca.display())),
+                Err(e) => p.bad("ca", format!("cannot read {}: {e}", t.ca.display())),
+            }
+            if f.protocol == UpstreamProtocol::H2c {
+                p.bad(
+                    "",
+                    "TLS to the blades speaks HTTP/1.1; h2c is HTTP/2 in clear text",
+                );
+            }
+            if let Some(name) = &t.server_name {
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    p.bad(
+                        "server_name",
+                        format!("`{name}` is not a DNS name or an IP address"),
+                    );
+                }
+            }
+            UpstreamTlsConfig {
+                ca: t.ca.clone(),
+                server_name: t.server_name.clone(),
+            }
+        })
+    });
     PoolConfig {
+        tls,
         name: f.name.clone(),
         algorithm: f.algorithm,
         sticky,

@@ -115,6 +115,8 @@ pub struct ProxyConfig {
     pub max_new_connections_per_second_per_ip: u32,
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
+    /// HTTPS to the blades (`[pool.tls]`, copied here for the request path).
+    pub upstream_tls: Option<super::UpstreamTlsConfig>,
 }
 
 /// Checks `[proxy]` (keys relative to it) and resolves `workers = 0` to one per core of
@@ -201,5 +203,6 @@ pub(super) fn validate(
         requests_per_second_per_ip: f.requests_per_second_per_ip,
         max_new_connections_per_second_per_ip: f.max_new_connections_per_second_per_ip,
         access_log: f.access_log,
+        upstream_tls: None,
     }
 }

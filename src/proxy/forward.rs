@@ -86,6 +86,7 @@ impl Forwarder {
         request_ids: Arc<RequestIds>,
         limits: Arc<Limits>,
         closing: Arc<std::sync::atomic::AtomicBool>,
+        upstream_tls: Option<super::tls::UpstreamTls>,
     ) -> Self {
         let sticky = pool.settings().sticky.clone();
         Self {
@@ -93,6 +94,7 @@ impl Forwarder {
                 cfg.connect_timeout,
                 cfg.upstream_idle_timeout,
                 pool.settings().protocol,
+                upstream_tls,
             )),
             pool,
             response_timeout: cfg.response_timeout,

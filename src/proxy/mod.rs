@@ -65,6 +65,8 @@ pub enum ProxyError {
         #[source]
         source: tls::TlsError,
     },
+    #[error("pool.tls: {0}")]
+    UpstreamTls(#[source] tls::TlsError),
     #[error("cannot start worker thread: {0}")]
     Worker(#[source] std::io::Error),
 }
@@ -161,6 +163,10 @@ pub fn start_with(
     let (tx, rx) = watch::channel(false);
     let request_ids = Arc::new(headers::RequestIds::default());
     let limits = Arc::new(limits::Limits::new(cfg));
+    let upstream_tls = match &cfg.upstream_tls {
+        Some(t) => Some(tls::UpstreamTls::new(t).map_err(ProxyError::UpstreamTls)?),
+        None => None,
+    };
     let closing = Arc::new(AtomicBool::new(false));
     let drain_ms = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::with_capacity(workers_n);
@@ -170,12 +176,14 @@ pub fn start_with(
         let request_ids = request_ids.clone();
         let limits = limits.clone();
         let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
+        let upstream_tls = upstream_tls.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
-                let forwarder = Forwarder::new(&cfg, pool, request_ids, limits, closing);
+                let forwarder =
+                    Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
                 worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })
             .map_err(ProxyError::Worker)?;

@@ -32,6 +32,66 @@ pub enum TlsError {
     Setup(String),
 }
 
+/// HTTPS to the blades: the client configuration (the CA file's certificates as the only
+/// roots, TLS 1.2 and 1.3, ALPN `http/1.1`) and the name to verify, if not the blade's
+/// address.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Loads the CA file of `[pool.tls]`.
+    pub fn new(cfg: &crate::config::UpstreamTlsConfig) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            CertificateDer::pem_file_iter(&cfg.ca).map_err(|e| file_err(&cfg.ca, pem_reason(e)))?
+        {
+            let cert = cert.map_err(|e| file_err(&cfg.ca, pem_reason(e)))?;
+            roots
+                .add(cert)
+                .map_err(|e| file_err(&cfg.ca, format!("not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(file_err(&cfg.ca, "holds no certificate"));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = match &cfg.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|e| TlsError::Setup(format!("server_name `{name}`: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// The name a blade at `addr` must prove.
+    pub fn name_for(&self, addr: std::net::SocketAddr) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    }
+}
+
 fn file_err(file: &Path, reason: impl ToString) -> TlsError {
     TlsError::File {
         file: file.to_owned(),

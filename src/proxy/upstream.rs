@@ -52,6 +52,8 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("HTTP handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
 }
 
 /// A connection checked out for one request.
@@ -78,6 +80,8 @@ pub struct Upstreams {
     idle_timeout: Duration,
     builder: http1::Builder,
     h2_builder: http2::Builder<LocalExec>,
+    /// HTTPS to the blades (`[pool.tls]`); `None`: plain HTTP.
+    tls: Option<super::tls::UpstreamTls>,
 }
 
 impl Upstreams {
@@ -85,6 +89,7 @@ impl Upstreams {
         connect_timeout: Duration,
         idle_timeout: Duration,
         protocol: UpstreamProtocol,
+        tls: Option<super::tls::UpstreamTls>,
     ) -> Self {
         let mut builder = http1::Builder::new();
         builder.writev(false);
@@ -101,6 +106,7 @@ impl Upstreams {
             idle_timeout,
             builder,
             h2_builder,
+            tls,
         }
     }
 
@@ -126,6 +132,21 @@ impl Upstreams {
             .await
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
         stream.set_nodelay(true)?;
+        if let Some(tls) = &self.tls {
+            // HTTP/1.1 only (config refuses TLS with h2c).
+            let handshake = tls.connector.connect(tls.name_for(addr), stream);
+            let stream = tokio::time::timeout(self.connect_timeout, handshake)
+                .await
+                .map_err(|_| ConnectError::Timeout(self.connect_timeout))?
+                .map_err(ConnectError::Tls)?;
+            let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;
+            spawn_conn(addr, conn);
+            return Ok(Conn {
+                sender: SendRequest::H1(sender),
+                addr,
+                reused: false,
+            });
+        }
         let sender = match self.protocol {
             UpstreamProtocol::Http1 => {
                 let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;

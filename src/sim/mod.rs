@@ -324,6 +324,7 @@ async fn tick_loop(sim: Arc<Sim>, mut shutdown: watch::Receiver<bool>) {
                 listen: SocketAddr::new(IpAddr::V4(ip), sim.cfg.blade_port),
                 latency: boot.latency.unwrap_or(sim.cfg.blade_latency),
                 cpu_work: sim.cfg.blade_cpu_work,
+                tls: None,
             };
             if boot.delay.is_zero() {
                 start_blade(&sim, id, cfg).await;

@@ -98,6 +98,7 @@ pub async fn blades(n: usize, latency: Duration) -> Vec<BladeHandle> {
                 listen: ([127, 0, 0, 1], 0).into(),
                 latency,
                 cpu_work: 0,
+                tls: None,
             })
             .await
             .expect("blade starts"),
