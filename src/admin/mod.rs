@@ -498,14 +498,7 @@ impl Admin {
             metrics::gauge!(crate::telemetry::names::BACKEND_IN_FLIGHT, "backend" => m.backend.id.to_string())
                 .set(f64::from(m.backend.in_flight()));
         }
-        for state in [
-            State::Warming,
-            State::InService,
-            State::Draining,
-            State::Down,
-            State::Maint,
-            State::Standby,
-        ] {
+        for state in crate::pool::lifecycle::STATES {
             metrics::gauge!(crate::telemetry::names::POOL_NODES, "state" => state.as_str())
                 .set(table.count(state) as f64);
         }

@@ -258,7 +258,8 @@ impl Scaleway {
         self.exchange(method, &url, path, query, body).await
     }
 
-    /// [`Scaleway::exchange`] retried as [`Scaleway::send`] is, on any URL of the API.
+    /// [`Scaleway::exchange`] retried while the error says a retry may help, on any URL
+    /// of the API (v1, v3, IPAM).
     async fn send_to(
         &self,
         method: Method,
@@ -271,7 +272,9 @@ impl Scaleway {
         loop {
             match self.exchange(method.clone(), url, path, query, body).await {
                 Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
-                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
+                    let wait = self.wait_for(attempt, &e);
+                    tracing::debug!(%method, path, error = %e, wait = ?wait, "provider call failed; retrying");
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 other => return other,
@@ -382,18 +385,8 @@ impl Scaleway {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
-        let mut attempt = 0;
-        loop {
-            match self.send_once(method.clone(), path, query, body).await {
-                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
-                    let wait = self.wait_for(attempt, &e);
-                    tracing::debug!(%method, path, error = %e, wait = ?wait, "provider call failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        let url = format!("{}{}", self.base, path);
+        self.send_to(method, &url, path, query, body).await
     }
 
     fn wait_for(&self, attempt: u32, e: &ProviderError) -> Duration {
