@@ -264,7 +264,7 @@ ledger = "{ledger}"
     desired_seen.insert(status_of(&surge).desired);
     let connects = connects.load(Ordering::Relaxed);
     assert!(
-        connects > 3000,
+        connects > 1500,
         "the flood was too weak to mean anything: {connects}"
     );
     assert!(handshakes.load(Ordering::Relaxed) > 100);

@@ -583,3 +583,35 @@ async fn the_cli_lists_and_drains_nodes() {
     let _ = Value::Null;
     surge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_drain_timeout_is_refused_not_a_crash() {
+    let (_blades, surge) = start(3, "").await;
+    let addr = surge.admin.local_addr;
+    let c = client();
+    let r = admin(
+        &c,
+        addr,
+        Method::POST,
+        "/v1/nodes/blade-1/drain",
+        r#"{"timeout": "300000000000y"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    assert!(r.json()["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("maximum drain")));
+    let r = admin(
+        &c,
+        addr,
+        Method::DELETE,
+        "/v1/nodes/blade-1?timeout=300000000000y",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    // The API still answers, and the node was not touched.
+    let r = admin(&c, addr, Method::GET, "/v1/nodes/blade-1", "").await;
+    assert_eq!(r.json()["state"], "in_service");
+    surge.stop().await;
+}

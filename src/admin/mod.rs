@@ -565,6 +565,9 @@ impl Admin {
 
     fn drain(&self, id: &str, body: api::DrainRequest) -> Reply {
         let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
+        if let Some(refused) = too_long(timeout) {
+            return refused;
+        }
         let min = if body.force {
             0
         } else {
@@ -618,6 +621,9 @@ impl Admin {
                     )
                 }
             }
+        }
+        if let Some(refused) = too_long(timeout) {
+            return refused;
         }
         let min = if force { 0 } else { self.cfg.min_in_service };
         match crate::pool::drain::drain_then_remove(&self.pool, id, timeout, min) {
@@ -685,6 +691,22 @@ fn method_not_allowed(allowed: &[Method]) -> Reply {
         r.headers_mut().insert(header::ALLOW, v);
     }
     r
+}
+
+/// 400 for a drain timeout beyond [`crate::pool::drain::MAX_DRAIN_TIMEOUT`].
+fn too_long(timeout: Duration) -> Option<Reply> {
+    let max = crate::pool::drain::MAX_DRAIN_TIMEOUT;
+    (timeout > max).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            &format!(
+                "timeout: {} is longer than the maximum drain of {}",
+                humantime::format_duration(timeout),
+                humantime::format_duration(max)
+            ),
+        )
+    })
 }
 
 fn unknown(id: &str) -> Reply {

@@ -9,6 +9,9 @@ use serde::Deserialize;
 use super::listeners::socket_addr;
 use super::{Environment, Problems};
 
+/// Longest drain deadline (`pool::drain::MAX_DRAIN_TIMEOUT`; config sits below pool).
+pub(super) const MAX_DRAIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Environment variable that overrides `admin.token` (keeps the secret out of files).
 pub const ADMIN_TOKEN_ENV: &str = "SURGE_ADMIN_TOKEN";
 
@@ -62,6 +65,14 @@ impl fmt::Debug for AdminConfig {
 /// Checks `[admin]` (keys relative to it); the token from `env` wins over the file's.
 pub(super) fn validate(f: &FileAdmin, env: &Environment, p: &mut Problems) -> AdminConfig {
     let listen = socket_addr(&f.listen, "listen", p);
+    if env.admin_token.as_deref() == Some("") {
+        p.bad(
+            "token",
+            format!("{ADMIN_TOKEN_ENV} is set but empty: unset it, or give a token (an empty one is no authentication)"),
+        );
+    } else if env.admin_token.is_none() && f.token.as_deref() == Some("") {
+        p.bad("token", "is empty: remove the key, or give a token");
+    }
     let token = env
         .admin_token
         .clone()
@@ -83,6 +94,9 @@ pub(super) fn validate(f: &FileAdmin, env: &Environment, p: &mut Problems) -> Ad
     }
     if f.default_drain_timeout.is_zero() {
         p.bad("default_drain_timeout", "must be greater than 0");
+    }
+    if f.default_drain_timeout > MAX_DRAIN {
+        p.bad("default_drain_timeout", "must be at most 7 days");
     }
     AdminConfig {
         listen,

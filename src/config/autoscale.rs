@@ -288,6 +288,9 @@ pub(super) fn validate(
     if a.bootstrap_failures == 0 {
         p.bad("bootstrap_failures", "must be at least 1");
     }
+    if a.drain_timeout > super::admin::MAX_DRAIN {
+        p.bad("drain_timeout", "must be at most 7 days");
+    }
     if a.missing_listings == 0 {
         p.bad("missing_listings", "must be at least 1");
     }

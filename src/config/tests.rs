@@ -164,3 +164,24 @@ fn no_backends_is_refused() {
     let err = parse("[pool]\n").unwrap_err().to_string();
     assert!(err.contains("pool.backends: no backends"), "{err}");
 }
+
+#[test]
+fn an_empty_admin_token_is_an_error_not_no_authentication() {
+    let text = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let env = Environment {
+        admin_token: Some(String::new()),
+        ..no_env()
+    };
+    let err = Config::parse_with(text, Path::new("test.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admin.token: SURGE_ADMIN_TOKEN is set but empty"),
+        "{err}"
+    );
+    let err =
+        parse_env("[admin]\ntoken = \"\"\n[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("admin.token: is empty"), "{err}");
+}

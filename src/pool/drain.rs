@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use super::lifecycle::{self, Event};
 use super::{Backend, Member, Pool, PoolError, State, Update};
 
+/// Longest drain deadline: a week. Longer ones are cut to it (the admin API refuses
+/// them with 400).
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How a wait for a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainEnd {
@@ -69,7 +73,10 @@ impl Pool {
                     min: min_in_service,
                 }));
             }
-            let deadline = now + timeout;
+            // A timeout too large for the clock means "until drained": cap it.
+            let deadline = now
+                .checked_add(timeout.min(MAX_DRAIN_TIMEOUT))
+                .unwrap_or(now + MAX_DRAIN_TIMEOUT);
             lifecycle::apply(m, Event::Drain { deadline }, now);
             Update::Publish(Ok(deadline))
         })

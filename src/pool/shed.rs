@@ -24,11 +24,55 @@ pub fn admits(cfg: &ShedConfig, in_flight: u64, in_service: usize, priority: boo
     in_flight < capacity
 }
 
-/// Whether `path` is a priority path.
+/// Whether `path` is a priority path: one of the prefixes, matched on whole path
+/// segments after percent-decoding and dot-segment removal (RFC 3986 §5.2.4), so that
+/// `/cartoon` or `/checkout/../catalog` cannot claim checkout's headroom.
 pub fn is_priority(cfg: &ShedConfig, path: &str) -> bool {
-    cfg.priority_prefixes
-        .iter()
-        .any(|p| path.starts_with(p.as_str()))
+    if cfg.priority_prefixes.is_empty() {
+        return false;
+    }
+    let path = normalized(path);
+    cfg.priority_prefixes.iter().any(|prefix| {
+        let prefix = prefix.trim_end_matches('/');
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// The value of one hexadecimal digit.
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// `path` percent-decoded (bytes that are not UTF-8 stay encoded) with `.` and `..`
+/// segments removed.
+fn normalized(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                decoded.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let text = String::from_utf8(decoded).unwrap_or_else(|_| path.to_owned());
+    let mut out: Vec<&str> = Vec::new();
+    for segment in text.split('/').skip(1) {
+        match segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// Pool-wide admission counters.
@@ -42,6 +86,26 @@ pub struct Admission {
     pub shed: AtomicU64,
     /// Woken once per request that ends while others wait for room.
     pub room: Notify,
+}
+
+/// Counts one request as waiting for room while it lives: however the wait ends
+/// (admitted, shed, or the request dropped, say an HTTP/2 stream reset), the count goes
+/// back down.
+#[derive(Debug)]
+pub struct Waiting<'a>(&'a Admission);
+
+impl<'a> Waiting<'a> {
+    /// Counts one more waiting request; also returns how many waited before it.
+    pub fn start(admission: &'a Admission) -> (Self, u64) {
+        let before = admission.waiting.fetch_add(1, Ordering::SeqCst);
+        (Self(admission), before)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Holds one admitted request; dropping it frees the room.
@@ -79,6 +143,46 @@ mod tests {
             priority_prefixes: vec!["/checkout".into(), "/cart".into()],
             priority_headroom_percent: 20,
         }
+    }
+
+    #[test]
+    fn priority_paths_are_whole_segments_after_normalization() {
+        let c = cfg();
+        for yes in [
+            "/checkout",
+            "/checkout/pay",
+            "/cart",
+            "/cart/",
+            "/catalog/../cart/add",
+            "/%63art/x",
+            "/./checkout",
+        ] {
+            assert!(is_priority(&c, yes), "{yes}");
+        }
+        for no in [
+            "/cartoon",
+            "/checkout/../catalog",
+            "/catalog",
+            "/",
+            "/checkoutx",
+            "/%2e%2e/catalog",
+        ] {
+            assert!(!is_priority(&c, no), "{no}");
+        }
+    }
+
+    #[test]
+    fn a_wait_that_ends_any_way_is_uncounted() {
+        let a = Admission::default();
+        {
+            let (_w1, before) = Waiting::start(&a);
+            assert_eq!(before, 0);
+            let (_w2, before) = Waiting::start(&a);
+            assert_eq!(before, 1);
+            assert_eq!(a.waiting.load(Ordering::SeqCst), 2);
+        }
+        // Both dropped without being admitted (a reset stream): nothing leaks.
+        assert_eq!(a.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -485,7 +485,10 @@ impl Forwarder {
         if fits() {
             return Some(Admitted::new(admission.clone()));
         }
-        if admission.waiting.fetch_add(1, Ordering::SeqCst) < cfg.queue_size {
+        // A guard: a request dropped while it waits (an HTTP/2 stream reset) is
+        // uncounted too, or the queue would fill with ghosts and shed everyone.
+        let (waiting, before) = shed::Waiting::start(admission);
+        if before < cfg.queue_size {
             let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
             let mut changes = self.pool.changes();
             loop {
@@ -495,7 +498,7 @@ impl Forwarder {
                 room.as_mut().enable();
                 changes.borrow_and_update();
                 if fits() {
-                    admission.waiting.fetch_sub(1, Ordering::SeqCst);
+                    drop(waiting);
                     return Some(Admitted::new(admission.clone()));
                 }
                 tokio::select! {
@@ -505,7 +508,7 @@ impl Forwarder {
                 }
             }
         }
-        admission.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(waiting);
         admission.shed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" })
             .increment(1);
