@@ -653,3 +653,72 @@ async fn servers_of_other_pools_and_unordered_zones_are_shown_never_released() {
         "an unmanaged server was released"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_delete_of_a_provisioned_node_releases_its_server() {
+    let key = "accountant-delete-key";
+    std::env::set_var("SURGE_TEST_SCW_KEY_DELETE", key);
+    let blade_port = free_port();
+    let sim = external_sim(
+        Faults::default(),
+        Duration::from_millis(300),
+        key,
+        blade_port,
+    )
+    .await;
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        &sim.url(),
+        "SURGE_TEST_SCW_KEY_DELETE",
+        blade_port,
+        "min = 2\nmax = 4\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let ready = eventually(Duration::from_secs(10), || in_service(&surge) == 2).await;
+    assert!(ready, "{:#?}", status_of(&surge));
+    let server = sim.server_ids().pop().expect("one server");
+    let node = surge::autoscale::reconcile::backend_id(&surge::provider::Device {
+        id: server.clone(),
+        name: String::new(),
+        state: surge::provider::DeviceState::Ready,
+        vendor_status: String::new(),
+        address: None,
+        tags: Vec::new(),
+        zone: String::new(),
+        offer_id: String::new(),
+        created_at: None,
+    });
+    let c = client();
+    let r = send(
+        &c,
+        http::Method::DELETE,
+        surge.admin.local_addr,
+        &format!("/v1/nodes/{node}?timeout=1s"),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 202);
+    // Drained, removed, and its server released (a new one replaces it: min = 2).
+    let released = eventually(Duration::from_secs(10), || {
+        !sim.server_ids().contains(&server)
+    })
+    .await;
+    assert!(
+        released,
+        "the deleted node's server is still billed: {:#?}",
+        status_of(&surge)
+    );
+    let back = holds_for(Duration::from_millis(1000), || {
+        match surge.pool.snapshot().get(&node) {
+            Some(_) => Err(format!("{node} was adopted again")),
+            None => Ok(()),
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "{back:?}");
+    surge.stop().await;
+    sim.stop();
+}

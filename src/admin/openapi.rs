@@ -76,7 +76,7 @@ pub fn document() -> Value {
                 "parameters": [id_param.clone()],
                 "get": {"summary": "One node.",
                     "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}},
-                "delete": {"summary": "Drain the node, then remove it from the pool.",
+                "delete": {"summary": "Drain the node, then remove it from the pool; a provisioned node's server is then released to the provider.",
                     "parameters": [{"name": "timeout", "in": "query", "schema": {"type": "string"}},
                                    {"name": "force", "in": "query", "schema": {"type": "boolean"}}],
                     "responses": {"202": node("draining; removed when done"), "400": err("bad query"), "401": err("no or wrong token"),

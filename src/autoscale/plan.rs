@@ -372,9 +372,23 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
 
     // 3. Known nodes the inventory no longer shows: drained (never dropped) once
     // confirmed gone or missing too often; an operator's hand on a scale-in drain.
+    // Servers whose node an operator removed (admin `DELETE`: drained, then out of the
+    // pool): released, not adopted again.
+    let mut removed_by_operator: HashSet<&str> = HashSet::new();
     for (id, k) in &m.known {
         let Some(node) = nodes.get(id.as_str()) else {
             if !m.draining.contains_key(id) {
+                if by_id.contains_key(k.device_id.as_str())
+                    && !m.releasing.contains_key(&k.device_id)
+                {
+                    removed_by_operator.insert(k.device_id.as_str());
+                    p.actions.push(Action::Release {
+                        device_id: k.device_id.clone(),
+                        zone: k.zone.clone(),
+                        node: None,
+                        why: format!("its node {id} was removed by an operator"),
+                    });
+                }
                 p.actions.push(Action::Forget { id: id.clone() });
             }
             continue;
@@ -530,7 +544,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         .collect();
     let first_adoption = !m.adopted_once;
     for (z, d) in &devices {
-        if m.releasing.contains_key(&d.id) {
+        if m.releasing.contains_key(&d.id) || removed_by_operator.contains(d.id.as_str()) {
             continue;
         }
         let id = backend_id(d);

@@ -718,8 +718,8 @@ proptest! {
 }
 
 #[test]
-fn a_known_node_removed_by_an_operator_is_forgotten() {
-    // The operator deleted bm-a through the admin API: it is no longer in the pool.
+fn a_node_an_operator_deleted_has_its_server_released_not_adopted_again() {
+    // The operator deleted bm-a through the admin API: drained, then out of the pool.
     let c = Case::new(
         1,
         vec![device("a", DeviceState::Ready, Some("127.0.1.1"))],
@@ -731,10 +731,22 @@ fn a_known_node_removed_by_an_operator_is_forgotten() {
         has(&p, |a| matches!(a, Action::Forget { id } if id == "bm-a")),
         "{p:?}"
     );
-    assert!(!has(&p, |a| matches!(
-        a,
-        Action::Drain { .. } | Action::Release { .. }
-    )));
+    assert!(
+        has(
+            &p,
+            |a| matches!(a, Action::Release { device_id, node: None, .. } if device_id == "a")
+        ),
+        "{p:?}"
+    );
+    assert!(
+        !has(&p, |a| matches!(a, Action::Adopt { .. })),
+        "adopted again: {p:?}"
+    );
+    // Its server already gone from the listing: only forgotten.
+    let c = Case::new(1, vec![], vec![node("static", State::InService)]).knowing(&[("bm-a", "a")]);
+    let p = c.plan();
+    assert!(has(&p, |a| matches!(a, Action::Forget { .. })));
+    assert!(!has(&p, |a| matches!(a, Action::Release { .. })));
 }
 
 #[test]
