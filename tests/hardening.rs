@@ -158,6 +158,18 @@ async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
             "413",
         ),
         ("chunked body too large", big_chunks.into_bytes(), "413"),
+        // Framing and routing rules hyper leaves to surge (RFC 9112 §3.2, §6.1).
+        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "400"),
+        (
+            "two Host fields",
+            b"GET / HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "chunked applied twice",
+            b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
     ];
     let mut wrong = Vec::new();
     for (name, req, want) in &cases {
@@ -655,5 +667,36 @@ async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
     .await;
     assert!(zero, "in-flight count back to 0");
     assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
+    surge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_decides_host_and_connection_cannot_strip_framing() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(&[("blade-1", blade[0].addr)], "", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    // Absolute form: its authority replaces Host (RFC 9112 §3.2.2).
+    let (answer, _) = exchange(
+        addr,
+        b"GET http://shop.example/debug/headers HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("shop.example") && !answer.contains("other.example"),
+        "{answer}"
+    );
+    // Connection naming Host and Content-Length strips neither.
+    let (answer, _) = exchange(
+        addr,
+        b"GET /debug/headers HTTP/1.1\r\nhost: shop.example\r\ncontent-length: 2\r\nconnection: host, content-length, close\r\n\r\nhi",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("shop.example"),
+        "Host was stripped: {answer}"
+    );
     surge.stop().await;
 }

@@ -34,6 +34,11 @@ pub(super) enum Refused {
     BodyTooLarge,
     BodyTimeout,
     BadBody,
+    /// No `Host` on HTTP/1.1, more than one, or one that disagrees with HTTP/2's
+    /// `:authority` (RFC 9112 §3.2, RFC 9113 §8.3.1).
+    BadHost,
+    /// `chunked` applied more than once (RFC 9112 §6.1).
+    BadFraming,
 }
 
 /// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
@@ -69,6 +74,16 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
             StatusCode::BAD_REQUEST,
             "bad_body",
             "400 malformed request body\n",
+        ),
+        Refused::BadHost => (
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "400 a request needs exactly one Host, matching its target\n",
+        ),
+        Refused::BadFraming => (
+            StatusCode::BAD_REQUEST,
+            "bad_framing",
+            "400 Transfer-Encoding applies chunked more than once\n",
         ),
     };
     metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);

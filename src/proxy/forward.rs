@@ -164,7 +164,7 @@ impl Forwarder {
         if parts.headers.len() > self.max_headers {
             return Err(Refused::TooManyHeaders);
         }
-        Ok(())
+        headers::check_framing(parts, conn.h2)
     }
 
     /// Reads the shopper's whole body before any backend is picked, as nginx does by
@@ -631,14 +631,14 @@ fn with_absolute_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Requ
 /// origin server. `Host` comes from the shopper's request; an HTTP/2 request carries it
 /// as the URI's authority instead, and an HTTP/1.0 one may have none (the backend's then).
 fn with_origin_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Request<UpstreamBody> {
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(v) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
+    // An absolute-form target's authority replaces any Host (RFC 9112 §3.2.2); HTTP/2's
+    // `:authority` becomes the Host an HTTP/1.1 blade expects.
+    if let Some(v) = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
     }
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let path = req

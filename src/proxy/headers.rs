@@ -30,9 +30,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers listed in Connection are hop-by-hop for this message (rare: only then allocate).
     if let Some(conn) = headers.get(header::CONNECTION) {
         if let Ok(listed) = conn.to_str() {
+            // The request's own framing and target are never the client's to strip.
             let extra: Vec<HeaderName> = listed
                 .split(',')
                 .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
                 .collect();
             for name in extra {
                 headers.remove(name);
@@ -43,6 +45,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The request-level framing rules hyper leaves to surge: exactly one `Host` on HTTP/1.1
+/// (at most one on HTTP/1.0), on HTTP/2 none or one equal to `:authority`, and `chunked`
+/// applied at most once.
+pub(super) fn check_framing(
+    parts: &http::request::Parts,
+    h2: bool,
+) -> Result<(), super::answers::Refused> {
+    use super::answers::Refused;
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refused::BadHost);
+    }
+    if h2 {
+        if let (Some(host), Some(authority)) = (first, parts.uri.authority()) {
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(Refused::BadHost);
+            }
+        }
+    } else if first.is_none() && parts.version == http::Version::HTTP_11 {
+        return Err(Refused::BadHost);
+    }
+    let mut te = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        let chunked = std::iter::once(first)
+            .chain(te)
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            .count();
+        if chunked > 1 {
+            return Err(Refused::BadFraming);
+        }
+    }
+    Ok(())
 }
 
 /// Adds the shopper's address (`ip`, from [`ip_header_value`], made once per connection)
@@ -155,6 +196,86 @@ pub fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::check_framing;
+    use crate::proxy::answers::Refused;
+
+    fn parts(version: http::Version, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().version(version).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn host_and_chunked_rules() {
+        use http::Version;
+        let ok = |p: &http::request::Parts, h2| check_framing(p, h2).is_ok();
+        assert!(ok(&parts(Version::HTTP_11, "/", &[("host", "a")]), false));
+        assert!(
+            !ok(&parts(Version::HTTP_11, "/", &[]), false),
+            "HTTP/1.1 needs Host"
+        );
+        assert!(
+            ok(&parts(Version::HTTP_10, "/", &[]), false),
+            "HTTP/1.0 may omit it"
+        );
+        assert!(!ok(
+            &parts(Version::HTTP_10, "/", &[("host", "a"), ("host", "b")]),
+            false
+        ));
+        // HTTP/2: Host may be absent or equal to :authority, never different.
+        assert!(ok(
+            &parts(Version::HTTP_2, "https://shop.example/", &[]),
+            true
+        ));
+        assert!(ok(
+            &parts(
+                Version::HTTP_2,
+                "https://shop.example/",
+                &[("host", "SHOP.example")]
+            ),
+            true
+        ));
+        assert_eq!(
+            check_framing(
+                &parts(
+                    Version::HTTP_2,
+                    "https://shop.example/",
+                    &[("host", "evil.example")]
+                ),
+                true
+            )
+            .err(),
+            Some(Refused::BadHost)
+        );
+        // chunked at most once, across fields too.
+        assert!(ok(
+            &parts(
+                Version::HTTP_11,
+                "/",
+                &[("host", "a"), ("transfer-encoding", "gzip, chunked")]
+            ),
+            false
+        ));
+        assert_eq!(
+            check_framing(
+                &parts(
+                    Version::HTTP_11,
+                    "/",
+                    &[
+                        ("host", "a"),
+                        ("transfer-encoding", "chunked"),
+                        ("transfer-encoding", "Chunked")
+                    ]
+                ),
+                false
+            )
+            .err(),
+            Some(Refused::BadFraming)
+        );
+    }
+
     use super::*;
 
     #[test]
