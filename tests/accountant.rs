@@ -722,3 +722,44 @@ async fn an_operators_delete_of_a_provisioned_node_releases_its_server() {
     surge.stop().await;
     sim.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_found_running_without_an_order_is_in_the_cost() {
+    let mut rig = Rig::new(Duration::from_secs(3600)).await;
+    // Ordered by someone else (an older surge without a ledger) with this pool's tag.
+    let spec = surge::provider::CreateSpec {
+        offer_id: "b0d2b4a4-e2f4-4b1b-9e2a-0f5e3c1a9a01".into(),
+        name: "older".into(),
+        pool: "shop".into(),
+        request_id: surge::provider::new_request_id(),
+        user_data: None,
+        ssh_key_ids: Vec::new(),
+        private_network: Some("pn-rig".into()),
+    };
+    let d = rig_client(&rig.sim, "fr-par-2")
+        .create(&spec)
+        .await
+        .unwrap();
+    let adopted = rig
+        .until(2, SystemTime::now(), Duration::from_secs(10), |r| {
+            r.count(State::InService) == 2
+        })
+        .await;
+    assert!(adopted, "not adopted");
+    let report = rig
+        .reconciler
+        .step_at(2, Instant::now(), SystemTime::now())
+        .await;
+    let entry = report
+        .orders
+        .iter()
+        .find(|o| o.device_id.as_deref() == Some(d.id.as_str()));
+    let entry = entry.expect("the adopted server has no ledger entry");
+    assert!(entry.price_per_hour > 0.0, "{entry:?}");
+    assert!(entry.billed());
+    assert_eq!(
+        rig.sim.server_count(),
+        1,
+        "ordered although one was running"
+    );
+}

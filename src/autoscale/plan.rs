@@ -188,6 +188,11 @@ pub enum Action {
         known: Known,
         addr: SocketAddr,
         spare: bool,
+        /// When the vendor created the server (for the ledger, if it has no order for
+        /// it: a server found running, ordered before the ledger existed).
+        created_at: Option<SystemTime>,
+        /// Its `surge-request` tag, if any.
+        request_id: Option<String>,
     },
     /// Put a spare into service.
     Promote { id: String },
@@ -594,6 +599,8 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
                     },
                     addr: SocketAddr::new(ip, i.rules.blade_port),
                     spare,
+                    created_at: d.created_at,
+                    request_id: d.tag(REQUEST_TAG).map(str::to_owned),
                 });
                 if spare {
                     spares.push("");

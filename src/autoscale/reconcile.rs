@@ -202,6 +202,17 @@ impl<P: Provider> Reconciler<P> {
             self.scan_unmanaged(&mut report).await;
             self.next_scan = Some(now + UNMANAGED_SCAN_EVERY);
         }
+        if self.offer_price.is_none() {
+            // Once, for the cost of servers found running (no order in the ledger).
+            if let Some((_, provider)) = self.zones.first() {
+                if let Ok(offers) = provider.offers().await {
+                    self.offer_price = offers
+                        .into_iter()
+                        .find(|o| o.name == self.cfg.offer)
+                        .and_then(|o| o.price_per_hour);
+                }
+            }
+        }
         let (zones, looked_up) = self.observe(&mut report).await;
         let addresses = self.private_addresses(&zones, &mut report).await;
         let nodes = self.nodes(now);
@@ -398,7 +409,25 @@ impl<P: Provider> Reconciler<P> {
                     known,
                     addr,
                     spare,
+                    created_at,
+                    request_id,
                 } => {
+                    // A server with no order in the ledger (ordered before it existed, or
+                    // by hand with this pool's tag) still costs money: account for it.
+                    if self.ledger.by_device(&known.device_id).is_none() {
+                        self.ledger.orders.push(Order {
+                            request_id: request_id
+                                .unwrap_or_else(|| format!("adopted-{}", known.device_id)),
+                            zone: known.zone.clone(),
+                            offer: self.cfg.offer.clone(),
+                            placed_at: created_at.unwrap_or(wall),
+                            device_id: Some(known.device_id.clone()),
+                            state: OrderState::Seen,
+                            price_per_hour: self.offer_price.unwrap_or(0.0),
+                            released_at: None,
+                            reason: "found running at the provider and adopted".into(),
+                        });
+                    }
                     let backend = Arc::new(Backend::new(&id, addr, 1, Origin::Provisioned));
                     let added = if spare {
                         self.pool.add_standby(backend)
