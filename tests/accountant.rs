@@ -263,6 +263,10 @@ ledger = "{ledger}"
     tokio::time::sleep(Duration::from_millis(1200)).await;
     desired_seen.insert(status_of(&surge).desired);
     let connects = connects.load(Ordering::Relaxed);
+    eprintln!(
+        "flood: {connects} connect/close and {} failed handshakes in 3 s; {served} shopper requests",
+        handshakes.load(Ordering::Relaxed)
+    );
     assert!(
         connects > 1500,
         "the flood was too weak to mean anything: {connects}"
