@@ -96,27 +96,14 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Algorithm, EjectionConfig};
-    use crate::pool::{Backend, Origin, PoolSettings};
+    use crate::config::Algorithm;
+    use crate::pool::{Backend, Origin};
     use std::sync::Arc;
 
     #[test]
     fn rates_cover_the_window_and_start_stale() {
         let pool = Pool::new(
-            PoolSettings {
-                name: "t".into(),
-                algorithm: Algorithm::P2cEwma,
-                sticky: None,
-                slow_start: Duration::ZERO,
-                ejection: EjectionConfig {
-                    consecutive_failures: 0,
-                    base_time: Duration::from_secs(1),
-                    max_time: Duration::from_secs(1),
-                    max_percent: 50,
-                },
-                shed: None,
-                protocol: Default::default(),
-            },
+            crate::pool::testing::settings(Algorithm::P2cEwma),
             vec![Arc::new(Backend::new(
                 "b",
                 "127.0.0.1:1".parse().unwrap(),

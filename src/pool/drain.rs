@@ -168,24 +168,11 @@ impl Drop for IdleWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Algorithm, EjectionConfig};
-    use crate::pool::{Origin, Pick, PoolSettings};
+    use crate::config::Algorithm;
+    use crate::pool::{Origin, Pick};
 
     fn pool() -> Arc<Pool> {
-        let settings = PoolSettings {
-            name: "t".into(),
-            algorithm: Algorithm::RoundRobin,
-            sticky: None,
-            slow_start: Duration::ZERO,
-            ejection: EjectionConfig {
-                consecutive_failures: 0,
-                base_time: Duration::from_secs(1),
-                max_time: Duration::from_secs(1),
-                max_percent: 50,
-            },
-            shed: None,
-            protocol: crate::config::UpstreamProtocol::Http1,
-        };
+        let settings = crate::pool::testing::settings(Algorithm::RoundRobin);
         let backends = (0..2)
             .map(|i| {
                 Arc::new(Backend::new(

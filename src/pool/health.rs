@@ -181,7 +181,6 @@ pub async fn run_upkeep(pool: Arc<Pool>, every: Duration, mut shutdown: watch::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{Backend, Origin};
 
     fn cfg() -> HealthConfig {
         HealthConfig {
@@ -193,15 +192,7 @@ mod tests {
         }
     }
 
-    fn member(state: State) -> Member {
-        let b = Arc::new(Backend::new(
-            "b",
-            "127.0.0.1:1".parse().unwrap(),
-            1,
-            Origin::Static,
-        ));
-        Member::new(b, state, Instant::now())
-    }
+    use crate::pool::testing::member;
 
     fn streak(successes: u32, failures: u32) -> Streak {
         Streak {

@@ -101,8 +101,6 @@ pub fn apply(m: &mut Member, event: Event, now: Instant) -> Option<State> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{Backend, Origin};
-    use std::sync::Arc;
     use std::time::Duration;
     use State::*;
 
@@ -154,15 +152,7 @@ mod tests {
         }
     }
 
-    fn member(state: State) -> Member {
-        let b = Arc::new(Backend::new(
-            "b",
-            "127.0.0.1:1".parse().unwrap(),
-            1,
-            Origin::Static,
-        ));
-        Member::new(b, state, Instant::now())
-    }
+    use crate::pool::testing::member;
 
     #[test]
     fn moves_carry_their_side_effects() {

@@ -720,3 +720,42 @@ pub enum Update<T> {
 
 #[cfg(test)]
 mod tests;
+
+/// Builders for unit tests across `pool` and its users.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{Backend, Member, Origin, PoolSettings, State};
+    use crate::config::{Algorithm, EjectionConfig};
+
+    /// Pool settings with no ejection, slow start or shedding.
+    pub(crate) fn settings(algorithm: Algorithm) -> PoolSettings {
+        PoolSettings {
+            name: "t".into(),
+            algorithm,
+            sticky: None,
+            slow_start: Duration::ZERO,
+            ejection: EjectionConfig {
+                consecutive_failures: 0,
+                base_time: Duration::from_secs(1),
+                max_time: Duration::from_secs(1),
+                max_percent: 50,
+            },
+            shed: None,
+            protocol: Default::default(),
+        }
+    }
+
+    /// A static backend `b` on 127.0.0.1:1 in `state`.
+    pub(crate) fn member(state: State) -> Member {
+        let b = Arc::new(Backend::new(
+            "b",
+            "127.0.0.1:1".parse().expect("an address"),
+            1,
+            Origin::Static,
+        ));
+        Member::new(b, state, Instant::now())
+    }
+}
