@@ -46,24 +46,9 @@ fn members(surge: &surge::serve::Running) -> BTreeSet<(String, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_listing_and_a_skipped_page_remove_nothing_and_order_nothing() {
-    let key = "accountant-lying-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_LYING", key);
-    let blade_port = free_port();
-    let sim = external_sim(
-        Faults::default(),
-        Duration::from_millis(300),
-        key,
-        blade_port,
-    )
-    .await;
-    let blade = blades(1, Duration::from_millis(1)).await;
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_LYING",
-        blade_port,
-        "min = 3\nmax = 6\n",
-    );
+    let rig = own_sim("SURGE_TEST_SCW_KEY_LYING", Faults::default()).await;
+    let sim = &rig.sim;
+    let cfg = rig.config("min = 3\nmax = 6\n");
     let surge = surge::serve::start(&cfg).await.unwrap();
     let ready = eventually(Duration::from_secs(10), || in_service(&surge) == 3).await;
     assert!(ready, "{:#?}", status_of(&surge));
@@ -106,31 +91,20 @@ async fn an_empty_listing_and_a_skipped_page_remove_nothing_and_order_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_list_and_a_lost_answer_order_one_server_even_across_a_restart() {
-    let key = "accountant-lag-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_LAG", key);
-    let blade_port = free_port();
     // New servers stay out of listings for 5 s; the first order's answer comes after
     // the client's 2 s timeout.
-    let sim = external_sim(
+    let rig = own_sim(
+        "SURGE_TEST_SCW_KEY_LAG",
         Faults {
             hide_new_for: Duration::from_secs(5),
             lose_orders: 1,
             lost_delay: Duration::from_secs(4),
             ..Faults::default()
         },
-        Duration::from_millis(300),
-        key,
-        blade_port,
     )
     .await;
-    let blade = blades(1, Duration::from_millis(1)).await;
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_LAG",
-        blade_port,
-        "min = 2\nmax = 6\n",
-    );
+    let sim = &rig.sim;
+    let cfg = rig.config("min = 2\nmax = 6\n");
     let first = surge::serve::start(&cfg).await.unwrap();
     let ordered = eventually(Duration::from_secs(5), || sim.server_count() >= 1).await;
     assert!(ordered, "nothing ordered: {:#?}", status_of(&first));
@@ -660,24 +634,9 @@ async fn servers_of_other_pools_and_unordered_zones_are_shown_never_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operators_delete_of_a_provisioned_node_releases_its_server() {
-    let key = "accountant-delete-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_DELETE", key);
-    let blade_port = free_port();
-    let sim = external_sim(
-        Faults::default(),
-        Duration::from_millis(300),
-        key,
-        blade_port,
-    )
-    .await;
-    let blade = blades(1, Duration::from_millis(1)).await;
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_DELETE",
-        blade_port,
-        "min = 2\nmax = 4\n",
-    );
+    let rig = own_sim("SURGE_TEST_SCW_KEY_DELETE", Faults::default()).await;
+    let sim = &rig.sim;
+    let cfg = rig.config("min = 2\nmax = 4\n");
     let surge = surge::serve::start(&cfg).await.unwrap();
     let ready = eventually(Duration::from_secs(10), || in_service(&surge) == 2).await;
     assert!(ready, "{:#?}", status_of(&surge));

@@ -37,21 +37,12 @@ fn extra(autoscale: &str, file: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_carries_the_rendered_user_data_and_the_blade_serves_on_its_private_address() {
-    let key = "bootstrap-render-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_RENDER", key);
-    let port = free_port();
-    let sim = external_sim(Faults::default(), Duration::from_millis(300), key, port).await;
-    let blade = blades(1, Duration::from_millis(1)).await;
+    let rig = own_sim("SURGE_TEST_SCW_KEY_RENDER", Faults::default()).await;
+    let (sim, port) = (&rig.sim, rig.port);
     let file = user_data(
         "#cloud-config\nhostname: {{server_name}}\n# pool {{pool}} in {{zone}}, proxy {{proxy_address}}, port {{blade_port}}\n",
     );
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_RENDER",
-        port,
-        &extra("min = 2\nmax = 4\n", &file),
-    );
+    let cfg = rig.config(&extra("min = 2\nmax = 4\n", &file));
     let surge = surge::serve::start(&cfg).await.unwrap();
     let served = eventually(Duration::from_secs(10), || in_service(&surge) == 2).await;
     assert!(served, "{:#?}", status_of(&surge));
@@ -95,20 +86,11 @@ async fn the_order_carries_the_rendered_user_data_and_the_blade_serves_on_its_pr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_bootstrap_is_released_and_replaced_until_three_in_a_row_stop_orders() {
-    let key = "bootstrap-broken-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_BROKEN", key);
-    let port = free_port();
-    let sim = external_sim(Faults::default(), Duration::from_millis(300), key, port).await;
-    let blade = blades(1, Duration::from_millis(1)).await;
+    let rig = own_sim("SURGE_TEST_SCW_KEY_BROKEN", Faults::default()).await;
+    let sim = &rig.sim;
     let broken = user_data("#!/bin/sh\n#surge-sim never-healthy\nexit 1\n");
     let auto = "min = 2\nmax = 4\nbootstrap_timeout = \"1500ms\"\nbootstrap_failures = 3\n";
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_BROKEN",
-        port,
-        &extra(auto, &broken),
-    );
+    let cfg = rig.config(&extra(auto, &broken));
     let surge = surge::serve::start(&cfg).await.unwrap();
     let alarmed = eventually(Duration::from_secs(20), || {
         status_of(&surge).bootstrap_alarm.is_some()
@@ -136,13 +118,7 @@ async fn a_broken_bootstrap_is_released_and_replaced_until_three_in_a_row_stop_o
     // The operator fixes the user-data and reloads: ordering resumes and the server
     // serves.
     let fixed = user_data("#cloud-config\n# a working install\n");
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_BROKEN",
-        port,
-        &extra(auto, &fixed),
-    );
+    let cfg = rig.config(&extra(auto, &fixed));
     let surge = surge::serve::start(&cfg).await.unwrap();
     let served = eventually(Duration::from_secs(10), || in_service(&surge) == 2).await;
     assert!(served, "{:#?}", status_of(&surge));
@@ -153,20 +129,11 @@ async fn a_broken_bootstrap_is_released_and_replaced_until_three_in_a_row_stop_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_bootstrap_joins_without_being_ordered_twice() {
-    let key = "bootstrap-slow-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_SLOW", key);
-    let port = free_port();
-    let sim = external_sim(Faults::default(), Duration::from_millis(300), key, port).await;
-    let blade = blades(1, Duration::from_millis(1)).await;
+    let rig = own_sim("SURGE_TEST_SCW_KEY_SLOW", Faults::default()).await;
+    let sim = &rig.sim;
     let slow = user_data("#cloud-config\n#surge-sim healthy-after 3s\n");
     let auto = "min = 2\nmax = 4\nbootstrap_timeout = \"10s\"\n";
-    let cfg = surge_config(
-        blade[0].addr,
-        &sim.url(),
-        "SURGE_TEST_SCW_KEY_SLOW",
-        port,
-        &extra(auto, &slow),
-    );
+    let cfg = rig.config(&extra(auto, &slow));
     let surge = surge::serve::start(&cfg).await.unwrap();
     let mut most = 0;
     let served = eventually(Duration::from_secs(12), || {

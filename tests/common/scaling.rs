@@ -174,3 +174,41 @@ pub async fn external_sim(
     cfg.faults = faults;
     sim::start(cfg).await.unwrap()
 }
+
+/// A simulator of its own (its key in environment variable `key_env`), one static blade,
+/// and configs of a surge ordering from that simulator with the real client.
+pub struct OwnSim {
+    pub sim: SimHandle,
+    pub blade: Vec<surge::blade::BladeHandle>,
+    /// The port the simulator's blades listen on.
+    pub port: u16,
+    key_env: String,
+}
+
+/// Starts an [`OwnSim`] with `faults` (deliveries in 300 ms).
+pub async fn own_sim(key_env: &str, faults: Faults) -> OwnSim {
+    let key = format!("{}-key", key_env.to_ascii_lowercase());
+    std::env::set_var(key_env, &key);
+    let port = super::free_port();
+    let sim = external_sim(faults, Duration::from_millis(300), &key, port).await;
+    OwnSim {
+        sim,
+        blade: super::blades(1, Duration::from_millis(1)).await,
+        port,
+        key_env: key_env.to_owned(),
+    }
+}
+
+impl OwnSim {
+    /// Surge in front of the static blade, ordering from this simulator; `autoscale` as
+    /// in [`surge_config`].
+    pub fn config(&self, autoscale: &str) -> Config {
+        surge_config(
+            self.blade[0].addr,
+            &self.sim.url(),
+            &self.key_env,
+            self.port,
+            autoscale,
+        )
+    }
+}
