@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod autoscale;
 pub mod blade;
+pub mod cluster;
 pub mod config;
 pub mod handoff;
 pub mod loadtest;

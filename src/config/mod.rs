@@ -2,7 +2,7 @@
 //! [`Config`] the rest of surge reads.
 //!
 //! One file per section (`listeners`, `proxy`, `pool`, `admin`, `provider`, `sim`,
-//! `autoscale`, `local_blades`): each holds its file structs (exactly what the TOML says),
+//! `autoscale`, `local_blades`, `cluster`): each holds its file structs (exactly what the TOML says),
 //! its typed result, and its own `validate`, which records every problem it finds in a
 //! shared [`Problems`] under the section's key path. This file reads the text, runs the
 //! sections in order and turns the problems into one [`ConfigError`] naming file, line,
@@ -16,6 +16,7 @@
 
 mod admin;
 mod autoscale;
+mod cluster;
 mod listeners;
 mod local_blades;
 mod pool;
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, ADMIN_TOKEN_ENV};
+pub use cluster::ClusterConfig;
 pub use autoscale::{AutoscaleConfig, BudgetConfig, Event, PolicyConfig, ScheduleError, Start};
 pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
 pub use local_blades::LocalBlades;
@@ -89,6 +91,8 @@ pub struct Environment {
     pub cores: usize,
     /// Reads a file the configuration names (`provider.bootstrap.user_data`).
     pub read_file: fn(&Path) -> std::io::Result<String>,
+    /// This host's name: the default `cluster.instance`.
+    pub hostname: String,
 }
 
 impl std::fmt::Debug for Environment {
@@ -99,6 +103,7 @@ impl std::fmt::Debug for Environment {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("cores", &self.cores)
+            .field("hostname", &self.hostname)
             .finish()
     }
 }
@@ -110,8 +115,17 @@ impl Environment {
             admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             read_file: |p| std::fs::read_to_string(p),
+            hostname: hostname(),
         }
     }
+}
+
+/// The host's name (the kernel's, as `hostname` prints it), or "" when it cannot be read
+/// (then `cluster.instance` must be set).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The whole file, section by section.
@@ -133,6 +147,8 @@ struct FileConfig {
     local_blades: Option<local_blades::FileLocalBlades>,
     #[serde(default)]
     listeners: Vec<listeners::FileListener>,
+    #[serde(default)]
+    cluster: Option<cluster::FileCluster>,
 }
 
 /// A validated configuration. Only [`Config::load`] and [`Config::parse`] make one.
@@ -151,6 +167,8 @@ pub struct Config {
     pub autoscale: Option<AutoscaleConfig>,
     /// Sample shop frontends the process starts itself on loopback (the demo default).
     pub local_blades: Option<LocalBlades>,
+    /// Several instances coordinated through etcd (`None`: standalone).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -232,6 +250,10 @@ fn validate(
             autoscale::validate(f, provider.as_ref(), p)
         })
     });
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .map(|f| problems.within("cluster", |p| cluster::validate(f, env, p)));
     if !problems.is_empty() {
         return Err((source, problems.into_list()));
     }
@@ -246,6 +268,7 @@ fn validate(
         sim,
         autoscale,
         local_blades,
+        cluster,
     })
 }
 

@@ -71,6 +71,7 @@ fn no_env() -> Environment {
         admin_token: None,
         cores: 2,
         read_file: |p| std::fs::read_to_string(p),
+        hostname: "lb-test".into(),
     }
 }
 
