@@ -197,6 +197,7 @@ fn admin() -> surge::admin::Admin {
         metrics: None,
         proxy_listening: Arc::new(AtomicBool::new(true)),
         autoscaler: None,
+        cluster: None,
         tls: Arc::new(std::sync::OnceLock::new()),
         control: None,
     }

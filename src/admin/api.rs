@@ -346,3 +346,74 @@ impl AutoscalerStatus {
         }
     }
 }
+
+/// `GET /v1/cluster`: who leads, the members and their latest readings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The cluster's name (`cluster.name`).
+    pub name: String,
+    /// This instance.
+    pub instance: String,
+    /// Who holds the leadership key, if anyone.
+    pub leader: Option<String>,
+    /// Whether this process leads (orders and releases).
+    pub leading: bool,
+    /// This process's lease (hex), if it has one.
+    pub lease: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Since this process's lease was last renewed.
+    #[serde(default, with = "humantime_serde")]
+    pub renewed_ago: Option<Duration>,
+    pub members: Vec<ClusterMember>,
+    /// The latest error talking to etcd, if the latest call failed.
+    pub error: Option<String>,
+}
+
+/// One process of the cluster and its latest published reading.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterMember {
+    pub instance: String,
+    pub pid: Option<u32>,
+    pub lease: String,
+    /// Age of its latest reading.
+    #[serde(default, with = "humantime_serde")]
+    pub reading_age: Option<Duration>,
+    pub connection_rate: Option<f64>,
+    pub request_rate: Option<f64>,
+    pub in_flight: Option<u64>,
+    pub in_service: Option<usize>,
+}
+
+impl ClusterView {
+    pub fn of(v: &crate::cluster::View) -> Self {
+        let now = crate::cluster::unix_ms(SystemTime::now());
+        Self {
+            name: v.name.clone(),
+            instance: v.instance.clone(),
+            leader: v.leader.clone(),
+            leading: v.leading,
+            lease: v.lease.map(|l| format!("{l:x}")),
+            lease_ttl: v.lease_ttl,
+            renewed_ago: v.renewed_ago,
+            members: v
+                .members
+                .iter()
+                .map(|m| ClusterMember {
+                    instance: m.instance.clone(),
+                    pid: m.reading.as_ref().map(|r| r.pid),
+                    lease: format!("{:x}", m.lease),
+                    reading_age: m
+                        .reading
+                        .as_ref()
+                        .map(|r| Duration::from_millis(now.saturating_sub(r.at_ms))),
+                    connection_rate: m.reading.as_ref().map(|r| r.connection_rate),
+                    request_rate: m.reading.as_ref().map(|r| r.request_rate),
+                    in_flight: m.reading.as_ref().map(|r| r.in_flight),
+                    in_service: m.reading.as_ref().map(|r| r.in_service),
+                })
+                .collect(),
+            error: v.error.clone(),
+        }
+    }
+}

@@ -61,6 +61,15 @@ pub struct Admin {
     /// Where config reloads and upgrades are asked for (the process's top level acts on
     /// them); `None` when nothing listens.
     pub control: Option<tokio::sync::mpsc::Sender<Control>>,
+    /// In a cluster: operator changes are recorded in etcd for every instance.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// An operator change every instance of a cluster applies.
+enum Shared {
+    Node(String, Option<crate::cluster::NodeIntent>),
+    Static(String, Option<crate::cluster::StaticNode>),
+    Paused(bool),
 }
 
 /// What an operator can ask of the whole process.
@@ -290,18 +299,37 @@ impl Admin {
             }),
             ["v1", "autoscaler", action @ ("pause" | "resume")] => {
                 let pause = *action == "pause";
-                only(&method, &[Method::POST], || match &self.autoscaler {
+                if method != Method::POST {
+                    return method_not_allowed(&[Method::POST]);
+                }
+                match &self.autoscaler {
                     Some(a) => {
+                        let was = a.is_paused();
                         a.set_paused(pause);
                         tracing::info!(paused = pause, "autoscaler switched by operator");
-                        json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a))
+                        let reply = json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a));
+                        self.share(reply, Shared::Paused(pause), || a.set_paused(was))
+                            .await
                     }
                     None => error(
                         StatusCode::NOT_FOUND,
                         "not_found",
                         "no autoscaler configured ([autoscale] and [provider])",
                     ),
-                })
+                }
+            }
+            ["v1", "cluster"] => {
+                if method != Method::GET {
+                    return method_not_allowed(&[Method::GET]);
+                }
+                match &self.cluster {
+                    Some(c) => json_reply(StatusCode::OK, &api::ClusterView::of(&c.view().await)),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "this surge runs standalone (no [cluster] section)",
+                    ),
+                }
             }
             ["v1", "tls", "reload"] => only(&method, &[Method::POST], || self.reload_tls()),
             ["v1", "config", "reload"] if method == Method::POST => {
@@ -312,7 +340,20 @@ impl Admin {
             ["v1", "nodes"] => match method {
                 Method::GET => self.list(),
                 Method::POST => match read_json::<api::NewNode, _>(req).await {
-                    Ok(Some(body)) => self.add(body),
+                    Ok(Some(body)) => {
+                        let (reply, added) = self.add(body);
+                        match added {
+                            Some((id, node)) => {
+                                let pool = self.pool.clone();
+                                let undo_id = id.clone();
+                                self.share(reply, Shared::Static(id, Some(node)), move || {
+                                    let _ = pool.remove(&undo_id);
+                                })
+                                .await
+                            }
+                            None => reply,
+                        }
+                    }
                     Ok(None) => error(
                         StatusCode::BAD_REQUEST,
                         "invalid_argument",
@@ -328,7 +369,14 @@ impl Admin {
                     Method::GET => self.get(&id),
                     Method::DELETE => {
                         let query = req.uri().query().unwrap_or("").to_owned();
-                        self.delete(&id, &query)
+                        let (reply, timeout) = self.delete(&id, &query);
+                        let intent = crate::cluster::NodeIntent::Removed { timeout };
+                        let pool = self.pool.clone();
+                        let undo_id = id.clone();
+                        self.share(reply, Shared::Node(id, Some(intent)), move || {
+                            let _ = pool.undrain(&undo_id);
+                        })
+                        .await
                     }
                     _ => method_not_allowed(&[Method::GET, Method::DELETE]),
                 }
@@ -338,13 +386,51 @@ impl Admin {
                 if method != Method::POST {
                     return method_not_allowed(&[Method::POST]);
                 }
+                let pool = self.pool.clone();
+                let undo_id = id.clone();
+                let undo = move || {
+                    let _ = pool.undrain(&undo_id);
+                };
                 match action.as_str() {
                     "drain" => match read_json::<api::DrainRequest, _>(req).await {
-                        Ok(body) => self.drain(&id, body.unwrap_or_default()),
+                        Ok(body) => {
+                            let body = body.unwrap_or_default();
+                            let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
+                            let reply = self.drain(&id, body);
+                            let intent = crate::cluster::NodeIntent::Draining { timeout };
+                            self.share(reply, Shared::Node(id, Some(intent)), undo)
+                                .await
+                        }
                         Err(r) => r,
                     },
-                    "undrain" => self.undrain(&id),
-                    "maint" => self.maint(&id),
+                    "undrain" => {
+                        // Recorded first: an undrain etcd did not take changes nothing.
+                        if self.pool.snapshot().get(&id).is_none() {
+                            return unknown(&id);
+                        }
+                        let recorded = self
+                            .share(
+                                json_reply(
+                                    StatusCode::OK,
+                                    &api::Alive {
+                                        status: "ok".into(),
+                                    },
+                                ),
+                                Shared::Node(id.clone(), None),
+                                || {},
+                            )
+                            .await;
+                        if !recorded.status().is_success() {
+                            return recorded;
+                        }
+                        self.undrain(&id)
+                    }
+                    "maint" => {
+                        let reply = self.maint(&id);
+                        let intent = crate::cluster::NodeIntent::Maintenance;
+                        self.share(reply, Shared::Node(id, Some(intent)), undo)
+                            .await
+                    }
                     _ => error(
                         StatusCode::NOT_FOUND,
                         "not_found",
@@ -535,31 +621,66 @@ impl Admin {
         }
     }
 
-    fn add(&self, body: api::NewNode) -> Reply {
+    /// Adds a node; the reply, and (when added) what every instance of a cluster adds.
+    fn add(&self, body: api::NewNode) -> (Reply, Option<(String, crate::cluster::StaticNode)>) {
         let Ok(addr) = body.address.parse::<SocketAddr>() else {
-            return error(
+            let reply = error(
                 StatusCode::BAD_REQUEST,
                 "invalid_argument",
                 &format!("address: `{}` is not an IP:port address", body.address),
             );
+            return (reply, None);
         };
         let id = body
             .id
             .unwrap_or_else(|| format!("node-{}", addr).replace([':', '.', '[', ']'], "-"));
         if !crate::config::is_valid_name(&id) {
-            return error(
+            let reply = error(
                 StatusCode::BAD_REQUEST,
                 "invalid_argument",
                 &format!("id: `{id}` {}", crate::config::NAME_RULE),
             );
+            return (reply, None);
         }
         let backend = Arc::new(Backend::new(&id, addr, body.weight, Origin::Static));
         match self.pool.add(backend) {
             Ok(()) => {
                 tracing::info!(backend = %id, %addr, "node added by operator");
-                self.node_reply(StatusCode::CREATED, &id)
+                let node = crate::cluster::StaticNode {
+                    address: addr,
+                    weight: body.weight,
+                };
+                (self.node_reply(StatusCode::CREATED, &id), Some((id, node)))
             }
-            Err(e) => pool_error(e),
+            Err(e) => (pool_error(e), None),
+        }
+    }
+
+    /// In a cluster, records an operator's change in etcd so that every instance applies
+    /// it (and it outlives restarts). If etcd does not take it, the local change is
+    /// undone and the call fails with 503: the instances never disagree silently.
+    async fn share(&self, reply: Reply, change: Shared, undo: impl FnOnce()) -> Reply {
+        let Some(c) = &self.cluster else {
+            return reply;
+        };
+        if !reply.status().is_success() {
+            return reply;
+        }
+        let outcome = match change {
+            Shared::Node(id, intent) => c.set_node_intent(&id, intent).await,
+            Shared::Static(id, node) => c.set_static(&id, node).await,
+            Shared::Paused(p) => c.set_paused(p).await,
+        };
+        match outcome {
+            Ok(()) => reply,
+            Err(e) => {
+                undo();
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cluster_unavailable",
+                    &format!("not recorded in the cluster store, so not done (the other instances would not follow): {e}"),
+                )
+            }
         }
     }
 
@@ -596,8 +717,9 @@ impl Admin {
         }
     }
 
-    /// Drains the node, then removes it from the pool once the drain is done.
-    fn delete(&self, id: &str, query: &str) -> Reply {
+    /// Drains the node, then removes it from the pool once the drain is done; the reply
+    /// and the drain deadline.
+    fn delete(&self, id: &str, query: &str) -> (Reply, Duration) {
         let mut timeout = self.cfg.default_drain_timeout;
         let mut force = false;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -605,31 +727,34 @@ impl Admin {
                 Some(("timeout", v)) => match humantime::parse_duration(v) {
                     Ok(d) => timeout = d,
                     Err(e) => {
-                        return error(
+                        let reply = error(
                             StatusCode::BAD_REQUEST,
                             "invalid_argument",
                             &format!("timeout: {e}"),
-                        )
+                        );
+                        return (reply, timeout);
                     }
                 },
                 Some(("force", v)) => force = v == "true",
                 _ => {
-                    return error(
+                    let reply = error(
                         StatusCode::BAD_REQUEST,
                         "invalid_argument",
                         &format!("unknown query parameter `{pair}`"),
-                    )
+                    );
+                    return (reply, timeout);
                 }
             }
         }
         if let Some(refused) = too_long(timeout) {
-            return refused;
+            return (refused, timeout);
         }
         let min = if force { 0 } else { self.cfg.min_in_service };
-        match crate::pool::drain::drain_then_remove(&self.pool, id, timeout, min) {
+        let reply = match crate::pool::drain::drain_then_remove(&self.pool, id, timeout, min) {
             Ok(_) => self.node_reply(StatusCode::ACCEPTED, id),
             Err(e) => pool_error(e),
-        }
+        };
+        (reply, timeout)
     }
 
     fn node_reply(&self, status: StatusCode, id: &str) -> Reply {

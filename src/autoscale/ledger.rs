@@ -153,6 +153,27 @@ impl Ledger {
         std::fs::rename(&tmp, file).map_err(io)
     }
 
+    /// The orders as JSON: what the file holds, and what a cluster leader keeps in etcd.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.orders).unwrap_or_default()
+    }
+
+    /// Takes over the orders a previous leader recorded (`json`, as [`Ledger::to_json`]
+    /// wrote it): its entries win; orders only this ledger has (placed by this process
+    /// while it led before) are kept. Nothing placed is ever dropped.
+    pub fn take_over(&mut self, json: &[u8]) -> Result<(), serde_json::Error> {
+        let theirs: Vec<Order> = serde_json::from_slice(json)?;
+        let mut merged = theirs;
+        for o in self.orders.drain(..) {
+            if !merged.iter().any(|m| m.request_id == o.request_id) {
+                merged.push(o);
+            }
+        }
+        merged.sort_by_key(|o| o.placed_at);
+        self.orders = merged;
+        Ok(())
+    }
+
     /// The order with `request_id`.
     pub fn get_mut(&mut self, request_id: &str) -> Option<&mut Order> {
         self.orders.iter_mut().find(|o| o.request_id == request_id)
@@ -217,5 +238,38 @@ mod tests {
             Err(LedgerError::Corrupt { .. })
         ));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_new_leader_takes_the_old_ones_orders_and_keeps_its_own() {
+        let now = SystemTime::now();
+        let mut old_leader = Ledger::in_memory();
+        old_leader.orders.push(order("a", OrderState::Seen, now));
+        old_leader
+            .orders
+            .push(order("b", OrderState::Placed, now + Duration::from_secs(1)));
+        let mut new_leader = Ledger::in_memory();
+        new_leader.orders.push(order("a", OrderState::Placed, now));
+        new_leader.orders.push(order(
+            "z",
+            OrderState::Released,
+            now - Duration::from_secs(60),
+        ));
+        new_leader.take_over(&old_leader.to_json()).unwrap();
+        let got: Vec<(&str, OrderState)> = new_leader
+            .orders
+            .iter()
+            .map(|o| (o.request_id.as_str(), o.state))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("z", OrderState::Released),
+                ("a", OrderState::Seen),
+                ("b", OrderState::Placed)
+            ]
+        );
+        assert!(new_leader.take_over(b"[{").is_err());
+        assert_eq!(new_leader.orders.len(), 3, "a bad record changes nothing");
     }
 }

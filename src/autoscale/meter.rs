@@ -35,6 +35,20 @@ impl Meter {
         }
     }
 
+    /// The latency histogram's counts over the current window, bucket by bucket (what a
+    /// cluster member publishes, for the leader to merge).
+    pub fn latency_window(&self) -> Vec<u64> {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(first), Some(last)) => last
+                .latency
+                .iter()
+                .zip(first.latency.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Reads the counters at `now` and returns the observations. Until the samples span
     /// half a window, the observations are marked not fresh.
     pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {

@@ -5,6 +5,8 @@
 //! HTTP except through `provider`, or import the proxy.
 
 pub mod cost;
+pub mod fence;
+pub mod follow;
 pub mod ledger;
 pub mod meter;
 pub mod plan;
@@ -19,10 +21,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
+use crate::cluster::{Cluster, Reading};
 use crate::config::AutoscaleConfig;
 use crate::pool::Pool;
 use crate::provider::Provider;
 use crate::telemetry::names;
+use fence::{Fenced, Gate};
 use meter::Meter;
 use policy::{Decision, PolicyState};
 use reconcile::{ReconcileConfig, Reconciler, Report};
@@ -158,21 +162,30 @@ pub struct Providers<P> {
     pub blade_port: u16,
 }
 
-/// Runs the loop until `shutdown` turns true.
+/// Runs the loop until `shutdown` turns true. In a cluster, only the leader plans and
+/// writes; the others follow its roles (see [`follow`]).
 pub async fn run<P: Provider>(
     pool: Arc<Pool>,
     cfg: AutoscaleConfig,
     providers: Providers<P>,
     ledger: ledger::Ledger,
     shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut meter = Meter::new(cfg.metrics_window);
     let mut state = PolicyState::default();
     let started = SystemTime::now();
+    let gate = cluster.clone().map(Gate::new);
+    let fence = |zones: Vec<(String, P)>| -> Vec<(String, Fenced<P>)> {
+        zones
+            .into_iter()
+            .map(|(z, p)| (z, Fenced::new(p, gate.clone())))
+            .collect()
+    };
     let mut reconciler = Reconciler::new(
         pool.clone(),
-        providers.zones,
+        fence(providers.zones),
         reconcile_config(
             &cfg,
             Some(&providers.settings),
@@ -182,20 +195,69 @@ pub async fn run<P: Provider>(
         ),
         ledger,
     )
-    .watching(providers.watched);
+    .watching(fence(providers.watched));
+    if let Some(g) = &gate {
+        reconciler = reconciler.fenced(g.clone());
+    }
     let servers_gauge = metrics::gauge!(names::AUTOSCALER_SERVERS);
     let cost_gauge = metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR);
     let today_gauge = metrics::gauge!(names::AUTOSCALER_SPENT_TODAY);
     let desired_gauge = metrics::gauge!(names::AUTOSCALER_DESIRED);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The term the memory belongs to: a new one starts from the etcd records.
+    let mut term: Option<crate::cluster::Term> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
         let now = Instant::now();
-        let obs = meter.observe(&pool, now);
+        let local = meter.observe(&pool, now);
+        let obs = match &cluster {
+            None => local,
+            Some(c) => {
+                let lead = c.leading();
+                if let Some(g) = &gate {
+                    g.set_term(lead);
+                }
+                let obs = cluster_round(c, &pool, &meter, &local, &cfg, &mut reconciler, now).await;
+                if lead.is_some() && lead != term {
+                    match take_over(c, &mut reconciler).await {
+                        Ok(()) => term = lead,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster: cannot take over yet");
+                            if let Some(g) = &gate {
+                                g.set_term(None);
+                            }
+                        }
+                    }
+                }
+                if lead.is_none() || lead != term {
+                    term = None;
+                    let roles = c.roles().await;
+                    let operator: std::collections::HashSet<String> =
+                        c.intents().borrow().nodes.keys().cloned().collect();
+                    let mut report = match &roles {
+                        Ok(r) => reconciler.follow(r.as_ref(), &operator, now).await,
+                        // etcd away: the pool stays as it is.
+                        Err(e) => Report {
+                            errors: vec![format!("cluster: {e}; the pool is kept as it is")],
+                            ..Report::default()
+                        },
+                    };
+                    report.notes.retain(|n| !n.is_empty());
+                    shared.rounds.send_modify(|n| *n += 1);
+                    if let Ok(mut s) = shared.status.lock() {
+                        s.desired = report.in_service;
+                        s.observations = Some(obs);
+                        s.report = report;
+                    }
+                    continue;
+                }
+                obs
+            }
+        };
         let current = pool.snapshot().count(crate::pool::State::InService);
         let paused = shared.is_paused();
         let scheduled = schedule::min_at(&cfg.schedule, chrono::Utc::now());
@@ -215,7 +277,14 @@ pub async fn run<P: Provider>(
         }
         desired_gauge.set(decision.desired as f64);
         let wall = SystemTime::now();
-        let report = reconciler.step_at(decision.desired, now, wall).await;
+        let mut report = reconciler.step_at(decision.desired, now, wall).await;
+        if let Some(c) = &cluster {
+            if let Err(e) = reconciler.publish(c.instance(), wall).await {
+                report
+                    .errors
+                    .push(format!("publishing the roles to etcd: {e}"));
+            }
+        }
         let cost = cost::cost(&report.orders, started, cfg.budget.timezone, wall);
         servers_gauge.set(cost.servers as f64);
         cost_gauge.set(cost.per_hour);
@@ -261,4 +330,95 @@ pub async fn run<P: Provider>(
             }
         }
     }
+}
+
+/// A cluster member's share of a round: publishes this process's reading and, when it
+/// leads, returns the cluster's demand (the sum of every member's; stale if any reading
+/// is, or etcd does not answer) and tells the reconciler which nodes others still use.
+async fn cluster_round<P: Provider>(
+    cluster: &Cluster,
+    pool: &Pool,
+    meter: &Meter,
+    local: &policy::Observations,
+    cfg: &AutoscaleConfig,
+    reconciler: &mut Reconciler<Fenced<P>>,
+    now: Instant,
+) -> policy::Observations {
+    let table = pool.snapshot();
+    let in_service = table.count(crate::pool::State::InService);
+    let in_flight: u64 = table
+        .members()
+        .iter()
+        .filter(|m| m.state == crate::pool::State::InService)
+        .map(|m| u64::from(m.backend.in_flight()))
+        .sum();
+    drop(table);
+    let reading = Reading {
+        instance: cluster.instance().to_owned(),
+        pid: std::process::id(),
+        at_ms: crate::cluster::unix_ms(SystemTime::now()),
+        connection_rate: local.connection_rate,
+        request_rate: local.request_rate,
+        in_flight,
+        in_service,
+        latency: meter.latency_window(),
+        fresh: local.fresh,
+        busy: follow::busy(&reconciler.pool_nodes(now)),
+    };
+    if let Err(e) = cluster.publish(&reading).await {
+        tracing::debug!(error = %e, "cluster: publishing the reading");
+    }
+    if cluster.leading().is_none() {
+        return local.clone();
+    }
+    let stale = policy::Observations {
+        fresh: false,
+        ..local.clone()
+    };
+    let Ok(readings) = cluster.readings().await else {
+        return stale;
+    };
+    let mut busy: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for r in readings
+        .iter()
+        .filter(|r| !(r.pid == reading.pid && r.instance == reading.instance))
+    {
+        for id in &r.busy {
+            busy.entry(id.clone())
+                .or_default()
+                .push(format!("{} (pid {})", r.instance, r.pid));
+        }
+    }
+    reconciler.set_busy_elsewhere(busy);
+    // Readings come every tick: three missed ones (or a meter not yet warm) hold.
+    let max_age = cfg.interval * 3 + std::time::Duration::from_secs(1);
+    let demand = crate::cluster::merge(&readings, reading.at_ms, max_age);
+    if !demand.stale.is_empty() {
+        tracing::info!(stale = ?demand.stale, "cluster: stale readings; holding the size");
+    }
+    policy::Observations {
+        connection_rate: demand.connection_rate,
+        request_rate: demand.request_rate,
+        in_flight_per_node: demand.in_flight as f64 / in_service.max(1) as f64,
+        p99: crate::pool::latency::quantile_between(&[], &demand.latency, 0.99),
+        fresh: demand.fresh,
+    }
+}
+
+/// Starts a term: the previous leader's ledger and roles, read from etcd.
+async fn take_over<P: Provider>(
+    cluster: &Cluster,
+    reconciler: &mut Reconciler<Fenced<P>>,
+) -> Result<(), crate::cluster::ClusterError> {
+    let ledger = cluster.ledger().await?;
+    let roles = cluster.roles().await?;
+    for problem in reconciler.take_over(ledger.as_deref(), roles.as_ref()) {
+        tracing::error!(%problem, "cluster: taking over");
+    }
+    tracing::info!(
+        orders = ledger.is_some(),
+        nodes = roles.as_ref().map_or(0, |r| r.nodes.len()),
+        "cluster: leading; took over the ledger and the nodes"
+    );
+    Ok(())
 }

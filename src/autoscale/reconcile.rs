@@ -16,8 +16,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::fence::Gate;
+use super::follow::{self, FollowAction};
 use super::ledger::{Ledger, Order, OrderState};
-use super::plan::{self, Action, Inputs, LookUp, Memory, Node, Releasing, Rules, ZoneListing};
+use super::plan::{
+    self, Action, DrainWhy, Inputs, Known, LookUp, Memory, Node, Releasing, Rules, ZoneListing,
+};
+use crate::cluster::{Role, RoleEntry, Roles};
 use crate::pool::{Backend, Origin, Pool};
 use crate::provider::{
     backoff, new_request_id, CreateSpec, DeviceState, Provider, ProviderError, Stock, POOL_TAG,
@@ -111,6 +116,11 @@ pub struct Reconciler<P> {
     /// The last scan for unmanaged servers, and when the next is due.
     unmanaged: Vec<Unmanaged>,
     next_scan: Option<Instant>,
+    /// In a cluster: the leadership term its writes are fenced by.
+    gate: Option<Gate>,
+    /// In a cluster: provisioned nodes other instances may still send work to, and by
+    /// whom (their releases wait).
+    busy_elsewhere: HashMap<String, Vec<String>>,
 }
 
 impl<P: Provider> Reconciler<P> {
@@ -137,6 +147,193 @@ impl<P: Provider> Reconciler<P> {
             watched: Vec::new(),
             unmanaged: Vec::new(),
             next_scan: None,
+            gate: None,
+            busy_elsewhere: HashMap::new(),
+        }
+    }
+
+    /// In a cluster: the ledger and the roles are written to etcd within `gate`'s term,
+    /// and nothing is ordered without that write.
+    pub fn fenced(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Which provisioned nodes other instances may still send work to (from their
+    /// readings): their releases wait until those instances are done with them.
+    pub fn set_busy_elsewhere(&mut self, busy: HashMap<String, Vec<String>>) {
+        self.busy_elsewhere = busy;
+    }
+
+    /// What this leader made of its provisioned nodes, for the other instances to follow.
+    pub fn roles(&self, leader: &str, wall: SystemTime) -> Roles {
+        let table = self.pool.snapshot();
+        let nodes = table
+            .members()
+            .iter()
+            .filter(|m| m.backend.origin == Origin::Provisioned)
+            .filter_map(|m| {
+                let id = m.backend.id.to_string();
+                let known = self.memory.known.get(&id)?;
+                let role = match m.state {
+                    crate::pool::State::Standby => Role::Standby,
+                    crate::pool::State::Draining | crate::pool::State::Maint => Role::Draining,
+                    _ => Role::Serving,
+                };
+                let why = self.memory.draining.get(&id).map(|w| {
+                    match w {
+                        DrainWhy::ScaleIn => "scale_in",
+                        DrainWhy::Vanished => "vanished",
+                        DrainWhy::Broken => "broken",
+                    }
+                    .to_owned()
+                });
+                Some(RoleEntry {
+                    id,
+                    address: m.backend.addr,
+                    zone: known.zone.clone(),
+                    device_id: known.device_id.clone(),
+                    role,
+                    why,
+                })
+            })
+            .collect();
+        Roles {
+            leader: leader.to_owned(),
+            at_ms: crate::cluster::unix_ms(wall),
+            nodes,
+        }
+    }
+
+    /// Writes this leader's ledger and roles to etcd (fenced), after a round.
+    pub async fn publish(
+        &self,
+        leader: &str,
+        wall: SystemTime,
+    ) -> Result<(), crate::cluster::ClusterError> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        let roles = serde_json::to_vec(&self.roles(leader, wall)).unwrap_or_default();
+        let c = gate.cluster();
+        gate.put(vec![
+            (c.ledger_key(), self.ledger.to_json()),
+            (c.roles_key(), roles),
+        ])
+        .await
+    }
+
+    /// The pool as the plan sees it (for a cluster member's reading).
+    pub fn pool_nodes(&self, now: Instant) -> Vec<Node> {
+        self.nodes(now)
+    }
+
+    /// Starts a leadership term: the memory is rebuilt from the previous leader's roles
+    /// (the provisioned nodes this pool follows, the drains it had started) and its
+    /// ledger is taken over, so nothing it ordered is ordered again and no drain of its
+    /// is mistaken for an operator's.
+    pub fn take_over(&mut self, ledger: Option<&[u8]>, roles: Option<&Roles>) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.memory = Memory::default();
+        self.order_failures = 0;
+        self.next_scan = None;
+        if let Some(json) = ledger {
+            if let Err(e) = self.ledger.take_over(json) {
+                problems.push(format!("the previous leader's ledger is unreadable: {e}"));
+            }
+        }
+        let table = self.pool.snapshot_full();
+        if let Some(roles) = roles {
+            for e in roles.nodes.iter().filter(|e| table.get(&e.id).is_some()) {
+                self.memory.known.insert(
+                    e.id.clone(),
+                    Known {
+                        zone: e.zone.clone(),
+                        device_id: e.device_id.clone(),
+                    },
+                );
+                let why = match e.why.as_deref() {
+                    Some("scale_in") => Some(DrainWhy::ScaleIn),
+                    Some("vanished") => Some(DrainWhy::Vanished),
+                    Some("broken") => Some(DrainWhy::Broken),
+                    _ => None,
+                };
+                if let (Role::Draining, Some(why)) = (e.role, why) {
+                    self.memory.draining.insert(e.id.clone(), why);
+                }
+            }
+        }
+        // Nodes this pool already serves were adopted by an earlier leader.
+        self.memory.adopted_once = !self.memory.known.is_empty();
+        problems
+    }
+
+    /// A round of an instance that does not lead: the inventory is read (nothing is
+    /// written to the provider) and the pool follows the leader's `roles`; `operator`
+    /// holds the nodes an operator gave an instruction for.
+    pub async fn follow(
+        &mut self,
+        roles: Option<&Roles>,
+        operator: &std::collections::HashSet<String>,
+        now: Instant,
+    ) -> Report {
+        let mut report = Report::default();
+        // The leader's memory is the leader's: a later term starts from its roles.
+        self.memory = Memory::default();
+        let (zones, _) = self.observe(&mut report).await;
+        let nodes = self.nodes(now);
+        if let Some(roles) = roles {
+            for action in follow::follow(roles, &zones, &nodes, operator) {
+                self.apply_follow(action, &mut report);
+            }
+        }
+        let table = self.pool.snapshot();
+        let count = |s: crate::pool::State| table.count(s);
+        report.in_service = count(crate::pool::State::InService);
+        report.pending = count(crate::pool::State::Warming);
+        report.standby = count(crate::pool::State::Standby);
+        report.draining = count(crate::pool::State::Draining);
+        report.devices = zones.iter().map(|z| z.devices.len()).sum();
+        report.orders = self.ledger.orders.clone();
+        report.notes.push(match roles {
+            Some(r) => format!("following the leader {}: it orders and releases", r.leader),
+            None => "no leader has published its nodes yet".into(),
+        });
+        report
+    }
+
+    fn apply_follow(&self, action: FollowAction, report: &mut Report) {
+        let outcome = match &action {
+            FollowAction::Add {
+                id,
+                address,
+                standby,
+            } => {
+                let backend = Arc::new(Backend::new(id, *address, 1, Origin::Provisioned));
+                if *standby {
+                    self.pool.add_standby(backend)
+                } else {
+                    self.pool.add(backend)
+                }
+            }
+            FollowAction::Promote { id } => {
+                self.pool.promote(id);
+                Ok(())
+            }
+            FollowAction::Park { id } => {
+                self.pool.park(id);
+                Ok(())
+            }
+            FollowAction::Drain { id } => self
+                .pool
+                .drain(id, self.cfg.rules.drain_timeout)
+                .map(|_| ()),
+            FollowAction::Undrain { id } => self.pool.undrain(id).map(|_| ()),
+            FollowAction::Remove { id } => self.pool.remove(id).map(|_| ()),
+        };
+        match outcome {
+            Ok(()) => tracing::info!(?action, "following the leader"),
+            Err(e) => report.errors.push(format!("{action:?}: {e}")),
         }
     }
 
@@ -477,6 +674,14 @@ impl<P: Provider> Reconciler<P> {
                     node,
                     why,
                 } => {
+                    if let Some(others) = node.as_ref().and_then(|id| self.busy_elsewhere.get(id)) {
+                        report.notes.push(format!(
+                            "release of {} ({why}) waits: {} may still send it work",
+                            node.as_deref().unwrap_or_default(),
+                            others.join(", ")
+                        ));
+                        continue;
+                    }
                     self.release(&device_id, &zone, node, &why, now, wall, report)
                         .await
                 }
@@ -701,13 +906,24 @@ impl<P: Provider> Reconciler<P> {
                 released_at: None,
                 reason: reason.to_owned(),
             });
-            // Write-ahead: if this process dies with the order sent, the next one knows.
+            // Write-ahead: if this process dies with the order sent, the next one knows
+            // (in a cluster, the next leader: the ledger goes to etcd, fenced).
             if let Err(e) = self.ledger.save(wall) {
                 report
                     .errors
                     .push(format!("{e}; not ordering without a ledger"));
                 self.ledger.orders.pop();
                 return false;
+            }
+            if let Some(gate) = &self.gate {
+                let key = gate.cluster().ledger_key();
+                if let Err(e) = gate.put(vec![(key, self.ledger.to_json())]).await {
+                    report
+                        .errors
+                        .push(format!("ledger to etcd: {e}; not ordering"));
+                    self.ledger.orders.pop();
+                    return false;
+                }
             }
             let name = format!("surge-{}-{}", self.cfg.pool, &request_id[..8]);
             let blade_port = self.cfg.rules.blade_port.to_string();
@@ -747,6 +963,14 @@ impl<P: Provider> Reconciler<P> {
                     self.order_failures = 0;
                     self.memory.next_order_at = None;
                     return true;
+                }
+                Err(e @ ProviderError::Held(_)) => {
+                    // Not sent (no longer leading): nothing to count, nothing to retry.
+                    if let Some(o) = order {
+                        o.state = OrderState::Refused;
+                    }
+                    report.errors.push(format!("order {request_id}: {e}"));
+                    return false;
                 }
                 Err(e @ ProviderError::Uncertain(_)) => {
                     // It may stand: it counts as on its way until its server shows (or

@@ -239,12 +239,14 @@ impl Cluster {
     pub async fn roles(&self) -> Result<Option<Roles>, ClusterError> {
         let key = keys::roles(&self.prefix);
         match self.get(key.clone()).await? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| ClusterError::Corrupt {
-                    key,
-                    reason: e.to_string(),
-                }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ClusterError::Corrupt {
+                        key,
+                        reason: e.to_string(),
+                    })
+            }
             None => Ok(None),
         }
     }
@@ -303,7 +305,11 @@ impl Cluster {
     pub async fn set_paused(&self, paused: bool) -> Result<(), ClusterError> {
         self.put_or_delete(
             keys::paused(&self.prefix),
-            Some(if paused { b"true".to_vec() } else { b"false".to_vec() }),
+            Some(if paused {
+                b"true".to_vec()
+            } else {
+                b"false".to_vec()
+            }),
         )
         .await
     }

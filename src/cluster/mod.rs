@@ -120,6 +120,10 @@ pub struct Reading {
     pub latency: Vec<u64>,
     /// Whether the meter's window was full.
     pub fresh: bool,
+    /// Provisioned nodes this process may still send work to, or has work in flight on:
+    /// the leader releases none of them.
+    #[serde(default)]
+    pub busy: Vec<String>,
 }
 
 /// The cluster's demand: the sum of every member's reading.
@@ -155,7 +159,11 @@ pub fn merge(readings: &[Reading], now_ms: u64, max_age: Duration) -> Demand {
                 r.instance,
                 r.pid,
                 humantime::format_duration(Duration::from_millis(age)),
-                if r.fresh { "" } else { ", meter window not full" }
+                if r.fresh {
+                    ""
+                } else {
+                    ", meter window not full"
+                }
             ));
         }
         d.members += 1;
@@ -419,6 +427,7 @@ mod tests {
             in_service: 2,
             latency,
             fresh: true,
+            busy: Vec::new(),
         }
     }
 
@@ -449,7 +458,10 @@ mod tests {
         let mut warming = reading("lb-1", now, 1.0, vec![]);
         warming.fresh = false;
         assert!(!merge(&[warming], now, Duration::from_secs(2)).fresh);
-        assert!(!merge(&[], now, Duration::from_secs(2)).fresh, "no reading at all");
+        assert!(
+            !merge(&[], now, Duration::from_secs(2)).fresh,
+            "no reading at all"
+        );
     }
 
     #[test]

@@ -56,7 +56,10 @@ pub(super) fn validate(f: &FileCluster, env: &Environment, p: &mut Problems) -> 
         );
     }
     if f.etcd.is_empty() {
-        p.bad("etcd", "no endpoints: give at least one, e.g. [\"http://127.0.0.1:2379\"]");
+        p.bad(
+            "etcd",
+            "no endpoints: give at least one, e.g. [\"http://127.0.0.1:2379\"]",
+        );
     }
     for (i, e) in f.etcd.iter().enumerate() {
         let ok = e

@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use admin::{AdminConfig, ADMIN_TOKEN_ENV};
-pub use cluster::ClusterConfig;
 pub use autoscale::{AutoscaleConfig, BudgetConfig, Event, PolicyConfig, ScheduleError, Start};
+pub use cluster::ClusterConfig;
 pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
 pub use local_blades::LocalBlades;
 pub use pool::{

@@ -134,6 +134,10 @@ pub enum ProviderError {
     /// would go with it).
     #[error("the provider redirected {0}; surge follows no redirects (check provider.api_url)")]
     Redirected(String),
+    /// The call was not sent: the caller may not write now (in a cluster, this instance
+    /// does not lead). Nothing changed at the provider.
+    #[error("not sent: {0}")]
+    Held(String),
 }
 
 impl ProviderError {

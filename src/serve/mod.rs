@@ -4,6 +4,8 @@
 //! Sits on the top floor with `main` (it imports everything below). Owns: start-up order
 //! and shutdown order. Must not: contain request-path or selection logic.
 
+mod intent;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +52,9 @@ pub enum ServeError {
     /// The order ledger cannot be read: ordering without it could order twice.
     #[error("autoscaler: {0}")]
     Ledger(#[from] crate::autoscale::ledger::LedgerError),
+    /// The etcd client could not be set up.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The admin API's view of a TLS listener: certificate reload, without importing the
@@ -78,6 +83,8 @@ pub struct Running {
     pub sim: Option<crate::sim::SimHandle>,
     /// The autoscaler's status and pause switch, when it runs.
     pub autoscaler: Option<Arc<crate::autoscale::Shared>>,
+    /// The cluster connection, with `[cluster]`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     background: watch::Sender<bool>,
 }
 
@@ -108,6 +115,10 @@ impl Running {
         self.proxy.wait().await;
         self.admin.wait().await;
         let _ = self.background.send(true);
+        if let Some(c) = &self.cluster {
+            // Hands the leadership on at once rather than after the lease's TTL.
+            c.leave().await;
+        }
         for b in &self.blades {
             b.kill();
         }
@@ -155,6 +166,10 @@ pub async fn start_with(
     }
     let pool = Arc::new(Pool::from_config(&cfg.pool, extra));
     let (background, rx) = watch::channel(false);
+    let cluster = match &cfg.cluster {
+        Some(c) => Some(start_cluster(c, background.subscribe()).await?),
+        None => None,
+    };
     let upstream_tls = match &cfg.pool.tls {
         Some(t) => Some(
             crate::proxy::tls::UpstreamTls::new(t)
@@ -244,6 +259,7 @@ pub async fn start_with(
                 },
                 ledger,
                 shared.clone(),
+                cluster.clone(),
                 background.subscribe(),
             ));
             Some(shared)
@@ -265,6 +281,7 @@ pub async fn start_with(
             metrics,
             proxy_listening: proxy_listening.clone(),
             control,
+            cluster: cluster.clone(),
         },
         admin_socket,
     )
@@ -287,6 +304,14 @@ pub async fn start_with(
             }
         });
     }
+    if let Some(c) = &cluster {
+        tokio::spawn(intent::run(
+            pool.clone(),
+            c.clone(),
+            autoscaler.clone(),
+            background.subscribe(),
+        ));
+    }
     Ok(Running {
         proxy,
         admin,
@@ -294,8 +319,28 @@ pub async fn start_with(
         blades,
         sim,
         autoscaler,
+        cluster,
         background,
     })
+}
+
+#[cfg(feature = "cluster")]
+async fn start_cluster(
+    cfg: &crate::config::ClusterConfig,
+    stop: watch::Receiver<bool>,
+) -> Result<Arc<crate::cluster::Cluster>, ServeError> {
+    Ok(crate::cluster::Cluster::start(cfg, stop).await?)
+}
+
+/// Without the feature the config check already refuses `[cluster]`.
+#[cfg(not(feature = "cluster"))]
+async fn start_cluster(
+    _cfg: &crate::config::ClusterConfig,
+    _stop: watch::Receiver<bool>,
+) -> Result<Arc<crate::cluster::Cluster>, ServeError> {
+    Err(ServeError::Cluster(crate::cluster::ClusterError::Store(
+        "this surge was built without the cluster feature".into(),
+    )))
 }
 
 /// Runs until SIGTERM or Ctrl-C, or until a successor process has taken over (after a
@@ -379,7 +424,11 @@ async fn warm(running: &Running, limit: Duration) -> bool {
         if let Some(r) = rounds.as_mut() {
             r.borrow_and_update();
         }
-        let adopted = running.autoscaler.as_ref().is_none_or(|a| a.adopted());
+        let adopted = running.autoscaler.as_ref().is_none_or(|a| a.adopted())
+            && running
+                .cluster
+                .as_ref()
+                .is_none_or(|c| c.intents().borrow().loaded);
         // A warming node whose latest probe failed is not about to serve: no waiting.
         let warming = running
             .pool
