@@ -406,6 +406,21 @@ impl Cluster {
                     s.lease = Some(granted.id());
                     s.renewed = Some(sent);
                 });
+                // Present at once (the autoscaler, if any, replaces it every tick): a
+                // placeholder reading that holds the size until a real one comes.
+                let joined = Reading {
+                    instance: self.instance.clone(),
+                    pid: std::process::id(),
+                    at_ms: super::unix_ms(std::time::SystemTime::now()),
+                    connection_rate: 0.0,
+                    request_rate: 0.0,
+                    in_flight: 0,
+                    in_service: 0,
+                    latency: Vec::new(),
+                    fresh: false,
+                    busy: Vec::new(),
+                };
+                self.publish(&joined).await?;
                 granted.id()
             }
         };
