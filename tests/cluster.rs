@@ -148,6 +148,9 @@ shutdown_grace = "2s"
 listen = "{admin}"
 [pool]
 slow_start = "0s"
+[pool.sticky]
+cookie = "cart"
+route_cookie = "surge_route"
 [pool.health]
 interval = "100ms"
 timeout = "100ms"
