@@ -416,7 +416,7 @@ impl Admin {
                                         status: "ok".into(),
                                     },
                                 ),
-                                Shared::Node(id.clone(), None),
+                                Shared::Node(id.clone(), Some(crate::cluster::NodeIntent::Kept)),
                                 || {},
                             )
                             .await;

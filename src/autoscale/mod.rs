@@ -277,6 +277,9 @@ pub async fn run<P: Provider>(
         }
         desired_gauge.set(decision.desired as f64);
         let wall = SystemTime::now();
+        if let Some(c) = &cluster {
+            reconciler.set_operator_nodes(c.intents().borrow().nodes.keys().cloned());
+        }
         let mut report = reconciler.step_at(decision.desired, now, wall).await;
         if let Some(c) = &cluster {
             if let Err(e) = reconciler.publish(c.instance(), wall).await {

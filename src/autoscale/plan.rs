@@ -263,7 +263,12 @@ pub struct Plan {
 
 /// The backend id a provisioned server gets in the pool.
 pub fn backend_id(device: &Device) -> String {
-    format!("bm-{}", device.id.chars().take(8).collect::<String>())
+    backend_id_of(&device.id)
+}
+
+/// The backend id of the server with vendor id `device_id`.
+pub fn backend_id_of(device_id: &str) -> String {
+    format!("bm-{}", device_id.chars().take(8).collect::<String>())
 }
 
 /// Whether a delivered server joining the pool becomes a spare. Normally when the pool

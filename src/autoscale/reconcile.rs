@@ -159,6 +159,12 @@ impl<P: Provider> Reconciler<P> {
         self
     }
 
+    /// Nodes an operator gave an instruction for through the cluster: the operator's,
+    /// never picked for scale-in (as an undrain makes a node here).
+    pub fn set_operator_nodes(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.memory.operator_kept.extend(ids);
+    }
+
     /// Which provisioned nodes other instances may still send work to (from their
     /// readings): their releases wait until those instances are done with them.
     pub fn set_busy_elsewhere(&mut self, busy: HashMap<String, Vec<String>>) {

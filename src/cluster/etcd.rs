@@ -393,8 +393,14 @@ impl Cluster {
                 tracing::warn!("cluster: lease not renewed within its TTL; no longer leading");
             }
             self.update(|s| *s = Session::default());
-            s = Session::default();
             *keeper = None;
+            // If etcd kept it (it restarted, and leases survive a restart), its keys
+            // (the leadership key among them) go now rather than a TTL later.
+            if let Some(old) = s.lease {
+                let mut lease_client = self.client.lease_client();
+                let _ = tokio::time::timeout(CALL_TIMEOUT, lease_client.revoke(old)).await;
+            }
+            s = Session::default();
         }
         let lease = match s.lease {
             Some(l) => l,

@@ -196,6 +196,9 @@ pub enum NodeIntent {
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
+    /// Taken back into service by an operator (an undrain): the autoscaler never drains
+    /// it for scale-in again, and the leader's roles do not move it.
+    Kept,
 }
 
 /// A node an operator added by hand (`POST /v1/nodes`).

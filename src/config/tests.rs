@@ -186,3 +186,38 @@ fn an_empty_admin_token_is_an_error_not_no_authentication() {
             .to_string();
     assert!(err.contains("admin.token: is empty"), "{err}");
 }
+
+#[test]
+fn a_cluster_section_names_endpoints_instance_and_lease() {
+    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let good = format!("{base}[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nname = \"shop\"\n");
+    match parse_env(&good) {
+        Ok(cfg) => {
+            assert!(cfg!(feature = "cluster"));
+            let c = cfg.cluster.expect("a cluster");
+            assert_eq!(c.instance, "lb-test", "the host name by default");
+            assert_eq!(c.lease_ttl, std::time::Duration::from_secs(10));
+            assert_eq!(c.name, "shop");
+        }
+        Err(e) => {
+            assert!(!cfg!(feature = "cluster"), "{e}");
+            assert!(e.to_string().contains("--features cluster"), "{e}");
+        }
+    }
+    let bad = format!(
+        "{base}[cluster]\netcd = [\"127.0.0.1:2379\", \"http://h:99999\"]\ninstance = \"lb 1\"\nlease_ttl = \"500ms\"\n"
+    );
+    let err = parse_env(&bad).unwrap_err().to_string();
+    for want in [
+        "cluster.etcd[0]: `127.0.0.1:2379` is not an endpoint",
+        "cluster.etcd[1]",
+        "cluster.instance: must be non-empty",
+        "cluster.lease_ttl: must be between 2s and 5m",
+    ] {
+        assert!(err.contains(want), "{want} missing from:\n{err}");
+    }
+    let none = format!("{base}[cluster]\netcd = []\n");
+    let err = parse_env(&none).unwrap_err().to_string();
+    assert!(err.contains("cluster.etcd: no endpoints"), "{err}");
+    assert!(parse_env(base).unwrap().cluster.is_none(), "standalone");
+}

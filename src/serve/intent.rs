@@ -1,8 +1,9 @@
 //! Applies the operators' intent that a cluster keeps in etcd to this instance's pool:
 //! drains, maintenance and removals ordered through any instance, nodes added by hand,
 //! the autoscaler's pause. Level-triggered (a node that joins later, or a process that
-//! starts later, gets the instruction too), except an undrain, which is the withdrawal
-//! of an instruction and applies once, when it is seen.
+//! starts later, gets the instruction too), except an undrain (`Kept`), which applies
+//! once, when it is seen: the node is the operator's from then on, and a drain the
+//! autoscaler or a later instruction starts is not undone by it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -65,6 +66,14 @@ fn apply(pool: &Arc<Pool>, before: &Intents, now: &Intents, removing: &mut HashS
             NodeIntent::Removed { timeout } => {
                 if removing.insert(id.clone()) {
                     crate::pool::drain::drain_then_remove(pool, id, *timeout, 0).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            }
+            NodeIntent::Kept => {
+                let new = before.nodes.get(id) != Some(&NodeIntent::Kept);
+                if new && matches!(m.state, State::Draining | State::Maint) {
+                    pool.undrain(id).map(|_| ())
                 } else {
                     Ok(())
                 }
