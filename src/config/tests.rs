@@ -191,18 +191,15 @@ fn an_empty_admin_token_is_an_error_not_no_authentication() {
 fn a_cluster_section_names_endpoints_instance_and_lease() {
     let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
     let good = format!("{base}[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nname = \"shop\"\n");
-    match parse_env(&good) {
-        Ok(cfg) => {
-            assert!(cfg!(feature = "cluster"));
+    match (cfg!(feature = "cluster"), parse_env(&good)) {
+        (true, Ok(cfg)) => {
             let c = cfg.cluster.expect("a cluster");
             assert_eq!(c.instance, "lb-test", "the host name by default");
             assert_eq!(c.lease_ttl, std::time::Duration::from_secs(10));
             assert_eq!(c.name, "shop");
         }
-        Err(e) => {
-            assert!(!cfg!(feature = "cluster"), "{e}");
-            assert!(e.to_string().contains("--features cluster"), "{e}");
-        }
+        (false, Err(e)) => assert!(e.to_string().contains("--features cluster"), "{e}"),
+        (built, other) => panic!("built with the cluster feature: {built}, yet {other:?}"),
     }
     let bad = format!(
         "{base}[cluster]\netcd = [\"127.0.0.1:2379\", \"http://h:99999\"]\ninstance = \"lb 1\"\nlease_ttl = \"500ms\"\n"
