@@ -536,8 +536,10 @@ async fn killing_the_leader_mid_scale_up_hands_over_within_the_lease_and_orders_
         "the survivor never led"
     );
     let took = killed.elapsed();
+    // The lease ends at most a TTL after its last renewal, which came before the kill;
+    // etcd looks for expired leases every 500 ms.
     assert!(
-        took <= TTL + Duration::from_secs(1),
+        took <= TTL + Duration::from_millis(1500),
         "took {took:?} to lead (lease {TTL:?})"
     );
     let desired = converged(&sim, &survivor, &[&survivor], Duration::from_secs(40)).await;
