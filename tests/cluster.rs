@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +18,7 @@ use surge::admin::api::{AutoscalerStatus, ClusterView, NodeList};
 use surge::admin::client::AdminClient;
 use surge::sim::{Faults, SimHandle};
 
+use common::process::{capture_lines, eventually_async, signal, successor_pids};
 use common::scaling::{external_sim, Load};
 use common::*;
 
@@ -35,16 +35,6 @@ fn scratch(what: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
-}
-
-fn signal(pid: u32, signo: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe {
-        libc::kill(pid, signo);
-    }
 }
 
 /// A one-member etcd on loopback with a data directory of its own; killed by PID when
@@ -215,25 +205,7 @@ max_client_share = 1.0
             cmd.env(key_env, std::env::var(key_env).unwrap_or_default());
         }
         let mut child = cmd.spawn().expect("surge runs");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let streams = [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ];
-        for stream in streams.into_iter().flatten() {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
+        let lines = capture_lines(&mut child);
         Lb {
             instance: instance.to_owned(),
             child,
@@ -309,12 +281,7 @@ max_client_share = 1.0
 
     /// Pids named in "process N now serves" lines (successors of an upgrade).
     fn successors(&self) -> Vec<u32> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.split("process ").nth(1)?.split(' ').next()?.parse().ok())
-            .collect()
+        successor_pids(&self.lines.lock().unwrap())
     }
 }
 
@@ -328,21 +295,6 @@ impl Drop for Lb {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// A simulator of its own (key in `key_env`), a static blade, and the shop around them.

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::process::{capture_lines, eventually_async, successor_pids};
 use common::*;
 
 const SURGE: &str = env!("CARGO_BIN_EXE_surge");
@@ -50,28 +50,8 @@ impl Surge {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
         // Successors inherit these pipes: their lines arrive here too.
-        for stream in [
-            first
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            first
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
+        let lines = capture_lines(&mut first);
         Surge {
             first,
             lines,
@@ -87,12 +67,7 @@ impl Surge {
 
     /// Pids named in "process N now serves" lines.
     fn successors(&self) -> Vec<u32> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.split("process ").nth(1)?.split(' ').next()?.parse().ok())
-            .collect()
+        successor_pids(&self.lines.lock().unwrap())
     }
 
     async fn wait_serving(&self) {
@@ -128,7 +103,7 @@ fn config_text(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) ->
     text
 }
 
-/// Sends a signal by name (without depending on a `kill` binary being installed).
+/// Sends a signal by name.
 fn signal(pid: u32, sig: &str) {
     let signo = match sig {
         "TERM" => libc::SIGTERM,
@@ -136,13 +111,7 @@ fn signal(pid: u32, sig: &str) {
         "USR2" => libc::SIGUSR2,
         _ => libc::SIGKILL,
     };
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe {
-        libc::kill(pid, signo);
-    }
+    common::process::signal(pid, signo);
 }
 
 fn alive(pid: u32) -> bool {
@@ -150,21 +119,6 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
-}
-
-async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// Steady traffic until stopped: shoppers on kept-alive connections and shoppers who
