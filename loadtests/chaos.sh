@@ -75,7 +75,7 @@ at 10 "frontend web-1 killed" kill -9 "${BLADE[1]}"
 at 20 "provider chaos on (429s, 503s, failed and lost orders)" \
   sim_faults '{"rate_limit_every": 3, "retry_after_secs": 1, "server_error_share": 0.3, "order_error_share": 0.3, "lose_orders": 1, "lost_delay": "3s"}'
 at 35 "provider chaos off" sim_faults '{}'
-at 38 "node web-2 drained" curl -fsS -X POST http://127.0.0.1:19090/v1/nodes/web-2/drain -d '{"timeout": "10s", "force": true}'
+at 38 "node web-2 drained" curl -fsS -X POST -H 'content-type: application/json' http://127.0.0.1:19090/v1/nodes/web-2/drain -d '{"timeout": "10s", "force": true}'
 sed -i 's/response_timeout = "5s"/response_timeout = "6s"/' "$WORK/surge.toml"
 # The pid is looked up when the event fires: after a reload it is the new process's.
 signal_surge() { kill "-$1" "$(current_surge)"; }

@@ -615,3 +615,127 @@ async fn an_absurd_drain_timeout_is_refused_not_a_crash() {
     assert_eq!(r.json()["state"], "in_service");
     surge.stop().await;
 }
+
+/// A web page the operator has open cannot drive the admin API: not by a cross-site
+/// POST (CSRF, with or without a token), not through a rebound DNS name, not with a body
+/// a form can send. Each refusal changes nothing; the CLI's way still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_cannot_drive_the_admin_api() {
+    let (_blades, surge) = start(2, "").await;
+    let addr = surge.admin.local_addr;
+    let c = client();
+    let (k, v) = auth();
+    let own_origin = format!("http://{addr}");
+    let rebound = format!("shop-sale.example:{}", addr.port());
+    let json = ("content-type", "application/json");
+    let generation = surge.pool.snapshot().generation;
+    let refused: Vec<(Method, &str, Vec<(&str, &str)>, &str, u16, &str)> = vec![
+        // A cross-site form or fetch() from another origin.
+        (
+            Method::POST,
+            "/v1/nodes/blade-1/drain",
+            vec![(k, &v), json, ("origin", "http://evil.example")],
+            "{\"force\": true}",
+            403,
+            "cross_origin",
+        ),
+        (
+            Method::POST,
+            "/v1/upgrade",
+            vec![(k, &v), ("origin", "null")],
+            "",
+            403,
+            "cross_origin",
+        ),
+        (
+            Method::DELETE,
+            "/v1/nodes/blade-2",
+            vec![(k, &v), ("sec-fetch-site", "cross-site")],
+            "",
+            403,
+            "cross_origin",
+        ),
+        // DNS rebinding: the page's own name now points at 127.0.0.1.
+        (
+            Method::POST,
+            "/v1/nodes/blade-1/maint",
+            vec![
+                (k, &v),
+                ("host", &rebound),
+                ("origin", "http://shop-sale.example"),
+            ],
+            "",
+            403,
+            "forbidden_host",
+        ),
+        (
+            Method::GET,
+            "/v1/nodes",
+            vec![(k, &v), ("host", &rebound)],
+            "",
+            403,
+            "forbidden_host",
+        ),
+        // A body a form can send without asking (no preflight).
+        (
+            Method::POST,
+            "/v1/nodes",
+            vec![(k, &v), ("content-type", "text/plain")],
+            "{\"address\": \"127.0.0.1:9\"}",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            "/v1/nodes/blade-1/drain",
+            vec![
+                (k, &v),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "{\"force\": true}",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (method, path, headers, body, status, kind) in refused {
+        let r = send(&c, method.clone(), addr, path, &headers, body)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{method} {path} {headers:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"], kind, "{method} {path}");
+    }
+    assert_eq!(
+        surge.pool.snapshot().generation,
+        generation,
+        "a refused call changed the pool"
+    );
+    assert_eq!(
+        surge.pool.snapshot().count(surge::pool::State::InService),
+        2
+    );
+    // The admin API's own origin, and the CLI (no Origin at all), are served.
+    let r = send(
+        &c,
+        Method::POST,
+        addr,
+        "/v1/nodes/blade-2/drain",
+        &[
+            (k, &v),
+            json,
+            ("origin", &own_origin),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        "{\"timeout\": \"1s\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let client = surge::admin::client::AdminClient::new(&own_origin, Some(TOKEN.into()));
+    assert!(client.undrain("blade-2").await.is_ok());
+    surge.stop().await;
+}

@@ -193,6 +193,7 @@ fn admin() -> surge::admin::Admin {
             token: Some("fuzz-token".into()),
             min_in_service: 1,
             default_drain_timeout: Duration::from_secs(60),
+            hosts: Vec::new(),
         },
         metrics: None,
         proxy_listening: Arc::new(AtomicBool::new(true)),

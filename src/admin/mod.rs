@@ -281,6 +281,9 @@ impl Admin {
             ["readyz"] => return only(&method, &[Method::GET], || self.readyz()),
             _ => {}
         }
+        if let Some(refusal) = refuse_from_browser(&req, &self.cfg.hosts) {
+            return refusal;
+        }
         if let Some(refusal) = self.refuse_unauthorized(&req) {
             return refusal;
         }
@@ -765,13 +768,95 @@ impl Admin {
     }
 }
 
-/// Reads a JSON body; `Ok(None)` when it is empty.
+/// Why a request that a web page may have sent is refused, if it is: the admin API is
+/// for operators' tools, and a page the operator has open must not drive it.
+/// - DNS rebinding: `Host` must be an IP address, `localhost`, or one of `admin.hosts`
+///   (a rebound name is none of these);
+/// - cross-site requests (CSRF): a state-changing request whose `Origin` is not the
+///   admin API's own (the `Host` it was sent to), or that the browser marks
+///   `Sec-Fetch-Site: cross-site`/`same-site`, is refused. Browsers send `Origin` on
+///   every non-GET request; the CLI, curl and scripts send none.
+fn refuse_from_browser<B>(req: &Request<B>, hosts: &[String]) -> Option<Reply> {
+    let headers = req.headers();
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if let Some(h) = host {
+        if !host_allowed(h, hosts) {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                &format!("Host `{h}` is not this admin API's (use its IP address, localhost, or a name in admin.hosts)"),
+            ));
+        }
+    }
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        if !matches!(site, "same-origin" | "none") {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                &format!("a {site} request from a web page cannot change surge"),
+            ));
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        let same = match (authority, host) {
+            (Some(a), Some(h)) => a.eq_ignore_ascii_case(h),
+            _ => false,
+        };
+        if !same {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                &format!("Origin `{origin}` is not this admin API: a web page cannot change surge"),
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `Host` names this admin API: an IP address (any port), `localhost`, or one of
+/// `hosts`.
+fn host_allowed(host: &str, hosts: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(n, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                n
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || hosts.iter().any(|h| *h == name)
+}
+
+/// Reads a JSON body; `Ok(None)` when it is empty. A body must say it is JSON
+/// (`Content-Type: application/json`): 415 otherwise.
 async fn read_json<T, B>(req: Request<B>) -> Result<Option<T>, Reply>
 where
     T: serde::de::DeserializeOwned,
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -787,6 +872,13 @@ where
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
+    }
+    if !json {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON, sent with `Content-Type: application/json`",
+        ));
     }
     serde_json::from_slice(&bytes)
         .map(Some)
@@ -879,4 +971,36 @@ fn error(status: StatusCode, kind: &str, detail: &str) -> Reply {
             detail: detail.to_owned(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_addresses_localhost_and_configured_names_are_this_api() {
+        let hosts = vec!["lb-1.shop.internal".to_owned()];
+        for ok in [
+            "127.0.0.1:9090",
+            "127.0.0.1",
+            "10.0.0.11:9090",
+            "[::1]:9090",
+            "localhost:9090",
+            "LOCALHOST",
+            "lb-1.shop.internal:9090",
+            "lb-1.shop.internal.",
+        ] {
+            assert!(host_allowed(ok, &hosts), "{ok}");
+        }
+        for bad in [
+            "evil.example:9090",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:9090",
+            "[::1",
+            "",
+            "lb-1.shop.internal.evil:9090",
+        ] {
+            assert!(!host_allowed(bad, &hosts), "{bad}");
+        }
+    }
 }

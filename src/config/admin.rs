@@ -23,6 +23,7 @@ pub(super) struct FileAdmin {
     min_in_service: usize,
     #[serde(with = "humantime_serde")]
     default_drain_timeout: Duration,
+    hosts: Vec<String>,
 }
 
 impl Default for FileAdmin {
@@ -32,6 +33,7 @@ impl Default for FileAdmin {
             token: None,
             min_in_service: 1,
             default_drain_timeout: Duration::from_secs(300),
+            hosts: Vec::new(),
         }
     }
 }
@@ -49,6 +51,9 @@ pub struct AdminConfig {
     pub min_in_service: usize,
     /// Drain deadline when a request does not give one.
     pub default_drain_timeout: Duration,
+    /// Host names (besides IP addresses and `localhost`) a request's `Host` may name:
+    /// anything else is refused, which is what stops DNS rebinding.
+    pub hosts: Vec<String>,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -58,6 +63,7 @@ impl fmt::Debug for AdminConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("min_in_service", &self.min_in_service)
             .field("default_drain_timeout", &self.default_drain_timeout)
+            .field("hosts", &self.hosts)
             .finish()
     }
 }
@@ -98,10 +104,23 @@ pub(super) fn validate(f: &FileAdmin, env: &Environment, p: &mut Problems) -> Ad
     if f.default_drain_timeout > MAX_DRAIN {
         p.bad("default_drain_timeout", "must be at most 7 days");
     }
+    for (i, h) in f.hosts.iter().enumerate() {
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            p.bad(
+                &format!("hosts[{i}]"),
+                format!("`{h}` is not a host name (letters, digits, - and . only, no port)"),
+            );
+        }
+    }
     AdminConfig {
         listen,
         token,
         min_in_service: f.min_in_service,
         default_drain_timeout: f.default_drain_timeout,
+        hosts: f.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
     }
 }
