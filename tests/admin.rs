@@ -616,6 +616,16 @@ async fn an_absurd_drain_timeout_is_refused_not_a_crash() {
     surge.stop().await;
 }
 
+/// A request the admin API must refuse: method, path, headers, body, status, error kind.
+type Refused<'a> = (
+    Method,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    &'a str,
+    u16,
+    &'a str,
+);
+
 /// A web page the operator has open cannot drive the admin API: not by a cross-site
 /// POST (CSRF, with or without a token), not through a rebound DNS name, not with a body
 /// a form can send. Each refusal changes nothing; the CLI's way still works.
@@ -629,7 +639,7 @@ async fn a_web_page_cannot_drive_the_admin_api() {
     let rebound = format!("shop-sale.example:{}", addr.port());
     let json = ("content-type", "application/json");
     let generation = surge.pool.snapshot().generation;
-    let refused: Vec<(Method, &str, Vec<(&str, &str)>, &str, u16, &str)> = vec![
+    let refused: Vec<Refused> = vec![
         // A cross-site form or fetch() from another origin.
         (
             Method::POST,

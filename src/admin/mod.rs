@@ -838,9 +838,7 @@ fn host_allowed(host: &str, hosts: &[String]) -> bool {
         }),
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name == "localhost"
-        || hosts.contains(&name)
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name == "localhost" || hosts.contains(&name)
 }
 
 /// Reads a JSON body; `Ok(None)` when it is empty. A body must say it is JSON
