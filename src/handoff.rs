@@ -120,8 +120,9 @@ impl Inherited {
     }
 }
 
-/// How to start the next process: this binary's path as it was at start (a new binary
-/// installed at that path is what an upgrade runs) and the same arguments.
+/// How to start the next process: the path this binary was started as (a new binary
+/// installed at that path, or a `current -> release-N` symlink moved, is what an upgrade
+/// runs) and the same arguments.
 #[derive(Debug, Clone)]
 pub struct Successor {
     pub exe: PathBuf,
@@ -130,11 +131,26 @@ pub struct Successor {
     pub ready_timeout: Duration,
 }
 
+/// The path this process was started as (`argv[0]`), not what it resolves to: `exe`
+/// (`current_exe`) follows symlinks, so a `current -> release-N` layout would re-run the
+/// old release. A bare name was found on `PATH` and is looked up there again at upgrade.
+/// `None` when `argv[0]` names nothing that exists (then `current_exe` is used).
+fn started_as() -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.components().count() > 1 {
+        return argv0.exists().then_some(argv0);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .any(|dir| dir.join(&argv0).is_file())
+        .then_some(argv0)
+}
+
 impl Successor {
     /// The running process's own command line.
     pub fn of_this_process(ready_timeout: Duration) -> Option<Self> {
         Some(Self {
-            exe: std::env::current_exe().ok()?,
+            exe: started_as().or_else(|| std::env::current_exe().ok())?,
             args: std::env::args_os().skip(1).collect(),
             ready_timeout,
         })

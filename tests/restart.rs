@@ -31,6 +31,11 @@ struct Surge {
 
 impl Surge {
     fn start(backends: &[SocketAddr]) -> Surge {
+        Self::start_as(std::path::Path::new(SURGE), backends)
+    }
+
+    /// [`Surge::start`] with the binary at `exe` (a path that may go through symlinks).
+    fn start_as(exe: &std::path::Path, backends: &[SocketAddr]) -> Surge {
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = std::env::temp_dir().join(format!(
@@ -41,7 +46,7 @@ impl Surge {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("surge.toml");
         std::fs::write(&config, config_text(proxy, admin, backends)).unwrap();
-        let mut first = Command::new(SURGE)
+        let mut first = Command::new(exe)
             .args(["serve", "--config"])
             .arg(&config)
             .env("SURGE_ADMIN_TOKEN", TOKEN)
@@ -342,4 +347,46 @@ async fn a_broken_config_reload_is_refused_and_a_good_one_takes_over() {
         eventually_async(Duration::from_secs(10), || async { !alive(first) }).await,
         "the old process exits after the hand-over"
     );
+}
+
+/// A `current -> release-N` layout: after the symlink moves to the next release, an
+/// upgrade runs the new release (not the file the old process resolved at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_runs_the_release_the_current_symlink_points_to_now() {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-releases-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    for release in ["release-1", "release-2"] {
+        std::fs::create_dir_all(dir.join(release)).unwrap();
+        let to = dir.join(release).join("surge");
+        if std::fs::hard_link(SURGE, &to).is_err() {
+            std::fs::copy(SURGE, &to).unwrap();
+        }
+    }
+    let current = dir.join("current");
+    std::os::unix::fs::symlink(dir.join("release-1"), &current).unwrap();
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let surge = Surge::start_as(&current.join("surge"), &[blade[0].addr]);
+    surge.wait_serving().await;
+    std::fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink(dir.join("release-2"), &current).unwrap();
+    let r = admin_post(&surge, "/v1/upgrade").await;
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&r.body),
+        surge.output()
+    );
+    let pid = *surge.successors().last().expect("a successor");
+    let runs = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        runs,
+        dir.join("release-2").join("surge"),
+        "the upgrade re-ran the old release"
+    );
+    drop(surge);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -323,8 +323,10 @@ fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// The self-signed pair in `ss.dir`, generated (rcgen) if missing. The key file is
-/// written readable by the owner only.
+/// The self-signed pair in `ss.dir`, generated (rcgen) if missing. The directory is
+/// made (or tightened to) owner-only, and the key is written owner-only through a new
+/// file renamed into place: never through a symlink planted at its path, never with the
+/// permissions of a key file left there before.
 pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
     let pair = CertPair {
         cert: ss.dir.join("selfsigned.crt"),
@@ -333,11 +335,15 @@ pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
     if pair.cert.exists() && pair.key.exists() {
         return Ok(pair);
     }
-    std::fs::create_dir_all(&ss.dir).map_err(|e| file_err(&ss.dir, e))?;
+    private_dir(&ss.dir)?;
     let generated = rcgen::generate_simple_self_signed(ss.names.clone())
         .map_err(|e| TlsError::Setup(format!("cannot generate a certificate: {e}")))?;
-    write_private(&pair.key, generated.key_pair.serialize_pem().as_bytes())?;
-    std::fs::write(&pair.cert, generated.cert.pem()).map_err(|e| file_err(&pair.cert, e))?;
+    write_replacing(
+        &pair.key,
+        generated.key_pair.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_replacing(&pair.cert, generated.cert.pem().as_bytes(), 0o644)?;
     tracing::info!(
         cert = %pair.cert.display(),
         names = ?ss.names,
@@ -346,17 +352,36 @@ pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
     Ok(pair)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+/// Creates `dir` (and its parents) with mode 0700, or tightens it to 0700 if it exists.
+fn private_dir(dir: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| file_err(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| file_err(dir, e))
+}
+
+/// Writes `bytes` to a new file beside `path` (created exclusively, not following
+/// symlinks, with `mode`), then renames it over `path`: a symlink at `path` is replaced,
+/// not followed.
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).map_err(|e| file_err(path, e))?;
-    f.write_all(bytes).map_err(|e| file_err(path, e))
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
+    f.sync_all().map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
 #[cfg(test)]
@@ -385,6 +410,39 @@ mod tests {
         ));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_self_signed_key_is_owner_only_in_an_owner_only_dir_and_never_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let base = tmp();
+        let ss = SelfSigned {
+            dir: base.join("tls"),
+            names: vec!["localhost".into()],
+        };
+        let p = ensure_self_signed(&ss).unwrap();
+        assert_eq!(mode(&p.key), 0o600);
+        assert_eq!(mode(&ss.dir), 0o700);
+        assert!(load(std::slice::from_ref(&p)).is_ok(), "the pair loads");
+        // Regenerated (the certificate went missing) over a key left world-readable, with
+        // the directory loosened, and the key path a symlink to another file.
+        std::fs::remove_file(&p.cert).unwrap();
+        std::fs::set_permissions(&ss.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = base.join("victim");
+        std::fs::write(&victim, "not yours").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::remove_file(&p.key).unwrap();
+        std::os::unix::fs::symlink(&victim, &p.key).unwrap();
+        let p = ensure_self_signed(&ss).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not yours");
+        assert!(!std::fs::symlink_metadata(&p.key)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(mode(&p.key), 0o600);
+        assert_eq!(mode(&ss.dir), 0o700);
+        let _ = std::fs::remove_dir_all(base);
     }
 
     #[test]
