@@ -23,6 +23,10 @@ fn pool(n: usize, algorithm: Algorithm) -> Arc<Pool> {
         sticky: Some(StickyConfig {
             cookie: "cart".into(),
             route_cookie: "surge_route".into(),
+            route_key: Some(vec![7; 32]),
+            route_key_previous: None,
+            route_key_file: "data/route.key".into(),
+            route_ttl: Duration::from_secs(3600),
         }),
         slow_start: Duration::ZERO,
         ejection: EjectionConfig {

@@ -18,6 +18,8 @@ WORK=$(mktemp -d /tmp/surge-pair.XXXXXX)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 export SURGE_ADMIN_TOKEN=pair-demo-token-0123 PAIR_SIM_KEY=pair-sim-key
+# One route cookie key for both instances: a cart keeps its blade whichever one it reaches.
+export SURGE_ROUTE_KEY=pair-demo-route-key-0123456789abcdef
 
 # A 3-member etcd on loopback.
 CLUSTER="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"

@@ -198,6 +198,8 @@ max_client_share = 1.0
         cmd.args(["serve", "--config"])
             .arg(&config)
             .env("SURGE_ADMIN_TOKEN", TOKEN)
+            // One route cookie key for the cluster: a cart moving instance keeps its blade.
+            .env("SURGE_ROUTE_KEY", "cluster-test-route-key-0123456789abcdef")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

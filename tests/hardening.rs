@@ -700,3 +700,106 @@ async fn the_target_decides_host_and_connection_cannot_strip_framing() {
     );
     surge.stop().await;
 }
+
+/// The route cookie cannot be forged: an unsigned, altered, expired or foreign-key cookie
+/// is ignored (the cart goes where the hash ring puts it, and gets a signed cookie), and
+/// a signed cookie without its cart pins nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_expired_or_cartless_route_cookie_pins_nothing() {
+    use surge::proxy::route::RouteSigner;
+    let blades = blades(3, Duration::ZERO).await;
+    let mut cfg = config(
+        &blades,
+        "algorithm = \"round-robin\"\n[pool.sticky]\ncookie = \"cart\"\nroute_ttl = \"1h\"\n",
+    );
+    let key = b"0123456789abcdef0123456789abcdef-test".to_vec();
+    if let Some(s) = cfg.pool.sticky.as_mut() {
+        s.route_key = Some(key.clone());
+    }
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let c = client();
+    let addr = surge.proxy.local_addr;
+    let signer = RouteSigner::new(&key, None, Duration::from_secs(3600));
+    let other = RouteSigner::new(&[9; 32], None, Duration::from_secs(3600));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let via = |cookies: String| {
+        let c = c.clone();
+        async move {
+            send(
+                &c,
+                http::Method::GET,
+                addr,
+                "/catalog",
+                &[("cookie", &cookies)],
+                "",
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mut tried = 0;
+    for n in 0..12 {
+        let cart = format!("cart-{n}");
+        let home = via(format!("cart={cart}")).await.blade();
+        let target = blades
+            .iter()
+            .map(|b| b.id.clone())
+            .find(|id| *id != home)
+            .unwrap();
+        // A valid cookie does move the cart (the control).
+        let signed = signer.issue(&target, now);
+        assert_eq!(
+            via(format!("cart={cart}; surge_route={signed}"))
+                .await
+                .blade(),
+            target
+        );
+        let third = blades
+            .iter()
+            .map(|b| b.id.clone())
+            .find(|id| *id != home && *id != target)
+            .unwrap();
+        let last = if signed.ends_with('0') { "1" } else { "0" };
+        let forged = [
+            // Unsigned, as before signing.
+            target.clone(),
+            // Another node's id under this one's signature.
+            format!("{third}{}", &signed[target.len()..]),
+            // The signature altered.
+            format!("{}{last}", &signed[..signed.len() - 1]),
+            // Expired an hour ago.
+            signer.issue(&target, now - 7200),
+            // Signed with a key that is not this pool's.
+            other.issue(&target, now),
+        ];
+        for f in forged {
+            let r = via(format!("cart={cart}; surge_route={f}")).await;
+            assert_eq!(r.blade(), home, "cookie {f} moved cart {cart}");
+            let reissued = r.set_cookie("surge_route").unwrap_or_default();
+            assert!(
+                signer
+                    .verify(&reissued, now)
+                    .is_some_and(|v| v.backend == home),
+                "no signed cookie for the cart's blade after {f}: {reissued}"
+            );
+            tried += 1;
+        }
+    }
+    assert!(tried >= 60);
+    // Signed, but without its cart: round robin goes on as if there were no cookie.
+    let pinned = signer.issue(&blades[0].id, now);
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..30 {
+        let r = via(format!("surge_route={pinned}")).await;
+        *seen.entry(r.blade()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "a cartless route cookie pinned requests: {seen:?}"
+    );
+    surge.stop().await;
+}

@@ -400,3 +400,64 @@ async fn a_rotation_under_steady_traffic_drops_nothing_and_a_bad_certificate_is_
     assert!(all_three, "not every certificate was seen");
     surge.stop().await;
 }
+
+/// The route cookie is `Secure` on a TLS listener (never sent back over plain HTTP),
+/// and not on a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_cookie_is_secure_over_tls() {
+    let blades = blades(2, Duration::ZERO).await;
+    let dir = tmp_dir();
+    let (crt, key) = (dir.join("shop.crt"), dir.join("shop.key"));
+    write_pair(&crt, &key, &["shop.test"]);
+    let sticky = format!(
+        "[pool.sticky]\ncookie = \"cart\"\nroute_key_file = \"{}\"",
+        dir.join("route.key").display()
+    );
+    let cfg = tls_config(&blades, &[(crt, key)], "", &sticky);
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let route_cookie = |resp: &http::Response<hyper::body::Incoming>| {
+        resp.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("surge_route="))
+            .map(str::to_owned)
+    };
+    let s = tls_connect(tls_addr(&surge), "shop.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/cart")
+        .header("host", "shop.test")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            b"{\"product\": 1}",
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let cookie = route_cookie(&resp).expect("a route cookie over TLS");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let plain = surge.proxy.listeners.iter().find(|b| !b.tls).unwrap().addr;
+    let r = send(
+        &client(),
+        http::Method::POST,
+        plain,
+        "/cart",
+        &[],
+        "{\"product\": 1}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201);
+    let cookie = r
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("surge_route="))
+        .expect("a route cookie over plain HTTP")
+        .to_owned();
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    surge.stop().await;
+}

@@ -36,7 +36,7 @@ pub use listeners::{CertPair, ListenerConfig, SelfSigned, TlsConfig};
 pub use local_blades::LocalBlades;
 pub use pool::{
     Algorithm, BackendSpec, EjectionConfig, HealthConfig, PoolConfig, ShedConfig, StickyConfig,
-    UpstreamProtocol, UpstreamTlsConfig, MAX_WEIGHT,
+    UpstreamProtocol, UpstreamTlsConfig, MAX_WEIGHT, ROUTE_KEY_ENV, ROUTE_KEY_PREVIOUS_ENV,
 };
 pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
 pub use provider::{BootstrapConfig, ProviderConfig, Reach};
@@ -93,6 +93,9 @@ pub struct Environment {
     pub read_file: fn(&Path) -> std::io::Result<String>,
     /// This host's name: the default `cluster.instance`.
     pub hostname: String,
+    /// `SURGE_ROUTE_KEY` and `SURGE_ROUTE_KEY_PREVIOUS`: the route cookie keys.
+    pub route_key: Option<String>,
+    pub route_key_previous: Option<String>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -104,6 +107,7 @@ impl std::fmt::Debug for Environment {
             )
             .field("cores", &self.cores)
             .field("hostname", &self.hostname)
+            .field("route_key", &self.route_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -116,6 +120,12 @@ impl Environment {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             read_file: |p| std::fs::read_to_string(p),
             hostname: hostname(),
+            route_key: std::env::var(pool::ROUTE_KEY_ENV)
+                .ok()
+                .filter(|k| !k.is_empty()),
+            route_key_previous: std::env::var(pool::ROUTE_KEY_PREVIOUS_ENV)
+                .ok()
+                .filter(|k| !k.is_empty()),
         }
     }
 }
@@ -254,6 +264,16 @@ fn validate(
         .cluster
         .as_ref()
         .map(|f| problems.within("cluster", |p| cluster::validate(f, env, p)));
+    if cluster.is_some() && pool.sticky.as_ref().is_some_and(|s| s.route_key.is_none()) {
+        problems.within("pool", |p| {
+            p.within("sticky", |p| {
+                p.bad(
+                    "route_key_file",
+                    format!("in a cluster every instance must sign route cookies with one key, or a cart moving to another instance loses its blade: set {} (the same on every instance)", pool::ROUTE_KEY_ENV),
+                )
+            })
+        });
+    }
     if !problems.is_empty() {
         return Err((source, problems.into_list()));
     }

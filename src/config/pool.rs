@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -91,6 +92,18 @@ struct FileSticky {
     cookie: String,
     #[serde(default = "default_route_cookie")]
     route_cookie: String,
+    #[serde(default = "default_route_key_file")]
+    route_key_file: PathBuf,
+    #[serde(default = "default_route_ttl", with = "humantime_serde")]
+    route_ttl: Duration,
+}
+
+fn default_route_key_file() -> PathBuf {
+    PathBuf::from("data/route.key")
+}
+
+fn default_route_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_sticky_cookie() -> String {
@@ -206,13 +219,28 @@ pub struct PoolConfig {
     pub tls: Option<UpstreamTlsConfig>,
 }
 
+/// Environment variable holding the route cookie key (shared by a cluster's instances).
+pub const ROUTE_KEY_ENV: &str = "SURGE_ROUTE_KEY";
+/// Environment variable holding the previous route cookie key, during a rotation.
+pub const ROUTE_KEY_PREVIOUS_ENV: &str = "SURGE_ROUTE_KEY_PREVIOUS";
+/// Shortest route cookie key.
+const ROUTE_KEY_MIN: usize = 32;
+
 /// Cart affinity: which cookie identifies a shopper's session.
 #[derive(Debug, Clone)]
 pub struct StickyConfig {
     /// Cookie set by the frontend that names the cart (`cart`).
     pub cookie: String,
-    /// Cookie surge sets to remember which backend holds the cart.
+    /// Cookie surge sets to remember which backend holds the cart (signed).
     pub route_cookie: String,
+    /// The key route cookies are signed with, from `SURGE_ROUTE_KEY`; `None`: the key in
+    /// `route_key_file` (made at first start).
+    pub route_key: Option<Vec<u8>>,
+    /// The key before the current one (`SURGE_ROUTE_KEY_PREVIOUS`), still accepted.
+    pub route_key_previous: Option<Vec<u8>>,
+    pub route_key_file: PathBuf,
+    /// How long a route cookie binds a cart.
+    pub route_ttl: Duration,
 }
 
 /// Active HTTP health checks.
@@ -278,7 +306,7 @@ pub(super) fn validate(
     let sticky = f
         .sticky
         .as_ref()
-        .map(|s| p.within("sticky", |p| sticky(s, p)));
+        .map(|s| p.within("sticky", |p| sticky(s, env, p)));
     let health = p.within("health", |p| health(&f.health, p));
     let ejection = p.within("ejection", |p| ejection(&f.ejection, p));
     let shed = p.within("shed", |p| shed(&f.shed, p));
@@ -330,7 +358,22 @@ pub(super) fn validate(
     }
 }
 
-fn sticky(s: &FileSticky, p: &mut Problems) -> StickyConfig {
+fn sticky(s: &FileSticky, env: &super::Environment, p: &mut Problems) -> StickyConfig {
+    let key = |var: &str, value: &Option<String>, p: &mut Problems| -> Option<Vec<u8>> {
+        let v = value.as_ref()?;
+        if v.len() < ROUTE_KEY_MIN {
+            p.bad(
+                "route_key_file",
+                format!("{var} is shorter than {ROUTE_KEY_MIN} bytes: give a longer key (e.g. `openssl rand -hex 32`)"),
+            );
+        }
+        Some(v.as_bytes().to_vec())
+    };
+    let route_key = key(ROUTE_KEY_ENV, &env.route_key, p);
+    let route_key_previous = key(ROUTE_KEY_PREVIOUS_ENV, &env.route_key_previous, p);
+    if s.route_ttl < Duration::from_secs(60) || s.route_ttl > Duration::from_secs(366 * 24 * 3600) {
+        p.bad("route_ttl", "must be between 1m and 366d");
+    }
     for (key, name) in [("cookie", &s.cookie), ("route_cookie", &s.route_cookie)] {
         if name.is_empty() || !name.bytes().all(is_cookie_name_byte) {
             p.bad(key, format!("`{name}` is not a valid cookie name"));
@@ -343,6 +386,10 @@ fn sticky(s: &FileSticky, p: &mut Problems) -> StickyConfig {
     StickyConfig {
         cookie: s.cookie.clone(),
         route_cookie: s.route_cookie.clone(),
+        route_key,
+        route_key_previous,
+        route_key_file: s.route_key_file.clone(),
+        route_ttl: s.route_ttl,
     }
 }
 

@@ -72,6 +72,8 @@ fn no_env() -> Environment {
         cores: 2,
         read_file: |p| std::fs::read_to_string(p),
         hostname: "lb-test".into(),
+        route_key: None,
+        route_key_previous: None,
     }
 }
 
@@ -217,4 +219,38 @@ fn a_cluster_section_names_endpoints_instance_and_lease() {
     let err = parse_env(&none).unwrap_err().to_string();
     assert!(err.contains("cluster.etcd: no endpoints"), "{err}");
     assert!(parse_env(base).unwrap().cluster.is_none(), "standalone");
+}
+
+#[test]
+fn route_cookie_keys_are_long_and_shared_in_a_cluster() {
+    let sticky =
+        "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n[pool.sticky]\ncookie = \"cart\"\n";
+    let standalone = parse_env(sticky).expect("a key file is made at start");
+    let s = standalone.pool.sticky.expect("sticky");
+    assert!(s.route_key.is_none());
+    assert_eq!(s.route_key_file, std::path::Path::new("data/route.key"));
+    let short = Environment {
+        route_key: Some("too-short".into()),
+        ..no_env()
+    };
+    let err = Config::parse_with(sticky, Path::new("test.toml"), &short)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pool.sticky.route_key_file: SURGE_ROUTE_KEY is shorter than 32 bytes"),
+        "{err}"
+    );
+    let clustered = format!("{sticky}[cluster]\netcd = [\"http://127.0.0.1:2379\"]\n");
+    let err = parse_env(&clustered).unwrap_err().to_string();
+    assert!(
+        err.contains("every instance must sign route cookies with one key")
+            && err.contains("SURGE_ROUTE_KEY"),
+        "{err}"
+    );
+    let keyed = Environment {
+        route_key: Some("0123456789abcdef0123456789abcdef".into()),
+        ..no_env()
+    };
+    let outcome = Config::parse_with(&clustered, Path::new("test.toml"), &keyed);
+    assert_eq!(outcome.is_ok(), cfg!(feature = "cluster"), "{outcome:?}");
 }

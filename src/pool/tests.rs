@@ -14,6 +14,10 @@ fn settings(algorithm: Algorithm, sticky: bool) -> PoolSettings {
         sticky: sticky.then(|| StickyConfig {
             cookie: "cart".into(),
             route_cookie: "surge_route".into(),
+            route_key: None,
+            route_key_previous: None,
+            route_key_file: "data/route.key".into(),
+            route_ttl: Duration::from_secs(3600),
         }),
         slow_start: Duration::from_secs(10),
         ejection: EjectionConfig {

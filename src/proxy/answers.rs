@@ -120,8 +120,9 @@ impl ProxyFailure {
 }
 
 /// Surge's answer when no backend answered: 503 (none available, with `Retry-After`),
-/// 502 (the backend failed) or 504 (it sent no response head in time), naming the pool or
-/// backend and the request id.
+/// 502 (the backend failed) or 504 (it sent no response head in time), with the request
+/// id. No backend id: a shopper learns nothing of the pool's nodes (the access log and
+/// the warning logged here have it, under the same request id).
 pub(super) fn failure(
     failure: &ProxyFailure,
     pool: &str,
@@ -135,21 +136,23 @@ pub(super) fn failure(
                 "503 service unavailable: no backend available in pool `{pool}` (request {rid})\n"
             ),
         ),
-        ProxyFailure::Backend(b, reason) => (
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "502 bad gateway: backend `{}` failed: {reason} (request {rid})\n",
-                b.id
-            ),
-        ),
-        ProxyFailure::Timeout(b, after) => (
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "504 gateway timeout: backend `{}` sent no response within {} (request {rid})\n",
-                b.id,
-                humantime::format_duration(*after)
-            ),
-        ),
+        ProxyFailure::Backend(b, reason) => {
+            tracing::warn!(backend = %b.id, request = rid, reason, "502: the backend failed");
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("502 bad gateway: the shop's frontend failed: {reason} (request {rid})\n"),
+            )
+        }
+        ProxyFailure::Timeout(b, after) => {
+            tracing::warn!(backend = %b.id, request = rid, after = %humantime::format_duration(*after), "504: the backend sent no response in time");
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "504 gateway timeout: the shop's frontend sent no response within {} (request {rid})\n",
+                    humantime::format_duration(*after)
+                ),
+            )
+        }
     };
     let mut resp = text_response(status, Bytes::from(text));
     if status == StatusCode::SERVICE_UNAVAILABLE {

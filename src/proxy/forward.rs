@@ -60,6 +60,13 @@ pub struct ConnInfo {
     pub last_request: Cell<std::time::Instant>,
 }
 
+/// A route cookie that verified: the backend it binds the cart to.
+struct Route {
+    backend: String,
+    /// Issue it again (past half its life, or signed with the previous key).
+    renew: bool,
+}
+
 /// Everything a worker's request handler needs; one per worker thread.
 pub struct Forwarder {
     pub pool: Arc<Pool>,
@@ -68,6 +75,8 @@ pub struct Forwarder {
     pub response_timeout: Duration,
     pub access_log: bool,
     pub sticky: Option<StickyConfig>,
+    /// Signs and checks route cookies (with `sticky`).
+    pub route_signer: Option<Arc<super::route::RouteSigner>>,
     pub request_ids: Arc<RequestIds>,
     pub limits: Arc<Limits>,
     pub max_uri_bytes: usize,
@@ -100,6 +109,7 @@ impl Forwarder {
             response_timeout: cfg.response_timeout,
             access_log: cfg.access_log,
             sticky,
+            route_signer: None,
             request_ids,
             limits,
             max_uri_bytes: cfg.max_uri_bytes,
@@ -243,13 +253,26 @@ impl Forwarder {
             None => None,
         };
 
-        // Cart affinity inputs, copied out because the headers move into the request.
-        let (cart, route) = match &self.sticky {
-            Some(s) => (
-                headers::cookie(&parts.headers, &s.cookie).map(str::to_owned),
-                headers::cookie(&parts.headers, &s.route_cookie).map(str::to_owned),
-            ),
-            None => (None, None),
+        // Cart affinity inputs, copied out because the headers move into the request. A
+        // route cookie counts only beside a cart, and only if this pool signed it and it
+        // has not expired: a shopper cannot choose its blade.
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (cart, route) = match (&self.sticky, &self.route_signer) {
+            (Some(s), Some(signer)) => {
+                let cart = headers::cookie(&parts.headers, &s.cookie).map(str::to_owned);
+                let route = cart
+                    .as_ref()
+                    .and_then(|_| headers::cookie(&parts.headers, &s.route_cookie))
+                    .and_then(|v| signer.verify(v, unix_now))
+                    .map(|v| Route {
+                        backend: v.backend.to_owned(),
+                        renew: v.renew,
+                    });
+                (cart, route)
+            }
+            _ => (None, None),
         };
         let log_line = self
             .access_log
@@ -280,7 +303,7 @@ impl Forwarder {
             };
             let pick = Pick {
                 sticky_key: cart.as_deref().map(str::as_bytes),
-                route: route.as_deref(),
+                route: route.as_ref().map(|r| r.backend.as_str()),
                 avoid: avoid.as_ref().map(|g| &**g.backend()),
                 now_ns,
             };
@@ -388,10 +411,11 @@ impl Forwarder {
                             admitted,
                         },
                         resp,
-                        route.as_deref(),
+                        route.as_ref(),
                         cart.is_some(),
                         start,
-                        conn_info.h2,
+                        conn_info,
+                        unix_now,
                     ),
                     Some(id),
                 )
@@ -418,15 +442,18 @@ impl Forwarder {
 
     /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
     /// cookie in when the cart was just bound, `Connection: close` when the backend drains.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         self: &Rc<Self>,
         held: Held,
         resp: Response<Incoming>,
-        route: Option<&str>,
+        route: Option<&Route>,
         had_cart: bool,
         started: Instant,
-        h2: bool,
+        conn_info: &ConnInfo,
+        unix_now: u64,
     ) -> Response<DownstreamBody> {
+        let h2 = conn_info.h2;
         let Held {
             guard,
             conn,
@@ -436,12 +463,18 @@ impl Forwarder {
         headers::strip_hop_by_hop(&mut parts.headers);
         let backend = guard.backend().clone();
         backend.metrics.count_status(parts.status.as_u16());
-        if let Some(s) = &self.sticky {
-            let bound_here = route == Some(&*backend.id);
+        if let (Some(s), Some(signer)) = (&self.sticky, &self.route_signer) {
+            let bound_here = route.is_some_and(|r| r.backend == *backend.id && !r.renew);
             if !bound_here && (had_cart || headers::sets_cookie(&parts.headers, &s.cookie)) {
                 let cookie = format!(
-                    "{}={}; Path=/; HttpOnly; SameSite=Lax",
-                    s.route_cookie, backend.id
+                    "{}={}; Path=/; HttpOnly; SameSite=Lax{}",
+                    s.route_cookie,
+                    signer.issue(&backend.id, unix_now),
+                    if conn_info.tls.is_some() {
+                        "; Secure"
+                    } else {
+                        ""
+                    }
                 );
                 if let Ok(v) = HeaderValue::from_str(&cookie) {
                     parts.headers.append(header::SET_COOKIE, v);

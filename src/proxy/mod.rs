@@ -16,6 +16,7 @@ pub mod limits;
 mod listen;
 pub mod probe;
 mod retry;
+pub mod route;
 pub mod tls;
 pub mod upstream;
 mod worker;
@@ -69,6 +70,8 @@ pub enum ProxyError {
     UpstreamTls(#[source] tls::TlsError),
     #[error("cannot start worker thread: {0}")]
     Worker(#[source] std::io::Error),
+    #[error("pool.sticky: {0}")]
+    RouteKey(#[source] route::RouteKeyError),
 }
 
 /// A running proxy. [`ProxyHandle::shutdown`] stops accepting and lets in-flight requests
@@ -167,6 +170,20 @@ pub fn start_with(
         Some(t) => Some(tls::UpstreamTls::new(t).map_err(ProxyError::UpstreamTls)?),
         None => None,
     };
+    let signer = match &pool.settings().sticky {
+        Some(s) => {
+            let key = match &s.route_key {
+                Some(k) => k.clone(),
+                None => route::key_from_file(&s.route_key_file).map_err(ProxyError::RouteKey)?,
+            };
+            Some(Arc::new(route::RouteSigner::new(
+                &key,
+                s.route_key_previous.as_deref(),
+                s.route_ttl,
+            )))
+        }
+        None => None,
+    };
     let closing = Arc::new(AtomicBool::new(false));
     let drain_ms = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::with_capacity(workers_n);
@@ -177,13 +194,15 @@ pub fn start_with(
         let limits = limits.clone();
         let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
         let upstream_tls = upstream_tls.clone();
+        let signer = signer.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
-                let forwarder =
+                let mut forwarder =
                     Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
+                forwarder.route_signer = signer;
                 worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })
             .map_err(ProxyError::Worker)?;

@@ -353,7 +353,7 @@ pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
 }
 
 /// Creates `dir` (and its parents) with mode 0700, or tightens it to 0700 if it exists.
-fn private_dir(dir: &Path) -> Result<(), TlsError> {
+pub(super) fn private_dir(dir: &Path) -> Result<(), TlsError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -367,7 +367,7 @@ fn private_dir(dir: &Path) -> Result<(), TlsError> {
 /// Writes `bytes` to a new file beside `path` (created exclusively, not following
 /// symlinks, with `mode`), then renames it over `path`: a symlink at `path` is replaced,
 /// not followed.
-fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+pub(super) fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
