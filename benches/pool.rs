@@ -148,11 +148,27 @@ fn bench_pick(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a signed route cookie costs a cart's request: one verify (and, when a cart is
+/// bound, one issue), beside the pick above.
+fn bench_route(c: &mut Criterion) {
+    let signer = surge::proxy::route::RouteSigner::new(&[7; 32], None, Duration::from_secs(3600));
+    let now = 1_800_000_000;
+    let cookie = signer.issue("bm-1a2b3c4d", now);
+    let mut group = c.benchmark_group("route");
+    group.bench_function("verify", |b| {
+        b.iter(|| black_box(signer.verify(black_box(&cookie), now)))
+    });
+    group.bench_function("issue", |b| {
+        b.iter(|| black_box(signer.issue(black_box("bm-1a2b3c4d"), now)))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_pick
+    targets = bench_pick, bench_route
 }
 criterion_main!(benches);

@@ -49,21 +49,30 @@ impl RouteSigner {
         }
     }
 
-    fn mac(key: &hmac::Key, backend: &str, expiry: u64) -> String {
-        let mut msg = Vec::with_capacity(backend.len() + 21);
-        msg.extend_from_slice(backend.as_bytes());
-        msg.push(b'~');
-        msg.extend_from_slice(expiry.to_string().as_bytes());
-        let tag = hmac::sign(key, &msg);
-        hex(&tag.as_ref()[..MAC_BYTES])
+    /// The hex MAC of `backend` and `expiry`, into `out` (no allocation: it runs on every
+    /// cart request).
+    fn mac(key: &hmac::Key, backend: &str, expiry: u64, out: &mut [u8; MAC_BYTES * 2]) {
+        let mut ctx = hmac::Context::with_key(key);
+        ctx.update(backend.as_bytes());
+        ctx.update(b"~");
+        let mut digits = [0u8; 20];
+        ctx.update(decimal(expiry, &mut digits));
+        let tag = ctx.sign();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in tag.as_ref()[..MAC_BYTES].iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
     }
 
     /// The cookie value binding a cart to `backend`, issued at `now` (Unix seconds).
     pub fn issue(&self, backend: &str, now: u64) -> String {
         let expiry = now.saturating_add(self.ttl.as_secs());
+        let mut mac = [0u8; MAC_BYTES * 2];
+        Self::mac(&self.key, backend, expiry, &mut mac);
         format!(
             "{backend}~{expiry}~{}",
-            Self::mac(&self.key, backend, expiry)
+            std::str::from_utf8(&mac).unwrap_or_default()
         )
     }
 
@@ -77,8 +86,9 @@ impl RouteSigner {
             return None;
         }
         let matches = |key: &hmac::Key| -> bool {
-            let expected = Self::mac(key, backend, expiry);
-            subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()).into()
+            let mut expected = [0u8; MAC_BYTES * 2];
+            Self::mac(key, backend, expiry, &mut expected);
+            subtle::ConstantTimeEq::ct_eq(&expected[..], mac.as_bytes()).into()
         };
         let half_life = self.ttl.as_secs() / 2;
         if matches(&self.key) {
@@ -93,6 +103,19 @@ impl RouteSigner {
                 renew: true,
             }),
             _ => None,
+        }
+    }
+}
+
+/// `n` in decimal, written into the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
         }
     }
 }
