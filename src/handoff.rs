@@ -185,21 +185,40 @@ impl Successor {
         // Our copies of the child's descriptors close here, so a child that dies closes
         // the readiness socket's last other end and we read end-of-file.
         drop(cmd);
-        let mut child = spawned.map_err(|source| HandoffError::Spawn {
+        let child = spawned.map_err(|source| HandoffError::Spawn {
             exe: self.exe.clone(),
             source,
         })?;
         let pid = child.id();
+        // Until it says ready, the new process is stopped if this wait is given up for any
+        // reason, including this future being dropped (SIGTERM during a hand-over).
+        let mut pending = Pending(Some(child));
         let waited = tokio::time::timeout(self.ready_timeout, read_ready(ours)).await;
         let failure = match waited {
-            Ok(Ok(true)) => return Ok(pid),
-            Ok(Ok(false)) => HandoffError::Exited(exit_status(&mut child)),
+            Ok(Ok(true)) => {
+                pending.0 = None;
+                return Ok(pid);
+            }
+            Ok(Ok(false)) => match pending.0.as_mut() {
+                Some(child) => HandoffError::Exited(exit_status(child)),
+                None => HandoffError::Exited("unknown".into()),
+            },
             Ok(Err(e)) => HandoffError::Exited(e.to_string()),
             Err(_) => HandoffError::Timeout(self.ready_timeout),
         };
-        let _ = child.kill();
-        let _ = child.wait();
         Err(failure)
+    }
+}
+
+/// A new process that has not said ready yet: killed (and reaped) when dropped.
+struct Pending(Option<std::process::Child>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

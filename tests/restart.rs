@@ -36,6 +36,11 @@ impl Surge {
 
     /// [`Surge::start`] with the binary at `exe` (a path that may go through symlinks).
     fn start_as(exe: &std::path::Path, backends: &[SocketAddr]) -> Surge {
+        Self::start_with(exe, backends, &[])
+    }
+
+    /// [`Surge::start_as`] with extra environment variables.
+    fn start_with(exe: &std::path::Path, backends: &[SocketAddr], env: &[(&str, &str)]) -> Surge {
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = std::env::temp_dir().join(format!(
@@ -47,6 +52,7 @@ impl Surge {
         let config = dir.join("surge.toml");
         std::fs::write(&config, config_text(proxy, admin, backends)).unwrap();
         let mut first = Command::new(exe)
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(&config)
             .env("SURGE_ADMIN_TOKEN", TOKEN)
@@ -388,5 +394,123 @@ async fn an_upgrade_runs_the_release_the_current_symlink_points_to_now() {
         "the upgrade re-ran the old release"
     );
     drop(surge);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Under systemd (`Type=notify`, `NotifyAccess=all`): READY=1 once serving; an upgrade
+/// says RELOADING=1, and the new process names itself MAINPID and says READY=1; SIGTERM
+/// says STOPPING=1. Read from a notification socket of the test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-notify-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let surge = Surge::start_with(
+        std::path::Path::new(SURGE),
+        &[blade[0].addr],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = next();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first}");
+    surge.wait_serving().await;
+    let r = admin_post(&surge, "/v1/upgrade").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let new_pid = *surge.successors().last().expect("a successor");
+    let reloading = next();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let took_over = next();
+    assert!(
+        took_over.lines().any(|l| l == format!("MAINPID={new_pid}"))
+            && took_over.lines().any(|l| l == "READY=1"),
+        "{took_over}"
+    );
+    signal(new_pid, "TERM");
+    let stopping = next();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    drop(surge);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SIGTERM while a hand-over waits for a new process that never gets ready: the old
+/// process stops at once (not after the 60 s ready timeout), and the new one is stopped
+/// too, not left holding copies of the sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hand_over_stops_both_processes() {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-stuck-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(dir.join("release-1")).unwrap();
+    std::fs::create_dir_all(dir.join("release-2")).unwrap();
+    let exe = dir.join("release-1").join("surge");
+    if std::fs::hard_link(SURGE, &exe).is_err() {
+        std::fs::copy(SURGE, &exe).unwrap();
+    }
+    // The next release hangs before it serves.
+    let pid_file = dir.join("stuck.pid");
+    let stuck = dir.join("release-2").join("surge");
+    std::fs::write(
+        &stuck,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stuck, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let current = dir.join("current");
+    std::os::unix::fs::symlink(dir.join("release-1"), &current).unwrap();
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let mut surge = Surge::start_as(&current.join("surge"), &[blade[0].addr]);
+    surge.wait_serving().await;
+    std::fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink(dir.join("release-2"), &current).unwrap();
+    signal(surge.first.id(), "USR2");
+    assert!(
+        eventually(Duration::from_secs(10), || pid_file.exists()).await,
+        "the stuck release never started"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stuck_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    signal(surge.first.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(s) = surge.first.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        exited.is_some(),
+        "SIGTERM during a hand-over was ignored:\n{}",
+        surge.output()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(stuck_pid)).await,
+        "the half-started process {stuck_pid} was left running"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

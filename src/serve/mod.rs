@@ -5,6 +5,7 @@
 //! and shutdown order. Must not: contain request-path or selection logic.
 
 mod intent;
+mod notify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -393,7 +394,9 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         println!("surge: serving the sockets handed over by the previous process");
         restarts.inherited.ready();
     }
+    notify::ready(took_over);
     wait_for_signal(&running, &restarts, &mut control_rx).await;
+    notify::stopping();
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
@@ -483,7 +486,22 @@ async fn wait_for_signal(
             _ = usr2.recv() => (ControlKind::Upgrade, None),
             Some(c) = control.recv() => (c.kind, Some(c.reply)),
         };
-        let outcome = hand_over(running, restarts, kind).await;
+        notify::reloading(match kind {
+            ControlKind::Reload => "reloading: a new process takes over",
+            ControlKind::Upgrade => "upgrading: a new process takes over",
+        });
+        // SIGTERM stays honoured while the new process starts: the hand-over is given
+        // up (the new process stopped) and this one stops.
+        let outcome = tokio::select! {
+            o = hand_over(running, restarts, kind) => o,
+            _ = term.recv() => {
+                println!("surge: SIGTERM during a hand-over: the new process is stopped, and so is this one");
+                return;
+            }
+        };
+        if let Err(refused) = &outcome {
+            notify::still_serving(&refused.to_string());
+        }
         match &outcome {
             Ok(done) => println!("surge: {done}"),
             Err(refused) => eprintln!("surge: {refused}"),
