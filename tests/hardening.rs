@@ -803,3 +803,226 @@ async fn a_forged_expired_or_cartless_route_cookie_pins_nothing() {
     );
     surge.stop().await;
 }
+
+/// HTTP/2 by hand: frames on a raw socket (h2c with prior knowledge on the plain
+/// listener), for the abuse no well-behaved client library would send.
+mod h2raw {
+    use super::*;
+
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// `GET /catalog` for authority `shop.test`, HPACK without the dynamic table.
+    pub fn get_block() -> Vec<u8> {
+        let mut b = vec![0x82, 0x86]; // :method GET, :scheme http
+        b.push(0x04); // :path, literal without indexing, name index 4
+        b.push(8);
+        b.extend_from_slice(b"/catalog");
+        b.push(0x01); // :authority, literal without indexing, name index 1
+        b.push(9);
+        b.extend_from_slice(b"shop.test");
+        b
+    }
+
+    /// A literal header `x-pad-N: <n bytes>` (never indexed, new name).
+    pub fn pad_header(i: usize, n: usize) -> Vec<u8> {
+        let name = format!("x-pad-{i}");
+        let mut b = vec![0x10, name.len() as u8];
+        b.extend_from_slice(name.as_bytes());
+        // Length as an HPACK integer with a 7-bit prefix.
+        if n < 127 {
+            b.push(n as u8);
+        } else {
+            b.push(127);
+            let mut rest = n - 127;
+            while rest >= 128 {
+                b.push((rest % 128) as u8 | 0x80);
+                rest /= 128;
+            }
+            b.push(rest as u8);
+        }
+        b.extend(std::iter::repeat_n(b'a', n));
+        b
+    }
+
+    pub async fn open(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        s
+    }
+
+    /// Frames the server sends until it closes or `limit` passes: (type, flags, stream,
+    /// payload).
+    pub async fn read_frames(s: &mut TcpStream, limit: Duration) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let until = tokio::time::Instant::now() + limit;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                out.push((buf[3], buf[4], stream, buf[9..9 + len].to_vec()));
+                buf.drain(..9 + len);
+            }
+            if out.iter().any(|f| f.0 == GOAWAY) {
+                return out;
+            }
+            match tokio::time::timeout_at(until, s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// HTTP/2 abuse ends in a clean GOAWAY or stream error while other shoppers are served:
+/// the server's limits are announced; rapid reset (streams opened and reset at once,
+/// thousands of them) and a CONTINUATION flood end the connection; an oversized header
+/// list is refused and never reaches the frontend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_abuse_ends_cleanly_while_others_are_served() {
+    use h2raw::*;
+    let blade = blades(1, Duration::ZERO).await;
+    let text = format!(
+        "[proxy]\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\nmax_header_bytes = 8192\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\
+         [pool]\n[[pool.backends]]\nid = \"web-1\"\naddress = \"{}\"\n",
+        blade[0].addr
+    );
+    let cfg = Config::parse(&text, Path::new("h2.toml")).expect("valid test config");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let served = || surge.pool.snapshot().members()[0].backend.requests();
+
+    // Limits announced in the server's SETTINGS: MAX_CONCURRENT_STREAMS (0x3) = 128 and
+    // MAX_HEADER_LIST_SIZE (0x6) = 8192.
+    let mut s = open(addr).await;
+    let frames = read_frames(&mut s, Duration::from_millis(500)).await;
+    let settings = frames
+        .iter()
+        .find(|f| f.0 == SETTINGS && f.1 & 1 == 0)
+        .expect("server SETTINGS");
+    let value = |id: u16| {
+        settings.3.chunks(6).find_map(|c| {
+            (u16::from_be_bytes([c[0], c[1]]) == id)
+                .then(|| u32::from_be_bytes([c[2], c[3], c[4], c[5]]))
+        })
+    };
+    assert_eq!(value(0x3), Some(128), "{settings:?}");
+    assert_eq!(value(0x6), Some(8192), "{settings:?}");
+    drop(s);
+
+    // A well-behaved shopper keeps being served throughout.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match get(&c, addr, "/catalog").await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => bad.push(r.status.to_string()),
+                    Err(e) => bad.push(e.to_string()),
+                }
+            }
+            (ok, bad)
+        })
+    };
+
+    // Rapid reset: 5,000 streams, each opened and cancelled at once, in one burst.
+    let mut s = open(addr).await;
+    let mut burst = Vec::new();
+    for i in 0..5_000u32 {
+        let id = 2 * i + 1;
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &get_block()));
+        burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    let _ = s.write_all(&burst).await;
+    let frames = read_frames(&mut s, Duration::from_secs(5)).await;
+    let goaway = frames.iter().find(|f| f.0 == GOAWAY);
+    assert!(
+        goaway.is_some(),
+        "no GOAWAY after a rapid-reset burst: {} frames",
+        frames.len()
+    );
+    let code = goaway.map(|g| u32::from_be_bytes([g.3[4], g.3[5], g.3[6], g.3[7]]));
+    assert_eq!(code, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    assert!(served() < 5_000, "every reset stream reached the frontend");
+    // The shopper goes on being served after the abusive connection is gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad) = shopper.await.unwrap();
+    assert!(bad.is_empty(), "the other shopper failed: {bad:?}");
+    assert!(ok > 10, "the other shopper was served: {ok}");
+
+    // CONTINUATION flood: one header block that never ends, far past the header limit.
+    let before = served();
+    let mut s = open(addr).await;
+    let _ = s
+        .write_all(&frame(HEADERS, END_STREAM, 1, &get_block()))
+        .await;
+    let mut flood = Vec::new();
+    for i in 0..2_000 {
+        flood.extend(frame(CONTINUATION, 0, 1, &pad_header(i, 100)));
+    }
+    let _ = s.write_all(&flood).await;
+    let frames = read_frames(&mut s, Duration::from_secs(5)).await;
+    let calm = frames.iter().find(|f| f.0 == GOAWAY).map(|g| g.3[7]);
+    assert_eq!(
+        calm,
+        Some(0xb),
+        "a CONTINUATION flood must end in GOAWAY ENHANCE_YOUR_CALM: {frames:?}"
+    );
+    assert_eq!(
+        served(),
+        before,
+        "a flooded header block reached the frontend"
+    );
+
+    // One header list over 8 KiB: refused (431 or a stream reset), nothing forwarded.
+    let mut s = open(addr).await;
+    let mut block = get_block();
+    block.extend(pad_header(0, 12_000));
+    let _ = s
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+        .await;
+    let frames = read_frames(&mut s, Duration::from_secs(2)).await;
+    let refused = frames.iter().any(|f| {
+        (f.0 == HEADERS && f.2 == 1 && f.3.first() != Some(&0x88))
+            || (f.0 == RST_STREAM && f.2 == 1)
+            || f.0 == GOAWAY
+    });
+    assert!(
+        refused,
+        "an oversized header list was not refused: {frames:?}"
+    );
+    assert_eq!(
+        served(),
+        before,
+        "an oversized header list reached the frontend"
+    );
+    let r = get(&client(), addr, "/catalog").await.unwrap();
+    assert_eq!(r.status, 200, "surge still serves after the abuse");
+    surge.stop().await;
+}

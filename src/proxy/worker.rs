@@ -25,6 +25,16 @@ use crate::telemetry::names;
 /// hyper's own limit on request header fields (HTTP/1.1).
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
+/// HTTP/2 abuse limits, set here rather than left to library defaults that may change:
+/// streams open at once per connection (a browser opens a few dozen at most); streams a
+/// client may open and reset before surge accepts them ("rapid reset", CVE-2023-44487)
+/// and streams surge may have to reset for a client's protocol errors, each before the
+/// connection ends with GOAWAY `ENHANCE_YOUR_CALM`. The header list (CONTINUATION frames
+/// included) is bounded by `proxy.max_header_bytes`.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
+
 /// Refusal sent on a plain listener to a connection over the limits, before reading it.
 const REFUSED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n503 too many connections; retry in a moment\n";
 
@@ -84,7 +94,9 @@ impl Builders {
         let mut h2 = http2::Builder::new(LocalExec);
         h2.timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
             .keep_alive_interval(Duration::from_secs(30));
         let mut auto = hyper_util::server::conn::auto::Builder::new(LocalExec);
         auto.http1()
@@ -98,7 +110,10 @@ impl Builders {
         auto.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes as u32)
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+            .keep_alive_interval(Duration::from_secs(30));
         Self { h1, h2, auto }
     }
 }
