@@ -159,6 +159,7 @@ proptest! {
             0..12,
         ),
         ip in any::<[u8; 4]>(),
+        trusted in any::<bool>(),
     ) {
         let mut h = HeaderMap::new();
         for (name, value) in &pairs {
@@ -171,9 +172,12 @@ proptest! {
             prop_assert!(!h.contains_key(gone), "{} survived", gone);
         }
         let client = headers::ip_header_value(std::net::IpAddr::from(ip));
-        headers::add_forwarding(&mut h, &client, "https");
+        headers::add_forwarding(&mut h, &client, "https", trusted);
         let xff = h.get("x-forwarded-for").map(|v| v.as_bytes().to_vec()).unwrap_or_default();
         prop_assert!(xff.ends_with(client.as_bytes()));
+        if !trusted {
+            prop_assert_eq!(&xff[..], client.as_bytes(), "an untrusted chain is replaced");
+        }
         prop_assert_eq!(h.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"https"[..]));
     }
 }

@@ -318,7 +318,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     .await
     .unwrap();
     let seen = r.json();
-    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    // 127.0.0.1 is not a trusted proxy here: the made-up chain is replaced.
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-request-id"], "from-edge-1");
     assert!(seen.get("x-hop").is_none(), "{seen}");
@@ -334,6 +335,22 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
         .to_owned();
     assert_eq!(id.len(), 25, "generated id: {id}");
     assert_eq!(fresh.headers["x-request-id"], id.as_str());
+    surge.stop().await;
+    // Behind a proxy of the shop's own (trusted), its chain is kept and appended to.
+    let mut cfg = config(&blades, "");
+    cfg.proxy.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let r = send(
+        &c,
+        Method::GET,
+        surge.proxy.local_addr,
+        "/debug/headers",
+        &[("x-forwarded-for", "203.0.113.9")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.json()["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     surge.stop().await;
 }
 

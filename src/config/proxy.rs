@@ -35,6 +35,7 @@ pub(super) struct FileProxy {
     requests_per_second_per_ip: u32,
     max_new_connections_per_second_per_ip: u32,
     access_log: bool,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for FileProxy {
@@ -59,6 +60,7 @@ impl Default for FileProxy {
             requests_per_second_per_ip: 0,
             max_new_connections_per_second_per_ip: 0,
             access_log: true,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -117,6 +119,9 @@ pub struct ProxyConfig {
     pub access_log: bool,
     /// HTTPS to the blades (`[pool.tls]`, copied here for the request path).
     pub upstream_tls: Option<super::UpstreamTlsConfig>,
+    /// Peers (a cloud load balancer, a CDN) whose `X-Forwarded-For` is kept and appended
+    /// to; from anyone else it is replaced by the peer's address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Checks `[proxy]` (keys relative to it) and resolves `workers = 0` to one per core of
@@ -178,6 +183,19 @@ pub(super) fn validate(
     if f.max_connections == 0 {
         p.bad("max_connections", "must be at least 1");
     }
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in f.trusted_proxies.iter().enumerate() {
+        let net = t
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(n) => trusted_proxies.push(n.trunc()),
+            Err(_) => p.bad(
+                &format!("trusted_proxies[{i}]"),
+                format!("`{t}` is not an address or a CIDR block (e.g. 10.0.0.0/8, 2001:db8::/32)"),
+            ),
+        }
+    }
     let workers = if f.workers == 0 {
         cores.max(1)
     } else {
@@ -204,5 +222,6 @@ pub(super) fn validate(
         max_new_connections_per_second_per_ip: f.max_new_connections_per_second_per_ip,
         access_log: f.access_log,
         upstream_tls: None,
+        trusted_proxies,
     }
 }

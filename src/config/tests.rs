@@ -254,3 +254,26 @@ fn route_cookie_keys_are_long_and_shared_in_a_cluster() {
     let outcome = Config::parse_with(&clustered, Path::new("test.toml"), &keyed);
     assert_eq!(outcome.is_ok(), cfg!(feature = "cluster"), "{outcome:?}");
 }
+
+#[test]
+fn trusted_proxies_are_addresses_or_cidr_blocks() {
+    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let ok = parse_env(&format!(
+        "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n{base}"
+    ))
+    .unwrap();
+    let nets = &ok.proxy.trusted_proxies;
+    assert_eq!(nets.len(), 3);
+    assert!(nets[0].contains(&"10.9.8.7".parse::<std::net::IpAddr>().unwrap()));
+    assert!(nets[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+    assert!(!nets[1].contains(&"192.0.2.8".parse::<std::net::IpAddr>().unwrap()));
+    let err = parse_env(&format!(
+        "[proxy]\ntrusted_proxies = [\"cdn.example\"]\n{base}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("proxy.trusted_proxies[0]: `cdn.example` is not an address or a CIDR block"),
+        "{err}"
+    );
+}

@@ -75,6 +75,8 @@ pub struct Forwarder {
     pub response_timeout: Duration,
     pub access_log: bool,
     pub sticky: Option<StickyConfig>,
+    /// Peers whose `X-Forwarded-For` is kept (`proxy.trusted_proxies`).
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Signs and checks route cookies (with `sticky`).
     pub route_signer: Option<Arc<super::route::RouteSigner>>,
     pub request_ids: Arc<RequestIds>,
@@ -110,6 +112,7 @@ impl Forwarder {
             access_log: cfg.access_log,
             sticky,
             route_signer: None,
+            trusted_proxies: cfg.trusted_proxies.clone().into(),
             request_ids,
             limits,
             max_uri_bytes: cfg.max_uri_bytes,
@@ -233,7 +236,17 @@ impl Forwarder {
         let now_ns = crate::pool::nanos_since_epoch(start);
         self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, &conn_info.client_ip, conn_info.proto);
+        let trusted = !self.trusted_proxies.is_empty()
+            && self
+                .trusted_proxies
+                .iter()
+                .any(|n| n.contains(&conn_info.peer.ip()));
+        headers::add_forwarding(
+            &mut parts.headers,
+            &conn_info.client_ip,
+            conn_info.proto,
+            trusted,
+        );
         let request_id = self.request_ids.ensure(&mut parts.headers);
 
         // Load shedding: wait briefly for room, else 503 (browsing before buying).

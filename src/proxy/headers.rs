@@ -86,13 +86,19 @@ pub(super) fn check_framing(
     Ok(())
 }
 
-/// Adds the shopper's address (`ip`, from [`ip_header_value`], made once per connection)
-/// to `X-Forwarded-For`, appending to what earlier proxies set, and sets
-/// `X-Forwarded-Proto`.
-pub fn add_forwarding(headers: &mut HeaderMap, ip: &HeaderValue, proto: &'static str) {
+/// Adds the peer's address (`ip`, from [`ip_header_value`], made once per connection) to
+/// `X-Forwarded-For` and sets `X-Forwarded-Proto`. From a `trusted` peer (a proxy of the
+/// shop's own) the chain earlier proxies set is kept and appended to; from anyone else
+/// it is replaced, so a shopper cannot put a made-up address in front of their own.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    ip: &HeaderValue,
+    proto: &'static str,
+    trusted: bool,
+) {
     let ip = ip.clone();
     match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.is_empty() => {
+        Some(prev) if trusted && !prev.is_empty() => {
             let mut joined = Vec::with_capacity(prev.len() + 2 + ip.len());
             joined.extend_from_slice(prev);
             joined.extend_from_slice(b", ");
@@ -102,6 +108,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, ip: &HeaderValue, proto: &'static
             }
         }
         _ => {
+            // `insert` drops every earlier X-Forwarded-For field, however many.
             headers.insert(X_FORWARDED_FOR, ip);
         }
     }
@@ -296,16 +303,35 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends() {
+    fn forwarded_for_appends_from_a_trusted_peer_and_is_replaced_otherwise() {
         let mut h = HeaderMap::new();
         add_forwarding(
             &mut h,
             &ip_header_value("10.1.2.3".parse().unwrap()),
             "http",
+            false,
         );
-        add_forwarding(&mut h, &ip_header_value("::1".parse().unwrap()), "http");
+        add_forwarding(
+            &mut h,
+            &ip_header_value("::1".parse().unwrap()),
+            "http",
+            true,
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3, ::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+        add_forwarding(
+            &mut h,
+            &ip_header_value("192.0.2.1".parse().unwrap()),
+            "https",
+            false,
+        );
+        assert_eq!(
+            h.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["192.0.2.1"],
+            "an untrusted peer's chain is dropped, all of it"
+        );
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
     }
 
     #[test]
