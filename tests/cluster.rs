@@ -543,12 +543,24 @@ async fn a_leader_stopped_past_its_lease_orders_nothing_after_waking() {
     );
     let desired = converged(&sim, other, &[other], Duration::from_secs(40)).await;
     let before = stopped.line_count();
+    let mut at_wake = sim.server_ids();
+    at_wake.sort();
     signal(stopped.pid(), libc::SIGCONT);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing new reached the provider after waking. (A call that was in flight when
+    // the process froze may still log its answer on waking: its server was ordered, and
+    // fenced, before the freeze, and the other instance took it over from the ledger.)
+    let mut now = sim.server_ids();
+    now.sort();
+    assert_eq!(
+        now, at_wake,
+        "the provider changed after the old leader woke"
+    );
     let woke: Vec<String> = stopped
         .lines_since(before)
         .into_iter()
         .filter(|l| l.contains("server ordered") || l.contains("server released"))
+        .filter(|l| !at_wake.iter().any(|d| l.contains(&format!("device={d}"))))
         .collect();
     assert!(
         woke.is_empty(),
