@@ -12,6 +12,7 @@ use http::Method;
 use serde_json::Value;
 use surge::admin::api;
 
+use common::process::eventually_async;
 use common::*;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -747,5 +748,67 @@ async fn a_web_page_cannot_drive_the_admin_api() {
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let client = surge::admin::client::AdminClient::new(&own_origin, Some(TOKEN.into()));
     assert!(client.undrain("blade-2").await.is_ok());
+    surge.stop().await;
+}
+
+/// No client can hold the admin API: a body that never arrives gets 408 (and changes
+/// nothing); connections beyond the limit are closed at once, and the API answers again
+/// as soon as the idle ones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_clients_cannot_hold_the_admin_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_blades, surge) = start(1, "").await;
+    let addr = surge.admin.local_addr;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/nodes/blade-1/drain HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{{\"force\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        surge::admin::ADMIN_READ_TIMEOUT + Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "a trickling body held the connection");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(
+        surge.pool.snapshot().count(surge::pool::State::InService),
+        1,
+        "the half-sent drain changed the pool"
+    );
+
+    let mut idle = Vec::new();
+    for _ in 0..surge::admin::MAX_ADMIN_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection beyond the limit was kept: {closed:?}"
+    );
+    drop(idle);
+    let c = client();
+    let back = eventually_async(Duration::from_secs(3), || async {
+        send(
+            &c,
+            Method::GET,
+            addr,
+            "/v1/nodes",
+            &[(auth().0, &auth().1)],
+            "",
+        )
+        .await
+        .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert!(
+        back,
+        "the admin API did not come back once the idle clients left"
+    );
     surge.stop().await;
 }

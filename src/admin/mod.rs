@@ -162,6 +162,15 @@ pub struct AdminHandle {
 /// How long a stopping admin API lets calls in progress finish.
 const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Connections the admin API holds at once: beyond it a new one is closed at once, so
+/// no client can exhaust the process's descriptors or memory through it. Operators'
+/// tools make one call at a time.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// A request's head must arrive within this, and its body within this after the head:
+/// a client that trickles bytes gets 408 (body) or a closed connection (head).
+pub const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl AdminHandle {
     pub fn shutdown(&self) {
         if let Ok(mut h) = self.handoff.lock() {
@@ -219,6 +228,7 @@ pub async fn start_with(
     let admin = Arc::new(admin);
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
             let (stream, _) = tokio::select! {
                 _ = rx.changed() => break,
@@ -227,16 +237,25 @@ pub async fn start_with(
                     Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    limit = MAX_ADMIN_CONNECTIONS,
+                    "admin API: too many connections; closed a new one"
+                );
+                drop(stream);
+                continue;
+            };
             let admin = admin.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(ADMIN_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 let _ = watcher.watch(conn).await;
             });
@@ -855,12 +874,24 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    let collected = tokio::time::timeout(
+        ADMIN_READ_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await;
+    let bytes = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            return Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!(
+                    "the body did not arrive within {}",
+                    humantime::format_duration(ADMIN_READ_TIMEOUT)
+                ),
+            ))
+        }
+        Ok(Err(_)) => {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
