@@ -287,6 +287,25 @@ pub async fn start_with(
         admin_socket,
     )
     .await?;
+    if inherited.from_predecessor() {
+        // The predecessor serves on these very sockets until this process accepts on
+        // them: first get the pool to where it was (servers adopted from the provider,
+        // intent read back, nodes through their health checks), or a cart bound to an
+        // adopted node would meet a pool that does not know it yet.
+        if !warm(
+            &pool,
+            autoscaler.as_deref(),
+            cluster.as_deref(),
+            SUCCESSOR_WARM_LIMIT,
+        )
+        .await
+        {
+            eprintln!(
+                "surge: pool not fully warm after {}; taking over anyway",
+                humantime::format_duration(SUCCESSOR_WARM_LIMIT)
+            );
+        }
+    }
     let proxy = proxy::start_with(&cfg.proxy, pool.clone(), &mut |addr| inherited.take(addr))?;
     proxy_listening.store(true, Ordering::Relaxed);
     let _ = tls_sets.set(
@@ -382,15 +401,6 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         );
     }
     if took_over {
-        // The predecessor keeps serving until we say ready: first get the pool to where
-        // it was (servers adopted from the provider, nodes through their health checks),
-        // or a cart bound to an adopted node would meet a pool that does not know it yet.
-        if !warm(&running, SUCCESSOR_WARM_LIMIT).await {
-            eprintln!(
-                "surge: pool not fully warm after {}; taking over anyway",
-                humantime::format_duration(SUCCESSOR_WARM_LIMIT)
-            );
-        }
         println!("surge: serving the sockets handed over by the previous process");
         restarts.inherited.ready();
     }
@@ -412,29 +422,33 @@ const KEEPALIVE_DRAIN: Duration = Duration::from_secs(5);
 /// How long a process taking over waits for its pool to warm up before serving anyway.
 const SUCCESSOR_WARM_LIMIT: Duration = Duration::from_secs(30);
 
-/// Waits until the autoscaler (if any) has adopted what the provider runs and no node is
-/// still warming up (unless failing its probes); `false` if `limit` passed first. Wakes
-/// on what can change the answer: a table publish, a health-check round, an autoscaler
-/// round.
-async fn warm(running: &Running, limit: Duration) -> bool {
+/// Waits until the autoscaler (if any) has adopted what the provider runs, the cluster's
+/// intent (if any) has been read, and no node is still warming up (unless failing its
+/// probes); `false` if `limit` passed first. Wakes on what can change the answer: a table
+/// publish, a health-check round, an autoscaler round, the intent view.
+async fn warm(
+    pool: &Pool,
+    autoscaler: Option<&crate::autoscale::Shared>,
+    cluster: Option<&crate::cluster::Cluster>,
+    limit: Duration,
+) -> bool {
     let until = tokio::time::Instant::now() + limit;
-    let mut changes = running.pool.changes();
-    let mut probes = running.pool.probe_rounds();
-    let mut rounds = running.autoscaler.as_ref().map(|a| a.rounds());
+    let mut changes = pool.changes();
+    let mut probes = pool.probe_rounds();
+    let mut rounds = autoscaler.map(|a| a.rounds());
+    let mut intents = cluster.map(|c| c.intents());
     loop {
         changes.borrow_and_update();
         probes.borrow_and_update();
         if let Some(r) = rounds.as_mut() {
             r.borrow_and_update();
         }
-        let adopted = running.autoscaler.as_ref().is_none_or(|a| a.adopted())
-            && running
-                .cluster
-                .as_ref()
-                .is_none_or(|c| c.intents().borrow().loaded);
+        let loaded = intents
+            .as_mut()
+            .is_none_or(|i| i.borrow_and_update().loaded);
+        let adopted = autoscaler.is_none_or(|a| a.adopted()) && loaded;
         // A warming node whose latest probe failed is not about to serve: no waiting.
-        let warming = running
-            .pool
+        let warming = pool
             .snapshot()
             .members()
             .iter()
@@ -449,10 +463,17 @@ async fn warm(running: &Running, limit: Duration) -> bool {
                 None => std::future::pending().await,
             }
         };
+        let intent_change = async {
+            match intents.as_mut() {
+                Some(i) => i.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = changes.changed() => {}
             _ = probes.changed() => {}
             _ = autoscaler_round => {}
+            _ = intent_change => {}
             _ = tokio::time::sleep_until(until) => return false,
         }
     }
