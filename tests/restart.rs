@@ -359,18 +359,9 @@ async fn a_broken_config_reload_is_refused_and_a_good_one_takes_over() {
 /// upgrade runs the new release (not the file the old process resolved at start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_runs_the_release_the_current_symlink_points_to_now() {
-    let dir = std::env::temp_dir().join(format!(
-        "surge-releases-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    for release in ["release-1", "release-2"] {
-        std::fs::create_dir_all(dir.join(release)).unwrap();
-        let to = dir.join(release).join("surge");
-        if std::fs::hard_link(SURGE, &to).is_err() {
-            std::fs::copy(SURGE, &to).unwrap();
-        }
-    }
+    let dir = scratch("releases");
+    release(&dir, "release-1");
+    release(&dir, "release-2");
     let current = dir.join("current");
     std::os::unix::fs::symlink(dir.join("release-1"), &current).unwrap();
     let blade = blades(1, Duration::from_millis(1)).await;
@@ -402,12 +393,7 @@ async fn an_upgrade_runs_the_release_the_current_symlink_points_to_now() {
 /// says STOPPING=1. Read from a notification socket of the test's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
-    let dir = std::env::temp_dir().join(format!(
-        "surge-notify-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("notify");
     let path = dir.join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     socket
@@ -451,17 +437,9 @@ async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
 /// too, not left holding copies of the sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_hand_over_stops_both_processes() {
-    let dir = std::env::temp_dir().join(format!(
-        "surge-stuck-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(dir.join("release-1")).unwrap();
+    let dir = scratch("stuck");
+    release(&dir, "release-1");
     std::fs::create_dir_all(dir.join("release-2")).unwrap();
-    let exe = dir.join("release-1").join("surge");
-    if std::fs::hard_link(SURGE, &exe).is_err() {
-        std::fs::copy(SURGE, &exe).unwrap();
-    }
     // The next release hangs before it serves.
     let pid_file = dir.join("stuck.pid");
     let stuck = dir.join("release-2").join("surge");
@@ -513,4 +491,26 @@ async fn sigterm_during_a_hand_over_stops_both_processes() {
         "the half-started process {stuck_pid} was left running"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-{what}-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `dir/name/surge`: this build's binary installed as a release (a hard link, or a copy
+/// across file systems).
+fn release(dir: &std::path::Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    let to = dir.join(name).join("surge");
+    if std::fs::hard_link(SURGE, &to).is_err() {
+        std::fs::copy(SURGE, &to).unwrap();
+    }
+    to
 }
