@@ -1026,3 +1026,70 @@ async fn http2_abuse_ends_cleanly_while_others_are_served() {
     assert_eq!(r.status, 200, "surge still serves after the abuse");
     surge.stop().await;
 }
+
+/// Request bodies held in memory are bounded process-wide: with two slow uploads holding
+/// the budget, a third waits about a second and gets 503 with `Retry-After` (nothing
+/// forwarded); once one upload finishes, the next fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_cannot_take_all_the_memory() {
+    let blade = blades(1, Duration::ZERO).await;
+    let cfg = surge_config(
+        &[("web-1", blade[0].addr)],
+        "max_body_bytes = 65536\nmax_buffered_body_bytes = 100000\nbody_read_timeout = \"20s\"",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let served = || surge.pool.snapshot().members()[0].backend.requests();
+    let head = |len: usize| {
+        format!("POST /cart HTTP/1.1\r\nhost: shop.test\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n")
+    };
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(head(40_000).as_bytes()).await.unwrap();
+        s.write_all(&[b' '; 1000]).await.unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = served();
+    let asked = Instant::now();
+    let (answer, closed) = exchange(
+        addr,
+        format!("{}{}", head(40_000), " ".repeat(40_000)).as_bytes(),
+    )
+    .await;
+    let waited = asked.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(closed, "the refused upload's connection stays open");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "no wait for room: {waited:?}"
+    );
+    assert_eq!(served(), before, "a refused upload reached the frontend");
+    // One slow upload finishes: its bytes go back, and the next upload fits.
+    let mut done = slow.remove(0);
+    done.write_all(&[b' '; 39_000]).await.unwrap();
+    let mut first_line = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), done.read_exact(&mut first_line))
+        .await
+        .expect("the finished upload is answered")
+        .unwrap();
+    assert!(first_line.starts_with(b"HTTP/1.1 "), "{first_line:?}");
+    drop(done);
+    let (answer, _) = exchange(
+        addr,
+        format!("{}{}", head(40_000), " ".repeat(40_000)).as_bytes(),
+    )
+    .await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 503"),
+        "no room after an upload ended: {answer}"
+    );
+    drop(slow);
+    surge.stop().await;
+}

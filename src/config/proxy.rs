@@ -25,6 +25,7 @@ pub(super) struct FileProxy {
     max_uri_bytes: usize,
     max_headers: usize,
     max_body_bytes: u64,
+    max_buffered_body_bytes: u64,
     #[serde(with = "humantime_serde")]
     body_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -52,6 +53,7 @@ impl Default for FileProxy {
             max_uri_bytes: 8 * 1024,
             max_headers: 100,
             max_body_bytes: 8 * 1024 * 1024,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_requests_per_connection: 1000,
@@ -95,6 +97,9 @@ pub struct ProxyConfig {
     /// backend is picked (like nginx's request buffering), so a slow or malformed body
     /// never ties up or reaches a frontend.
     pub max_body_bytes: u64,
+    /// Request bodies held in memory at once, across every connection; beyond it a new
+    /// body waits up to a second for room, then gets 503.
+    pub max_buffered_body_bytes: u64,
     /// Time a shopper has to send a whole request body; slower gets 408.
     pub body_read_timeout: Duration,
     /// A connection on which no request has started for this long is closed gracefully
@@ -177,6 +182,15 @@ pub(super) fn validate(
             ),
         );
     }
+    if f.max_buffered_body_bytes < f.max_body_bytes {
+        p.bad(
+            "max_buffered_body_bytes",
+            format!(
+                "{} is less than max_body_bytes ({}): one body would never fit",
+                f.max_buffered_body_bytes, f.max_body_bytes
+            ),
+        );
+    }
     if f.max_requests_per_connection == 0 {
         p.bad("max_requests_per_connection", "must be at least 1");
     }
@@ -213,6 +227,7 @@ pub(super) fn validate(
         max_uri_bytes: f.max_uri_bytes,
         max_headers: f.max_headers,
         max_body_bytes: f.max_body_bytes,
+        max_buffered_body_bytes: f.max_buffered_body_bytes,
         body_read_timeout: f.body_read_timeout,
         idle_timeout: f.idle_timeout,
         max_requests_per_connection: f.max_requests_per_connection,

@@ -39,6 +39,8 @@ pub(super) enum Refused {
     BadHost,
     /// `chunked` applied more than once (RFC 9112 §6.1).
     BadFraming,
+    /// The process-wide budget for buffered request bodies is spent.
+    BodyBudget,
 }
 
 /// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
@@ -85,6 +87,11 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
             "bad_framing",
             "400 Transfer-Encoding applies chunked more than once\n",
         ),
+        Refused::BodyBudget => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "body_budget",
+            "503 too many uploads at once; please retry in a moment\n",
+        ),
     };
     metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);
     let mut resp = text_response(status, Bytes::from_static(text.as_bytes()));
@@ -92,6 +99,9 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
     if why == Refused::RateLimited {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     } else if !conn.h2 {
+        if why == Refused::BodyBudget {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(v) = &conn.hsts {

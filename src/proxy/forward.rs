@@ -60,6 +60,11 @@ pub struct ConnInfo {
     pub last_request: Cell<std::time::Instant>,
 }
 
+/// What a chunked body (no declared length) reserves before it is read.
+const CHUNKED_FIRST_RESERVATION: u64 = 64 * 1024;
+/// How long a body waits for room in the budget before 503.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
+
 /// A route cookie that verified: the backend it binds the cart to.
 struct Route {
     backend: String,
@@ -84,6 +89,8 @@ pub struct Forwarder {
     pub max_uri_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: u64,
+    /// Shared by every worker: bodies held in memory at once.
+    pub body_budget: Arc<super::limits::BodyBudget>,
     pub body_read_timeout: Duration,
     pub max_requests_per_connection: u32,
     /// Set while surge stops with a keep-alive drain (see `ProxyHandle::shutdown_draining`).
@@ -118,6 +125,7 @@ impl Forwarder {
             max_uri_bytes: cfg.max_uri_bytes,
             max_headers: cfg.max_headers,
             max_body_bytes: cfg.max_body_bytes,
+            body_budget: super::limits::BodyBudget::new(cfg.max_buffered_body_bytes),
             body_read_timeout: cfg.body_read_timeout,
             max_requests_per_connection: cfg.max_requests_per_connection,
             closing,
@@ -140,13 +148,15 @@ impl Forwarder {
             && (served >= self.max_requests_per_connection || self.closing.load(Ordering::Relaxed));
         let (parts, body) = req.into_parts();
         let body = match self.check_limits(&parts, &conn_info) {
-            Ok(()) if body.is_end_stream() => Ok(None),
+            Ok(()) if body.is_end_stream() => Ok((None, None)),
             // Boxed: the reading future (timer, collector) is large, and most shop
             // requests have no body; inline it would grow every request's future.
             Ok(()) => Box::pin(self.read_body(&parts, body)).await,
             Err(refused) => Err(refused),
         };
-        let body = match body {
+        // The reservation lives until the response head came: the body (and its copy
+        // for a retry) is held that long.
+        let (body, _reserved) = match body {
             Ok(b) => b,
             Err(refused) => {
                 let resp = answers::refusal(refused, &conn_info);
@@ -183,28 +193,43 @@ impl Forwarder {
     /// Reads the shopper's whole body before any backend is picked, as nginx does by
     /// default: a slow or malformed body then costs the frontends nothing, a chunked body
     /// that breaks off reaches no one, and a body can be sent again to a second backend.
+    /// The body's bytes are reserved in the process-wide budget first (the declared
+    /// length, or a first slice of a chunked body, grown to its size once read).
     async fn read_body(
         &self,
         parts: &http::request::Parts,
         body: Incoming,
-    ) -> Result<Option<Bytes>, Refused> {
+    ) -> Result<(Option<Bytes>, Option<super::limits::BodyReservation>), Refused> {
         if body.is_end_stream() {
-            return Ok(None);
+            return Ok((None, None));
         }
         // A declared length (Content-Length) is the hint's lower bound.
-        if body.size_hint().lower() > self.max_body_bytes {
+        let declared = body.size_hint().lower();
+        if declared > self.max_body_bytes {
             return Err(Refused::BodyTooLarge);
         }
+        let first = if declared > 0 {
+            declared
+        } else {
+            CHUNKED_FIRST_RESERVATION.min(self.max_body_bytes)
+        };
+        let Some(mut reserved) = self.body_budget.reserve(first, BODY_BUDGET_WAIT).await else {
+            return Err(Refused::BodyBudget);
+        };
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let read =
             tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect()).await;
         match read {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();
-                Ok(
+                if !reserved.grow_to(bytes.len() as u64) {
+                    return Err(Refused::BodyBudget);
+                }
+                Ok((
                     (!bytes.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH))
                         .then_some(bytes),
-                )
+                    Some(reserved),
+                ))
             }
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 Err(Refused::BodyTooLarge)

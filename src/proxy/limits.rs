@@ -7,7 +7,7 @@
 //! a heavy client through.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,5 +194,113 @@ mod tests {
         assert!(l.allow_request([10, 0, 0, 2].into()), "others unaffected");
         let unlimited = limits(10, 0, 0);
         assert!((0..1000).all(|_| unlimited.allow_request(a)));
+    }
+}
+
+/// A budget for request bodies held in memory across every connection of the process
+/// (`proxy.max_buffered_body_bytes`): surge reads a body whole before forwarding it, so
+/// without it many slow uploads at once could take all the memory there is.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: u64,
+    used: AtomicU64,
+    /// Woken whenever bytes are given back.
+    room: tokio::sync::Notify,
+}
+
+/// Bytes of the budget one request holds; given back when dropped.
+#[derive(Debug)]
+pub struct BodyReservation {
+    budget: Arc<BodyBudget>,
+    bytes: u64,
+}
+
+impl BodyBudget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicU64::new(0),
+            room: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Takes `bytes`, waiting up to `wait` for room; `None` if there was none in time.
+    pub async fn reserve(self: &Arc<Self>, bytes: u64, wait: Duration) -> Option<BodyReservation> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let room = self.room.notified();
+            let mut room = std::pin::pin!(room);
+            room.as_mut().enable();
+            if self.try_take(bytes) {
+                return Some(BodyReservation {
+                    budget: self.clone(),
+                    bytes,
+                });
+            }
+            if tokio::time::timeout_at(until, room).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+impl BodyReservation {
+    /// Grows the reservation to `bytes` (a chunked body turned out larger than first
+    /// reserved); `false` if the budget has no room for it now.
+    pub fn grow_to(&mut self, bytes: u64) -> bool {
+        if bytes <= self.bytes {
+            return true;
+        }
+        if self.budget.try_take(bytes - self.bytes) {
+            self.bytes = bytes;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.room.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_budget_waits_briefly_then_refuses_and_gives_back_on_drop() {
+        let b = BodyBudget::new(100);
+        let first = b.reserve(60, Duration::ZERO).await.expect("room");
+        assert!(b.reserve(50, Duration::from_millis(20)).await.is_none());
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.reserve(50, Duration::from_secs(5)).await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        assert!(waiter.await.unwrap(), "room given back wakes a waiter");
+        let mut r = b.reserve(10, Duration::ZERO).await.expect("room");
+        assert!(r.grow_to(40));
+        assert!(!r.grow_to(101), "past the limit");
+        assert!(r.grow_to(100), "up to the limit");
+        drop(r);
+        assert_eq!(b.used(), 0);
     }
 }

@@ -184,6 +184,8 @@ pub fn start_with(
         }
         None => None,
     };
+    // One budget for the whole process, whatever the number of workers.
+    let body_budget = limits::BodyBudget::new(cfg.max_buffered_body_bytes);
     let closing = Arc::new(AtomicBool::new(false));
     let drain_ms = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::with_capacity(workers_n);
@@ -195,6 +197,7 @@ pub fn start_with(
         let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
         let upstream_tls = upstream_tls.clone();
         let signer = signer.clone();
+        let body_budget = body_budget.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("surge-proxy-{n}"))
@@ -203,6 +206,7 @@ pub fn start_with(
                 let mut forwarder =
                     Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
                 forwarder.route_signer = signer;
+                forwarder.body_budget = body_budget;
                 worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })
             .map_err(ProxyError::Worker)?;
