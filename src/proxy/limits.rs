@@ -204,8 +204,10 @@ mod tests {
 pub struct BodyBudget {
     limit: u64,
     used: AtomicU64,
-    /// Woken whenever bytes are given back.
+    /// Woken whenever bytes are given back, while someone waits (the request path
+    /// takes no lock otherwise).
     room: tokio::sync::Notify,
+    waiting: AtomicUsize,
 }
 
 /// Bytes of the budget one request holds; given back when dropped.
@@ -221,6 +223,7 @@ impl BodyBudget {
             limit,
             used: AtomicU64::new(0),
             room: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -239,21 +242,30 @@ impl BodyBudget {
 
     /// Takes `bytes`, waiting up to `wait` for room; `None` if there was none in time.
     pub async fn reserve(self: &Arc<Self>, bytes: u64, wait: Duration) -> Option<BodyReservation> {
+        if self.try_take(bytes) {
+            return Some(BodyReservation {
+                budget: self.clone(),
+                bytes,
+            });
+        }
         let until = tokio::time::Instant::now() + wait;
-        loop {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let got = loop {
             let room = self.room.notified();
             let mut room = std::pin::pin!(room);
             room.as_mut().enable();
             if self.try_take(bytes) {
-                return Some(BodyReservation {
-                    budget: self.clone(),
-                    bytes,
-                });
+                break true;
             }
             if tokio::time::timeout_at(until, room).await.is_err() {
-                return None;
+                break false;
             }
-        }
+        };
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        got.then(|| BodyReservation {
+            budget: self.clone(),
+            bytes,
+        })
     }
 }
 
@@ -276,7 +288,9 @@ impl BodyReservation {
 impl Drop for BodyReservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.budget.room.notify_waiters();
+        if self.budget.waiting.load(Ordering::Acquire) > 0 {
+            self.budget.room.notify_waiters();
+        }
     }
 }
 
