@@ -622,8 +622,13 @@ async fn a_drain_through_one_instance_holds_on_the_other_and_outlives_an_upgrade
     // An upgrade of A: the new process reads the drain back from etcd.
     let upgraded: Result<surge::admin::api::HandedOver, _> =
         a.admin.call(Method::POST, "/v1/upgrade", None::<&()>).await;
-    assert!(upgraded.is_ok(), "{upgraded:?}\n{}", a.output());
-    let new_pid = *a.successors().last().expect("a successor");
+    // The answer names the new process ("... process N now serves ...").
+    let new_pid = match &upgraded {
+        Ok(done) => *successor_pids(std::slice::from_ref(&done.result))
+            .last()
+            .expect("the answer names the new process"),
+        Err(e) => panic!("{e:?}\n{}", a.output()),
+    };
     assert!(
         eventually_async(Duration::from_secs(20), || async {
             a.cluster()

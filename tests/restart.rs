@@ -377,7 +377,7 @@ async fn an_upgrade_runs_the_release_the_current_symlink_points_to_now() {
         String::from_utf8_lossy(&r.body),
         surge.output()
     );
-    let pid = *surge.successors().last().expect("a successor");
+    let pid = new_process(&r);
     let runs = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(
         runs,
@@ -415,7 +415,7 @@ async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
     surge.wait_serving().await;
     let r = admin_post(&surge, "/v1/upgrade").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let new_pid = *surge.successors().last().expect("a successor");
+    let new_pid = new_process(&r);
     let reloading = next();
     assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
@@ -513,4 +513,13 @@ fn release(dir: &std::path::Path, name: &str) -> PathBuf {
         std::fs::copy(SURGE, &to).unwrap();
     }
     to
+}
+
+/// The new process an upgrade answer names ("... process N now serves ..."): read from
+/// the answer, not the log, which may come a moment later.
+fn new_process(r: &Reply) -> u32 {
+    let result = r.json()["result"].as_str().unwrap_or_default().to_owned();
+    *successor_pids(std::slice::from_ref(&result))
+        .last()
+        .unwrap_or_else(|| panic!("the answer names no new process: {result}"))
 }
