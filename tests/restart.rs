@@ -224,16 +224,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
         "the request in flight at SIGTERM was not finished: {reply:?}\n{}",
         surge.output()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = surge.first.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_within(&mut surge.first, Duration::from_secs(10)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "exit: {status:?}\n{}",
@@ -471,16 +462,7 @@ async fn sigterm_during_a_hand_over_stops_both_processes() {
         .parse()
         .unwrap();
     signal(surge.first.id(), "TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exited = loop {
-        if let Some(s) = surge.first.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = exit_within(&mut surge.first, Duration::from_secs(15)).await;
     assert!(
         exited.is_some(),
         "SIGTERM during a hand-over was ignored:\n{}",
@@ -522,4 +504,21 @@ fn new_process(r: &Reply) -> u32 {
     *successor_pids(std::slice::from_ref(&result))
         .last()
         .unwrap_or_else(|| panic!("the answer names no new process: {result}"))
+}
+
+/// The process's exit status, if it exits within `limit`.
+async fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
