@@ -416,6 +416,21 @@ async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
             && took_over.lines().any(|l| l == "READY=1"),
         "{took_over}"
     );
+    // The old process exits without a word: the service goes on in the new one.
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(surge.first.id())).await,
+        "the old process did not exit"
+    );
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    let left = socket
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(
+        left.is_err(),
+        "the old process said more on its way out: {left:?}"
+    );
+    socket.set_nonblocking(false).unwrap();
     signal(new_pid, "TERM");
     let stopping = next();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");

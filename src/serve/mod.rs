@@ -405,8 +405,10 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         restarts.inherited.ready();
     }
     notify::ready(took_over);
-    wait_for_signal(&running, &restarts, &mut control_rx).await;
-    notify::stopping();
+    // After a hand-over the unit's main process is the new one: only a stop says so.
+    if wait_for_signal(&running, &restarts, &mut control_rx).await == Ended::Stop {
+        notify::stopping();
+    }
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
@@ -482,6 +484,15 @@ async fn warm(
 /// How long a new process may take to start serving before a switch is called off.
 pub const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How [`wait_for_signal`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// SIGTERM or Ctrl-C: the service stops.
+    Stop,
+    /// A successor serves: this process goes, the service goes on.
+    HandedOver,
+}
+
 /// Waits for SIGTERM or Ctrl-C, or for a successor to take over. Meanwhile SIGHUP (or
 /// `POST /v1/config/reload`) reloads the config and SIGUSR2 (or `POST /v1/upgrade`)
 /// upgrades the binary, both by handing the sockets to a new process.
@@ -489,7 +500,7 @@ async fn wait_for_signal(
     running: &Running,
     restarts: &Restarts,
     control: &mut tokio::sync::mpsc::Receiver<Control>,
-) {
+) -> Ended {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
@@ -497,12 +508,12 @@ async fn wait_for_signal(
         signal(SignalKind::user_defined2()),
     ) else {
         let _ = tokio::signal::ctrl_c().await;
-        return;
+        return Ended::Stop;
     };
     loop {
         let (kind, reply) = tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return Ended::Stop,
+            _ = tokio::signal::ctrl_c() => return Ended::Stop,
             _ = hup.recv() => (ControlKind::Reload, None),
             _ = usr2.recv() => (ControlKind::Upgrade, None),
             Some(c) = control.recv() => (c.kind, Some(c.reply)),
@@ -517,7 +528,7 @@ async fn wait_for_signal(
             o = hand_over(running, restarts, kind) => o,
             _ = term.recv() => {
                 println!("surge: SIGTERM during a hand-over: the new process is stopped, and so is this one");
-                return;
+                return Ended::Stop;
             }
         };
         if let Err(refused) = &outcome {
@@ -532,7 +543,7 @@ async fn wait_for_signal(
             let _ = reply.send(outcome);
         }
         if done {
-            return;
+            return Ended::HandedOver;
         }
     }
 }
