@@ -1093,3 +1093,133 @@ async fn slow_uploads_cannot_take_all_the_memory() {
     drop(slow);
     surge.stop().await;
 }
+
+/// A PROXY protocol v2 header for a TCP connection from `client` (IPv4 or IPv6).
+fn proxy_v2(client: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21".to_vec();
+    let mut addrs = Vec::new();
+    match client {
+        SocketAddr::V4(c) => {
+            h.push(0x11);
+            addrs.extend_from_slice(&c.ip().octets());
+            addrs.extend_from_slice(&[192, 0, 2, 1]);
+        }
+        SocketAddr::V6(c) => {
+            h.push(0x21);
+            addrs.extend_from_slice(&c.ip().octets());
+            addrs.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        }
+    }
+    addrs.extend_from_slice(&client.port().to_be_bytes());
+    addrs.extend_from_slice(&443u16.to_be_bytes());
+    h.extend_from_slice(&(addrs.len() as u16).to_be_bytes());
+    h.extend_from_slice(&addrs);
+    h
+}
+
+/// Behind an L4 balancer: the PROXY header names the client, whose address is forwarded
+/// and counted under the per-address limits (IPv6 by /64); a peer that is not a trusted
+/// balancer, or a connection without a valid header, is closed and reaches no blade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_names_the_client_only_from_a_trusted_balancer() {
+    let blade = blades(1, Duration::ZERO).await;
+    let text = format!(
+        "[proxy]\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\n\
+         trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 2\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[pool]\n\
+         [[pool.backends]]\nid = \"blade-1\"\naddress = \"{}\"\n",
+        blade[0].addr
+    );
+    let cfg = Config::parse(&text, Path::new("test.toml")).expect("valid");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let ask = b"GET /debug/headers HTTP/1.1\r\nhost: shop\r\nx-forwarded-for: 6.6.6.6\r\nconnection: close\r\n\r\n";
+
+    // v1 and v2 (IPv4 and IPv6): the header's client is the one forwarded, and what the
+    // client claimed in X-Forwarded-For is replaced (it is not a trusted proxy).
+    let v1 = [&b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 443\r\n"[..], ask].concat();
+    let v2_4 = [proxy_v2("198.51.100.9:4000".parse().unwrap()), ask.to_vec()].concat();
+    let v2_6 = [
+        proxy_v2("[2001:db8::7]:4000".parse().unwrap()),
+        ask.to_vec(),
+    ]
+    .concat();
+    for (request, client) in [
+        (v1, "203.0.113.7"),
+        (v2_4, "198.51.100.9"),
+        (v2_6, "2001:db8::7"),
+    ] {
+        let (answer, _) = exchange(addr, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{client}: {answer}");
+        let body = &answer[answer.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+        let seen: serde_json::Value = serde_json::from_str(body).expect("headers as JSON");
+        assert_eq!(seen["x-forwarded-for"], client, "{body}");
+    }
+    assert_eq!(blade[0].served(), 3);
+
+    // Refused, each closed with nothing forwarded: a valid header from an untrusted peer,
+    // no header at all, a broken one.
+    let from_untrusted = async {
+        let mut s = connect_from([127, 0, 0, 2], addr).await.expect("connect");
+        let _ = s
+            .write_all(&[&b"PROXY TCP4 203.0.113.7 192.0.2.1 1 443\r\n"[..], ask].concat())
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    };
+    assert_eq!(from_untrusted.await, b"", "an untrusted peer got an answer");
+    for bad in [
+        ask.to_vec(),
+        [&b"PROXY TCP4 203.0.113.7 192.0.2.1 99999 443\r\n"[..], ask].concat(),
+        [&b"PROXY TCP4 999.0.113.7 192.0.2.1 1 443\r\n"[..], ask].concat(),
+    ] {
+        let (answer, closed) = exchange(addr, &bad).await;
+        assert!(
+            closed && answer.is_empty(),
+            "{:?} got {answer:?}",
+            String::from_utf8_lossy(&bad)
+        );
+    }
+    assert_eq!(
+        blade[0].served(),
+        3,
+        "a refused connection reached the blade"
+    );
+
+    // The limits count the real client: all these come from 127.0.0.1, yet only the
+    // third from one client (IPv6: one /64) is refused.
+    async fn hold(addr: SocketAddr, header: Vec<u8>) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&header).await.expect("header");
+        s
+    }
+    let mut held = Vec::new();
+    for client in [
+        "203.0.113.7:1",
+        "203.0.113.7:2",
+        "[2001:db8:1:2::1]:1",
+        "[2001:db8:1:2::2]:1",
+    ] {
+        held.push(hold(addr, proxy_v2(client.parse().unwrap())).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 4).await,
+        "4 held connections counted, {}",
+        surge.proxy.limits.open()
+    );
+    for (client, expect) in [
+        ("203.0.113.7:3", "503"),
+        ("[2001:db8:1:2::3]:1", "503"),
+        ("203.0.113.8:1", "200"),
+        ("[2001:db8:1:3::1]:1", "200"),
+    ] {
+        let request = [proxy_v2(client.parse().unwrap()), ask.to_vec()].concat();
+        let (answer, _) = exchange(addr, &request).await;
+        assert_eq!(status_of(&answer), expect, "{client}: {answer}");
+    }
+    drop(held);
+    assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
+    surge.stop().await;
+}

@@ -21,6 +21,8 @@ pub(super) struct FileListener {
     redirect_https: Option<String>,
     #[serde(default, with = "humantime_serde")]
     hsts: Option<Duration>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +71,9 @@ pub struct ListenerConfig {
     pub redirect_https: Option<String>,
     /// TLS listeners: `Strict-Transport-Security: max-age=…` on every response.
     pub hsts: Option<Duration>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the real
+    /// client, sent by an L4 balancer in `proxy.trusted_proxies`; others are closed.
+    pub proxy_protocol: bool,
 }
 
 /// Certificates of a TLS listener. Paths are relative to the working directory.
@@ -125,6 +130,7 @@ pub(super) fn validate(
             h2c: false,
             redirect_https: None,
             hsts: None,
+            proxy_protocol: false,
         }];
     }
     if proxy_listen.is_some() {
@@ -183,6 +189,7 @@ fn one(l: &FileListener, p: &mut Problems) -> ListenerConfig {
             .as_ref()
             .map(|r| r.trim_end_matches('/').to_owned()),
         hsts: l.hsts,
+        proxy_protocol: l.proxy_protocol,
     }
 }
 

@@ -235,6 +235,17 @@ fn validate(
     let proxy = problems.within("proxy", |p| {
         proxy::validate(&raw.proxy, listeners, env.cores, p)
     });
+    if proxy.trusted_proxies.is_empty() {
+        for (i, l) in proxy.listeners.iter().enumerate() {
+            if l.proxy_protocol {
+                problems.bad(
+                    &format!("listeners[{i}].proxy_protocol"),
+                    "needs proxy.trusted_proxies: the addresses of the balancers allowed to \
+                     send the PROXY header (anyone else could claim any client address)",
+                );
+            }
+        }
+    }
     let provider = raw
         .provider
         .as_ref()

@@ -277,3 +277,21 @@ fn trusted_proxies_are_addresses_or_cidr_blocks() {
         "{err}"
     );
 }
+
+#[test]
+fn a_proxy_protocol_listener_needs_trusted_balancers() {
+    let base = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let listener = "[[listeners]]\nlisten = \"127.0.0.1:8443\"\nproxy_protocol = true\n";
+    let err = parse_env(&format!("{listener}{base}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listeners[0].proxy_protocol: needs proxy.trusted_proxies"),
+        "{err}"
+    );
+    let ok = parse_env(&format!(
+        "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\"]\n{listener}{base}"
+    ))
+    .unwrap();
+    assert!(ok.proxy.listeners[0].proxy_protocol);
+}

@@ -15,6 +15,7 @@ use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::Rate;
 
 use crate::config::ProxyConfig;
+use crate::pool::signal::client_key;
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,10 +102,13 @@ impl Limits {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Counts a new connection from `ip`, or says why it must be refused.
+    /// Counts a new connection from `ip`, or says why it must be refused. An IPv6 client
+    /// counts by its /64: one subscriber or host usually holds a whole /64, and counting
+    /// single addresses would let it open a limit's worth from each of 2^64.
     pub fn admit_connection(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, Refusal> {
+        let ip = client_key(ip);
         if let Some((rate, limit)) = &self.new_connections {
-            let this_second = rate.observe(&crate::pool::signal::client_key(ip), 1);
+            let this_second = rate.observe(&ip, 1);
             if !within(
                 usize::try_from(this_second).unwrap_or(usize::MAX),
                 *limit as usize,
@@ -135,11 +139,11 @@ impl Limits {
         })
     }
 
-    /// Counts one request from `ip`; `false` when the address is over its rate.
+    /// Counts one request from `ip` (IPv6: its /64); `false` when it is over its rate.
     pub fn allow_request(&self, ip: IpAddr) -> bool {
         match &self.rate {
             Some((rate, limit)) => {
-                let in_this_second = rate.observe(&ip, 1);
+                let in_this_second = rate.observe(&client_key(ip), 1);
                 within(
                     usize::try_from(in_this_second).unwrap_or(usize::MAX),
                     *limit as usize,
@@ -183,6 +187,32 @@ mod tests {
         let a3 = l.admit_connection(a).expect("room again after one closed");
         drop((a2, a3, b1));
         assert_eq!(l.open(), 0);
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_slash_64() {
+        let l = limits(100, 2, 3);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let next_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = l.admit_connection(a).expect("first");
+        let _b = l.admit_connection(same_64).expect("second");
+        assert_eq!(l.admit_connection(a).err(), Some(Refusal::PerIp));
+        assert_eq!(
+            l.admit_connection("2001:db8:1:2:dead:beef::1".parse().unwrap())
+                .err(),
+            Some(Refusal::PerIp),
+            "another address of the same /64 shares the limit"
+        );
+        let _c = l
+            .admit_connection(next_64)
+            .expect("another /64 has its own");
+        let allowed = [a, same_64, a, same_64, a]
+            .iter()
+            .filter(|ip| l.allow_request(**ip))
+            .count();
+        assert_eq!(allowed, 3, "the request rate is per /64 too");
+        assert!(l.allow_request(next_64));
     }
 
     #[test]

@@ -25,11 +25,14 @@ pub(super) struct ListenerSpec {
     pub h2c: bool,
     pub redirect_https: Option<String>,
     pub hsts: Option<HeaderValue>,
+    /// Connections start with a PROXY header, accepted from these peers only.
+    pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
 }
 
 impl ListenerSpec {
-    fn new(l: &ListenerConfig, tls: Option<&Arc<tls::Tls>>) -> Self {
+    fn new(l: &ListenerConfig, tls: Option<&Arc<tls::Tls>>, trusted: &[ipnet::IpNet]) -> Self {
         Self {
+            proxy_protocol: l.proxy_protocol.then(|| trusted.into()),
             tls: tls.map(|t| t.server_config()),
             h2c: l.h2c,
             redirect_https: l.redirect_https.clone(),
@@ -104,7 +107,7 @@ pub(super) fn bind(
             )),
             None => None,
         };
-        let spec = ListenerSpec::new(l, tls.as_ref());
+        let spec = ListenerSpec::new(l, tls.as_ref(), &cfg.trusted_proxies);
         for (i, s) in these.into_iter().enumerate() {
             per_worker[i % workers].push((s, spec.clone()));
         }

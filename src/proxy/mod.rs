@@ -15,6 +15,7 @@ pub mod headers;
 pub mod limits;
 mod listen;
 pub mod probe;
+pub mod proxy_protocol;
 mod retry;
 pub mod route;
 pub mod tls;

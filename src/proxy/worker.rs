@@ -12,13 +12,13 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::drive::{self, Graceful};
 use super::forward::{ConnInfo, Forwarder};
 use super::listen::ListenerSpec;
-use super::{headers, limits, LocalExec};
+use super::{headers, limits, proxy_protocol, LocalExec};
 use crate::config::ProxyConfig;
 use crate::telemetry::names;
 
@@ -213,9 +213,12 @@ impl Worker {
         spec: Rc<ListenerSpec>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let accepted = metrics::counter!(names::CONNECTIONS_ACCEPTED);
-        let acceptor = spec.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let lingering = Rc::new(std::cell::Cell::new(0usize));
+        let on = Rc::new(Listening {
+            acceptor: spec.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            spec,
+            lingering: std::cell::Cell::new(0),
+            accepted: metrics::counter!(names::CONNECTIONS_ACCEPTED),
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
@@ -230,55 +233,90 @@ impl Worker {
                     }
                 },
             };
-            let permit = match self.forwarder.limits.admit_connection(peer.ip()) {
-                Ok(p) => p,
-                Err(why) => {
-                    metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => why.as_str())
-                        .increment(1);
-                    tracing::debug!(%peer, reason = why.as_str(), "connection refused");
-                    // Under a flood, refusals themselves are bounded: past that many
-                    // lingering, a refused connection is just closed.
-                    if acceptor.is_none() && lingering.get() < MAX_LINGERING_REFUSALS {
-                        lingering.set(lingering.get() + 1);
-                        let lingering = lingering.clone();
-                        tokio::task::spawn_local(async move {
-                            refuse(stream).await;
-                            lingering.set(lingering.get().saturating_sub(1));
-                        });
-                    }
-                    continue;
-                }
-            };
-            self.forwarder
-                .pool
-                .traffic
-                .connections_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            accepted.increment(1);
             let _ = stream.set_nodelay(true);
-            let ticket = self.connections.ticket();
-            tokio::task::spawn_local(self.clone().serve_connection(
-                Accepted {
-                    stream,
+            let Some(trusted) = &on.spec.proxy_protocol else {
+                self.admit(stream, peer, &on);
+                continue;
+            };
+            // Behind an L4 balancer: the connection counts as the client its PROXY header
+            // names, so the header is read (in the connection's own task) before any limit.
+            if !trusted.iter().any(|n| n.contains(&peer.ip())) {
+                refused_proxy(
                     peer,
-                    _permit: permit,
-                },
-                spec.clone(),
-                acceptor.clone(),
-                ticket,
-            ));
+                    "untrusted_proxy",
+                    "PROXY header from an untrusted peer",
+                );
+                continue;
+            }
+            let this = self.clone();
+            let on = on.clone();
+            let limit = self.settings.header_read_timeout;
+            tokio::task::spawn_local(async move {
+                match tokio::time::timeout(limit, proxy_protocol::read(stream)).await {
+                    Ok(Ok((parsed, stream))) => {
+                        this.admit(stream, parsed.client.unwrap_or(peer), &on);
+                    }
+                    Ok(Err(e)) => refused_proxy(peer, "proxy_header", &e.to_string()),
+                    Err(_) => refused_proxy(peer, "proxy_header", "no PROXY header in time"),
+                }
+            });
         }
+    }
+
+    /// Counts a connection from `peer` (the real client) under the limits and serves it,
+    /// or refuses it: a 503 on plain listeners, a close on TLS ones.
+    fn admit<S>(self: &Rc<Self>, stream: S, peer: SocketAddr, on: &Rc<Listening>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let permit = match self.forwarder.limits.admit_connection(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => why.as_str())
+                    .increment(1);
+                tracing::debug!(%peer, reason = why.as_str(), "connection refused");
+                // Under a flood, refusals themselves are bounded: past that many
+                // lingering, a refused connection is just closed.
+                if on.acceptor.is_none() && on.lingering.get() < MAX_LINGERING_REFUSALS {
+                    on.lingering.set(on.lingering.get() + 1);
+                    let on = on.clone();
+                    tokio::task::spawn_local(async move {
+                        refuse(stream).await;
+                        on.lingering.set(on.lingering.get().saturating_sub(1));
+                    });
+                }
+                return;
+            }
+        };
+        self.forwarder
+            .pool
+            .traffic
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        on.accepted.increment(1);
+        let ticket = self.connections.ticket();
+        tokio::task::spawn_local(self.clone().serve_connection(
+            Accepted {
+                stream,
+                peer,
+                _permit: permit,
+            },
+            on.clone(),
+            ticket,
+        ));
     }
 
     /// One shopper connection: TLS handshake if the listener has TLS, then HTTP/1.1 or
     /// HTTP/2 (by ALPN on TLS, by preface with h2c), requests to the forwarder.
-    async fn serve_connection(
+    async fn serve_connection<S>(
         self: Rc<Self>,
-        accepted: Accepted,
-        spec: Rc<ListenerSpec>,
-        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        accepted: Accepted<S>,
+        on: Rc<Listening>,
         ticket: watch::Receiver<()>,
-    ) {
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let spec = &on.spec;
         // `_permit` lives to the end of this function: the connection's place in the counts.
         let Accepted {
             stream,
@@ -299,7 +337,7 @@ impl Worker {
                 last_request: std::cell::Cell::new(std::time::Instant::now()),
             })
         };
-        let Some(acceptor) = acceptor else {
+        let Some(acceptor) = &on.acceptor else {
             let speaks = if spec.h2c { Speaks::H1OrH2 } else { Speaks::H1 };
             return self
                 .serve_http(stream, speaks, info("http", None, false), ticket)
@@ -381,6 +419,21 @@ impl Worker {
     }
 }
 
+/// One listener as its accept loop and connections see it.
+struct Listening {
+    spec: Rc<ListenerSpec>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Refused connections lingering for their 503 now.
+    lingering: std::cell::Cell<usize>,
+    accepted: metrics::Counter,
+}
+
+/// Counts and logs a connection closed for its PROXY header (or the lack of one).
+fn refused_proxy(peer: SocketAddr, reason: &'static str, why: &str) {
+    metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    tracing::debug!(%peer, reason, why, "connection refused");
+}
+
 /// Which HTTP a connection speaks.
 #[derive(Debug, Clone, Copy)]
 enum Speaks {
@@ -392,8 +445,8 @@ enum Speaks {
 
 /// A connection just accepted, with its place under the connection limits (given back
 /// when the connection ends).
-struct Accepted {
-    stream: TcpStream,
+struct Accepted<S> {
+    stream: S,
     peer: SocketAddr,
     _permit: limits::ConnPermit,
 }
@@ -401,7 +454,7 @@ struct Accepted {
 /// Answers a connection over the limits with a 503 and closes it, reading (and
 /// discarding) what the client sent meanwhile, so the close is a FIN the client can read
 /// the answer before, not a reset. Bounded in time: a refused client holds nothing long.
-async fn refuse(mut stream: TcpStream) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         stream.write_all(REFUSED_503).await?;
