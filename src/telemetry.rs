@@ -17,7 +17,12 @@ pub mod names {
     /// Counter of requests refused before reaching a backend, label `reason` (`rate`,
     /// `uri_too_long`, `too_many_headers`, `body_too_large`, `body_timeout`, `bad_body`).
     pub const REQUESTS_REFUSED: &str = "surge_requests_refused_total";
-    /// Counter of connections refused at accept, label `reason` (`global`, `per_ip`).
+    /// Counter of response bodies cut for making no progress for
+    /// `proxy.body_idle_timeout`, label `side` (`backend`: it stopped sending; `client`:
+    /// the shopper stopped reading).
+    pub const BODIES_STALLED: &str = "surge_bodies_stalled_total";
+    /// Counter of connections refused at accept, label `reason` (`global`, `per_ip`,
+    /// `connection_rate`, `untrusted_proxy`, `proxy_header`).
     pub const CONNECTIONS_REFUSED: &str = "surge_connections_refused_total";
     /// Counter of TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "surge_tls_handshake_failures_total";

@@ -529,6 +529,11 @@ enum Misbehaviour {
     Dies,
     /// Sends a response head and half the body, then closes: killed mid-response.
     DiesMidBody,
+    /// Sends a response head and half the body, then sends nothing more (stays open).
+    StallsMidBody,
+    /// Sends a chunked body without end, as fast as it is taken; counts once more in
+    /// `seen` when the connection is closed under it.
+    Endless,
 }
 
 /// Starts a fake frontend on 127.0.0.1; answers `/healthz` properly so health checks keep
@@ -569,6 +574,25 @@ async fn bad_blade(how: Misbehaviour) -> (SocketAddr, Arc<AtomicU64>) {
                         let _ = s
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nhalf")
                             .await;
+                    }
+                    Misbehaviour::StallsMidBody => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nhalf")
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    Misbehaviour::Endless => {
+                        let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                            .await;
+                        // Bounded: 4 GiB, far more than any socket buffer holds.
+                        for _ in 0..(1 << 18) {
+                            if s.write_all(chunk.as_bytes()).await.is_err() {
+                                count.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
                     }
                 }
             });
@@ -667,6 +691,76 @@ async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
     .await;
     assert!(zero, "in-flight count back to 0");
     assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
+    surge.stop().await;
+}
+
+/// `proxy.body_idle_timeout` in both directions: a blade that stalls mid-body, and a
+/// shopper who stops reading, are each cut within it and give back the blade's
+/// in-flight slot and connection; a shopper reading slowly but steadily is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_in_either_direction_is_cut_and_leaks_nothing() {
+    let in_flight_zero = |surge: &surge::serve::Running| {
+        surge
+            .pool
+            .snapshot()
+            .members()
+            .iter()
+            .all(|m| m.backend.in_flight() == 0)
+    };
+    let ask = b"GET /catalog HTTP/1.1\r\nhost: shop\r\n\r\n";
+
+    // The blade stops sending: the shopper sees a cut body within about a second.
+    let (stalling, _) = bad_blade(Misbehaviour::StallsMidBody).await;
+    let cfg = surge_config(&[("stalls", stalling)], "body_idle_timeout = \"1s\"\n", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let sent = Instant::now();
+    let (answer, closed) = exchange(surge.proxy.local_addr, ask).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        closed && answer.ends_with("half"),
+        "the stalled body was not cut: {answer:?}"
+    );
+    assert!(sent.elapsed() < Duration::from_secs(5));
+    assert!(eventually(Duration::from_secs(3), || in_flight_zero(&surge)).await);
+    surge.stop().await;
+
+    // The shopper stops reading an endless body: surge gives up on it, closes the blade's
+    // connection and the shopper's, and counts nothing in flight.
+    let (endless, seen) = bad_blade(Misbehaviour::Endless).await;
+    let cfg = surge_config(&[("endless", endless)], "body_idle_timeout = \"1s\"\n", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let mut stuck = TcpStream::connect(surge.proxy.local_addr).await.unwrap();
+    stuck.write_all(ask).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || seen.load(Ordering::Relaxed)
+            == 2)
+        .await,
+        "the blade's connection was never closed under the stuck shopper"
+    );
+    assert!(eventually(Duration::from_secs(3), || in_flight_zero(&surge)).await);
+    assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
+
+    // A slower but steady reader (1 MiB every 250 ms for 3 s) is never idle for 1 s.
+    // (Not much slower: the kernel wakes a writer only once about a third of its send
+    // buffer, which grows to megabytes on loopback, is free.)
+    let mut slow = TcpStream::connect(surge.proxy.local_addr).await.unwrap();
+    slow.write_all(ask).await.unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::timeout(Duration::from_secs(1), slow.read_exact(&mut buf))
+            .await
+            .expect("data keeps coming")
+            .expect("a steady reader was cut");
+    }
+    assert_eq!(
+        seen.load(Ordering::Relaxed),
+        3,
+        "the steady reader's body still flows"
+    );
+    drop(slow);
+    drop(stuck);
     surge.stop().await;
 }
 

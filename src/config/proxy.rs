@@ -29,6 +29,8 @@ pub(super) struct FileProxy {
     #[serde(with = "humantime_serde")]
     body_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    body_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     idle_timeout: Duration,
     max_requests_per_connection: u32,
     max_connections: usize,
@@ -55,6 +57,7 @@ impl Default for FileProxy {
             max_body_bytes: 8 * 1024 * 1024,
             max_buffered_body_bytes: 256 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             max_requests_per_connection: 1000,
             max_connections: 50_000,
@@ -102,6 +105,11 @@ pub struct ProxyConfig {
     pub max_buffered_body_bytes: u64,
     /// Time a shopper has to send a whole request body; slower gets 408.
     pub body_read_timeout: Duration,
+    /// A response body that makes no progress for this long is cut (visibly: a broken
+    /// chunked body, a reset stream): a backend that stalls mid-body, or a shopper that
+    /// stops reading, cannot hold a backend connection, an in-flight slot or a shed
+    /// slot, or keep a drain from finishing.
+    pub body_idle_timeout: Duration,
     /// A connection on which no request has started for this long is closed gracefully
     /// (HTTP/2: GOAWAY; requests in progress finish). HTTP/1.1 keep-alive connections
     /// are usually closed sooner, by `header_read_timeout`.
@@ -147,6 +155,7 @@ pub(super) fn validate(
         ("upstream_idle_timeout", f.upstream_idle_timeout),
         ("idle_timeout", f.idle_timeout),
         ("body_read_timeout", f.body_read_timeout),
+        ("body_idle_timeout", f.body_idle_timeout),
     ] {
         if d.is_zero() {
             p.bad(key, "must be greater than 0");
@@ -229,6 +238,7 @@ pub(super) fn validate(
         max_body_bytes: f.max_body_bytes,
         max_buffered_body_bytes: f.max_buffered_body_bytes,
         body_read_timeout: f.body_read_timeout,
+        body_idle_timeout: f.body_idle_timeout,
         idle_timeout: f.idle_timeout,
         max_requests_per_connection: f.max_requests_per_connection,
         max_connections: f.max_connections,

@@ -92,6 +92,7 @@ pub struct Forwarder {
     /// Shared by every worker: bodies held in memory at once.
     pub body_budget: Arc<super::limits::BodyBudget>,
     pub body_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
     pub max_requests_per_connection: u32,
     /// Set while surge stops with a keep-alive drain (see `ProxyHandle::shutdown_draining`).
     pub closing: Arc<std::sync::atomic::AtomicBool>,
@@ -127,6 +128,7 @@ impl Forwarder {
             max_body_bytes: cfg.max_body_bytes,
             body_budget: super::limits::BodyBudget::new(cfg.max_buffered_body_bytes),
             body_read_timeout: cfg.body_read_timeout,
+            body_idle_timeout: cfg.body_idle_timeout,
             max_requests_per_connection: cfg.max_requests_per_connection,
             closing,
         }
@@ -535,6 +537,7 @@ impl Forwarder {
                 conn: Some((self.upstreams.clone(), conn)),
                 started,
                 _admitted: admitted,
+                stall: super::stall::Stall::new(self.body_idle_timeout),
             }),
         )
     }
@@ -787,6 +790,17 @@ pub struct GuardedBody {
     started: Instant,
     /// The request's room under the shedding limit, held until the body is sent.
     _admitted: Option<Admitted>,
+    /// Ends the body when the backend sends nothing for `proxy.body_idle_timeout`.
+    stall: super::stall::Stall,
+}
+
+/// Why a response body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("backend body: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("the backend sent nothing of the body for {0:?}")]
+    Stalled(Duration),
 }
 
 impl GuardedBody {
@@ -808,12 +822,12 @@ impl GuardedBody {
 
 impl Body for GuardedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
@@ -824,9 +838,17 @@ impl Body for GuardedBody {
                 self.conn = None;
                 self.release();
             }
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => self.stall.progress(),
+            Poll::Pending => {
+                if self.stall.stalled(cx) {
+                    metrics::counter!(names::BODIES_STALLED, "side" => "backend").increment(1);
+                    self.conn = None;
+                    self.release();
+                    return Poll::Ready(Some(Err(BodyError::Stalled(self.stall.limit()))));
+                }
+            }
         }
-        polled
+        polled.map(|f| f.map(|r| r.map_err(BodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

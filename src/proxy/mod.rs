@@ -18,6 +18,7 @@ pub mod probe;
 pub mod proxy_protocol;
 mod retry;
 pub mod route;
+mod stall;
 pub mod tls;
 pub mod upstream;
 mod worker;

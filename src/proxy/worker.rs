@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::drive::{self, Graceful};
 use super::forward::{ConnInfo, Forwarder};
 use super::listen::ListenerSpec;
+use super::stall::SendTimeout;
 use super::{headers, limits, proxy_protocol, LocalExec};
 use crate::config::ProxyConfig;
 use crate::telemetry::names;
@@ -58,6 +59,7 @@ pub(super) struct WorkerSettings {
     max_headers: usize,
     idle_timeout: Duration,
     shutdown_grace: Duration,
+    body_idle_timeout: Duration,
 }
 
 impl From<&ProxyConfig> for WorkerSettings {
@@ -68,6 +70,7 @@ impl From<&ProxyConfig> for WorkerSettings {
             max_headers: cfg.max_headers,
             idle_timeout: cfg.idle_timeout,
             shutdown_grace: cfg.shutdown_grace,
+            body_idle_timeout: cfg.body_idle_timeout,
         }
     }
 }
@@ -297,7 +300,7 @@ impl Worker {
         let ticket = self.connections.ticket();
         tokio::task::spawn_local(self.clone().serve_connection(
             Accepted {
-                stream,
+                stream: SendTimeout::new(stream, self.settings.body_idle_timeout),
                 peer,
                 _permit: permit,
             },
