@@ -1317,3 +1317,99 @@ async fn the_proxy_protocol_names_the_client_only_from_a_trusted_balancer() {
     assert!(eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await);
     surge.stop().await;
 }
+
+/// `pool.node_max_in_flight`: one client pinning itself to a blade (a cart cookie it
+/// chose, or the route cookie of its cart) cannot give that blade more than its ceiling;
+/// unbound requests spill over to other blades, bound ones get 503 and keep their cart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pinned_client_cannot_pile_requests_onto_one_blade() {
+    let blades = blades(3, Duration::from_millis(400)).await;
+    let backends: Vec<(&str, SocketAddr)> =
+        blades.iter().map(|b| (b.id.as_str(), b.addr)).collect();
+    let mut cfg = surge_config(
+        &backends,
+        "",
+        "node_max_in_flight = 4\n[pool.sticky]\ncookie = \"cart\"\n",
+    );
+    if let Some(s) = cfg.pool.sticky.as_mut() {
+        s.route_key = Some(b"a test key that is 32 bytes long!".to_vec());
+    }
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let c = client();
+    let first = send(
+        &c,
+        http::Method::GET,
+        addr,
+        "/catalog",
+        &[("cookie", "cart=pinned")],
+        "",
+    )
+    .await
+    .unwrap();
+    let home = first.blade();
+    let route = first.set_cookie("surge_route").expect("a route cookie");
+    let served = |id: &str| blades.iter().find(|b| b.id == id).map_or(0, |b| b.served());
+    let at_home = served(&home);
+
+    // 12 at once with the cart and its route cookie: at most the ceiling (plus one per
+    // proxy worker, which counts on its own) reach the cart's blade; the rest get 503
+    // with Retry-After, and none is moved to another blade (the cart lives on its own).
+    let bound_cookie = format!("cart=pinned; surge_route={route}");
+    let answers = at_once(&c, addr, 12, "/catalog", &bound_cookie).await;
+    let ok: Vec<_> = answers.iter().filter(|r| r.status == 200).collect();
+    let refused: Vec<_> = answers.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok.len() + refused.len(), 12);
+    assert!(
+        (4..=6).contains(&ok.len()),
+        "{} reached the blade",
+        ok.len()
+    );
+    assert!(ok.iter().all(|r| r.blade() == home));
+    assert!(refused
+        .iter()
+        .all(|r| r.headers.contains_key("retry-after")));
+    assert_eq!(served(&home) - at_home, ok.len() as u64);
+
+    // 12 at once with the cart cookie only: all served, the surplus by the other blades.
+    let at_home = served(&home);
+    let answers = at_once(&c, addr, 12, "/catalog", "cart=pinned").await;
+    assert!(answers.iter().all(|r| r.status == 200));
+    let home_now = served(&home) - at_home;
+    assert!(
+        (4..=6).contains(&home_now),
+        "{home_now} reached the pinned blade"
+    );
+    assert!(answers.iter().any(|r| r.blade() != home));
+    surge.stop().await;
+}
+
+/// Sends `n` GETs of `path` with `cookie` at once; every one must complete.
+async fn at_once(
+    c: &HttpClient,
+    addr: SocketAddr,
+    n: usize,
+    path: &str,
+    cookie: &str,
+) -> Vec<Reply> {
+    let mut all = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (c, path, cookie) = (c.clone(), path.to_owned(), cookie.to_owned());
+        all.spawn(async move {
+            send(
+                &c,
+                http::Method::GET,
+                addr,
+                &path,
+                &[("cookie", &cookie)],
+                "",
+            )
+            .await
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = all.join_next().await {
+        out.push(r.expect("task").expect("request completes"));
+    }
+    out
+}

@@ -28,6 +28,8 @@ pub(super) struct FilePool {
     ejection: FileEjection,
     #[serde(default)]
     shed: FileShed,
+    #[serde(default = "default_node_max_in_flight")]
+    node_max_in_flight: u32,
     #[serde(default)]
     protocol: UpstreamProtocol,
     #[serde(default)]
@@ -56,6 +58,12 @@ pub struct UpstreamTlsConfig {
 
 fn default_pool_name() -> String {
     "shop".into()
+}
+
+/// Far above what a shop frontend serves at once (the autoscaler's guard is 200), so it
+/// never binds in normal running; it stops one client from piling thousands onto a blade.
+fn default_node_max_in_flight() -> u32 {
+    512
 }
 
 fn default_slow_start() -> Duration {
@@ -212,6 +220,9 @@ pub struct PoolConfig {
     pub ejection: EjectionConfig,
     /// Load shedding (off when `max_in_flight_per_node` is 0).
     pub shed: ShedConfig,
+    /// Requests one node may have in flight; beyond it selection skips the node (a cart
+    /// bound to it gets 503 + `Retry-After` instead of moving). 0: no ceiling.
+    pub node_max_in_flight: u32,
     /// HTTP/1.1 or h2c to the backends.
     pub protocol: UpstreamProtocol,
     pub backends: Vec<BackendSpec>,
@@ -353,6 +364,7 @@ pub(super) fn validate(
         health,
         ejection,
         shed,
+        node_max_in_flight: f.node_max_in_flight,
         protocol: f.protocol,
         backends,
     }

@@ -32,7 +32,7 @@ use crate::config::{Algorithm, BackendSpec, EjectionConfig, PoolConfig, MAX_WEIG
 
 pub use latency::PeakEwma;
 pub use lifecycle::Event;
-pub use select::Pick;
+pub use select::{NoPick, Pick};
 
 /// Lifecycle state of a backend in one table snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -345,6 +345,8 @@ pub struct PoolSettings {
     pub shed: Option<shed::ShedConfig>,
     /// What the proxy speaks to the backends.
     pub protocol: crate::config::UpstreamProtocol,
+    /// Requests one backend may have in flight before selection skips it; 0: no ceiling.
+    pub node_max_in_flight: u32,
 }
 
 impl PoolSettings {
@@ -357,6 +359,7 @@ impl PoolSettings {
             ejection: cfg.ejection.clone(),
             shed: (cfg.shed.max_in_flight_per_node > 0).then(|| cfg.shed.clone()),
             protocol: cfg.protocol,
+            node_max_in_flight: cfg.node_max_in_flight,
         }
     }
 }
@@ -527,7 +530,7 @@ impl Pool {
 
     /// Picks a backend for a request and counts it in flight. `None` when no backend
     /// can take it (the proxy answers 503).
-    pub fn pick(&self, req: &Pick<'_>) -> Option<InFlight> {
+    pub fn pick(&self, req: &Pick<'_>) -> Result<InFlight, select::NoPick> {
         let table = self.table.load();
         select::pick(&table, req, &self.rr_cursor).map(|i| {
             let m = &table.members[i];
@@ -745,6 +748,7 @@ pub(crate) mod testing {
             },
             shed: None,
             protocol: Default::default(),
+            node_max_in_flight: 0,
         }
     }
 

@@ -10,7 +10,11 @@
 //! 3. otherwise the pool's algorithm: power of two choices on peak-EWMA latency × in-flight
 //!    (default) or smooth weighted round robin.
 //!
-//! A request being retried names the backend to avoid; every step skips it.
+//! A request being retried names the backend to avoid; every step skips it. Every step
+//! also skips a backend at the per-node ceiling (`pool.node_max_in_flight`), so one
+//! client pinning itself (by a cart cookie it chose) cannot pile requests onto one blade;
+//! a cart *bound* to a backend at its ceiling is not moved (the blade holds the cart),
+//! the request is refused for a moment instead ([`NoPick::BoundNodeFull`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +42,15 @@ pub struct Pick<'a> {
     pub now_ns: u64,
 }
 
+/// Why no backend was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// No backend can take a new request (none in service, or all at their ceiling).
+    Nothing,
+    /// The backend holding the request's cart is at its in-flight ceiling.
+    BoundNodeFull,
+}
+
 /// Longest sequence smooth weighted round robin precomputes; larger weight sums are scaled
 /// down, which keeps publishing cheap at the cost of weight precision.
 const MAX_RR_SEQUENCE: u64 = 16_384;
@@ -56,6 +69,8 @@ pub struct Selector {
     rr: Vec<u32>,
     /// Consistent-hash ring over in-service backends (sticky pools only).
     ring: Option<Ring>,
+    /// Requests one backend may have in flight before it is skipped; 0: no ceiling.
+    ceiling: u32,
 }
 
 struct Ring {
@@ -119,6 +134,7 @@ impl Selector {
             weights: eligible_weights,
             rr,
             ring,
+            ceiling: settings.node_max_in_flight,
         }
     }
 
@@ -128,21 +144,28 @@ impl Selector {
     }
 }
 
-/// Picks a member index for `req` from `table`, or `None` when nothing can take it.
-pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Option<usize> {
+/// Picks a member index for `req` from `table`, or says why nothing can take it.
+pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Result<usize, NoPick> {
     let members = table.members();
-    let avoided = |i: usize| {
+    let sel = &table.select;
+    let full = |i: usize| sel.ceiling != 0 && members[i].backend.in_flight() >= sel.ceiling;
+    let skip = |i: usize| {
         req.avoid
             .is_some_and(|a| std::ptr::eq(a, Arc::as_ptr(&members[i].backend)))
+            || full(i)
     };
     if let Some(route) = req.route {
         if let Some(&i) = table.by_id.get(route) {
-            if !avoided(i) && members[i].accepts_bound(req.now_ns) {
-                return Some(i);
+            if members[i].accepts_bound(req.now_ns) {
+                if !skip(i) {
+                    return Ok(i);
+                }
+                if full(i) {
+                    return Err(NoPick::BoundNodeFull);
+                }
             }
         }
     }
-    let sel = &table.select;
     if let (Some(key), Some(ring)) = (req.sticky_key, &sel.ring) {
         let found = ring
             .continuum
@@ -151,15 +174,25 @@ pub fn pick(table: &Table, req: &Pick<'_>, rr_cursor: &AtomicUsize) -> Option<us
             .take(RING_PROBES)
             .filter_map(|addr| ring.by_addr.get(addr))
             .map(|&i| i as usize)
-            .find(|&i| !avoided(i));
-        if found.is_some() {
-            return found;
+            .find(|&i| !skip(i));
+        if let Some(i) = found {
+            return Ok(i);
         }
     }
-    if sel.rr.is_empty() {
-        p2c(members, sel, req.now_ns, avoided)
+    let picked = if sel.rr.is_empty() {
+        p2c(members, sel, req.now_ns, skip)
     } else {
-        round_robin(sel, rr_cursor, avoided)
+        round_robin(sel, rr_cursor, skip)
+    };
+    match picked {
+        Some(i) if !skip(i) => Ok(i),
+        // Both choices (or every probe) skipped: any backend that can take it.
+        _ => sel
+            .eligible
+            .iter()
+            .map(|&i| i as usize)
+            .find(|&i| !skip(i))
+            .ok_or(NoPick::Nothing),
     }
 }
 

@@ -28,6 +28,7 @@ fn settings(algorithm: Algorithm, sticky: bool) -> PoolSettings {
         },
         shed: None,
         protocol: Default::default(),
+        node_max_in_flight: 0,
     }
 }
 
@@ -140,6 +141,39 @@ fn a_cart_hashes_to_one_backend_and_moves_only_when_it_leaves() {
     // Its own backend leaving does.
     p.remove(&home).unwrap();
     assert!(!picks(&p, &req, 10).contains_key(&home));
+}
+
+#[test]
+fn a_node_at_its_ceiling_is_skipped_and_a_cart_bound_to_it_waits() {
+    for algorithm in [Algorithm::P2cEwma, Algorithm::RoundRobin] {
+        let mut s = settings(algorithm, true);
+        s.node_max_in_flight = 3;
+        let p = Pool::new(s, backends(3));
+        let cart = Pick {
+            sticky_key: Some(b"cart-42"),
+            ..Pick::default()
+        };
+        // One client pins itself with one cart: three requests reach its node...
+        let held: Vec<InFlight> = (0..3).map(|_| p.pick(&cart).unwrap()).collect();
+        let home = held[0].backend().id.clone();
+        assert!(held.iter().all(|g| g.backend().id == home), "{algorithm:?}");
+        // ... and the rest spill over to the others, never the full node.
+        let spilled = picks(&p, &cart, 20);
+        assert!(!spilled.contains_key(&*home), "{algorithm:?}: {spilled:?}");
+        assert!(!picks(&p, &Pick::default(), 50).contains_key(&*home));
+        // A cart bound to the full node is not moved (the node holds it): refused.
+        let bound = Pick {
+            route: Some(&home),
+            ..cart
+        };
+        assert_eq!(p.pick(&bound).err(), Some(NoPick::BoundNodeFull));
+        // Every node full: nothing.
+        let more: Vec<InFlight> = (0..6).map(|_| p.pick(&Pick::default()).unwrap()).collect();
+        assert_eq!(p.pick(&Pick::default()).err(), Some(NoPick::Nothing));
+        drop(more);
+        drop(held);
+        assert_eq!(p.pick(&bound).unwrap().backend().id, home, "room again");
+    }
 }
 
 #[test]
@@ -283,7 +317,11 @@ fn a_retry_avoids_the_failed_backend() {
         avoid: Some(&only),
         ..Pick::default()
     };
-    assert!(p.pick(&req).is_none(), "no second backend to retry on");
+    assert_eq!(
+        p.pick(&req).err(),
+        Some(NoPick::Nothing),
+        "no second backend to retry on"
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -328,11 +366,11 @@ proptest! {
             let req = Pick { sticky_key: key, ..Pick::default() };
             for _ in 0..32 {
                 match p.pick(&req) {
-                    Some(g) => {
+                    Ok(g) => {
                         let m = t.get(&g.backend().id).unwrap();
                         prop_assert_eq!(m.state, State::InService);
                     }
-                    None => prop_assert_eq!(in_service, 0),
+                    Err(_) => prop_assert_eq!(in_service, 0),
                 }
             }
         }

@@ -114,6 +114,8 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
 pub(super) enum ProxyFailure {
     /// No backend could take the request.
     NoBackend,
+    /// The backend holding the shopper's cart is at its in-flight ceiling.
+    NodeBusy,
     /// The backend failed: refused, reset, closed mid-response, or sent garbage.
     Backend(Arc<Backend>, &'static str),
     /// The backend sent no response head in time.
@@ -123,7 +125,7 @@ pub(super) enum ProxyFailure {
 impl ProxyFailure {
     pub(super) fn backend_id(&self) -> Option<Arc<str>> {
         match self {
-            ProxyFailure::NoBackend => None,
+            ProxyFailure::NoBackend | ProxyFailure::NodeBusy => None,
             ProxyFailure::Backend(b, _) | ProxyFailure::Timeout(b, _) => Some(b.id.clone()),
         }
     }
@@ -144,6 +146,12 @@ pub(super) fn failure(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "503 service unavailable: no backend available in pool `{pool}` (request {rid})\n"
+            ),
+        ),
+        ProxyFailure::NodeBusy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "503 service unavailable: the shop is very busy; please retry in a moment (request {rid})\n"
             ),
         ),
         ProxyFailure::Backend(b, reason) => {

@@ -27,7 +27,7 @@ use super::retry;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::{self, Admitted, ShedConfig};
-use crate::pool::{Backend, InFlight, Outcome, Pick, Pool, State};
+use crate::pool::{Backend, InFlight, NoPick, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
 /// Body sent to a backend: the shopper's, read whole beforehand (see
@@ -347,9 +347,16 @@ impl Forwarder {
                 avoid: avoid.as_ref().map(|g| &**g.backend()),
                 now_ns,
             };
-            let Some(guard) = self.pool.pick(&pick) else {
-                failure.get_or_insert(ProxyFailure::NoBackend);
-                break;
+            let guard = match self.pool.pick(&pick) {
+                Ok(guard) => guard,
+                Err(NoPick::Nothing) => {
+                    failure.get_or_insert(ProxyFailure::NoBackend);
+                    break;
+                }
+                Err(NoPick::BoundNodeFull) => {
+                    failure.get_or_insert(ProxyFailure::NodeBusy);
+                    break;
+                }
             };
             // What happened, the request if it never left, and how to describe a failure.
             let (attempt, unsent, failed) = match self
