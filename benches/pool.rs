@@ -37,6 +37,8 @@ fn pool(n: usize, algorithm: Algorithm) -> Arc<Pool> {
         },
         shed: None,
         protocol: Default::default(),
+        // The default ceiling: what every pick pays.
+        node_max_in_flight: 512,
     };
     let backends = (0..n)
         .map(|i| {
@@ -103,7 +105,7 @@ fn bench_pick(c: &mut Criterion) {
                                 ..Pick::default()
                             };
                             for _ in 0..1000 {
-                                black_box(p.pick(&req));
+                                let _ = black_box(p.pick(&req));
                             }
                         }))
                     }
