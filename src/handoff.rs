@@ -157,9 +157,13 @@ impl Successor {
     }
 
     /// Starts the new process with copies of `sockets` and waits until it serves.
-    /// Returns its pid. On any failure the new process is stopped and the caller keeps
-    /// serving; the sockets are never closed under the caller.
-    pub async fn start(&self, sockets: &[TcpListener]) -> Result<u32, HandoffError> {
+    /// Returns it, for the caller to watch it a while (see [`watch`]). On any failure the
+    /// new process is stopped and the caller keeps serving; the sockets are never closed
+    /// under the caller.
+    pub async fn start(
+        &self,
+        sockets: &[TcpListener],
+    ) -> Result<std::process::Child, HandoffError> {
         let mut mappings = Vec::with_capacity(sockets.len() + 1);
         for (i, s) in sockets.iter().enumerate() {
             let copy = s.try_clone().map_err(HandoffError::Dup)?;
@@ -189,15 +193,16 @@ impl Successor {
             exe: self.exe.clone(),
             source,
         })?;
-        let pid = child.id();
         // Until it says ready, the new process is stopped if this wait is given up for any
         // reason, including this future being dropped (SIGTERM during a hand-over).
         let mut pending = Pending(Some(child));
         let waited = tokio::time::timeout(self.ready_timeout, read_ready(ours)).await;
         let failure = match waited {
             Ok(Ok(true)) => {
-                pending.0 = None;
-                return Ok(pid);
+                if let Some(child) = pending.0.take() {
+                    return Ok(child);
+                }
+                HandoffError::Exited("unknown".into())
             }
             Ok(Ok(false)) => match pending.0.as_mut() {
                 Some(child) => HandoffError::Exited(exit_status(child)),
@@ -209,6 +214,28 @@ impl Successor {
         Err(failure)
     }
 }
+
+/// Watches a new process that said it serves for `probation`: `Some(how it ended)` if
+/// it exited within it (the caller serves again on the sockets it kept), `None` if it
+/// is still running at the end. Polls: the child is this process's, and a wait that
+/// blocks would hold a runtime thread.
+pub async fn watch(child: &mut std::process::Child, probation: Duration) -> Option<String> {
+    let until = tokio::time::Instant::now() + probation;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status.to_string()),
+            Ok(None) => {}
+            Err(e) => return Some(format!("cannot be watched: {e}")),
+        }
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// How often [`watch`] looks at the new process.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A new process that has not said ready yet: killed (and reaped) when dropped.
 struct Pending(Option<std::process::Child>);

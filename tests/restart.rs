@@ -103,7 +103,7 @@ impl Drop for Surge {
 fn config_text(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
     let mut text = format!(
         "[proxy]\nlisten = \"{proxy}\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"10s\"\n\
-         [admin]\nlisten = \"{admin}\"\n[pool]\nalgorithm = \"round-robin\"\n"
+         handover_probation = \"3s\"\n[admin]\nlisten = \"{admin}\"\n[pool]\nalgorithm = \"round-robin\"\n"
     );
     for (i, b) in backends.iter().enumerate() {
         text.push_str(&format!(
@@ -436,6 +436,58 @@ async fn systemd_hears_ready_reloading_the_new_main_pid_and_stopping() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     drop(surge);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The new process dies right after it took over: the old one kept copies of the
+/// sockets for `proxy.handover_probation`, serves on them again (connections that came
+/// meanwhile wait in the listen queue), and can hand over again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_process_serves_again_if_the_new_one_dies_right_after_taking_over() {
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let surge = Surge::start(&[blade[0].addr]);
+    surge.wait_serving().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, load) = steady_load(surge.proxy, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = admin_post(&surge, "/v1/upgrade").await;
+    assert_eq!(r.status, 200, "{}", surge.output());
+    let doomed = new_process(&r);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(doomed, "KILL");
+    let again = eventually(Duration::from_secs(5), || {
+        surge.output().contains("serves again")
+    })
+    .await;
+    assert!(
+        again,
+        "the old process did not take over again:\n{}",
+        surge.output()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        ok.load(Ordering::Relaxed) > before + 50,
+        "nothing served after the take-back:\n{}",
+        surge.output()
+    );
+    assert!(alive(surge.first.id()), "the old process exited");
+    stop.store(true, Ordering::Relaxed);
+    let failures = load.await.unwrap();
+    // At most the requests the killed process had in hand (one per load task).
+    assert!(failures.len() <= 6, "{failures:?}\n{}", surge.output());
+    // The admin API is back too, and the process can hand over again.
+    let r = admin_post(&surge, "/v1/upgrade").await;
+    assert_eq!(r.status, 200, "{}", surge.output());
+    let next = new_process(&r);
+    assert_ne!(next, doomed);
+    surge.wait_serving().await;
+    let gone = eventually(Duration::from_secs(15), || !alive(surge.first.id())).await;
+    assert!(
+        gone,
+        "the old process stayed after a hand-over that held:\n{}",
+        surge.output()
+    );
 }
 
 /// SIGTERM while a hand-over waits for a new process that never gets ready: the old

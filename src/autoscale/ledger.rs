@@ -118,6 +118,22 @@ impl Ledger {
         })
     }
 
+    /// What the ledger's file holds now (`None`: an in-memory ledger, or no file yet),
+    /// for taking over what another process wrote to it.
+    pub fn reread(&self) -> Result<Option<Vec<u8>>, LedgerError> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        match std::fs::read(file) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LedgerError::Io {
+                file: file.clone(),
+                source,
+            }),
+        }
+    }
+
     /// A ledger that is not written anywhere.
     pub fn in_memory() -> Self {
         Self::default()

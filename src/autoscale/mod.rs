@@ -42,6 +42,14 @@ pub struct Shared {
     status: Mutex<Status>,
     /// Reconciliation rounds done; ≥ 1 once what the provider runs has been adopted.
     rounds: watch::Sender<u64>,
+    /// Held for the whole of a round, so [`Shared::step_aside`] can wait for one to end.
+    round: tokio::sync::Mutex<()>,
+    /// Set while another process (a successor taking over) runs the autoscaler: no round
+    /// runs here, so two processes never order or release side by side.
+    aside: AtomicBool,
+    /// Set by [`Shared::step_back`]: the next round first re-reads what the other process
+    /// may have ordered (the ledger file) and re-adopts the provider's servers.
+    resumed: AtomicBool,
 }
 
 /// The autoscaler's latest round, as the admin API shows it.
@@ -87,6 +95,20 @@ impl Shared {
     /// The operator's pause switch: a paused autoscaler holds the current size.
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Stops this process's rounds (waiting for one under way to end) while a successor
+    /// takes over: a standalone surge's provider and ledger file are then its alone.
+    pub async fn step_aside(&self) {
+        let _round = self.round.lock().await;
+        self.aside.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs rounds again after [`Shared::step_aside`] (the successor failed or died),
+    /// starting from what the provider and the ledger file say now.
+    pub fn step_back(&self) {
+        self.resumed.store(true, Ordering::SeqCst);
+        self.aside.store(false, Ordering::SeqCst);
     }
 
     /// A copy of the latest round's status.
@@ -211,6 +233,15 @@ pub async fn run<P: Provider>(
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        let _round = shared.round.lock().await;
+        if shared.aside.load(Ordering::SeqCst) {
+            continue;
+        }
+        if shared.resumed.swap(false, Ordering::SeqCst) {
+            for problem in reconciler.resume() {
+                tracing::warn!(%problem, "autoscaler: resuming");
+            }
         }
         let now = Instant::now();
         let local = meter.observe(&pool, now);

@@ -274,6 +274,18 @@ impl<P: Provider> Reconciler<P> {
         problems
     }
 
+    /// Starts again after another process ran the autoscaler for a while (a successor
+    /// that then died): its orders are merged in from the ledger file, and the memory is
+    /// rebuilt by adopting the provider's servers as at start, so nothing it ordered is
+    /// ordered again or left unknown.
+    pub fn resume(&mut self) -> Vec<String> {
+        let theirs = match self.ledger.reread() {
+            Ok(bytes) => bytes,
+            Err(e) => return vec![format!("cannot re-read the ledger: {e}")],
+        };
+        self.take_over(theirs.as_deref(), None)
+    }
+
     /// A round of an instance that does not lead: the inventory is read (nothing is
     /// written to the provider) and the pool follows the leader's `roles`; `operator`
     /// holds the nodes an operator gave an instruction for.

@@ -21,6 +21,8 @@ pub(super) struct FileProxy {
     upstream_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    handover_probation: Duration,
     max_header_bytes: usize,
     max_uri_bytes: usize,
     max_headers: usize,
@@ -51,6 +53,7 @@ impl Default for FileProxy {
             header_read_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            handover_probation: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_uri_bytes: 8 * 1024,
             max_headers: 100,
@@ -90,6 +93,9 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// On shutdown, how long in-flight requests are given to finish.
     pub shutdown_grace: Duration,
+    /// After a hand-over, how long the old process keeps copies of the sockets and
+    /// watches the new one: if it dies within this, the old one serves again.
+    pub handover_probation: Duration,
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
     /// Longest request target accepted, in bytes; longer gets 414.
@@ -147,6 +153,12 @@ pub(super) fn validate(
 ) -> ProxyConfig {
     if f.workers > 256 {
         p.bad("workers", format!("{} is more than 256", f.workers));
+    }
+    if f.handover_probation > Duration::from_secs(600) {
+        p.bad(
+            "handover_probation",
+            "is more than 10m (the old process lingers that long after every hand-over)",
+        );
     }
     for (key, d) in [
         ("connect_timeout", f.connect_timeout),
@@ -232,6 +244,7 @@ pub(super) fn validate(
         header_read_timeout: f.header_read_timeout,
         upstream_idle_timeout: f.upstream_idle_timeout,
         shutdown_grace: f.shutdown_grace,
+        handover_probation: f.handover_probation,
         max_header_bytes: f.max_header_bytes,
         max_uri_bytes: f.max_uri_bytes,
         max_headers: f.max_headers,

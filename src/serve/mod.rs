@@ -87,7 +87,29 @@ pub struct Running {
     /// The cluster connection, with `[cluster]`.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     background: watch::Sender<bool>,
+    /// What starting the admin API and the proxy again takes.
+    front: Front,
+    /// A proxy and admin API stopped for a successor that then died, finishing.
+    retired: Vec<(ProxyHandle, AdminHandle)>,
 }
+
+/// What the admin API and the proxy are started from, kept to start them again when a
+/// successor dies soon after taking over.
+struct Front {
+    cfg: Config,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    control: Option<tokio::sync::mpsc::Sender<Control>>,
+    proxy_listening: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front").finish_non_exhaustive()
+    }
+}
+
+/// The TLS listeners' certificate reloads, as the admin API sees them.
+type TlsSets = Arc<std::sync::OnceLock<Vec<Arc<dyn CertificateReload>>>>;
 
 /// What `surge serve` needs beyond the config to reload and upgrade itself.
 #[derive(Debug, Default)]
@@ -111,10 +133,64 @@ impl Running {
     /// [`Running::stop`], letting kept-alive connections end on their own for up to
     /// `keepalive_drain` first (see `ProxyHandle::shutdown_draining`).
     pub async fn stop_draining(self, keepalive_drain: Duration) {
+        self.stop_accepting(keepalive_drain);
+        self.finish().await;
+    }
+
+    /// Stops accepting (admin API and proxy); in-flight requests go on.
+    fn stop_accepting(&self, keepalive_drain: Duration) {
         self.admin.shutdown();
         self.proxy.shutdown_draining(keepalive_drain);
+    }
+
+    /// Serves again on `sockets` (copies kept of what was handed to a successor that then
+    /// died): a new admin API and proxy on the same addresses, the autoscaler back from
+    /// aside. The stopped ones finish their in-flight requests meanwhile.
+    async fn serve_again(&mut self, sockets: Vec<std::net::TcpListener>) -> Result<(), ServeError> {
+        let mut by_addr: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for s in sockets {
+            if let Ok(addr) = s.local_addr() {
+                by_addr.entry(addr).or_default().push(s);
+            }
+        }
+        let tls_sets = TlsSets::default();
+        let admin_socket = by_addr
+            .remove(&self.front.cfg.admin.listen)
+            .and_then(|mut v| v.pop());
+        let admin = start_admin(
+            &self.front,
+            &self.pool,
+            self.autoscaler.clone(),
+            self.cluster.clone(),
+            tls_sets.clone(),
+            admin_socket,
+        )
+        .await?;
+        let proxy = start_proxy(
+            &self.front,
+            &self.pool,
+            &tls_sets,
+            &self.background,
+            &mut |addr| by_addr.remove(&addr).unwrap_or_default(),
+        )?;
+        self.retired.push((
+            std::mem::replace(&mut self.proxy, proxy),
+            std::mem::replace(&mut self.admin, admin),
+        ));
+        if let (Some(a), None) = (&self.autoscaler, &self.cluster) {
+            a.step_back();
+        }
+        Ok(())
+    }
+
+    /// Waits for the proxy and admin API to finish their requests, then stops the rest.
+    async fn finish(self) {
         self.proxy.wait().await;
         self.admin.wait().await;
+        for (proxy, admin) in self.retired {
+            proxy.wait().await;
+            admin.wait().await;
+        }
         let _ = self.background.send(true);
         if let Some(c) = &self.cluster {
             // Hands the leadership on at once rather than after the lease's TTL.
@@ -267,23 +343,23 @@ pub async fn start_with(
         }
         _ => None,
     };
-    let proxy_listening = Arc::new(AtomicBool::new(false));
-    let tls_sets = Arc::new(std::sync::OnceLock::new());
+    let front = Front {
+        cfg: cfg.clone(),
+        metrics,
+        control,
+        proxy_listening: Arc::new(AtomicBool::new(false)),
+    };
+    let tls_sets = TlsSets::default();
     let admin_socket = match cfg.admin.listen.port() {
         0 => None,
         _ => inherited.take(cfg.admin.listen).pop(),
     };
-    let admin = admin::start_with(
-        Admin {
-            tls: tls_sets.clone(),
-            autoscaler: autoscaler.clone(),
-            pool: pool.clone(),
-            cfg: cfg.admin.clone(),
-            metrics,
-            proxy_listening: proxy_listening.clone(),
-            control,
-            cluster: cluster.clone(),
-        },
+    let admin = start_admin(
+        &front,
+        &pool,
+        autoscaler.clone(),
+        cluster.clone(),
+        tls_sets.clone(),
         admin_socket,
     )
     .await?;
@@ -306,24 +382,9 @@ pub async fn start_with(
             );
         }
     }
-    let proxy = proxy::start_with(&cfg.proxy, pool.clone(), &mut |addr| inherited.take(addr))?;
-    proxy_listening.store(true, Ordering::Relaxed);
-    let _ = tls_sets.set(
-        proxy
-            .tls
-            .iter()
-            .map(|t| Arc::new(TlsReload(t.clone())) as Arc<dyn CertificateReload>)
-            .collect(),
-    );
-    for tls in &proxy.tls {
-        let (tls, mut stop) = (tls.clone(), background.subscribe());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tls.watch() => {}
-                _ = stop.changed() => {}
-            }
-        });
-    }
+    let proxy = start_proxy(&front, &pool, &tls_sets, &background, &mut |addr| {
+        inherited.take(addr)
+    })?;
     if let Some(c) = &cluster {
         tokio::spawn(intent::run(
             pool.clone(),
@@ -341,7 +402,64 @@ pub async fn start_with(
         autoscaler,
         cluster,
         background,
+        front,
+        retired: Vec::new(),
     })
+}
+
+/// Starts the admin API (before the proxy, so `/readyz` can say the proxy is not up).
+async fn start_admin(
+    front: &Front,
+    pool: &Arc<Pool>,
+    autoscaler: Option<Arc<crate::autoscale::Shared>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    tls: TlsSets,
+    socket: Option<std::net::TcpListener>,
+) -> Result<AdminHandle, ServeError> {
+    Ok(admin::start_with(
+        Admin {
+            tls,
+            autoscaler,
+            pool: pool.clone(),
+            cfg: front.cfg.admin.clone(),
+            metrics: front.metrics.clone(),
+            proxy_listening: front.proxy_listening.clone(),
+            control: front.control.clone(),
+            cluster,
+        },
+        socket,
+    )
+    .await?)
+}
+
+/// Starts the proxy on the sockets `sockets` gives for each listener (new ones where it
+/// gives none), with certificate watching for its TLS listeners.
+fn start_proxy(
+    front: &Front,
+    pool: &Arc<Pool>,
+    tls_sets: &TlsSets,
+    background: &watch::Sender<bool>,
+    sockets: &mut dyn FnMut(std::net::SocketAddr) -> Vec<std::net::TcpListener>,
+) -> Result<ProxyHandle, ServeError> {
+    let proxy = proxy::start_with(&front.cfg.proxy, pool.clone(), sockets)?;
+    front.proxy_listening.store(true, Ordering::Relaxed);
+    let _ = tls_sets.set(
+        proxy
+            .tls
+            .iter()
+            .map(|t| Arc::new(TlsReload(t.clone())) as Arc<dyn CertificateReload>)
+            .collect(),
+    );
+    for tls in &proxy.tls {
+        let (tls, mut stop) = (tls.clone(), background.subscribe());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tls.watch() => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+    Ok(proxy)
 }
 
 #[cfg(feature = "cluster")]
@@ -405,16 +523,60 @@ pub async fn run(cfg: Config, mut restarts: Restarts) -> Result<(), ServeError> 
         restarts.inherited.ready();
     }
     notify::ready(took_over);
-    // After a hand-over the unit's main process is the new one: only a stop says so.
-    if wait_for_signal(&running, &restarts, &mut control_rx).await == Ended::Stop {
-        notify::stopping();
+    let mut running = running;
+    loop {
+        match wait_for_signal(&running, &restarts, &mut control_rx).await {
+            Ended::Stop => {
+                // After a hand-over the unit's main process is the new one: only a stop
+                // says so.
+                notify::stopping();
+                running.stop_accepting(KEEPALIVE_DRAIN);
+                break;
+            }
+            Ended::HandedOver(mut next) => {
+                // Stop accepting at once (the successor does), but keep copies of the
+                // sockets until it has served a while: if it dies, this process takes
+                // them back rather than leave the shop with nobody accepting.
+                running.stop_accepting(KEEPALIVE_DRAIN);
+                let probation = cfg.proxy.handover_probation;
+                let died = tokio::select! {
+                    d = crate::handoff::watch(&mut next.child, probation) => d,
+                    _ = terminated() => None,
+                };
+                let Some(how) = died else { break };
+                eprintln!(
+                    "surge: the new process {} ended ({how}) within {} of taking over; this one ({}) serves again",
+                    next.child.id(),
+                    humantime::format_duration(probation),
+                    std::process::id()
+                );
+                running.serve_again(next.sockets).await?;
+                notify::ready(true);
+            }
+        }
     }
     println!(
         "surge: shutting down, letting in-flight requests finish (up to {})",
         humantime::format_duration(cfg.proxy.shutdown_grace)
     );
-    running.stop_draining(KEEPALIVE_DRAIN).await;
+    running.finish().await;
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// On SIGTERM and after a hand-over: how long kept-alive connections get to end on
@@ -485,12 +647,20 @@ async fn warm(
 pub const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How [`wait_for_signal`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Ended {
     /// SIGTERM or Ctrl-C: the service stops.
     Stop,
     /// A successor serves: this process goes, the service goes on.
-    HandedOver,
+    HandedOver(Takeover),
+}
+
+/// A successor that serves now, and copies of the sockets it was given, kept until it
+/// has served for `proxy.handover_probation`.
+#[derive(Debug)]
+struct Takeover {
+    child: std::process::Child,
+    sockets: Vec<std::net::TcpListener>,
 }
 
 /// Waits for SIGTERM or Ctrl-C, or for a successor to take over. Meanwhile SIGHUP (or
@@ -531,19 +701,22 @@ async fn wait_for_signal(
                 return Ended::Stop;
             }
         };
-        if let Err(refused) = &outcome {
-            notify::still_serving(&refused.to_string());
-        }
-        match &outcome {
-            Ok(done) => println!("surge: {done}"),
-            Err(refused) => eprintln!("surge: {refused}"),
-        }
-        let done = outcome.is_ok();
+        let (answer, takeover) = match outcome {
+            Ok((done, takeover)) => {
+                println!("surge: {done}");
+                (Ok(done), Some(takeover))
+            }
+            Err(refused) => {
+                notify::still_serving(&refused.to_string());
+                eprintln!("surge: {refused}");
+                (Err(refused), None)
+            }
+        };
         if let Some(reply) = reply {
-            let _ = reply.send(outcome);
+            let _ = reply.send(answer);
         }
-        if done {
-            return Ended::HandedOver;
+        if let Some(takeover) = takeover {
+            return Ended::HandedOver(takeover);
         }
     }
 }
@@ -554,7 +727,7 @@ async fn hand_over(
     running: &Running,
     restarts: &Restarts,
     kind: ControlKind,
-) -> Result<HandedOver, HandOverError> {
+) -> Result<(HandedOver, Takeover), HandOverError> {
     if kind == ControlKind::Reload {
         // Without a file (the embedded default) there is nothing to check; the new
         // process still re-reads the certificates.
@@ -568,13 +741,30 @@ async fn hand_over(
     let sockets_err = |e| HandOverError::Sockets(kind, e);
     let mut sockets = running.proxy.sockets().map_err(sockets_err)?;
     sockets.extend(running.admin.socket().map_err(sockets_err)?);
-    let pid = successor
-        .start(&sockets)
-        .await
-        .map_err(|e| HandOverError::Successor(kind, Box::new(e)))?;
-    Ok(HandedOver {
-        kind,
-        successor: pid,
-        this: std::process::id(),
-    })
+    // A standalone autoscaler steps aside first: the successor starts its own, and two
+    // would order and release side by side (in a cluster only the leader writes, fenced).
+    let aside = match (&running.autoscaler, &running.cluster) {
+        (Some(a), None) => Some(a),
+        _ => None,
+    };
+    if let Some(a) = aside {
+        a.step_aside().await;
+    }
+    let child = match successor.start(&sockets).await {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(a) = aside {
+                a.step_back();
+            }
+            return Err(HandOverError::Successor(kind, Box::new(e)));
+        }
+    };
+    Ok((
+        HandedOver {
+            kind,
+            successor: child.id(),
+            this: std::process::id(),
+        },
+        Takeover { child, sockets },
+    ))
 }
