@@ -140,6 +140,10 @@ struct AdminArgs {
     /// Bearer token.
     #[arg(long, env = "SURGE_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the CA (or the self-signed certificate) an `https://` admin API's
+    /// certificate is checked against, besides the public roots.
+    #[arg(long = "admin-ca", env = "SURGE_ADMIN_CA")]
+    ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -252,7 +256,14 @@ where
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let client = surge::admin::client::AdminClient::new(&args.url, args.token);
+    let client = match &args.ca {
+        Some(file) => {
+            let pem = std::fs::read(file)
+                .with_context(|| format!("cannot read the admin CA {}", file.display()))?;
+            surge::admin::client::AdminClient::with_ca(&args.url, args.token, &pem)?
+        }
+        None => surge::admin::client::AdminClient::new(&args.url, args.token),
+    };
     runtime.block_on(f(client))
 }
 

@@ -198,6 +198,7 @@ fn admin() -> surge::admin::Admin {
             min_in_service: 1,
             default_drain_timeout: Duration::from_secs(60),
             hosts: Vec::new(),
+            tls: None,
         },
         metrics: None,
         proxy_listening: Arc::new(AtomicBool::new(true)),
@@ -205,6 +206,7 @@ fn admin() -> surge::admin::Admin {
         cluster: None,
         tls: Arc::new(std::sync::OnceLock::new()),
         control: None,
+        server_tls: None,
     }
 }
 

@@ -461,3 +461,63 @@ async fn the_route_cookie_is_secure_over_tls() {
     assert!(!cookie.contains("Secure"), "{cookie}");
     surge.stop().await;
 }
+
+/// `[admin.tls]`: the admin API speaks HTTPS only; `surge nodes --admin-ca` (the
+/// client with the shop's CA) reaches it, a client without the CA does not trust it, a
+/// plain-HTTP request gets no answer, and the token is still required.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_can_speak_https_only() {
+    use surge::admin::client::{AdminClient, ClientError};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blades = blades(1, Duration::ZERO).await;
+    let dir = tmp_dir();
+    let (crt, key) = (dir.join("admin.crt"), dir.join("admin.key"));
+    write_pair(&crt, &key, &["localhost", "127.0.0.1"]);
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"a-token-of-sixteen-chars\"\n\
+         [[admin.tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [pool]\n[[pool.backends]]\nid = \"blade-1\"\naddress = \"{}\"\n",
+        crt.display(),
+        key.display(),
+        blades[0].addr
+    );
+    let cfg = Config::parse(&text, Path::new("admin-tls.toml")).expect("valid");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let base = format!("https://127.0.0.1:{}", surge.admin.local_addr.port());
+    let pem = std::fs::read(&crt).unwrap();
+    let token = Some("a-token-of-sixteen-chars".to_owned());
+
+    let trusted = AdminClient::with_ca(&base, token.clone(), &pem).unwrap();
+    let nodes = trusted.nodes().await.expect("nodes over HTTPS");
+    assert_eq!(nodes.nodes.len(), 1);
+    let drained = trusted.drain("blade-1", None, true).await.expect("a drain");
+    assert_eq!(drained.state, "draining");
+
+    let untrusting = AdminClient::new(&base, token.clone());
+    match untrusting.nodes().await {
+        Err(ClientError::Unreachable { reason, .. }) => {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+        }
+        other => panic!("a client without the CA got {other:?}"),
+    }
+    let no_token = AdminClient::with_ca(&base, None, &pem).unwrap();
+    match no_token.nodes().await {
+        Err(ClientError::Api { status, .. }) => assert_eq!(status, 401),
+        other => panic!("no token got {other:?}"),
+    }
+    // Plain HTTP on the HTTPS port: no HTTP answer.
+    let mut s = TcpStream::connect(surge.admin.local_addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(
+        !out.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    surge.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -2,12 +2,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,6 +16,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ClientError {
     #[error("bad admin URL `{0}`")]
     Url(String),
+    #[error("the admin API's CA certificate: {0}")]
+    Ca(String),
     #[error("cannot reach the admin API at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("{status}: {error}: {detail}")]
@@ -38,16 +35,49 @@ pub enum ClientError {
 pub struct AdminClient {
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: reqwest::Client,
 }
 
 impl AdminClient {
+    /// A client for `base` (`http://` or `https://`, the latter verified against the
+    /// usual public roots).
     pub fn new(base: &str, token: Option<String>) -> Self {
-        Self {
+        Self::build(base, token, None).unwrap_or_else(|_| Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// A client that also trusts the CA (or self-signed certificate) in `ca_pem`: an
+    /// admin API with `admin.tls` and a certificate of the shop's own.
+    pub fn with_ca(base: &str, token: Option<String>, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        Self::build(base, token, Some(ca_pem))
+    }
+
+    fn build(
+        base: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
+        let mut http = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientError::Ca(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientError::Ca("no PEM certificate in it".into()));
+            }
+            for c in certs {
+                http = http.add_root_certificate(c);
+            }
+        }
+        Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token: token.filter(|t| !t.is_empty()),
-            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-        }
+            http: http.build().map_err(|e| ClientError::Ca(e.to_string()))?,
+        })
     }
 
     /// Calls `method path` with an optional JSON body; returns the answer as the
@@ -59,38 +89,21 @@ impl AdminClient {
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.clone()))?;
-        let mut req = Request::builder().method(method).uri(uri);
+        let parsed = reqwest::Url::parse(&url).map_err(|_| ClientError::Url(url.clone()))?;
+        let mut req = self.http.request(method, parsed);
         if let Some(t) = &self.token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            req = req.bearer_auth(t);
         }
-        let body = match body {
-            Some(v) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(
-                    serde_json::to_vec(v).map_err(|e| ClientError::Protocol(e.to_string()))?,
-                )
-            }
-            None => Bytes::new(),
-        };
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
-        let unreachable = |reason: String| ClientError::Unreachable {
+        if let Some(v) = body {
+            req = req.json(v);
+        }
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
             url: self.base.clone(),
-            reason,
+            reason: error_chain(&e),
         };
-        let resp = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
-            .await
-            .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
+        let bytes = resp.bytes().await.map_err(unreachable)?;
         let protocol = |e: serde_json::Error| ClientError::Protocol(format!("{status}: {e}"));
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(protocol)
@@ -127,6 +140,19 @@ impl AdminClient {
         )
         .await
     }
+}
+
+/// An error and its causes on one line (reqwest's own message is only "error sending
+/// request"; the cause says "certificate not trusted" or "connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Formats nodes (`GET /v1/nodes` items or one node) as a table for a terminal.

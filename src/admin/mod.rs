@@ -63,6 +63,8 @@ pub struct Admin {
     pub control: Option<tokio::sync::mpsc::Sender<Control>>,
     /// In a cluster: operator changes are recorded in etcd for every instance.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// HTTPS (`admin.tls`): the server side, certificates reloaded underneath.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// An operator change every instance of a cluster applies.
@@ -225,6 +227,7 @@ pub async fn start_with(
     }
     let (tx, mut rx) = watch::channel(false);
     let (finished_tx, finished) = tokio::sync::oneshot::channel();
+    let admin_tls = admin.server_tls.is_some();
     let admin = Arc::new(admin);
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -247,24 +250,47 @@ pub async fn start_with(
             };
             let admin = admin.clone();
             let watcher = graceful.watcher();
+            let acceptor = admin
+                .server_tls
+                .clone()
+                .map(tokio_rustls::TlsAcceptor::from);
             tokio::spawn(async move {
                 let _slot = slot;
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(ADMIN_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                let _ = watcher.watch(conn).await;
+                let mut http = http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(ADMIN_READ_TIMEOUT);
+                match acceptor {
+                    None => {
+                        let conn = http.serve_connection(TokioIo::new(stream), service);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Some(acceptor) => {
+                        // The handshake gets the same time as a request head.
+                        match tokio::time::timeout(ADMIN_READ_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls)) => {
+                                let conn = http.serve_connection(TokioIo::new(tls), service);
+                                let _ = watcher.watch(conn).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "admin API: TLS handshake failed");
+                            }
+                            Err(_) => tracing::debug!("admin API: TLS handshake timed out"),
+                        }
+                    }
+                }
             });
         }
         // Answers being written (say, "upgrade done") still reach their callers.
         let _ = tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, graceful.shutdown()).await;
         let _ = finished_tx.send(());
     });
-    tracing::info!(%local_addr, "admin API listening");
+    tracing::info!(%local_addr, tls = admin_tls, "admin API listening");
     Ok(AdminHandle {
         local_addr,
         shutdown: tx,

@@ -24,6 +24,7 @@ pub(super) struct FileAdmin {
     #[serde(with = "humantime_serde")]
     default_drain_timeout: Duration,
     hosts: Vec<String>,
+    tls: Option<super::listeners::FileTls>,
 }
 
 impl Default for FileAdmin {
@@ -34,6 +35,7 @@ impl Default for FileAdmin {
             min_in_service: 1,
             default_drain_timeout: Duration::from_secs(300),
             hosts: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -54,6 +56,9 @@ pub struct AdminConfig {
     /// Host names (besides IP addresses and `localhost`) a request's `Host` may name:
     /// anything else is refused, which is what stops DNS rebinding.
     pub hosts: Vec<String>,
+    /// HTTPS on the admin listener (the same loader and reload as the proxy's): the
+    /// token and the pool's state do not cross the network in clear.
+    pub tls: Option<super::TlsConfig>,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -64,6 +69,7 @@ impl fmt::Debug for AdminConfig {
             .field("min_in_service", &self.min_in_service)
             .field("default_drain_timeout", &self.default_drain_timeout)
             .field("hosts", &self.hosts)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -116,7 +122,12 @@ pub(super) fn validate(f: &FileAdmin, env: &Environment, p: &mut Problems) -> Ad
             );
         }
     }
+    let tls = f
+        .tls
+        .as_ref()
+        .map(|t| p.within("tls", |p| super::listeners::tls(t, p)));
     AdminConfig {
+        tls,
         listen,
         token,
         min_in_service: f.min_in_service,

@@ -27,7 +27,7 @@ pub(super) struct FileListener {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileTls {
+pub(super) struct FileTls {
     #[serde(default)]
     certificates: Vec<FileCert>,
     #[serde(default)]
@@ -193,7 +193,8 @@ fn one(l: &FileListener, p: &mut Problems) -> ListenerConfig {
     }
 }
 
-fn tls(t: &FileTls, p: &mut Problems) -> TlsConfig {
+/// A `tls` table (a listener's, or the admin API's): certificates or self-signed.
+pub(super) fn tls(t: &FileTls, p: &mut Problems) -> TlsConfig {
     if t.certificates.is_empty() && t.self_signed.is_none() {
         p.bad(
             "",

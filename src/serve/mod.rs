@@ -100,6 +100,8 @@ struct Front {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     control: Option<tokio::sync::mpsc::Sender<Control>>,
     proxy_listening: Arc<AtomicBool>,
+    /// The admin API's certificates (`admin.tls`), watched for changes like a listener's.
+    admin_tls: Option<Arc<Tls>>,
 }
 
 impl std::fmt::Debug for Front {
@@ -343,11 +345,29 @@ pub async fn start_with(
         }
         _ => None,
     };
+    let admin_tls = match &cfg.admin.tls {
+        Some(t) => {
+            let addr = cfg.admin.listen;
+            let tls = Tls::new(format!("admin {addr}"), t)
+                .map_err(|source| ServeError::Proxy(ProxyError::Tls { addr, source }))?;
+            let (tls, mut stop) = (Arc::new(tls), background.subscribe());
+            let watched = tls.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = watched.watch() => {}
+                    _ = stop.changed() => {}
+                }
+            });
+            Some(tls)
+        }
+        None => None,
+    };
     let front = Front {
         cfg: cfg.clone(),
         metrics,
         control,
         proxy_listening: Arc::new(AtomicBool::new(false)),
+        admin_tls,
     };
     let tls_sets = TlsSets::default();
     let admin_socket = match cfg.admin.listen.port() {
@@ -426,6 +446,7 @@ async fn start_admin(
             proxy_listening: front.proxy_listening.clone(),
             control: front.control.clone(),
             cluster,
+            server_tls: front.admin_tls.as_ref().map(|t| t.server_config()),
         },
         socket,
     )
@@ -447,6 +468,7 @@ fn start_proxy(
         proxy
             .tls
             .iter()
+            .chain(&front.admin_tls)
             .map(|t| Arc::new(TlsReload(t.clone())) as Arc<dyn CertificateReload>)
             .collect(),
     );
