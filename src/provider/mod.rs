@@ -4,6 +4,8 @@
 //! map onto, typed errors, and the vendor clients (`scaleway`). Must not: know about the
 //! pool (the autoscaler turns ready devices into backends).
 
+pub mod http;
+pub mod maas;
 pub mod scaleway;
 
 use std::future::Future;

@@ -10,9 +10,10 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::http::{self, without_url, Retry};
 use super::{
-    backoff, CreateSpec, Device, DeviceState, Listing, Offer, Provider, ProviderError, Stock,
-    POOL_TAG, REQUEST_TAG,
+    CreateSpec, Device, DeviceState, Listing, Offer, Provider, ProviderError, Stock, POOL_TAG,
+    REQUEST_TAG,
 };
 
 /// Servers asked for per page when listing (the API's maximum is 100).
@@ -20,9 +21,6 @@ const PAGE_SIZE: usize = 100;
 
 /// Most pages read in one listing (100,000 servers): a vendor answering forever is cut.
 const MAX_PAGES: usize = 1000;
-
-/// Wait on a 429 that carries no `Retry-After`.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// How to reach one zone of Elastic Metal.
 #[derive(Clone)]
@@ -227,13 +225,8 @@ impl From<ApiOffer> for Offer {
 
 impl Scaleway {
     pub fn new(cfg: ScalewayConfig) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .timeout(cfg.call_timeout)
-            // A redirect would carry X-Auth-Token to wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("surge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ProviderError::Invalid(format!("cannot build HTTP client: {e}")))?;
+        // No redirects: one would carry X-Auth-Token to wherever it points.
+        let http = http::client(cfg.call_timeout)?;
         let base = format!(
             "{}/baremetal/v1/zones/{}",
             cfg.api_url.trim_end_matches('/'),
@@ -268,18 +261,11 @@ impl Scaleway {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
-        let mut attempt = 0;
-        loop {
-            match self.exchange(method.clone(), url, path, query, body).await {
-                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
-                    let wait = self.wait_for(attempt, &e);
-                    tracing::debug!(%method, path, error = %e, wait = ?wait, "provider call failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        self.retry()
+            .run(&format!("{method} {path}"), || {
+                self.exchange(method.clone(), url, path, query, body)
+            })
+            .await
     }
 
     /// One HTTP exchange with `url` (`path` names it in messages).
@@ -299,33 +285,15 @@ impl Scaleway {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| {
-            let what = format!("{method} {path}: {}", without_url(&e));
-            if e.is_connect() {
-                // Never reached the vendor.
-                ProviderError::Transient(what)
-            } else {
-                ProviderError::Uncertain(what)
-            }
-        })?;
+        let call = format!("{method} {path}");
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&call, &e))?;
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        if status.is_redirection() {
-            let to = resp
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_owned();
-            return Err(ProviderError::Redirected(format!(
-                "{method} {path} with {} to {to}",
-                status.as_u16()
-            )));
+        let retry_after = http::retry_after(resp.headers());
+        if let Some(e) = http::redirected(&call, status, resp.headers()) {
+            return Err(e);
         }
         let bytes = resp.bytes().await.map_err(|e| {
             ProviderError::Uncertain(format!(
@@ -352,19 +320,7 @@ impl Scaleway {
             err.kind
         );
         Err(match (status, err.kind.as_str()) {
-            (StatusCode::TOO_MANY_REQUESTS, _) => {
-                let asked = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
-                if asked > self.cfg.max_retry_after {
-                    tracing::warn!(
-                        asked = %humantime::format_duration(asked),
-                        honoured = %humantime::format_duration(self.cfg.max_retry_after),
-                        "provider asked to wait longer than provider.max_retry_after; waiting that long only"
-                    );
-                }
-                ProviderError::RateLimited {
-                    retry_after: asked.min(self.cfg.max_retry_after),
-                }
-            }
+            (StatusCode::TOO_MANY_REQUESTS, _) => self.retry().rate_limited(retry_after),
             (s, _) if s.is_server_error() => ProviderError::Transient(what),
             (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)
             | (_, "permissions_denied" | "denied_authentication") => {
@@ -389,12 +345,17 @@ impl Scaleway {
         self.send_to(method, &url, path, query, body).await
     }
 
+    fn retry(&self) -> Retry {
+        Retry {
+            max_attempts: self.cfg.max_attempts,
+            backoff_base: self.cfg.backoff_base,
+            backoff_max: self.cfg.backoff_max,
+            max_retry_after: self.cfg.max_retry_after,
+        }
+    }
+
     fn wait_for(&self, attempt: u32, e: &ProviderError) -> Duration {
-        let floor = match e {
-            ProviderError::RateLimited { retry_after } => Some(*retry_after),
-            _ => None,
-        };
-        backoff(attempt, self.cfg.backoff_base, self.cfg.backoff_max, floor)
+        self.retry().wait_for(attempt, e)
     }
 
     /// The device a previous attempt of this order created, if any.
@@ -436,50 +397,6 @@ impl Scaleway {
     }
 }
 
-/// Standard base64 with padding (RFC 4648), for the API's bytes fields.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// reqwest's errors carry the URL; ours already name the path.
-fn without_url(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut detail = String::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}: {detail}")
-    }
-}
-
 fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, ProviderError> {
     serde_json::from_value(v)
         .map_err(|e| ProviderError::Transient(format!("{what}: unexpected answer: {e}")))
@@ -503,7 +420,7 @@ impl Provider for Scaleway {
         });
         if let Some(user_data) = &spec.user_data {
             // A bytes field: base64 in the API's JSON.
-            body["user_data"] = Value::from(base64(user_data.as_bytes()));
+            body["user_data"] = Value::from(http::base64(user_data.as_bytes()));
         }
         let mut attempt = 0;
         loop {
@@ -651,11 +568,11 @@ mod tests {
 
     #[test]
     fn base64_is_rfc_4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(http::base64(b""), "");
+        assert_eq!(http::base64(b"f"), "Zg==");
+        assert_eq!(http::base64(b"fo"), "Zm8=");
+        assert_eq!(http::base64(b"foo"), "Zm9v");
+        assert_eq!(http::base64(b"foobar"), "Zm9vYmFy");
     }
 
     #[test]
