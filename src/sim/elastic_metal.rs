@@ -316,7 +316,7 @@ fn list(sim: &Sim, zone: &str, query: &str, faults: &Faults) -> Reply {
     )
 }
 
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -358,7 +358,7 @@ struct Install {
 const MAX_USER_DATA_BYTES: usize = 64 * 1024;
 
 /// Decodes standard base64 (RFC 4648, padding optional); `None` when it is not.
-fn unbase64(text: &str) -> Option<Vec<u8>> {
+pub(super) fn unbase64(text: &str) -> Option<Vec<u8>> {
     let mut bits = 0u32;
     let mut n = 0;
     let mut out = Vec::with_capacity(text.len() * 3 / 4);

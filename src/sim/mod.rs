@@ -16,6 +16,7 @@
 mod elastic_metal;
 pub mod faults;
 mod fleet;
+mod maas;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -44,13 +45,27 @@ const TICK: Duration = Duration::from_millis(50);
 /// Largest request body the simulator reads.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Which vendor's API the simulator speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SimApi {
+    /// Scaleway Elastic Metal: servers ordered and deleted.
+    #[default]
+    ElasticMetal,
+    /// Canonical MAAS 2.0: a fixed inventory of machines allocated, deployed, released.
+    Maas,
+}
+
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub listen: SocketAddr,
+    pub api: SimApi,
+    /// MAAS: commissioned machines per zone.
+    pub machines_per_zone: usize,
     /// Zones served; others answer 404.
     pub zones: Vec<String>,
-    /// The secret key clients must send as `X-Auth-Token`.
+    /// The secret clients must present: Elastic Metal's `X-Auth-Token`; for MAAS the
+    /// API key `consumer:token:secret` requests are signed with.
     pub token: String,
     /// Time from order to delivered hardware (`ordered` → `delivering` → `ready`).
     pub delivery: Duration,
@@ -103,6 +118,8 @@ impl SimConfig {
     pub fn demo(listen: SocketAddr, token: &str) -> Self {
         Self {
             listen,
+            api: SimApi::ElasticMetal,
+            machines_per_zone: 8,
             zones: vec!["fr-par-2".into(), "nl-ams-1".into()],
             token: token.into(),
             delivery: Duration::from_secs(2),
@@ -138,6 +155,8 @@ struct Sim {
     /// Current faults (changeable at run time).
     faults: Mutex<Faults>,
     fleet: Mutex<Fleet>,
+    /// MAAS: the machines (empty for Elastic Metal).
+    maas: Mutex<maas::Inventory>,
     /// Requests served, for `rate_limit_every`.
     requests: AtomicU64,
 }
@@ -169,9 +188,24 @@ impl std::fmt::Debug for SimHandle {
 }
 
 impl SimHandle {
-    /// Base URL to give a Scaleway client (`api_url`).
+    /// Base URL to give a client (`api_url`): the host for Elastic Metal, `…/MAAS` for
+    /// MAAS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        match self.sim.cfg.api {
+            SimApi::ElasticMetal => format!("http://{}", self.local_addr),
+            SimApi::Maas => format!("http://{}/MAAS", self.local_addr),
+        }
+    }
+
+    /// MAAS: machines allocated to someone (deploying, deployed, failed or releasing
+    /// included), for tests.
+    pub fn machines_allocated(&self) -> usize {
+        self.sim.maas.lock().map_or(0, |inv| {
+            inv.machines
+                .values()
+                .filter(|m| m.owner.is_some() && m.releasing.is_none())
+                .count()
+        })
     }
 
     /// Servers that exist (not deleted), for tests.
@@ -234,9 +268,15 @@ pub async fn start(cfg: SimConfig) -> Result<SimHandle, SimError> {
         Some(file) => fleet::load(file)?,
         None => Default::default(),
     };
+    let mut fleet = Fleet::with(servers, &cfg.faults);
+    let inventory = match cfg.api {
+        SimApi::Maas => maas::Inventory::seed(&cfg.zones, cfg.machines_per_zone, &mut fleet),
+        SimApi::ElasticMetal => maas::Inventory::default(),
+    };
     let sim = Arc::new(Sim {
         faults: Mutex::new(cfg.faults.clone()),
-        fleet: Mutex::new(Fleet::with(servers, &cfg.faults)),
+        fleet: Mutex::new(fleet),
+        maas: Mutex::new(inventory),
         requests: AtomicU64::new(0),
         cfg,
     });
@@ -380,7 +420,12 @@ async fn accept_loop(listener: TcpListener, sim: Arc<Sim>, mut shutdown: watch::
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let sim = sim.clone();
-                async move { Ok::<_, Infallible>(elastic_metal::handle(&sim, req).await) }
+                async move {
+                    Ok::<_, Infallible>(match sim.cfg.api {
+                        SimApi::ElasticMetal => elastic_metal::handle(&sim, req).await,
+                        SimApi::Maas => maas::handle(&sim, req).await,
+                    })
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
