@@ -84,9 +84,18 @@ enum Command {
 struct SimArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Secret key clients must send as X-Auth-Token.
+    /// The vendor API to speak: `elastic-metal` (Scaleway) or `maas` (Canonical MAAS 2.0).
+    #[arg(long, default_value = "elastic-metal", value_parser = ["elastic-metal", "maas"])]
+    api: String,
+    /// Elastic Metal: the secret key clients send as X-Auth-Token. MAAS: the API key
+    /// (consumer_key:token_key:token_secret) requests must be signed with.
     #[arg(long, env = "SURGE_SIM_TOKEN", hide_env_values = true)]
     token: String,
+    /// MAAS: zones and commissioned machines in each.
+    #[arg(long, value_delimiter = ',', default_value = "rack1,rack2")]
+    maas_zones: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    machines_per_zone: usize,
     /// Order to delivered hardware.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     delivery: Duration,
@@ -348,6 +357,15 @@ fn sim(args: SimArgs) -> anyhow::Result<()> {
     };
     cfg.time_scale = args.time_scale;
     cfg.capacity = args.capacity;
+    let maas = args.api == "maas";
+    if maas {
+        args.token
+            .parse::<surge::provider::maas::ApiKey>()
+            .context("--api maas takes --token consumer_key:token_key:token_secret")?;
+        cfg.api = surge::sim::SimApi::Maas;
+        cfg.zones = args.maas_zones;
+        cfg.machines_per_zone = args.machines_per_zone;
+    }
     cfg.blade_port = args.blade_port;
     cfg.state_file = args.state_file;
     cfg.faults = surge::sim::Faults {
@@ -360,11 +378,19 @@ fn sim(args: SimArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(async {
+        let zones = cfg.zones.join(", ");
         let handle = surge::sim::start(cfg).await?;
-        println!(
-            "surge sim: Elastic Metal API on {}/baremetal/v1/zones/fr-par-2 (and nl-ams-1)",
-            handle.url()
-        );
+        if maas {
+            println!(
+                "surge sim: MAAS 2.0 API on {}/api/2.0/ (zones {zones})",
+                handle.url()
+            );
+        } else {
+            println!(
+                "surge sim: Elastic Metal API on {}/baremetal/v1/zones/fr-par-2 (and nl-ams-1)",
+                handle.url()
+            );
+        }
         tokio::signal::ctrl_c().await.ok();
         handle.stop();
         anyhow::Ok(())

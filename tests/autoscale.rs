@@ -12,8 +12,19 @@ use surge::sim::Faults;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_request() {
+    ramp_and_lull(Vendor::ElasticMetal).await;
+}
+
+/// The same on MAAS: machines of the shop's own racks allocated, deployed and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_maas_a_ramp_deploys_machines_and_the_lull_releases_them() {
+    ramp_and_lull(Vendor::Maas).await;
+}
+
+async fn ramp_and_lull(vendor: Vendor) {
     let blade = blades(1, Duration::from_millis(1)).await;
-    let cfg = surge_config(
+    let cfg = surge_config_for(
+        vendor,
         blade[0].addr,
         "sim",
         "UNUSED_KEY",
@@ -86,22 +97,44 @@ async fn a_ramp_orders_blades_and_the_lull_releases_them_without_a_failed_reques
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_adopts_servers_in_delivery_and_orders_nothing_more() {
-    let key = "restart-test-key";
-    std::env::set_var("SURGE_TEST_SCW_KEY_RESTART", key);
+    restart_adopts(Vendor::ElasticMetal, "SURGE_TEST_SCW_KEY_RESTART").await;
+}
+
+/// The same on MAAS: machines still deploying are adopted by their agent name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_maas_a_restart_adopts_machines_still_deploying() {
+    restart_adopts(Vendor::Maas, "SURGE_TEST_MAAS_KEY_RESTART").await;
+}
+
+async fn restart_adopts(vendor: Vendor, key_env: &str) {
+    let key = vendor.key(key_env);
+    std::env::set_var(key_env, &key);
     let port = free_port();
-    let sim = external_sim(Faults::default(), Duration::from_millis(1500), key, port).await;
+    let sim = external_sim_for(
+        vendor,
+        Faults::default(),
+        Duration::from_millis(1500),
+        &key,
+        port,
+    )
+    .await;
     let blade = blades(1, Duration::from_millis(1)).await;
-    let cfg = surge_config(
+    let cfg = surge_config_for(
+        vendor,
         blade[0].addr,
         &sim.url(),
-        "SURGE_TEST_SCW_KEY_RESTART",
+        key_env,
         port,
         "min = 3\nmax = 6\n",
     );
 
     let first = surge::serve::start(&cfg).await.unwrap();
     let ordered = eventually(Duration::from_secs(5), || sim.server_count() == 2).await;
-    assert!(ordered, "first surge did not order the 2 missing nodes");
+    assert!(
+        ordered,
+        "first surge did not order the 2 missing nodes: {:#?}",
+        status_of(&first)
+    );
     // Stopped while both are still being delivered (delivery takes 1.5 s).
     first.stop().await;
 

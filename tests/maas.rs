@@ -41,6 +41,7 @@ fn client(sim: &SimHandle, key: &str, zone: &str, call_timeout: Duration) -> Maa
         api_url: sim.url(),
         api_key: key.parse().unwrap(),
         zone: zone.into(),
+        offer: "ready-machines".into(),
         resource_pool: None,
         tags: vec!["blade".into()],
         min_cpu_count: Some(4),

@@ -155,6 +155,7 @@ pub fn reconcile_config(
         release_backoff_base: Duration::from_secs(1),
         bootstrap: provider.and_then(|p| p.bootstrap.clone()),
         private_network,
+        own_network: provider.is_some_and(|p| p.kind == "maas"),
         proxy_address: provider
             .and_then(|p| p.bootstrap.as_ref())
             .and_then(|b| b.proxy_address.clone())

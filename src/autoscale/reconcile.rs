@@ -48,6 +48,9 @@ pub struct ReconcileConfig {
     pub bootstrap: Option<crate::config::BootstrapConfig>,
     /// Private network blades are attached to and reached on (`None`: public addresses).
     pub private_network: Option<String>,
+    /// The blades are on the shop's own network (MAAS), reached on their own address:
+    /// nothing crosses the Internet, so that is not warned about.
+    pub own_network: bool,
     /// `{{proxy_address}}` for the user-data.
     pub proxy_address: String,
 }
@@ -458,7 +461,7 @@ impl<P: Provider> Reconciler<P> {
             metrics::gauge!(crate::telemetry::names::AUTOSCALER_BOOTSTRAP_ALARM).set(0.0);
         }
         report.notes = s.notes.clone();
-        if self.cfg.private_network.is_none() {
+        if self.cfg.private_network.is_none() && !self.cfg.own_network {
             report.notes.push(
                 "blades are reached on their public addresses (provider.public_addresses = true): frontend traffic crosses the Internet".into(),
             );

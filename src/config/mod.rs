@@ -39,7 +39,7 @@ pub use pool::{
     UpstreamProtocol, UpstreamTlsConfig, MAX_WEIGHT, ROUTE_KEY_ENV, ROUTE_KEY_PREVIOUS_ENV,
 };
 pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
-pub use provider::{BootstrapConfig, ProviderConfig, Reach};
+pub use provider::{BootstrapConfig, MaasSettings, ProviderConfig, Reach, MAAS_ANY_POOL};
 pub use proxy::ProxyConfig;
 pub use sim::SimSettings;
 

@@ -23,8 +23,9 @@ pub(super) struct FileProvider {
     zones: Vec<String>,
     #[serde(default)]
     project_id: String,
-    #[serde(default = "default_secret_key_env")]
-    secret_key_env: String,
+    #[serde(default)]
+    secret_key_env: Option<String>,
+    #[serde(default)]
     offer: String,
     #[serde(default)]
     os_id: String,
@@ -44,6 +45,44 @@ pub(super) struct FileProvider {
     private_network: Option<String>,
     #[serde(default)]
     public_addresses: bool,
+    #[serde(default)]
+    maas: Option<FileMaas>,
+}
+
+/// `[provider.maas]`: what to allocate from a MAAS region (with `kind = "maas"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMaas {
+    #[serde(default)]
+    resource_pool: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    min_cpu_count: Option<u32>,
+    #[serde(default)]
+    min_memory_mib: Option<u64>,
+    #[serde(default = "default_distro_series")]
+    distro_series: String,
+    #[serde(default)]
+    erase_on_release: bool,
+}
+
+fn default_distro_series() -> String {
+    "noble".into()
+}
+
+/// The offer name of a MAAS provider: its resource pool, or this for any pool.
+pub const MAAS_ANY_POOL: &str = "ready-machines";
+
+/// MAAS constraints and deployment settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaasSettings {
+    pub resource_pool: Option<String>,
+    pub tags: Vec<String>,
+    pub min_cpu_count: Option<u32>,
+    pub min_memory_mib: Option<u64>,
+    pub distro_series: String,
+    pub erase_on_release: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,8 +133,12 @@ fn default_max_retry_after() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-fn default_secret_key_env() -> String {
-    "SCW_SECRET_KEY".into()
+/// Where the credentials are read from by default, per kind.
+fn default_secret_key_env(kind: &str) -> String {
+    match kind {
+        "maas" => "MAAS_API_KEY".into(),
+        _ => "SCW_SECRET_KEY".into(),
+    }
 }
 fn default_blade_port() -> u16 {
     80
@@ -110,7 +153,7 @@ fn default_max_attempts() -> u32 {
 /// A bare-metal provider to order blades from.
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
-    /// Only `scaleway` (Elastic Metal) so far.
+    /// `scaleway` (Elastic Metal) or `maas` (Canonical MAAS, the shop's own racks).
     pub kind: String,
     /// Base URL of the API, or `None` for the in-process simulator (`api_url = "sim"`).
     pub api_url: Option<String>,
@@ -137,11 +180,23 @@ pub struct ProviderConfig {
     pub bootstrap: Option<BootstrapConfig>,
     /// The network surge reaches the blades on.
     pub reach: Reach,
+    /// With `kind = "maas"`: constraints and deployment (`[provider.maas]`).
+    pub maas: Option<MaasSettings>,
 }
 
 /// Checks `[provider]` (keys relative to it).
 pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) -> ProviderConfig {
+    let is_maas = f.kind == "maas";
     let reach = match (&f.private_network, f.public_addresses) {
+        // MAAS machines are on the shop's own networks: reached on their own address.
+        (None, _) if is_maas => Reach::Public,
+        (Some(_), _) if is_maas => {
+            p.bad(
+                "private_network",
+                "MAAS machines are reached on their own address (the shop's network); remove private_network",
+            );
+            Reach::Public
+        }
         (Some(pn), false) if !pn.is_empty() => Reach::Private(pn.clone()),
         (None, true) => Reach::Public,
         (Some(_), true) => {
@@ -159,12 +214,58 @@ pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) ->
             Reach::Public
         }
     };
-    if f.kind != "scaleway" {
+    if !matches!(f.kind.as_str(), "scaleway" | "maas") {
         p.bad(
             "kind",
-            format!("`{}` is not supported (supported: scaleway)", f.kind),
+            format!("`{}` is not supported (supported: scaleway, maas)", f.kind),
         );
     }
+    let maas = match (&f.maas, is_maas) {
+        (Some(m), true) => Some(p.within("maas", |p| {
+            if m.distro_series.is_empty() {
+                p.bad("distro_series", "name the OS release to deploy, e.g. noble");
+            }
+            if m.tags.iter().any(String::is_empty) {
+                p.bad("tags", "tags must not be empty");
+            }
+            MaasSettings {
+                resource_pool: m.resource_pool.clone().filter(|r| !r.is_empty()),
+                tags: m.tags.clone(),
+                min_cpu_count: m.min_cpu_count,
+                min_memory_mib: m.min_memory_mib,
+                distro_series: m.distro_series.clone(),
+                erase_on_release: m.erase_on_release,
+            }
+        })),
+        (None, true) => Some(MaasSettings {
+            resource_pool: None,
+            tags: Vec::new(),
+            min_cpu_count: None,
+            min_memory_mib: None,
+            distro_series: default_distro_series(),
+            erase_on_release: false,
+        }),
+        (Some(_), false) => {
+            p.bad("maas", "only with kind = \"maas\"");
+            None
+        }
+        (None, false) => None,
+    };
+    let offer = match &maas {
+        // The one "offer" of a MAAS zone: its Ready machines in the pool.
+        Some(m) => {
+            if !f.offer.is_empty() {
+                p.bad(
+                    "offer",
+                    "MAAS sells nothing: give constraints in [provider.maas] (resource_pool, tags, min_cpu_count, min_memory_mib) instead",
+                );
+            }
+            m.resource_pool
+                .clone()
+                .unwrap_or_else(|| MAAS_ANY_POOL.to_owned())
+        }
+        None => f.offer.clone(),
+    };
     let api_url = match f.api_url.as_str() {
         "sim" => None,
         url if api_url_ok(url) => Some(url.trim_end_matches('/').to_owned()),
@@ -189,7 +290,7 @@ pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) ->
             );
         }
     }
-    if f.offer.is_empty() {
+    if offer.is_empty() {
         p.bad("offer", "name the offer to order, e.g. EM-A115X-SSD");
     }
     if f.max_attempts == 0 {
@@ -203,8 +304,11 @@ pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) ->
         api_url,
         zones: f.zones.clone(),
         project_id: f.project_id.clone(),
-        secret_key_env: f.secret_key_env.clone(),
-        offer: f.offer.clone(),
+        secret_key_env: f
+            .secret_key_env
+            .clone()
+            .unwrap_or_else(|| default_secret_key_env(&f.kind)),
+        offer,
         os_id: f.os_id.clone(),
         blade_port: f.blade_port,
         call_timeout: f.call_timeout,
@@ -216,6 +320,7 @@ pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) ->
             .as_ref()
             .and_then(|b| p.within("bootstrap", |p| bootstrap(b, env, p))),
         reach,
+        maas,
     }
 }
 

@@ -112,6 +112,9 @@ pub struct MaasConfig {
     pub api_key: ApiKey,
     /// The MAAS zone machines are allocated in.
     pub zone: String,
+    /// The name of this zone's one offer (its Ready machines): `provider.offer`, which
+    /// the configuration makes the resource pool's name or `ready-machines`.
+    pub offer: String,
     /// Resource pool to allocate from (`None`: any).
     pub resource_pool: Option<String>,
     /// Tags a machine must carry.
@@ -502,12 +505,8 @@ impl Provider for Maas {
             _ => Stock::Available,
         };
         Ok(vec![Offer {
-            id: self
-                .cfg
-                .resource_pool
-                .clone()
-                .unwrap_or_else(|| "maas".into()),
-            name: format!("ready machines in {}", self.cfg.zone),
+            id: self.cfg.offer.clone(),
+            name: self.cfg.offer.clone(),
             stock,
             price_per_hour: None,
         }])

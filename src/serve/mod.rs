@@ -22,6 +22,7 @@ use crate::blade::{self, BladeConfig, BladeError, BladeHandle};
 use crate::config::Config;
 use crate::handoff::{Inherited, Successor};
 use crate::pool::{health, Backend, Origin, Pool};
+use crate::provider::maas::{Maas, MaasConfig};
 use crate::provider::scaleway::{Scaleway, ScalewayConfig};
 use crate::provider::ProviderError;
 use crate::proxy::{self, probe::HttpProber, tls::Tls, ProxyError, ProxyHandle};
@@ -107,6 +108,57 @@ struct Front {
 impl std::fmt::Debug for Front {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Front").finish_non_exhaustive()
+    }
+}
+
+/// What the autoscaler is started with, whichever vendor's client it drives.
+struct AutoscalerStart {
+    pool: Arc<Pool>,
+    cfg: crate::config::AutoscaleConfig,
+    provider: crate::config::ProviderConfig,
+    proxy_address: String,
+    ledger: crate::autoscale::ledger::Ledger,
+    shared: Arc<crate::autoscale::Shared>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AutoscalerStart {
+    /// Makes one client per zone (ordered from, then watched) and runs the autoscaler
+    /// over them.
+    fn spawn<P, F>(self, client: F) -> Result<(), ServeError>
+    where
+        P: crate::provider::Provider + 'static,
+        F: Fn(&str) -> Result<P, ProviderError>,
+    {
+        let p = &self.provider;
+        let mut zones = Vec::new();
+        let mut watched = Vec::new();
+        for (i, zone) in p.zones.iter().chain(&p.watch_zones).enumerate() {
+            let c = client(zone)?;
+            if i < p.zones.len() {
+                zones.push((zone.clone(), c));
+            } else {
+                watched.push((zone.clone(), c));
+            }
+        }
+        let blade_port = p.blade_port;
+        tokio::spawn(crate::autoscale::run(
+            self.pool,
+            self.cfg,
+            crate::autoscale::Providers {
+                settings: self.provider,
+                proxy_address: self.proxy_address,
+                zones,
+                watched,
+                blade_port,
+            },
+            self.ledger,
+            self.shared,
+            self.cluster,
+            self.shutdown,
+        ));
+        Ok(())
     }
 }
 
@@ -265,11 +317,25 @@ pub async fn start_with(
     ));
     tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
     // The simulator's key exists only in this process: nothing to leak.
-    let sim_token = format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let maas = cfg.provider.as_ref().is_some_and(|p| p.kind == "maas");
+    let sim_token = if maas {
+        // A MAAS API key: consumer:token:secret.
+        format!(
+            "surge-sim:{:016x}:{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        )
+    } else {
+        format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    };
     let sim = match &cfg.sim {
         Some(s) => {
             let token = sim_token.clone();
             let mut sim_cfg = crate::sim::SimConfig::demo(s.listen, &token);
+            if maas {
+                sim_cfg.api = crate::sim::SimApi::Maas;
+                sim_cfg.machines_per_zone = s.capacity;
+            }
             if let Some(p) = &cfg.provider {
                 sim_cfg.zones = p.zones.clone();
             }
@@ -297,50 +363,64 @@ pub async fn start_with(
                 (None, Some(s)) => (s.url(), sim_token.clone()),
                 (None, None) => return Err(ServeError::NoSimulator),
             };
-            let mut zones = Vec::new();
-            let mut watched = Vec::new();
-            for (i, zone) in p.zones.iter().chain(&p.watch_zones).enumerate() {
-                let client = Scaleway::new(ScalewayConfig {
-                    api_url: api_url.clone(),
-                    zone: zone.clone(),
-                    project_id: p.project_id.clone(),
-                    secret_key: secret.clone(),
-                    os_id: p.os_id.clone(),
-                    call_timeout: p.call_timeout,
-                    max_attempts: p.max_attempts,
-                    backoff_base: Duration::from_millis(200),
-                    backoff_max: Duration::from_secs(10),
-                    max_retry_after: p.max_retry_after,
-                })?;
-                if i < p.zones.len() {
-                    zones.push((zone.clone(), client));
-                } else {
-                    watched.push((zone.clone(), client));
-                }
-            }
             let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
             pool.traffic.scaling.set_share(a.max_client_share);
             let ledger = crate::autoscale::open_ledger(a)?;
-            tokio::spawn(crate::autoscale::run(
-                pool.clone(),
-                a.clone(),
-                crate::autoscale::Providers {
-                    settings: p.clone(),
-                    proxy_address: cfg
-                        .proxy
-                        .listeners
-                        .first()
-                        .map(|l| l.listen.to_string())
-                        .unwrap_or_default(),
-                    zones,
-                    watched,
-                    blade_port: p.blade_port,
-                },
+            let start = AutoscalerStart {
+                pool: pool.clone(),
+                cfg: a.clone(),
+                provider: p.clone(),
+                proxy_address: cfg
+                    .proxy
+                    .listeners
+                    .first()
+                    .map(|l| l.listen.to_string())
+                    .unwrap_or_default(),
                 ledger,
-                shared.clone(),
-                cluster.clone(),
-                background.subscribe(),
-            ));
+                shared: shared.clone(),
+                cluster: cluster.clone(),
+                shutdown: background.subscribe(),
+            };
+            if maas {
+                let key: crate::provider::maas::ApiKey = secret.parse()?;
+                start.spawn(|zone| {
+                    Maas::new(MaasConfig {
+                        api_url: api_url.clone(),
+                        api_key: key.clone(),
+                        zone: zone.to_owned(),
+                        offer: p.offer.clone(),
+                        resource_pool: p.maas.as_ref().and_then(|m| m.resource_pool.clone()),
+                        tags: p.maas.as_ref().map(|m| m.tags.clone()).unwrap_or_default(),
+                        min_cpu_count: p.maas.as_ref().and_then(|m| m.min_cpu_count),
+                        min_memory_mib: p.maas.as_ref().and_then(|m| m.min_memory_mib),
+                        distro_series: p
+                            .maas
+                            .as_ref()
+                            .map_or_else(|| "noble".into(), |m| m.distro_series.clone()),
+                        erase_on_release: p.maas.as_ref().is_some_and(|m| m.erase_on_release),
+                        call_timeout: p.call_timeout,
+                        max_attempts: p.max_attempts,
+                        backoff_base: Duration::from_millis(200),
+                        backoff_max: Duration::from_secs(10),
+                        max_retry_after: p.max_retry_after,
+                    })
+                })?;
+            } else {
+                start.spawn(|zone| {
+                    Scaleway::new(ScalewayConfig {
+                        api_url: api_url.clone(),
+                        zone: zone.to_owned(),
+                        project_id: p.project_id.clone(),
+                        secret_key: secret.clone(),
+                        os_id: p.os_id.clone(),
+                        call_timeout: p.call_timeout,
+                        max_attempts: p.max_attempts,
+                        backoff_base: Duration::from_millis(200),
+                        backoff_max: Duration::from_secs(10),
+                        max_retry_after: p.max_retry_after,
+                    })
+                })?;
+            }
             Some(shared)
         }
         _ => None,

@@ -16,6 +16,41 @@ use surge::config::Config;
 use surge::pool::State;
 use surge::sim::{self, Faults, SimConfig, SimHandle};
 
+/// The vendor API an autoscaling test orders from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    ElasticMetal,
+    Maas,
+}
+
+impl Vendor {
+    /// A key of the vendor's shape for a test's environment variable `env`.
+    pub fn key(self, env: &str) -> String {
+        let e = env.to_ascii_lowercase();
+        match self {
+            Vendor::ElasticMetal => format!("{e}-key"),
+            Vendor::Maas => format!("{e}-consumer:{e}-token:{e}-secret"),
+        }
+    }
+
+    /// The `[provider]` keys that differ between vendors.
+    fn provider_keys(self) -> &'static str {
+        match self {
+            Vendor::ElasticMetal => {
+                "kind = \"scaleway\"\nzones = [\"fr-par-2\"]\noffer = \"EM-A115X-SSD\"\nprivate_network = \"pn-test\"\n"
+            }
+            Vendor::Maas => "kind = \"maas\"\nzones = [\"rack1\"]\n",
+        }
+    }
+
+    fn provider_tables(self) -> &'static str {
+        match self {
+            Vendor::ElasticMetal => "",
+            Vendor::Maas => "[provider.maas]\ntags = [\"blade\"]\nmin_cpu_count = 4\n",
+        }
+    }
+}
+
 /// Surge in front of one static blade, ordering from `api_url` ("sim" = in-process).
 pub fn surge_config(
     static_blade: SocketAddr,
@@ -24,6 +59,27 @@ pub fn surge_config(
     blade_port: u16,
     autoscale: &str,
 ) -> Config {
+    surge_config_for(
+        Vendor::ElasticMetal,
+        static_blade,
+        api_url,
+        key_env,
+        blade_port,
+        autoscale,
+    )
+}
+
+/// [`surge_config`] ordering from `vendor`'s API.
+pub fn surge_config_for(
+    vendor: Vendor,
+    static_blade: SocketAddr,
+    api_url: &str,
+    key_env: &str,
+    blade_port: u16,
+    autoscale: &str,
+) -> Config {
+    let provider_keys = vendor.provider_keys();
+    let provider_tables = vendor.provider_tables();
     // One ledger per surge (a restarted one reads its predecessor's).
     let ledger = std::env::temp_dir()
         .join(format!(
@@ -53,16 +109,12 @@ fall = 2
 id = "static-1"
 address = "{static_blade}"
 [provider]
-kind = "scaleway"
-api_url = "{api_url}"
-zones = ["fr-par-2"]
-offer = "EM-A115X-SSD"
+{provider_keys}api_url = "{api_url}"
 secret_key_env = "{key_env}"
 blade_port = {blade_port}
 call_timeout = "2s"
 max_attempts = 4
-private_network = "pn-test"
-[sim]
+{provider_tables}[sim]
 listen = "127.0.0.1:0"
 delivery = "300ms"
 install = "200ms"
@@ -167,7 +219,23 @@ pub async fn external_sim(
     key: &str,
     blade_port: u16,
 ) -> SimHandle {
+    external_sim_for(Vendor::ElasticMetal, faults, delivery, key, blade_port).await
+}
+
+/// [`external_sim`] speaking `vendor`'s API (MAAS: 20 machines in zone `rack1`).
+pub async fn external_sim_for(
+    vendor: Vendor,
+    faults: Faults,
+    delivery: Duration,
+    key: &str,
+    blade_port: u16,
+) -> SimHandle {
     let mut cfg = SimConfig::demo(SocketAddr::from(([127, 0, 0, 1], 0)), key);
+    if vendor == Vendor::Maas {
+        cfg.api = surge::sim::SimApi::Maas;
+        cfg.zones = vec!["rack1".into()];
+        cfg.machines_per_zone = 20;
+    }
     cfg.delivery = delivery;
     cfg.install = delivery / 3;
     cfg.blade_port = blade_port;
