@@ -52,6 +52,7 @@ fn the_shipped_configs_are_valid() {
     for file in [
         "config/surge.toml",
         "config/scaleway.example.toml",
+        "config/maas.example.toml",
         "loadtests/chaos-surge.toml",
         "loadtests/budget-surge.toml",
     ] {
