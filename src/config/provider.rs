@@ -23,7 +23,8 @@ pub(super) struct FileProvider {
     zones: Vec<String>,
     #[serde(default)]
     project_id: String,
-    #[serde(default)]
+    /// `api_key_env` is the same key under MAAS's word for the credential.
+    #[serde(default, alias = "api_key_env")]
     secret_key_env: Option<String>,
     #[serde(default)]
     offer: String,

@@ -295,3 +295,42 @@ fn a_proxy_protocol_listener_needs_trusted_balancers() {
     .unwrap();
     assert!(ok.proxy.listeners[0].proxy_protocol);
 }
+
+#[test]
+fn a_maas_provider_takes_constraints_and_refuses_what_maas_lacks() {
+    let tail = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let ok = parse_env(&format!(
+        "[provider]\nkind = \"maas\"\napi_url = \"https://maas.example/MAAS\"\nzones = [\"room-a\"]\napi_key_env = \"SHOP_MAAS_KEY\"\n[provider.maas]\nresource_pool = \"frontends\"\ntags = [\"blade\"]\n{tail}"
+    ))
+    .unwrap();
+    let p = ok.provider.as_ref().unwrap();
+    assert_eq!(p.secret_key_env, "SHOP_MAAS_KEY");
+    assert_eq!(p.offer, "frontends", "the resource pool is the offer");
+    assert_eq!(p.maas.as_ref().unwrap().distro_series, "noble");
+    let default_env = parse_env(&format!(
+        "[provider]\nkind = \"maas\"\napi_url = \"sim\"\nzones = [\"room-a\"]\n{tail}"
+    ))
+    .unwrap();
+    let p = default_env.provider.as_ref().unwrap();
+    assert_eq!(p.secret_key_env, "MAAS_API_KEY");
+    assert_eq!(p.offer, "ready-machines");
+    let err = parse_env(&format!(
+        "[provider]\nkind = \"maas\"\napi_url = \"sim\"\nzones = [\"a\"]\noffer = \"EM-A115X-SSD\"\nprivate_network = \"pn\"\n{tail}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("provider.offer: MAAS sells nothing"), "{err}");
+    assert!(
+        err.contains("provider.private_network: MAAS machines are reached"),
+        "{err}"
+    );
+    let err = parse_env(&format!(
+        "[provider]\nkind = \"scaleway\"\napi_url = \"sim\"\nzones = [\"a\"]\noffer = \"o\"\npublic_addresses = true\n[provider.maas]\ntags = []\n{tail}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("provider.maas: only with kind = \"maas\""),
+        "{err}"
+    );
+}
