@@ -80,6 +80,25 @@ pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {
     }
 }
 
+/// Sends `req` (named `call` in messages) and reads the whole answer: its status,
+/// `Retry-After` and body. A redirect is an error; so is an answer that breaks off
+/// (`Uncertain`: the call may have taken effect).
+pub async fn exchange(
+    call: &str,
+    req: reqwest::RequestBuilder,
+) -> Result<(reqwest::StatusCode, Option<Duration>, bytes::Bytes), ProviderError> {
+    let resp = req.send().await.map_err(|e| transport_error(call, &e))?;
+    let status = resp.status();
+    let retry_after = retry_after(resp.headers());
+    if let Some(e) = redirected(call, status, resp.headers()) {
+        return Err(e);
+    }
+    let body = resp.bytes().await.map_err(|e| {
+        ProviderError::Uncertain(format!("{call}: reading the answer: {}", without_url(&e)))
+    })?;
+    Ok((status, retry_after, body))
+}
+
 /// The `Retry-After` of an answer, in seconds (the HTTP-date form is not used by these
 /// vendors).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {

@@ -294,21 +294,7 @@ impl Maas {
                 self.cfg.api_key.authorization(&nonce, now),
             )
             .header(reqwest::header::ACCEPT, "application/json");
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&call, &e))?;
-        let status = resp.status();
-        let retry_after = http::retry_after(resp.headers());
-        if let Some(e) = http::redirected(&call, status, resp.headers()) {
-            return Err(e);
-        }
-        let bytes = resp.bytes().await.map_err(|e| {
-            ProviderError::Uncertain(format!(
-                "{call}: reading the answer: {}",
-                http::without_url(&e)
-            ))
-        })?;
+        let (status, retry_after, bytes) = http::exchange(&call, req).await?;
         if status.is_success() {
             if bytes.is_empty() {
                 return Ok(serde_json::Value::Null);
@@ -360,6 +346,19 @@ impl Maas {
                     ("agent_name", agent_name(pool)),
                     ("zone", self.cfg.zone.clone()),
                 ],
+            )
+            .await?;
+        parse(v, "GET /machines/")
+    }
+
+    /// Every machine of the zone, whoever holds it.
+    async fn zone_machines(&self) -> Result<Vec<ApiMachine>, ProviderError> {
+        let v = self
+            .send(
+                Method::GET,
+                "/machines/",
+                None,
+                &[("zone", self.cfg.zone.clone())],
             )
             .await?;
         parse(v, "GET /machines/")
@@ -541,31 +540,13 @@ impl Provider for Maas {
     async fn inventory(&self, tag: &str) -> Result<Listing, ProviderError> {
         let machines: Vec<ApiMachine> = match tag.split_once('=') {
             Some((POOL_TAG, pool)) => self.machines_of(pool).await?,
-            Some((key, value)) => {
-                let v = self
-                    .send(
-                        Method::GET,
-                        "/machines/",
-                        None,
-                        &[("zone", self.cfg.zone.clone())],
-                    )
-                    .await?;
-                let all: Vec<ApiMachine> = parse(v, "GET /machines/")?;
-                all.into_iter()
-                    .filter(|m| m.owner_data.get(key).map(String::as_str) == Some(value))
-                    .collect()
-            }
-            None => {
-                let v = self
-                    .send(
-                        Method::GET,
-                        "/machines/",
-                        None,
-                        &[("zone", self.cfg.zone.clone())],
-                    )
-                    .await?;
-                parse(v, "GET /machines/")?
-            }
+            Some((key, value)) => self
+                .zone_machines()
+                .await?
+                .into_iter()
+                .filter(|m| m.owner_data.get(key).map(String::as_str) == Some(value))
+                .collect(),
+            None => self.zone_machines().await?,
         };
         let devices = machines
             .into_iter()

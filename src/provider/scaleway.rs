@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::http::{self, without_url, Retry};
+use super::http::{self, Retry};
 use super::{
     CreateSpec, Device, DeviceState, Listing, Offer, Provider, ProviderError, Stock, POOL_TAG,
     REQUEST_TAG,
@@ -286,21 +286,7 @@ impl Scaleway {
             req = req.json(b);
         }
         let call = format!("{method} {path}");
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&call, &e))?;
-        let status = resp.status();
-        let retry_after = http::retry_after(resp.headers());
-        if let Some(e) = http::redirected(&call, status, resp.headers()) {
-            return Err(e);
-        }
-        let bytes = resp.bytes().await.map_err(|e| {
-            ProviderError::Uncertain(format!(
-                "{method} {path}: reading the answer: {}",
-                without_url(&e)
-            ))
-        })?;
+        let (status, retry_after, bytes) = http::exchange(&call, req).await?;
         if status.is_success() {
             if bytes.is_empty() {
                 return Ok(Value::Null);
