@@ -314,3 +314,59 @@ async fn a_load_test_with_admin_records_the_autoscalers_counts_on_its_timeline()
     assert!(json["cost"]["peak_servers"].as_u64() >= Some(1));
     surge.stop().await;
 }
+
+/// A step in new sessions with the production windows (10 s average, 1 s short window,
+/// 200 ms ticks): the standby spare serves within about a second, long before the 10 s
+/// average alone would have asked for a second node (about 3 s at this step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_promotes_the_spare_within_a_second_on_the_short_window() {
+    let key = "step-test-key";
+    std::env::set_var("SURGE_TEST_SCW_KEY_STEP", key);
+    let port = free_port();
+    let sim = external_sim(Faults::default(), Duration::from_secs(3), key, port).await;
+    let blade = blades(1, Duration::from_millis(1)).await;
+    let mut cfg = surge_config(
+        blade[0].addr,
+        &sim.url(),
+        "SURGE_TEST_SCW_KEY_STEP",
+        port,
+        "min = 1\nmax = 4\nstandby = 1\n",
+    );
+    if let Some(a) = cfg.autoscale.as_mut() {
+        a.metrics_window = Duration::from_secs(10);
+        a.fast_window = Duration::from_secs(1);
+    }
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let pool = surge.pool.clone();
+    let spare = eventually(Duration::from_secs(10), || {
+        pool.snapshot().count(State::Standby) == 1
+    })
+    .await;
+    assert!(spare, "no standby blade: {:#?}", status_of(&surge));
+    // A calm 5/s until the 10 s meter is fresh (half a window), then the step to 80/s.
+    let load = Load::start(surge.proxy.local_addr, 5);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(in_service(&surge), 1, "{:#?}", status_of(&surge));
+    load.set_rate(80);
+    let stepped = std::time::Instant::now();
+    let promoted = eventually(Duration::from_secs(10), || in_service(&surge) == 2).await;
+    let took = stepped.elapsed();
+    eprintln!("standby in service {took:?} after the step");
+    let status = status_of(&surge);
+    assert!(promoted, "{status:#?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the spare took {took:?}: the short window did not act ({status:#?})"
+    );
+    assert!(
+        status
+            .decisions
+            .iter()
+            .any(|d| d.reasons.iter().any(|r| r.starts_with("step:"))),
+        "{status:#?}"
+    );
+    let (_, failed) = load.stop().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    surge.stop().await;
+    sim.stop();
+}

@@ -24,14 +24,46 @@ struct Sample {
 pub struct Meter {
     /// Rates are averaged over this much history.
     window: Duration,
+    /// The short window a step in new connections shows in first.
+    fast_window: Duration,
     samples: VecDeque<Sample>,
+    /// Requests shed so far, at the last reading.
+    shed: u64,
 }
 
 impl Meter {
     pub fn new(window: Duration) -> Self {
+        Self::with_fast_window(window, Duration::from_secs(1))
+    }
+
+    /// A meter that also reads the connection rate over `fast_window`.
+    pub fn with_fast_window(window: Duration, fast_window: Duration) -> Self {
         Self {
             window,
+            fast_window: fast_window.min(window),
             samples: VecDeque::new(),
+            shed: 0,
+        }
+    }
+
+    /// New connections per second over the last `fast_window` (from the newest sample
+    /// at least that old; the whole history while there is less).
+    fn recent_rate(&self) -> f64 {
+        let Some(last) = self.samples.back() else {
+            return 0.0;
+        };
+        let first = self
+            .samples
+            .iter()
+            .rev()
+            .find(|s| last.at.saturating_duration_since(s.at) >= self.fast_window)
+            .or(self.samples.front());
+        match first {
+            Some(f) if last.at > f.at => {
+                (last.connections - f.connections) as f64
+                    / last.at.duration_since(f.at).as_secs_f64()
+            }
+            _ => 0.0,
         }
     }
 
@@ -78,6 +110,11 @@ impl Meter {
             .map(|m| u64::from(m.backend.in_flight()))
             .sum();
         let in_flight_per_node = in_flight as f64 / in_service.len().max(1) as f64;
+        let admission = &t.admission;
+        let shed = admission.shed.load(Ordering::Relaxed);
+        let at_limit = shed > self.shed || admission.waiting.load(Ordering::Relaxed) > 0;
+        self.shed = shed;
+        let recent_connection_rate = self.recent_rate();
         match (self.samples.front(), self.samples.back()) {
             (Some(first), Some(last))
                 if last.at.saturating_duration_since(first.at) >= self.window / 2
@@ -94,6 +131,8 @@ impl Meter {
                         0.99,
                     ),
                     fresh: true,
+                    recent_connection_rate,
+                    at_limit,
                 }
             }
             _ => Observations {
@@ -102,6 +141,8 @@ impl Meter {
                 in_flight_per_node,
                 p99: None,
                 fresh: false,
+                recent_connection_rate,
+                at_limit,
             },
         }
     }
@@ -113,6 +154,46 @@ mod tests {
     use crate::config::Algorithm;
     use crate::pool::{Backend, Origin};
     use std::sync::Arc;
+
+    #[test]
+    fn the_last_second_shows_a_step_and_shedding_marks_the_limit() {
+        let pool = Pool::new(
+            crate::pool::testing::settings(Algorithm::P2cEwma),
+            vec![Arc::new(Backend::new(
+                "b",
+                "127.0.0.1:1".parse().unwrap(),
+                1,
+                Origin::Static,
+            ))],
+        );
+        let mut meter = Meter::with_fast_window(Duration::from_secs(10), Duration::from_secs(1));
+        let t0 = Instant::now();
+        let mut last = meter.observe(&pool, t0);
+        // 10 s at 20/s, then one second at 200/s, read every 200 ms.
+        for i in 1..=55u64 {
+            let per_tick = if i > 50 { 40 } else { 4 };
+            pool.traffic
+                .scaling
+                .counted
+                .fetch_add(per_tick, Ordering::Relaxed);
+            last = meter.observe(&pool, t0 + Duration::from_millis(200 * i));
+        }
+        assert!(
+            (last.recent_connection_rate - 200.0).abs() < 1.0,
+            "{}",
+            last.recent_connection_rate
+        );
+        assert!(last.connection_rate < 40.0, "{}", last.connection_rate);
+        assert!(!last.at_limit);
+        pool.traffic.admission.shed.fetch_add(1, Ordering::Relaxed);
+        assert!(meter.observe(&pool, t0 + Duration::from_secs(12)).at_limit);
+        assert!(
+            !meter
+                .observe(&pool, t0 + Duration::from_millis(12_200))
+                .at_limit,
+            "only new sheds count"
+        );
+    }
 
     #[test]
     fn rates_cover_the_window_and_start_stale() {

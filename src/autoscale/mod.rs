@@ -196,7 +196,7 @@ pub async fn run<P: Provider>(
     cluster: Option<Arc<Cluster>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut meter = Meter::new(cfg.metrics_window);
+    let mut meter = Meter::with_fast_window(cfg.metrics_window, cfg.fast_window);
     let mut state = PolicyState::default();
     let started = SystemTime::now();
     let gate = cluster.clone().map(Gate::new);
@@ -437,6 +437,9 @@ async fn cluster_round<P: Provider>(
         in_flight_per_node: demand.in_flight as f64 / in_service.max(1) as f64,
         p99: crate::pool::latency::quantile_between(&[], &demand.latency, 0.99),
         fresh: demand.fresh,
+        // Readings carry window rates only: the short window is this instance's view.
+        recent_connection_rate: demand.connection_rate,
+        at_limit: local.at_limit,
     }
 }
 

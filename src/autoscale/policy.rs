@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub use crate::config::PolicyConfig;
 
 /// What the meter saw.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observations {
     /// New connections per second, pool-wide.
     pub connection_rate: f64,
@@ -25,6 +25,12 @@ pub struct Observations {
     pub p99: Option<Duration>,
     /// Whether the figures are recent and complete; stale ones never scale anything.
     pub fresh: bool,
+    /// New connections per second over the short window (`autoscale.fast_window`): a
+    /// step in demand shows here within a tick, long before the window average moves.
+    pub recent_connection_rate: f64,
+    /// Requests were waiting for room or shed since the last reading: the pool is at
+    /// its limit, whatever the rates say.
+    pub at_limit: bool,
 }
 
 /// Why the policy decided what it did.
@@ -59,6 +65,11 @@ pub enum Reason {
     /// The budget holds orders back (the reconciler's finding, added to the decision so
     /// that the decision log says why the pool does not grow).
     Budget { limit: String },
+    /// The short window's rate is above the window average: a step in demand, acted on
+    /// now rather than once the average catches up.
+    RecentStep { recent: f64, window: f64 },
+    /// Requests waited for room or were shed: the pool is at its limit.
+    AtLimit,
 }
 
 impl std::fmt::Display for Reason {
@@ -91,6 +102,11 @@ impl std::fmt::Display for Reason {
             Reason::StaleMetrics => write!(f, "metrics stale: holding"),
             Reason::Paused => write!(f, "paused: holding"),
             Reason::Budget { limit } => write!(f, "orders held back by the {limit}"),
+            Reason::RecentStep { recent, window } => write!(
+                f,
+                "step: {recent:.0} new connections/s over the last second against {window:.0} over the window"
+            ),
+            Reason::AtLimit => write!(f, "requests waiting or shed: the pool is at its limit"),
         }
     }
 }
@@ -111,6 +127,8 @@ impl Reason {
             Reason::StaleMetrics => "stale",
             Reason::Paused => "paused",
             Reason::Budget { .. } => "budget",
+            Reason::RecentStep { .. } => "step",
+            Reason::AtLimit => "at_limit",
         }
     }
 }
@@ -181,16 +199,27 @@ pub fn decide(
     }
 
     // 1. Raw recommendation from the target, with tolerance and the in-flight guard.
+    // Up on the short window too: a step shows there within a tick (the scale-down
+    // window keeps the highest recent recommendation, so a blip costs nothing but time).
     let base = current.max(1);
-    let per_node = obs.connection_rate / base as f64;
+    let rate = if obs.recent_connection_rate > obs.connection_rate * (1.0 + cfg.tolerance) {
+        reasons.push(Reason::RecentStep {
+            recent: obs.recent_connection_rate,
+            window: obs.connection_rate,
+        });
+        obs.recent_connection_rate
+    } else {
+        obs.connection_rate
+    };
+    let per_node = rate / base as f64;
     let ratio = per_node / cfg.target_connections_per_node;
     let mut recommended = if (ratio - 1.0).abs() <= cfg.tolerance {
         reasons.push(Reason::WithinTolerance { ratio });
         current
     } else {
-        let r = (obs.connection_rate / cfg.target_connections_per_node).ceil() as usize;
+        let r = (rate / cfg.target_connections_per_node).ceil() as usize;
         reasons.push(Reason::Target {
-            rate: obs.connection_rate,
+            rate,
             target_per_node: cfg.target_connections_per_node,
             recommended: r,
         });
@@ -213,6 +242,10 @@ pub fn decide(
             recommended = current + 1;
             reasons.push(Reason::LatencyGuard { p99, limit });
         }
+    }
+    if obs.at_limit && recommended <= current {
+        recommended = current + 1;
+        reasons.push(Reason::AtLimit);
     }
     recommended = recommended.clamp(min, cfg.max);
 
@@ -323,6 +356,7 @@ mod tests {
             in_flight_per_node: 1.0,
             p99: Some(Duration::from_millis(20)),
             fresh: true,
+            ..Observations::default()
         }
     }
 
@@ -344,6 +378,53 @@ mod tests {
             .reasons
             .iter()
             .any(|r| matches!(r, Reason::LatencyGuard { .. })));
+    }
+
+    #[test]
+    fn a_step_in_the_last_second_scales_up_before_the_window_average_moves() {
+        // 4 nodes at 1,000/s over the window (on target); the last second ran at 2,000/s.
+        let mut step = obs(1000.0);
+        step.recent_connection_rate = 2000.0;
+        let mut st = PolicyState::default();
+        let d = decide(&step, 4, 2, false, &cfg(), &mut st, Instant::now());
+        assert_eq!(d.desired, 8, "{:?}", d.reasons);
+        assert!(d
+            .reasons
+            .iter()
+            .any(|r| matches!(r, Reason::RecentStep { .. })));
+        // Noise within the tolerance changes nothing; a quieter last second neither.
+        for recent in [1080.0, 300.0] {
+            let mut o = obs(1000.0);
+            o.recent_connection_rate = recent;
+            let d = decide(
+                &o,
+                4,
+                2,
+                false,
+                &cfg(),
+                &mut PolicyState::default(),
+                Instant::now(),
+            );
+            assert_eq!(d.desired, 4, "recent {recent}: {:?}", d.reasons);
+        }
+    }
+
+    #[test]
+    fn requests_waiting_or_shed_add_a_node_at_an_unchanged_rate() {
+        let mut full = obs(4.0 * 250.0);
+        full.at_limit = true;
+        let d = decide(
+            &full,
+            4,
+            2,
+            false,
+            &cfg(),
+            &mut PolicyState::default(),
+            Instant::now(),
+        );
+        assert_eq!(d.desired, 5);
+        assert!(d.reasons.contains(&Reason::AtLimit));
+        assert_eq!(Reason::AtLimit.label(), "at_limit");
     }
 
     #[test]
@@ -505,7 +586,7 @@ mod tests {
             let mut now = Instant::now();
             for (rate, current, in_flight, fresh, dt) in steps {
                 now += Duration::from_secs(dt);
-                let o = Observations { connection_rate: rate, request_rate: rate, in_flight_per_node: in_flight, p99: None, fresh };
+                let o = Observations { connection_rate: rate, request_rate: rate, in_flight_per_node: in_flight, p99: None, fresh, ..Observations::default() };
                 let d = decide(&o, current, min, false, &c, &mut st, now);
                 prop_assert!(d.desired <= c.max);
                 prop_assert!(d.desired >= min.min(c.max));

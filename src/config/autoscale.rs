@@ -27,6 +27,8 @@ pub(super) struct FileAutoscale {
     #[serde(with = "humantime_serde")]
     metrics_window: Duration,
     #[serde(with = "humantime_serde")]
+    fast_window: Duration,
+    #[serde(with = "humantime_serde")]
     scale_up_window: Duration,
     #[serde(with = "humantime_serde")]
     scale_down_window: Duration,
@@ -87,6 +89,7 @@ impl Default for FileAutoscale {
             max_p99: Duration::ZERO,
             interval: Duration::from_secs(1),
             metrics_window: Duration::from_secs(10),
+            fast_window: Duration::from_secs(1),
             scale_up_window: Duration::ZERO,
             scale_down_window: Duration::from_secs(300),
             up_percent: 100.0,
@@ -141,6 +144,10 @@ pub struct AutoscaleConfig {
     pub interval: Duration,
     /// Rates are averaged over this window.
     pub metrics_window: Duration,
+    /// The short window scale-up also reads, so a step in new sessions is acted on
+    /// within a tick instead of once the window average catches up (at most
+    /// `metrics_window`; shorter than a tick, it spans the last tick).
+    pub fast_window: Duration,
     /// Deadline for carts bound to a node being scaled in.
     pub drain_timeout: Duration,
     /// Offer to order (from `provider.offer`).
@@ -280,11 +287,19 @@ pub(super) fn validate(
     for (key, d) in [
         ("interval", a.interval),
         ("metrics_window", a.metrics_window),
+        ("fast_window", a.fast_window),
     ] {
         if d.is_zero() {
             p.bad(key, "must be greater than 0");
         }
     }
+    if !a.interval.is_zero() && a.interval < Duration::from_millis(200) {
+        p.bad(
+            "interval",
+            "must be at least 200ms (each tick reads the provider's inventory)",
+        );
+    }
+
     if a.bootstrap_failures == 0 {
         p.bad("bootstrap_failures", "must be at least 1");
     }
@@ -353,6 +368,7 @@ pub(super) fn validate(
         },
         interval: a.interval,
         metrics_window: a.metrics_window,
+        fast_window: a.fast_window,
         drain_timeout: a.drain_timeout,
         offer: provider.map(|p| p.offer.clone()).unwrap_or_default(),
         ledger: (!a.ledger.as_os_str().is_empty()).then(|| a.ledger.clone()),
