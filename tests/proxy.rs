@@ -488,3 +488,86 @@ async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
     );
     surge.stop().await;
 }
+
+/// Session-aware admission: when the pool is full for newcomers, a shopper already in
+/// (the admission cookie surge set on their first answer, or a cart) is still served; a
+/// new visitor, or one with a forged cookie, is the one turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shop_holds_back_newcomers_and_serves_shoppers_already_in() {
+    let blades = blades(1, Duration::from_millis(600)).await;
+    let cfg = config(
+        &blades,
+        "[pool.sticky]\ncookie = \"cart\"\n[pool.shed]\nmax_in_flight_per_node = 4\nqueue_timeout = \"50ms\"\nadmitted_reserve_percent = 50\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let c = client();
+    // A first visit: admitted (the shop is empty), and given the admission cookie.
+    let first = get(&c, addr, "/catalog").await.unwrap();
+    assert_eq!(first.status, 200);
+    let admit = first
+        .set_cookie("surge_admit")
+        .expect("an admission cookie");
+    let raw = first.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        raw.contains("HttpOnly") && raw.contains("Max-Age=1800"),
+        "{raw}"
+    );
+    let admitted = format!("surge_admit={admit}");
+
+    // Two slow requests of shoppers already in: newcomers' share (half of 4) is used.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let cookie = admitted.clone();
+        slow.push(tokio::spawn(async move {
+            send(
+                &client(),
+                Method::GET,
+                addr,
+                "/catalog",
+                &[("cookie", &cookie)],
+                "",
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let admission = &surge.pool.traffic.admission;
+    assert!(
+        eventually(Duration::from_secs(2), || admission
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    let newcomer = get(&c, addr, "/catalog").await.unwrap();
+    assert_eq!(newcomer.status, 503, "a newcomer is held back");
+    assert!(
+        newcomer.set_cookie("surge_admit").is_none(),
+        "no cookie with a refusal"
+    );
+    let forged = format!("surge_admit=admitted~{}~{}", u32::MAX, "0".repeat(32));
+    for cookie in [forged.as_str(), "surge_admit=garbage"] {
+        let r = send(&c, Method::GET, addr, "/catalog", &[("cookie", cookie)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "{cookie} counted as a shopper already in");
+    }
+    // A shopper already in, by the cookie or by a cart, is served.
+    let by_cookie = [("cookie", admitted.as_str())];
+    let by_cart = [("cookie", "cart=c-42")];
+    let in_by_cookie = send(&c, Method::GET, addr, "/catalog", &by_cookie, "");
+    let in_by_cart = send(&c, Method::GET, addr, "/catalog", &by_cart, "");
+    let (a, b) = tokio::join!(in_by_cookie, in_by_cart);
+    assert_eq!(a.unwrap().status, 200);
+    assert_eq!(b.unwrap().status, 200);
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        get(&c, addr, "/catalog").await.unwrap().status,
+        200,
+        "room again"
+    );
+    surge.stop().await;
+}

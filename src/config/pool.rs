@@ -79,6 +79,10 @@ struct FileShed {
     queue_size: u64,
     priority_prefixes: Vec<String>,
     priority_headroom_percent: u32,
+    admitted_reserve_percent: u32,
+    admission_cookie: String,
+    #[serde(with = "humantime_serde")]
+    session_duration: Duration,
 }
 
 impl Default for FileShed {
@@ -89,6 +93,9 @@ impl Default for FileShed {
             queue_size: 1024,
             priority_prefixes: vec!["/checkout".into(), "/cart".into()],
             priority_headroom_percent: 25,
+            admitted_reserve_percent: 20,
+            admission_cookie: "surge_admit".into(),
+            session_duration: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -293,6 +300,13 @@ pub struct ShedConfig {
     pub priority_prefixes: Vec<String>,
     /// Extra room above the limit for priority requests, in percent.
     pub priority_headroom_percent: u32,
+    /// Share of the limit, in percent, kept for shoppers already in (a cart, or the
+    /// admission cookie): a newcomer is admitted only below the rest.
+    pub admitted_reserve_percent: u32,
+    /// Cookie surge sets on a newcomer's first admitted request (signed, HttpOnly).
+    pub admission_cookie: String,
+    /// How long the admission cookie keeps a shopper "in" (renewed past half of it).
+    pub session_duration: Duration,
 }
 
 /// One backend named in the file.
@@ -467,12 +481,33 @@ fn shed(s: &FileShed, p: &mut Problems) -> ShedConfig {
             );
         }
     }
+    if s.admitted_reserve_percent > 90 {
+        p.bad(
+            "admitted_reserve_percent",
+            format!(
+                "{} is above 90: newcomers would never get in",
+                s.admitted_reserve_percent
+            ),
+        );
+    }
+    if s.admission_cookie.is_empty() || !s.admission_cookie.bytes().all(is_cookie_name_byte) {
+        p.bad(
+            "admission_cookie",
+            format!("`{}` is not a cookie name", s.admission_cookie),
+        );
+    }
+    if s.session_duration < Duration::from_secs(60) {
+        p.bad("session_duration", "must be at least 1m");
+    }
     ShedConfig {
         max_in_flight_per_node: s.max_in_flight_per_node,
         queue_timeout: s.queue_timeout,
         queue_size: s.queue_size,
         priority_prefixes: s.priority_prefixes.clone(),
         priority_headroom_percent: s.priority_headroom_percent,
+        admitted_reserve_percent: s.admitted_reserve_percent,
+        admission_cookie: s.admission_cookie.clone(),
+        session_duration: s.session_duration,
     }
 }
 

@@ -12,15 +12,42 @@ use tokio::sync::Notify;
 
 pub use crate::config::ShedConfig;
 
-/// Whether one more request fits: `in_flight` admitted requests on `in_service` nodes.
-pub fn admits(cfg: &ShedConfig, in_flight: u64, in_service: usize, priority: bool) -> bool {
+/// Who a request comes from, for admission: when the shop is full, newcomers wait (or
+/// are turned away) first, shoppers already in keep being served, and cart and checkout
+/// have headroom beyond that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// No cart, no admission cookie: a new visitor.
+    Newcomer,
+    /// A shopper already in: a cart cookie, or the admission cookie surge set.
+    Admitted,
+    /// A cart or checkout path.
+    Priority,
+}
+
+impl Class {
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Newcomer => "newcomer",
+            Class::Admitted => "admitted",
+            Class::Priority => "priority",
+        }
+    }
+}
+
+/// Whether one more request of `class` fits: `in_flight` admitted requests on
+/// `in_service` nodes. Newcomers fit below the limit less `admitted_reserve_percent`,
+/// shoppers already in up to the limit, priority paths up to the limit plus headroom.
+pub fn admits(cfg: &ShedConfig, in_flight: u64, in_service: usize, class: Class) -> bool {
     if cfg.max_in_flight_per_node == 0 {
         return true;
     }
-    let mut capacity = in_service as u64 * u64::from(cfg.max_in_flight_per_node);
-    if priority {
-        capacity += capacity * u64::from(cfg.priority_headroom_percent) / 100;
-    }
+    let limit = in_service as u64 * u64::from(cfg.max_in_flight_per_node);
+    let capacity = match class {
+        Class::Newcomer => limit - limit * u64::from(cfg.admitted_reserve_percent.min(100)) / 100,
+        Class::Admitted => limit,
+        Class::Priority => limit + limit * u64::from(cfg.priority_headroom_percent) / 100,
+    };
     in_flight < capacity
 }
 
@@ -142,6 +169,9 @@ mod tests {
             queue_size: 100,
             priority_prefixes: vec!["/checkout".into(), "/cart".into()],
             priority_headroom_percent: 20,
+            admitted_reserve_percent: 25,
+            admission_cookie: "surge_admit".into(),
+            session_duration: Duration::from_secs(1800),
         }
     }
 
@@ -186,18 +216,24 @@ mod tests {
     }
 
     #[test]
-    fn browsing_is_shed_before_buying() {
+    fn newcomers_wait_first_then_browsing_then_buying() {
         let c = cfg();
-        assert!(admits(&c, 19, 2, false));
-        assert!(!admits(&c, 20, 2, false));
-        assert!(admits(&c, 23, 2, true), "checkout has 20% headroom");
-        assert!(!admits(&c, 24, 2, true));
-        assert!(!admits(&c, 0, 0, true), "no node, no room");
+        // Two nodes of 10: newcomers below 15 (25% kept for shoppers already in).
+        assert!(admits(&c, 14, 2, Class::Newcomer));
+        assert!(!admits(&c, 15, 2, Class::Newcomer));
+        assert!(admits(&c, 19, 2, Class::Admitted));
+        assert!(!admits(&c, 20, 2, Class::Admitted));
+        assert!(
+            admits(&c, 23, 2, Class::Priority),
+            "checkout has 20% headroom"
+        );
+        assert!(!admits(&c, 24, 2, Class::Priority));
+        assert!(!admits(&c, 0, 0, Class::Priority), "no node, no room");
         assert!(is_priority(&c, "/checkout/pay") && !is_priority(&c, "/catalog"));
         let off = ShedConfig {
             max_in_flight_per_node: 0,
             ..cfg()
         };
-        assert!(admits(&off, u64::MAX - 1, 0, false));
+        assert!(admits(&off, u64::MAX - 1, 0, Class::Newcomer));
     }
 }

@@ -84,6 +84,8 @@ pub struct Forwarder {
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Signs and checks route cookies (with `sticky`).
     pub route_signer: Option<Arc<super::route::RouteSigner>>,
+    /// Signs and checks admission cookies (with `pool.shed`).
+    pub admission: Option<Arc<super::route::RouteSigner>>,
     pub request_ids: Arc<RequestIds>,
     pub limits: Arc<Limits>,
     pub max_uri_bytes: usize,
@@ -120,6 +122,7 @@ impl Forwarder {
             access_log: cfg.access_log,
             sticky,
             route_signer: None,
+            admission: None,
             trusted_proxies: cfg.trusted_proxies.clone().into(),
             request_ids,
             limits,
@@ -276,9 +279,26 @@ impl Forwarder {
         );
         let request_id = self.request_ids.ensure(&mut parts.headers);
 
-        // Load shedding: wait briefly for room, else 503 (browsing before buying).
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Load shedding: wait briefly for room, else 503 (newcomers before shoppers
+        // already in, browsing before buying).
+        let mut admission_cookie = None;
         let admitted = match self.pool.settings().shed.as_ref() {
-            Some(cfg) => match self.admit(cfg, parts.uri.path()).await {
+            Some(cfg) => match self
+                .admit(
+                    cfg,
+                    self.classify(
+                        cfg,
+                        &parts,
+                        unix_now,
+                        conn_info.tls.is_some(),
+                        &mut admission_cookie,
+                    ),
+                )
+                .await
+            {
                 Some(a) => Some(a),
                 None => {
                     let mut resp = answers::shed(&request_id);
@@ -296,9 +316,6 @@ impl Forwarder {
         // Cart affinity inputs, copied out because the headers move into the request. A
         // route cookie counts only beside a cart, and only if this pool signed it and it
         // has not expired: a shopper cannot choose its blade.
-        let unix_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let (cart, route) = match (&self.sticky, &self.route_signer) {
             (Some(s), Some(signer)) => {
                 let cart = headers::cookie(&parts.headers, &s.cookie).map(str::to_owned);
@@ -476,6 +493,9 @@ impl Forwarder {
         if !resp.headers().contains_key(X_REQUEST_ID) {
             resp.headers_mut().insert(X_REQUEST_ID, request_id);
         }
+        if let Some(cookie) = admission_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         if let Some(h) = &conn_info.hsts {
             resp.headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
@@ -552,15 +572,57 @@ impl Forwarder {
     /// Admits a request under the shedding limit, waiting up to the queue timeout. The
     /// wait is woken by a request giving its room back or by a pool change (a node coming
     /// into service), not by a timer.
-    async fn admit(&self, cfg: &ShedConfig, path: &str) -> Option<Admitted> {
+    /// Who the request comes from (see [`shed::Class`]). A newcomer gets the admission
+    /// cookie with its answer (once admitted: a shed answer carries none), and a shopper
+    /// whose cookie is past half its life a fresh one.
+    fn classify(
+        &self,
+        cfg: &ShedConfig,
+        parts: &http::request::Parts,
+        unix_now: u64,
+        secure: bool,
+        issue: &mut Option<HeaderValue>,
+    ) -> shed::Class {
+        if shed::is_priority(cfg, parts.uri.path()) {
+            return shed::Class::Priority;
+        }
+        if let Some(s) = &self.sticky {
+            if headers::cookie(&parts.headers, &s.cookie).is_some() {
+                return shed::Class::Admitted;
+            }
+        }
+        let Some(signer) = &self.admission else {
+            return shed::Class::Newcomer;
+        };
+        let verified = headers::cookie(&parts.headers, &cfg.admission_cookie)
+            .and_then(|v| signer.verify(v, unix_now))
+            .filter(|v| v.backend == ADMISSION_SUBJECT);
+        if verified.is_none_or(|v| v.renew) {
+            let cookie = format!(
+                "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+                cfg.admission_cookie,
+                signer.issue(ADMISSION_SUBJECT, unix_now),
+                cfg.session_duration.as_secs(),
+                if secure { "; Secure" } else { "" }
+            );
+            *issue = HeaderValue::from_str(&cookie).ok();
+        }
+        if verified.is_some() {
+            shed::Class::Admitted
+        } else {
+            shed::Class::Newcomer
+        }
+    }
+
+    async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
         let admission = &self.pool.traffic.admission;
-        let priority = shed::is_priority(cfg, path);
+        let priority = class == shed::Class::Priority;
         let fits = || {
             shed::admits(
                 cfg,
                 admission.in_flight.load(Ordering::SeqCst),
                 self.pool.snapshot().eligible(),
-                priority,
+                class,
             )
         };
         if fits() {
@@ -591,7 +653,7 @@ impl Forwarder {
         }
         drop(waiting);
         admission.shed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" })
+        metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" }, "class" => class.label())
             .increment(1);
         None
     }
@@ -783,6 +845,9 @@ fn short_reason(e: &hyper::Error) -> &'static str {
         "connection error"
     }
 }
+
+/// What an admission cookie's signature covers (besides its expiry).
+const ADMISSION_SUBJECT: &str = "admitted";
 
 /// A backend's response body that keeps the backend's in-flight count raised until the
 /// body has been sent to the shopper (or the shopper went away), so a drain waits for

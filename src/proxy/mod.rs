@@ -172,20 +172,42 @@ pub fn start_with(
         Some(t) => Some(tls::UpstreamTls::new(t).map_err(ProxyError::UpstreamTls)?),
         None => None,
     };
-    let signer = match &pool.settings().sticky {
-        Some(s) => {
-            let key = match &s.route_key {
-                Some(k) => k.clone(),
-                None => route::key_from_file(&s.route_key_file).map_err(ProxyError::RouteKey)?,
-            };
-            Some(Arc::new(route::RouteSigner::new(
-                &key,
-                s.route_key_previous.as_deref(),
-                s.route_ttl,
-            )))
-        }
+    let route_key = match &pool.settings().sticky {
+        Some(s) => Some(match &s.route_key {
+            Some(k) => k.clone(),
+            None => route::key_from_file(&s.route_key_file).map_err(ProxyError::RouteKey)?,
+        }),
         None => None,
     };
+    let signer = match (&pool.settings().sticky, &route_key) {
+        (Some(s), Some(key)) => Some(Arc::new(route::RouteSigner::new(
+            key,
+            s.route_key_previous.as_deref(),
+            s.route_ttl,
+        ))),
+        _ => None,
+    };
+    // Admission cookies: a key of their own derived from the route key (so one cookie
+    // can never stand for the other), valid on every instance that shares it; without
+    // carts, a key of this process (shoppers are newcomers again after a restart).
+    let admission = pool.settings().shed.as_ref().and_then(|shed| {
+        let key = match &route_key {
+            Some(k) => route::derive_key(k, b"surge admission cookie v1"),
+            // No randomness: no admission cookies (every visitor counts as new).
+            None => route::random_key()?,
+        };
+        let previous = pool
+            .settings()
+            .sticky
+            .as_ref()
+            .and_then(|s| s.route_key_previous.as_deref())
+            .map(|p| route::derive_key(p, b"surge admission cookie v1"));
+        Some(Arc::new(route::RouteSigner::new(
+            &key,
+            previous.as_deref(),
+            shed.session_duration,
+        )))
+    });
     // One budget for the whole process, whatever the number of workers.
     let body_budget = limits::BodyBudget::new(cfg.max_buffered_body_bytes);
     let closing = Arc::new(AtomicBool::new(false));
@@ -199,6 +221,7 @@ pub fn start_with(
         let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
         let upstream_tls = upstream_tls.clone();
         let signer = signer.clone();
+        let admission = admission.clone();
         let body_budget = body_budget.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
@@ -208,6 +231,7 @@ pub fn start_with(
                 let mut forwarder =
                     Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
                 forwarder.route_signer = signer;
+                forwarder.admission = admission;
                 forwarder.body_budget = body_budget;
                 worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })

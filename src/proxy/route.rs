@@ -124,6 +124,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A key for another purpose derived from `key` (HMAC-SHA256 of `purpose`), so that
+/// what one key signs never verifies under the other.
+pub fn derive_key(key: &[u8], purpose: &[u8]) -> Vec<u8> {
+    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), purpose)
+        .as_ref()
+        .to_vec()
+}
+
+/// 32 random bytes from the system's CSPRNG (a key that lives and dies with this
+/// process); `None` if the system has no randomness to give.
+pub fn random_key() -> Option<Vec<u8>> {
+    let mut raw = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).ok()?;
+    Some(raw)
+}
+
 /// Why the route key could not be had.
 #[derive(Debug, thiserror::Error)]
 #[error("route cookie key {file}: {reason}")]
