@@ -39,6 +39,7 @@ fn pool(n: usize, algorithm: Algorithm) -> Arc<Pool> {
         protocol: Default::default(),
         // The default ceiling: what every pick pays.
         node_max_in_flight: 512,
+        waiting_room: None,
     };
     let backends = (0..n)
         .map(|i| {

@@ -34,6 +34,10 @@ pub mod names {
     pub const PROXY_ERRORS_TOTAL: &str = "surge_proxy_errors_total";
     /// Counter of requests shed with 503 under load, label `priority`.
     pub const SHED_TOTAL: &str = "surge_shed_total";
+    /// Gauge of new visitors waiting in the waiting room.
+    pub const WAITING_ROOM_QUEUED: &str = "surge_waiting_room_queued";
+    /// Counter of visitors let in from the waiting room (or straight through it).
+    pub const WAITING_ROOM_ADMITTED: &str = "surge_waiting_room_admitted_total";
     /// Gauge of pool members by `state`.
     pub const POOL_NODES: &str = "surge_pool_nodes";
     /// Gauge of the in-service nodes the autoscaler wants.

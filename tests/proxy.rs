@@ -571,3 +571,251 @@ async fn a_full_shop_holds_back_newcomers_and_serves_shoppers_already_in() {
     );
     surge.stop().await;
 }
+
+/// A page load by a newcomer, with `cookie` (if any).
+async fn page(c: &HttpClient, addr: std::net::SocketAddr, cookie: &str) -> Reply {
+    let mut h = vec![("accept", "text/html,application/xhtml+xml")];
+    if !cookie.is_empty() {
+        h.push(("cookie", cookie));
+    }
+    send(c, Method::GET, addr, "/", &h, "").await.unwrap()
+}
+
+/// The place the waiting page shows.
+fn place_of(r: &Reply) -> usize {
+    let body = String::from_utf8_lossy(&r.body);
+    let at = body.find("id=\"place\">").expect("a waiting page") + 11;
+    body[at..].split('<').next().unwrap().parse().unwrap()
+}
+
+const ROOM: &str = "[pool.sticky]\ncookie = \"cart\"\n[pool.shed]\nmax_in_flight_per_node = 2\nqueue_timeout = \"50ms\"\nadmitted_reserve_percent = 50\n";
+
+fn room_config(blades: &[surge::blade::BladeHandle], room: &str) -> surge::config::Config {
+    let mut text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\naccess_log = false\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[waiting_room]\nrefresh = \"1s\"\nabandon_after = \"20s\"\n{room}\n[pool]\n{ROOM}"
+    );
+    for b in blades {
+        text.push_str(&format!(
+            "[[pool.backends]]\nid = \"{}\"\naddress = \"{}\"\n",
+            b.id, b.addr
+        ));
+    }
+    surge::config::Config::parse(&text, std::path::Path::new("room.toml")).expect("valid")
+}
+
+/// A full shop holds new visitors in a waiting room, in arrival order: a page with their
+/// place, refreshed without losing or gaining it; a forged ticket starts at the end; the
+/// page's poll tells the place; API clients get the 503; as room frees, the first in line
+/// comes in (and gets the admission cookie), and a ticket used once is used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees() {
+    let blades = blades(1, Duration::from_millis(800)).await;
+    let surge = surge::serve::start(&room_config(&blades, ""))
+        .await
+        .unwrap();
+    let addr = surge.proxy.local_addr;
+    let c = client();
+    // Two shoppers already in (carts) keep the newcomers' share (1 of 2) taken.
+    let mut slow = Vec::new();
+    for i in 0..2 {
+        slow.push(tokio::spawn(async move {
+            let cookie = format!("cart=c-{i}");
+            send(
+                &client(),
+                Method::GET,
+                addr,
+                "/catalog",
+                &[("cookie", &cookie)],
+                "",
+            )
+            .await
+            .unwrap()
+            .status
+        }));
+    }
+    let admission = &surge.pool.traffic.admission;
+    assert!(
+        eventually(Duration::from_secs(2), || admission
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 2)
+        .await
+    );
+
+    let a = page(&c, addr, "").await;
+    assert_eq!(a.status, 503);
+    assert!(a.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(a.headers["retry-after"], "1");
+    assert_eq!(place_of(&a), 1);
+    assert!(String::from_utf8_lossy(&a.body).contains("You are in line"));
+    let ticket_a = format!(
+        "surge_queue={}",
+        a.set_cookie("surge_queue").expect("a ticket")
+    );
+    let b = page(&c, addr, "").await;
+    assert_eq!(place_of(&b), 2);
+    let ticket_b = format!("surge_queue={}", b.set_cookie("surge_queue").unwrap());
+    // Refreshes keep each place.
+    assert_eq!(place_of(&page(&c, addr, &ticket_b).await), 2);
+    assert_eq!(place_of(&page(&c, addr, &ticket_a).await), 1);
+    // A forged ticket (claiming an early place) gets a fresh place at the end.
+    let forged = format!("surge_queue=q1.1~{}~{}", u32::MAX, "0".repeat(32));
+    let f = page(&c, addr, &forged).await;
+    assert_eq!(place_of(&f), 3);
+    assert_ne!(f.set_cookie("surge_queue").unwrap(), "q1.1");
+    // The page's poll: the holder's place, nothing for anyone else.
+    let poll = send(
+        &c,
+        Method::GET,
+        addr,
+        "/.well-known/surge/queue",
+        &[("cookie", &ticket_a)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        poll.json()["place"],
+        1,
+        "{}",
+        String::from_utf8_lossy(&poll.body)
+    );
+    assert_eq!(poll.json()["ready"], false);
+    let nobody = send(&c, Method::GET, addr, "/.well-known/surge/queue", &[], "")
+        .await
+        .unwrap();
+    assert!(nobody.json()["place"].is_null());
+    // An API client is not shown a page: the 503 with Retry-After.
+    let api = send(
+        &c,
+        Method::GET,
+        addr,
+        "/catalog",
+        &[("accept", "application/json")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(api.status, 503);
+    assert!(api.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert_eq!(
+        blades[0].served(),
+        2,
+        "only the two shoppers already in reached the blade"
+    );
+
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Room again: the first in line comes in, with the admission cookie.
+    let entered = page(&c, addr, &ticket_a).await;
+    assert_eq!(
+        entered.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&entered.body)
+    );
+    assert!(entered.set_cookie("surge_admit").is_some());
+    assert_eq!(
+        entered.set_cookie("surge_queue").as_deref(),
+        Some(""),
+        "the ticket is cleared"
+    );
+    // The same ticket again is used up: a fresh place at the end.
+    let replay = page(&c, addr, &ticket_a).await;
+    assert_eq!(replay.status, 503);
+    // B was let in by this visit (room for one); the replay goes behind the forger.
+    assert_eq!(place_of(&replay), 2, "behind the forger");
+    let poll_b = send(
+        &c,
+        Method::GET,
+        addr,
+        "/.well-known/surge/queue",
+        &[("cookie", &ticket_b)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        poll_b.json()["ready"],
+        true,
+        "B's page learns it may come in"
+    );
+    assert_eq!(
+        page(&c, addr, &ticket_b).await.status,
+        200,
+        "and B comes in"
+    );
+    let status = send(
+        &c,
+        Method::GET,
+        surge.admin.local_addr,
+        "/v1/waiting-room",
+        &[],
+        "",
+    )
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(status["queued"], 2, "{status}");
+    assert_eq!(status["held"], false);
+    surge.stop().await;
+}
+
+/// Before a sale: the operator holds the door, and every newcomer waits even in an empty
+/// shop (shoppers already in are served); closing it lets the line in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = surge::serve::start(&room_config(&blades, ""))
+        .await
+        .unwrap();
+    let (addr, admin) = (surge.proxy.local_addr, surge.admin.local_addr);
+    let c = client();
+    assert_eq!(
+        page(&c, addr, "").await.status,
+        200,
+        "an empty shop, the door open"
+    );
+    let held = send(&c, Method::POST, admin, "/v1/waiting-room/open", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(held.json()["held"], true);
+    let early = page(&c, addr, "").await;
+    assert_eq!(early.status, 503);
+    assert_eq!(place_of(&early), 1);
+    let ticket = format!("surge_queue={}", early.set_cookie("surge_queue").unwrap());
+    let regular = send(
+        &c,
+        Method::GET,
+        addr,
+        "/catalog",
+        &[("cookie", "cart=c-1")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(regular.status, 200, "a shopper already in is served");
+    assert_eq!(page(&c, addr, &ticket).await.status, 503, "still held");
+    let opened = send(&c, Method::POST, admin, "/v1/waiting-room/close", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(opened.json()["held"], false);
+    assert_eq!(
+        page(&c, addr, &ticket).await.status,
+        200,
+        "let in once the door opens"
+    );
+    assert_eq!(
+        page(&c, addr, "").await.status,
+        200,
+        "nobody waits: straight in"
+    );
+    surge.stop().await;
+}

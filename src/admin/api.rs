@@ -417,3 +417,31 @@ impl ClusterView {
         }
     }
 }
+
+/// `GET /v1/waiting-room`: the line of new visitors held while the shop is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingRoom {
+    /// The door held by hand (a pre-queue): nobody new is let in.
+    pub held: bool,
+    /// Visitors waiting now.
+    pub queued: usize,
+    /// Visitors let in per second over the last minute.
+    pub admitted_per_second: f64,
+    /// How long the first in line has waited, in seconds.
+    pub longest_wait_seconds: f64,
+}
+
+impl WaitingRoom {
+    pub fn of(room: &crate::pool::waiting::Room) -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let s = room.status(std::time::Instant::now(), now_ms);
+        Self {
+            held: s.held_by_hand,
+            queued: s.queued,
+            admitted_per_second: s.admitted_per_second,
+            longest_wait_seconds: s.longest_wait.as_secs_f64(),
+        }
+    }
+}

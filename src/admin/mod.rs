@@ -366,6 +366,33 @@ impl Admin {
                     ),
                 }
             }
+            ["v1", "waiting-room", rest @ ..] => {
+                let Some(room) = &self.pool.traffic.waiting else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "no waiting room configured ([waiting_room] with [pool.shed])",
+                    );
+                };
+                match (rest, &method) {
+                    ([], &Method::GET) => json_reply(StatusCode::OK, &api::WaitingRoom::of(room)),
+                    ([], _) => method_not_allowed(&[Method::GET]),
+                    ([action @ ("open" | "close")], &Method::POST) => {
+                        // Open: everyone new waits (a pre-queue before a sale); close:
+                        // they are let in, first come first, as the pool has room.
+                        room.hold(*action == "open");
+                        tracing::info!(held = room.held(), "waiting room switched by operator");
+                        json_reply(StatusCode::OK, &api::WaitingRoom::of(room))
+                    }
+                    ([_], &Method::POST) => error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "use /v1/waiting-room/open or /v1/waiting-room/close",
+                    ),
+                    ([_], _) => method_not_allowed(&[Method::POST]),
+                    _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+                }
+            }
             ["v1", "cluster"] => {
                 if method != Method::GET {
                     return method_not_allowed(&[Method::GET]);

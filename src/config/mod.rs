@@ -24,6 +24,7 @@ mod problems;
 mod provider;
 mod proxy;
 mod sim;
+mod waiting_room;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +43,7 @@ pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
 pub use provider::{BootstrapConfig, MaasSettings, ProviderConfig, Reach, MAAS_ANY_POOL};
 pub use proxy::ProxyConfig;
 pub use sim::SimSettings;
+pub use waiting_room::WaitingRoomConfig;
 
 /// The default configuration, compiled into the binary so that `surge serve` runs even
 /// when started outside the repository.
@@ -159,6 +161,8 @@ struct FileConfig {
     listeners: Vec<listeners::FileListener>,
     #[serde(default)]
     cluster: Option<cluster::FileCluster>,
+    #[serde(default)]
+    waiting_room: Option<waiting_room::FileWaitingRoom>,
 }
 
 /// A validated configuration. Only [`Config::load`] and [`Config::parse`] make one.
@@ -254,10 +258,16 @@ fn validate(
         .local_blades
         .as_ref()
         .map(|f| problems.within("local_blades", |p| local_blades::validate(f, p)));
-    let pool = problems.within("pool", |p| {
+    let mut pool = problems.within("pool", |p| {
         let other_sources =
             local_blades.as_ref().is_some_and(|l| l.count > 0) || provider.is_some();
         pool::validate(&raw.pool, other_sources, env, p)
+    });
+    let shedding = pool.shed.max_in_flight_per_node > 0;
+    pool.waiting_room = raw.waiting_room.as_ref().and_then(|w| {
+        problems.within("waiting_room", |p| {
+            waiting_room::validate(w, shedding, env, p)
+        })
     });
     let admin = problems.within("admin", |p| admin::validate(&raw.admin, env, p));
     let wants_sim = provider.as_ref().is_some_and(|p| p.api_url.is_none());

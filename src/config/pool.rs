@@ -227,6 +227,8 @@ pub struct PoolConfig {
     pub ejection: EjectionConfig,
     /// Load shedding (off when `max_in_flight_per_node` is 0).
     pub shed: ShedConfig,
+    /// The waiting room (`[waiting_room]`, top level), with shedding.
+    pub waiting_room: Option<super::WaitingRoomConfig>,
     /// Requests one node may have in flight; beyond it selection skips the node (a cart
     /// bound to it gets 503 + `Retry-After` instead of moving). 0: no ceiling.
     pub node_max_in_flight: u32,
@@ -378,6 +380,7 @@ pub(super) fn validate(
         health,
         ejection,
         shed,
+        waiting_room: None,
         node_max_in_flight: f.node_max_in_flight,
         protocol: f.protocol,
         backends,

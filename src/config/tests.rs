@@ -334,3 +334,27 @@ fn a_maas_provider_takes_constraints_and_refuses_what_maas_lacks() {
         "{err}"
     );
 }
+
+#[test]
+fn a_waiting_room_needs_shedding_and_sane_times() {
+    let tail = "[pool]\nbackends = [{address = \"127.0.0.1:1\"}]\n";
+    let err = parse_env(&format!("[waiting_room]\nrefresh = \"5s\"\n{tail}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("waiting_room: needs [pool.shed]"), "{err}");
+    let ok = parse_env(&format!(
+        "[waiting_room]\nheld = true\n{tail}[pool.shed]\nmax_in_flight_per_node = 10\n"
+    ))
+    .unwrap();
+    let w = ok.pool.waiting_room.as_ref().unwrap();
+    assert!(w.held);
+    assert_eq!(w.cookie, "surge_queue");
+    let err = parse_env(&format!(
+        "[waiting_room]\nrefresh = \"10s\"\nabandon_after = \"5s\"\n{tail}[pool.shed]\nmax_in_flight_per_node = 10\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("waiting_room.abandon_after"), "{err}");
+    let off = parse_env(&format!("[waiting_room]\nenabled = false\n{tail}")).unwrap();
+    assert!(off.pool.waiting_room.is_none());
+}

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod select;
 pub mod shed;
 pub mod signal;
+pub mod waiting;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -347,6 +348,8 @@ pub struct PoolSettings {
     pub protocol: crate::config::UpstreamProtocol,
     /// Requests one backend may have in flight before selection skips it; 0: no ceiling.
     pub node_max_in_flight: u32,
+    /// The waiting room, with shedding.
+    pub waiting_room: Option<crate::config::WaitingRoomConfig>,
 }
 
 impl PoolSettings {
@@ -360,6 +363,7 @@ impl PoolSettings {
             shed: (cfg.shed.max_in_flight_per_node > 0).then(|| cfg.shed.clone()),
             protocol: cfg.protocol,
             node_max_in_flight: cfg.node_max_in_flight,
+            waiting_room: cfg.waiting_room.clone(),
         }
     }
 }
@@ -442,6 +446,8 @@ pub struct Traffic {
     pub admission: Arc<shed::Admission>,
     /// Time from request received to response head, pool-wide (for the p99 guard).
     pub latency: latency::LatencyHistogram,
+    /// The waiting room (`None`: newcomers of a full shop get 503).
+    pub waiting: Option<waiting::Room>,
 }
 
 /// Outcome of one proxied request, as passive ejection sees it.
@@ -478,11 +484,19 @@ impl Pool {
             .map(|b| Member::new(b, State::InService, now))
             .collect();
         let table = Table::build(members, &settings, 0, now, None);
+        let waiting = settings.waiting_room.as_ref().map(|w| {
+            let room = waiting::Room::new(w.abandon_after);
+            room.hold(w.held);
+            room
+        });
         Self {
             settings,
             table: ArcSwap::from_pointee(table),
             rr_cursor: AtomicUsize::new(0),
-            traffic: Traffic::default(),
+            traffic: Traffic {
+                waiting,
+                ..Traffic::default()
+            },
             changes: watch::Sender::new(0),
             probe_rounds: watch::Sender::new(0),
         }
@@ -749,6 +763,7 @@ pub(crate) mod testing {
             shed: None,
             protocol: Default::default(),
             node_max_in_flight: 0,
+            waiting_room: None,
         }
     }
 

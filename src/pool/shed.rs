@@ -39,16 +39,17 @@ impl Class {
 /// `in_service` nodes. Newcomers fit below the limit less `admitted_reserve_percent`,
 /// shoppers already in up to the limit, priority paths up to the limit plus headroom.
 pub fn admits(cfg: &ShedConfig, in_flight: u64, in_service: usize, class: Class) -> bool {
-    if cfg.max_in_flight_per_node == 0 {
-        return true;
-    }
+    cfg.max_in_flight_per_node == 0 || in_flight < capacity(cfg, in_service, class)
+}
+
+/// Requests of `class` that fit on `in_service` nodes (with shedding on).
+pub fn capacity(cfg: &ShedConfig, in_service: usize, class: Class) -> u64 {
     let limit = in_service as u64 * u64::from(cfg.max_in_flight_per_node);
-    let capacity = match class {
+    match class {
         Class::Newcomer => limit - limit * u64::from(cfg.admitted_reserve_percent.min(100)) / 100,
         Class::Admitted => limit,
         Class::Priority => limit + limit * u64::from(cfg.priority_headroom_percent) / 100,
-    };
-    in_flight < capacity
+    }
 }
 
 /// Whether `path` is a priority path: one of the prefixes, matched on whole path

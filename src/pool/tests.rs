@@ -29,6 +29,7 @@ fn settings(algorithm: Algorithm, sticky: bool) -> PoolSettings {
         shed: None,
         protocol: Default::default(),
         node_max_in_flight: 0,
+        waiting_room: None,
     }
 }
 

@@ -192,6 +192,104 @@ pub(super) fn shed(request_id: &HeaderValue) -> Response<DownstreamBody> {
     resp
 }
 
+/// The built-in waiting page: a shop's calm "you are in line", not an error. `{{place}}`,
+/// `{{wait}}` and `{{refresh}}` are filled in; it reloads itself, and between reloads
+/// asks [`QUEUE_PATH`] for its place.
+pub const DEFAULT_WAITING_PAGE: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="{{refresh}}">
+<title>You are in line</title>
+<style>
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;background:#f6f5f2;color:#222;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}
+main{background:#fff;border-radius:12px;box-shadow:0 2px 12px rgba(0,0,0,.08);padding:2.5rem 3rem;max-width:28rem;text-align:center}
+h1{font-size:1.5rem;margin:0 0 .5rem}
+.place{font-size:3rem;font-weight:700;margin:1rem 0 .25rem}
+.muted{color:#666}
+.bar{height:6px;background:#eee;border-radius:3px;overflow:hidden;margin-top:1.5rem}
+.bar span{display:block;height:100%;width:40%;background:#2a7;animation:m 2s ease-in-out infinite}
+@keyframes m{0%{margin-left:-40%}100%{margin-left:100%}}
+</style></head>
+<body><main>
+<h1>So many shoppers right now!</h1>
+<p class="muted">You are in line and will be let in automatically. Please keep this page open.</p>
+<div class="place" id="place">{{place}}</div>
+<p class="muted">your place in line &middot; estimated wait <span id="wait">{{wait}}</span></p>
+<div class="bar"><span></span></div>
+</main>
+<script>
+setInterval(function(){fetch("/.well-known/surge/queue",{credentials:"same-origin",cache:"no-store"}).then(function(r){return r.json()}).then(function(q){
+if(q.ready){location.reload();return}
+if(q.place){document.getElementById("place").textContent=q.place;document.getElementById("wait").textContent=q.wait}}).catch(function(){})},2000);
+</script>
+</body></html>
+"#;
+
+/// Where the waiting page asks for its place.
+pub const QUEUE_PATH: &str = "/.well-known/surge/queue";
+
+/// A wait, in words a shopper reads.
+pub(super) fn wait_words(wait: Option<Duration>) -> String {
+    match wait.map(|d| d.as_secs()) {
+        None => "a few minutes".into(),
+        Some(0..=59) => "less than a minute".into(),
+        Some(s) if s < 3600 => format!("about {} minutes", s.div_ceil(60)),
+        Some(_) => "more than an hour".into(),
+    }
+}
+
+/// The waiting page for `place`: 503 (not an answer a cache or crawler keeps) with
+/// `Retry-After`, never stored.
+pub(super) fn waiting(
+    template: Option<&str>,
+    place: usize,
+    wait: Option<Duration>,
+    refresh: Duration,
+    ticket_cookie: HeaderValue,
+) -> Response<DownstreamBody> {
+    let page = template
+        .unwrap_or(DEFAULT_WAITING_PAGE)
+        .replace("{{place}}", &place.to_string())
+        .replace("{{wait}}", &wait_words(wait))
+        .replace("{{refresh}}", &refresh.as_secs().to_string());
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(page))));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&refresh.as_secs().to_string()) {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    h.append(header::SET_COOKIE, ticket_cookie);
+    resp
+}
+
+/// What the waiting page's poll learns: its place and wait, or that it may come in.
+pub(super) fn queue_status(
+    place: Option<(usize, bool)>,
+    wait: Option<Duration>,
+) -> Response<DownstreamBody> {
+    let body = match place {
+        Some((_, true)) => r#"{"ready":true}"#.to_owned(),
+        Some((place, false)) => format!(
+            r#"{{"ready":false,"place":{place},"wait":"{}"}}"#,
+            wait_words(wait)
+        ),
+        None => r#"{"ready":false,"place":null}"#.to_owned(),
+    };
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 /// A 308 to the same path on the HTTPS origin: keeps the method and body (RFC 9110).
 pub(super) fn redirect<B>(origin: &str, req: &Request<B>) -> Response<DownstreamBody> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());

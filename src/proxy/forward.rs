@@ -27,6 +27,7 @@ use super::retry;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::{self, Admitted, ShedConfig};
+use crate::pool::waiting::{Ticket, Visit};
 use crate::pool::{Backend, InFlight, NoPick, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
@@ -86,6 +87,8 @@ pub struct Forwarder {
     pub route_signer: Option<Arc<super::route::RouteSigner>>,
     /// Signs and checks admission cookies (with `pool.shed`).
     pub admission: Option<Arc<super::route::RouteSigner>>,
+    /// Signs and checks waiting-room tickets (with `[waiting_room]`).
+    pub queue_signer: Option<Arc<super::route::RouteSigner>>,
     pub request_ids: Arc<RequestIds>,
     pub limits: Arc<Limits>,
     pub max_uri_bytes: usize,
@@ -123,6 +126,7 @@ impl Forwarder {
             sticky,
             route_signer: None,
             admission: None,
+            queue_signer: None,
             trusted_proxies: cfg.trusted_proxies.clone().into(),
             request_ids,
             limits,
@@ -285,33 +289,47 @@ impl Forwarder {
         // Load shedding: wait briefly for room, else 503 (newcomers before shoppers
         // already in, browsing before buying).
         let mut admission_cookie = None;
+        let mut queue_cookie = None;
+        if parts.uri.path() == answers::QUEUE_PATH {
+            if let Some(resp) = self.queue_poll(&parts, unix_now) {
+                return resp;
+            }
+        }
         let admitted = match self.pool.settings().shed.as_ref() {
-            Some(cfg) => match self
-                .admit(
-                    cfg,
-                    self.classify(
-                        cfg,
-                        &parts,
-                        unix_now,
-                        conn_info.tls.is_some(),
-                        &mut admission_cookie,
-                    ),
-                )
-                .await
-            {
-                Some(a) => Some(a),
-                None => {
-                    let mut resp = answers::shed(&request_id);
-                    resp.headers_mut().insert(X_REQUEST_ID, request_id);
-                    if let Some(h) = &conn_info.hsts {
-                        resp.headers_mut()
-                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            Some(cfg) => {
+                let secure = conn_info.tls.is_some();
+                let mut class = self.classify(cfg, &parts, unix_now, secure, &mut admission_cookie);
+                if class == shed::Class::Newcomer {
+                    match self.waiting_room(cfg, &parts, unix_now, secure) {
+                        RoomAnswer::NotHere => {}
+                        RoomAnswer::Enter(clear) => {
+                            class = shed::Class::Admitted;
+                            queue_cookie = clear;
+                        }
+                        RoomAnswer::Wait(resp) => {
+                            let mut resp = *resp;
+                            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                            if let Some(h) = &conn_info.hsts {
+                                resp.headers_mut()
+                                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+                            }
+                            return resp;
+                        }
                     }
-                    return resp;
                 }
-            },
+                self.admit(cfg, class).await
+            }
             None => None,
         };
+        if admitted.is_none() && self.pool.settings().shed.is_some() {
+            let mut resp = answers::shed(&request_id);
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+            if let Some(h) = &conn_info.hsts {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            }
+            return resp;
+        }
 
         // Cart affinity inputs, copied out because the headers move into the request. A
         // route cookie counts only beside a cart, and only if this pool signed it and it
@@ -496,6 +514,9 @@ impl Forwarder {
         if let Some(cookie) = admission_cookie {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
         }
+        if let Some(cookie) = queue_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         if let Some(h) = &conn_info.hsts {
             resp.headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
@@ -612,6 +633,104 @@ impl Forwarder {
         } else {
             shed::Class::Newcomer
         }
+    }
+
+    /// Whether a newcomer goes through the waiting room, and what it says. Only page
+    /// loads (GET/HEAD accepting HTML) wait; an API client of a full shop gets the 503.
+    fn waiting_room(
+        &self,
+        cfg: &ShedConfig,
+        parts: &http::request::Parts,
+        unix_now: u64,
+        secure: bool,
+    ) -> RoomAnswer {
+        let (Some(room), Some(w), Some(signer)) = (
+            &self.pool.traffic.waiting,
+            &self.pool.settings().waiting_room,
+            &self.queue_signer,
+        ) else {
+            return RoomAnswer::NotHere;
+        };
+        let page_load = matches!(parts.method, Method::GET | Method::HEAD)
+            && parts
+                .headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        if !page_load {
+            return RoomAnswer::NotHere;
+        }
+        let admission = &self.pool.traffic.admission;
+        let in_service = self.pool.snapshot().eligible();
+        let in_flight = admission.in_flight.load(Ordering::SeqCst);
+        let full = !shed::admits(cfg, in_flight, in_service, shed::Class::Newcomer);
+        if !full && !room.in_use() {
+            return RoomAnswer::NotHere;
+        }
+        let free = shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(in_flight);
+        let ticket = headers::cookie(&parts.headers, &w.cookie)
+            .and_then(|v| signer.verify(v, unix_now))
+            .and_then(|v| Ticket::from_subject(v.backend));
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let fresh = Ticket {
+            issued_ms: now_ms,
+            nonce: fastrand::u64(..),
+        };
+        let now = Instant::now();
+        let visit = room.visit(ticket, now, free, fresh);
+        metrics::gauge!(names::WAITING_ROOM_QUEUED).set(room.status(now, now_ms).queued as f64);
+        match visit {
+            Visit::Enter => {
+                metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
+                let clear = ticket.and_then(|_| {
+                    HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", w.cookie)).ok()
+                });
+                RoomAnswer::Enter(clear)
+            }
+            Visit::Wait { ticket, place } => {
+                let cookie = format!(
+                    "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+                    w.cookie,
+                    signer.issue(&ticket.subject(), unix_now),
+                    w.ticket_ttl.as_secs(),
+                    if secure { "; Secure" } else { "" }
+                );
+                let Ok(cookie) = HeaderValue::from_str(&cookie) else {
+                    return RoomAnswer::NotHere;
+                };
+                RoomAnswer::Wait(Box::new(answers::waiting(
+                    w.page.as_deref(),
+                    place,
+                    room.estimate(place, now),
+                    w.refresh,
+                    cookie,
+                )))
+            }
+        }
+    }
+
+    /// The waiting page's poll: the holder's place and wait, or that it may come in.
+    /// `None` (forwarded as any path) when this pool has no waiting room.
+    fn queue_poll(
+        &self,
+        parts: &http::request::Parts,
+        unix_now: u64,
+    ) -> Option<Response<DownstreamBody>> {
+        let (Some(room), Some(w), Some(signer)) = (
+            &self.pool.traffic.waiting,
+            &self.pool.settings().waiting_room,
+            &self.queue_signer,
+        ) else {
+            return None;
+        };
+        let place = headers::cookie(&parts.headers, &w.cookie)
+            .and_then(|v| signer.verify(v, unix_now))
+            .and_then(|v| Ticket::from_subject(v.backend))
+            .and_then(|t| room.place(t));
+        let wait = place.and_then(|(p, _)| room.estimate(p, Instant::now()));
+        Some(answers::queue_status(place, wait))
     }
 
     async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
@@ -844,6 +963,16 @@ fn short_reason(e: &hyper::Error) -> &'static str {
     } else {
         "connection error"
     }
+}
+
+/// What the waiting room said to a newcomer.
+enum RoomAnswer {
+    /// No room, not a page load, or the shop has room and nobody waits.
+    NotHere,
+    /// Let in (with the cookie that clears the used ticket).
+    Enter(Option<HeaderValue>),
+    /// The waiting page (boxed: an answer is large, and this path is rare).
+    Wait(Box<Response<DownstreamBody>>),
 }
 
 /// What an admission cookie's signature covers (besides its expiry).

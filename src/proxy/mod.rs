@@ -190,12 +190,13 @@ pub fn start_with(
     // Admission cookies: a key of their own derived from the route key (so one cookie
     // can never stand for the other), valid on every instance that shares it; without
     // carts, a key of this process (shoppers are newcomers again after a restart).
+    let admission_key = match &route_key {
+        Some(k) => Some(route::derive_key(k, b"surge admission cookie v1")),
+        // No randomness: no admission cookies (every visitor counts as new).
+        None => route::random_key(),
+    };
     let admission = pool.settings().shed.as_ref().and_then(|shed| {
-        let key = match &route_key {
-            Some(k) => route::derive_key(k, b"surge admission cookie v1"),
-            // No randomness: no admission cookies (every visitor counts as new).
-            None => route::random_key()?,
-        };
+        let key = admission_key.clone()?;
         let previous = pool
             .settings()
             .sticky
@@ -208,6 +209,15 @@ pub fn start_with(
             shed.session_duration,
         )))
     });
+    // Waiting-room tickets: their own key again, valid for the ticket's life.
+    let queue_signer = match (&pool.settings().waiting_room, &admission_key) {
+        (Some(w), Some(key)) => Some(Arc::new(route::RouteSigner::new(
+            &route::derive_key(key, b"surge queue ticket v1"),
+            None,
+            w.ticket_ttl,
+        ))),
+        _ => None,
+    };
     // One budget for the whole process, whatever the number of workers.
     let body_budget = limits::BodyBudget::new(cfg.max_buffered_body_bytes);
     let closing = Arc::new(AtomicBool::new(false));
@@ -222,6 +232,7 @@ pub fn start_with(
         let upstream_tls = upstream_tls.clone();
         let signer = signer.clone();
         let admission = admission.clone();
+        let queue_signer = queue_signer.clone();
         let body_budget = body_budget.clone();
         let rx = rx.clone();
         let handle = std::thread::Builder::new()
@@ -232,6 +243,7 @@ pub fn start_with(
                     Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
                 forwarder.route_signer = signer;
                 forwarder.admission = admission;
+                forwarder.queue_signer = queue_signer;
                 forwarder.body_budget = body_budget;
                 worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
             })
