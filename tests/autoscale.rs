@@ -370,3 +370,92 @@ async fn a_step_promotes_the_spare_within_a_second_on_the_short_window() {
     surge.stop().await;
     sim.stop();
 }
+
+/// Sales-day admission, end to end: one slow static blade at its limit plus a spare, the
+/// simulator delivering in a fraction of a second, and a step to 8× the new sessions,
+/// driven by the load harness (which follows the waiting page as a browser does). No
+/// admitted session sees a failure or a refusal, and no cart is refused anything; the
+/// newcomers that do not fit wait in line and are let in as the pool grows; nothing stays
+/// queued once it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_new_sessions_queues_newcomers_and_fails_no_shopper() {
+    let blade = blades(1, Duration::from_millis(40)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        "sim",
+        "UNUSED_KEY",
+        free_port(),
+        "min = 1\nmax = 6\nstandby = 1\n\
+         [pool.sticky]\ncookie = \"cart\"\n\
+         [pool.shed]\nmax_in_flight_per_node = 3\nqueue_timeout = \"100ms\"\nadmitted_reserve_percent = 34\n\
+         [waiting_room]\nrefresh = \"1s\"\nabandon_after = \"10s\"\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let pool = surge.pool.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || pool
+            .snapshot()
+            .count(State::Standby)
+            == 1)
+        .await,
+        "no spare"
+    );
+    let text = format!(
+        r#"target = "http://{}"
+timeout = "5s"
+queue_patience = "60s"
+[[stages]]
+duration = "4s"
+rate = 5.0
+[[stages]]
+duration = "8s"
+rate = 40.0
+[[stages]]
+duration = "6s"
+rate = 5.0
+[[scenarios]]
+name = "buy"
+steps = [
+  {{ name = "home", path = "/" }},
+  {{ name = "add-to-cart", method = "POST", path = "/cart", body = '{{"product": 3}}', expect = 201 }},
+  {{ name = "view-cart", path = "/cart", think = "50ms" }},
+  {{ name = "checkout", method = "POST", path = "/checkout" }},
+]
+"#,
+        surge.proxy.local_addr
+    );
+    let plan = surge::loadtest::Plan::parse(&text, "step.toml").expect("plan");
+    let report = surge::loadtest::run(&plan).await;
+    eprintln!("{}", report.table());
+    assert_eq!(
+        report.total.errors,
+        0,
+        "an admitted session failed or was refused: {}",
+        report.table()
+    );
+    for step in ["add-to-cart", "view-cart", "checkout"] {
+        assert_eq!(report.steps[step].errors, 0, "{step}: {}", report.table());
+    }
+    assert!(
+        report.queue.queued > 0,
+        "nobody waited: the step did not fill the shop"
+    );
+    assert_eq!(report.queue.abandoned, 0, "{}", report.table());
+    assert_eq!(
+        report.queue.admitted,
+        report.queue.queued,
+        "{}",
+        report.table()
+    );
+    // Waiting pages only while the pool grew (the step runs from 4 s to 12 s).
+    let pages = &report.queue.pages_per_second;
+    let last_page = pages.iter().rposition(|n| *n > 0).unwrap_or(0);
+    assert!(last_page < 12, "still queueing after the step: {pages:?}");
+    eprintln!("waiting pages per second: {pages:?}");
+    let status = status_of(&surge);
+    assert!(
+        status.decisions.iter().any(|d| d.current >= 2),
+        "the pool did not grow: {status:#?}"
+    );
+    surge.stop().await;
+}

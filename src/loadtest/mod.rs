@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 pub use plan::{AdminWatch, Model, Plan, PlanError, Scenario, Slo, SloLimit, Step};
-pub use report::{Report, ScalerSample, StepStats};
+pub use report::{QueueStats, Report, ScalerSample, StepStats};
 
 /// Everything measured so far; one lock per finished request.
 #[derive(Debug, Default)]
@@ -35,6 +35,8 @@ struct Stats {
     total: StepStats,
     /// By the second of the request's intended start.
     timeline: Vec<StepStats>,
+    /// Sessions that met a waiting room.
+    queue: QueueStats,
 }
 
 impl Stats {
@@ -80,6 +82,7 @@ struct Target {
     authority: String,
     host: HeaderValue,
     timeout: Duration,
+    queue_patience: Duration,
     scenarios: Vec<(String, Vec<Prepared>)>,
     weights: Vec<u32>,
 }
@@ -125,6 +128,7 @@ impl Target {
             authority,
             host,
             timeout: plan.timeout,
+            queue_patience: plan.queue_patience,
             scenarios,
             weights: plan.scenarios.iter().map(|s| s.weight).collect(),
         }
@@ -245,6 +249,7 @@ pub async fn run(plan: &Plan) -> Report {
     report.steps = stats.steps;
     report.total = stats.total;
     report.timeline = stats.timeline;
+    report.queue = stats.queue;
     report.autoscaler = std::mem::take(&mut *scaler.lock().unwrap_or_else(|p| p.into_inner()));
     report.check_slos(&plan.slos);
     report
@@ -265,6 +270,7 @@ fn empty_report(scheduled: usize) -> Report {
         total: StepStats::new(),
         slo_results: Vec::new(),
         aborted: None,
+        queue: QueueStats::default(),
     }
 }
 
@@ -542,65 +548,156 @@ async fn session(
     };
     let mut cookies: BTreeMap<String, String> = BTreeMap::new();
     let mut step_intended = intended;
+    // When this session was first shown a waiting page (it then follows the page's
+    // refresh, as a browser does, until let in or out of patience).
+    let mut queued_at: Option<Instant> = None;
     for step in steps {
         if !step.think.is_zero() {
             tokio::time::sleep(step.think).await;
             step_intended = Instant::now();
         }
-        let mut req = Request::builder()
-            .method(step.method.clone())
-            .uri(step.uri.clone())
-            .header(http::header::HOST, target.host.clone());
-        if !cookies.is_empty() {
-            let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            req = req.header(http::header::COOKIE, jar.join("; "));
-        }
-        if step.json {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let Ok(req) = req.body(Full::new(step.body.clone())) else {
-            return;
-        };
-        let answer = tokio::time::timeout(target.timeout, async {
-            let resp = conn.send(req).await?;
-            let (parts, body) = resp.into_parts();
-            body.collect().await.map_err(|_| "io_error")?;
-            Ok::<_, &'static str>(parts)
-        })
-        .await;
-        // Measured from the intended start: waiting for our turn is part of the wait.
-        let latency = Instant::now().saturating_duration_since(step_intended);
-        let (outcome, good) = match &answer {
-            Ok(Ok(parts)) => {
-                for v in parts
-                    .headers
-                    .get_all(http::header::SET_COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
+        loop {
+            let mut req = Request::builder()
+                .method(step.method.clone())
+                .uri(step.uri.clone())
+                .header(http::header::HOST, target.host.clone());
+            if !step.json {
+                // A browser's page load.
+                req = req.header(
+                    http::header::ACCEPT,
+                    "text/html,application/xhtml+xml,*/*;q=0.8",
+                );
+            }
+            if !cookies.is_empty() {
+                let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                req = req.header(http::header::COOKIE, jar.join("; "));
+            }
+            if step.json {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            let Ok(req) = req.body(Full::new(step.body.clone())) else {
+                return;
+            };
+            let answer = tokio::time::timeout(target.timeout, async {
+                let resp = conn.send(req).await?;
+                let (parts, body) = resp.into_parts();
+                body.collect().await.map_err(|_| "io_error")?;
+                Ok::<_, &'static str>(parts)
+            })
+            .await;
+            // Measured from the intended start: waiting for our turn is part of the wait.
+            let latency = Instant::now().saturating_duration_since(step_intended);
+            let waiting_page = match &answer {
+                Ok(Ok(parts)) => waiting_page(parts),
+                _ => None,
+            };
+            if let Some(retry) = waiting_page {
+                remember_cookies(&answer, &mut cookies);
+                let now = Instant::now();
+                let first = *queued_at.get_or_insert(now);
+                let second = now.saturating_duration_since(run_start).as_secs() as usize;
                 {
-                    if let Some((k, v)) = v.split(';').next().and_then(|kv| kv.split_once('=')) {
-                        cookies.insert(k.trim().to_owned(), v.trim().to_owned());
+                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    if first == now {
+                        s.queue.queued += 1;
+                    }
+                    let per = &mut s.queue.pages_per_second;
+                    if per.len() <= second {
+                        per.resize(second + 1, 0);
+                    }
+                    per[second] += 1;
+                    if now.saturating_duration_since(first) >= target.queue_patience {
+                        s.queue.abandoned += 1;
+                        return;
                     }
                 }
-                let s = parts.status.as_u16();
-                (status_class(s), s == step.expect)
+                tokio::time::sleep(retry).await;
+                step_intended = Instant::now();
+                continue;
             }
-            Ok(Err(kind)) => (*kind, false),
-            Err(_) => ("timeout", false),
-        };
-        if answer.is_err() || matches!(answer, Ok(Err(_))) {
-            // The connection's state is unknown after a failure: start afresh.
-            conn.sender = None;
+            if let Some(first) = queued_at.take() {
+                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                s.queue.admitted += 1;
+                s.queue
+                    .wait
+                    .record(Instant::now().saturating_duration_since(first), "2xx", true);
+            }
+            let (outcome, good) = match &answer {
+                Ok(Ok(parts)) => {
+                    for v in parts
+                        .headers
+                        .get_all(http::header::SET_COOKIE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                    {
+                        if let Some((k, v)) = v.split(';').next().and_then(|kv| kv.split_once('='))
+                        {
+                            cookies.insert(k.trim().to_owned(), v.trim().to_owned());
+                        }
+                    }
+                    let s = parts.status.as_u16();
+                    (status_class(s), s == step.expect)
+                }
+                Ok(Err(kind)) => (*kind, false),
+                Err(_) => ("timeout", false),
+            };
+            if answer.is_err() || matches!(answer, Ok(Err(_))) {
+                // The connection's state is unknown after a failure: start afresh.
+                conn.sender = None;
+            }
+            let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
+            stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&step.name, second, latency, outcome, good);
+            if !good {
+                return;
+            }
+            step_intended = Instant::now();
+            break;
         }
-        let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
-        stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(&step.name, second, latency, outcome, good);
-        if !good {
-            return;
+    }
+}
+
+/// The wait a waiting-room page asks for (`Retry-After`, at most 10 s), if the answer is
+/// one: a 503 HTML page that sets a cookie (the place in line).
+fn waiting_page(parts: &http::response::Parts) -> Option<Duration> {
+    let html = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if parts.status != http::StatusCode::SERVICE_UNAVAILABLE
+        || !html
+        || !parts.headers.contains_key(http::header::SET_COOKIE)
+    {
+        return None;
+    }
+    let secs = parts
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(5);
+    Some(Duration::from_secs(secs.clamp(1, 10)))
+}
+
+/// Keeps the cookies an answer sets.
+fn remember_cookies(
+    answer: &Result<Result<http::response::Parts, &'static str>, tokio::time::error::Elapsed>,
+    cookies: &mut BTreeMap<String, String>,
+) {
+    if let Ok(Ok(parts)) = answer {
+        for v in parts
+            .headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            if let Some((k, v)) = v.split(';').next().and_then(|kv| kv.split_once('=')) {
+                cookies.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
         }
-        step_intended = Instant::now();
     }
 }
 

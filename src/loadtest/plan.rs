@@ -32,6 +32,8 @@ struct FilePlan {
     target: String,
     #[serde(default = "default_timeout", with = "humantime_serde")]
     timeout: Duration,
+    #[serde(default = "default_queue_patience", with = "humantime_serde")]
+    queue_patience: Duration,
     #[serde(default)]
     stages: Vec<FileStage>,
     #[serde(default)]
@@ -45,6 +47,11 @@ struct FilePlan {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// How long a shopper stays on a waiting page before giving up.
+fn default_queue_patience() -> Duration {
+    Duration::from_secs(120)
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +140,8 @@ pub enum Model {
 pub struct Plan {
     pub target: String,
     pub timeout: Duration,
+    /// How long a session waits in a waiting room before it is abandoned.
+    pub queue_patience: Duration,
     pub model: Model,
     pub scenarios: Vec<Scenario>,
     pub slos: Vec<Slo>,
@@ -333,6 +342,7 @@ impl Plan {
         Ok(Plan {
             target: raw.target.trim_end_matches('/').to_owned(),
             timeout: raw.timeout,
+            queue_patience: raw.queue_patience,
             model,
             scenarios: raw.scenarios,
             slos,

@@ -184,6 +184,24 @@ pub struct Report {
     pub slo_results: Vec<(String, bool, String)>,
     /// Why the run stopped early, if it did.
     pub aborted: Option<String>,
+    /// Sessions that met a waiting room.
+    pub queue: QueueStats,
+}
+
+/// Sessions held in a waiting room (a 503 HTML page with `Retry-After` that sets a
+/// cookie): counted apart from errors, as a browser's shopper would experience them.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Sessions that were shown the waiting page at least once.
+    pub queued: u64,
+    /// Of those, let in (and continuing their scenario).
+    pub admitted: u64,
+    /// Of those, gone before they were let in (waited past the plan's patience).
+    pub abandoned: u64,
+    /// How long the admitted ones waited.
+    pub wait: StepStats,
+    /// Waiting pages answered per second of the run.
+    pub pages_per_second: Vec<u64>,
 }
 
 impl Report {
@@ -285,6 +303,16 @@ impl Report {
                 c.peak_servers, c.peak_per_hour, c.spent
             ));
         }
+        if self.queue.queued > 0 {
+            out.push_str(&format!(
+                "waiting room: {} sessions queued, {} let in (waited p50 {}, p99 {}), {} abandoned\n",
+                self.queue.queued,
+                self.queue.admitted,
+                fmt_ms(self.queue.wait.quantile(0.5)),
+                fmt_ms(self.queue.wait.quantile(0.99)),
+                self.queue.abandoned
+            ));
+        }
         if let Some(why) = &self.aborted {
             out.push_str(&format!("ABORTED: {why}\n"));
         }
@@ -317,6 +345,10 @@ impl Report {
             "passed": self.passed(),
             "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
             "cost": self.cost().map(|c| json!({"peak_servers": c.peak_servers, "peak_per_hour": c.peak_per_hour, "spent": c.spent})),
+            "waiting_room": json!({
+                "queued": self.queue.queued, "admitted": self.queue.admitted, "abandoned": self.queue.abandoned,
+                "wait_p50_ms": ms(self.queue.wait.quantile(0.5)), "wait_p99_ms": ms(self.queue.wait.quantile(0.99)),
+            }),
             "timeline": (0..self.seconds()).map(|i| {
                 let b = self.timeline.get(i);
                 let scaler = self.autoscaler.get(i).copied().flatten();
@@ -327,6 +359,7 @@ impl Report {
                     "p50_ms": b.map(|b| ms(b.quantile(0.5))), "p99_ms": b.map(|b| ms(b.quantile(0.99))),
                     "desired": scaler.map(|s| s.desired), "in_service": scaler.map(|s| s.in_service),
                     "servers": scaler.map(|s| s.servers), "cost_per_hour": scaler.map(|s| s.cost_per_hour),
+                    "queue_pages": self.queue.pages_per_second.get(i).copied().unwrap_or(0),
                 })
             }).collect::<Vec<_>>(),
         })

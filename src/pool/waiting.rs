@@ -121,15 +121,18 @@ impl Room {
             return Visit::Enter;
         };
         self.tidy(&mut line, now);
+        // Let in as many as the pool has room for now. Those let in come back with their
+        // next reload, as shoppers already in (they may use the room kept for them), so
+        // they do not hold a place in the count meanwhile: a reload takes seconds, a
+        // request milliseconds.
+        let mut spare = usize::try_from(free).unwrap_or(usize::MAX);
         if !self.held() {
-            let mut free = usize::try_from(free).unwrap_or(usize::MAX);
-            free = free.saturating_sub(line.admitted.len());
-            while free > 0 {
+            while spare > 0 {
                 let Some((t, _)) = line.waiting.pop_first() else {
                     break;
                 };
                 line.admitted.insert(t, now);
-                free -= 1;
+                spare -= 1;
             }
         }
         let ticket = ticket.filter(|t| !line.used.contains_key(t));
@@ -147,7 +150,8 @@ impl Room {
             let place = line.waiting.range(..=t).count();
             return Visit::Wait { ticket: t, place };
         }
-        if !self.held() && line.waiting.is_empty() && line.admitted.is_empty() && free > 0 {
+        // Nobody ahead and room to spare: straight in.
+        if !self.held() && line.waiting.is_empty() && spare > 0 {
             line.recent.push_back(now);
             return Visit::Enter;
         }
