@@ -121,12 +121,19 @@ impl Room {
             return Visit::Enter;
         };
         self.tidy(&mut line, now);
-        // Let in as many as the pool has room for now. Those let in come back with their
-        // next reload, as shoppers already in (they may use the room kept for them), so
-        // they do not hold a place in the count meanwhile: a reload takes seconds, a
-        // request milliseconds.
-        let mut spare = usize::try_from(free).unwrap_or(usize::MAX);
+        // A used ticket is a replay: a fresh place, like a visitor without one.
+        let ticket = ticket
+            .filter(|t| !line.used.contains_key(t))
+            .unwrap_or(fresh);
+        if !line.admitted.contains_key(&ticket) {
+            line.waiting.insert(ticket, now);
+        }
+        // Let in, in order, as many as the pool has room for now. Those let in come
+        // back with their next reload as shoppers already in (they may use the room
+        // kept for them), so they hold no place in the count meanwhile: a reload takes
+        // seconds, a request milliseconds.
         if !self.held() {
+            let mut spare = usize::try_from(free).unwrap_or(usize::MAX);
             while spare > 0 {
                 let Some((t, _)) = line.waiting.pop_first() else {
                     break;
@@ -135,32 +142,13 @@ impl Room {
                 spare -= 1;
             }
         }
-        let ticket = ticket.filter(|t| !line.used.contains_key(t));
-        if let Some(t) = ticket {
-            if line.admitted.remove(&t).is_some() {
-                line.used.insert(t, now);
-                line.recent.push_back(now);
-                return Visit::Enter;
-            }
-            if let Some(seen) = line.waiting.get_mut(&t) {
-                *seen = now;
-            } else {
-                line.waiting.insert(t, now);
-            }
-            let place = line.waiting.range(..=t).count();
-            return Visit::Wait { ticket: t, place };
-        }
-        // Nobody ahead and room to spare: straight in.
-        if !self.held() && line.waiting.is_empty() && spare > 0 {
+        if line.admitted.remove(&ticket).is_some() {
+            line.used.insert(ticket, now);
             line.recent.push_back(now);
             return Visit::Enter;
         }
-        line.waiting.insert(fresh, now);
-        let place = line.waiting.range(..=fresh).count();
-        Visit::Wait {
-            ticket: fresh,
-            place,
-        }
+        let place = line.waiting.range(..=ticket).count();
+        Visit::Wait { ticket, place }
     }
 
     /// The place of `ticket` now, and whether it may come in, without counting a visit

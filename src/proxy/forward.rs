@@ -299,25 +299,37 @@ impl Forwarder {
             Some(cfg) => {
                 let secure = conn_info.tls.is_some();
                 let mut class = self.classify(cfg, &parts, unix_now, secure, &mut admission_cookie);
+                // A newcomer goes through the waiting room when others wait there (no
+                // cutting in line) or it holds a ticket; else it tries the shop, and
+                // only if that sheds it does it get a place in line.
+                let mut answer = RoomAnswer::NotHere;
                 if class == shed::Class::Newcomer {
-                    match self.waiting_room(cfg, &parts, unix_now, secure) {
-                        RoomAnswer::NotHere => {}
-                        RoomAnswer::Enter(clear) => {
-                            class = shed::Class::Admitted;
-                            queue_cookie = clear;
-                        }
-                        RoomAnswer::Wait(resp) => {
-                            let mut resp = *resp;
-                            resp.headers_mut().insert(X_REQUEST_ID, request_id);
-                            if let Some(h) = &conn_info.hsts {
-                                resp.headers_mut()
-                                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-                            }
-                            return resp;
-                        }
+                    answer = self.waiting_room(cfg, &parts, unix_now, secure, false);
+                    if let RoomAnswer::Enter(clear) = answer {
+                        class = shed::Class::Admitted;
+                        queue_cookie = clear;
+                        answer = RoomAnswer::NotHere;
                     }
                 }
-                self.admit(cfg, class).await
+                let admitted = match answer {
+                    RoomAnswer::NotHere => self.admit(cfg, class).await,
+                    _ => None,
+                };
+                if admitted.is_none() && class == shed::Class::Newcomer {
+                    if let RoomAnswer::NotHere = answer {
+                        answer = self.waiting_room(cfg, &parts, unix_now, secure, true);
+                    }
+                }
+                if let RoomAnswer::Wait(resp) = answer {
+                    let mut resp = *resp;
+                    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                    if let Some(h) = &conn_info.hsts {
+                        resp.headers_mut()
+                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+                    }
+                    return resp;
+                }
+                admitted
             }
             None => None,
         };
@@ -643,6 +655,7 @@ impl Forwarder {
         parts: &http::request::Parts,
         unix_now: u64,
         secure: bool,
+        shed_now: bool,
     ) -> RoomAnswer {
         let (Some(room), Some(w), Some(signer)) = (
             &self.pool.traffic.waiting,
@@ -660,17 +673,21 @@ impl Forwarder {
         if !page_load {
             return RoomAnswer::NotHere;
         }
-        let admission = &self.pool.traffic.admission;
-        let in_service = self.pool.snapshot().eligible();
-        let in_flight = admission.in_flight.load(Ordering::SeqCst);
-        let full = !shed::admits(cfg, in_flight, in_service, shed::Class::Newcomer);
-        if !full && !room.in_use() {
-            return RoomAnswer::NotHere;
-        }
-        let free = shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(in_flight);
         let ticket = headers::cookie(&parts.headers, &w.cookie)
             .and_then(|v| signer.verify(v, unix_now))
             .and_then(|v| Ticket::from_subject(v.backend));
+        if !shed_now && ticket.is_none() && !room.in_use() {
+            return RoomAnswer::NotHere;
+        }
+        let admission = &self.pool.traffic.admission;
+        let in_service = self.pool.snapshot().eligible();
+        let in_flight = admission.in_flight.load(Ordering::SeqCst);
+        // Just shed: no room now, whatever the count says a moment later.
+        let free = if shed_now {
+            0
+        } else {
+            shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(in_flight)
+        };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
