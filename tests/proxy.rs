@@ -820,3 +820,70 @@ async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
     );
     surge.stop().await;
 }
+
+/// The waiting page as a shopper's browser shows it: headless Chromium (Debian's
+/// `chromium`, which `.ci/run` installs) loads it, and the DOM shows the place and the
+/// wait. Bounded: Chromium is stopped after 30 s whatever it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waiting_page_shows_the_place_and_wait_in_a_browser() {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+        .expect("headless Chromium is needed (apt-get install chromium; .ci/run does)");
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = surge::serve::start(&room_config(&blades, "held = true\n"))
+        .await
+        .unwrap();
+    let addr = surge.proxy.local_addr;
+    // Someone is in line already: the browser's visitor is second.
+    let first = page(&client(), addr, "").await;
+    assert_eq!(place_of(&first), 1);
+    let profile = std::env::temp_dir().join(format!("surge-chromium-{}", fastrand::u64(..)));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .args([
+                "-s",
+                "KILL",
+                "30",
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("http://{addr}/"))
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("You are in line"),
+        "{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dom.contains("id=\"place\">2<"),
+        "the place is not shown: {dom}"
+    );
+    assert!(dom.contains("estimated wait"), "{dom}");
+    assert_eq!(
+        surge
+            .pool
+            .traffic
+            .waiting
+            .as_ref()
+            .map(|r| r.status(std::time::Instant::now(), 0).queued),
+        Some(2),
+        "the browser holds the second place"
+    );
+    surge.stop().await;
+}

@@ -320,6 +320,9 @@ impl Forwarder {
                         answer = self.waiting_room(cfg, &parts, unix_now, secure, true);
                     }
                 }
+                if let RoomAnswer::Refuse = answer {
+                    admission_cookie = None;
+                }
                 if let RoomAnswer::Wait(resp) = answer {
                     let mut resp = *resp;
                     resp.headers_mut().insert(X_REQUEST_ID, request_id);
@@ -671,7 +674,14 @@ impl Forwarder {
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
         if !page_load {
-            return RoomAnswer::NotHere;
+            // While anyone waits (or the door is held), a newcomer's other requests (an
+            // API call, a favicon) do not get in around the line, nor mint the admission
+            // cookie that would let its next page load in.
+            return if shed_now || room.in_use() {
+                RoomAnswer::Refuse
+            } else {
+                RoomAnswer::NotHere
+            };
         }
         let ticket = headers::cookie(&parts.headers, &w.cookie)
             .and_then(|v| signer.verify(v, unix_now))
@@ -990,6 +1000,8 @@ enum RoomAnswer {
     Enter(Option<HeaderValue>),
     /// The waiting page (boxed: an answer is large, and this path is rare).
     Wait(Box<Response<DownstreamBody>>),
+    /// Not a page load while others wait: the 503 with `Retry-After`.
+    Refuse,
 }
 
 /// What an admission cookie's signature covers (besides its expiry).
