@@ -405,10 +405,12 @@ fn rig_client(sim: &surge::sim::SimHandle, zone: &str) -> Scaleway {
         secret_key: "accountant-rig-key".into(),
         os_id: "os".into(),
         call_timeout: Duration::from_secs(2),
-        max_attempts: 3,
-        backoff_base: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        max_retry_after: Duration::from_secs(5),
+        retry: surge::provider::http::Retry {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(5),
+        },
     })
     .unwrap()
 }
@@ -561,10 +563,12 @@ async fn a_redirecting_vendor_gets_no_key() {
         secret_key: "the-secret-key".into(),
         os_id: "os".into(),
         call_timeout: Duration::from_secs(2),
-        max_attempts: 3,
-        backoff_base: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(50),
-        max_retry_after: Duration::from_secs(5),
+        retry: surge::provider::http::Retry {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            max_retry_after: Duration::from_secs(5),
+        },
     })
     .unwrap();
     let err = client.offers().await.unwrap_err();

@@ -49,10 +49,12 @@ fn client(sim: &SimHandle, key: &str, zone: &str, call_timeout: Duration) -> Maa
         distro_series: "noble".into(),
         erase_on_release: false,
         call_timeout,
-        max_attempts: 3,
-        backoff_base: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        max_retry_after: Duration::from_secs(60),
+        retry: surge::provider::http::Retry {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(60),
+        },
     })
     .unwrap()
 }

@@ -42,10 +42,12 @@ fn client(sim: &SimHandle, token: &str, call_timeout: Duration) -> Scaleway {
         secret_key: token.into(),
         os_id: "os-ubuntu-24.04".into(),
         call_timeout,
-        max_attempts: 4,
-        backoff_base: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        max_retry_after: Duration::from_secs(300),
+        retry: surge::provider::http::Retry {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(300),
+        },
     })
     .unwrap()
 }

@@ -581,6 +581,19 @@ async fn page(c: &HttpClient, addr: std::net::SocketAddr, cookie: &str) -> Reply
     send(c, Method::GET, addr, "/", &h, "").await.unwrap()
 }
 
+/// What the waiting page's poll answers the holder of `cookie`.
+async fn poll(c: &HttpClient, addr: std::net::SocketAddr, cookie: &str) -> serde_json::Value {
+    let h: &[(&str, &str)] = if cookie.is_empty() {
+        &[]
+    } else {
+        &[("cookie", cookie)]
+    };
+    send(c, Method::GET, addr, "/.well-known/surge/queue", h, "")
+        .await
+        .unwrap()
+        .json()
+}
+
 /// The place the waiting page shows.
 fn place_of(r: &Reply) -> usize {
     let body = String::from_utf8_lossy(&r.body);
@@ -667,27 +680,13 @@ async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees
     assert_eq!(place_of(&f), 3);
     assert_ne!(f.set_cookie("surge_queue").unwrap(), "q1.1");
     // The page's poll: the holder's place, nothing for anyone else.
-    let poll = send(
-        &c,
-        Method::GET,
-        addr,
-        "/.well-known/surge/queue",
-        &[("cookie", &ticket_a)],
-        "",
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        poll.json()["place"],
-        1,
-        "{}",
-        String::from_utf8_lossy(&poll.body)
+    let a_poll = poll(&c, addr, &ticket_a).await;
+    assert_eq!(a_poll["place"], 1, "{a_poll}");
+    assert_eq!(a_poll["ready"], false);
+    assert!(
+        poll(&c, addr, "").await["place"].is_null(),
+        "nothing for a visitor without a ticket"
     );
-    assert_eq!(poll.json()["ready"], false);
-    let nobody = send(&c, Method::GET, addr, "/.well-known/surge/queue", &[], "")
-        .await
-        .unwrap();
-    assert!(nobody.json()["place"].is_null());
     // An API client is not shown a page: the 503 with Retry-After.
     let api = send(
         &c,
@@ -732,21 +731,8 @@ async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees
     assert_eq!(replay.status, 503);
     // B was let in by this visit (room for one); the replay goes behind the forger.
     assert_eq!(place_of(&replay), 2, "behind the forger");
-    let poll_b = send(
-        &c,
-        Method::GET,
-        addr,
-        "/.well-known/surge/queue",
-        &[("cookie", &ticket_b)],
-        "",
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        poll_b.json()["ready"],
-        true,
-        "B's page learns it may come in"
-    );
+    let poll_b = poll(&c, addr, &ticket_b).await;
+    assert_eq!(poll_b["ready"], true, "B's page learns it may come in");
     assert_eq!(
         page(&c, addr, &ticket_b).await.status,
         200,

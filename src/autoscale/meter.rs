@@ -155,9 +155,9 @@ mod tests {
     use crate::pool::{Backend, Origin};
     use std::sync::Arc;
 
-    #[test]
-    fn the_last_second_shows_a_step_and_shedding_marks_the_limit() {
-        let pool = Pool::new(
+    /// A pool of one static backend (what the meter reads is its traffic counters).
+    fn one_backend_pool() -> Pool {
+        Pool::new(
             crate::pool::testing::settings(Algorithm::P2cEwma),
             vec![Arc::new(Backend::new(
                 "b",
@@ -165,7 +165,12 @@ mod tests {
                 1,
                 Origin::Static,
             ))],
-        );
+        )
+    }
+
+    #[test]
+    fn the_last_second_shows_a_step_and_shedding_marks_the_limit() {
+        let pool = one_backend_pool();
         let mut meter = Meter::with_fast_window(Duration::from_secs(10), Duration::from_secs(1));
         let t0 = Instant::now();
         let mut last = meter.observe(&pool, t0);
@@ -197,15 +202,7 @@ mod tests {
 
     #[test]
     fn rates_cover_the_window_and_start_stale() {
-        let pool = Pool::new(
-            crate::pool::testing::settings(Algorithm::P2cEwma),
-            vec![Arc::new(Backend::new(
-                "b",
-                "127.0.0.1:1".parse().unwrap(),
-                1,
-                Origin::Static,
-            ))],
-        );
+        let pool = one_backend_pool();
         let mut meter = Meter::new(Duration::from_secs(2));
         let t0 = Instant::now();
         assert!(!meter.observe(&pool, t0).fresh);

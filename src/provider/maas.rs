@@ -127,10 +127,8 @@ pub struct MaasConfig {
     /// Erase the disks on release (slower back to Ready; a shop's data never lingers).
     pub erase_on_release: bool,
     pub call_timeout: Duration,
-    pub max_attempts: u32,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub max_retry_after: Duration,
+    /// Retries, back-off and the longest `Retry-After` honoured.
+    pub retry: Retry,
 }
 
 /// The MAAS client for one zone.
@@ -252,12 +250,7 @@ impl Maas {
     }
 
     fn retry(&self) -> Retry {
-        Retry {
-            max_attempts: self.cfg.max_attempts,
-            backoff_base: self.cfg.backoff_base,
-            backoff_max: self.cfg.backoff_max,
-            max_retry_after: self.cfg.max_retry_after,
-        }
+        self.cfg.retry
     }
 
     /// One exchange: `path` under the API (`/machines/`), `op` if any, query or form

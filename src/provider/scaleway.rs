@@ -35,14 +35,8 @@ pub struct ScalewayConfig {
     pub os_id: String,
     /// Time allowed for one HTTP call.
     pub call_timeout: Duration,
-    /// Calls per operation, retries included.
-    pub max_attempts: u32,
-    /// First back-off step; doubles per retry up to `backoff_max`.
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// Longest `Retry-After` honoured; a longer one is cut to this and reported (one bad
-    /// answer must not stall the autoscaler for an hour).
-    pub max_retry_after: Duration,
+    /// Retries, back-off and the longest `Retry-After` honoured.
+    pub retry: Retry,
 }
 
 impl std::fmt::Debug for ScalewayConfig {
@@ -332,12 +326,7 @@ impl Scaleway {
     }
 
     fn retry(&self) -> Retry {
-        Retry {
-            max_attempts: self.cfg.max_attempts,
-            backoff_base: self.cfg.backoff_base,
-            backoff_max: self.cfg.backoff_max,
-            max_retry_after: self.cfg.max_retry_after,
-        }
+        self.cfg.retry
     }
 
     fn wait_for(&self, attempt: u32, e: &ProviderError) -> Duration {
@@ -432,7 +421,7 @@ impl Provider for Scaleway {
                         _ => Err(e),
                     };
                 }
-                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.max_attempts => {
+                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.retry.max_attempts => {
                     tokio::time::sleep(self.wait_for(attempt, &e)).await;
                     attempt += 1;
                     // The order may have been taken with its answer lost: look first.

@@ -290,7 +290,7 @@ impl Forwarder {
         // already in, browsing before buying).
         let mut admission_cookie = None;
         let mut queue_cookie = None;
-        if parts.uri.path() == answers::QUEUE_PATH {
+        if self.queue_signer.is_some() && parts.uri.path() == answers::QUEUE_PATH {
             if let Some(resp) = self.queue_poll(&parts, unix_now) {
                 return resp;
             }
@@ -683,9 +683,7 @@ impl Forwarder {
                 RoomAnswer::NotHere
             };
         }
-        let ticket = headers::cookie(&parts.headers, &w.cookie)
-            .and_then(|v| signer.verify(v, unix_now))
-            .and_then(|v| Ticket::from_subject(v.backend));
+        let ticket = ticket_of(parts, w, signer, unix_now);
         if !shed_now && ticket.is_none() && !room.in_use() {
             return RoomAnswer::NotHere;
         }
@@ -752,10 +750,7 @@ impl Forwarder {
         ) else {
             return None;
         };
-        let place = headers::cookie(&parts.headers, &w.cookie)
-            .and_then(|v| signer.verify(v, unix_now))
-            .and_then(|v| Ticket::from_subject(v.backend))
-            .and_then(|t| room.place(t));
+        let place = ticket_of(parts, w, signer, unix_now).and_then(|t| room.place(t));
         let wait = place.and_then(|(p, _)| room.estimate(p, Instant::now()));
         Some(answers::queue_status(place, wait))
     }
@@ -990,6 +985,18 @@ fn short_reason(e: &hyper::Error) -> &'static str {
     } else {
         "connection error"
     }
+}
+
+/// The waiting-room ticket the request carries, if this pool signed it and it is valid.
+fn ticket_of(
+    parts: &http::request::Parts,
+    w: &crate::config::WaitingRoomConfig,
+    signer: &super::route::RouteSigner,
+    unix_now: u64,
+) -> Option<Ticket> {
+    headers::cookie(&parts.headers, &w.cookie)
+        .and_then(|v| signer.verify(v, unix_now))
+        .and_then(|v| Ticket::from_subject(v.backend))
 }
 
 /// What the waiting room said to a newcomer.

@@ -381,6 +381,12 @@ pub async fn start_with(
                 cluster: cluster.clone(),
                 shutdown: background.subscribe(),
             };
+            let retry = crate::provider::http::Retry {
+                max_attempts: p.max_attempts,
+                backoff_base: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(10),
+                max_retry_after: p.max_retry_after,
+            };
             if maas {
                 let key: crate::provider::maas::ApiKey = secret.parse()?;
                 start.spawn(|zone| {
@@ -399,10 +405,7 @@ pub async fn start_with(
                             .map_or_else(|| "noble".into(), |m| m.distro_series.clone()),
                         erase_on_release: p.maas.as_ref().is_some_and(|m| m.erase_on_release),
                         call_timeout: p.call_timeout,
-                        max_attempts: p.max_attempts,
-                        backoff_base: Duration::from_millis(200),
-                        backoff_max: Duration::from_secs(10),
-                        max_retry_after: p.max_retry_after,
+                        retry,
                     })
                 })?;
             } else {
@@ -414,10 +417,7 @@ pub async fn start_with(
                         secret_key: secret.clone(),
                         os_id: p.os_id.clone(),
                         call_timeout: p.call_timeout,
-                        max_attempts: p.max_attempts,
-                        backoff_base: Duration::from_millis(200),
-                        backoff_max: Duration::from_secs(10),
-                        max_retry_after: p.max_retry_after,
+                        retry,
                     })
                 })?;
             }
