@@ -112,7 +112,13 @@ impl Meter {
         let in_flight_per_node = in_flight as f64 / in_service.len().max(1) as f64;
         let admission = &t.admission;
         let shed = admission.shed.load(Ordering::Relaxed);
-        let at_limit = shed > self.shed || admission.waiting.load(Ordering::Relaxed) > 0;
+        // Shoppers in the waiting room are demand the pool turned away, like sheds; but
+        // not while an operator holds the door (a pre-queue is not a full shop).
+        let queued = t
+            .waiting
+            .as_ref()
+            .is_some_and(|room| !room.held() && room.waiting() > 0);
+        let at_limit = shed > self.shed || admission.waiting.load(Ordering::Relaxed) > 0 || queued;
         self.shed = shed;
         let recent_connection_rate = self.recent_rate();
         match (self.samples.front(), self.samples.back()) {

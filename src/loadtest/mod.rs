@@ -10,6 +10,7 @@
 //!
 //! Must not import `proxy`, `pool` or `admin`: it measures from outside, like a shopper.
 
+pub mod chart;
 pub mod plan;
 pub mod report;
 pub mod schedule;
@@ -600,6 +601,7 @@ async fn session(
                     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
                     if first == now {
                         s.queue.queued += 1;
+                        s.queue.line_change(second, 1);
                     }
                     let per = &mut s.queue.pages_per_second;
                     if per.len() <= second {
@@ -608,6 +610,7 @@ async fn session(
                     per[second] += 1;
                     if now.saturating_duration_since(first) >= target.queue_patience {
                         s.queue.abandoned += 1;
+                        s.queue.line_change(second, -1);
                         return;
                     }
                 }
@@ -617,7 +620,11 @@ async fn session(
             }
             if let Some(first) = queued_at.take() {
                 let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                let second = Instant::now()
+                    .saturating_duration_since(run_start)
+                    .as_secs() as usize;
                 s.queue.admitted += 1;
+                s.queue.line_change(second, -1);
                 s.queue
                     .wait
                     .record(Instant::now().saturating_duration_since(first), "2xx", true);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
+use super::chart::{Chart, Marker, Series};
 use super::plan::{Slo, SloLimit};
 
 /// The longest latency a histogram keeps (an hour, in µs); longer is clamped.
@@ -202,6 +203,29 @@ pub struct QueueStats {
     pub wait: StepStats,
     /// Waiting pages answered per second of the run.
     pub pages_per_second: Vec<u64>,
+    /// Sessions that joined the line (+) and left it, let in or gone (−), per second.
+    pub line_changes: Vec<i64>,
+}
+
+impl QueueStats {
+    /// Counts a session joining (`+1`) or leaving (`-1`) the line at `second`.
+    pub fn line_change(&mut self, second: usize, by: i64) {
+        if self.line_changes.len() <= second {
+            self.line_changes.resize(second + 1, 0);
+        }
+        self.line_changes[second] += by;
+    }
+
+    /// Sessions in the line at the end of each of the first `seconds` seconds.
+    pub fn length_per_second(&self, seconds: usize) -> Vec<u64> {
+        let mut now = 0i64;
+        (0..seconds.max(self.line_changes.len()))
+            .map(|i| {
+                now += self.line_changes.get(i).copied().unwrap_or(0);
+                now.max(0) as u64
+            })
+            .collect()
+    }
 }
 
 impl Report {
@@ -326,6 +350,7 @@ impl Report {
     }
 
     pub fn json(&self) -> serde_json::Value {
+        let queue_length = self.queue.length_per_second(self.seconds());
         let step = |s: &StepStats| {
             json!({
                 "ok": s.ok, "errors": s.errors, "error_rate": s.error_rate(), "outcomes": s.outcomes,
@@ -350,6 +375,7 @@ impl Report {
                 "wait_p50_ms": ms(self.queue.wait.quantile(0.5)), "wait_p99_ms": ms(self.queue.wait.quantile(0.99)),
             }),
             "timeline": (0..self.seconds()).map(|i| {
+                let queue_length = &queue_length;
                 let b = self.timeline.get(i);
                 let scaler = self.autoscaler.get(i).copied().flatten();
                 json!({
@@ -360,6 +386,7 @@ impl Report {
                     "desired": scaler.map(|s| s.desired), "in_service": scaler.map(|s| s.in_service),
                     "servers": scaler.map(|s| s.servers), "cost_per_hour": scaler.map(|s| s.cost_per_hour),
                     "queue_pages": self.queue.pages_per_second.get(i).copied().unwrap_or(0),
+                    "queued": queue_length.get(i).copied().unwrap_or(0),
                 })
             }).collect::<Vec<_>>(),
         })
@@ -383,16 +410,65 @@ impl Report {
             .max(self.autoscaler.len())
     }
 
-    /// A self-contained HTML page: the table and SVG plots over time.
+    /// The autoscaler's events read off its per-second counts: orders (desired up),
+    /// nodes coming into service, releases (servers down).
+    pub fn scaler_events(&self) -> Vec<Marker> {
+        let mut out = Vec::new();
+        let mut last: Option<ScalerSample> = None;
+        for (second, sample) in self.autoscaler.iter().enumerate() {
+            let Some(now) = sample else { continue };
+            if let Some(before) = last {
+                if now.desired > before.desired {
+                    out.push(Marker {
+                        second,
+                        label: format!("desired {}→{}", before.desired, now.desired),
+                        color: "#9467bd",
+                    });
+                }
+                if now.in_service > before.in_service {
+                    out.push(Marker {
+                        second,
+                        label: format!("in service {}→{}", before.in_service, now.in_service),
+                        color: "#2ca02c",
+                    });
+                }
+                if now.servers < before.servers {
+                    out.push(Marker {
+                        second,
+                        label: format!("released {}", before.servers - now.servers),
+                        color: "#8c564b",
+                    });
+                }
+            }
+            last = Some(*now);
+        }
+        out
+    }
+
+    /// A self-contained HTML page: the table and SVG charts over time, with the
+    /// autoscaler's events marked on each.
     pub fn html(&self) -> String {
         let secs = self.seconds();
         let series = |f: &dyn Fn(usize) -> f64| (0..secs).map(f).collect::<Vec<f64>>();
         let bucket = |i: usize, q: f64| self.timeline.get(i).map_or(0.0, |b| ms(b.quantile(q)));
         let p50 = series(&|i| bucket(i, 0.5));
+        let p90 = series(&|i| bucket(i, 0.9));
         let p99 = series(&|i| bucket(i, 0.99));
         let rate = series(&|i| self.starts_per_second.get(i).copied().unwrap_or(0) as f64);
         let requests = series(&|i| self.timeline.get(i).map_or(0.0, |b| b.count() as f64));
         let errors = series(&|i| self.timeline.get(i).map_or(0.0, |b| b.errors as f64));
+        let queue_length = self.queue.length_per_second(secs);
+        let queued = series(&|i| queue_length.get(i).copied().unwrap_or(0) as f64);
+        let markers = self.scaler_events();
+        let chart = |id: &str, unit: &str, lines: &[Series]| {
+            Chart {
+                id,
+                unit,
+                series: lines,
+                markers: &markers,
+            }
+            .svg()
+        };
         let mut spec_rows = String::new();
         for q in [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0] {
             spec_rows.push_str(&format!(
@@ -411,28 +487,72 @@ impl Report {
                         .map_or(0.0, |s| f(&s) as f64)
                 })
             };
+            let (desired, in_service, servers) = (
+                pick(|s| s.desired),
+                pick(|s| s.in_service),
+                pick(|s| s.servers),
+            );
             format!(
-                "<h2>Autoscaler: desired (purple) and in service (black) nodes</h2>{}",
-                svg_chart(&[
-                    (&pick(|s| s.desired), "#9467bd"),
-                    (&pick(|s| s.in_service), "#000000")
-                ])
+                "<h2>Autoscaler: desired, in service and provisioned nodes</h2>{}",
+                chart(
+                    "autoscaler",
+                    "nodes",
+                    &[
+                        Series {
+                            name: "desired",
+                            color: "#9467bd",
+                            values: &desired
+                        },
+                        Series {
+                            name: "in service",
+                            color: "#000000",
+                            values: &in_service
+                        },
+                        Series {
+                            name: "provisioned",
+                            color: "#8c564b",
+                            values: &servers
+                        },
+                    ]
+                )
             )
         } else {
             String::new()
         };
         format!(
             "<!doctype html><meta charset=utf-8><title>surge load test</title>\
-             <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0}}</style>\
+             <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0;display:block}}</style>\
              <h1>surge load test</h1><pre>{}</pre>\
-             <h2>Latency over time (p50 blue, p99 red, ms)</h2>{}\
-             <h2>New sessions (green) and requests (grey) per second</h2>{}\
-             <h2>Errors per second</h2>{}{scaler}\
+             <h2>Latency over time</h2>{}\
+             <h2>New sessions and requests per second</h2>{}\
+             <h2>Errors per second and shoppers in the waiting room</h2>{}{scaler}\
              <h2>Percentile spectrum (all steps)</h2><table>{spec_rows}</table>",
             html_escape(&self.table()),
-            svg_chart(&[(&p50, "#1f77b4"), (&p99, "#d62728")]),
-            svg_chart(&[(&rate, "#2ca02c"), (&requests, "#888888")]),
-            svg_chart(&[(&errors, "#ff7f0e")]),
+            chart(
+                "latency",
+                "ms",
+                &[
+                    Series { name: "p50", color: "#1f77b4", values: &p50 },
+                    Series { name: "p90", color: "#ff7f0e", values: &p90 },
+                    Series { name: "p99", color: "#d62728", values: &p99 },
+                ]
+            ),
+            chart(
+                "rates",
+                "/s",
+                &[
+                    Series { name: "new sessions", color: "#2ca02c", values: &rate },
+                    Series { name: "requests", color: "#888888", values: &requests },
+                ]
+            ),
+            chart(
+                "errors and queue",
+                "",
+                &[
+                    Series { name: "errors /s", color: "#d62728", values: &errors },
+                    Series { name: "queued sessions", color: "#17becf", values: &queued },
+                ]
+            ),
         )
     }
 }
@@ -441,44 +561,6 @@ fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-}
-
-/// A line chart of per-second series, 720×200, with the maximum labelled.
-fn svg_chart(series: &[(&Vec<f64>, &str)]) -> String {
-    let (w, h) = (720.0, 200.0);
-    let n = series
-        .iter()
-        .map(|(s, _)| s.len())
-        .max()
-        .unwrap_or(0)
-        .max(2);
-    let max = series
-        .iter()
-        .flat_map(|(s, _)| s.iter().copied())
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let mut out = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
-    );
-    for (s, color) in series {
-        let points: Vec<String> = s
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                format!(
-                    "{:.1},{:.1}",
-                    i as f64 * w / (n - 1) as f64,
-                    h - v / max * (h - 20.0)
-                )
-            })
-            .collect();
-        out.push_str(&format!(
-            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
-            points.join(" ")
-        ));
-    }
-    out.push_str(&format!("<text x='4' y='14' font-size='12'>max {max:.2}</text><text x='{}' y='{}' font-size='12'>{} s</text></svg>", w - 40.0, h - 4.0, n));
-    out
 }
 
 pub fn ms(d: Duration) -> f64 {

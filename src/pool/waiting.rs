@@ -113,6 +113,11 @@ impl Room {
                 .is_ok_and(|l| !l.waiting.is_empty() || !l.admitted.is_empty())
     }
 
+    /// Visitors in line now.
+    pub fn waiting(&self) -> usize {
+        self.line.lock().map_or(0, |l| l.waiting.len())
+    }
+
     /// One visit at `now` (`now_ms` the wall clock) by the holder of `ticket` (`None`:
     /// none, or not one this pool signed), with `free` visitors the pool can take now.
     /// `fresh` is the ticket a visitor without a place gets.
