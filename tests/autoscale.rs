@@ -311,7 +311,10 @@ async fn a_load_test_with_admin_records_the_autoscalers_counts_on_its_timeline()
         "{events:?}: {:?}",
         report.autoscaler
     );
-    assert!(html.contains(&format!(">{}</text>", events[0].label)), "{html}");
+    assert!(
+        html.contains(&format!(">{}</text>", events[0].label)),
+        "{html}"
+    );
     // The spare ordered for the run shows in the cost (the simulator's offers have prices).
     let cost = report.cost().expect("a cost with --admin");
     assert!(

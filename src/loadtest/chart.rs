@@ -30,6 +30,8 @@ pub struct Chart<'a> {
     pub unit: &'a str,
     pub series: &'a [Series<'a>],
     pub markers: &'a [Marker],
+    /// The values are counts: ticks on whole numbers.
+    pub counts: bool,
 }
 
 const W: f64 = 760.0;
@@ -60,9 +62,10 @@ pub fn nice_step(max: f64, ticks: usize) -> f64 {
     nice * power
 }
 
-/// The ticks of an axis from 0 to at least `max`: `(values, top of the axis)`.
-pub fn ticks(max: f64, wanted: usize) -> (Vec<f64>, f64) {
-    let step = nice_step(max, wanted);
+/// The ticks of an axis from 0 to at least `max`, at least `min_step` apart (1 for
+/// seconds and counts: half a node is not a reading): `(values, top of the axis)`.
+pub fn ticks(max: f64, wanted: usize, min_step: f64) -> (Vec<f64>, f64) {
+    let step = nice_step(max, wanted).max(min_step);
     let top = ((max / step).ceil() * step).max(step);
     let n = (top / step).round() as usize;
     ((0..=n).map(|i| i as f64 * step).collect(), top)
@@ -101,8 +104,8 @@ impl Chart<'_> {
             .flat_map(|s| s.values.iter().copied())
             .filter(|v| v.is_finite())
             .fold(0.0f64, f64::max);
-        let (y_ticks, y_top) = ticks(max, 5);
-        let (x_ticks, _) = ticks((seconds - 1) as f64, 10);
+        let (y_ticks, y_top) = ticks(max, 5, if self.counts { 1.0 } else { 0.0 });
+        let (x_ticks, _) = ticks((seconds - 1) as f64, 10, 1.0);
         let plot_w = W - LEFT - RIGHT;
         let plot_h = H - TOP - BOTTOM;
         let x = |s: f64| LEFT + s / (seconds - 1) as f64 * plot_w;
@@ -213,12 +216,14 @@ mod tests {
         assert_eq!(nice_step(7.3, 5), 2.0);
         assert_eq!(nice_step(130.0, 5), 50.0);
         assert_eq!(nice_step(0.04, 4), 0.01);
-        let (t, top) = ticks(13.0, 5);
+        let (t, top) = ticks(13.0, 5, 0.0);
         assert_eq!(t, vec![0.0, 5.0, 10.0, 15.0]);
         assert_eq!(top, 15.0);
         // A flat zero series still gets an axis.
-        let (t, top) = ticks(0.0, 5);
+        let (t, top) = ticks(0.0, 5, 0.0);
         assert_eq!((t.len(), top), (2, 1.0));
+        // Two nodes: 0, 1, 2, not halves.
+        assert_eq!(ticks(2.0, 5, 1.0).0, vec![0.0, 1.0, 2.0]);
     }
 
     #[test]
@@ -237,6 +242,7 @@ mod tests {
                 label: "ordered 1".into(),
                 color: "#9467bd",
             }],
+            counts: false,
         }
         .svg();
         assert!(svg.contains("data-series='p99'"), "{svg}");

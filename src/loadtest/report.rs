@@ -466,6 +466,7 @@ impl Report {
                 unit,
                 series: lines,
                 markers: &markers,
+                counts: unit != "ms",
             }
             .svg()
         };
