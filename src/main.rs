@@ -243,7 +243,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         default.exists().then_some(default)
     });
     let cfg = load_config(config_path.clone())?;
-    let _log = surge::telemetry::init_logging("info");
+    let _log = surge::telemetry::init_logging("info", cfg.proxy.access_log_format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     let restarts = surge::serve::Restarts {
         config_path,
@@ -345,7 +345,7 @@ fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
 }
 
 fn sim(args: SimArgs) -> anyhow::Result<()> {
-    let _log = surge::telemetry::init_logging("info");
+    let _log = surge::telemetry::init_logging("info", Default::default());
     let mut cfg = if args.realistic {
         surge::sim::SimConfig::realistic(args.listen, &args.token)
     } else {
@@ -398,7 +398,7 @@ fn sim(args: SimArgs) -> anyhow::Result<()> {
 }
 
 fn blade(cfg: surge::blade::BladeConfig) -> anyhow::Result<()> {
-    let _log = surge::telemetry::init_logging("info");
+    let _log = surge::telemetry::init_logging("info", Default::default());
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(async {
         let handle = surge::blade::start(cfg).await?;

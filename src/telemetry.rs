@@ -4,6 +4,8 @@
 //! Owns: where log lines go and how they look. Must not: decide anything.
 
 use tracing_appender::non_blocking::WorkerGuard;
+
+use crate::config::AccessLogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Metric names, in one place so the exporter, dashboards and tests agree.
@@ -108,17 +110,59 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 
 /// Installs the global subscriber. Log lines are written by a background thread so that a
 /// slow terminal or disk never stalls the request path; keep the guard alive until exit so
-/// the last lines are flushed. `RUST_LOG` overrides the default filter.
-pub fn init_logging(default_filter: &str) -> WorkerGuard {
+/// the last lines are flushed. `RUST_LOG` overrides the default filter. With
+/// [`AccessLogFormat::Json`] the access lines (target `surge::access`) are JSON objects,
+/// one a line, on the same stream; everything else stays text.
+pub fn init_logging(default_filter: &str, access: AccessLogFormat) -> WorkerGuard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    // A second init (tests start several servers in one process) is harmless.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
+    let is_access = |m: &tracing::Metadata<'_>| m.target() == ACCESS_TARGET;
+    let json = access == AccessLogFormat::Json;
+    let text = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
         .with_target(true)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::filter_fn(move |m| {
+            !(json && is_access(m))
+        }));
+    let access_json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(writer)
+            .with_filter(tracing_subscriber::filter::filter_fn(is_access))
+    });
+    // A second init (tests start several servers in one process) is harmless.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(access_json)
         .try_init();
     guard
+}
+
+/// The target of the per-request access log.
+pub const ACCESS_TARGET: &str = "surge::access";
+
+/// Milliseconds rounded to the microsecond, as logs and reports print them (`3.889`, not
+/// `3.8892330000000004`).
+pub fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_print_to_the_microsecond() {
+        let d = std::time::Duration::from_nanos(3_889_233);
+        assert_eq!(super::millis(d).to_string(), "3.889");
+        assert_eq!(super::millis(std::time::Duration::ZERO).to_string(), "0");
+    }
 }

@@ -293,7 +293,7 @@ impl AutoscalerStatus {
                 connections_per_second: o.connection_rate,
                 requests_per_second: o.request_rate,
                 in_flight_per_node: o.in_flight_per_node,
-                p99_ms: o.p99.map(|d| d.as_secs_f64() * 1e3),
+                p99_ms: o.p99.map(crate::telemetry::millis),
                 fresh: o.fresh,
             }),
             errors: s.report.errors,

@@ -40,7 +40,20 @@ pub(super) struct FileProxy {
     requests_per_second_per_ip: u32,
     max_new_connections_per_second_per_ip: u32,
     access_log: bool,
+    access_log_format: AccessLogFormat,
     trusted_proxies: Vec<String>,
+}
+
+/// How access-log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// `key=value` pairs after the time and level, as the rest of the log.
+    #[default]
+    Text,
+    /// One JSON object per line (the same fields, numbers as numbers), for a log
+    /// shipper; the rest of the log stays text.
+    Json,
 }
 
 impl Default for FileProxy {
@@ -68,6 +81,7 @@ impl Default for FileProxy {
             requests_per_second_per_ip: 0,
             max_new_connections_per_second_per_ip: 0,
             access_log: true,
+            access_log_format: AccessLogFormat::Text,
             trusted_proxies: Vec::new(),
         }
     }
@@ -136,6 +150,8 @@ pub struct ProxyConfig {
     pub max_new_connections_per_second_per_ip: u32,
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
+    /// Text or JSON lines; read at start (a reload keeps the format it started with).
+    pub access_log_format: AccessLogFormat,
     /// HTTPS to the blades (`[pool.tls]`, copied here for the request path).
     pub upstream_tls: Option<super::UpstreamTlsConfig>,
     /// Peers (a cloud load balancer, a CDN) whose `X-Forwarded-For` is kept and appended
@@ -259,6 +275,7 @@ pub(super) fn validate(
         requests_per_second_per_ip: f.requests_per_second_per_ip,
         max_new_connections_per_second_per_ip: f.max_new_connections_per_second_per_ip,
         access_log: f.access_log,
+        access_log_format: f.access_log_format,
         upstream_tls: None,
         trusted_proxies,
     }

@@ -564,8 +564,9 @@ fn html_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Milliseconds to the microsecond (the histograms hold microseconds anyway).
 pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+    crate::telemetry::millis(d)
 }
 
 pub fn fmt_ms(d: Duration) -> String {

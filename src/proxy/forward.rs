@@ -847,7 +847,7 @@ fn log_access(
         path = uri.path(),
         status = resp.status().as_u16(),
         backend,
-        ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+        ms = started.map_or(0.0, |t| crate::telemetry::millis(t.elapsed())),
         request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
     );
 }

@@ -91,8 +91,20 @@ pub(super) fn bind(
             addr: l.listen,
             source,
         })?;
+        // Inherited sockets are shared among the workers rather than joined by new
+        // SO_REUSEPORT ones: the kernel lets only the socket owner's user bind beside it,
+        // and systemd's sockets (socket activation) belong to root, not to the unit's
+        // user. Sockets bound here get a sibling each.
+        let inherited_count = these.len();
         while these.len() < workers {
-            these.push(reuseport_listener(addr)?);
+            let next = if inherited_count > 0 {
+                these[these.len() % inherited_count]
+                    .try_clone()
+                    .map_err(|source| ProxyError::Listen { addr, source })?
+            } else {
+                reuseport_listener(addr)?
+            };
+            these.push(next);
         }
         for s in &these {
             out.handoff.push(

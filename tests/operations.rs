@@ -1,0 +1,270 @@
+//! What an operator installs and watches, checked by the operator's own tools against the
+//! real binary: the JSON access log, the systemd units (`systemd-analyze verify`), the
+//! metrics and alert rules (`promtool`), the Grafana dashboard's queries.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::process::{capture_lines, eventually_async};
+use common::*;
+
+const SURGE: &str = env!("CARGO_BIN_EXE_surge");
+
+/// A `surge serve` process on run-time loopback ports, killed by PID when dropped.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Running {
+    /// Starts surge with `extra` appended to a config of one blade at `blade`.
+    async fn start(blade: SocketAddr, proxy_keys: &str, extra: &str) -> Running {
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir = scratch("run");
+        let config = dir.join("surge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"{proxy}\"\nworkers = 1\n{proxy_keys}\n\
+                 [admin]\nlisten = \"{admin}\"\n\
+                 [[pool.backends]]\nid = \"blade-1\"\naddress = \"{blade}\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(SURGE)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .current_dir(&dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = capture_lines(&mut child);
+        let running = Running {
+            child,
+            lines,
+            proxy,
+            admin,
+        };
+        let up = eventually_async(Duration::from_secs(20), || async {
+            get(&client(), proxy, "/").await.is_ok()
+        })
+        .await;
+        assert!(up, "surge did not start:\n{}", running.output());
+        running
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-ops-{what}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs an operator's tool, bounded to `secs`; its output, or a failure naming the
+/// package that has it.
+fn tool(program: &str, package: &str, args: &[&str], secs: u32) -> std::process::Output {
+    Command::new("timeout")
+        .args(["-s", "KILL", &secs.to_string(), program])
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.code() != Some(127))
+        .unwrap_or_else(|| panic!("{program} is needed (Debian's {package}; .ci/run installs it)"))
+}
+
+/// `proxy.access_log_format = "json"`: every request is one JSON object on a line of its
+/// own, with the text format's fields, numbers as numbers and the duration to the
+/// microsecond; the rest of the log stays text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_access_log_is_one_object_a_line_with_durations_to_the_microsecond() {
+    let blades = blades(1, Duration::from_millis(3)).await;
+    let surge = Running::start(
+        blades[0].addr,
+        "access_log = true\naccess_log_format = \"json\"",
+        "",
+    )
+    .await;
+    for _ in 0..5 {
+        get(&client(), surge.proxy, "/catalog?page=2")
+            .await
+            .unwrap();
+    }
+    let found = eventually_async(Duration::from_secs(5), || async {
+        surge.output().matches("\"path\":\"/catalog\"").count() >= 5
+    })
+    .await;
+    assert!(found, "no JSON access lines:\n{}", surge.output());
+    let output = surge.output();
+    let access: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| l.contains("\"surge::access\""))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // The start-up probe's `/` is logged too.
+    let catalog: Vec<&serde_json::Value> =
+        access.iter().filter(|l| l["path"] == "/catalog").collect();
+    assert_eq!(catalog.len(), 5, "{output}");
+    for line in catalog {
+        assert_eq!(line["target"], "surge::access");
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["backend"], "blade-1", "{line}");
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+        assert!(line["request_id"].as_str().is_some_and(|id| id.len() > 8));
+        assert!(line["timestamp"].is_string(), "{line}");
+        let ms = line["ms"].as_f64().expect("ms is a number");
+        assert!(ms >= 3.0, "{line}");
+        // To the microsecond: at most three decimals in the line itself.
+        let text = serde_json::to_string(&line["ms"]).unwrap();
+        let decimals = text.split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 3, "ms={text} is not rounded to the microsecond");
+    }
+    // Other lines are not JSON.
+    assert!(
+        output
+            .lines()
+            .any(|l| l.contains("surge::") && !l.trim_start().starts_with('{')),
+        "{output}"
+    );
+    let _ = surge.admin;
+}
+
+/// The shipped units pass `systemd-analyze verify` without a single warning (an unknown
+/// or misspelt directive is only a warning to systemd, and would silently drop a
+/// protection), with the sandbox and notification settings the README promises.
+#[test]
+fn the_systemd_units_verify_cleanly_and_sandbox_the_service() {
+    let dir = scratch("systemd");
+    for unit in ["surge.service", "surge.socket"] {
+        let text = std::fs::read_to_string(repo("dist/systemd").join(unit)).unwrap();
+        // The units name the installed binary; verify checks it is executable, so point
+        // them at the one under test.
+        std::fs::write(dir.join(unit), text.replace("/usr/local/bin/surge", SURGE)).unwrap();
+    }
+    let service = dir.join("surge.service").display().to_string();
+    let socket = dir.join("surge.socket").display().to_string();
+    let out = tool(
+        "systemd-analyze",
+        "systemd",
+        &["verify", "--man=no", &service, &socket],
+        60,
+    );
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    // Lines about the machine itself (no running systemd in a container) are not ours.
+    let ours: Vec<&str> = said.lines().filter(|l| l.contains("surge")).collect();
+    assert!(out.status.success() && ours.is_empty(), "{said}");
+    let text = std::fs::read_to_string(repo("dist/systemd/surge.service")).unwrap();
+    for directive in [
+        "Type=notify",
+        "NotifyAccess=all",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "User=surge",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/surge",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == directive),
+            "surge.service lacks {directive}"
+        );
+    }
+    let sysusers = std::fs::read_to_string(repo("dist/systemd/surge.sysusers")).unwrap();
+    assert!(sysusers.lines().any(|l| l.starts_with("u surge ")));
+}
+
+/// Socket activation as `surge.socket` does it: surge is handed one listening socket by
+/// `LISTEN_FDS` (not SO_REUSEPORT, as systemd's may belong to another user) and serves it
+/// with two workers, binding no socket of its own beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_serves_on_a_socket_handed_over_by_socket_activation() {
+    use command_fds::{CommandFdExt, FdMapping};
+    let blades = blades(1, Duration::ZERO).await;
+    // A plain listener: another socket could not bind beside it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = scratch("activation");
+    let config = dir.join("surge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"{proxy}\"\nworkers = 2\naccess_log = false\n\
+             [admin]\nlisten = \"{admin}\"\n\
+             [[pool.backends]]\nid = \"blade-1\"\naddress = \"{}\"\n",
+            blades[0].addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(SURGE);
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(&dir)
+        .env("LISTEN_FDS", "1")
+        .env_remove("LISTEN_PID")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: std::os::fd::OwnedFd::from(listener),
+        child_fd: 3,
+    }])
+    .unwrap();
+    let mut child = cmd.spawn().unwrap();
+    // Our copy of the socket closes with the command: only surge holds it now.
+    drop(cmd);
+    let lines = capture_lines(&mut child);
+    let running = Running {
+        child,
+        lines,
+        proxy,
+        admin,
+    };
+    let c = client();
+    let served = eventually_async(Duration::from_secs(20), || async {
+        tokio::time::timeout(Duration::from_secs(2), get(&c, proxy, "/"))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| r.status == 200u16))
+    })
+    .await;
+    assert!(
+        served,
+        "nothing served on the handed socket:\n{}",
+        running.output()
+    );
+    // Fresh connections, so both workers' accept loops get some.
+    for _ in 0..20 {
+        let reply = get(&client(), proxy, "/").await.unwrap();
+        assert_eq!(reply.status, 200u16);
+    }
+}
