@@ -10,60 +10,121 @@ use tracing_subscriber::EnvFilter;
 
 /// Metric names, in one place so the exporter, dashboards and tests agree.
 pub mod names {
-    /// Counter, labels `backend`, `code_class` (`2xx`...`5xx`).
-    pub const REQUESTS_TOTAL: &str = "surge_requests_total";
-    /// Histogram of seconds from request received to response head sent, label `backend`.
-    pub const REQUEST_DURATION: &str = "surge_request_duration_seconds";
-    /// Counter of shopper connections accepted.
-    pub const CONNECTIONS_ACCEPTED: &str = "surge_connections_accepted_total";
-    /// Counter of requests refused before reaching a backend, label `reason` (`rate`,
-    /// `uri_too_long`, `too_many_headers`, `body_too_large`, `body_timeout`, `bad_body`).
-    pub const REQUESTS_REFUSED: &str = "surge_requests_refused_total";
-    /// Counter of response bodies cut for making no progress for
-    /// `proxy.body_idle_timeout`, label `side` (`backend`: it stopped sending; `client`:
-    /// the shopper stopped reading).
-    pub const BODIES_STALLED: &str = "surge_bodies_stalled_total";
-    /// Counter of connections refused at accept, label `reason` (`global`, `per_ip`,
-    /// `connection_rate`, `untrusted_proxy`, `proxy_header`).
-    pub const CONNECTIONS_REFUSED: &str = "surge_connections_refused_total";
-    /// Counter of TLS handshakes that failed or timed out.
-    pub const TLS_HANDSHAKE_FAILURES: &str = "surge_tls_handshake_failures_total";
-    /// Counter of certificate reloads, label `result` (`ok`, `refused`).
-    pub const TLS_RELOADS: &str = "surge_tls_reloads_total";
-    /// Gauge of requests in flight, label `backend`.
-    pub const BACKEND_IN_FLIGHT: &str = "surge_backend_in_flight";
-    /// Counter of responses surge made itself, label `code` (502, 503, 504).
-    pub const PROXY_ERRORS_TOTAL: &str = "surge_proxy_errors_total";
-    /// Counter of requests shed with 503 under load, label `priority`.
-    pub const SHED_TOTAL: &str = "surge_shed_total";
-    /// Gauge of new visitors waiting in the waiting room.
-    pub const WAITING_ROOM_QUEUED: &str = "surge_waiting_room_queued";
-    /// Counter of visitors let in from the waiting room (or straight through it).
-    pub const WAITING_ROOM_ADMITTED: &str = "surge_waiting_room_admitted_total";
-    /// Gauge of pool members by `state`.
-    pub const POOL_NODES: &str = "surge_pool_nodes";
-    /// Gauge of the in-service nodes the autoscaler wants.
-    pub const AUTOSCALER_DESIRED: &str = "surge_autoscaler_desired_nodes";
-    /// Counter of autoscaler decisions, labels `direction` (`up`, `down`, `hold`) and
-    /// `reason` (the policy's reason labels).
-    pub const AUTOSCALER_DECISIONS: &str = "surge_autoscaler_decisions_total";
-    /// Counter of rounds in which the budget held orders back.
-    pub const AUTOSCALER_BUDGET_REACHED: &str = "surge_autoscaler_budget_reached_total";
-    /// Counter of delivered servers not healthy by `autoscale.bootstrap_timeout`.
-    pub const AUTOSCALER_BOOTSTRAP_FAILURES: &str = "surge_autoscaler_bootstrap_failures_total";
-    /// Gauge: 1 while bootstraps keep failing and orders are stopped, else 0.
-    pub const AUTOSCALER_BOOTSTRAP_ALARM: &str = "surge_autoscaler_bootstrap_alarm";
-    /// Counter of failed server releases (retried with back-off).
-    pub const AUTOSCALER_RELEASE_FAILURES: &str = "surge_autoscaler_release_failures_total";
-    /// Gauge of servers provisioned (ordered and not released).
-    pub const AUTOSCALER_SERVERS: &str = "surge_autoscaler_provisioned_servers";
-    /// Gauge of what the provisioned servers cost per hour, in the offer's currency.
-    pub const AUTOSCALER_COST_PER_HOUR: &str = "surge_autoscaler_cost_per_hour";
-    /// Gauge of what the servers cost since midnight (budget time zone), started hours.
-    pub const AUTOSCALER_SPENT_TODAY: &str = "surge_autoscaler_spent_today";
-    /// Counter of new connections not counted for scaling: they sent no complete request,
-    /// or their client address was over its share.
-    pub const SCALING_CONNECTIONS_DISCOUNTED: &str = "surge_scaling_connections_discounted_total";
+    /// What kind of series a metric is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Counter,
+        Gauge,
+        Histogram,
+    }
+
+    /// One metric surge exports: its name, kind and the `# HELP` line.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Metric {
+        pub name: &'static str,
+        pub kind: Kind,
+        pub help: &'static str,
+    }
+
+    macro_rules! metrics_table {
+        ($($(#[$doc:meta])* $konst:ident = $name:literal, $kind:ident, $help:literal;)*) => {
+            $($(#[$doc])* pub const $konst: &str = $name;)*
+            /// Every metric surge exports (dashboards and alert rules may use only these).
+            pub const ALL: &[Metric] = &[$(Metric { name: $name, kind: Kind::$kind, help: $help }),*];
+        };
+    }
+
+    metrics_table! {
+        /// Labels `backend`, `code_class` (`2xx`...`5xx`).
+        REQUESTS_TOTAL = "surge_requests_total", Counter,
+            "Requests answered through a backend, by backend and status class.";
+        /// Label `backend`.
+        REQUEST_DURATION = "surge_request_duration_seconds", Histogram,
+            "Seconds from request received to response head sent, by backend.";
+        CONNECTIONS_ACCEPTED = "surge_connections_accepted_total", Counter,
+            "Shopper connections accepted.";
+        /// Label `reason` (`rate`, `uri_too_long`, `too_many_headers`, `body_too_large`,
+        /// `body_timeout`, `bad_body`, ...).
+        REQUESTS_REFUSED = "surge_requests_refused_total", Counter,
+            "Requests refused before reaching a backend, by reason.";
+        /// Label `side` (`backend`: it stopped sending; `client`: the shopper stopped
+        /// reading).
+        BODIES_STALLED = "surge_bodies_stalled_total", Counter,
+            "Response bodies cut after proxy.body_idle_timeout without progress, by the side that stalled.";
+        /// Label `reason` (`global`, `per_ip`, `connection_rate`, `untrusted_proxy`,
+        /// `proxy_header`).
+        CONNECTIONS_REFUSED = "surge_connections_refused_total", Counter,
+            "Connections refused at accept, by reason.";
+        TLS_HANDSHAKE_FAILURES = "surge_tls_handshake_failures_total", Counter,
+            "TLS handshakes that failed or timed out.";
+        /// Label `result` (`ok`, `refused`).
+        TLS_RELOADS = "surge_tls_reloads_total", Counter,
+            "Certificate reloads, by result.";
+        /// Label `certificate` (the file).
+        TLS_CERTIFICATE_EXPIRY = "surge_tls_certificate_expiry_timestamp_seconds", Gauge,
+            "When each serving certificate expires, in Unix seconds.";
+        /// Label `backend`.
+        BACKEND_IN_FLIGHT = "surge_backend_in_flight", Gauge,
+            "Requests in flight, by backend.";
+        /// Label `code` (502, 503, 504).
+        PROXY_ERRORS_TOTAL = "surge_proxy_errors_total", Counter,
+            "Responses surge made itself (502, 503, 504), by code.";
+        /// Labels `priority`, `class`.
+        SHED_TOTAL = "surge_shed_total", Counter,
+            "Requests shed with 503 under load, by priority and session class.";
+        WAITING_ROOM_QUEUED = "surge_waiting_room_queued", Gauge,
+            "New visitors waiting in the waiting room.";
+        WAITING_ROOM_ADMITTED = "surge_waiting_room_admitted_total", Counter,
+            "Visitors let in from the waiting room.";
+        /// Label `state`.
+        POOL_NODES = "surge_pool_nodes", Gauge,
+            "Pool members, by state.";
+        AUTOSCALER_DESIRED = "surge_autoscaler_desired_nodes", Gauge,
+            "In-service nodes the autoscaler wants.";
+        AUTOSCALER_MIN = "surge_autoscaler_min_nodes", Gauge,
+            "The autoscaler's floor now (autoscale.min, raised by a scheduled sale).";
+        AUTOSCALER_MAX = "surge_autoscaler_max_nodes", Gauge,
+            "The autoscaler's ceiling (autoscale.max).";
+        /// Labels `direction` (`up`, `down`, `hold`) and `reason`.
+        AUTOSCALER_DECISIONS = "surge_autoscaler_decisions_total", Counter,
+            "Autoscaler decisions, by direction and reason.";
+        AUTOSCALER_BUDGET_REACHED = "surge_autoscaler_budget_reached_total", Counter,
+            "Autoscaler rounds in which the budget held orders back.";
+        AUTOSCALER_BOOTSTRAP_FAILURES = "surge_autoscaler_bootstrap_failures_total", Counter,
+            "Delivered servers not healthy by autoscale.bootstrap_timeout.";
+        AUTOSCALER_BOOTSTRAP_ALARM = "surge_autoscaler_bootstrap_alarm", Gauge,
+            "1 while bootstraps keep failing and orders are stopped, else 0.";
+        AUTOSCALER_RELEASE_FAILURES = "surge_autoscaler_release_failures_total", Counter,
+            "Failed server releases (retried with back-off).";
+        AUTOSCALER_SERVERS = "surge_autoscaler_provisioned_servers", Gauge,
+            "Servers provisioned (ordered and not released).";
+        AUTOSCALER_COST_PER_HOUR = "surge_autoscaler_cost_per_hour", Gauge,
+            "What the provisioned servers cost per hour, in the offer's currency.";
+        AUTOSCALER_SPENT_TODAY = "surge_autoscaler_spent_today", Gauge,
+            "What the servers cost since midnight (budget time zone), in started hours.";
+        SCALING_CONNECTIONS_DISCOUNTED = "surge_scaling_connections_discounted_total", Counter,
+            "New connections not counted for scaling (no complete request, or the client over its share).";
+        /// Labels `provider` (`scaleway`, `maas`), `result` (`ok` or the error's kind).
+        PROVIDER_CALLS = "surge_provider_calls_total", Counter,
+            "Calls to the bare-metal provider's API, by provider and result.";
+        CLUSTER_LEADER = "surge_cluster_leader", Gauge,
+            "1 while this instance leads its cluster, else 0.";
+    }
+}
+
+/// Gives every metric its `# HELP` line (Prometheus' conventions; `promtool check
+/// metrics` asks for it).
+fn describe() {
+    use names::Kind;
+    for m in names::ALL {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => {
+                metrics::describe_histogram!(m.name, metrics::Unit::Seconds, m.help)
+            }
+        }
+    }
 }
 
 /// How often buffered histogram samples are folded into their buckets.
@@ -88,6 +149,7 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
                 .ok()?;
             match builder.install_recorder() {
                 Ok(h) => {
+                    describe();
                     // Histograms buffer every sample until drained: without this, memory
                     // grows with traffic between scrapes.
                     let upkeep = h.clone();
@@ -159,6 +221,31 @@ pub fn millis(d: std::time::Duration) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn metric_names_follow_the_exposition_conventions() {
+        use super::names::{Kind, ALL};
+        let mut seen = std::collections::HashSet::new();
+        for m in ALL {
+            assert!(seen.insert(m.name), "{} twice", m.name);
+            assert!(m.name.starts_with("surge_"), "{}", m.name);
+            assert!(
+                m.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{}",
+                m.name
+            );
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+            if m.kind == Kind::Histogram {
+                assert!(m.name.ends_with("_seconds"), "{}: base unit", m.name);
+            }
+            assert!(m.help.ends_with('.') && m.help.len() > 10, "{}", m.name);
+        }
+    }
+
     #[test]
     fn durations_print_to_the_microsecond() {
         let d = std::time::Duration::from_nanos(3_889_233);

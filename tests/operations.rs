@@ -268,3 +268,195 @@ async fn surge_serves_on_a_socket_handed_over_by_socket_activation() {
         assert_eq!(reply.status, 200u16);
     }
 }
+
+/// The metric names a PromQL text uses (`surge_…`), with a histogram's `_bucket`, `_sum`
+/// and `_count` series named by the histogram.
+fn surge_metrics_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("surge_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| surge::telemetry::names::ALL.iter().any(|m| m.name == *b))
+            .unwrap_or(name);
+        out.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+fn exported() -> std::collections::BTreeSet<String> {
+    surge::telemetry::names::ALL
+        .iter()
+        .map(|m| m.name.to_owned())
+        .collect()
+}
+
+/// A live `/metrics` of a running surge, after traffic, passes `promtool check metrics`
+/// (names, types, units, HELP lines) with nothing to say, and names only metrics in
+/// `telemetry::names::ALL` (the list the dashboard and the alert rules are checked
+/// against).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_metrics_pass_promtool_and_are_all_in_the_exported_list() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = Running::start(blades[0].addr, "access_log = false", "").await;
+    for _ in 0..10 {
+        get(&client(), surge.proxy, "/catalog").await.unwrap();
+    }
+    let metrics = get(&client(), surge.admin, "/metrics").await.unwrap();
+    assert_eq!(metrics.status, 200u16);
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(text.contains("surge_requests_total"), "{text}");
+    let file = scratch("metrics").join("metrics.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "timeout -s KILL 30 promtool check metrics < '{}'",
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(127),
+        "promtool is needed (Debian's prometheus; .ci/run installs it)"
+    );
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+    let names = exported();
+    let unknown: Vec<String> = surge_metrics_in(&text)
+        .into_iter()
+        .filter(|n| !names.contains(n))
+        .collect();
+    assert!(unknown.is_empty(), "not in names::ALL: {unknown:?}");
+}
+
+/// The alert rules load (`promtool check rules`), their unit tests pass (`promtool test
+/// rules`: each alert fires on the shape it is for and stays quiet on its neighbour), and
+/// they use only metrics surge exports.
+#[test]
+fn the_alert_rules_check_pass_their_unit_tests_and_use_exported_metrics() {
+    let dir = repo("dist/prometheus");
+    let rules = dir.join("alerts.yml").display().to_string();
+    let out = tool("promtool", "prometheus", &["check", "rules", &rules], 30);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // promtool test rules reads rule_files relative to the test file.
+    let tests = dir.join("alerts.test.yml").display().to_string();
+    let out = tool("promtool", "prometheus", &["test", "rules", &tests], 60);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let used = surge_metrics_in(&text);
+    let names = exported();
+    let unknown: Vec<&String> = used.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts use unknown metrics: {unknown:?}"
+    );
+    for alert in [
+        "SurgePoolBelowMinimum",
+        "SurgeShedding",
+        "SurgeShoppersQueued",
+        "SurgeProviderErrors",
+        "SurgeAutoscalerAtMaximum",
+        "SurgeBudgetReached",
+        "SurgeClusterLeaderMissing",
+        "SurgeCertificateExpiring",
+    ] {
+        assert!(text.contains(&format!("alert: {alert}")), "no {alert}");
+    }
+}
+
+/// Every query of the Grafana dashboard is valid PromQL (each is loaded as a recording
+/// rule by `promtool check rules`) and uses only metrics surge exports; the dashboard
+/// covers traffic, latency, pool states, the autoscaler, sheds and queue, provider calls
+/// and cost.
+#[test]
+fn the_grafana_dashboard_queries_are_valid_promql_on_exported_metrics() {
+    let text = std::fs::read_to_string(repo("dist/grafana/surge.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs: Vec<String> = Vec::new();
+    let mut titles: Vec<String> = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        titles.push(panel["title"].as_str().unwrap_or_default().to_owned());
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().expect("a query").to_owned());
+        }
+    }
+    for a in dash["annotations"]["list"].as_array().into_iter().flatten() {
+        exprs.push(a["expr"].as_str().unwrap().to_owned());
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let names = exported();
+    for e in &exprs {
+        for n in surge_metrics_in(e) {
+            assert!(
+                names.contains(&n),
+                "{n} (in `{e}`) is not a metric surge exports"
+            );
+        }
+    }
+    // Which metrics the dashboard leaves out: none that an operator watches.
+    let used: std::collections::BTreeSet<String> =
+        exprs.iter().flat_map(|e| surge_metrics_in(e)).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !used.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard shows nothing of {missing:?}"
+    );
+    // The queries as recording rules, with the dashboard's variable at "all".
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e.replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let file = scratch("grafana").join("queries.yml");
+    std::fs::write(&file, rules).unwrap();
+    let out = tool(
+        "promtool",
+        "prometheus",
+        &["check", "rules", &file.display().to_string()],
+        30,
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = titles.join(" | ").to_lowercase();
+    for topic in [
+        "latency",
+        "pool",
+        "autoscaler",
+        "shed",
+        "waiting room",
+        "provider",
+        "cost",
+    ] {
+        assert!(all.contains(topic), "no panel on {topic}: {all}");
+    }
+}

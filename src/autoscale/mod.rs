@@ -226,6 +226,12 @@ pub async fn run<P: Provider>(
     let cost_gauge = metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR);
     let today_gauge = metrics::gauge!(names::AUTOSCALER_SPENT_TODAY);
     let desired_gauge = metrics::gauge!(names::AUTOSCALER_DESIRED);
+    let min_gauge = metrics::gauge!(names::AUTOSCALER_MIN);
+    let max_gauge = metrics::gauge!(names::AUTOSCALER_MAX);
+    max_gauge.set(cfg.policy.max as f64);
+    let leader_gauge = cluster
+        .as_ref()
+        .map(|_| metrics::gauge!(names::CLUSTER_LEADER));
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The term the memory belongs to: a new one starts from the etcd records.
@@ -250,6 +256,9 @@ pub async fn run<P: Provider>(
             None => local,
             Some(c) => {
                 let lead = c.leading();
+                if let Some(g) = &leader_gauge {
+                    g.set(if lead.is_some() { 1.0 } else { 0.0 });
+                }
                 if let Some(g) = &gate {
                     g.set_term(lead);
                 }
@@ -294,6 +303,7 @@ pub async fn run<P: Provider>(
         let paused = shared.is_paused();
         let scheduled = schedule::min_at(&cfg.schedule, chrono::Utc::now());
         let min = scheduled.map_or(cfg.policy.min, |(m, _)| m.max(cfg.policy.min));
+        min_gauge.set(min as f64);
         let decision = policy::decide(&obs, current, min, paused, &cfg.policy, &mut state, now);
         if decision.desired != decision.current {
             tracing::info!(

@@ -69,6 +69,22 @@ impl Retry {
     }
 }
 
+/// Counts one exchange with a vendor's API by its outcome
+/// (`surge_provider_calls_total{provider, result}`: `ok` or the error's label) and passes
+/// it on.
+pub fn counted<T>(
+    provider: &'static str,
+    result: Result<T, ProviderError>,
+) -> Result<T, ProviderError> {
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    metrics::counter!(crate::telemetry::names::PROVIDER_CALLS, "provider" => provider, "result" => label)
+        .increment(1);
+    result
+}
+
 /// A request that got no answer: `Transient` when it never reached the vendor (safe to
 /// send again), `Uncertain` when it may have taken effect.
 pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {

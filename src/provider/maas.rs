@@ -262,6 +262,17 @@ impl Maas {
         op: Option<&str>,
         fields: &[(&str, String)],
     ) -> Result<serde_json::Value, ProviderError> {
+        http::counted("maas", self.answer(method, path, op, fields).await)
+    }
+
+    /// The exchange itself, uncounted.
+    async fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        op: Option<&str>,
+        fields: &[(&str, String)],
+    ) -> Result<serde_json::Value, ProviderError> {
         let call = match op {
             Some(op) => format!("{method} {path}?op={op}"),
             None => format!("{method} {path}"),

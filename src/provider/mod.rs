@@ -143,6 +143,22 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A short name of the kind of error, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::OutOfStock(_) => "out_of_stock",
+            ProviderError::QuotaExceeded(_) => "quota_exceeded",
+            ProviderError::Unauthorized(_) => "unauthorized",
+            ProviderError::NotFound(_) => "not_found",
+            ProviderError::Invalid(_) => "invalid",
+            ProviderError::Transient(_) => "transient",
+            ProviderError::Uncertain(_) => "uncertain",
+            ProviderError::Redirected(_) => "redirected",
+            ProviderError::Held(_) => "held",
+        }
+    }
+
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -271,6 +271,21 @@ impl Scaleway {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
+        http::counted(
+            "scaleway",
+            self.answer(method, url, path, query, body).await,
+        )
+    }
+
+    /// The exchange itself, uncounted.
+    async fn answer(
+        &self,
+        method: Method,
+        url: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
         let mut req = self
             .http
             .request(method.clone(), url)

@@ -174,6 +174,7 @@ impl Tls {
         }
         let stamps = stamps_of(&files);
         let set = load(&files)?;
+        publish_expiry(&set);
         let resolver = Arc::new(Resolver {
             set: ArcSwap::from_pointee(set),
         });
@@ -223,6 +224,7 @@ impl Tls {
             .map(|c| c.cert_file.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
+        publish_expiry(&set);
         self.resolver.set.store(Arc::new(set));
         Ok(format!("{}: serving {summary}", self.listener))
     }
@@ -312,6 +314,29 @@ fn load(files: &[CertPair]) -> Result<CertSet, TlsError> {
         return Err(TlsError::Setup("no certificates".into()));
     }
     Ok(CertSet { certs })
+}
+
+/// `surge_tls_certificate_expiry_timestamp_seconds{certificate}`: when each serving
+/// leaf certificate's validity ends (Unix time), so an alert can warn weeks ahead.
+fn publish_expiry(set: &CertSet) {
+    for c in &set.certs {
+        let Some(leaf) = c.key.cert.first() else {
+            continue;
+        };
+        if let Some(end) = not_after(leaf) {
+            metrics::gauge!(
+                crate::telemetry::names::TLS_CERTIFICATE_EXPIRY,
+                "certificate" => c.cert_file.display().to_string()
+            )
+            .set(end as f64);
+        }
+    }
+}
+
+/// The end of a certificate's validity, in Unix seconds.
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
