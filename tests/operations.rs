@@ -26,6 +26,16 @@ struct Running {
 impl Running {
     /// Starts surge with `extra` appended to a config of one blade at `blade`.
     async fn start(blade: SocketAddr, proxy_keys: &str, extra: &str) -> Running {
+        Self::start_with_env(blade, proxy_keys, extra, &[]).await
+    }
+
+    /// [`Running::start`] with environment variables.
+    async fn start_with_env(
+        blade: SocketAddr,
+        proxy_keys: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Running {
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = scratch("run");
@@ -43,6 +53,7 @@ impl Running {
             .args(["serve", "--config"])
             .arg(&config)
             .current_dir(&dir)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -459,4 +470,192 @@ fn the_grafana_dashboard_queries_are_valid_promql_on_exported_metrics() {
     ] {
         assert!(all.contains(topic), "no panel on {topic}: {all}");
     }
+}
+
+const STATUS_TOKEN: &str = "status-page-test-token";
+
+/// The live status page in headless Chromium: the page asks for the admin token, the
+/// login form trades it for a session cookie (HttpOnly, so the page's script never sees
+/// it), the nodes of the running surge appear with their states, and the page updates by
+/// itself when a node is drained through the API. A screenshot is kept in the target
+/// directory for README.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_signs_in_shows_the_nodes_and_follows_a_drain_in_a_browser() {
+    let blades = blades(2, Duration::ZERO).await;
+    let extra = format!(
+        "[[pool.backends]]\nid = \"blade-2\"\naddress = \"{}\"\n",
+        blades[1].addr
+    );
+    let surge = Running::start_with_env(
+        blades[0].addr,
+        "access_log = false",
+        &extra,
+        &[("SURGE_ADMIN_TOKEN", STATUS_TOKEN)],
+    )
+    .await;
+    let url = format!("http://{}/", surge.admin);
+    let mut page = common::browser::Browser::open(&url).await;
+    // Not signed in: the form, no data.
+    assert!(
+        page.wait_for(
+            "!document.getElementById('login').hidden",
+            Duration::from_secs(15)
+        )
+        .await,
+        "no sign-in form: {}",
+        page.eval("document.body.innerText").await
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('#nodes tbody tr').length")
+            .await,
+        0
+    );
+    // A wrong token is refused and says so.
+    page.eval(
+        "document.getElementById('token').value = 'wrong'; \
+         document.getElementById('login').requestSubmit(); true",
+    )
+    .await;
+    assert!(
+        page.wait_for(
+            "document.getElementById('error').textContent.includes('not this surge')",
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    page.eval(&format!(
+        "document.getElementById('token').value = '{STATUS_TOKEN}'; \
+         document.getElementById('login').requestSubmit(); true"
+    ))
+    .await;
+    let shown = page
+        .wait_for(
+            "document.querySelectorAll('#nodes tbody tr').length === 2",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(
+        shown,
+        "nodes not shown: {}",
+        page.eval("document.body.innerText").await
+    );
+    // The cookie is HttpOnly: the page's script cannot read the session.
+    assert_eq!(page.eval("document.cookie").await, "");
+    let state_of =
+        "document.querySelector('#nodes tr[data-node=\"blade-1\"] td:nth-child(2)').textContent";
+    assert_eq!(page.eval(state_of).await, "in_service");
+    assert_eq!(
+        page.eval("document.getElementById('in-service').textContent")
+            .await,
+        "2"
+    );
+    // Drained through the API by someone else: the open page follows.
+    let drained = reqwest::Client::new()
+        .post(format!("http://{}/v1/nodes/blade-1/drain", surge.admin))
+        .bearer_auth(STATUS_TOKEN)
+        .json(&serde_json::json!({"timeout": "60s"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(drained.status().is_success(), "{drained:?}");
+    let followed = page
+        .wait_for(
+            &format!("{state_of}.startsWith('draining') || {state_of}.startsWith('maint') || {state_of}.startsWith('down')"),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        followed,
+        "the page did not update: {}",
+        page.eval(state_of).await
+    );
+    assert_eq!(
+        page.eval("document.getElementById('in-service').textContent")
+            .await,
+        "1"
+    );
+    assert!(
+        page.eval("document.querySelector('#chart polyline[data-series=\"inService\"]') !== null")
+            .await
+            == serde_json::Value::Bool(true)
+    );
+    let png = page.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "no screenshot");
+    let shots = repo("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("status-page.png"), png).unwrap();
+}
+
+/// The session route on its own: a good token sets an HttpOnly, SameSite=Strict cookie
+/// that then authenticates API calls; a wrong token, no cookie, an altered cookie or a
+/// cross-site sign-in get nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cookie_is_issued_only_for_the_token_and_authenticates_the_api() {
+    let blades = blades(1, Duration::ZERO).await;
+    let surge = Running::start_with_env(
+        blades[0].addr,
+        "access_log = false",
+        "",
+        &[("SURGE_ADMIN_TOKEN", STATUS_TOKEN)],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", surge.admin);
+    // The page itself loads for anyone, with a policy that keeps it to itself.
+    let page = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<script src=\"/status.js\">"));
+    let nodes = format!("{base}/v1/nodes");
+    assert_eq!(http.get(&nodes).send().await.unwrap().status(), 401);
+    let sign_in = |token: &str| {
+        http.post(format!("{base}/v1/session"))
+            .json(&serde_json::json!({ "token": token }))
+    };
+    let wrong = sign_in("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    // From another site's page: refused before the token is even looked at.
+    let cross = sign_in(STATUS_TOKEN)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert!(cross.headers().get("set-cookie").is_none());
+    let good = sign_in(STATUS_TOKEN).send().await.unwrap();
+    assert_eq!(good.status(), 204);
+    let cookie = good.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let with = http
+        .get(&nodes)
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), 200);
+    // One character changed: refused.
+    let mut altered = pair.clone().into_bytes();
+    let last = altered.len() - 1;
+    altered[last] = if altered[last] == b'0' { b'1' } else { b'0' };
+    let altered = String::from_utf8(altered).unwrap();
+    let refused = http
+        .get(&nodes)
+        .header("cookie", altered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
 }

@@ -107,6 +107,13 @@ impl Node {
     }
 }
 
+/// `POST /v1/session`: the admin token, traded for the status page's session cookie.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub token: String,
+}
+
 /// `POST /v1/nodes/{id}/drain` (every field optional).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

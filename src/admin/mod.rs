@@ -7,6 +7,7 @@
 pub mod api;
 pub mod client;
 pub mod openapi;
+pub mod session;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -329,6 +330,22 @@ impl Admin {
         if let Some(refusal) = refuse_from_browser(&req, &self.cfg.hosts) {
             return refusal;
         }
+        match segments.as_slice() {
+            // The status page and its script hold no data: they load for anyone who can
+            // reach the listener, and ask for a sign-in when the API answers 401.
+            [""] | ["status"] => {
+                return only(&method, &[Method::GET], || {
+                    page(STATUS_PAGE, "text/html; charset=utf-8")
+                })
+            }
+            ["status.js"] => {
+                return only(&method, &[Method::GET], || {
+                    page(STATUS_SCRIPT, "text/javascript; charset=utf-8")
+                })
+            }
+            ["v1", "session"] => return self.session(req).await,
+            _ => {}
+        }
         if let Some(refusal) = self.refuse_unauthorized(&req) {
             return refusal;
         }
@@ -560,8 +577,55 @@ impl Admin {
         }
     }
 
-    /// Checks `Authorization: Bearer <token>` in constant time; the 401 to send if it is
-    /// missing or wrong.
+    /// `POST /v1/session` with `{"token": "..."}`: a browser session cookie for the
+    /// status page (204), or 401; `DELETE` signs out.
+    async fn session<B>(&self, req: Request<B>) -> Reply
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let secure = self.cfg.tls.is_some();
+        let with_cookie = |value: Option<&str>| {
+            let mut reply = Response::new(Full::new(Bytes::new()));
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&session::set_cookie(value, secure)) {
+                reply.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            reply
+        };
+        match *req.method() {
+            Method::DELETE => with_cookie(None),
+            Method::POST => {
+                let body = match read_json::<api::SignIn, _>(req).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_argument",
+                            "body required: {\"token\": \"<admin token>\"}",
+                        )
+                    }
+                    Err(r) => return r,
+                };
+                match &self.cfg.token {
+                    Some(token) if bool::from(body.token.as_bytes().ct_eq(token.as_bytes())) => {
+                        with_cookie(Some(&session::issue(token, unix_now())))
+                    }
+                    Some(_) => error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "that is not this surge's admin token",
+                    ),
+                    // No token: nothing to sign in to.
+                    None => with_cookie(None),
+                }
+            }
+            _ => method_not_allowed(&[Method::POST, Method::DELETE]),
+        }
+    }
+
+    /// Checks `Authorization: Bearer <token>` in constant time, or the status page's
+    /// session cookie; the 401 to send if neither is there and right.
     fn refuse_unauthorized<B>(&self, req: &Request<B>) -> Option<Reply> {
         let token = self.cfg.token.as_ref()?;
         let given = req
@@ -570,6 +634,14 @@ impl Admin {
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .unwrap_or(b"");
         if bool::from(given.ct_eq(token.as_bytes())) {
+            return None;
+        }
+        let cookies = req.headers().get_all(header::COOKIE).iter();
+        if cookies
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| crate::proxy::headers::cookie_in(v, session::COOKIE))
+            .any(|v| session::valid(token, v, unix_now()))
+        {
             return None;
         }
         let mut reply = error(
@@ -1030,6 +1102,41 @@ fn pool_error(e: PoolError) -> Reply {
         _ => "invalid_argument",
     };
     error(status, kind, &e.to_string())
+}
+
+/// The status page (`GET /`) and its script, served from the binary.
+const STATUS_PAGE: &str = include_str!("status.html");
+const STATUS_SCRIPT: &str = include_str!("status.js");
+
+/// A static page with headers that keep it to itself: scripts only from this origin, no
+/// framing by another site (clickjacking), no sniffing, no caching.
+fn page(body: &'static str, content_type: &'static str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = reply.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    reply
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn json_reply<T: Serialize>(status: StatusCode, value: &T) -> Reply {

@@ -59,6 +59,20 @@ pub fn document() -> Value {
                               "503": {"description": "not ready", "content": {"application/json": {}}}}}},
             "/metrics": {"get": {"summary": "Prometheus text exposition.",
                 "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}, "401": err("no or wrong token")}}},
+            "/": {"get": {"summary": "The live status page (HTML; it signs in through /v1/session and polls the JSON routes).", "security": [],
+                "responses": {"200": {"description": "the page", "content": {"text/html": {}}}}}},
+            "/status.js": {"get": {"summary": "The status page's script.", "security": [],
+                "responses": {"200": {"description": "script", "content": {"text/javascript": {}}}}}},
+            "/v1/session": {
+                "post": {"summary": "Trade the admin token for the status page's session cookie (HttpOnly, SameSite=Strict, 12 hours).", "security": [],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["token"], "additionalProperties": false,
+                        "properties": {"token": {"type": "string"}}}}}},
+                    "responses": {"204": {"description": "signed in (Set-Cookie), or no token is configured"},
+                                  "400": err("malformed body"), "401": err("not the admin token"),
+                                  "403": err("from another site's page"), "415": err("not JSON")}},
+                "delete": {"summary": "Sign out (clears the cookie).", "security": [],
+                    "responses": {"204": {"description": "signed out"}}}},
             "/v1/openapi.json": {"get": {"summary": "This document.",
                 "responses": {"200": {"description": "OpenAPI 3", "content": {"application/json": {}}}, "401": err("no or wrong token")}}},
             "/v1/nodes": {

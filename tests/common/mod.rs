@@ -2,6 +2,7 @@
 //! run time, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod process;
 pub mod scaling;
 
