@@ -659,3 +659,102 @@ async fn a_session_cookie_is_issued_only_for_the_token_and_authenticates_the_api
         .unwrap();
     assert_eq!(refused.status(), 401);
 }
+
+/// The admin API checked by an outside tool: schemathesis (PyPI; `.ci/run` installs it)
+/// generates valid and invalid calls from `/v1/openapi.json` of a running surge (examples,
+/// coverage, fuzzing and stateful sequences) and finds no server error, no answer that
+/// breaks the document, no invalid call accepted and no valid one refused. Upgrade and
+/// reload are left out: each hands the sockets to a new process, which is not the one
+/// under test (they have tests of their own in `tests/restart.rs`). A fixed seed makes a
+/// failure reproducible (`--seed 1`); run it with others by hand for more cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing_wrong_with_the_admin_api() {
+    let blades = blades(2, Duration::ZERO).await;
+    let extra = format!(
+        "[[pool.backends]]\nid = \"blade-2\"\naddress = \"{}\"\n",
+        blades[1].addr
+    );
+    let token = "schemathesis-test-token";
+    let surge = Running::start_with_env(
+        blades[0].addr,
+        "access_log = false",
+        &extra,
+        &[("SURGE_ADMIN_TOKEN", token)],
+    )
+    .await;
+    let dir = scratch("schemathesis");
+    // The document as surge serves it, but nodes added only on loopback: the test must
+    // not have surge health-check addresses outside this machine.
+    let mut doc = reqwest::Client::new()
+        .get(format!("http://{}/v1/openapi.json", surge.admin))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let address = &mut doc["components"]["schemas"]["NewNode"]["properties"]["address"];
+    assert!(address["pattern"].is_string(), "{address}");
+    address["pattern"] = serde_json::json!("^127\\.0\\.0\\.1:(9|19|29|39)$");
+    let file = dir.join("openapi.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let spec = file.display().to_string();
+    let base = format!("http://{}", surge.admin);
+    let auth = format!("Authorization: Bearer {token}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args([
+                "-s",
+                "KILL",
+                "300",
+                "python3",
+                "-m",
+                "schemathesis.cli",
+                "--no-color",
+                "run",
+                &spec,
+            ])
+            .args([
+                "--url",
+                &base,
+                "-H",
+                &auth,
+                "--seed",
+                "1",
+                "--max-examples",
+                "60",
+            ])
+            .args([
+                "--exclude-path",
+                "/v1/upgrade",
+                "--exclude-path",
+                "/v1/config/reload",
+            ])
+            .arg("--generation-database=none")
+            .current_dir(&dir)
+            .output()
+            .expect("timeout runs")
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("No module named"),
+        "schemathesis is needed (pip install schemathesis; .ci/run does)"
+    );
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("passed"), "{said}");
+    // Whatever it sent, this surge still serves and still has both nodes or fewer (it
+    // may have removed some: that is the API's job), and no process took over.
+    assert!(get(&client(), surge.proxy, "/").await.is_ok());
+    assert!(
+        !surge.output().contains("now serves"),
+        "a hand-over happened: {}",
+        surge.output()
+    );
+}

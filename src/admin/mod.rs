@@ -384,6 +384,13 @@ impl Admin {
                 }
             }
             ["v1", "waiting-room", rest @ ..] => {
+                // The method first: a route that exists answers 405 to a wrong one,
+                // with or without a room.
+                match (rest, &method) {
+                    ([], m) if *m != Method::GET => return method_not_allowed(&[Method::GET]),
+                    ([_], m) if *m != Method::POST => return method_not_allowed(&[Method::POST]),
+                    _ => {}
+                }
                 let Some(room) = &self.pool.traffic.waiting else {
                     return error(
                         StatusCode::NOT_FOUND,
@@ -1032,6 +1039,15 @@ where
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "the body must be JSON, sent with `Content-Type: application/json`",
+        ));
+    }
+    // Every body of this API is an object: serde would also read a struct out of an
+    // array (`[]` as a drain with every field defaulted).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object",
         ));
     }
     serde_json::from_slice(&bytes)

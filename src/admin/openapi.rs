@@ -12,6 +12,22 @@ fn node(description: &str) -> Value {
 }
 
 /// The document.
+/// An IPv4 address and a port (1-65535), as a pattern.
+const IPV4_PORT: &str = "^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
+
+/// A drain timeout: a number and a unit, up to the 7 days surge accepts.
+fn duration() -> Value {
+    json!({"type": "string", "example": "300s",
+        "pattern": "^(0|[0-9]{1,5}(ms|s)|[0-9]{1,4}m|[0-9]{1,2}h|[0-7]d)$",
+        "description": "a duration such as 300s, 5m or 2h, at most 7 days"})
+}
+
+/// `schema`, also `null` (serde reads a null as absent).
+fn nullable(mut schema: Value) -> Value {
+    schema["nullable"] = json!(true);
+    schema
+}
+
 pub fn document() -> Value {
     let id_param =
         json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
@@ -44,10 +60,14 @@ pub fn document() -> Value {
                 "NodeList": {"type": "object", "required": ["pool", "nodes"], "properties": {
                     "pool": {"type": "string"}, "generation": {"type": "integer"},
                     "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
-                "Drain": {"type": "object", "properties": {
-                    "timeout": {"type": "string", "example": "300s"}, "force": {"type": "boolean"}}},
-                "NewNode": {"type": "object", "required": ["address"], "properties": {
-                    "id": {"type": "string"}, "address": {"type": "string"}, "weight": {"type": "integer"}}}
+                "Drain": {"type": "object", "additionalProperties": false, "properties": {
+                    "timeout": nullable(duration()), "force": {"type": "boolean"}}},
+                "NewNode": {"type": "object", "required": ["address"], "additionalProperties": false, "properties": {
+                    "id": {"type": "string", "nullable": true, "pattern": "^[A-Za-z0-9._-]+$",
+                        "description": "letters, digits, - _ . (default: made from the address)"},
+                    "address": {"type": "string", "pattern": IPV4_PORT,
+                        "description": "IP:port; IPv6 as [addr]:port is accepted too"},
+                    "weight": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1}}}
             }
         },
         "security": [{"bearer": []}],
@@ -91,7 +111,7 @@ pub fn document() -> Value {
                 "get": {"summary": "One node.",
                     "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}},
                 "delete": {"summary": "Drain the node, then remove it from the pool; a provisioned node's server is then released to the provider.",
-                    "parameters": [{"name": "timeout", "in": "query", "schema": {"type": "string"}},
+                    "parameters": [{"name": "timeout", "in": "query", "schema": duration()},
                                    {"name": "force", "in": "query", "schema": {"type": "boolean"}}],
                     "responses": {"202": node("draining; removed when done"), "400": err("bad query"), "401": err("no or wrong token"),
                                   "404": err("no such node"), "409": err("would leave too few nodes in service")}}
