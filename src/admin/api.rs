@@ -283,6 +283,40 @@ pub struct DecisionView {
     pub reasons: Vec<String>,
 }
 
+/// `GET /v1/autoscaler/history`: the autoscaler's counts once a second over the last
+/// ten minutes, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscalerHistory {
+    pub samples: Vec<HistorySample>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistorySample {
+    /// RFC 3339, UTC, milliseconds.
+    pub at: String,
+    pub desired: usize,
+    pub in_service: usize,
+    pub ordered: usize,
+}
+
+impl AutoscalerHistory {
+    pub fn of(shared: &autoscale::Shared) -> Self {
+        Self {
+            samples: shared
+                .status()
+                .samples
+                .iter()
+                .map(|s| HistorySample {
+                    at: humantime::format_rfc3339_millis(s.at).to_string(),
+                    desired: s.desired,
+                    in_service: s.in_service,
+                    ordered: s.ordered,
+                })
+                .collect(),
+        }
+    }
+}
+
 impl AutoscalerStatus {
     /// The document for the running autoscaler's current status.
     pub fn of(shared: &autoscale::Shared) -> Self {

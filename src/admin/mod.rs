@@ -362,6 +362,16 @@ impl Admin {
                     "no autoscaler configured ([autoscale] and [provider])",
                 ),
             }),
+            ["v1", "autoscaler", "history"] => {
+                only(&method, &[Method::GET], || match &self.autoscaler {
+                    Some(a) => json_reply(StatusCode::OK, &api::AutoscalerHistory::of(a)),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "no autoscaler configured ([autoscale] and [provider])",
+                    ),
+                })
+            }
             ["v1", "autoscaler", action @ ("pause" | "resume")] => {
                 let pause = *action == "pause";
                 if method != Method::POST {

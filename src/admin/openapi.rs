@@ -28,6 +28,15 @@ fn nullable(mut schema: Value) -> Value {
     schema
 }
 
+/// `GET /v1/autoscaler/history`'s answer.
+fn history_schema() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    let sample = json!({"type": "object", "required": ["at", "desired", "in_service", "ordered"],
+        "properties": {"at": {"type": "string"}, "desired": count, "in_service": count, "ordered": count}});
+    json!({"type": "object", "required": ["samples"],
+        "properties": {"samples": {"type": "array", "items": sample}}})
+}
+
 pub fn document() -> Value {
     let id_param =
         json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
@@ -132,6 +141,9 @@ pub fn document() -> Value {
             "/v1/autoscaler": {"get": {"summary": "Desired and actual size, observations, recent decisions with their reasons.",
                 "responses": {"200": {"description": "status", "content": {"application/json": {}}}, "401": err("no or wrong token"),
                               "404": err("no autoscaler configured")}}},
+            "/v1/autoscaler/history": {"get": {"summary": "Desired, in service and ordered once a second over the last ten minutes, oldest first (the status page's chart).",
+                "responses": {"200": {"description": "samples", "content": {"application/json": {"schema": history_schema()}}},
+                    "401": err("no or wrong token"), "404": err("no autoscaler configured")}}},
             "/v1/autoscaler/pause": {"post": {"summary": "Hold the current size until resumed.",
                 "responses": {"200": {"description": "status", "content": {"application/json": {}}}, "401": err("no or wrong token"),
                               "404": err("no autoscaler configured")}}},

@@ -2,8 +2,8 @@
 // scripts from this origin).
 "use strict";
 const $ = (id) => document.getElementById(id);
-const history = [];
-const HISTORY = 300; // samples (10 minutes at one per 2 s)
+// What this page saw, for a surge without an autoscaler.
+const seen = [];
 
 async function call(path, options) {
   // The session cookie goes along (same origin); a 401 means signing in.
@@ -63,23 +63,30 @@ function sumMetric(text, name) {
   return total;
 }
 
-function drawChart() {
+// The last ten minutes: the autoscaler's own samples (once a second) when there is an
+// autoscaler, else what this page saw.
+const WINDOW_MS = 10 * 60 * 1000;
+
+function drawChart(samples) {
   const svg = $("chart");
   const w = 720, h = 200, left = 36, bottom = 22, top = 10;
-  const max = Math.max(1, ...history.map((s) => Math.max(s.desired, s.inService, s.ordered)));
-  const x = (i) => left + (history.length < 2 ? 0 : i * (w - left - 8) / (HISTORY - 1));
+  const now = Date.now();
+  const max = Math.max(1, ...samples.map((s) => Math.max(s.desired, s.inService, s.ordered)));
+  const x = (t) => left + Math.max(0, (t - (now - WINDOW_MS)) / WINDOW_MS) * (w - left - 8);
   const y = (v) => h - bottom - v / max * (h - bottom - top);
   let out = "";
   for (let v = 0; v <= max; v += Math.max(1, Math.ceil(max / 5))) {
     out += `<line x1="${left}" x2="${w - 8}" y1="${y(v)}" y2="${y(v)}" stroke="#eee"/>` +
       `<text x="${left - 4}" y="${y(v) + 4}" font-size="11" text-anchor="end">${v}</text>`;
   }
-  out += `<text x="${w - 8}" y="${h - 6}" font-size="11" text-anchor="end">now</text>` +
-    `<text x="${left}" y="${h - 6}" font-size="11">−10 min</text>`;
+  for (let m = 10; m >= 0; m -= 2) {
+    const px = x(now - m * 60000);
+    out += `<line x1="${px}" x2="${px}" y1="${h - bottom}" y2="${h - bottom + 4}" stroke="#444"/>` +
+      `<text x="${px}" y="${h - 6}" font-size="11" text-anchor="${m === 0 ? "end" : "middle"}">${m === 0 ? "now" : "−" + m + " min"}</text>`;
+  }
   const series = [["desired", "#9467bd"], ["inService", "#000"], ["ordered", "#8c564b"]];
-  const offset = HISTORY - history.length;
   series.forEach(([key, color], i) => {
-    const pts = history.map((s, j) => `${x(j + offset).toFixed(1)},${y(s[key]).toFixed(1)}`).join(" ");
+    const pts = samples.map((s) => `${x(s.t).toFixed(1)},${y(s[key]).toFixed(1)}`).join(" ");
     out += `<polyline data-series="${key}" fill="none" stroke="${color}" stroke-width="2" points="${pts}"/>` +
       `<rect x="${left + 10 + i * 110}" y="${top}" width="12" height="4" fill="${color}"/>` +
       `<text x="${left + 26 + i * 110}" y="${top + 6}" font-size="11">${key === "inService" ? "in service" : key}</text>`;
@@ -92,20 +99,24 @@ async function refresh() {
     const nodes = await (await call("/v1/nodes")).json();
     const inService = showNodes(nodes);
     $("in-service").textContent = inService;
-    let sample = { desired: inService, inService, ordered: 0 };
+    let samples = null;
     const a = await call("/v1/autoscaler");
     if (a.ok) {
-      const status = await a.json();
-      showAutoscaler(status);
-      sample = { desired: status.desired, inService, ordered: status.ordered };
+      showAutoscaler(await a.json());
+      const h = await call("/v1/autoscaler/history");
+      if (h.ok) {
+        samples = (await h.json()).samples.map((s) => ({
+          t: Date.parse(s.at), desired: s.desired, inService: s.in_service, ordered: s.ordered,
+        }));
+      }
     }
     const room = await call("/v1/waiting-room");
     $("queue").textContent = room.ok ? (await room.json()).queued + " waiting" : "not set up";
     const metrics = await call("/metrics");
     if (metrics.ok) $("shed").textContent = sumMetric(await metrics.text(), "surge_shed_total");
-    history.push(sample);
-    if (history.length > HISTORY) history.shift();
-    drawChart();
+    seen.push({ t: Date.now(), desired: inService, inService, ordered: 0 });
+    while (seen.length && seen[0].t < Date.now() - WINDOW_MS) seen.shift();
+    drawChart(samples || seen);
     $("login").hidden = true;
     $("status").hidden = false;
     $("error").textContent = "";

@@ -67,6 +67,43 @@ pub struct Status {
     pub decisions: VecDeque<(SystemTime, Decision)>,
     /// What the servers cost.
     pub cost: cost::Cost,
+    /// Desired, in service and ordered, once a second over the last ten minutes (the
+    /// status page's chart).
+    pub samples: VecDeque<Sample>,
+}
+
+/// The autoscaler's counts at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub at: SystemTime,
+    pub desired: usize,
+    pub in_service: usize,
+    pub ordered: usize,
+}
+
+/// Samples kept: ten minutes at one a second.
+const SAMPLES: usize = 600;
+
+impl Status {
+    /// Records the round's counts, at most one sample a second.
+    fn sample(&mut self, at: SystemTime) {
+        let recent = self.samples.back().is_some_and(|last| {
+            at.duration_since(last.at)
+                .is_ok_and(|d| d < std::time::Duration::from_secs(1))
+        });
+        if recent {
+            return;
+        }
+        self.samples.push_back(Sample {
+            at,
+            desired: self.desired,
+            in_service: self.report.in_service,
+            ordered: self.report.pending,
+        });
+        if self.samples.len() > SAMPLES {
+            self.samples.pop_front();
+        }
+    }
 }
 
 impl Shared {
@@ -293,6 +330,7 @@ pub async fn run<P: Provider>(
                         s.desired = report.in_service;
                         s.observations = Some(obs);
                         s.report = report;
+                        s.sample(SystemTime::now());
                     }
                     continue;
                 }
@@ -352,6 +390,7 @@ pub async fn run<P: Provider>(
             s.observations = Some(obs);
             s.report = report;
             s.cost = cost;
+            s.sample(SystemTime::now());
             let mut decision = decision;
             if let Some(limit) = &s.report.budget_reached {
                 decision.reasons.push(policy::Reason::Budget {
@@ -469,4 +508,41 @@ async fn take_over<P: Provider>(
         "cluster: leading; took over the ledger and the nodes"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_history_keeps_one_sample_a_second_for_ten_minutes() {
+        let mut s = Status::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        s.desired = 3;
+        s.report.in_service = 2;
+        s.report.pending = 1;
+        s.sample(t0);
+        // Rounds every 200 ms: one sample a second.
+        for ms in (200..1000).step_by(200) {
+            s.sample(t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(s.samples.len(), 1);
+        assert_eq!(
+            s.samples[0],
+            Sample {
+                at: t0,
+                desired: 3,
+                in_service: 2,
+                ordered: 1
+            }
+        );
+        s.sample(t0 + Duration::from_secs(1));
+        assert_eq!(s.samples.len(), 2);
+        for i in 2..2000 {
+            s.sample(t0 + Duration::from_secs(i));
+        }
+        assert_eq!(s.samples.len(), SAMPLES);
+        assert_eq!(s.samples[0].at, t0 + Duration::from_secs(2000 - 600));
+    }
 }
