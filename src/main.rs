@@ -279,7 +279,12 @@ where
 #[derive(clap::Args, Debug)]
 struct LoadtestArgs {
     /// The plan (see loadtests/*.toml and README.md).
-    file: PathBuf,
+    #[arg(required_unless_present = "compare")]
+    file: Option<PathBuf>,
+    /// Instead of running: overlay two runs' report.json (before, after) into
+    /// compare.html (in --out, or here) and print their figures side by side.
+    #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"], conflicts_with = "file")]
+    compare: Option<Vec<PathBuf>>,
     /// Write `report.json` and `report.html` into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -298,16 +303,54 @@ struct LoadtestArgs {
     threads: Option<usize>,
 }
 
+/// `surge loadtest --compare BEFORE AFTER`: the table on stdout, compare.html in `out`.
+fn compare_reports(pair: &[PathBuf], out: Option<PathBuf>) -> anyhow::Result<()> {
+    use surge::loadtest::compare;
+    let read = |path: &PathBuf| -> anyhow::Result<compare::Run> {
+        let text =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not JSON", path.display()))?;
+        // A report's folder names its run better than "report.json".
+        let label = path.parent().and_then(|p| p.file_name()).map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Ok(compare::Run::from_json(&label, &json)?)
+    };
+    let [first, second] = pair else {
+        anyhow::bail!("--compare takes two report.json files");
+    };
+    let (mut before, mut after) = (read(first)?, read(second)?);
+    if before.label == after.label {
+        before.label = pair[0].display().to_string();
+        after.label = pair[1].display().to_string();
+    }
+    print!("{}", compare::table(&before, &after));
+    let dir = out.unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let page = dir.join("compare.html");
+    std::fs::write(&page, compare::html(&before, &after))
+        .with_context(|| format!("cannot write {}", page.display()))?;
+    println!("comparison: {}", page.display());
+    Ok(())
+}
+
 /// Runs a plan; `Ok(false)` when an SLO failed or the run was aborted.
 fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
     let LoadtestArgs {
         file,
+        compare,
         out,
         abort_early,
         admin,
         token,
         threads,
     } = args;
+    if let Some(pair) = compare {
+        return compare_reports(&pair, out).map(|()| true);
+    }
+    let file = file.context("a plan file, or --compare BEFORE AFTER")?;
     let mut plan = surge::loadtest::Plan::load(&file)?;
     plan.abort_early |= abort_early;
     if let Some(url) = admin {

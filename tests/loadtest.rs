@@ -210,3 +210,152 @@ async fn abort_early_stops_once_an_slo_cannot_pass_and_says_which() {
     assert!(report.started_sessions < 400, "{table}");
     assert!(table.contains("ABORTED"), "{table}");
 }
+
+/// Runs `plan_text` with the real binary, writing its report into `dir`.
+async fn run_plan(dir: std::path::PathBuf, plan_text: String) {
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plan.toml");
+    std::fs::write(&file, plan_text).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_surge"))
+            .args(["loadtest"])
+            .arg(&file)
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The report as a reader sees it, in headless Chromium: every chart has a time axis with
+/// ticks in seconds, a value axis with ticks and its unit, a legend naming its series and
+/// the series themselves, and the distribution table; then `--compare` puts a slow run and
+/// a fast one side by side, with their ratios, on one page. Screenshots go to
+/// `target/screenshots/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_has_axes_legends_and_a_comparison_in_a_browser() {
+    let slow = blades(1, Duration::from_millis(20)).await;
+    let fast = blades(1, Duration::from_millis(2)).await;
+    let root = std::env::temp_dir().join(format!(
+        "surge-lt-report-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let plan = |addr: std::net::SocketAddr| {
+        format!(
+            "target = \"http://{addr}\"\n[[stages]]\nduration = \"3s\"\nrate = 30.0\n\
+             [[scenarios]]\nname = \"b\"\nsteps = [{{ name = \"catalog\", path = \"/catalog\" }}]\n"
+        )
+    };
+    run_plan(root.join("before"), plan(slow[0].addr)).await;
+    run_plan(root.join("after"), plan(fast[0].addr)).await;
+
+    let report = root.join("before").join("report.html");
+    let url = format!("file://{}", report.display());
+    let mut page = common::browser::Browser::open(&url).await;
+    assert!(
+        page.wait_for(
+            "document.querySelectorAll('svg[data-chart]').length >= 3",
+            Duration::from_secs(15)
+        )
+        .await
+    );
+    for chart in ["latency", "rates", "errors and queue"] {
+        let q = |sel: &str| {
+            format!("document.querySelectorAll(\"svg[data-chart='{chart}'] {sel}\").length")
+        };
+        let ticks = page.eval(&q(".x-axis text")).await.as_u64().unwrap_or(0);
+        assert!(ticks >= 3, "{chart}: {ticks} time ticks");
+        let seconds = page
+            .eval(&format!(
+                "[...document.querySelectorAll(\"svg[data-chart='{chart}'] .x-axis text\")].some(t => t.textContent === '2 s')"
+            ))
+            .await;
+        assert_eq!(
+            seconds,
+            serde_json::Value::Bool(true),
+            "{chart}: no '2 s' tick"
+        );
+        assert!(
+            page.eval(&q(".y-axis text")).await.as_u64().unwrap_or(0) >= 2,
+            "{chart}"
+        );
+        let series = page.eval(&q("polyline.series")).await.as_u64().unwrap_or(0);
+        let legend = page.eval(&q(".legend text")).await.as_u64().unwrap_or(0);
+        assert!(
+            series >= 2 && series == legend,
+            "{chart}: {series} series, {legend} in the legend"
+        );
+    }
+    // The latency axis says its unit; the rates axis its own.
+    assert_eq!(
+        page.eval("[...document.querySelectorAll(\"svg[data-chart='latency'] .y-axis text\")].every(t => t.textContent.endsWith(' ms'))").await,
+        serde_json::Value::Bool(true)
+    );
+    assert!(
+        page.eval("document.querySelectorAll('table.distribution tr').length")
+            .await
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "no distribution"
+    );
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("report.png"), page.screenshot().await).unwrap();
+    drop(page);
+
+    let root2 = root.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_surge"))
+            .args(["loadtest", "--compare"])
+            .arg(root2.join("before").join("report.json"))
+            .arg(root2.join("after").join("report.json"))
+            .arg("--out")
+            .arg(&root2)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p50 = stdout
+        .lines()
+        .find(|l| l.starts_with("p50 ms"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let ratio: f64 = p50
+        .split_whitespace()
+        .last()
+        .and_then(|r| r.trim_end_matches('×').parse().ok())
+        .unwrap_or_else(|| panic!("{p50}"));
+    // 2 ms blades against 20 ms ones.
+    assert!(ratio < 0.5, "{stdout}");
+    let mut page =
+        common::browser::Browser::open(&format!("file://{}", root.join("compare.html").display()))
+            .await;
+    assert!(
+        page.wait_for(
+            "document.querySelectorAll(\"polyline[data-series='before']\").length === 5",
+            Duration::from_secs(15)
+        )
+        .await
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll(\"polyline[data-series='after']\").length")
+            .await,
+        5
+    );
+    std::fs::write(shots.join("compare.png"), page.screenshot().await).unwrap();
+}

@@ -11,6 +11,7 @@
 //! Must not import `proxy`, `pool` or `admin`: it measures from outside, like a shopper.
 
 pub mod chart;
+pub mod compare;
 pub mod plan;
 pub mod report;
 pub mod schedule;

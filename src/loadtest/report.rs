@@ -76,6 +76,23 @@ impl StepStats {
         self.latency.count_between(us, MAX_US)
     }
 
+    /// How many requests took up to each bound: `(upper bound, count)` on doubling
+    /// bounds from 0.1 ms, up to the slowest request.
+    pub fn distribution(&self) -> Vec<(Duration, u64)> {
+        if self.count() == 0 {
+            return Vec::new();
+        }
+        self.latency
+            .iter_log(100, 2.0)
+            .map(|v| {
+                (
+                    Duration::from_micros(v.value_iterated_to()),
+                    v.count_since_last_iteration(),
+                )
+            })
+            .collect()
+    }
+
     pub fn error_rate(&self) -> f64 {
         let n = self.count();
         if n == 0 {
@@ -374,6 +391,7 @@ impl Report {
                 "queued": self.queue.queued, "admitted": self.queue.admitted, "abandoned": self.queue.abandoned,
                 "wait_p50_ms": ms(self.queue.wait.quantile(0.5)), "wait_p99_ms": ms(self.queue.wait.quantile(0.99)),
             }),
+            "distribution": self.total.distribution().iter().map(|(le, n)| json!({"le_ms": ms(*le), "count": n})).collect::<Vec<_>>(),
             "timeline": (0..self.seconds()).map(|i| {
                 let queue_length = &queue_length;
                 let b = self.timeline.get(i);
@@ -470,6 +488,7 @@ impl Report {
             }
             .svg()
         };
+        let distribution = distribution_table(&self.total);
         let mut spec_rows = String::new();
         for q in [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0] {
             spec_rows.push_str(&format!(
@@ -527,6 +546,7 @@ impl Report {
              <h2>Latency over time</h2>{}\
              <h2>New sessions and requests per second</h2>{}\
              <h2>Errors per second and shoppers in the waiting room</h2>{}{scaler}\
+             <h2>Response-time distribution (all steps)</h2>{distribution}\
              <h2>Percentile spectrum (all steps)</h2><table>{spec_rows}</table>",
             html_escape(&self.table()),
             chart(
@@ -556,6 +576,27 @@ impl Report {
             ),
         )
     }
+}
+
+/// The response-time distribution as a table of bars: requests up to each bound.
+fn distribution_table(stats: &StepStats) -> String {
+    let rows = stats.distribution();
+    let total = stats.count().max(1) as f64;
+    let widest = rows.iter().map(|(_, n)| *n).max().unwrap_or(1).max(1) as f64;
+    let mut out = String::from(
+        "<table class='distribution'><tr><th>up to</th><th>requests</th><th>share</th><th></th></tr>",
+    );
+    for (le, n) in rows {
+        out.push_str(&format!(
+            "<tr><td>{:.1} ms</td><td>{n}</td><td>{:.2}%</td>\
+             <td><div style='background:#1f77b4;height:10px;width:{:.0}px'></div></td></tr>",
+            ms(le),
+            n as f64 / total * 100.0,
+            n as f64 / widest * 400.0
+        ));
+    }
+    out.push_str("</table>");
+    out
 }
 
 fn html_escape(s: &str) -> String {
