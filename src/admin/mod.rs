@@ -656,8 +656,10 @@ impl Admin {
         let cookies = req.headers().get_all(header::COOKIE).iter();
         if cookies
             .filter_map(|v| v.to_str().ok())
-            .filter_map(|v| crate::proxy::headers::cookie_in(v, session::COOKIE))
-            .any(|v| session::valid(token, v, unix_now()))
+            .flat_map(cookie::Cookie::split_parse)
+            .flatten()
+            .filter(|c| c.name() == session::COOKIE)
+            .any(|c| session::valid(token, c.value(), unix_now()))
         {
             return None;
         }
