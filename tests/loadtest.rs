@@ -294,6 +294,11 @@ async fn the_report_has_axes_legends_and_a_comparison_in_a_browser() {
             "{chart}: {series} series, {legend} in the legend"
         );
     }
+    // Percentiles per step over time: one series per step of the plan.
+    assert_eq!(
+        page.eval("document.querySelectorAll(\"svg[data-chart='latency per step'] polyline[data-series='catalog p99']\").length").await,
+        1
+    );
     // The latency axis says its unit; the rates axis its own.
     assert_eq!(
         page.eval("[...document.querySelectorAll(\"svg[data-chart='latency'] .y-axis text\")].every(t => t.textContent.endsWith(' ms'))").await,

@@ -37,6 +37,8 @@ struct Stats {
     total: StepStats,
     /// By the second of the request's intended start.
     timeline: Vec<StepStats>,
+    /// The same per step.
+    step_timeline: BTreeMap<String, Vec<report::Sketch>>,
     /// Sessions that met a waiting room.
     queue: QueueStats,
 }
@@ -63,6 +65,14 @@ impl Stats {
             self.timeline.resize_with(second + 1, StepStats::coarse);
         }
         self.timeline[second].record(latency, outcome, good);
+        let per_step = match self.step_timeline.get_mut(step) {
+            Some(v) => v,
+            None => self.step_timeline.entry(step.to_owned()).or_default(),
+        };
+        if per_step.len() <= second {
+            per_step.resize_with(second + 1, report::Sketch::default);
+        }
+        per_step[second].record(latency);
     }
 }
 
@@ -251,6 +261,7 @@ pub async fn run(plan: &Plan) -> Report {
     report.steps = stats.steps;
     report.total = stats.total;
     report.timeline = stats.timeline;
+    report.step_timeline = stats.step_timeline;
     report.queue = stats.queue;
     report.autoscaler = std::mem::take(&mut *scaler.lock().unwrap_or_else(|p| p.into_inner()));
     report.check_slos(&plan.slos);
@@ -266,6 +277,7 @@ fn empty_report(scheduled: usize) -> Report {
         duration: Duration::ZERO,
         scenarios: BTreeMap::new(),
         timeline: Vec::new(),
+        step_timeline: BTreeMap::new(),
         starts_per_second: Vec::new(),
         autoscaler: Vec::new(),
         steps: BTreeMap::new(),
