@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Memory per idle keep-alive connection, side by side: nginx and surge (one worker each)
+# in front of the same nginx backend. For each proxy in turn, a client opens N connections
+# (default 10,000), sends one request on each and reads the answer, then leaves them all
+# idle; the proxy's resident memory (VmRSS) is read before and while they idle. A sales
+# morning of slow mobile shoppers is exactly this: many kept-alive connections, few bytes.
+#
+# Usage: loadtests/idle-rss.sh              (N=10000)
+#        N=2000 loadtests/idle-rss.sh
+#        SURGE_BASELINE=/path/to/older/surge loadtests/idle-rss.sh   (adds surge-base)
+# Everything listens on 127.0.0.1 and is stopped by PID on exit.
+set -euo pipefail
+
+N=${N:-10000}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+ulimit -n 65536
+(cd "$ROOT" && cargo build --release --quiet)
+SURGE="$ROOT/target/release/surge"
+
+WORK=$(mktemp -d /tmp/surge-idle.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+. "$ROOT/loadtests/lib.sh"
+BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
+write_backend_conf "$WORK/backend" "$BACKEND_PORT"
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 30000; }
+http {
+  access_log off;
+  keepalive_timeout 120s;
+  keepalive_requests 1000000;
+  upstream shop { server 127.0.0.1:$BACKEND_PORT; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+cat > "$WORK/surge.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$SURGE_PORT"
+workers = 1
+access_log = false
+idle_timeout = "120s"
+max_connections_per_ip = 0
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+[pool.health]
+path = "/"
+[[pool.backends]]
+address = "127.0.0.1:$BACKEND_PORT"
+EOF
+
+"$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
+"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
+RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
+EXTRA=()
+if [ -n "${SURGE_BASELINE:-}" ]; then
+  BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
+  sed -e "s/127.0.0.1:$SURGE_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$BASE_ADMIN/" \
+    "$WORK/surge.toml" > "$WORK/surge-base.toml"
+  RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
+  EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
+fi
+for port in $BACKEND_PORT $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}; do
+  for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+  curl -fs -o /dev/null "http://127.0.0.1:$port/" || { echo "nothing answers on $port" >&2; tail -n 5 "$WORK"/*.err >&2; exit 1; }
+done
+# nginx's worker is the child of its master: measure the worker.
+NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $N idle keep-alive connections each"
+python3 - "$N" "nginx=$NGINX_WORKER:$NGINX_PORT" "surge=$SURGE_PID:$SURGE_PORT" "${EXTRA[@]}" <<'PY'
+import asyncio, sys
+
+n = int(sys.argv[1])
+proxies = [(a.split("=")[0], int(a.split("=")[1].split(":")[0]), int(a.split(":")[1])) for a in sys.argv[2:]]
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+async def one(port, held):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+    await w.drain()
+    head = await r.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await r.readexactly(length)
+    held.append(w)
+
+async def measure(name, pid, port):
+    before = rss_kib(pid)
+    held = []
+    for start in range(0, n, 500):
+        await asyncio.gather(*(one(port, held) for _ in range(min(500, n - start))))
+    await asyncio.sleep(2)
+    during = rss_kib(pid)
+    for w in held:
+        w.close()
+    await asyncio.sleep(1)
+    return before, during, len(held)
+
+async def main():
+    rows = []
+    for name, pid, port in proxies:
+        rows.append((name,) + await measure(name, pid, port))
+    nginx = next(r for r in rows if r[0] == "nginx")
+    print(f"{'proxy':<12} {'RSS before':>12} {'RSS idle':>12} {'per conn':>10} {'RSS vs nginx':>13}")
+    for name, before, during, held in rows:
+        per = (during - before) / max(held, 1)
+        print(f"{name:<12} {before/1024:>9.1f} MB {during/1024:>9.1f} MB {per:>7.2f} KiB {during/max(nginx[2],1):>12.2f}×")
+
+asyncio.run(main())
+PY
