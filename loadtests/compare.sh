@@ -34,17 +34,9 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 (cd "$ROOT" && cargo build --release --quiet)
 SURGE="$ROOT/target/release/surge"
 
-WORK=$(mktemp -d /tmp/surge-compare.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
 . "$ROOT/loadtests/lib.sh"
+with_scratch compare
+
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 
 mkdir -p "$WORK/nginx"
@@ -116,17 +108,7 @@ if [ -n "${SURGE_BASELINE:-}" ]; then
   EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
 fi
 
-for port in $BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $SURGE_PORT ${BASE_PORT:-}; do
-  for _ in $(seq 1 50); do
-    curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
-    sleep 0.1
-  done
-  curl -fs -o /dev/null "http://127.0.0.1:$port/" || {
-    echo "nothing answers on port $port; logs:" >&2
-    tail -n 5 "$WORK"/*.err "$WORK"/*/error.log >&2 2>/dev/null || true
-    exit 1
-  }
-done
+wait_answering $BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $SURGE_PORT ${BASE_PORT:-}
 
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $("$HAPROXY" -v | head -1 | awk '{print $1, $3}'), $("$SURGE" --version)"

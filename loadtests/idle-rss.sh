@@ -19,27 +19,23 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-ulimit -n 65536
+# As many descriptors as this machine allows (the client and each proxy hold N).
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" != unlimited ] && [ "$N" -gt $(( $(ulimit -n) - 500 )) ]; then
+  echo "N=$N needs more open files than the limit of $(ulimit -n)" >&2; exit 1
+fi
 (cd "$ROOT" && cargo build --release --quiet)
 SURGE="$ROOT/target/release/surge"
 
-WORK=$(mktemp -d /tmp/surge-idle.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
 . "$ROOT/loadtests/lib.sh"
+with_scratch idle
+
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 write_backend_conf "$WORK/backend" "$BACKEND_PORT"
 mkdir -p "$WORK/nginx"
 cat > "$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $(ulimit -n);
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
@@ -85,10 +81,7 @@ if [ -n "${SURGE_BASELINE:-}" ]; then
   RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
   EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
 fi
-for port in $BACKEND_PORT $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}; do
-  for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
-  curl -fs -o /dev/null "http://127.0.0.1:$port/" || { echo "nothing answers on $port" >&2; tail -n 5 "$WORK"/*.err >&2; exit 1; }
-done
+wait_answering $BACKEND_PORT $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}
 # nginx's worker is the child of its master: measure the worker.
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
 

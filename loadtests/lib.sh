@@ -1,5 +1,32 @@
 # Shared by the benchmark scripts in loadtests/ (sourced, not run).
 
+# with_scratch NAME: a scratch directory in $WORK and a PIDS array; on exit every process
+# in PIDS is stopped (TERM, then KILL) and the directory removed (kept if KEEP is set).
+with_scratch() {
+  WORK=$(mktemp -d "/tmp/surge-$1.XXXXXX")
+  PIDS=()
+  trap scratch_cleanup EXIT INT TERM
+}
+scratch_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+
+# wait_answering PORT...: each port on 127.0.0.1 answers HTTP within 5 s, or exit 1 with
+# the logs in $WORK.
+wait_answering() {
+  for port in "$@"; do
+    for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+    curl -fs -o /dev/null "http://127.0.0.1:$port/" || {
+      echo "nothing answers on port $port; logs:" >&2
+      tail -n 5 "$WORK"/*.err "$WORK"/*/error.log >&2 2>/dev/null || true
+      exit 1
+    }
+  done
+}
+
 # A port free on 127.0.0.1 now.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

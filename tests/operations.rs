@@ -87,17 +87,21 @@ impl Drop for Running {
 }
 
 fn scratch(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "surge-ops-{what}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir(&format!("ops-{what}"))
 }
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Fails the test with the tool's output unless it exited 0.
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs an operator's tool, bounded to `secs`; its output, or a failure naming the
@@ -361,21 +365,11 @@ fn the_alert_rules_check_pass_their_unit_tests_and_use_exported_metrics() {
     let dir = repo("dist/prometheus");
     let rules = dir.join("alerts.yml").display().to_string();
     let out = tool("promtool", "prometheus", &["check", "rules", &rules], 30);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     // promtool test rules reads rule_files relative to the test file.
     let tests = dir.join("alerts.test.yml").display().to_string();
     let out = tool("promtool", "prometheus", &["test", "rules", &tests], 60);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let text = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
     let used = surge_metrics_in(&text);
     let names = exported();
@@ -452,12 +446,7 @@ fn the_grafana_dashboard_queries_are_valid_promql_on_exported_metrics() {
         &["check", "rules", &file.display().to_string()],
         30,
     );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let all = titles.join(" | ").to_lowercase();
     for topic in [
         "latency",

@@ -544,13 +544,7 @@ async fn sigterm_during_a_hand_over_stops_both_processes() {
 
 /// A fresh scratch directory for one test.
 fn scratch(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "surge-{what}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir(what)
 }
 
 /// `dir/name/surge`: this build's binary installed as a release (a hard link, or a copy

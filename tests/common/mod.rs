@@ -148,3 +148,14 @@ pub fn free_port() -> u16 {
         .expect("local address")
         .port()
 }
+
+/// A fresh scratch directory under the system's temporary directory, named for `what`.
+pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "surge-{what}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
