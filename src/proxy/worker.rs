@@ -391,7 +391,12 @@ impl Worker {
         let io = TokioIo::new(io);
         let fwd = self.forwarder.clone();
         let conn_info = info.clone();
-        let service = service_fn(move |req| fwd.clone().handle(req, conn_info.clone()));
+        // Boxed per request: hyper keeps its slot for the service future allocated for the
+        // whole connection (`Box<Option<S::Future>>`), so an unboxed future (the whole
+        // forwarding state machine, kilobytes) would be paid by every idle keep-alive
+        // connection; boxed, the slot is one pointer and the future lives only while its
+        // request does.
+        let service = service_fn(move |req| Box::pin(fwd.clone().handle(req, conn_info.clone())));
         let b = &self.builders;
         match speaks {
             Speaks::H1 => {
