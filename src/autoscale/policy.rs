@@ -194,13 +194,36 @@ pub fn decide(
     if paused {
         return hold(Reason::Paused);
     }
-    if !obs.fresh {
+    // Stale rates (the window not half full yet: just started, or taken over) hold the
+    // size, unless the pool is at its limit right now: requests waiting or shed are read
+    // live, and a sale that opens while the meter warms up must not wait for it.
+    if !obs.fresh && !obs.at_limit {
         return hold(Reason::StaleMetrics);
     }
+    let mut recommended = if obs.fresh {
+        rate_recommendation(obs, current, cfg, &mut reasons)
+    } else {
+        reasons.push(Reason::StaleMetrics);
+        current
+    };
+    if obs.at_limit && recommended <= current {
+        recommended = current + 1;
+        reasons.push(Reason::AtLimit);
+    }
+    recommended = recommended.clamp(min, cfg.max);
+    stabilize_and_limit(recommended, current, min, cfg, state, now, reasons)
+}
 
-    // 1. Raw recommendation from the target, with tolerance and the in-flight guard.
-    // Up on the short window too: a step shows there within a tick (the scale-down
-    // window keeps the highest recent recommendation, so a blip costs nothing but time).
+/// Step 1, the raw recommendation from the rates: the target with tolerance, the
+/// in-flight and latency guards. Up on the short window too: a step shows there within a
+/// tick (the scale-down window keeps the highest recent recommendation, so a blip costs
+/// nothing but time).
+fn rate_recommendation(
+    obs: &Observations,
+    current: usize,
+    cfg: &PolicyConfig,
+    reasons: &mut Vec<Reason>,
+) -> usize {
     let base = current.max(1);
     let rate = if obs.recent_connection_rate > obs.connection_rate * (1.0 + cfg.tolerance) {
         reasons.push(Reason::RecentStep {
@@ -243,12 +266,19 @@ pub fn decide(
             reasons.push(Reason::LatencyGuard { p99, limit });
         }
     }
-    if obs.at_limit && recommended <= current {
-        recommended = current + 1;
-        reasons.push(Reason::AtLimit);
-    }
-    recommended = recommended.clamp(min, cfg.max);
+    recommended
+}
 
+/// Steps 2 to 4: stabilization windows over the raw recommendations, step limits, bounds.
+fn stabilize_and_limit(
+    recommended: usize,
+    current: usize,
+    min: usize,
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+    now: Instant,
+    mut reasons: Vec<Reason>,
+) -> Decision {
     // 2. Stabilization windows over the raw recommendations.
     state.recommendations.push_back((now, recommended));
     let keep = cfg.scale_down_window.max(cfg.scale_up_window);
@@ -530,6 +560,59 @@ mod tests {
             d.reasons.last(),
             Some(Reason::InFlightGuard { .. })
         ));
+    }
+
+    #[test]
+    fn a_pool_at_its_limit_grows_before_the_meter_is_warm_within_the_step_limits() {
+        // Just started (or taken over): the rates are not there yet, the sheds are.
+        let mut full = obs(0.0);
+        full.fresh = false;
+        full.at_limit = true;
+        let c = PolicyConfig {
+            up_percent: 0.0,
+            up_nodes: 1,
+            ..cfg()
+        };
+        let mut state = PolicyState::default();
+        let now = Instant::now();
+        let d = decide(&full, 2, 2, false, &c, &mut state, now);
+        assert_eq!(d.desired, 3);
+        assert_eq!(d.reasons, [Reason::StaleMetrics, Reason::AtLimit]);
+        // The next tick, still at the limit: the step limit of the up period holds.
+        let d = decide(
+            &full,
+            2,
+            2,
+            false,
+            &c,
+            &mut state,
+            now + Duration::from_millis(200),
+        );
+        assert_eq!(d.desired, 3, "{:?}", d.reasons);
+        // Not at the limit: stale rates hold, as before.
+        full.at_limit = false;
+        let d = decide(
+            &full,
+            3,
+            2,
+            false,
+            &c,
+            &mut state,
+            now + Duration::from_secs(1),
+        );
+        assert_eq!((d.desired, d.reasons), (3, vec![Reason::StaleMetrics]));
+        // Paused beats everything.
+        full.at_limit = true;
+        let d = decide(
+            &full,
+            3,
+            2,
+            true,
+            &c,
+            &mut state,
+            now + Duration::from_secs(2),
+        );
+        assert_eq!((d.desired, d.reasons), (3, vec![Reason::Paused]));
     }
 
     #[test]
