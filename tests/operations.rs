@@ -74,6 +74,24 @@ impl Running {
         running
     }
 
+    /// Surge in front of two blades (`blade-1`, `blade-2`) with an admin token; the
+    /// blades live as long as the first value.
+    async fn two_blades_with_token(token: &str) -> (Vec<surge::blade::BladeHandle>, Running) {
+        let blades = blades(2, Duration::ZERO).await;
+        let extra = format!(
+            "[[pool.backends]]\nid = \"blade-2\"\naddress = \"{}\"\n",
+            blades[1].addr
+        );
+        let surge = Self::start_with_env(
+            blades[0].addr,
+            "access_log = false",
+            &extra,
+            &[("SURGE_ADMIN_TOKEN", token)],
+        )
+        .await;
+        (blades, surge)
+    }
+
     fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
@@ -470,18 +488,7 @@ const STATUS_TOKEN: &str = "status-page-test-token";
 /// directory for README.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_signs_in_shows_the_nodes_and_follows_a_drain_in_a_browser() {
-    let blades = blades(2, Duration::ZERO).await;
-    let extra = format!(
-        "[[pool.backends]]\nid = \"blade-2\"\naddress = \"{}\"\n",
-        blades[1].addr
-    );
-    let surge = Running::start_with_env(
-        blades[0].addr,
-        "access_log = false",
-        &extra,
-        &[("SURGE_ADMIN_TOKEN", STATUS_TOKEN)],
-    )
-    .await;
+    let (_blades, surge) = Running::two_blades_with_token(STATUS_TOKEN).await;
     let url = format!("http://{}/", surge.admin);
     let mut page = common::browser::Browser::open(&url).await;
     // Not signed in: the form, no data.
@@ -658,19 +665,8 @@ async fn a_session_cookie_is_issued_only_for_the_token_and_authenticates_the_api
 /// failure reproducible (`--seed 1`); run it with others by hand for more cases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_wrong_with_the_admin_api() {
-    let blades = blades(2, Duration::ZERO).await;
-    let extra = format!(
-        "[[pool.backends]]\nid = \"blade-2\"\naddress = \"{}\"\n",
-        blades[1].addr
-    );
     let token = "schemathesis-test-token";
-    let surge = Running::start_with_env(
-        blades[0].addr,
-        "access_log = false",
-        &extra,
-        &[("SURGE_ADMIN_TOKEN", token)],
-    )
-    .await;
+    let (_blades, surge) = Running::two_blades_with_token(token).await;
     let dir = scratch("schemathesis");
     // The document as surge serves it, but nodes added only on loopback: the test must
     // not have surge health-check addresses outside this machine.
