@@ -72,15 +72,7 @@ EOF
 
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
-RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
-EXTRA=()
-if [ -n "${SURGE_BASELINE:-}" ]; then
-  BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
-  sed -e "s/127.0.0.1:$SURGE_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$BASE_ADMIN/" \
-    "$WORK/surge.toml" > "$WORK/surge-base.toml"
-  RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
-  EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
-fi
+start_surges
 wait_answering $BACKEND_PORT $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}
 # nginx's worker is the child of its master: measure the worker.
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)

@@ -38,34 +38,16 @@ impl Running {
     ) -> Running {
         let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let dir = scratch("run");
-        let config = dir.join("surge.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\nlisten = \"{proxy}\"\nworkers = 1\n{proxy_keys}\n\
-                 [admin]\nlisten = \"{admin}\"\n\
-                 [[pool.backends]]\nid = \"blade-1\"\naddress = \"{blade}\"\n{extra}"
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(SURGE)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .current_dir(&dir)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = capture_lines(&mut child);
-        let running = Running {
-            child,
-            lines,
-            proxy,
+        let (dir, config) = config_file(
+            "run",
+            &format!("listen = \"{proxy}\"\nworkers = 1\n{proxy_keys}"),
             admin,
-        };
+            blade,
+            extra,
+        );
+        let mut cmd = serve_command(&config, &dir);
+        cmd.envs(env.iter().copied()).env("RUST_LOG", "info");
+        let running = Running::spawn(cmd, proxy, admin);
         let up = eventually_async(Duration::from_secs(20), || async {
             get(&client(), proxy, "/").await.is_ok()
         })
@@ -92,9 +74,56 @@ impl Running {
         (blades, surge)
     }
 
+    /// Runs `cmd` (a [`serve_command`]) and collects its output.
+    fn spawn(mut cmd: Command, proxy: SocketAddr, admin: SocketAddr) -> Running {
+        let mut child = cmd.spawn().unwrap();
+        // Descriptors handed to the child close here: only surge holds them now.
+        drop(cmd);
+        let lines = capture_lines(&mut child);
+        Running {
+            child,
+            lines,
+            proxy,
+            admin,
+        }
+    }
+
     fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
+}
+
+/// A config in a scratch directory: `[proxy]` with `proxy` (its keys), the admin API at
+/// `admin`, the blade `blade-1` at `blade`, then `extra`. Returns the directory and file.
+fn config_file(
+    what: &str,
+    proxy: &str,
+    admin: SocketAddr,
+    blade: SocketAddr,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let dir = scratch(what);
+    let config = dir.join("surge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\n{proxy}\n[admin]\nlisten = \"{admin}\"\n\
+             [[pool.backends]]\nid = \"blade-1\"\naddress = \"{blade}\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+/// `surge serve --config FILE` in `dir`, its output piped.
+fn serve_command(config: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(SURGE);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 impl Drop for Running {
@@ -247,42 +276,23 @@ async fn surge_serves_on_a_socket_handed_over_by_socket_activation() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = listener.local_addr().unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dir = scratch("activation");
-    let config = dir.join("surge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"{proxy}\"\nworkers = 2\naccess_log = false\n\
-             [admin]\nlisten = \"{admin}\"\n\
-             [[pool.backends]]\nid = \"blade-1\"\naddress = \"{}\"\n",
-            blades[0].addr
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(SURGE);
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .current_dir(&dir)
-        .env("LISTEN_FDS", "1")
+    let (dir, config) = config_file(
+        "activation",
+        &format!("listen = \"{proxy}\"\nworkers = 2\naccess_log = false"),
+        admin,
+        blades[0].addr,
+        "",
+    );
+    let mut cmd = serve_command(&config, &dir);
+    cmd.env("LISTEN_FDS", "1")
         .env_remove("LISTEN_PID")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "warn");
     cmd.fd_mappings(vec![FdMapping {
         parent_fd: std::os::fd::OwnedFd::from(listener),
         child_fd: 3,
     }])
     .unwrap();
-    let mut child = cmd.spawn().unwrap();
-    // Our copy of the socket closes with the command: only surge holds it now.
-    drop(cmd);
-    let lines = capture_lines(&mut child);
-    let running = Running {
-        child,
-        lines,
-        proxy,
-        admin,
-    };
+    let running = Running::spawn(cmd, proxy, admin);
     let c = client();
     let served = eventually_async(Duration::from_secs(20), || async {
         tokio::time::timeout(Duration::from_secs(2), get(&c, proxy, "/"))

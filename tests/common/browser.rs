@@ -96,20 +96,21 @@ impl Browser {
         }
     }
 
-    /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
-    pub async fn eval(&mut self, expression: &str) -> serde_json::Value {
+    /// Sends one DevTools command and returns its `result`, waiting at most `within`.
+    async fn call(
+        &mut self,
+        method: &str,
+        params: serde_json::Value,
+        within: Duration,
+    ) -> serde_json::Value {
         let id = self.next_id;
         self.next_id += 1;
-        let call = serde_json::json!({
-            "id": id,
-            "method": "Runtime.evaluate",
-            "params": {"expression": expression, "returnByValue": true, "awaitPromise": true},
-        });
+        let call = serde_json::json!({"id": id, "method": method, "params": params});
         self.socket
             .send(Message::text(call.to_string()))
             .await
             .expect("DevTools send");
-        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        let answer = tokio::time::timeout(within, async {
             while let Some(Ok(msg)) = self.socket.next().await {
                 let Ok(text) = msg.to_text() else { continue };
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -122,8 +123,18 @@ impl Browser {
             serde_json::Value::Null
         })
         .await
-        .expect("DevTools answered in time");
-        answer["result"]["result"]["value"].clone()
+        .unwrap_or_else(|_| panic!("DevTools did not answer {method} within {within:?}"));
+        answer["result"].clone()
+    }
+
+    /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
+    pub async fn eval(&mut self, expression: &str) -> serde_json::Value {
+        let params = serde_json::json!(
+            {"expression": expression, "returnByValue": true, "awaitPromise": true}
+        );
+        self.call("Runtime.evaluate", params, Duration::from_secs(10))
+            .await["result"]["value"]
+            .clone()
     }
 
     /// Waits until `expression` is true in the page; false after `within`.
@@ -140,28 +151,11 @@ impl Browser {
 
     /// A PNG screenshot of the page.
     pub async fn screenshot(&mut self) -> Vec<u8> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let call = serde_json::json!({"id": id, "method": "Page.captureScreenshot", "params": {"format": "png"}});
-        self.socket
-            .send(Message::text(call.to_string()))
-            .await
-            .expect("DevTools send");
-        let data = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(Ok(msg)) = self.socket.next().await {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(msg.to_text().unwrap_or(""))
-                else {
-                    continue;
-                };
-                if v["id"] == id {
-                    return v["result"]["data"].as_str().unwrap_or_default().to_owned();
-                }
-            }
-            String::new()
-        })
-        .await
-        .expect("screenshot in time");
-        base64_decode(&data)
+        let params = serde_json::json!({"format": "png"});
+        let shot = self
+            .call("Page.captureScreenshot", params, Duration::from_secs(20))
+            .await;
+        base64_decode(shot["data"].as_str().unwrap_or_default())
     }
 }
 
