@@ -57,6 +57,8 @@ pub mod names {
             "Connections refused at accept, by reason.";
         TLS_HANDSHAKE_FAILURES = "surge_tls_handshake_failures_total", Counter,
             "TLS handshakes that failed or timed out.";
+        TUNNELS_TOTAL = "surge_tunnels_total", Counter,
+            "Upgraded connections (WebSocket and the like) tunnelled to a blade after a 101.";
         /// Label `result` (`ok`, `refused`).
         TLS_RELOADS = "surge_tls_reloads_total", Counter,
             "Certificate reloads, by result.";

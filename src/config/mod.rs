@@ -41,7 +41,7 @@ pub use pool::{
 };
 pub use problems::{is_valid_name, Problem, Problems, NAME_RULE};
 pub use provider::{BootstrapConfig, MaasSettings, ProviderConfig, Reach, MAAS_ANY_POOL};
-pub use proxy::{AccessLogFormat, ProxyConfig};
+pub use proxy::{AccessLogFormat, Engine, ProxyConfig};
 pub use sim::SimSettings;
 pub use waiting_room::WaitingRoomConfig;
 

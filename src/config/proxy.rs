@@ -42,6 +42,20 @@ pub(super) struct FileProxy {
     access_log: bool,
     access_log_format: AccessLogFormat,
     trusted_proxies: Vec<String>,
+    engine: Engine,
+}
+
+/// Which HTTP/1.1 implementation serves shoppers (HTTP/2 is hyper's either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Surge's own engine (`proxy::h1`): no buffers held by idle connections, nothing
+    /// allocated per request, WebSocket tunnelled.
+    #[default]
+    Surge,
+    /// hyper's HTTP/1.1 server and client, as before the engine existed; kept selectable
+    /// while the new one proves itself in production.
+    Hyper,
 }
 
 /// How access-log lines look.
@@ -83,6 +97,7 @@ impl Default for FileProxy {
             access_log: true,
             access_log_format: AccessLogFormat::Text,
             trusted_proxies: Vec::new(),
+            engine: Engine::default(),
         }
     }
 }
@@ -100,8 +115,10 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Time allowed from sending a request to a backend until its response head arrives.
     pub response_timeout: Duration,
-    /// Time a shopper's connection may take to send a complete request head; also closes
-    /// idle keep-alive connections.
+    /// Time a shopper's connection may take to send a complete request head (the first
+    /// one from the connection's start; later ones from their first byte on the surge
+    /// engine, from the previous answer on hyper's, where it also closes idle keep-alive
+    /// connections).
     pub header_read_timeout: Duration,
     /// How long an idle pooled connection to a backend is kept.
     pub upstream_idle_timeout: Duration,
@@ -131,8 +148,9 @@ pub struct ProxyConfig {
     /// slot, or keep a drain from finishing.
     pub body_idle_timeout: Duration,
     /// A connection on which no request has started for this long is closed gracefully
-    /// (HTTP/2: GOAWAY; requests in progress finish). HTTP/1.1 keep-alive connections
-    /// are usually closed sooner, by `header_read_timeout`.
+    /// (HTTP/2: GOAWAY; requests in progress finish). On the surge engine this is also
+    /// how long an HTTP/1.1 keep-alive connection waits for its next request (holding
+    /// no buffer meanwhile); on hyper's, `header_read_timeout` closes it sooner.
     pub idle_timeout: Duration,
     /// Requests served on one HTTP/1.1 connection before surge asks the shopper to
     /// reconnect (`Connection: close`), so long-lived connections rebalance over workers.
@@ -157,6 +175,9 @@ pub struct ProxyConfig {
     /// Peers (a cloud load balancer, a CDN) whose `X-Forwarded-For` is kept and appended
     /// to; from anyone else it is replaced by the peer's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// HTTP/1.1 engine for shoppers: `surge` (default) or `hyper`. Listeners with h2c and
+    /// h2c blades are always served by hyper.
+    pub engine: Engine,
 }
 
 /// Checks `[proxy]` (keys relative to it) and resolves `workers = 0` to one per core of
@@ -278,5 +299,6 @@ pub(super) fn validate(
         access_log_format: f.access_log_format,
         upstream_tls: None,
         trusted_proxies,
+        engine: f.engine,
     }
 }

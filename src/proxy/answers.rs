@@ -41,6 +41,12 @@ pub(super) enum Refused {
     BadFraming,
     /// The process-wide budget for buffered request bodies is spent.
     BodyBudget,
+    /// Not an HTTP/1.x request surge can read (the HTTP/1.1 engine's parser said no).
+    Malformed,
+    /// The header section did not fit in `proxy.max_header_bytes`.
+    HeadTooLarge,
+    /// `CONNECT`: surge is a shop's reverse proxy, not a tunnel to anywhere.
+    Connect,
 }
 
 /// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
@@ -91,6 +97,21 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
             StatusCode::SERVICE_UNAVAILABLE,
             "body_budget",
             "503 too many uploads at once; please retry in a moment\n",
+        ),
+        Refused::Malformed => (
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "400 malformed request\n",
+        ),
+        Refused::HeadTooLarge => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "head_too_large",
+            "431 request header section too large\n",
+        ),
+        Refused::Connect => (
+            StatusCode::NOT_IMPLEMENTED,
+            "connect",
+            "501 CONNECT is not served here\n",
         ),
     };
     metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use super::answers::{self, ProxyFailure, Refused};
-use super::headers::{self, RequestIds, X_REQUEST_ID};
+use super::headers::{self, RequestIds, RequestView, X_REQUEST_ID};
 use super::limits::Limits;
 use super::retry;
 use super::upstream::{Conn, Upstreams};
@@ -67,10 +67,10 @@ const CHUNKED_FIRST_RESERVATION: u64 = 64 * 1024;
 const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
 
 /// A route cookie that verified: the backend it binds the cart to.
-struct Route {
-    backend: String,
+pub(super) struct Route {
+    pub(super) backend: String,
     /// Issue it again (past half its life, or signed with the previous key).
-    renew: bool,
+    pub(super) renew: bool,
 }
 
 /// Everything a worker's request handler needs; one per worker thread.
@@ -286,84 +286,16 @@ impl Forwarder {
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        // Load shedding: wait briefly for room, else 503 (newcomers before shoppers
-        // already in, browsing before buying).
-        let mut admission_cookie = None;
-        let mut queue_cookie = None;
-        if self.queue_signer.is_some() && parts.uri.path() == answers::QUEUE_PATH {
-            if let Some(resp) = self.queue_poll(&parts, unix_now) {
-                return resp;
-            }
-        }
-        let admitted = match self.pool.settings().shed.as_ref() {
-            Some(cfg) => {
-                let secure = conn_info.tls.is_some();
-                let mut class = self.classify(cfg, &parts, unix_now, secure, &mut admission_cookie);
-                // A newcomer goes through the waiting room when others wait there (no
-                // cutting in line) or it holds a ticket; else it tries the shop, and
-                // only if that sheds it does it get a place in line.
-                let mut answer = RoomAnswer::NotHere;
-                if class == shed::Class::Newcomer {
-                    answer = self.waiting_room(cfg, &parts, unix_now, secure, false);
-                    if let RoomAnswer::Enter(clear) = answer {
-                        class = shed::Class::Admitted;
-                        queue_cookie = clear;
-                        answer = RoomAnswer::NotHere;
-                    }
-                }
-                let admitted = match answer {
-                    RoomAnswer::NotHere => self.admit(cfg, class).await,
-                    _ => None,
-                };
-                if admitted.is_none() && class == shed::Class::Newcomer {
-                    if let RoomAnswer::NotHere = answer {
-                        answer = self.waiting_room(cfg, &parts, unix_now, secure, true);
-                    }
-                }
-                if let RoomAnswer::Refuse = answer {
-                    admission_cookie = None;
-                }
-                if let RoomAnswer::Wait(resp) = answer {
-                    let mut resp = *resp;
-                    resp.headers_mut().insert(X_REQUEST_ID, request_id);
-                    if let Some(h) = &conn_info.hsts {
-                        resp.headers_mut()
-                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-                    }
-                    return resp;
-                }
-                admitted
-            }
-            None => None,
+        let Entry {
+            admitted,
+            admission_cookie,
+            queue_cookie,
+        } = match self.enter(&parts, conn_info, &request_id, unix_now).await {
+            Ok(entry) => entry,
+            Err(resp) => return resp,
         };
-        if admitted.is_none() && self.pool.settings().shed.is_some() {
-            let mut resp = answers::shed(&request_id);
-            resp.headers_mut().insert(X_REQUEST_ID, request_id);
-            if let Some(h) = &conn_info.hsts {
-                resp.headers_mut()
-                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-            }
-            return resp;
-        }
 
-        // Cart affinity inputs, copied out because the headers move into the request. A
-        // route cookie counts only beside a cart, and only if this pool signed it and it
-        // has not expired: a shopper cannot choose its blade.
-        let (cart, route) = match (&self.sticky, &self.route_signer) {
-            (Some(s), Some(signer)) => {
-                let cart = headers::cookie(&parts.headers, &s.cookie).map(str::to_owned);
-                let route = cart
-                    .as_ref()
-                    .and_then(|_| headers::cookie(&parts.headers, &s.route_cookie))
-                    .and_then(|v| signer.verify(v, unix_now))
-                    .map(|v| Route {
-                        backend: v.backend.to_owned(),
-                        renew: v.renew,
-                    });
-                (cart, route)
-            }
-            _ => (None, None),
-        };
+        let (cart, route) = self.affinity(&parts, unix_now);
         let log_line = self
             .access_log
             .then(|| (parts.method.clone(), parts.uri.clone()));
@@ -543,6 +475,135 @@ impl Forwarder {
         resp
     }
 
+    /// Admission: the waiting room's poll, load shedding (wait briefly for room, else
+    /// 503; newcomers before shoppers already in, browsing before buying) and the
+    /// waiting room itself. `Err`: surge's own answer, the request goes no further.
+    pub(super) async fn enter<V: RequestView>(
+        self: &Rc<Self>,
+        view: &V,
+        conn_info: &ConnInfo,
+        request_id: &HeaderValue,
+        unix_now: u64,
+    ) -> Result<Entry, Response<DownstreamBody>> {
+        // Load shedding: wait briefly for room, else 503 (newcomers before shoppers
+        // already in, browsing before buying).
+        let mut admission_cookie = None;
+        let mut queue_cookie = None;
+        if self.queue_signer.is_some() && view.path() == answers::QUEUE_PATH {
+            if let Some(resp) = self.queue_poll(view, unix_now) {
+                return Err(resp);
+            }
+        }
+        let admitted = match self.pool.settings().shed.as_ref() {
+            Some(cfg) => {
+                let secure = conn_info.tls.is_some();
+                let mut class = self.classify(cfg, view, unix_now, secure, &mut admission_cookie);
+                // A newcomer goes through the waiting room when others wait there (no
+                // cutting in line) or it holds a ticket; else it tries the shop, and
+                // only if that sheds it does it get a place in line.
+                let mut answer = RoomAnswer::NotHere;
+                if class == shed::Class::Newcomer {
+                    answer = self.waiting_room(cfg, view, unix_now, secure, false);
+                    if let RoomAnswer::Enter(clear) = answer {
+                        class = shed::Class::Admitted;
+                        queue_cookie = clear;
+                        answer = RoomAnswer::NotHere;
+                    }
+                }
+                let admitted = match answer {
+                    RoomAnswer::NotHere => self.admit(cfg, class).await,
+                    _ => None,
+                };
+                if admitted.is_none() && class == shed::Class::Newcomer {
+                    if let RoomAnswer::NotHere = answer {
+                        answer = self.waiting_room(cfg, view, unix_now, secure, true);
+                    }
+                }
+                if let RoomAnswer::Refuse = answer {
+                    admission_cookie = None;
+                }
+                if let RoomAnswer::Wait(resp) = answer {
+                    let mut resp = *resp;
+                    resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+                    if let Some(h) = &conn_info.hsts {
+                        resp.headers_mut()
+                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+                    }
+                    return Err(resp);
+                }
+                admitted
+            }
+            None => None,
+        };
+        if admitted.is_none() && self.pool.settings().shed.is_some() {
+            let mut resp = answers::shed(request_id);
+            resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+            if let Some(h) = &conn_info.hsts {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            }
+            return Err(resp);
+        }
+        Ok(Entry {
+            admitted,
+            admission_cookie,
+            queue_cookie,
+        })
+    }
+
+    /// Cart affinity: the cart cookie, and the backend a route cookie binds it to. A
+    /// route cookie counts only beside a cart, and only if this pool signed it and it
+    /// has not expired: a shopper cannot choose its blade.
+    pub(super) fn affinity<V: RequestView>(
+        &self,
+        view: &V,
+        unix_now: u64,
+    ) -> (Option<String>, Option<Route>) {
+        match (&self.sticky, &self.route_signer) {
+            (Some(s), Some(signer)) => {
+                let cart = headers::cookie_of(view, &s.cookie).map(str::to_owned);
+                let route = cart
+                    .as_ref()
+                    .and_then(|_| headers::cookie_of(view, &s.route_cookie))
+                    .and_then(|v| signer.verify(v, unix_now))
+                    .map(|v| Route {
+                        backend: v.backend.to_owned(),
+                        renew: v.renew,
+                    });
+                (cart, route)
+            }
+            _ => (None, None),
+        }
+    }
+
+    /// The route cookie to set with a backend's answer: when the cart was not bound to
+    /// this backend yet (or its cookie is due for renewal), and the shopper has a cart or
+    /// the backend just set one (`sets_cart` asks the response).
+    pub(super) fn route_cookie(
+        &self,
+        route: Option<&Route>,
+        had_cart: bool,
+        sets_cart: impl FnOnce(&str) -> bool,
+        backend_id: &str,
+        secure: bool,
+        unix_now: u64,
+    ) -> Option<HeaderValue> {
+        let (Some(s), Some(signer)) = (&self.sticky, &self.route_signer) else {
+            return None;
+        };
+        let bound_here = route.is_some_and(|r| r.backend == backend_id && !r.renew);
+        if bound_here || !(had_cart || sets_cart(&s.cookie)) {
+            return None;
+        }
+        let cookie = format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Lax{}",
+            s.route_cookie,
+            signer.issue(backend_id, unix_now),
+            if secure { "; Secure" } else { "" }
+        );
+        HeaderValue::from_str(&cookie).ok()
+    }
+
     /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
     /// cookie in when the cart was just bound, `Connection: close` when the backend drains.
     #[allow(clippy::too_many_arguments)]
@@ -566,23 +627,16 @@ impl Forwarder {
         headers::strip_hop_by_hop(&mut parts.headers);
         let backend = guard.backend().clone();
         backend.metrics.count_status(parts.status.as_u16());
-        if let (Some(s), Some(signer)) = (&self.sticky, &self.route_signer) {
-            let bound_here = route.is_some_and(|r| r.backend == *backend.id && !r.renew);
-            if !bound_here && (had_cart || headers::sets_cookie(&parts.headers, &s.cookie)) {
-                let cookie = format!(
-                    "{}={}; Path=/; HttpOnly; SameSite=Lax{}",
-                    s.route_cookie,
-                    signer.issue(&backend.id, unix_now),
-                    if conn_info.tls.is_some() {
-                        "; Secure"
-                    } else {
-                        ""
-                    }
-                );
-                if let Ok(v) = HeaderValue::from_str(&cookie) {
-                    parts.headers.append(header::SET_COOKIE, v);
-                }
-            }
+        let tls = conn_info.tls.is_some();
+        if let Some(v) = self.route_cookie(
+            route,
+            had_cart,
+            |name| headers::sets_cookie(&parts.headers, name),
+            &backend.id,
+            tls,
+            unix_now,
+        ) {
+            parts.headers.append(header::SET_COOKIE, v);
         }
         // A draining backend's shoppers should reconnect, so their next requests are
         // spread over the backends that stay. (HTTP/2 has no such header; its streams
@@ -614,23 +668,23 @@ impl Forwarder {
     fn classify(
         &self,
         cfg: &ShedConfig,
-        parts: &http::request::Parts,
+        view: &impl RequestView,
         unix_now: u64,
         secure: bool,
         issue: &mut Option<HeaderValue>,
     ) -> shed::Class {
-        if shed::is_priority(cfg, parts.uri.path()) {
+        if shed::is_priority(cfg, view.path()) {
             return shed::Class::Priority;
         }
         if let Some(s) = &self.sticky {
-            if headers::cookie(&parts.headers, &s.cookie).is_some() {
+            if headers::cookie_of(view, &s.cookie).is_some() {
                 return shed::Class::Admitted;
             }
         }
         let Some(signer) = &self.admission else {
             return shed::Class::Newcomer;
         };
-        let verified = headers::cookie(&parts.headers, &cfg.admission_cookie)
+        let verified = headers::cookie_of(view, &cfg.admission_cookie)
             .and_then(|v| signer.verify(v, unix_now))
             .filter(|v| v.backend == ADMISSION_SUBJECT);
         if verified.is_none_or(|v| v.renew) {
@@ -655,7 +709,7 @@ impl Forwarder {
     fn waiting_room(
         &self,
         cfg: &ShedConfig,
-        parts: &http::request::Parts,
+        view: &impl RequestView,
         unix_now: u64,
         secure: bool,
         shed_now: bool,
@@ -667,12 +721,10 @@ impl Forwarder {
         ) else {
             return RoomAnswer::NotHere;
         };
-        let page_load = matches!(parts.method, Method::GET | Method::HEAD)
-            && parts
-                .headers
-                .get_all(header::ACCEPT)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        let page_load = matches!(*view.method(), Method::GET | Method::HEAD)
+            && view
+                .values("accept")
+                .any(|v| std::str::from_utf8(v).is_ok_and(|v| v.contains("text/html")));
         if !page_load {
             // While anyone waits (or the door is held), a newcomer's other requests (an
             // API call, a favicon) do not get in around the line, nor mint the admission
@@ -683,7 +735,7 @@ impl Forwarder {
                 RoomAnswer::NotHere
             };
         }
-        let ticket = ticket_of(parts, w, signer, unix_now);
+        let ticket = ticket_of(view, w, signer, unix_now);
         if !shed_now && ticket.is_none() && !room.in_use() {
             return RoomAnswer::NotHere;
         }
@@ -740,7 +792,7 @@ impl Forwarder {
     /// `None` (forwarded as any path) when this pool has no waiting room.
     fn queue_poll(
         &self,
-        parts: &http::request::Parts,
+        view: &impl RequestView,
         unix_now: u64,
     ) -> Option<Response<DownstreamBody>> {
         let (Some(room), Some(w), Some(signer)) = (
@@ -750,7 +802,7 @@ impl Forwarder {
         ) else {
             return None;
         };
-        let place = ticket_of(parts, w, signer, unix_now).and_then(|t| room.place(t));
+        let place = ticket_of(view, w, signer, unix_now).and_then(|t| room.place(t));
         let wait = place.and_then(|(p, _)| room.estimate(p, Instant::now()));
         Some(answers::queue_status(place, wait))
     }
@@ -799,7 +851,7 @@ impl Forwarder {
         None
     }
 
-    fn failure_response(
+    pub(super) fn failure_response(
         &self,
         failure: ProxyFailure,
         request_id: &HeaderValue,
@@ -836,6 +888,32 @@ fn log_access(
     backend: &str,
     started: Option<Instant>,
 ) {
+    let request_id = resp
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    access_line(
+        conn,
+        method.as_str(),
+        uri.path(),
+        resp.status().as_u16(),
+        backend,
+        started,
+        request_id,
+    );
+}
+
+/// The access-log line itself, for either engine.
+pub(super) fn access_line(
+    conn: &ConnInfo,
+    method: &str,
+    path: &str,
+    status: u16,
+    backend: &str,
+    started: Option<Instant>,
+    request_id: &str,
+) {
     let (tls_version, cipher) = conn.tls.unwrap_or(("-", "-"));
     tracing::info!(
         target: "surge::access",
@@ -843,12 +921,12 @@ fn log_access(
         proto = conn.proto,
         tls = tls_version,
         cipher,
-        %method,
-        path = uri.path(),
-        status = resp.status().as_u16(),
+        method,
+        path,
+        status,
         backend,
         ms = started.map_or(0.0, |t| crate::telemetry::millis(t.elapsed())),
-        request_id = resp.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        request_id,
     );
 }
 
@@ -989,14 +1067,22 @@ fn short_reason(e: &hyper::Error) -> &'static str {
 
 /// The waiting-room ticket the request carries, if this pool signed it and it is valid.
 fn ticket_of(
-    parts: &http::request::Parts,
+    view: &impl RequestView,
     w: &crate::config::WaitingRoomConfig,
     signer: &super::route::RouteSigner,
     unix_now: u64,
 ) -> Option<Ticket> {
-    headers::cookie(&parts.headers, &w.cookie)
+    headers::cookie_of(view, &w.cookie)
         .and_then(|v| signer.verify(v, unix_now))
         .and_then(|v| Ticket::from_subject(v.backend))
+}
+
+/// What admission let in: the room under the shedding limit, and cookies for the answer.
+#[derive(Default)]
+pub(super) struct Entry {
+    pub(super) admitted: Option<Admitted>,
+    pub(super) admission_cookie: Option<HeaderValue>,
+    pub(super) queue_cookie: Option<HeaderValue>,
 }
 
 /// What the waiting room said to a newcomer.

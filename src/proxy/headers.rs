@@ -160,6 +160,12 @@ impl RequestIds {
     }
 
     fn next_id(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.next_raw()).unwrap_or(HeaderValue::from_static("0"))
+    }
+
+    /// A new id as bytes (no allocation): eight hex digits of the process prefix, `-`,
+    /// sixteen of the counter.
+    pub fn next_raw(&self) -> [u8; 25] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 25];
@@ -170,8 +176,40 @@ impl RequestIds {
         for (i, slot) in buf[9..].iter_mut().enumerate() {
             *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
         }
-        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+        buf
     }
+}
+
+/// What the admission and affinity decisions read of a request: one trait over hyper's
+/// parsed request and the HTTP/1.1 engine's head (offsets into its read buffer), so the
+/// decisions are written once for both engines.
+pub trait RequestView {
+    fn method(&self) -> &http::Method;
+    /// The target's path (no query).
+    fn path(&self) -> &str;
+    /// Every value of the header `name` (lowercase), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl RequestView for http::request::Parts {
+    fn method(&self) -> &http::Method {
+        &self.method
+    }
+
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// The value of cookie `name` among a request's `Cookie` headers (see [`cookie`]).
+pub fn cookie_of<'a, V: RequestView>(view: &'a V, name: &str) -> Option<&'a str> {
+    view.values("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .find_map(|v| cookie_in(v, name))
 }
 
 /// The value of cookie `name` among the request's `Cookie` headers (RFC 6265 §5.4 form:

@@ -11,6 +11,7 @@
 mod answers;
 pub mod drive;
 pub mod forward;
+mod h1;
 pub mod headers;
 pub mod limits;
 mod listen;
@@ -239,13 +240,34 @@ pub fn start_with(
             .name(format!("surge-proxy-{n}"))
             .spawn(move || {
                 // Built on the worker's own thread: it holds thread-local connection pools.
+                // The surge engine speaks HTTP/1.1 to the blades; with h2c blades hyper's
+                // client (and so hyper's server) does the work.
+                let own_engine = cfg.engine == crate::config::Engine::Surge
+                    && pool.settings().protocol == crate::config::UpstreamProtocol::Http1;
+                let blades = own_engine.then(|| {
+                    h1::blades::Blades::new(
+                        cfg.connect_timeout,
+                        cfg.upstream_idle_timeout,
+                        upstream_tls.clone(),
+                    )
+                });
                 let mut forwarder =
                     Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
                 forwarder.route_signer = signer;
                 forwarder.admission = admission;
                 forwarder.queue_signer = queue_signer;
                 forwarder.body_budget = body_budget;
-                worker::run(mine, forwarder, WorkerSettings::from(&cfg), rx, drain_ms)
+                let forwarder = std::rc::Rc::new(forwarder);
+                let engine =
+                    blades.map(|b| std::rc::Rc::new(h1::Engine::new(forwarder.clone(), b, &cfg)));
+                worker::run(
+                    mine,
+                    forwarder,
+                    engine,
+                    WorkerSettings::from(&cfg),
+                    rx,
+                    drain_ms,
+                )
             })
             .map_err(ProxyError::Worker)?;
         workers.push(handle);

@@ -146,3 +146,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+impl<S: super::h1::Transport> super::h1::Transport for SendTimeout<S> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.inner.poll_readable(cx)
+    }
+}

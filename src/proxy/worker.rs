@@ -19,7 +19,7 @@ use super::drive::{self, Graceful};
 use super::forward::{ConnInfo, Forwarder};
 use super::listen::ListenerSpec;
 use super::stall::SendTimeout;
-use super::{headers, limits, proxy_protocol, LocalExec};
+use super::{h1, headers, limits, proxy_protocol, LocalExec};
 use crate::config::ProxyConfig;
 use crate::telemetry::names;
 
@@ -124,6 +124,8 @@ impl Builders {
 /// A worker: what its connections share. Lives on the worker's thread only.
 pub(super) struct Worker {
     forwarder: Rc<Forwarder>,
+    /// Surge's HTTP/1.1 engine (`proxy.engine = "surge"`), else hyper serves HTTP/1.1.
+    engine: Option<Rc<h1::Engine>>,
     builders: Builders,
     /// The open shopper connections, to stop them and wait for them.
     connections: drive::Connections,
@@ -134,7 +136,8 @@ pub(super) struct Worker {
 /// are done (within the grace period).
 pub(super) fn run(
     listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
-    forwarder: Forwarder,
+    forwarder: Rc<Forwarder>,
+    engine: Option<Rc<h1::Engine>>,
     settings: WorkerSettings,
     shutdown: watch::Receiver<bool>,
     drain_ms: Arc<AtomicU64>,
@@ -150,7 +153,8 @@ pub(super) fn run(
         }
     };
     let worker = Rc::new(Worker {
-        forwarder: Rc::new(forwarder),
+        forwarder,
+        engine,
         builders: Builders::new(&settings),
         connections: drive::Connections::default(),
         settings,
@@ -170,6 +174,7 @@ impl Worker {
         drain_ms: Arc<AtomicU64>,
     ) {
         let upstreams = Rc::downgrade(&self.forwarder.upstreams);
+        let engine = self.engine.as_ref().map(Rc::downgrade);
         tokio::task::spawn_local(async move {
             let mut every = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
             loop {
@@ -177,6 +182,9 @@ impl Worker {
                 match upstreams.upgrade() {
                     Some(u) => u.sweep(),
                     None => return,
+                }
+                if let Some(e) = engine.as_ref().and_then(std::rc::Weak::upgrade) {
+                    e.blades.sweep();
                 }
             }
         });
@@ -270,7 +278,7 @@ impl Worker {
     /// or refuses it: a 503 on plain listeners, a close on TLS ones.
     fn admit<S>(self: &Rc<Self>, stream: S, peer: SocketAddr, on: &Rc<Listening>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + 'static,
+        S: h1::Transport + 'static,
     {
         let permit = match self.forwarder.limits.admit_connection(peer.ip()) {
             Ok(p) => p,
@@ -317,7 +325,7 @@ impl Worker {
         on: Rc<Listening>,
         ticket: watch::Receiver<()>,
     ) where
-        S: AsyncRead + AsyncWrite + Unpin + 'static,
+        S: h1::Transport + 'static,
     {
         let spec = &on.spec;
         // `_permit` lives to the end of this function: the connection's place in the counts.
@@ -386,8 +394,11 @@ impl Worker {
         info: Rc<ConnInfo>,
         ticket: watch::Receiver<()>,
     ) where
-        I: AsyncRead + AsyncWrite + Unpin + 'static,
+        I: h1::Transport + 'static,
     {
+        if let (Some(engine), Speaks::H1) = (&self.engine, speaks) {
+            return h1::serve(engine.clone(), io, info, ticket).await;
+        }
         let io = TokioIo::new(io);
         let fwd = self.forwarder.clone();
         let conn_info = info.clone();

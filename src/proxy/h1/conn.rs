@@ -1,0 +1,1134 @@
+//! One shopper connection on the HTTP/1.1 engine: wait for bytes holding no buffer, read
+//! and check a head, read the body whole when there is one (as the hyper path does), let
+//! admission and affinity decide, send the request to a blade (again to another when
+//! that is safe), and relay the answer with its own framing. Surge's own answers are the
+//! same responses the hyper path gives, written out here.
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::HeaderValue;
+use http::Response;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::blades::{BladeConn, Blades};
+use super::buffers::{Buffers, BUFFER_BYTES};
+use super::chunked::Chunked;
+use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
+use crate::pool::{InFlight, NoPick, Outcome, Pick, State};
+use crate::proxy::answers::{self, ProxyFailure, Refused};
+use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
+use crate::proxy::headers::X_REQUEST_ID;
+use crate::proxy::retry;
+use crate::telemetry::names;
+
+/// What a chunked body reserves of the body budget before it is read.
+const CHUNKED_FIRST_RESERVATION: u64 = 64 * 1024;
+/// How long a body waits for room in the budget before 503.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// Sends of one request at most (as the hyper path).
+const MAX_ATTEMPTS: usize = 4;
+/// How long a connection closed after an error answer is still read from (and the bytes
+/// dropped), so the close is a FIN after the answer rather than a reset that can destroy it.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// A shopper's transport as the engine needs it: bytes both ways, and a way to wait for
+/// the next request without holding a buffer.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+    /// Ready with `true` once a read would find bytes (or the end); `false` when this
+    /// transport cannot tell without reading (TLS: the engine reads with a buffer then).
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let _ = cx;
+        Poll::Ready(false)
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.poll_read_ready(cx).map(|_| true)
+    }
+}
+
+impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {}
+
+/// One worker's engine: its forwarder (decisions, pool, limits), buffers and blade
+/// connections.
+pub struct Engine {
+    pub fwd: Rc<Forwarder>,
+    pub buffers: Buffers,
+    pub blades: Blades,
+    /// Spare field lists (offsets of a head's fields), reused like the buffers.
+    fields: std::cell::RefCell<Vec<Vec<Field>>>,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub limits: HeadLimits,
+}
+
+impl Engine {
+    pub fn new(fwd: Rc<Forwarder>, blades: Blades, cfg: &crate::config::ProxyConfig) -> Self {
+        Self {
+            fwd,
+            buffers: Buffers::default(),
+            blades,
+            fields: std::cell::RefCell::new(Vec::new()),
+            header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            limits: HeadLimits {
+                max_fields: cfg.max_headers,
+                max_uri_bytes: cfg.max_uri_bytes,
+            },
+        }
+    }
+
+    fn take_fields(&self) -> Vec<Field> {
+        self.fields.borrow_mut().pop().unwrap_or_default()
+    }
+
+    fn give_fields(&self, mut f: Vec<Field>) {
+        f.clear();
+        let mut spare = self.fields.borrow_mut();
+        if spare.len() < 1024 {
+            spare.push(f);
+        }
+    }
+}
+
+/// What the connection does after an exchange.
+enum After {
+    /// Keep it open; the next message starts at this offset of the buffer.
+    KeepAlive(usize),
+    Close,
+    /// Closed with an error answer already written: linger, then close.
+    Refused,
+}
+
+/// Serves a shopper connection until it closes, idles out or the worker stops.
+pub async fn serve<S: Transport>(
+    engine: Rc<Engine>,
+    mut io: S,
+    info: Rc<ConnInfo>,
+    mut ticket: watch::Receiver<()>,
+) {
+    // Bytes of the next request already read (pipelined), in their buffer.
+    let mut carry: Option<Vec<u8>> = None;
+    let mut first = true;
+    loop {
+        // The first request must come within the header timeout; later ones within the
+        // idle timeout, after which a kept-alive connection is closed.
+        let wait = if first {
+            engine.header_read_timeout
+        } else {
+            engine.idle_timeout
+        };
+        let waiting_since = tokio::time::Instant::now();
+        if carry.is_none() {
+            let readable = poll_fn(|cx| io.poll_readable(cx));
+            tokio::select! {
+                biased;
+                _ = readable => {}
+                _ = ticket.changed() => return,
+                _ = tokio::time::sleep_until(waiting_since + wait) => return,
+            }
+        }
+        let mut buf = carry.take().unwrap_or_else(|| engine.buffers.take());
+        let head_deadline = if first {
+            waiting_since + engine.header_read_timeout
+        } else {
+            tokio::time::Instant::now() + engine.header_read_timeout
+        };
+        let mut fields = engine.take_fields();
+        let after = match read_head(&engine, &mut io, &mut buf, &mut fields, head_deadline).await {
+            HeadRead::Head(head) => {
+                first = false;
+                exchange(&engine, &mut io, &mut buf, &head, &fields, &info).await
+            }
+            HeadRead::Refused(why) => {
+                write_own(&mut io, answers::refusal(why, &info), &info, false, true).await;
+                After::Refused
+            }
+            HeadRead::Gone => After::Close,
+        };
+        engine.give_fields(fields);
+        match after {
+            After::KeepAlive(next) if ticket.has_changed().is_ok_and(|c| !c) => {
+                buf.drain(..next.min(buf.len()));
+                if buf.is_empty() {
+                    engine.buffers.give(buf);
+                } else {
+                    carry = Some(buf);
+                }
+            }
+            After::KeepAlive(_) | After::Close => {
+                engine.buffers.give(buf);
+                let _ = io.shutdown().await;
+                return;
+            }
+            After::Refused => {
+                buf.clear();
+                linger(&mut io, &mut buf).await;
+                engine.buffers.give(buf);
+                return;
+            }
+        }
+    }
+}
+
+/// Half-closes and reads (dropping the bytes) for a moment, so the client reads the
+/// answer before the close instead of losing it to a reset.
+async fn linger<S: Transport>(io: &mut S, buf: &mut Vec<u8>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        loop {
+            buf.clear();
+            match io.read_buf(buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+enum HeadRead {
+    Head(RequestHead),
+    Refused(Refused),
+    /// The client closed, sent garbage it cannot be answered for, or timed out.
+    Gone,
+}
+
+/// Reads until a whole head is in `buf` (or a refusal, or the deadline).
+async fn read_head<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    fields: &mut Vec<Field>,
+    deadline: tokio::time::Instant,
+) -> HeadRead {
+    loop {
+        if !buf.is_empty() {
+            match head::parse_request(buf, engine.limits, fields) {
+                Ok(Some(head)) => return HeadRead::Head(head),
+                Ok(None) => {}
+                Err(why) => return HeadRead::Refused(why),
+            }
+            if buf.len() >= engine.max_header_bytes {
+                return HeadRead::Refused(Refused::HeadTooLarge);
+            }
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(BUFFER_BYTES.min(engine.max_header_bytes - buf.len()).max(1));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Gone,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Writes one of surge's own answers (a `Response` of the shared answer functions).
+async fn write_own<S: Transport>(
+    io: &mut S,
+    resp: Response<DownstreamBody>,
+    info: &ConnInfo,
+    head_request: bool,
+    close: bool,
+) -> bool {
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        http_body_util::Either::Right(full) => full
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
+        http_body_util::Either::Left(_) => bytes::Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == http::header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(h) = &info.hsts {
+        if !parts
+            .headers
+            .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+        {
+            out.extend_from_slice(b"strict-transport-security: ");
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"content-length: ");
+    head::push_decimal(&mut out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    let close = close || parts.headers.contains_key(http::header::CONNECTION);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_request {
+        out.extend_from_slice(&body);
+    }
+    io.write_all(&out).await.is_ok() && io.flush().await.is_ok()
+}
+
+/// One request and its answer.
+async fn exchange<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    fields: &[Field],
+    info: &ConnInfo,
+) -> After {
+    let fwd = &engine.fwd;
+    let served = info.requests.get().saturating_add(1);
+    info.requests.set(served);
+    let head_request = head.method == http::Method::HEAD;
+    let has_body = head.framing != Framing::Empty;
+    let mut close = head.close
+        || head.http10
+        || served >= fwd.max_requests_per_connection
+        || fwd.closing.load(Ordering::Relaxed);
+    if let Some(origin) = &info.redirect_https {
+        let target = head.target.map_or(&b"/"[..], |t| t.get(buf));
+        let req = http::Request::builder()
+            .uri(std::str::from_utf8(target).unwrap_or("/"))
+            .body(())
+            .unwrap_or_default();
+        let resp = answers::redirect(origin, &req);
+        let close = close || has_body;
+        if !write_own(io, resp, info, head_request, close).await || close {
+            return After::Close;
+        }
+        return After::KeepAlive(head.len);
+    }
+    if !fwd.limits.allow_request(info.peer.ip()) {
+        let resp = answers::refusal(Refused::RateLimited, info);
+        log_own(fwd, info, head, buf, &resp, None);
+        let close = close || has_body;
+        if !write_own(io, resp, info, head_request, close).await || close {
+            return After::Close;
+        }
+        return After::KeepAlive(head.len);
+    }
+    // The body, read whole before any blade is picked (see `Forwarder::read_body`).
+    let (body, next, _reserved) = match read_body(engine, io, buf, head).await {
+        Ok(b) => b,
+        Err(why) => {
+            let resp = answers::refusal(why, info);
+            log_own(fwd, info, head, buf, &resp, None);
+            write_own(io, resp, info, head_request, true).await;
+            return After::Refused;
+        }
+    };
+    let start = Instant::now();
+    info.last_request.set(start);
+    if served == 1 {
+        // A connection counts for scaling once it delivered a whole request.
+        if !fwd.pool.traffic.scaling.first_request(info.peer.ip()) {
+            metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
+        }
+    }
+    let now_ns = crate::pool::nanos_since_epoch(start);
+    fwd.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let minted = head
+        .request_id
+        .is_none()
+        .then(|| fwd.request_ids.next_raw());
+    let view = head::View { buf, head, fields };
+    let request_id: &[u8] = match (&minted, head.request_id) {
+        (Some(id), _) => id,
+        (None, Some(span)) => span.get(buf),
+        (None, None) => b"-",
+    };
+    // Admission only when the pool sheds or has a waiting room (its answers need the id
+    // as a header value, which costs an allocation).
+    let entry = if fwd.pool.settings().shed.is_some() || fwd.queue_signer.is_some() {
+        let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
+        match fwd.enter(&view, info, &id, unix_now).await {
+            Ok(entry) => entry,
+            Err(resp) => {
+                log_own(fwd, info, head, buf, &resp, Some(start));
+                let close = close || !matches!(head.framing, Framing::Empty | Framing::Length(_));
+                if !write_own(io, resp, info, head_request, close).await || close {
+                    return After::Close;
+                }
+                return After::KeepAlive(next);
+            }
+        }
+    } else {
+        Entry::default()
+    };
+    let (cart, route) = fwd.affinity(&view, unix_now);
+    let trusted = !fwd.trusted_proxies.is_empty()
+        && fwd
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&info.peer.ip()));
+    let idempotent = matches!(
+        head.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    );
+    let upgrade = head.upgrade.map(|u| u.get(buf));
+    let mut out = engine.buffers.take();
+    let mut rbuf = engine.buffers.take();
+    let mut avoid: Option<InFlight> = None;
+    let mut failure: Option<ProxyFailure> = None;
+    let mut answered = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let pick = Pick {
+            sticky_key: cart.as_deref().map(str::as_bytes),
+            route: route.as_ref().map(|r| r.backend.as_str()),
+            avoid: avoid.as_ref().map(|g| &**g.backend()),
+            now_ns,
+        };
+        let guard = match fwd.pool.pick(&pick) {
+            Ok(guard) => guard,
+            Err(NoPick::Nothing) => {
+                failure.get_or_insert(ProxyFailure::NoBackend);
+                break;
+            }
+            Err(NoPick::BoundNodeFull) => {
+                failure.get_or_insert(ProxyFailure::NodeBusy);
+                break;
+            }
+        };
+        let backend = guard.backend().clone();
+        let (attempt, failed) = match engine.blades.checkout(backend.addr).await {
+            Err(e) => {
+                tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
+                (retry::Attempt::ConnectFailed, "connection failed")
+            }
+            Ok(mut conn) => {
+                out.clear();
+                head::write_request(
+                    buf,
+                    head,
+                    fields,
+                    &Forwarding {
+                        client_ip: info.client_ip.as_bytes(),
+                        proto: info.proto,
+                        trusted,
+                        new_request_id: minted.as_ref().map(|m| &m[..]),
+                        fallback_host: &backend.authority,
+                        body_len: body.as_ref().map(Vec::len),
+                        upgrade,
+                    },
+                    &mut out,
+                );
+                let sent = Instant::now();
+                let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
+                rbuf.clear();
+                let outcome = tokio::time::timeout_at(
+                    deadline,
+                    send_and_read_head(engine, &mut conn, &out, body.as_deref(), &mut rbuf),
+                )
+                .await;
+                match outcome {
+                    Ok(Ok(())) => {
+                        let now = Instant::now();
+                        backend
+                            .latency
+                            .observe(now.saturating_duration_since(sent), now);
+                        fwd.pool
+                            .traffic
+                            .latency
+                            .record(now.saturating_duration_since(start));
+                        answered = Some((guard, conn));
+                        break;
+                    }
+                    Ok(Err(SendError::Unsent)) => (
+                        retry::Attempt::Unsent {
+                            reused: conn.reused,
+                        },
+                        "connection failed",
+                    ),
+                    Ok(Err(SendError::ClosedEarly)) => (
+                        retry::Attempt::Failed { closed_early: true },
+                        "connection error",
+                    ),
+                    Ok(Err(SendError::Garbage)) => (
+                        retry::Attempt::Failed {
+                            closed_early: false,
+                        },
+                        "invalid HTTP response",
+                    ),
+                    Ok(Err(SendError::Incomplete)) => (
+                        retry::Attempt::Failed {
+                            closed_early: false,
+                        },
+                        "connection closed before the response was complete",
+                    ),
+                    Err(_) => (retry::Attempt::TimedOut, "timed out"),
+                }
+            }
+        };
+        let verdict = retry::after(attempt, idempotent);
+        if verdict.blame {
+            fwd.pool.record(&backend, Outcome::Failure);
+            failure = Some(match attempt {
+                retry::Attempt::TimedOut => ProxyFailure::Timeout(backend, fwd.response_timeout),
+                _ => ProxyFailure::Backend(backend, failed),
+            });
+            avoid = Some(guard);
+        }
+        if verdict.next == retry::Next::GiveUp {
+            break;
+        }
+    }
+    drop(avoid);
+    let Some((guard, conn)) = answered else {
+        engine.buffers.give(out);
+        engine.buffers.give(rbuf);
+        let failure = failure.unwrap_or(ProxyFailure::NoBackend);
+        let backend_id = failure.backend_id();
+        let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
+        let mut resp = fwd.failure_response(failure, &id);
+        resp.headers_mut().insert(X_REQUEST_ID, id);
+        if fwd.access_log {
+            forward::access_line(
+                info,
+                head.method.as_str(),
+                std::str::from_utf8(head.path.get(buf)).unwrap_or("-"),
+                resp.status().as_u16(),
+                backend_id.as_deref().unwrap_or("-"),
+                Some(start),
+                std::str::from_utf8(request_id).unwrap_or("-"),
+            );
+        }
+        if !write_own(io, resp, info, head_request, close).await || close {
+            return After::Close;
+        }
+        return After::KeepAlive(next);
+    };
+    let after = relay(
+        engine,
+        io,
+        Relay {
+            guard,
+            conn,
+            rbuf,
+            out,
+            entry,
+            route: route.as_ref(),
+            had_cart: cart.is_some(),
+            request_id,
+            info,
+            head,
+            path: head.path.get(buf),
+            head_request,
+            started: start,
+            unix_now,
+            close: &mut close,
+        },
+    )
+    .await;
+    match after {
+        RelayEnd::Done if !close => After::KeepAlive(next),
+        RelayEnd::Done | RelayEnd::Cut => After::Close,
+        RelayEnd::Tunnel(mut conn) => {
+            tunnel(engine, io, &mut conn, &buf[next.min(buf.len())..]).await;
+            After::Close
+        }
+    }
+}
+
+/// Logs one of surge's own answers (refusals, admission answers).
+fn log_own(
+    fwd: &Forwarder,
+    info: &ConnInfo,
+    head: &RequestHead,
+    buf: &[u8],
+    resp: &Response<DownstreamBody>,
+    started: Option<Instant>,
+) {
+    if !fwd.access_log {
+        return;
+    }
+    let id = resp
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    forward::access_line(
+        info,
+        head.method.as_str(),
+        std::str::from_utf8(head.path.get(buf)).unwrap_or("-"),
+        resp.status().as_u16(),
+        "-",
+        started,
+        id,
+    );
+}
+
+/// What a body read gives: the body (de-framed), where the next message starts in the
+/// buffer, and the body's reservation in the budget.
+type ReadBody = (
+    Option<Vec<u8>>,
+    usize,
+    Option<crate::proxy::limits::BodyReservation>,
+);
+
+/// Reads the request's body whole, within `proxy.max_body_bytes`, the body budget and
+/// `proxy.body_read_timeout`; answers `Expect: 100-continue` first.
+async fn read_body<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+) -> Result<ReadBody, Refused> {
+    let fwd = &engine.fwd;
+    let declared = match head.framing {
+        Framing::Empty => return Ok((None, head.len, None)),
+        Framing::Length(0) => return Ok((Some(Vec::new()), head.len, None)),
+        Framing::Length(n) => n,
+        Framing::Chunked => 0,
+    };
+    if declared > fwd.max_body_bytes {
+        return Err(Refused::BodyTooLarge);
+    }
+    let first = if declared > 0 {
+        declared
+    } else {
+        CHUNKED_FIRST_RESERVATION.min(fwd.max_body_bytes)
+    };
+    let Some(mut reserved) = fwd.body_budget.reserve(first, BODY_BUDGET_WAIT).await else {
+        return Err(Refused::BodyBudget);
+    };
+    let in_buf = buf.len() - head.len;
+    // The client waits for our go before sending the body (unless it already did).
+    if head.expect_continue
+        && in_buf == 0
+        && io
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return Err(Refused::BadBody);
+    }
+    let limit = fwd.max_body_bytes;
+    let read = tokio::time::timeout(fwd.body_read_timeout, async {
+        match head.framing {
+            Framing::Length(n) => {
+                let n = usize::try_from(n).map_err(|_| Refused::BodyTooLarge)?;
+                let mut body = Vec::with_capacity(n);
+                let have = in_buf.min(n);
+                body.extend_from_slice(&buf[head.len..head.len + have]);
+                if have == n {
+                    return Ok((body, head.len + n));
+                }
+                buf.truncate(head.len);
+                while body.len() < n {
+                    let want = n - body.len();
+                    let got = (&mut *io)
+                        .take(want as u64)
+                        .read_buf(&mut body)
+                        .await
+                        .map_err(|_| Refused::BadBody)?;
+                    if got == 0 {
+                        return Err(Refused::BadBody);
+                    }
+                }
+                Ok((body, head.len))
+            }
+            _ => {
+                let mut decoder = Chunked::default();
+                let mut body = Vec::new();
+                let used = decoder
+                    .feed(&buf[head.len..], Some(&mut body))
+                    .map_err(|_| Refused::BadBody)?;
+                if body.len() as u64 > limit {
+                    return Err(Refused::BodyTooLarge);
+                }
+                if decoder.done() {
+                    return Ok((body, head.len + used));
+                }
+                buf.truncate(head.len);
+                let mut scratch = engine.buffers.take();
+                let result = loop {
+                    scratch.clear();
+                    match io.read_buf(&mut scratch).await {
+                        Ok(0) | Err(_) => break Err(Refused::BadBody),
+                        Ok(_) => {}
+                    }
+                    let used = match decoder.feed(&scratch, Some(&mut body)) {
+                        Ok(used) => used,
+                        Err(_) => break Err(Refused::BadBody),
+                    };
+                    if body.len() as u64 > limit {
+                        break Err(Refused::BodyTooLarge);
+                    }
+                    if decoder.done() {
+                        // What follows the body is the next request: after the head.
+                        buf.extend_from_slice(&scratch[used..]);
+                        break Ok((body, head.len));
+                    }
+                };
+                engine.buffers.give(scratch);
+                result
+            }
+        }
+    })
+    .await;
+    match read {
+        Ok(Ok((body, next))) => {
+            if !reserved.grow_to(body.len() as u64) {
+                return Err(Refused::BodyBudget);
+            }
+            Ok((Some(body), next, Some(reserved)))
+        }
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(Refused::BodyTimeout),
+    }
+}
+
+/// How sending a request to a blade failed.
+enum SendError {
+    /// Not (wholly) written: the blade cannot have acted on it.
+    Unsent,
+    /// Written, then the connection closed or reset before any byte of an answer.
+    ClosedEarly,
+    /// The blade answered with something that is not an HTTP response.
+    Garbage,
+    /// The answer broke off inside its head.
+    Incomplete,
+}
+
+/// Writes the request and reads until the blade's response head is whole in `rbuf`
+/// (interim 1xx answers skipped).
+async fn send_and_read_head(
+    engine: &Engine,
+    conn: &mut BladeConn,
+    head_bytes: &[u8],
+    body: Option<&[u8]>,
+    rbuf: &mut Vec<u8>,
+) -> Result<(), SendError> {
+    // Head and body in one vectored write.
+    let written = write_parts(&mut conn.stream, head_bytes, body.unwrap_or_default()).await;
+    if written.is_err() || conn.stream.flush().await.is_err() {
+        return Err(SendError::Unsent);
+    }
+    loop {
+        if rbuf.len() == rbuf.capacity() {
+            if rbuf.len() >= engine.max_header_bytes {
+                return Err(SendError::Garbage);
+            }
+            rbuf.reserve(BUFFER_BYTES);
+        }
+        match conn.stream.read_buf(rbuf).await {
+            Ok(0) | Err(_) if rbuf.is_empty() => return Err(SendError::ClosedEarly),
+            Ok(0) | Err(_) => return Err(SendError::Incomplete),
+            Ok(_) => {}
+        }
+        // A quick look: complete, interim, or garbage (`relay` rewrites it).
+        match head::probe_response(rbuf, engine.limits.max_fields) {
+            Ok(head::Parsed::Partial) => continue,
+            Ok(head::Parsed::Interim(len)) => {
+                rbuf.drain(..len);
+                continue;
+            }
+            Ok(head::Parsed::Final(_)) => return Ok(()),
+            Err(_) => return Err(SendError::Garbage),
+        }
+    }
+}
+
+/// Everything the relay of an answer needs.
+struct Relay<'a> {
+    guard: InFlight,
+    conn: BladeConn,
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+    entry: Entry,
+    route: Option<&'a forward::Route>,
+    had_cart: bool,
+    request_id: &'a [u8],
+    info: &'a ConnInfo,
+    head: &'a RequestHead,
+    path: &'a [u8],
+    head_request: bool,
+    started: Instant,
+    unix_now: u64,
+    close: &'a mut bool,
+}
+
+enum RelayEnd {
+    /// The whole answer went to the shopper.
+    Done,
+    /// The answer broke off (either side): the shopper's connection must close.
+    Cut,
+    /// 101: bytes both ways from now on.
+    Tunnel(BladeConn),
+}
+
+/// Writes the shopper's head and relays the body with its framing.
+async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> RelayEnd {
+    let fwd = &engine.fwd;
+    let Relay {
+        guard,
+        conn,
+        mut rbuf,
+        mut out,
+        entry,
+        route,
+        had_cart,
+        request_id,
+        info,
+        head,
+        path,
+        head_request,
+        started,
+        unix_now,
+        close,
+    } = r;
+    let backend = guard.backend().clone();
+    let draining = guard.state() == State::Draining;
+    let dechunk = head.http10;
+    out.clear();
+    let secure = info.tls.is_some();
+    let mut status = 0;
+    let parsed = head::rewrite_response(
+        &rbuf,
+        engine.limits.max_fields,
+        head::Rewrite {
+            head_request,
+            hsts: info.hsts.as_ref().map(HeaderValue::as_bytes),
+            dechunk,
+            upgrade: head.upgrade.is_some(),
+        },
+        &mut out,
+        |facts, resp, out| {
+            status = facts.status;
+            if let Some(v) = fwd.route_cookie(
+                route,
+                had_cart,
+                |name| facts.sets_cookie(name),
+                &backend.id,
+                secure,
+                unix_now,
+            ) {
+                header_line(out, b"set-cookie", v.as_bytes());
+            }
+            if !facts.has("x-request-id") {
+                header_line(out, b"x-request-id", request_id);
+            }
+            for c in [&entry.admission_cookie, &entry.queue_cookie]
+                .into_iter()
+                .flatten()
+            {
+                header_line(out, b"set-cookie", c.as_bytes());
+            }
+            // A draining blade's shoppers reconnect, so their next requests are spread
+            // over the blades that stay; a body framed by the close ends the connection.
+            *close |= draining
+                || resp.body == BodyKind::UntilClose
+                || (dechunk && resp.body == BodyKind::Chunked);
+            *close
+        },
+    );
+    let resp = match parsed {
+        Ok(head::Parsed::Final(h)) => h,
+        // Checked in `send_and_read_head`: cannot happen, but never panics.
+        _ => {
+            engine.buffers.give(out);
+            engine.buffers.give(rbuf);
+            return RelayEnd::Cut;
+        }
+    };
+    let outcome = if resp.status >= 500 {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    fwd.pool.record(&backend, outcome);
+    backend.metrics.count_status(resp.status);
+    if fwd.access_log {
+        forward::access_line(
+            info,
+            head.method.as_str(),
+            std::str::from_utf8(path).unwrap_or("-"),
+            status,
+            &backend.id,
+            Some(started),
+            std::str::from_utf8(request_id).unwrap_or("-"),
+        );
+    }
+    // The first body bytes came with the head: one vectored write for both.
+    rbuf.drain(..resp.len);
+    let mut conn = Some(conn);
+    let end = relay_body(engine, io, &mut conn, &out, &mut rbuf, resp, dechunk).await;
+    backend
+        .metrics
+        .duration
+        .record(started.elapsed().as_secs_f64());
+    drop(guard);
+    drop(entry);
+    engine.buffers.give(out);
+    engine.buffers.give(rbuf);
+    match (end, conn) {
+        (BodyEnd::Reusable, Some(c)) => {
+            engine.blades.checkin(c);
+            RelayEnd::Done
+        }
+        (BodyEnd::Reusable | BodyEnd::Closed, _) => RelayEnd::Done,
+        (BodyEnd::Upgraded, Some(c)) => RelayEnd::Tunnel(c),
+        _ => RelayEnd::Cut,
+    }
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+enum BodyEnd {
+    /// Read exactly to its end; the blade connection may serve again.
+    Reusable,
+    /// Complete, but the blade connection cannot be reused (it closed, or framing by close).
+    Closed,
+    /// The 101 went out: tunnel.
+    Upgraded,
+    /// Broke off.
+    Cut,
+}
+
+/// Relays the body after the shopper's head (`out`), starting with what is in `rbuf`.
+async fn relay_body<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    conn: &mut Option<BladeConn>,
+    out: &[u8],
+    rbuf: &mut Vec<u8>,
+    resp: head::ResponseHead,
+    dechunk: bool,
+) -> BodyEnd {
+    let idle = engine.fwd.body_idle_timeout;
+    match resp.body {
+        BodyKind::None => {
+            let extra = !rbuf.is_empty();
+            if write_parts(io, out, &[]).await.is_err() {
+                return BodyEnd::Cut;
+            }
+            if resp.status == 101 {
+                return if rbuf.is_empty() || write_parts(io, rbuf, &[]).await.is_ok() {
+                    BodyEnd::Upgraded
+                } else {
+                    BodyEnd::Cut
+                };
+            }
+            if extra || !resp.reusable {
+                return BodyEnd::Closed;
+            }
+            BodyEnd::Reusable
+        }
+        BodyKind::UntilClose if resp.status == 101 => {
+            if write_parts(io, out, rbuf).await.is_err() {
+                return BodyEnd::Cut;
+            }
+            BodyEnd::Upgraded
+        }
+        BodyKind::Length(n) => {
+            let mut left = n;
+            let first = rbuf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let extra = rbuf.len() > first;
+            if write_parts(io, out, &rbuf[..first]).await.is_err() {
+                return BodyEnd::Cut;
+            }
+            left -= first as u64;
+            while left > 0 {
+                rbuf.clear();
+                let Some(c) = conn.as_mut() else {
+                    return BodyEnd::Cut;
+                };
+                let want = left.min(rbuf.capacity() as u64);
+                match read_some(&mut c.stream, rbuf, want, idle).await {
+                    Ok(0) | Err(_) => return BodyEnd::Cut,
+                    Ok(got) => left -= got as u64,
+                }
+                if write_parts(io, rbuf, &[]).await.is_err() {
+                    return BodyEnd::Cut;
+                }
+            }
+            if extra || !resp.reusable {
+                BodyEnd::Closed
+            } else {
+                BodyEnd::Reusable
+            }
+        }
+        BodyKind::Chunked => {
+            let mut decoder = Chunked::default();
+            let mut plain = dechunk.then(Vec::new);
+            let mut pending_head = true;
+            loop {
+                let used = match decoder.feed(rbuf, plain.as_mut()) {
+                    Ok(used) => used,
+                    Err(_) => return BodyEnd::Cut,
+                };
+                let extra = used < rbuf.len();
+                let piece: &[u8] = match &plain {
+                    Some(p) => p,
+                    None => &rbuf[..used],
+                };
+                let written = if pending_head {
+                    pending_head = false;
+                    write_parts(io, out, piece).await
+                } else {
+                    write_parts(io, piece, &[]).await
+                };
+                if written.is_err() {
+                    return BodyEnd::Cut;
+                }
+                if let Some(p) = plain.as_mut() {
+                    p.clear();
+                }
+                if decoder.done() {
+                    return if extra || !resp.reusable {
+                        BodyEnd::Closed
+                    } else {
+                        BodyEnd::Reusable
+                    };
+                }
+                rbuf.clear();
+                let Some(c) = conn.as_mut() else {
+                    return BodyEnd::Cut;
+                };
+                match read_some(&mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
+                    Ok(0) | Err(_) => return BodyEnd::Cut,
+                    Ok(_) => {}
+                }
+            }
+        }
+        BodyKind::UntilClose => {
+            if write_parts(io, out, rbuf).await.is_err() {
+                return BodyEnd::Cut;
+            }
+            loop {
+                rbuf.clear();
+                let Some(c) = conn.as_mut() else {
+                    return BodyEnd::Cut;
+                };
+                match read_some(&mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
+                    Ok(0) => {
+                        *conn = None;
+                        return BodyEnd::Closed;
+                    }
+                    Err(_) => return BodyEnd::Cut,
+                    Ok(_) => {}
+                }
+                if write_parts(io, rbuf, &[]).await.is_err() {
+                    return BodyEnd::Cut;
+                }
+            }
+        }
+    }
+}
+
+/// Reads at most `want` bytes into `buf`; a blade that sends nothing of the body for
+/// `idle` is cut (`proxy.body_idle_timeout`).
+async fn read_some<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    want: u64,
+    idle: Duration,
+) -> std::io::Result<usize> {
+    match tokio::time::timeout(idle, r.take(want).read_buf(buf)).await {
+        Ok(res) => res,
+        Err(_) => {
+            metrics::counter!(names::BODIES_STALLED, "side" => "backend").increment(1);
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
+}
+
+/// Writes `a` then `b` (vectored: one system call when the socket takes both).
+async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+        let n = w.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
+/// Bytes both ways between the shopper and the blade after a 101, until either side
+/// closes or nothing moves for `proxy.idle_timeout`.
+async fn tunnel<S: Transport>(engine: &Engine, io: &mut S, conn: &mut BladeConn, early: &[u8]) {
+    if !early.is_empty() && conn.stream.write_all(early).await.is_err() {
+        return;
+    }
+    metrics::counter!(names::TUNNELS_TOTAL).increment(1);
+    let idle = engine.idle_timeout;
+    let (mut up, mut down) = (engine.buffers.take(), engine.buffers.take());
+    let mut blade_open = true;
+    let mut shopper_open = true;
+    while blade_open || shopper_open {
+        up.clear();
+        down.clear();
+        let step = tokio::time::timeout(idle, async {
+            tokio::select! {
+                r = io.read_buf(&mut up), if shopper_open => (true, r),
+                r = conn.stream.read_buf(&mut down), if blade_open => (false, r),
+            }
+        })
+        .await;
+        match step {
+            Err(_) => break,
+            Ok((from_shopper, Ok(0))) => {
+                // A half-close is passed on; the tunnel ends when both sides are done.
+                if from_shopper {
+                    shopper_open = false;
+                    let _ = conn.stream.shutdown().await;
+                } else {
+                    blade_open = false;
+                    let _ = io.shutdown().await;
+                }
+            }
+            Ok((_, Err(_))) => break,
+            Ok((true, Ok(_))) => {
+                if conn.stream.write_all(&up).await.is_err() {
+                    break;
+                }
+            }
+            Ok((false, Ok(_))) => {
+                if io.write_all(&down).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    engine.buffers.give(up);
+    engine.buffers.give(down);
+}

@@ -1,0 +1,1000 @@
+//! Message heads: parsed with `httparse` out of the connection's buffer, checked with
+//! surge's rules, remembered as offsets into that buffer (nothing copied, and no header
+//! array lives across an await), and rewritten for the next hop by copying the fields
+//! that travel on and writing surge's own after them.
+
+use std::mem::MaybeUninit;
+
+use http::Method;
+
+use crate::proxy::answers::Refused;
+
+/// Most header fields a head may have: the parser's slots live on the stack.
+pub const MAX_FIELDS: usize = 1024;
+
+/// A byte range of the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn of(buf: &[u8], part: &[u8]) -> Span {
+        // `part` is a slice of `buf` (httparse hands out slices of its input).
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        Span {
+            start: start as u32,
+            len: part.len() as u32,
+        }
+    }
+
+    fn sub(self, from: usize, to: usize) -> Span {
+        Span {
+            start: self.start + from as u32,
+            len: (to - from) as u32,
+        }
+    }
+
+    pub fn get(self, buf: &[u8]) -> &[u8] {
+        let start = self.start as usize;
+        buf.get(start..start + self.len as usize)
+            .unwrap_or_default()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One header field: its name and value in the buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    pub name: Span,
+    pub value: Span,
+}
+
+/// How a request's body is framed (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (no `Content-Length`, no `Transfer-Encoding`).
+    Empty,
+    /// `Content-Length` (0 included: it is forwarded as such).
+    Length(u64),
+    Chunked,
+}
+
+/// What the engine knows of a request head once it parsed and passed the checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head in the buffer, the empty line included.
+    pub len: usize,
+    pub method: Method,
+    /// What goes on the request line upstream: the origin-form target (the path and
+    /// query of an absolute-form one; `None` for an absolute-form target without a path,
+    /// which becomes `/`).
+    pub target: Option<Span>,
+    /// The target's path, without the query.
+    pub path: Span,
+    pub http10: bool,
+    pub framing: Framing,
+    /// The connection closes after this exchange: the client said so, HTTP/1.0 without
+    /// keep-alive, or both `Transfer-Encoding` and `Content-Length` were sent (the
+    /// message is framed by the first; what follows it cannot be trusted).
+    pub close: bool,
+    pub expect_continue: bool,
+    /// `Upgrade`'s value when `Connection` lists `upgrade` (HTTP/1.1 only).
+    pub upgrade: Option<Span>,
+    /// The authority the request is for: an absolute-form target's, else `Host`.
+    pub host: Option<Span>,
+    /// The client's `X-Request-Id`, when usable (non-empty, at most 200 bytes).
+    pub request_id: Option<Span>,
+}
+
+/// The limits a request head is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_fields: usize,
+    pub max_uri_bytes: usize,
+}
+
+fn slots<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_FIELDS] {
+    [const { MaybeUninit::uninit() }; MAX_FIELDS]
+}
+
+/// Parses the request head at the start of `buf`. `Ok(None)`: not complete yet. The
+/// fields go to `fields` (cleared first) as offsets into `buf`.
+pub fn parse_request(
+    buf: &[u8],
+    limits: HeadLimits,
+    fields: &mut Vec<Field>,
+) -> Result<Option<RequestHead>, Refused> {
+    fields.clear();
+    let mut slots = slots();
+    let n = limits.max_fields.clamp(1, MAX_FIELDS);
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots[..n]) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooManyHeaders),
+        Err(_) => return Err(Refused::Malformed),
+    };
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Refused::Malformed);
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refused::Malformed)?;
+    if method == Method::CONNECT {
+        return Err(Refused::Connect);
+    }
+    if target.len() > limits.max_uri_bytes {
+        return Err(Refused::UriTooLong);
+    }
+    let http10 = version == 0;
+    let target_span = Span::of(buf, target.as_bytes());
+    let form = target_form(target.as_bytes()).ok_or(Refused::Malformed)?;
+    if matches!(form, TargetForm::Asterisk) && method != Method::OPTIONS {
+        return Err(Refused::Malformed);
+    }
+
+    let mut hosts = 0usize;
+    let mut host = None;
+    let mut length: Option<u64> = None;
+    let mut te = false;
+    let mut chunked_count = 0usize;
+    let mut chunked_last = false;
+    let (mut conn_close, mut conn_keep_alive, mut conn_upgrade) = (false, false, false);
+    let mut expect_continue = false;
+    let mut upgrade = None;
+    let mut request_id = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        let field = Field {
+            name: Span::of(buf, name),
+            value: Span::of(buf, value),
+        };
+        fields.push(field);
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                hosts += 1;
+                host = Some(field.value);
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                for part in value.split(|&b| b == b',') {
+                    let n = content_length(part.trim_ascii()).ok_or(Refused::Malformed)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(Refused::Malformed);
+                    }
+                    length = Some(n);
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                if http10 {
+                    return Err(Refused::Malformed);
+                }
+                te = true;
+                for coding in value.split(|&b| b == b',') {
+                    let coding = coding.trim_ascii();
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    if coding.eq_ignore_ascii_case(b"chunked") {
+                        chunked_count += 1;
+                        chunked_last = true;
+                    } else if chunked_last {
+                        // A coding after chunked: the body's end cannot be known.
+                        return Err(Refused::Malformed);
+                    }
+                }
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    conn_close |= token.eq_ignore_ascii_case(b"close");
+                    conn_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                    conn_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+                }
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => {
+                expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => upgrade = Some(field.value),
+            12 if name.eq_ignore_ascii_case(b"x-request-id")
+                && request_id.is_none()
+                && !value.is_empty()
+                && value.len() <= 200 =>
+            {
+                request_id = Some(field.value);
+            }
+            _ => {}
+        }
+    }
+    if chunked_count > 1 {
+        return Err(Refused::BadFraming);
+    }
+    if te && !chunked_last {
+        // A request body framed by something other than chunked has no knowable end.
+        return Err(Refused::Malformed);
+    }
+    // HTTP/1.1 requires exactly one Host, an absolute-form target too (RFC 9112 §3.2).
+    if hosts > 1 || (hosts == 0 && !http10) {
+        return Err(Refused::BadHost);
+    }
+    let (target, path, host) = match form {
+        TargetForm::Origin { path_len } => (Some(target_span), target_span.sub(0, path_len), host),
+        TargetForm::Asterisk => (Some(target_span), target_span, host),
+        TargetForm::Absolute {
+            authority,
+            rest,
+            path_len,
+        } => {
+            let rest_span = (rest.0 < rest.1).then(|| target_span.sub(rest.0, rest.1));
+            let path = target_span.sub(rest.0, rest.0 + path_len);
+            (
+                rest_span,
+                path,
+                Some(target_span.sub(authority.0, authority.1)),
+            )
+        }
+    };
+    let framing = if te {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Empty
+    };
+    let close = conn_close || (http10 && !conn_keep_alive) || (te && length.is_some());
+    Ok(Some(RequestHead {
+        len,
+        method,
+        target,
+        path,
+        http10,
+        framing,
+        close,
+        expect_continue,
+        upgrade: upgrade.filter(|u| conn_upgrade && !http10 && !u.is_empty()),
+        host,
+        request_id,
+    }))
+}
+
+/// A `Content-Length` value: digits only (no sign, no spaces inside), within u64.
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+enum TargetForm {
+    /// `/path?query`; `path_len` bytes of path.
+    Origin { path_len: usize },
+    /// `OPTIONS *`.
+    Asterisk,
+    /// `http://authority/path?query`: byte ranges of the authority and of what follows it.
+    Absolute {
+        authority: (usize, usize),
+        rest: (usize, usize),
+        path_len: usize,
+    },
+}
+
+fn target_form(t: &[u8]) -> Option<TargetForm> {
+    if t.first() == Some(&b'/') {
+        let path_len = t.iter().position(|&b| b == b'?').unwrap_or(t.len());
+        return Some(TargetForm::Origin { path_len });
+    }
+    if t == b"*" {
+        return Some(TargetForm::Asterisk);
+    }
+    let scheme_len = if t.len() >= 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        7
+    } else if t.len() >= 8 && t[..8].eq_ignore_ascii_case(b"https://") {
+        8
+    } else {
+        return None;
+    };
+    let after = &t[scheme_len..];
+    let end = after
+        .iter()
+        .position(|&b| b == b'/' || b == b'?' || b == b'#')
+        .unwrap_or(after.len());
+    let authority = &after[..end];
+    let valid = |b: &u8| b.is_ascii_alphanumeric() || b"-._~:[]!$&'()*+,;=%".contains(b);
+    if authority.is_empty() || !authority.iter().all(valid) {
+        return None;
+    }
+    let rest = &after[end..];
+    if rest.first() == Some(&b'#') {
+        return None;
+    }
+    let path_len = if rest.first() == Some(&b'/') {
+        rest.iter().position(|&b| b == b'?').unwrap_or(rest.len())
+    } else {
+        0
+    };
+    if rest.first() == Some(&b'?') {
+        // `http://host?q` has an empty path: not forwardable as origin-form as is.
+        return None;
+    }
+    Some(TargetForm::Absolute {
+        authority: (scheme_len, scheme_len + end),
+        rest: (scheme_len + end, t.len()),
+        path_len,
+    })
+}
+
+/// Fields that describe one hop and never travel further (RFC 9110 §7.6.1, plus the
+/// legacy `Keep-Alive` and `Proxy-Connection`), and those surge writes itself.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Whether `name` is listed in one of the `Connection` fields (hop-by-hop for this
+/// message); `Host` and `Content-Length` never are: the client's framing and target
+/// are not the client's to strip.
+fn listed_in_connection(buf: &[u8], fields: &[Field], name: &[u8]) -> bool {
+    if name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length") {
+        return false;
+    }
+    fields
+        .iter()
+        .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"connection"))
+        .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+/// Whether any `Connection` field lists something besides the usual tokens (then each
+/// field is checked against the list).
+fn connection_lists_others(buf: &[u8], fields: &[Field]) -> bool {
+    fields
+        .iter()
+        .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"connection"))
+        .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && !t.eq_ignore_ascii_case(b"upgrade")
+        })
+}
+
+/// What surge adds to a request on its way to a blade.
+#[derive(Debug)]
+pub struct Forwarding<'a> {
+    /// The shopper's address (for `X-Forwarded-For`).
+    pub client_ip: &'a [u8],
+    /// `http` or `https`.
+    pub proto: &'a str,
+    /// The peer is one of the shop's own proxies: its `X-Forwarded-For` chain is kept.
+    pub trusted: bool,
+    /// A request id surge made (the request had no usable one).
+    pub new_request_id: Option<&'a [u8]>,
+    /// `Host` for an HTTP/1.0 request without one: the blade's address.
+    pub fallback_host: &'a [u8],
+    /// The body's length as forwarded (de-chunked), or `None` for no body.
+    pub body_len: Option<usize>,
+    /// Tunnel: `Connection: upgrade` and this `Upgrade` go on.
+    pub upgrade: Option<&'a [u8]>,
+}
+
+/// Writes the request head a blade gets: origin-form target, HTTP/1.1, `Host` first,
+/// the client's fields but the hop-by-hop ones and those surge rewrites, then
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Request-Id` (when new), `Content-Length`.
+pub fn write_request(
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    fwd: &Forwarding<'_>,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    match head.target {
+        Some(t) => out.extend_from_slice(t.get(buf)),
+        None => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    match head.host {
+        Some(h) => out.extend_from_slice(h.get(buf)),
+        None => out.extend_from_slice(fwd.fallback_host),
+    }
+    out.extend_from_slice(b"\r\n");
+    let check_listed = connection_lists_others(buf, fields);
+    let mut earlier_xff: Option<Span> = None;
+    for f in fields {
+        let name = f.name.get(buf);
+        let skip = is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || (fwd.new_request_id.is_some() && name.eq_ignore_ascii_case(b"x-request-id"));
+        if skip {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            earlier_xff.get_or_insert(f.value);
+            continue;
+        }
+        if check_listed && listed_in_connection(buf, fields, name) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value.get(buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    match earlier_xff.map(|v| v.get(buf)) {
+        // From one of the shop's own proxies the chain goes on; from anyone else it is
+        // replaced, so a shopper cannot put a made-up address in front of their own.
+        Some(prev) if fwd.trusted && !prev.is_empty() => {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        _ => {}
+    }
+    out.extend_from_slice(fwd.client_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(fwd.proto.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(id) = fwd.new_request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = fwd.body_len {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, n as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(u) = fwd.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        out.extend_from_slice(u);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// How a response's body is framed (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body: a HEAD request, 204, 304.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the blade closes (no length, no chunked).
+    UntilClose,
+}
+
+/// A blade's response head as the engine relays it.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub body: BodyKind,
+    /// The blade keeps the connection open after this response.
+    pub reusable: bool,
+}
+
+/// What parsing a blade's answer gave.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not complete yet.
+    Partial,
+    /// An interim answer (100, 102, 103) of `len` bytes, to skip.
+    Interim(usize),
+    Final(ResponseHead),
+}
+
+/// What the engine asks of a response while rewriting it.
+pub struct ResponseFacts<'a> {
+    buf: &'a [u8],
+    fields: &'a [httparse::Header<'a>],
+    pub status: u16,
+}
+
+impl ResponseFacts<'_> {
+    /// Whether the response sets cookie `name` (`Set-Cookie: name=...`).
+    pub fn sets_cookie(&self, name: &str) -> bool {
+        let _ = self.buf;
+        self.fields.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("set-cookie")
+                && std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.split_once('='))
+                    .is_some_and(|(k, _)| k.trim() == name)
+        })
+    }
+
+    /// Whether the response has field `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.fields
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// What surge does to a response on its way to the shopper.
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrite<'a> {
+    /// The request was HEAD (the response has no body, whatever it says).
+    pub head_request: bool,
+    /// Surge's `Strict-Transport-Security` (replaces the blade's).
+    pub hsts: Option<&'a [u8]>,
+    /// The client gets the body de-chunked (an HTTP/1.0 client).
+    pub dechunk: bool,
+    /// An upgrade was asked for (a 101 is acceptable).
+    pub upgrade: bool,
+}
+
+/// Why a blade's answer cannot be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadResponse;
+
+/// Parses the blade's response head at the start of `buf` and, when complete, writes
+/// the shopper's head to `out`: status line, the blade's fields but the hop-by-hop
+/// ones, then `extra` (surge's own fields, written by the caller), then the empty
+/// line. `close`: add `Connection: close`, decided after the response is seen.
+pub fn rewrite_response(
+    buf: &[u8],
+    max_fields: usize,
+    rw: Rewrite<'_>,
+    out: &mut Vec<u8>,
+    extra: impl FnOnce(&ResponseFacts<'_>, &ResponseHead, &mut Vec<u8>) -> bool,
+) -> Result<Parsed, BadResponse> {
+    let mut slots = slots();
+    let n = max_fields.clamp(1, MAX_FIELDS);
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut slots[..n],
+    ) {
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(_) => return Err(BadResponse),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(BadResponse);
+    };
+    if matches!(status, 100 | 102 | 103) {
+        return Ok(Parsed::Interim(len));
+    }
+    if status == 101 && !rw.upgrade {
+        return Err(BadResponse);
+    }
+    let mut length: Option<u64> = None;
+    let mut te_chunked = None;
+    let (mut close, mut keep_alive) = (false, false);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in h.value.split(|&b| b == b',') {
+                let v = content_length(part.trim_ascii()).ok_or(BadResponse)?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(BadResponse);
+                }
+                length = Some(v);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = h
+                .value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|c| !c.is_empty());
+            te_chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+    let body = if status == 101 {
+        BodyKind::UntilClose
+    } else if rw.head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        BodyKind::None
+    } else {
+        match (te_chunked, length) {
+            (Some(true), _) => BodyKind::Chunked,
+            (Some(false), _) => BodyKind::UntilClose,
+            (None, Some(n)) => BodyKind::Length(n),
+            (None, None) => BodyKind::UntilClose,
+        }
+    };
+    let reusable = !close
+        && (version == 1 || keep_alive)
+        && te_chunked.is_none_or(|c| c)
+        && body != BodyKind::UntilClose;
+    let head = ResponseHead {
+        len,
+        status,
+        body,
+        reusable,
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let fields = &*resp.headers;
+    let listed = |name: &[u8]| {
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| f.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    };
+    for h in fields {
+        let name = h.name.as_bytes();
+        let keep_te = name.eq_ignore_ascii_case(b"transfer-encoding")
+            && body == BodyKind::Chunked
+            && !rw.dechunk;
+        let keep_upgrade = status == 101 && name.eq_ignore_ascii_case(b"upgrade");
+        if (is_hop_by_hop(name) && !keep_te && !keep_upgrade)
+            || (rw.hsts.is_some() && name.eq_ignore_ascii_case(b"strict-transport-security"))
+            || (rw.dechunk && name.eq_ignore_ascii_case(b"content-length"))
+            || (!name.eq_ignore_ascii_case(b"content-length") && listed(name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if status == 101 {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    if let Some(v) = rw.hsts {
+        out.extend_from_slice(b"strict-transport-security: ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    let facts = ResponseFacts {
+        buf,
+        fields,
+        status,
+    };
+    if extra(&facts, &head, out) && status != 101 {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Parsed::Final(head))
+}
+
+/// Whether `buf` starts with a complete response head, an interim one, or garbage,
+/// without rewriting anything (the final head's summary is not filled in).
+pub fn probe_response(buf: &[u8], max_fields: usize) -> Result<Parsed, BadResponse> {
+    let mut slots = slots();
+    let n = max_fields.clamp(1, MAX_FIELDS);
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut slots[..n],
+    ) {
+        Ok(httparse::Status::Partial) => Ok(Parsed::Partial),
+        Ok(httparse::Status::Complete(len)) => match resp.code {
+            Some(100 | 102 | 103) => Ok(Parsed::Interim(len)),
+            Some(status) => Ok(Parsed::Final(ResponseHead {
+                len,
+                status,
+                body: BodyKind::None,
+                reusable: false,
+            })),
+            None => Err(BadResponse),
+        },
+        Err(_) => Err(BadResponse),
+    }
+}
+
+/// A request head as the decisions read it: the buffer and the field offsets.
+pub struct View<'a> {
+    pub buf: &'a [u8],
+    pub head: &'a RequestHead,
+    pub fields: &'a [Field],
+}
+
+impl crate::proxy::headers::RequestView for View<'_> {
+    fn method(&self) -> &Method {
+        &self.head.method
+    }
+
+    fn path(&self) -> &str {
+        std::str::from_utf8(self.head.path.get(self.buf)).unwrap_or("/")
+    }
+
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.fields
+            .iter()
+            .filter(move |f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| f.value.get(self.buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_fields: 100,
+        max_uri_bytes: 8192,
+    };
+
+    fn parse(raw: &[u8]) -> Result<Option<RequestHead>, Refused> {
+        parse_request(raw, LIMITS, &mut Vec::new())
+    }
+
+    fn forwarded(raw: &[u8], body_len: Option<usize>) -> String {
+        let mut fields = Vec::new();
+        let head = parse_request(raw, LIMITS, &mut fields).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_request(
+            raw,
+            &head,
+            &fields,
+            &Forwarding {
+                client_ip: b"192.0.2.7",
+                proto: "http",
+                trusted: false,
+                new_request_id: Some(b"id-1"),
+                fallback_host: b"10.0.0.1:80",
+                body_len,
+                upgrade: None,
+            },
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_a_complete_one_is_framed() {
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nhost: a\r\n"), Ok(None));
+        let h = parse(b"POST /cart?x=1 HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(h.len, 55);
+        assert!(!h.close);
+        let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(h.close, "HTTP/1.0 closes unless it asks for keep-alive");
+        let h = parse(
+            b"GET / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(
+            h.close,
+            "chunked beside a length: framed by chunked, then closed"
+        );
+    }
+
+    #[test]
+    fn surge_rules_refuse_what_cannot_be_trusted() {
+        let cases: &[(&[u8], Refused)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", Refused::BadHost),
+            (
+                b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+                Refused::BadHost,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +1\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+                Refused::BadFraming,
+            ),
+            (
+                b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nhost: a\r\nx: a\r\n b\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (b"GET / HTTP/1.1\r\nhost : a\r\n\r\n", Refused::Malformed),
+            (b"GET * HTTP/1.1\r\nhost: a\r\n\r\n", Refused::Malformed),
+            (
+                b"GET nowhere HTTP/1.1\r\nhost: a\r\n\r\n",
+                Refused::Malformed,
+            ),
+            (
+                b"CONNECT shop:443 HTTP/1.1\r\nhost: shop:443\r\n\r\n",
+                Refused::Connect,
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(
+                parse(raw).err(),
+                Some(*want),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let long = format!("GET /{} HTTP/1.1\r\nhost: a\r\n\r\n", "a".repeat(9000));
+        assert_eq!(parse(long.as_bytes()).err(), Some(Refused::UriTooLong));
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\nhost: a\r\n{many}\r\n");
+        assert_eq!(parse(many.as_bytes()).err(), Some(Refused::TooManyHeaders));
+    }
+
+    #[test]
+    fn the_forwarded_head_drops_hop_by_hop_fields_and_adds_surges() {
+        let out = forwarded(
+            b"GET /p?q HTTP/1.1\r\nHost: shop\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Forwarded-For: 6.6.6.6\r\nAccept: */*\r\n\r\n",
+            None,
+        );
+        assert_eq!(
+            out,
+            "GET /p?q HTTP/1.1\r\nhost: shop\r\nAccept: */*\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-request-id: id-1\r\n\r\n"
+        );
+        // An absolute-form target's authority is the Host; the body goes with its length.
+        let out = forwarded(
+            b"POST http://shop.example/cart HTTP/1.1\r\nhost: other\r\ntransfer-encoding: chunked\r\n\r\n",
+            Some(12),
+        );
+        assert!(
+            out.starts_with("POST /cart HTTP/1.1\r\nhost: shop.example\r\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("content-length: 12\r\n\r\n"), "{out}");
+        assert!(!out.contains("other") && !out.contains("chunked"), "{out}");
+        // HTTP/1.0 without Host: the blade's address.
+        let out = forwarded(b"GET / HTTP/1.0\r\n\r\n", None);
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n"),
+            "{out}"
+        );
+    }
+
+    fn rewrite(raw: &[u8], rw: Rewrite<'_>) -> (Result<Parsed, BadResponse>, String) {
+        let mut out = Vec::new();
+        let parsed = rewrite_response(raw, 100, rw, &mut out, |facts, _, out| {
+            if !facts.has("x-request-id") {
+                out.extend_from_slice(b"x-request-id: r\r\n");
+            }
+            false
+        });
+        (parsed, String::from_utf8(out).unwrap())
+    }
+
+    const PLAIN: Rewrite<'static> = Rewrite {
+        head_request: false,
+        hsts: None,
+        dechunk: false,
+        upgrade: false,
+    };
+
+    #[test]
+    fn responses_are_framed_by_rfc_9112_and_keep_their_end_to_end_fields() {
+        let (p, out) = rewrite(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: cart=1\r\n\r\nok",
+            PLAIN,
+        );
+        let Ok(Parsed::Final(h)) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (h.status, h.body, h.reusable),
+            (200, BodyKind::Length(2), true)
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: cart=1\r\nx-request-id: r\r\n\r\n"
+        );
+        let (p, out) = rewrite(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            PLAIN,
+        );
+        assert!(matches!(
+            p,
+            Ok(Parsed::Final(ResponseHead {
+                body: BodyKind::Chunked,
+                reusable: true,
+                ..
+            }))
+        ));
+        assert!(out.contains("Transfer-Encoding: chunked"), "{out}");
+        let (p, _) = rewrite(b"HTTP/1.0 200 OK\r\n\r\n", PLAIN);
+        assert!(matches!(
+            p,
+            Ok(Parsed::Final(ResponseHead {
+                body: BodyKind::UntilClose,
+                reusable: false,
+                ..
+            }))
+        ));
+        let (p, _) = rewrite(b"HTTP/1.1 204 No Content\r\n\r\n", PLAIN);
+        assert!(matches!(
+            p,
+            Ok(Parsed::Final(ResponseHead {
+                body: BodyKind::None,
+                ..
+            }))
+        ));
+        let (p, _) = rewrite(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            Rewrite {
+                head_request: true,
+                ..PLAIN
+            },
+        );
+        assert!(matches!(
+            p,
+            Ok(Parsed::Final(ResponseHead {
+                body: BodyKind::None,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            rewrite(b"HTTP/1.1 100 Continue\r\n\r\n", PLAIN).0,
+            Ok(Parsed::Interim(25))
+        ));
+        assert_eq!(
+            rewrite(b"HTTP/1.1 101 Switching\r\n\r\n", PLAIN).0.err(),
+            Some(BadResponse)
+        );
+        assert_eq!(
+            rewrite(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                PLAIN
+            )
+            .0
+            .err(),
+            Some(BadResponse)
+        );
+        assert!(matches!(
+            rewrite(b"HTTP/1.1 200 OK\r\nContent-", PLAIN).0,
+            Ok(Parsed::Partial)
+        ));
+    }
+}
