@@ -12,6 +12,8 @@
 #        SURGE_BASELINE=/path/to/older/surge loadtests/compare.sh
 #            adds that binary as `surge-base`, same config: a regression check of a change
 #            measured in the same run as the three proxies.
+#        SURGE_BASELINE=target/release/surge SURGE_BASELINE_ENGINE=hyper loadtests/compare.sh
+#            the same binary on its hyper HTTP/1.1 engine as `surge-base`.
 # Everything listens on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 

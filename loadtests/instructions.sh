@@ -10,6 +10,8 @@
 #
 # Usage: loadtests/instructions.sh                       (this tree's release build)
 #        SURGE_BASELINE=/path/to/older/surge loadtests/instructions.sh
+#        SURGE_BASELINE=target/release/surge SURGE_BASELINE_ENGINE=hyper loadtests/instructions.sh
+#            (this tree's two HTTP/1.1 engines)
 #        N1=5000 N2=25000
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,12 +36,14 @@ BACKEND_PORT=$(free_port)
 write_backend_conf "$WORK/backend" "$BACKEND_PORT"
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>/dev/null & PIDS+=($!)
 
-# count BINARY REQUESTS -> instructions executed by surge over its whole life
+# count BINARY REQUESTS [ENGINE] -> instructions executed by surge over its whole life
 count() {
-  local port admin out
+  local port admin out engine=""
   port=$(free_port); admin=$(free_port); out="$WORK/cg.$RANDOM"
+  [ -n "${3:-}" ] && engine="engine = \"$3\""
   cat > "$WORK/surge.toml" <<EOF
 [proxy]
+$engine
 listen = "127.0.0.1:$port"
 workers = 1
 access_log = false
@@ -62,7 +66,7 @@ EOF
 
 per_request() {
   local a b
-  a=$(count "$1" "$N1"); b=$(count "$1" "$N2")
+  a=$(count "$1" "$N1" "${2:-}"); b=$(count "$1" "$N2" "${2:-}")
   echo $(( (b - a) / (N2 - N1) ))
 }
 
@@ -70,7 +74,7 @@ echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $(valgr
 NEW=$(per_request "$ROOT/target/release/surge")
 echo "surge (this tree): $NEW instructions per request"
 if [ -n "${SURGE_BASELINE:-}" ]; then
-  BASE=$(per_request "$SURGE_BASELINE")
+  BASE=$(per_request "$SURGE_BASELINE" "${SURGE_BASELINE_ENGINE:-}")
   echo "baseline ($SURGE_BASELINE): $BASE instructions per request"
   python3 -c "print(f'this tree / baseline: {$NEW / $BASE:.3f}')"
 fi

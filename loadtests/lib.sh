@@ -30,7 +30,9 @@ wait_answering() {
 # start_surges: $SURGE on $WORK/surge.toml and, when SURGE_BASELINE names an older binary,
 # that one on a copy of the config with ports of its own (SURGE_PORT and ADMIN_PORT
 # replaced). Sets SURGE_PID, BASE_PID, BASE_PORT and EXTRA ("surge-base=PID:PORT", for the
-# measuring script's list of proxies).
+# measuring script's list of proxies). SURGE_BASELINE_ENGINE=hyper runs the baseline with
+# `proxy.engine = "hyper"`: with SURGE_BASELINE=target/release/surge, the same binary's
+# two HTTP/1.1 engines side by side.
 start_surges() {
   RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" & SURGE_PID=$!; PIDS+=($SURGE_PID)
   EXTRA=()
@@ -38,6 +40,9 @@ start_surges() {
     BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
     sed -e "s/127.0.0.1:$SURGE_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$BASE_ADMIN/" \
       "$WORK/surge.toml" > "$WORK/surge-base.toml"
+    if [ -n "${SURGE_BASELINE_ENGINE:-}" ]; then
+      sed -i "s/^\[proxy\]$/[proxy]\nengine = \"$SURGE_BASELINE_ENGINE\"/" "$WORK/surge-base.toml"
+    fi
     RUST_LOG=warn "$SURGE_BASELINE" serve --config "$WORK/surge-base.toml" >/dev/null 2>"$WORK/surge-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
     EXTRA+=("surge-base=$BASE_PID:$BASE_PORT")
   fi

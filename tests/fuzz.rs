@@ -310,7 +310,9 @@ proptest! {
 }
 
 /// Raw bytes at the proxy's socket: requests made of valid pieces, mutated. Whatever
-/// arrives, surge answers (or closes) promptly, and keeps serving.
+/// arrives, surge answers (or closes) promptly, and keeps serving. This is the default
+/// HTTP/1.1 engine, surge's own (`proxy.engine = "surge"`); `tests/differential.rs`
+/// holds it against hyper's.
 #[test]
 fn raw_bytes_at_the_proxy_get_an_answer_or_a_close_and_break_nothing() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

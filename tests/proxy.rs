@@ -873,3 +873,104 @@ async fn the_waiting_page_shows_the_place_and_wait_in_a_browser() {
     );
     surge.stop().await;
 }
+
+/// A blade with a live chat: WebSocket (tokio-tungstenite) on an upgrade request, which
+/// greets first and echoes every text message; a plain 200 to anything else (health
+/// checks).
+async fn chat_blade() -> std::net::SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Look at the head without taking it: the WebSocket library reads it.
+                let mut head = [0u8; 2048];
+                let mut seen = 0;
+                for _ in 0..100 {
+                    seen = stream.peek(&mut head).await.unwrap_or(0);
+                    if seen == 0 || head[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let text = String::from_utf8_lossy(&head[..seen]).to_ascii_lowercase();
+                if !text.contains("upgrade: websocket") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text("hello from the shop")).await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(t) = msg {
+                        if ws.send(Message::text(format!("echo: {t}"))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A shop's live chat behind surge: the WebSocket upgrade reaches the blade and its 101
+/// comes back, then messages go both ways (the blade speaks first, too); a chat nobody
+/// talks on is closed after `proxy.idle_timeout`, and its connection is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_tunnelled_to_its_blade_both_ways_until_idle() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let blade = chat_blade().await;
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\nidle_timeout = \"1s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[[pool.backends]]\nid = \"chat\"\naddress = \"{blade}\"\n"
+    );
+    let cfg = surge::config::Config::parse(&text, std::path::Path::new("ws.toml")).unwrap();
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
+        .await
+        .expect("the upgrade goes through surge");
+    assert_eq!(resp.status(), 101);
+    let greeting = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the blade speaks first");
+    assert_eq!(
+        greeting.unwrap().unwrap(),
+        Message::text("hello from the shop")
+    );
+    for i in 0..3 {
+        ws.send(Message::text(format!("stock of sku {i}?")))
+            .await
+            .unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::text(format!("echo: stock of sku {i}?")));
+    }
+    // Nobody talks: surge closes the tunnel after its idle timeout (1 s here).
+    let quiet = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the idle tunnel is closed");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_)))),
+        "nothing but the end comes: {end:?}"
+    );
+    assert!(quiet.elapsed() >= Duration::from_millis(900));
+    assert!(
+        eventually(Duration::from_secs(3), || surge.proxy.limits.open() == 0).await,
+        "the tunnel's connection is given back"
+    );
+    surge.stop().await;
+}

@@ -559,17 +559,29 @@ impl Forwarder {
         view: &V,
         unix_now: u64,
     ) -> (Option<String>, Option<Route>) {
+        let (cart, route) = self.affinity_in(view, unix_now);
+        (
+            cart.map(str::to_owned),
+            route.map(|v| Route {
+                backend: v.backend.to_owned(),
+                renew: v.renew,
+            }),
+        )
+    }
+
+    /// [`Self::affinity`] borrowing from the request (the HTTP/1.1 engine keeps its
+    /// request in its buffer for the whole exchange, so nothing is copied).
+    pub(super) fn affinity_in<'v, V: RequestView>(
+        &self,
+        view: &'v V,
+        unix_now: u64,
+    ) -> (Option<&'v str>, Option<super::route::Verified<'v>>) {
         match (&self.sticky, &self.route_signer) {
             (Some(s), Some(signer)) => {
-                let cart = headers::cookie_of(view, &s.cookie).map(str::to_owned);
+                let cart = headers::cookie_of(view, &s.cookie);
                 let route = cart
-                    .as_ref()
                     .and_then(|_| headers::cookie_of(view, &s.route_cookie))
-                    .and_then(|v| signer.verify(v, unix_now))
-                    .map(|v| Route {
-                        backend: v.backend.to_owned(),
-                        renew: v.renew,
-                    });
+                    .and_then(|v| signer.verify(v, unix_now));
                 (cart, route)
             }
             _ => (None, None),
@@ -581,7 +593,7 @@ impl Forwarder {
     /// the backend just set one (`sets_cart` asks the response).
     pub(super) fn route_cookie(
         &self,
-        route: Option<&Route>,
+        route: Option<super::route::Verified<'_>>,
         had_cart: bool,
         sets_cart: impl FnOnce(&str) -> bool,
         backend_id: &str,
@@ -629,7 +641,10 @@ impl Forwarder {
         backend.metrics.count_status(parts.status.as_u16());
         let tls = conn_info.tls.is_some();
         if let Some(v) = self.route_cookie(
-            route,
+            route.map(|r| super::route::Verified {
+                backend: &r.backend,
+                renew: r.renew,
+            }),
             had_cart,
             |name| headers::sets_cookie(&parts.headers, name),
             &backend.id,

@@ -23,22 +23,24 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes
-/// too: surge does not tunnel protocol upgrades yet, and forwarding the header alone would
+/// Removes hop-by-hop headers, including any a `Connection` field names (every one of
+/// them: a client may send several). `Upgrade` goes too: the hyper path does not tunnel
+/// protocol upgrades (the surge engine does), and forwarding the header alone would
 /// promise the backend something the proxy cannot carry.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers listed in Connection are hop-by-hop for this message (rare: only then allocate).
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if let Ok(listed) = conn.to_str() {
-            // The request's own framing and target are never the client's to strip.
-            let extra: Vec<HeaderName> = listed
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
-                .collect();
-            for name in extra {
-                headers.remove(name);
-            }
+    if headers.contains_key(header::CONNECTION) {
+        // The request's own framing and target are never the client's to strip.
+        let extra: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|listed| listed.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+            .collect();
+        for name in extra {
+            headers.remove(name);
         }
     }
     for name in &HOP_BY_HOP {
@@ -49,12 +51,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The request-level framing rules hyper leaves to surge: exactly one `Host` on HTTP/1.1
 /// (at most one on HTTP/1.0), on HTTP/2 none or one equal to `:authority`, and `chunked`
-/// applied at most once.
+/// applied at most once; the asterisk-form target only for `OPTIONS` (RFC 9112 §3.2.4)
+/// and the authority-form only for CONNECT; absolute-form targets only of http(s).
 pub(super) fn check_framing(
     parts: &http::request::Parts,
     h2: bool,
 ) -> Result<(), super::answers::Refused> {
     use super::answers::Refused;
+    if parts.method != http::Method::OPTIONS
+        && parts.uri.scheme().is_none()
+        && parts.uri.path() == "*"
+    {
+        return Err(Refused::Malformed);
+    }
+    // An absolute-form target is for a web origin (http, https); hyper takes any scheme.
+    if let Some(scheme) = parts.uri.scheme_str() {
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err(Refused::Malformed);
+        }
+    }
+    // The authority-form (`host:port`) is CONNECT's alone (§3.2.3); hyper takes it for
+    // any method.
+    if parts.method != http::Method::CONNECT
+        && parts.uri.scheme().is_none()
+        && parts.uri.authority().is_some()
+    {
+        return Err(Refused::Malformed);
+    }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {

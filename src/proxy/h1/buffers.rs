@@ -9,8 +9,11 @@ use std::cell::RefCell;
 /// buffers are not kept.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
-/// Spare buffers kept per worker; more are freed.
-const MAX_SPARE: usize = 1024;
+/// Spare buffers kept per worker; more are freed. A burst of requests in progress at
+/// once takes many buffers; keeping them all afterwards would make the burst's peak the
+/// worker's memory for good. 64 (1 MiB) covers the requests a worker has in progress at
+/// once on an ordinary day.
+const MAX_SPARE: usize = 64;
 
 /// One worker's spare buffers (single-threaded, like everything of a worker).
 #[derive(Debug, Default)]
@@ -37,6 +40,42 @@ impl Buffers {
         if spare.len() < MAX_SPARE {
             spare.push(buf);
         }
+    }
+}
+
+/// A pooled buffer that goes back to its pool when dropped: a request body, which lives
+/// through many branches of an exchange.
+pub struct Pooled<'a> {
+    pool: &'a Buffers,
+    buf: Vec<u8>,
+}
+
+impl Buffers {
+    pub fn take_pooled(&self) -> Pooled<'_> {
+        Pooled {
+            pool: self,
+            buf: self.take(),
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Vec<u8>;
+
+    fn deref(&self) -> &Vec<u8> {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::blades::{BladeConn, Blades};
-use super::buffers::{Buffers, BUFFER_BYTES};
+use super::buffers::{Buffers, Pooled, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
 use crate::pool::{InFlight, NoPick, Outcome, Pick, State};
@@ -94,7 +94,7 @@ impl Engine {
     fn give_fields(&self, mut f: Vec<Field>) {
         f.clear();
         let mut spare = self.fields.borrow_mut();
-        if spare.len() < 1024 {
+        if spare.len() < 64 {
             spare.push(f);
         }
     }
@@ -379,7 +379,7 @@ async fn exchange<S: Transport>(
     } else {
         Entry::default()
     };
-    let (cart, route) = fwd.affinity(&view, unix_now);
+    let (cart, route) = fwd.affinity_in(&view, unix_now);
     let trusted = !fwd.trusted_proxies.is_empty()
         && fwd
             .trusted_proxies
@@ -402,8 +402,8 @@ async fn exchange<S: Transport>(
     let mut answered = None;
     for _ in 0..MAX_ATTEMPTS {
         let pick = Pick {
-            sticky_key: cart.as_deref().map(str::as_bytes),
-            route: route.as_ref().map(|r| r.backend.as_str()),
+            sticky_key: cart.map(str::as_bytes),
+            route: route.as_ref().map(|r| r.backend),
             avoid: avoid.as_ref().map(|g| &**g.backend()),
             now_ns,
         };
@@ -436,7 +436,7 @@ async fn exchange<S: Transport>(
                         trusted,
                         new_request_id: minted.as_ref().map(|m| &m[..]),
                         fallback_host: &backend.authority,
-                        body_len: body.as_ref().map(Vec::len),
+                        body_len: body.as_ref().map(|b| b.len()),
                         upgrade,
                     },
                     &mut out,
@@ -446,7 +446,13 @@ async fn exchange<S: Transport>(
                 rbuf.clear();
                 let outcome = tokio::time::timeout_at(
                     deadline,
-                    send_and_read_head(engine, &mut conn, &out, body.as_deref(), &mut rbuf),
+                    send_and_read_head(
+                        engine,
+                        &mut conn,
+                        &out,
+                        body.as_deref().map(Vec::as_slice),
+                        &mut rbuf,
+                    ),
                 )
                 .await;
                 match outcome {
@@ -535,7 +541,7 @@ async fn exchange<S: Transport>(
             rbuf,
             out,
             entry,
-            route: route.as_ref(),
+            route,
             had_cart: cart.is_some(),
             request_id,
             info,
@@ -588,24 +594,24 @@ fn log_own(
 
 /// What a body read gives: the body (de-framed), where the next message starts in the
 /// buffer, and the body's reservation in the budget.
-type ReadBody = (
-    Option<Vec<u8>>,
+type ReadBody<'e> = (
+    Option<Pooled<'e>>,
     usize,
     Option<crate::proxy::limits::BodyReservation>,
 );
 
 /// Reads the request's body whole, within `proxy.max_body_bytes`, the body budget and
 /// `proxy.body_read_timeout`; answers `Expect: 100-continue` first.
-async fn read_body<S: Transport>(
-    engine: &Engine,
+async fn read_body<'e, S: Transport>(
+    engine: &'e Engine,
     io: &mut S,
     buf: &mut Vec<u8>,
     head: &RequestHead,
-) -> Result<ReadBody, Refused> {
+) -> Result<ReadBody<'e>, Refused> {
     let fwd = &engine.fwd;
     let declared = match head.framing {
         Framing::Empty => return Ok((None, head.len, None)),
-        Framing::Length(0) => return Ok((Some(Vec::new()), head.len, None)),
+        Framing::Length(0) => return Ok((Some(engine.buffers.take_pooled()), head.len, None)),
         Framing::Length(n) => n,
         Framing::Chunked => 0,
     };
@@ -636,7 +642,9 @@ async fn read_body<S: Transport>(
         match head.framing {
             Framing::Length(n) => {
                 let n = usize::try_from(n).map_err(|_| Refused::BodyTooLarge)?;
-                let mut body = Vec::with_capacity(n);
+                // A pooled buffer: a body within its capacity costs no allocation.
+                let mut body = engine.buffers.take_pooled();
+                body.reserve(n);
                 let have = in_buf.min(n);
                 body.extend_from_slice(&buf[head.len..head.len + have]);
                 if have == n {
@@ -647,7 +655,7 @@ async fn read_body<S: Transport>(
                     let want = n - body.len();
                     let got = (&mut *io)
                         .take(want as u64)
-                        .read_buf(&mut body)
+                        .read_buf(&mut *body)
                         .await
                         .map_err(|_| Refused::BadBody)?;
                     if got == 0 {
@@ -658,7 +666,7 @@ async fn read_body<S: Transport>(
             }
             _ => {
                 let mut decoder = Chunked::default();
-                let mut body = Vec::new();
+                let mut body = engine.buffers.take_pooled();
                 let used = decoder
                     .feed(&buf[head.len..], Some(&mut body))
                     .map_err(|_| Refused::BadBody)?;
@@ -765,7 +773,7 @@ struct Relay<'a> {
     rbuf: Vec<u8>,
     out: Vec<u8>,
     entry: Entry,
-    route: Option<&'a forward::Route>,
+    route: Option<crate::proxy::route::Verified<'a>>,
     had_cart: bool,
     request_id: &'a [u8],
     info: &'a ConnInfo,

@@ -139,6 +139,7 @@ pub fn parse_request(
     let mut hosts = 0usize;
     let mut host = None;
     let mut length: Option<u64> = None;
+    let mut saw_length = false;
     let mut te = false;
     let mut chunked_count = 0usize;
     let mut chunked_last = false;
@@ -160,12 +161,15 @@ pub fn parse_request(
                 host = Some(field.value);
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
-                for part in value.split(|&b| b == b',') {
-                    let n = content_length(part.trim_ascii()).ok_or(Refused::Malformed)?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(Refused::Malformed);
+                // One number per field (`5, 5` is refused, as hyper does); repeated
+                // fields must agree. After Transfer-Encoding it no longer counts (the
+                // body is chunked); before, it is judged as it comes, as hyper does.
+                saw_length = true;
+                if !te {
+                    match content_length(value.trim_ascii()) {
+                        Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                        _ => return Err(Refused::Malformed),
                     }
-                    length = Some(n);
                 }
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
@@ -244,7 +248,7 @@ pub fn parse_request(
     } else {
         Framing::Empty
     };
-    let close = conn_close || (http10 && !conn_keep_alive) || (te && length.is_some());
+    let close = conn_close || (http10 && !conn_keep_alive) || (te && saw_length);
     Ok(Some(RequestHead {
         len,
         method,
@@ -304,8 +308,10 @@ fn target_form(t: &[u8]) -> Option<TargetForm> {
         .position(|&b| b == b'/' || b == b'?' || b == b'#')
         .unwrap_or(after.len());
     let authority = &after[..end];
-    let valid = |b: &u8| b.is_ascii_alphanumeric() || b"-._~:[]!$&'()*+,;=%".contains(b);
-    if authority.is_empty() || !authority.iter().all(valid) {
+    // The `http` crate's reading of an authority (brackets, port, userinfo), the one
+    // hyper's path applies; absolute-form targets are rare (other proxies), so its copy
+    // costs nothing that matters.
+    if authority.is_empty() || http::uri::Authority::try_from(authority).is_err() {
         return None;
     }
     let rest = &after[end..];
@@ -668,7 +674,7 @@ pub fn rewrite_response(
         if (is_hop_by_hop(name) && !keep_te && !keep_upgrade)
             || (rw.hsts.is_some() && name.eq_ignore_ascii_case(b"strict-transport-security"))
             || (rw.dechunk && name.eq_ignore_ascii_case(b"content-length"))
-            || (!name.eq_ignore_ascii_case(b"content-length") && listed(name))
+            || (!name.eq_ignore_ascii_case(b"content-length") && !keep_upgrade && listed(name))
         {
             continue;
         }

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# System calls per proxied request, counted by the kernel (`perf stat -e
+# raw_syscalls:sys_enter` on the proxy's process), for surge's two HTTP/1.1 engines and
+# nginx side by side: the same nginx backend (1 KiB body), `wrk -t1 -cC -dDURATION` on
+# keep-alive connections, requests counted by wrk.
+#
+# Usage: loadtests/syscalls.sh            (DURATION=5s CONNS="50 200")
+# Needs perf with tracepoints readable (root, or kernel.perf_event_paranoid <= -1).
+# Everything listens on 127.0.0.1 and is stopped by PID on exit.
+set -euo pipefail
+
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-"50 200"}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v perf >/dev/null || need+=(linux-perf)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+(cd "$ROOT" && cargo build --release --quiet)
+SURGE="$ROOT/target/release/surge"
+
+. "$ROOT/loadtests/lib.sh"
+with_scratch syscalls
+
+BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port)
+write_backend_conf "$WORK/backend" "$BACKEND_PORT"
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream shop { server 127.0.0.1:$BACKEND_PORT; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+"$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
+"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
+
+# surge_on ENGINE: starts a surge on that engine; sets ON_PID and ON_PORT.
+surge_on() {
+  local port admin
+  port=$(free_port); admin=$(free_port)
+  cat > "$WORK/surge-$1.toml" <<EOF
+[proxy]
+engine = "$1"
+listen = "127.0.0.1:$port"
+workers = 1
+access_log = false
+max_requests_per_connection = 1000000
+[admin]
+listen = "127.0.0.1:$admin"
+[pool.health]
+path = "/"
+[[pool.backends]]
+address = "127.0.0.1:$BACKEND_PORT"
+EOF
+  RUST_LOG=warn "$SURGE" serve --config "$WORK/surge-$1.toml" >/dev/null 2>"$WORK/surge-$1.err" &
+  ON_PID=$!; ON_PORT=$port; PIDS+=($ON_PID)
+}
+surge_on surge; SURGE_PID=$ON_PID; SURGE_PORT=$ON_PORT
+surge_on hyper; HYPER_PID=$ON_PID; HYPER_PORT=$ON_PORT
+wait_answering "$BACKEND_PORT" "$NGINX_PORT" "$SURGE_PORT" "$HYPER_PORT"
+NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); wrk -t1 -d$DURATION"
+printf "%-6s %-14s %12s %12s %14s\n" conns proxy requests syscalls "syscalls/req"
+for c in $CONNS; do
+  for entry in "nginx:$NGINX_WORKER:$NGINX_PORT" "surge:$SURGE_PID:$SURGE_PORT" "surge-hyper:$HYPER_PID:$HYPER_PORT"; do
+    IFS=: read -r name pid port <<<"$entry"
+    perf stat -e raw_syscalls:sys_enter -p "$pid" -x, -o "$WORK/perf.$name" &
+    perf_pid=$!
+    sleep 0.3
+    requests=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    calls=$(awk -F, '/raw_syscalls/ {print $1}' "$WORK/perf.$name")
+    python3 -c "print(f'{\"$c\":<6} {\"$name\":<14} {$requests:>12} {$calls:>12} {$calls / $requests:>14.2f}')"
+  done
+done
