@@ -754,8 +754,16 @@ impl Admin {
             metrics::gauge!(crate::telemetry::names::POOL_NODES, "state" => state.as_str())
                 .set(table.count(state) as f64);
         }
+        let mut text = handle.render();
+        crate::telemetry::render_durations(
+            &mut text,
+            table
+                .members()
+                .iter()
+                .map(|m| (&*m.backend.id, &m.backend.metrics.duration)),
+        );
         drop(table);
-        let mut reply = Response::new(Full::new(Bytes::from(handle.render())));
+        let mut reply = Response::new(Full::new(Bytes::from(text)));
         reply.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -149,8 +149,8 @@ pub struct Backend {
 pub struct BackendMetrics {
     /// `surge_requests_total` for code classes 1xx..5xx (index = first digit - 1).
     pub requests_by_class: [metrics::Counter; 5],
-    /// `surge_request_duration_seconds`.
-    pub duration: metrics::Histogram,
+    /// `surge_request_duration_seconds` (surge's own: written at scrape time).
+    pub duration: crate::telemetry::DurationHistogram,
 }
 
 impl BackendMetrics {
@@ -165,7 +165,7 @@ impl BackendMetrics {
                 class("4xx"),
                 class("5xx"),
             ],
-            duration: metrics::histogram!(names::REQUEST_DURATION, "backend" => id.to_string()),
+            duration: crate::telemetry::DurationHistogram::default(),
         }
     }
 
