@@ -354,6 +354,25 @@ impl Worker {
                 .serve_http(stream, speaks, info("http", None, false), ticket)
                 .await;
         };
+        // Boxed (once per TLS connection): the handshake's and rustls' session state,
+        // kilobytes, inline here would size the task of every connection, plain ones
+        // included; a moved-out local keeps its room in a future's state, so the whole
+        // TLS part lives in its own.
+        Box::pin(self.serve_tls(acceptor, stream, peer, info, ticket)).await;
+    }
+
+    /// The TLS part of [`Self::serve_connection`]: handshake, then HTTP/1.1 or HTTP/2 by
+    /// ALPN.
+    async fn serve_tls<S>(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        stream: S,
+        peer: SocketAddr,
+        info: impl Fn(&'static str, Option<(&'static str, &'static str)>, bool) -> Rc<ConnInfo>,
+        ticket: watch::Receiver<()>,
+    ) where
+        S: h1::Transport + 'static,
+    {
         let handshake =
             tokio::time::timeout(self.settings.header_read_timeout, acceptor.accept(stream)).await;
         let tls = match handshake {
@@ -409,18 +428,17 @@ impl Worker {
         // request does.
         let service = service_fn(move |req| Box::pin(fwd.clone().handle(req, conn_info.clone())));
         let b = &self.builders;
+        // Boxed (once per connection): inline, hyper's connection state would size every
+        // connection's task, the surge engine's idle ones included.
         match speaks {
             Speaks::H1 => {
-                self.drive(b.h1.serve_connection(io, service), &info, ticket)
-                    .await
+                Box::pin(self.drive(b.h1.serve_connection(io, service), &info, ticket)).await
             }
             Speaks::H2 => {
-                self.drive(b.h2.serve_connection(io, service), &info, ticket)
-                    .await
+                Box::pin(self.drive(b.h2.serve_connection(io, service), &info, ticket)).await
             }
             Speaks::H1OrH2 => {
-                self.drive(b.auto.serve_connection(io, service), &info, ticket)
-                    .await
+                Box::pin(self.drive(b.auto.serve_connection(io, service), &info, ticket)).await
             }
         }
     }

@@ -2,7 +2,12 @@
 //! when its request is done, so an idle keep-alive connection holds none (nginx and
 //! HAProxy do the same): memory follows the requests in progress, not the connections.
 
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 /// Capacity of a pooled buffer: a usual request or response head and a good slice of a
 /// body. Heads larger than this grow their buffer (up to `proxy.max_header_bytes`); grown
@@ -76,6 +81,89 @@ impl std::ops::DerefMut for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Slots kept per worker and kind of connection (plain, TLS); more are freed.
+const MAX_SPARE_SLOTS: usize = 256;
+
+/// A worker's spare slots for requests' work: a future's memory, reused. A connection's
+/// task would otherwise be sized for its largest state, a request's work, for as long
+/// as the connection lives; run in a slot, that memory belongs to the connection only
+/// while one of its requests is in progress, and comes from the pool without an
+/// allocation. One list per future type (a worker has one per transport).
+#[derive(Default)]
+pub struct Slots {
+    spare: RefCell<HashMap<TypeId, Vec<Box<dyn Any>>>>,
+}
+
+/// A slot: a pinned place for one future of type `F`, empty between uses.
+type Slot<F> = Pin<Box<Option<F>>>;
+
+impl Slots {
+    /// Runs `fut` to completion in a slot of the pool. Not an `async fn`: that would keep
+    /// `fut` itself in its own state, inline in the caller's, which is what slots avoid.
+    pub fn run<F: Future + 'static>(&self, fut: F) -> InSlot<'_, F> {
+        let mut slot = self.take::<F>();
+        Pin::as_mut(&mut *slot).set(Some(fut));
+        InSlot {
+            slots: self,
+            slot: Some(slot),
+        }
+    }
+
+    fn take<F: 'static>(&self) -> Box<Slot<F>> {
+        let spare = self
+            .spare
+            .borrow_mut()
+            .get_mut(&TypeId::of::<F>())
+            .and_then(Vec::pop);
+        match spare.map(|s| s.downcast::<Slot<F>>()) {
+            Some(Ok(slot)) => slot,
+            _ => Box::new(Box::pin(None)),
+        }
+    }
+
+    fn give<F: 'static>(&self, slot: Box<Slot<F>>) {
+        let mut spare = self.spare.borrow_mut();
+        let list = spare.entry(TypeId::of::<F>()).or_default();
+        if list.len() < MAX_SPARE_SLOTS {
+            list.push(slot);
+        }
+    }
+}
+
+/// A future running in a slot; the slot goes back to the pool when it completes.
+pub struct InSlot<'a, F: 'static> {
+    slots: &'a Slots,
+    slot: Option<Box<Slot<F>>>,
+}
+
+impl<F: Future + 'static> Future for InSlot<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let Some(slot) = this.slot.as_mut() else {
+            // Polled after completion: nothing more comes.
+            return Poll::Pending;
+        };
+        let Some(fut) = Pin::as_mut(&mut **slot).as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(fut.poll(cx));
+        if let Some(mut slot) = this.slot.take() {
+            // Dropped in place, and the emptied slot goes back.
+            Pin::as_mut(&mut *slot).set(None);
+            this.slots.give(slot);
+        }
+        Poll::Ready(out)
+    }
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots").finish_non_exhaustive()
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::blades::{BladeConn, Blades};
-use super::buffers::{Buffers, Pooled, BUFFER_BYTES};
+use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
 use crate::pool::{InFlight, NoPick, Outcome, Pick, State};
@@ -61,6 +61,8 @@ impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {}
 pub struct Engine {
     pub fwd: Rc<Forwarder>,
     pub buffers: Buffers,
+    /// Where requests' work runs (see [`serve`]).
+    slots: Slots,
     pub blades: Blades,
     /// Spare field lists (offsets of a head's fields), reused like the buffers.
     fields: std::cell::RefCell<Vec<Vec<Field>>>,
@@ -75,6 +77,7 @@ impl Engine {
         Self {
             fwd,
             buffers: Buffers::default(),
+            slots: Slots::default(),
             blades,
             fields: std::cell::RefCell::new(Vec::new()),
             header_read_timeout: cfg.header_read_timeout,
@@ -110,7 +113,11 @@ enum After {
 }
 
 /// Serves a shopper connection until it closes, idles out or the worker stops.
-pub async fn serve<S: Transport>(
+///
+/// Between requests the connection's task holds only its socket and a few words; the
+/// work of a request (read the head, exchange, relay: kilobytes of state) runs in one of
+/// the worker's pooled slots ([`Slots`]), taken when bytes arrive and given back after.
+pub async fn serve<S: Transport + 'static>(
     engine: Rc<Engine>,
     mut io: S,
     info: Rc<ConnInfo>,
@@ -137,47 +144,96 @@ pub async fn serve<S: Transport>(
                 _ = tokio::time::sleep_until(waiting_since + wait) => return,
             }
         }
-        let mut buf = carry.take().unwrap_or_else(|| engine.buffers.take());
         let head_deadline = if first {
             waiting_since + engine.header_read_timeout
         } else {
             tokio::time::Instant::now() + engine.header_read_timeout
         };
-        let mut fields = engine.take_fields();
-        let after = match read_head(&engine, &mut io, &mut buf, &mut fields, head_deadline).await {
-            HeadRead::Head(head) => {
-                first = false;
-                exchange(&engine, &mut io, &mut buf, &head, &fields, &info).await
+        first = false;
+        let done = engine
+            .slots
+            .run(turn(
+                engine.clone(),
+                info.clone(),
+                io,
+                carry.take(),
+                head_deadline,
+            ))
+            .await;
+        io = done.io;
+        match done.next {
+            Next::KeepAlive(pipelined) if ticket.has_changed().is_ok_and(|c| !c) => {
+                carry = pipelined;
             }
-            HeadRead::Refused(why) => {
-                write_own(&mut io, answers::refusal(why, &info), &info, false, true).await;
-                After::Refused
-            }
-            HeadRead::Gone => After::Close,
-        };
-        engine.give_fields(fields);
-        match after {
-            After::KeepAlive(next) if ticket.has_changed().is_ok_and(|c| !c) => {
-                buf.drain(..next.min(buf.len()));
-                if buf.is_empty() {
-                    engine.buffers.give(buf);
-                } else {
-                    carry = Some(buf);
+            Next::KeepAlive(pipelined) => {
+                if let Some(b) = pipelined {
+                    engine.buffers.give(b);
                 }
-            }
-            After::KeepAlive(_) | After::Close => {
-                engine.buffers.give(buf);
                 let _ = io.shutdown().await;
                 return;
             }
-            After::Refused => {
-                buf.clear();
-                linger(&mut io, &mut buf).await;
-                engine.buffers.give(buf);
-                return;
-            }
+            Next::Closed => return,
         }
     }
+}
+
+/// What a connection does after a turn.
+enum Next {
+    /// Wait for the next request (with the bytes of it already read, if any).
+    KeepAlive(Option<Vec<u8>>),
+    /// The connection is closed.
+    Closed,
+}
+
+/// A turn's result: the transport back, and what comes next.
+struct Done<S> {
+    io: S,
+    next: Next,
+}
+
+/// One turn of a connection: a head read, its exchange (or refusal), and the buffer's
+/// fate. Owns what it uses, so that it can run in a pooled slot.
+async fn turn<S: Transport>(
+    engine: Rc<Engine>,
+    info: Rc<ConnInfo>,
+    mut io: S,
+    carry: Option<Vec<u8>>,
+    head_deadline: tokio::time::Instant,
+) -> Done<S> {
+    let mut buf = carry.unwrap_or_else(|| engine.buffers.take());
+    let mut fields = engine.take_fields();
+    let after = match read_head(&engine, &mut io, &mut buf, &mut fields, head_deadline).await {
+        HeadRead::Head(head) => exchange(&engine, &mut io, &mut buf, &head, &fields, &info).await,
+        HeadRead::Refused(why) => {
+            write_own(&mut io, answers::refusal(why, &info), &info, false, true).await;
+            After::Refused
+        }
+        HeadRead::Gone => After::Close,
+    };
+    engine.give_fields(fields);
+    let next = match after {
+        After::KeepAlive(next) => {
+            buf.drain(..next.min(buf.len()));
+            if buf.is_empty() {
+                engine.buffers.give(buf);
+                Next::KeepAlive(None)
+            } else {
+                Next::KeepAlive(Some(buf))
+            }
+        }
+        After::Close => {
+            engine.buffers.give(buf);
+            let _ = io.shutdown().await;
+            Next::Closed
+        }
+        After::Refused => {
+            buf.clear();
+            linger(&mut io, &mut buf).await;
+            engine.buffers.give(buf);
+            Next::Closed
+        }
+    };
+    Done { io, next }
 }
 
 /// Half-closes and reads (dropping the bytes) for a moment, so the client reads the
