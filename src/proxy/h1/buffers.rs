@@ -187,4 +187,36 @@ mod tests {
         pool.give(b);
         assert_eq!(pool.spare.borrow().len(), 1);
     }
+
+    /// The same slot serves one request after another, and a request's state is dropped
+    /// when it completes (what it held, such as a blade connection, is given back then).
+    #[test]
+    fn a_slot_is_reused_and_its_future_dropped_once_done() {
+        let slots = Slots::default();
+        let held = std::rc::Rc::new(());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let work = |n: u32, held: std::rc::Rc<()>| async move {
+            tokio::task::yield_now().await;
+            drop(held);
+            n * 2
+        };
+        let first = runtime.block_on(slots.run(work(1, held.clone())));
+        assert_eq!(first, 2);
+        assert_eq!(std::rc::Rc::strong_count(&held), 1, "dropped on completion");
+        let place = |slots: &Slots| {
+            slots
+                .spare
+                .borrow()
+                .values()
+                .flatten()
+                .map(|b| std::ptr::from_ref::<dyn Any>(&**b).cast::<u8>() as usize)
+                .collect::<Vec<_>>()
+        };
+        let before = place(&slots);
+        assert_eq!(before.len(), 1);
+        assert_eq!(runtime.block_on(slots.run(work(21, held.clone()))), 42);
+        assert_eq!(place(&slots), before, "the same slot again");
+    }
 }
