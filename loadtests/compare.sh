@@ -41,29 +41,8 @@ with_scratch compare
 
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 
-mkdir -p "$WORK/nginx"
 write_backend_conf "$WORK/backend" "$BACKEND_PORT"
-cat > "$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream shop { server 127.0.0.1:$BACKEND_PORT; keepalive 256; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://shop;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }
-}
-EOF
+write_proxy_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1

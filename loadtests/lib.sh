@@ -71,3 +71,31 @@ http {
 }
 CONF
 }
+
+# write_proxy_conf DIR PORT BACKEND_PORT: nginx as the proxy of the comparisons (one
+# worker, upstream keep-alive, X-Forwarded-For as surge sets it), written to DIR/nginx.conf.
+write_proxy_conf() {
+  local dir=$1 port=$2 backend=$3
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream shop { server 127.0.0.1:$backend; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+CONF
+}

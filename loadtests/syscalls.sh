@@ -28,8 +28,7 @@ with_scratch syscalls
 
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port)
 write_backend_conf "$WORK/backend" "$BACKEND_PORT"
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<EOF
+write_proxy_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
 worker_processes 1;
 daemon off;
 pid $WORK/nginx/nginx.pid;

@@ -329,16 +329,8 @@ impl Forwarder {
                 avoid: avoid.as_ref().map(|g| &**g.backend()),
                 now_ns,
             };
-            let guard = match self.pool.pick(&pick) {
-                Ok(guard) => guard,
-                Err(NoPick::Nothing) => {
-                    failure.get_or_insert(ProxyFailure::NoBackend);
-                    break;
-                }
-                Err(NoPick::BoundNodeFull) => {
-                    failure.get_or_insert(ProxyFailure::NodeBusy);
-                    break;
-                }
+            let Some(guard) = self.pick_or_fail(&pick, &mut failure) else {
+                break;
             };
             // What happened, the request if it never left, and how to describe a failure.
             let (attempt, unsent, failed) = match self
@@ -591,6 +583,26 @@ impl Forwarder {
     /// The route cookie to set with a backend's answer: when the cart was not bound to
     /// this backend yet (or its cookie is due for renewal), and the shopper has a cart or
     /// the backend just set one (`sets_cart` asks the response).
+    /// A backend for one attempt, or `None` with the reason kept in `failure` (the first
+    /// reason wins: a later attempt's "nothing left" does not hide an earlier one's).
+    pub(super) fn pick_or_fail(
+        &self,
+        pick: &crate::pool::Pick<'_>,
+        failure: &mut Option<ProxyFailure>,
+    ) -> Option<InFlight> {
+        match self.pool.pick(pick) {
+            Ok(guard) => Some(guard),
+            Err(NoPick::Nothing) => {
+                failure.get_or_insert(ProxyFailure::NoBackend);
+                None
+            }
+            Err(NoPick::BoundNodeFull) => {
+                failure.get_or_insert(ProxyFailure::NodeBusy);
+                None
+            }
+        }
+    }
+
     pub(super) fn route_cookie(
         &self,
         route: Option<super::route::Verified<'_>>,

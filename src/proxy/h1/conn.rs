@@ -20,7 +20,7 @@ use super::blades::{BladeConn, Blades};
 use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
-use crate::pool::{InFlight, NoPick, Outcome, Pick, State};
+use crate::pool::{InFlight, Outcome, Pick, State};
 use crate::proxy::answers::{self, ProxyFailure, Refused};
 use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
 use crate::proxy::headers::X_REQUEST_ID;
@@ -463,16 +463,8 @@ async fn exchange<S: Transport>(
             avoid: avoid.as_ref().map(|g| &**g.backend()),
             now_ns,
         };
-        let guard = match fwd.pool.pick(&pick) {
-            Ok(guard) => guard,
-            Err(NoPick::Nothing) => {
-                failure.get_or_insert(ProxyFailure::NoBackend);
-                break;
-            }
-            Err(NoPick::BoundNodeFull) => {
-                failure.get_or_insert(ProxyFailure::NodeBusy);
-                break;
-            }
+        let Some(guard) = fwd.pick_or_fail(&pick, &mut failure) else {
+            break;
         };
         let backend = guard.backend().clone();
         let (attempt, failed) = match engine.blades.checkout(backend.addr).await {
