@@ -937,13 +937,16 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
     // The first body bytes came with the head: one vectored write for both.
     rbuf.drain(..resp.len);
     let mut conn = Some(conn);
-    let end = relay_body(engine, io, &mut conn, &out, &mut rbuf, resp, dechunk).await;
+    let mut held = Some((guard, entry));
+    let end = relay_body(
+        engine, io, &mut conn, &out, &mut rbuf, resp, dechunk, &mut held,
+    )
+    .await;
     backend
         .metrics
         .duration
         .record(started.elapsed().as_secs_f64());
-    drop(guard);
-    drop(entry);
+    drop(held);
     engine.buffers.give(out);
     engine.buffers.give(rbuf);
     match (end, conn) {
@@ -975,7 +978,13 @@ enum BodyEnd {
     Cut,
 }
 
+/// The request's place at its blade (in flight) and under admission, given up as soon
+/// as the blade has sent the whole answer: before the last write to the shopper, so a
+/// shopper who has the answer never sees the request still counted.
+type Held = Option<(InFlight, Entry)>;
+
 /// Relays the body after the shopper's head (`out`), starting with what is in `rbuf`.
+#[allow(clippy::too_many_arguments)]
 async fn relay_body<S: Transport>(
     engine: &Engine,
     io: &mut S,
@@ -984,10 +993,12 @@ async fn relay_body<S: Transport>(
     rbuf: &mut Vec<u8>,
     resp: head::ResponseHead,
     dechunk: bool,
+    held: &mut Held,
 ) -> BodyEnd {
     let idle = engine.fwd.body_idle_timeout;
     match resp.body {
         BodyKind::None => {
+            held.take();
             let extra = !rbuf.is_empty();
             if write_parts(io, out, &[]).await.is_err() {
                 return BodyEnd::Cut;
@@ -1005,6 +1016,7 @@ async fn relay_body<S: Transport>(
             BodyEnd::Reusable
         }
         BodyKind::UntilClose if resp.status == 101 => {
+            held.take();
             if write_parts(io, out, rbuf).await.is_err() {
                 return BodyEnd::Cut;
             }
@@ -1014,10 +1026,13 @@ async fn relay_body<S: Transport>(
             let mut left = n;
             let first = rbuf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             let extra = rbuf.len() > first;
+            left -= first as u64;
+            if left == 0 {
+                held.take();
+            }
             if write_parts(io, out, &rbuf[..first]).await.is_err() {
                 return BodyEnd::Cut;
             }
-            left -= first as u64;
             while left > 0 {
                 rbuf.clear();
                 let Some(c) = conn.as_mut() else {
@@ -1027,6 +1042,9 @@ async fn relay_body<S: Transport>(
                 match read_some(&mut c.stream, rbuf, want, idle).await {
                     Ok(0) | Err(_) => return BodyEnd::Cut,
                     Ok(got) => left -= got as u64,
+                }
+                if left == 0 {
+                    held.take();
                 }
                 if write_parts(io, rbuf, &[]).await.is_err() {
                     return BodyEnd::Cut;
@@ -1048,6 +1066,9 @@ async fn relay_body<S: Transport>(
                     Err(_) => return BodyEnd::Cut,
                 };
                 let extra = used < rbuf.len();
+                if decoder.done() {
+                    held.take();
+                }
                 let piece: &[u8] = match &plain {
                     Some(p) => p,
                     None => &rbuf[..used],
