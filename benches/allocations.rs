@@ -9,6 +9,9 @@
 //! with a cart bound to its blade by a route cookie (the sticky path), and one with a
 //! 2 KiB request body. Both engines are measured side by side.
 //!
+//! Then the heap each idle keep-alive connection holds, by the same allocator's count of
+//! live bytes: memory per connection without the kernel's part or the allocator's slack.
+//!
 //! Run: `cargo bench --bench allocations` (prints a table; exits non-zero when the
 //! surge engine allocates on its steady path).
 
@@ -16,30 +19,36 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Counts every allocation (and reallocation) of the process.
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed (what the heap holds for the program).
+static LIVE: AtomicI64 = AtomicI64::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -164,7 +173,7 @@ impl Shopper {
 fn surge_config(engine: &str, blade: SocketAddr) -> surge::config::Config {
     let text = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\nengine = \"{engine}\"\n\
-         max_requests_per_connection = 1000000\n\
+         max_requests_per_connection = 1000000\nmax_connections_per_ip = 0\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[pool]\n[pool.sticky]\ncookie = \"cart\"\n\
          [[pool.backends]]\nid = \"blade-1\"\naddress = \"{blade}\"\n"
     );
@@ -172,8 +181,49 @@ fn surge_config(engine: &str, blade: SocketAddr) -> surge::config::Config {
         .expect("bench config is valid")
 }
 
-/// Allocations per request for each shopper kind on `engine`.
-fn measure(runtime: &tokio::runtime::Runtime, engine: &str, blade: SocketAddr) -> [f64; 3] {
+/// Idle keep-alive connections held for the heap figure.
+const IDLE: usize = 2_000;
+
+/// What one measured engine gave.
+struct Figures {
+    /// Allocations per request: GET, sticky GET, POST.
+    per_request: [f64; 3],
+    /// Heap bytes held per idle keep-alive connection (one request answered on each).
+    idle_bytes: f64,
+}
+
+/// Heap bytes each idle keep-alive connection holds: [`IDLE`] shoppers each send one
+/// request, read the answer and stay connected; the heap's growth over that, divided by
+/// their number, is what a connection costs between requests (the kernel's socket
+/// buffers and the allocator's own slack are not in it: `loadtests/idle-rss.sh` sees
+/// those).
+fn idle_bytes(addr: SocketAddr, request: &[u8]) -> f64 {
+    // Warm the worker's pools first, so that they are not counted as the connections'.
+    let mut warm: Vec<Shopper> = (0..64).map(|_| Shopper::new(addr)).collect();
+    for s in &mut warm {
+        s.exchange(request);
+    }
+    drop(warm);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Allocated before counting: the bench's list of streams is not surge's.
+    let mut held = Vec::with_capacity(IDLE);
+    let before = LIVE.load(Ordering::Relaxed);
+    for _ in 0..IDLE {
+        let mut s = Shopper::new(addr);
+        assert_eq!(s.exchange(request).1, 200);
+        // The client's own buffer is not surge's: give it back before counting.
+        held.push(s.s);
+        drop(s.buf);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = LIVE.load(Ordering::Relaxed);
+    drop(held);
+    (after - before) as f64 / IDLE as f64
+}
+
+/// Allocations per request for each shopper kind on `engine`, and heap per idle
+/// connection.
+fn measure(runtime: &tokio::runtime::Runtime, engine: &str, blade: SocketAddr) -> Figures {
     let surge = runtime
         .block_on(surge::serve::start(&surge_config(engine, blade)))
         .expect("surge starts");
@@ -216,8 +266,12 @@ fn measure(runtime: &tokio::runtime::Runtime, engine: &str, blade: SocketAddr) -
         let after = ALLOCATIONS.load(Ordering::Relaxed);
         out[i] = (after - before) as f64 / MEASURED as f64;
     }
+    let idle_bytes = idle_bytes(addr, &plain);
     runtime.block_on(surge.stop());
-    out
+    Figures {
+        per_request: out,
+        idle_bytes,
+    }
 }
 
 fn main() {
@@ -242,10 +296,17 @@ fn main() {
         .iter()
         .enumerate()
     {
-        println!("{:<28} {:>12.3} {:>12.3}", kind, ours[i], hypers[i]);
+        println!(
+            "{:<28} {:>12.3} {:>12.3}",
+            kind, ours.per_request[i], hypers.per_request[i]
+        );
     }
+    println!(
+        "{:<28} {:>12.0} {:>12.0}",
+        "heap bytes per idle conn", ours.idle_bytes, hypers.idle_bytes
+    );
     // What the process does meanwhile (health checks) is well under 0.01 per request.
-    let steady = ours[..2].iter().all(|&a| a < 0.01);
+    let steady = ours.per_request[..2].iter().all(|&a| a < 0.01);
     if !steady {
         eprintln!("the surge engine allocates on its keep-alive path");
         std::process::exit(1);
