@@ -583,3 +583,29 @@ async fn exit_within(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The memory settings an operator counts on for thousands of idle shoppers: the serving
+/// process is out of transparent huge pages (with them, every 2 MiB stretch the heap
+/// touches is resident) and has its thread that hands freed memory back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_process_keeps_its_idle_memory_small() {
+    let blade = blades(1, Duration::ZERO).await;
+    let surge = Surge::start(&[blade[0].addr]);
+    surge.wait_serving().await;
+    let pid = surge.first.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "huge pages not refused:\n{status}");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert!(
+        threads.iter().any(|t| t == "surge-purge"),
+        "no purge thread among {threads:?}"
+    );
+}
