@@ -13,23 +13,16 @@ use surge::config::{self, Config};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Memory settings of the process, made before anything else runs.
-///
-/// Transparent huge pages off: the allocator asks the kernel for them on its arenas (and
-/// kernels set to `always` give them unasked), so the first byte touched in a 2 MiB
-/// stretch makes all of it resident: a worker's heap of small objects (thousands of idle
-/// connections' few words each) spread over a few stretches then costs several times its
-/// size. Measured with 10,000 idle keep-alive connections (`loadtests/idle-rss.sh`):
-/// 83 MB resident with huge pages, 44 MB without; the proxy's CPU per request, measured
-/// side by side (`loadtests/compare.sh`, two runs), stayed within the machine's noise.
-///
-/// Freed memory handed back to the kernel within seconds: the allocator purges what was
-/// freed a second ago only when it next runs, so after a burst (500 shoppers' requests in
-/// progress hold 16 KiB buffers each) a worker that goes quiet kept the burst's pages for
-/// good. A thread of its own asks it to every [`PURGE_EVERY`]. Purging at once instead
-/// (`MIMALLOC_PURGE_DELAY=0`) gives the same memory but costs 5-12% more CPU per request
-/// when every request opens a connection (pages freed and taken again, page faults).
-fn tune_memory() {
+/// Opts the process out of transparent huge pages, first thing in `main`. The allocator
+/// asks the kernel for them on its arenas (and kernels set to `always` give them
+/// unasked), so the first byte touched in a 2 MiB stretch makes all of it resident: a
+/// worker's heap of small objects (thousands of idle connections' few words each) spread
+/// over a few stretches then costs several times its size. Measured with 10,000 idle
+/// keep-alive connections (`loadtests/idle-rss.sh`): 83 MB resident with huge pages,
+/// 44 MB without; the proxy's CPU per request, in 9 side-by-side rounds
+/// (`loadtests/compare.sh`), moved by +4% at 50 connections and -5% at 200 (medians),
+/// within the machine's noise.
+fn without_huge_pages() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of
@@ -37,13 +30,23 @@ fn tune_memory() {
         // Failing (a kernel without it) leaves things as they were, which is fine.
         let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
+}
+
+/// Starts the thread that hands freed memory back to the kernel every [`PURGE_EVERY`]
+/// (`surge serve` only: the other commands are short). The allocator purges what was
+/// freed a second ago only when it next runs, so after a burst (500 shoppers' requests in
+/// progress hold 16 KiB buffers each) a worker that goes quiet kept the burst's pages for
+/// good: 2.9 KiB per idle connection instead of 2.3. Purging at once instead
+/// (`MIMALLOC_PURGE_DELAY=0`) gives the same memory but costs 5-12% more CPU per request
+/// when every request opens a connection (pages freed and taken again, page faults).
+fn start_purger() {
     let purger = std::thread::Builder::new()
         .name("surge-purge".into())
         .spawn(|| {
             loop {
                 std::thread::sleep(PURGE_EVERY);
                 // SAFETY: takes no pointer; mimalloc's collection is thread-safe (it
-                // frees this thread's empty pages and purges the arenas' expired ones).
+                // purges the arenas' pages whose delay has passed).
                 unsafe { libmimalloc_sys::mi_collect(false) };
             }
         });
@@ -198,7 +201,7 @@ struct AdminArgs {
 }
 
 fn main() -> ExitCode {
-    tune_memory();
+    without_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
@@ -281,6 +284,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     // First, before any thread exists: this clears the hand-over variables from the
     // environment.
     let inherited = surge::handoff::Inherited::from_env()?;
+    start_purger();
     let config_path = config.or_else(|| {
         let default = PathBuf::from(config::DEFAULT_PATH);
         default.exists().then_some(default)
