@@ -15,7 +15,7 @@ fn plan(target: std::net::SocketAddr, stages: &str, slo: &str) -> Plan {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p50_against_a_20ms_blade_is_20_to_25ms_and_the_rate_is_kept() {
+async fn p50_against_a_20ms_blade_is_20_to_35ms_and_the_rate_is_kept() {
     let blades = blades(1, Duration::from_millis(20)).await;
     let p = plan(
         blades[0].addr,
@@ -24,8 +24,12 @@ async fn p50_against_a_20ms_blade_is_20_to_25ms_and_the_rate_is_kept() {
     );
     let report = loadtest::run(&p).await;
     let p50 = report.quantile(Some("catalog"), 0.5).unwrap();
+    // Never below the blade's 20 ms; above it by the harness's and the machine's own
+    // delay, which on a busy 2-core CI machine running other tests reached 25.1 ms (a
+    // harness that waited for a slow answer before starting the next would be at 40 ms
+    // and more: `arrival_rate` below catches that too).
     assert!(
-        p50 >= Duration::from_millis(20) && p50 <= Duration::from_millis(25),
+        p50 >= Duration::from_millis(20) && p50 <= Duration::from_millis(35),
         "p50 {p50:?}\n{}",
         report.table()
     );
