@@ -7,7 +7,9 @@
 //! requests what is left per request is the proxy's (the health checks, every 2 s, add
 //! a few in total). Three shoppers, each on one kept-alive connection: a plain one, one
 //! with a cart bound to its blade by a route cookie (the sticky path), and one with a
-//! 2 KiB request body. Both engines are measured side by side.
+//! 2 KiB request body; then 64 shoppers at once, many requests in progress together (a
+//! pool sized for one request at a time allocates there). Both engines are measured side
+//! by side.
 //!
 //! Then the heap each idle keep-alive connection holds, by the same allocator's count of
 //! live bytes: memory per connection without the kernel's part or the allocator's slack.
@@ -188,6 +190,8 @@ const IDLE: usize = 2_000;
 struct Figures {
     /// Allocations per request: GET, sticky GET, POST.
     per_request: [f64; 3],
+    /// Allocations per request, [`AT_ONCE`] shoppers at once.
+    at_once: f64,
     /// Heap bytes held per idle keep-alive connection (one request answered on each).
     idle_bytes: f64,
 }
@@ -219,6 +223,39 @@ fn idle_bytes(addr: SocketAddr, request: &[u8]) -> f64 {
     let after = LIVE.load(Ordering::Relaxed);
     drop(held);
     (after - before) as f64 / IDLE as f64
+}
+
+/// Shoppers with requests in progress at once in [`concurrent`].
+const AT_ONCE: usize = 64;
+
+/// Allocations per request with [`AT_ONCE`] shoppers on their own connections, each
+/// sending its next request as soon as it has the answer (as `wrk` does): many requests
+/// in progress at once, each holding its buffers, is the steady state of a busy worker.
+fn concurrent(addr: SocketAddr, request: &[u8]) -> f64 {
+    let start = std::sync::Barrier::new(AT_ONCE + 1);
+    let done = std::sync::Barrier::new(AT_ONCE + 1);
+    std::thread::scope(|scope| {
+        for _ in 0..AT_ONCE {
+            let (start, done) = (&start, &done);
+            scope.spawn(move || {
+                let mut shopper = Shopper::new(addr);
+                // Warm: the worker's pools and its blade connections grow to the load.
+                for _ in 0..WARMUP / 10 {
+                    assert_eq!(shopper.exchange(request).1, 200);
+                }
+                start.wait();
+                for _ in 0..MEASURED / AT_ONCE {
+                    shopper.exchange(request);
+                }
+                done.wait();
+            });
+        }
+        start.wait();
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        done.wait();
+        let after = ALLOCATIONS.load(Ordering::Relaxed);
+        (after - before) as f64 / (MEASURED / AT_ONCE * AT_ONCE) as f64
+    })
 }
 
 /// Allocations per request for each shopper kind on `engine`, and heap per idle
@@ -266,10 +303,12 @@ fn measure(runtime: &tokio::runtime::Runtime, engine: &str, blade: SocketAddr) -
         let after = ALLOCATIONS.load(Ordering::Relaxed);
         out[i] = (after - before) as f64 / MEASURED as f64;
     }
+    let at_once = concurrent(addr, &plain);
     let idle_bytes = idle_bytes(addr, &plain);
     runtime.block_on(surge.stop());
     Figures {
         per_request: out,
+        at_once,
         idle_bytes,
     }
 }
@@ -302,11 +341,17 @@ fn main() {
         );
     }
     println!(
+        "{:<28} {:>12.3} {:>12.3}",
+        format!("GET, {AT_ONCE} at once"),
+        ours.at_once,
+        hypers.at_once
+    );
+    println!(
         "{:<28} {:>12.0} {:>12.0}",
         "heap bytes per idle conn", ours.idle_bytes, hypers.idle_bytes
     );
     // What the process does meanwhile (health checks) is well under 0.01 per request.
-    let steady = ours.per_request[..2].iter().all(|&a| a < 0.01);
+    let steady = ours.per_request[..2].iter().all(|&a| a < 0.01) && ours.at_once < 0.01;
     if !steady {
         eprintln!("the surge engine allocates on its keep-alive path");
         std::process::exit(1);

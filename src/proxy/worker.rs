@@ -188,6 +188,18 @@ impl Worker {
                 }
             }
         });
+        if let Some(engine) = self.engine.as_ref().map(Rc::downgrade) {
+            tokio::task::spawn_local(async move {
+                let mut every = tokio::time::interval(super::h1::buffers::TRIM_INTERVAL);
+                loop {
+                    every.tick().await;
+                    match engine.upgrade() {
+                        Some(e) => e.tick(),
+                        None => return,
+                    }
+                }
+            });
+        }
         let mut loops = tokio::task::JoinSet::new();
         for (listener, spec) in listeners {
             let listener = match TcpListener::from_std(listener) {

@@ -71,8 +71,14 @@ impl Blades {
     }
 
     /// An idle connection to `addr` that is still open, else a new one.
-    pub async fn checkout(&self, addr: SocketAddr) -> Result<BladeConn, ConnectError> {
-        if let Some(stream) = self.take_idle(addr) {
+    /// A connection to `addr`: an idle one, or a new one. `now` is the request's clock
+    /// reading (a few microseconds old is close enough to expire idle connections by).
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Result<BladeConn, ConnectError> {
+        if let Some(stream) = self.take_idle(addr, now) {
             return Ok(BladeConn {
                 stream,
                 addr,
@@ -103,10 +109,9 @@ impl Blades {
 
     /// The most recent idle connection that the blade has not closed (a closed one reads
     /// as end-of-stream; one with unread bytes is out of step): both are dropped.
-    fn take_idle(&self, addr: SocketAddr) -> Option<Stream> {
+    fn take_idle(&self, addr: SocketAddr, now: Instant) -> Option<Stream> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
         while let Some(c) = list.pop() {
             if now.duration_since(c.since) >= self.idle_timeout {
                 continue;
@@ -120,14 +125,14 @@ impl Blades {
         None
     }
 
-    /// Hands back a connection whose response was read to its end.
-    pub fn checkin(&self, conn: BladeConn) {
+    /// Hands back a connection whose response was read to its end (at `now`).
+    pub fn checkin(&self, conn: BladeConn, now: Instant) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.addr).or_default();
         if list.len() < MAX_IDLE_PER_BLADE {
             list.push(Idle {
                 stream: conn.stream,
-                since: Instant::now(),
+                since: now,
             });
         }
     }

@@ -3,8 +3,7 @@
 //! HAProxy do the same): memory follows the requests in progress, not the connections.
 
 use std::any::{Any, TypeId};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -14,25 +13,38 @@ use std::task::Poll;
 /// buffers are not kept.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
-/// Spare buffers kept per worker; more are freed. A burst of requests in progress at
-/// once takes many buffers; keeping them all afterwards would make the burst's peak the
-/// worker's memory for good. 64 (1 MiB) covers the requests a worker has in progress at
-/// once on an ordinary day.
-const MAX_SPARE: usize = 64;
+/// Spare buffers a worker keeps however quiet it is (1 MiB): the requests a worker has in
+/// progress at once on an ordinary day.
+const MIN_SPARE: usize = 64;
+/// Spare buffers a worker keeps at most (16 MiB); more are freed when given back.
+const MAX_SPARE: usize = 1024;
 
 /// One worker's spare buffers (single-threaded, like everything of a worker).
+///
+/// A busy worker has many requests in progress at once (three buffers each: the request,
+/// the forwarded head, the answer): 50 connections kept ~150 buffers out, and with room
+/// for only 64 spares every request freed and allocated a buffer. So the pool keeps what
+/// the load needs, up to [`MAX_SPARE`], and [`Buffers::trim`] (run by the worker every
+/// [`TRIM_INTERVAL`]) frees the spares that were not needed during the last interval,
+/// down to [`MIN_SPARE`]: a burst's buffers go back soon after it, a steady load keeps
+/// its own without allocating.
 #[derive(Debug, Default)]
 pub struct Buffers {
     spare: RefCell<Vec<Vec<u8>>>,
+    /// The fewest spares there were since the last trim: that many were not needed.
+    unused: Cell<usize>,
 }
+
+/// How often a worker trims its spare buffers ([`Buffers::trim`]).
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Buffers {
     /// An empty buffer of [`BUFFER_BYTES`] capacity.
     pub fn take(&self) -> Vec<u8> {
-        self.spare
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+        let mut spare = self.spare.borrow_mut();
+        let buf = spare.pop();
+        self.unused.set(self.unused.get().min(spare.len()));
+        buf.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
     }
 
     /// Gives a buffer back (emptied).
@@ -45,6 +57,23 @@ impl Buffers {
         if spare.len() < MAX_SPARE {
             spare.push(buf);
         }
+    }
+
+    /// Frees the spares no request needed since the last trim (keeping [`MIN_SPARE`]).
+    pub fn trim(&self) {
+        let mut spare = self.spare.borrow_mut();
+        let keep = (spare.len() - self.unused.get().min(spare.len())).max(MIN_SPARE);
+        if spare.len() > keep {
+            spare.truncate(keep);
+            spare.shrink_to(MIN_SPARE);
+        }
+        self.unused.set(spare.len());
+    }
+
+    /// Spare buffers now.
+    #[cfg(test)]
+    pub fn spares(&self) -> usize {
+        self.spare.borrow().len()
     }
 }
 
@@ -92,10 +121,16 @@ const MAX_SPARE_SLOTS: usize = 256;
 /// as the connection lives; run in a slot, that memory belongs to the connection only
 /// while one of its requests is in progress, and comes from the pool without an
 /// allocation. One list per future type (a worker has one per transport).
+///
+/// A list of lists, looked up by scanning: there are one or two kinds, and hashing a
+/// `TypeId` for each request cost more than the scan.
 #[derive(Default)]
 pub struct Slots {
-    spare: RefCell<HashMap<TypeId, Vec<Box<dyn Any>>>>,
+    spare: RefCell<Vec<(TypeId, SpareSlots)>>,
 }
+
+/// One kind's spare slots (each a `Box<Slot<F>>` for that kind's `F`).
+type SpareSlots = Vec<Box<dyn Any>>;
 
 /// A slot: a pinned place for one future of type `F`, empty between uses.
 type Slot<F> = Pin<Box<Option<F>>>;
@@ -113,11 +148,13 @@ impl Slots {
     }
 
     fn take<F: 'static>(&self) -> Box<Slot<F>> {
+        let kind = TypeId::of::<F>();
         let spare = self
             .spare
             .borrow_mut()
-            .get_mut(&TypeId::of::<F>())
-            .and_then(Vec::pop);
+            .iter_mut()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, list)| list.pop());
         match spare.map(|s| s.downcast::<Slot<F>>()) {
             Some(Ok(slot)) => slot,
             _ => Box::new(Box::pin(None)),
@@ -125,8 +162,16 @@ impl Slots {
     }
 
     fn give<F: 'static>(&self, slot: Box<Slot<F>>) {
+        let kind = TypeId::of::<F>();
         let mut spare = self.spare.borrow_mut();
-        let list = spare.entry(TypeId::of::<F>()).or_default();
+        let at = match spare.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                spare.push((kind, Vec::new()));
+                spare.len() - 1
+            }
+        };
+        let list = &mut spare[at].1;
         if list.len() < MAX_SPARE_SLOTS {
             list.push(slot);
         }
@@ -188,6 +233,32 @@ mod tests {
         assert_eq!(pool.spare.borrow().len(), 1);
     }
 
+    /// A steady load keeps the buffers it uses (no allocation per request); what a burst
+    /// left is freed once an interval passes without it being needed.
+    #[test]
+    fn the_spares_follow_the_load() {
+        let pool = Buffers::default();
+        let burst: Vec<_> = (0..300).map(|_| pool.take()).collect();
+        burst.into_iter().for_each(|b| pool.give(b));
+        pool.trim();
+        assert_eq!(pool.spares(), 300, "needed during this interval: kept");
+        for _ in 0..3 {
+            let load: Vec<_> = (0..150).map(|_| pool.take()).collect();
+            load.into_iter().for_each(|b| pool.give(b));
+            pool.trim();
+            assert_eq!(pool.spares(), 150, "what the steady load uses stays");
+        }
+        pool.trim();
+        assert_eq!(
+            pool.spares(),
+            MIN_SPARE,
+            "a quiet interval frees all but the floor"
+        );
+        let over: Vec<_> = (0..MAX_SPARE + 10).map(|_| pool.take()).collect();
+        over.into_iter().for_each(|b| pool.give(b));
+        assert_eq!(pool.spares(), MAX_SPARE);
+    }
+
     /// The same slot serves one request after another, and a request's state is dropped
     /// when it completes (what it held, such as a blade connection, is given back then).
     #[test]
@@ -209,8 +280,8 @@ mod tests {
             slots
                 .spare
                 .borrow()
-                .values()
-                .flatten()
+                .iter()
+                .flat_map(|(_, list)| list)
                 .map(|b| std::ptr::from_ref::<dyn Any>(&**b).cast::<u8>() as usize)
                 .collect::<Vec<_>>()
         };

@@ -20,6 +20,7 @@ use super::blades::{BladeConn, Blades};
 use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
+use super::timers::{Timers, Wait};
 use crate::pool::{InFlight, Outcome, Pick, State};
 use crate::proxy::answers::{self, ProxyFailure, Refused};
 use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
@@ -64,6 +65,10 @@ pub struct Engine {
     /// Where requests' work runs (see [`serve`]).
     slots: Slots,
     pub blades: Blades,
+    pub timers: Timers,
+    /// Seconds since the Unix epoch, refreshed by [`Engine::tick`]: what cookies' and
+    /// admission's expiry counts in, without a clock reading per request.
+    pub unix_now: std::cell::Cell<u64>,
     /// Spare field lists (offsets of a head's fields), reused like the buffers.
     fields: std::cell::RefCell<Vec<Vec<Field>>>,
     pub header_read_timeout: Duration,
@@ -79,6 +84,8 @@ impl Engine {
             buffers: Buffers::default(),
             slots: Slots::default(),
             blades,
+            timers: Timers::default(),
+            unix_now: std::cell::Cell::new(unix_seconds()),
             fields: std::cell::RefCell::new(Vec::new()),
             header_read_timeout: cfg.header_read_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -88,6 +95,13 @@ impl Engine {
                 max_uri_bytes: cfg.max_uri_bytes,
             },
         }
+    }
+
+    /// The worker's housekeeping, every [`super::buffers::TRIM_INTERVAL`]: spare buffers
+    /// trimmed to the load, the cached wall clock refreshed.
+    pub fn tick(&self) {
+        self.buffers.trim();
+        self.unix_now.set(unix_seconds());
     }
 
     fn take_fields(&self) -> Vec<Field> {
@@ -101,6 +115,12 @@ impl Engine {
             spare.push(f);
         }
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What the connection does after an exchange.
@@ -129,26 +149,30 @@ pub async fn serve<S: Transport + 'static>(
     loop {
         // The first request must come within the header timeout; later ones within the
         // idle timeout, after which a kept-alive connection is closed.
-        let wait = if first {
-            engine.header_read_timeout
-        } else {
-            engine.idle_timeout
-        };
-        let waiting_since = tokio::time::Instant::now();
+        // (The clock is read only when the wait has to wait: see `Timers::within`.) The
+        // first request's head deadline counts from the accept; a later one's from its
+        // first bytes.
+        let head_deadline = first.then(|| tokio::time::Instant::now() + engine.header_read_timeout);
         if carry.is_none() {
-            let readable = poll_fn(|cx| io.poll_readable(cx));
-            tokio::select! {
-                biased;
-                _ = readable => {}
-                _ = ticket.changed() => return,
-                _ = tokio::time::sleep_until(waiting_since + wait) => return,
+            let woke = engine.timers.within(
+                Wait::Idle,
+                || match head_deadline {
+                    Some(d) => d,
+                    None => tokio::time::Instant::now() + engine.idle_timeout,
+                },
+                async {
+                    let readable = poll_fn(|cx| io.poll_readable(cx));
+                    tokio::select! {
+                        biased;
+                        _ = readable => true,
+                        _ = ticket.changed() => false,
+                    }
+                },
+            );
+            if woke.await != Some(true) {
+                return;
             }
         }
-        let head_deadline = if first {
-            waiting_since + engine.header_read_timeout
-        } else {
-            tokio::time::Instant::now() + engine.header_read_timeout
-        };
         first = false;
         let done = engine
             .slots
@@ -198,7 +222,7 @@ async fn turn<S: Transport>(
     info: Rc<ConnInfo>,
     mut io: S,
     carry: Option<Vec<u8>>,
-    head_deadline: tokio::time::Instant,
+    head_deadline: Option<tokio::time::Instant>,
 ) -> Done<S> {
     let mut buf = carry.unwrap_or_else(|| engine.buffers.take());
     let mut fields = engine.take_fields();
@@ -265,7 +289,7 @@ async fn read_head<S: Transport>(
     io: &mut S,
     buf: &mut Vec<u8>,
     fields: &mut Vec<Field>,
-    deadline: tokio::time::Instant,
+    mut deadline: Option<tokio::time::Instant>,
 ) -> HeadRead {
     loop {
         if !buf.is_empty() {
@@ -281,9 +305,17 @@ async fn read_head<S: Transport>(
         if buf.len() == buf.capacity() {
             buf.reserve(BUFFER_BYTES.min(engine.max_header_bytes - buf.len()).max(1));
         }
-        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Gone,
-            Ok(Ok(_)) => {}
+        let read = engine.timers.within(
+            Wait::Head,
+            || {
+                *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + engine.header_read_timeout)
+            },
+            io.read_buf(buf),
+        );
+        match read.await {
+            Some(Ok(0)) | Some(Err(_)) | None => return HeadRead::Gone,
+            Some(Ok(_)) => {}
         }
     }
 }
@@ -404,9 +436,9 @@ async fn exchange<S: Transport>(
     }
     let now_ns = crate::pool::nanos_since_epoch(start);
     fwd.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
-    let unix_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let unix_now = engine.unix_now.get();
+    // This reading serves as the first send's too when nothing waits in between.
+    let mut fresh = Some(start);
     let minted = head
         .request_id
         .is_none()
@@ -421,6 +453,7 @@ async fn exchange<S: Transport>(
     // as a header value, which costs an allocation).
     let entry = if fwd.pool.settings().shed.is_some() || fwd.queue_signer.is_some() {
         let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
+        fresh = None;
         match fwd.enter(&view, info, &id, unix_now).await {
             Ok(entry) => entry,
             Err(resp) => {
@@ -467,7 +500,7 @@ async fn exchange<S: Transport>(
             break;
         };
         let backend = guard.backend().clone();
-        let (attempt, failed) = match engine.blades.checkout(backend.addr).await {
+        let (attempt, failed) = match engine.blades.checkout(backend.addr, start).await {
             Err(e) => {
                 tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
                 (retry::Attempt::ConnectFailed, "connection failed")
@@ -489,22 +522,28 @@ async fn exchange<S: Transport>(
                     },
                     &mut out,
                 );
-                let sent = Instant::now();
+                let sent = match fresh.take() {
+                    Some(t) if conn.reused => t,
+                    _ => Instant::now(),
+                };
                 let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
                 rbuf.clear();
-                let outcome = tokio::time::timeout_at(
-                    deadline,
-                    send_and_read_head(
-                        engine,
-                        &mut conn,
-                        &out,
-                        body.as_deref().map(Vec::as_slice),
-                        &mut rbuf,
-                    ),
-                )
-                .await;
+                let outcome = engine
+                    .timers
+                    .within(
+                        Wait::Answer,
+                        || deadline,
+                        send_and_read_head(
+                            engine,
+                            &mut conn,
+                            &out,
+                            body.as_deref().map(Vec::as_slice),
+                            &mut rbuf,
+                        ),
+                    )
+                    .await;
                 match outcome {
-                    Ok(Ok(())) => {
+                    Some(Ok(())) => {
                         let now = Instant::now();
                         backend
                             .latency
@@ -516,29 +555,29 @@ async fn exchange<S: Transport>(
                         answered = Some((guard, conn));
                         break;
                     }
-                    Ok(Err(SendError::Unsent)) => (
+                    Some(Err(SendError::Unsent)) => (
                         retry::Attempt::Unsent {
                             reused: conn.reused,
                         },
                         "connection failed",
                     ),
-                    Ok(Err(SendError::ClosedEarly)) => (
+                    Some(Err(SendError::ClosedEarly)) => (
                         retry::Attempt::Failed { closed_early: true },
                         "connection error",
                     ),
-                    Ok(Err(SendError::Garbage)) => (
+                    Some(Err(SendError::Garbage)) => (
                         retry::Attempt::Failed {
                             closed_early: false,
                         },
                         "invalid HTTP response",
                     ),
-                    Ok(Err(SendError::Incomplete)) => (
+                    Some(Err(SendError::Incomplete)) => (
                         retry::Attempt::Failed {
                             closed_early: false,
                         },
                         "connection closed before the response was complete",
                     ),
-                    Err(_) => (retry::Attempt::TimedOut, "timed out"),
+                    None => (retry::Attempt::TimedOut, "timed out"),
                 }
             }
         };
@@ -942,16 +981,17 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
         engine, io, &mut conn, &out, &mut rbuf, resp, dechunk, &mut held,
     )
     .await;
+    let done = Instant::now();
     backend
         .metrics
         .duration
-        .record(started.elapsed().as_secs_f64());
+        .record(done.saturating_duration_since(started).as_secs_f64());
     drop(held);
     engine.buffers.give(out);
     engine.buffers.give(rbuf);
     match (end, conn) {
         (BodyEnd::Reusable, Some(c)) => {
-            engine.blades.checkin(c);
+            engine.blades.checkin(c, done);
             RelayEnd::Done
         }
         (BodyEnd::Reusable | BodyEnd::Closed, _) => RelayEnd::Done,
@@ -1039,7 +1079,7 @@ async fn relay_body<S: Transport>(
                     return BodyEnd::Cut;
                 };
                 let want = left.min(rbuf.capacity() as u64);
-                match read_some(&mut c.stream, rbuf, want, idle).await {
+                match read_some(&engine.timers, &mut c.stream, rbuf, want, idle).await {
                     Ok(0) | Err(_) => return BodyEnd::Cut,
                     Ok(got) => left -= got as u64,
                 }
@@ -1096,7 +1136,15 @@ async fn relay_body<S: Transport>(
                 let Some(c) = conn.as_mut() else {
                     return BodyEnd::Cut;
                 };
-                match read_some(&mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
+                match read_some(
+                    &engine.timers,
+                    &mut c.stream,
+                    rbuf,
+                    rbuf.capacity() as u64,
+                    idle,
+                )
+                .await
+                {
                     Ok(0) | Err(_) => return BodyEnd::Cut,
                     Ok(_) => {}
                 }
@@ -1111,7 +1159,15 @@ async fn relay_body<S: Transport>(
                 let Some(c) = conn.as_mut() else {
                     return BodyEnd::Cut;
                 };
-                match read_some(&mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
+                match read_some(
+                    &engine.timers,
+                    &mut c.stream,
+                    rbuf,
+                    rbuf.capacity() as u64,
+                    idle,
+                )
+                .await
+                {
                     Ok(0) => {
                         *conn = None;
                         return BodyEnd::Closed;
@@ -1130,14 +1186,20 @@ async fn relay_body<S: Transport>(
 /// Reads at most `want` bytes into `buf`; a blade that sends nothing of the body for
 /// `idle` is cut (`proxy.body_idle_timeout`).
 async fn read_some<R: AsyncRead + Unpin>(
+    timers: &Timers,
     r: &mut R,
     buf: &mut Vec<u8>,
     want: u64,
     idle: Duration,
 ) -> std::io::Result<usize> {
-    match tokio::time::timeout(idle, r.take(want).read_buf(buf)).await {
-        Ok(res) => res,
-        Err(_) => {
+    let mut limited = r.take(want);
+    let read = limited.read_buf(buf);
+    match timers
+        .within(Wait::Body, || tokio::time::Instant::now() + idle, read)
+        .await
+    {
+        Some(res) => res,
+        None => {
             metrics::counter!(names::BODIES_STALLED, "side" => "backend").increment(1);
             Err(std::io::ErrorKind::TimedOut.into())
         }

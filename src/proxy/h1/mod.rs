@@ -15,5 +15,6 @@ pub mod buffers;
 pub mod chunked;
 mod conn;
 pub mod head;
+pub mod timers;
 
 pub use conn::{serve, Engine, Transport};
