@@ -4,7 +4,7 @@
 //! that is safe), and relay the answer with its own framing. Surge's own answers are the
 //! same responses the hyper path gives, written out here.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -145,31 +145,40 @@ pub async fn serve<S: Transport + 'static>(
 ) {
     // Bytes of the next request already read (pipelined), in their buffer.
     let mut carry: Option<Vec<u8>> = None;
+    // The connection's idle timer, made once and re-armed for each wait: a later deadline
+    // than the last costs an atomic operation, where a new timer per wait took the timer
+    // wheel's lock twice. The first request must come within the header timeout of the
+    // accept; later ones within the idle timeout, after which a kept-alive connection is
+    // closed. (The clock is read only when a wait has to wait.)
+    let accepted = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(accepted + engine.header_read_timeout);
+    tokio::pin!(idle);
     let mut first = true;
     loop {
-        // The first request must come within the header timeout; later ones within the
-        // idle timeout, after which a kept-alive connection is closed.
-        // (The clock is read only when the wait has to wait: see `Timers::within`.) The
-        // first request's head deadline counts from the accept; a later one's from its
-        // first bytes.
-        let head_deadline = first.then(|| tokio::time::Instant::now() + engine.header_read_timeout);
+        // A later request's head deadline counts from its first bytes (see `read_head`).
+        let head_deadline = first.then(|| accepted + engine.header_read_timeout);
         if carry.is_none() {
-            let woke = engine.timers.within(
-                Wait::Idle,
-                || match head_deadline {
-                    Some(d) => d,
-                    None => tokio::time::Instant::now() + engine.idle_timeout,
-                },
-                async {
-                    let readable = poll_fn(|cx| io.poll_readable(cx));
-                    tokio::select! {
-                        biased;
-                        _ = readable => true,
-                        _ = ticket.changed() => false,
-                    }
-                },
-            );
-            if woke.await != Some(true) {
+            let mut armed = first;
+            let stop = ticket.changed();
+            tokio::pin!(stop);
+            let woke = poll_fn(|cx| {
+                if io.poll_readable(cx).is_ready() {
+                    return Poll::Ready(true);
+                }
+                if stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                if !armed {
+                    armed = true;
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + engine.idle_timeout);
+                }
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            if !woke.await {
                 return;
             }
         }

@@ -1,13 +1,14 @@
 //! A worker's spare timers, reused like its buffers.
 //!
-//! Every request waits on three deadlines (the idle wait, the head, the blade's answer),
-//! and with `tokio::time::timeout` each was a new timer: the runtime handle looked up
-//! and cloned, the timer wheel's lock taken to register it and again to cancel it (the
-//! profile put that at ~2.5% of the engine's CPU). A registered timer re-armed to a
-//! later deadline costs one atomic operation instead (the wheel moves it when the old
-//! deadline comes), so timers are kept per kind of wait (one kind's deadlines grow from
-//! one use to the next) and re-armed. A deadline is also read from the clock only when
-//! the wait really has to wait: a request whose bytes are there never reads it.
+//! A request waits on deadlines (its head, the blade's answer, a body's next bytes), and
+//! with `tokio::time::timeout` each was a new timer: the runtime handle looked up and
+//! cloned, the timer wheel's lock taken to register it and again to cancel it (with the
+//! idle wait's, the profile put that at ~2.5% of the engine's CPU). A registered timer
+//! re-armed to a later deadline costs one atomic operation instead (the wheel moves it
+//! when the old deadline comes), so timers are kept per kind of wait (one kind's
+//! deadlines grow from one use to the next) and re-armed. A deadline is also read from
+//! the clock only when the wait really has to wait: bytes already there never read it.
+//! (The idle wait between requests has the connection's own timer: see `conn::serve`.)
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -19,8 +20,6 @@ use tokio::time::{Instant, Sleep};
 /// The kinds of wait, each with its own spares.
 #[derive(Debug, Clone, Copy)]
 pub enum Wait {
-    /// A kept-alive connection waiting for its next request.
-    Idle,
     /// A request head arriving.
     Head,
     /// A blade's answer (head).
@@ -35,7 +34,7 @@ const MAX_SPARE: usize = 1024;
 /// One worker's spare timers (single-threaded, like everything of a worker).
 #[derive(Default)]
 pub struct Timers {
-    spare: [RefCell<Vec<Pin<Box<Sleep>>>>; 4],
+    spare: [RefCell<Vec<Pin<Box<Sleep>>>>; 3],
 }
 
 impl Timers {
