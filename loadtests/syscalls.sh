@@ -2,7 +2,10 @@
 # System calls per proxied request, counted by the kernel (`perf stat -e
 # raw_syscalls:sys_enter` on the proxy's process), for surge's two HTTP/1.1 engines and
 # nginx side by side: the same nginx backend (1 KiB body), `wrk -t1 -cC -dDURATION` on
-# keep-alive connections, requests counted by wrk.
+# keep-alive connections, requests counted by wrk. Next to the system calls, the proxy's
+# CPU per request split into user space and kernel (utime and stime from /proc/PID/stat
+# over the same run): on loopback the kernel's TCP work is most of every proxy's CPU, and
+# this split shows how much of a difference user-space code can make at all.
 #
 # Usage: loadtests/syscalls.sh            (DURATION=5s CONNS="50 200")
 # Needs perf with tracepoints readable (root, or kernel.perf_event_paranoid <= -1).
@@ -59,16 +62,21 @@ wait_answering "$BACKEND_PORT" "$NGINX_PORT" "$SURGE_PORT" "$HYPER_PORT"
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
 
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); wrk -t1 -d$DURATION"
-printf "%-6s %-14s %12s %12s %14s\n" conns proxy requests syscalls "syscalls/req"
+printf "%-6s %-14s %12s %12s %14s %12s %12s\n" conns proxy requests syscalls "syscalls/req" "user us/req" "kernel us/req"
+# cpu_ticks PID: the process's user and kernel time so far, in clock ticks.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 for c in $CONNS; do
   for entry in "nginx:$NGINX_WORKER:$NGINX_PORT" "surge:$SURGE_PID:$SURGE_PORT" "surge-hyper:$HYPER_PID:$HYPER_PORT"; do
     IFS=: read -r name pid port <<<"$entry"
     perf stat -e raw_syscalls:sys_enter -p "$pid" -x, -o "$WORK/perf.$name" &
     perf_pid=$!
     sleep 0.3
+    read -r user0 sys0 < <(cpu_ticks "$pid")
     requests=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    read -r user1 sys1 < <(cpu_ticks "$pid")
     kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
     calls=$(awk -F, '/raw_syscalls/ {print $1}' "$WORK/perf.$name")
-    python3 -c "print(f'{\"$c\":<6} {\"$name\":<14} {$requests:>12} {$calls:>12} {$calls / $requests:>14.2f}')"
+    python3 -c "print(f'{\"$c\":<6} {\"$name\":<14} {$requests:>12} {$calls:>12} {$calls / $requests:>14.2f} {($user1 - $user0) * 1e6 / $TICK / $requests:>12.2f} {($sys1 - $sys0) * 1e6 / $TICK / $requests:>12.2f}')"
   done
 done
