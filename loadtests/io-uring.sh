@@ -137,6 +137,15 @@ for (c, name), runs in sorted(by.items(), key=lambda kv: (kv[0][0], ["nginx", "s
     calls = calls_of.get((c, name), float("nan"))
     print(f"{c:<6} {name:<12} {m[0]:>9.0f} {m[1]:>12.2f} {m[2]:>14.2f} {m[1] + m[2]:>11.2f} {calls:>13.2f}")
 print()
+# Runs next to each other in one round share the machine's mood: the median of the
+# rounds' own uring/epoll ratios is steadier than the ratio of the medians.
+paired = {}
+for c, name, rnd, _req, rate, user, kernel, calls in rows:
+    if calls == "nan":
+        paired.setdefault((int(c), rnd), {})[name] = float(user) + float(kernel)
+for c in sorted({c for c, _ in med}):
+    ratios = sorted(r["probe-uring"] / r["probe-epoll"] for (cc, _), r in paired.items() if cc == c)
+    print(f"c={c}: uring/epoll CPU/req by round {' '.join(f'{x:.2f}' for x in ratios)}, median {statistics.median(ratios):.2f}x")
 for c in sorted({c for c, _ in med}):
     e, u, s, n = (med[(c, k)] for k in ("probe-epoll", "probe-uring", "surge", "nginx"))
     cpu = lambda m: m[1] + m[2]
