@@ -43,23 +43,7 @@ write_proxy_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
 
-SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
-cat > "$WORK/surge.toml" <<EOF
-[proxy]
-engine = "surge"
-listen = "127.0.0.1:$SURGE_PORT"
-workers = 1
-access_log = false
-max_requests_per_connection = 1000000
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-[pool.health]
-path = "/"
-[[pool.backends]]
-address = "127.0.0.1:$BACKEND_PORT"
-EOF
-RUST_LOG=warn "$SURGE" serve --config "$WORK/surge.toml" >/dev/null 2>"$WORK/surge.err" &
-SURGE_PID=$!; PIDS+=($SURGE_PID)
+surge_on surge; SURGE_PID=$ON_PID; SURGE_PORT=$ON_PORT
 EPOLL_PORT=$(free_port); URING_PORT=$(free_port)
 "$PROBE" epoll "127.0.0.1:$EPOLL_PORT" "127.0.0.1:$BACKEND_PORT" 2>"$WORK/epoll.err" &
 EPOLL_PID=$!; PIDS+=($EPOLL_PID)

@@ -99,3 +99,27 @@ http {
 }
 CONF
 }
+
+# surge_on ENGINE: a surge on that HTTP/1.1 engine in front of 127.0.0.1:$BACKEND_PORT, one
+# worker, no access log, keep-alive without a request limit (the figures per request of
+# syscalls.sh and io-uring.sh); sets ON_PID and ON_PORT.
+surge_on() {
+  local port admin
+  port=$(free_port); admin=$(free_port)
+  cat > "$WORK/surge-$1.toml" <<EOF
+[proxy]
+engine = "$1"
+listen = "127.0.0.1:$port"
+workers = 1
+access_log = false
+max_requests_per_connection = 1000000
+[admin]
+listen = "127.0.0.1:$admin"
+[pool.health]
+path = "/"
+[[pool.backends]]
+address = "127.0.0.1:$BACKEND_PORT"
+EOF
+  RUST_LOG=warn "$SURGE" serve --config "$WORK/surge-$1.toml" >/dev/null 2>"$WORK/surge-$1.err" &
+  ON_PID=$!; ON_PORT=$port; PIDS+=($ON_PID)
+}

@@ -35,27 +35,6 @@ write_proxy_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
 
-# surge_on ENGINE: starts a surge on that engine; sets ON_PID and ON_PORT.
-surge_on() {
-  local port admin
-  port=$(free_port); admin=$(free_port)
-  cat > "$WORK/surge-$1.toml" <<EOF
-[proxy]
-engine = "$1"
-listen = "127.0.0.1:$port"
-workers = 1
-access_log = false
-max_requests_per_connection = 1000000
-[admin]
-listen = "127.0.0.1:$admin"
-[pool.health]
-path = "/"
-[[pool.backends]]
-address = "127.0.0.1:$BACKEND_PORT"
-EOF
-  RUST_LOG=warn "$SURGE" serve --config "$WORK/surge-$1.toml" >/dev/null 2>"$WORK/surge-$1.err" &
-  ON_PID=$!; ON_PORT=$port; PIDS+=($ON_PID)
-}
 surge_on surge; SURGE_PID=$ON_PID; SURGE_PORT=$ON_PORT
 surge_on hyper; HYPER_PID=$ON_PID; HYPER_PORT=$ON_PORT
 wait_answering "$BACKEND_PORT" "$NGINX_PORT" "$SURGE_PORT" "$HYPER_PORT"

@@ -48,12 +48,19 @@ fn main() {
     }
 }
 
-/// A new connection to the blade for a new shopper. Blocking: on loopback it takes
+/// A new connection to the blade for a newly accepted shopper, or None (the shopper's
+/// socket closed) when the blade cannot be reached. Blocking: on loopback it takes
 /// microseconds, and the probe measures kept-alive connections, not their set-up.
-fn connect_upstream(upstream: SocketAddr) -> io::Result<RawFd> {
-    let stream = TcpStream::connect(upstream)?;
-    stream.set_nodelay(true)?;
-    Ok(stream.into_raw_fd())
+fn blade_for(shopper: RawFd, upstream: SocketAddr) -> Option<RawFd> {
+    set_nodelay(shopper);
+    match TcpStream::connect(upstream).and_then(|s| s.set_nodelay(true).map(|()| s)) {
+        Ok(stream) => Some(stream.into_raw_fd()),
+        Err(e) => {
+            eprintln!("surge-io-probe: connect to {upstream}: {e}");
+            close(shopper);
+            None
+        }
+    }
 }
 
 /// `TCP_NODELAY` on an accepted socket, as every proxy measured here sets it.
@@ -169,14 +176,8 @@ mod epoll {
                 }
                 return;
             }
-            set_nodelay(fd);
-            let blade = match connect_upstream(upstream) {
-                Ok(blade) => blade,
-                Err(e) => {
-                    eprintln!("surge-io-probe: connect to {upstream}: {e}");
-                    close(fd);
-                    continue;
-                }
+            let Some(blade) = blade_for(fd, upstream) else {
+                continue;
             };
             // SAFETY: blade is our open socket.
             unsafe {
@@ -247,6 +248,25 @@ mod epoll {
             pending.extend_from_slice(data);
             return pending.len() <= MAX_PENDING;
         }
+        let Some(at) = send_some(fd, data) else {
+            return false;
+        };
+        pending.extend_from_slice(&data[at..]);
+        true
+    }
+
+    /// Writes queued bytes once the socket is writable again.
+    fn flush(fd: RawFd, pending: &mut Vec<u8>) -> bool {
+        let Some(at) = send_some(fd, pending) else {
+            return false;
+        };
+        pending.drain(..at);
+        true
+    }
+
+    /// Sends as much of `data` as the socket takes now: how many bytes it took, or None
+    /// when the connection failed.
+    fn send_some(fd: RawFd, data: &[u8]) -> Option<usize> {
         let mut at = 0;
         while at < data.len() {
             // SAFETY: the slice is valid for its length.
@@ -259,44 +279,15 @@ mod epoll {
                 )
             };
             if w < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
+                match io::Error::last_os_error().kind() {
                     io::ErrorKind::Interrupted => continue,
                     io::ErrorKind::WouldBlock => break,
-                    _ => return false,
+                    _ => return None,
                 }
             }
             at += w as usize;
         }
-        pending.extend_from_slice(&data[at..]);
-        true
-    }
-
-    /// Writes queued bytes once the socket is writable again.
-    fn flush(fd: RawFd, pending: &mut Vec<u8>) -> bool {
-        let mut at = 0;
-        while at < pending.len() {
-            // SAFETY: the slice is valid for its length.
-            let w = unsafe {
-                libc::send(
-                    fd,
-                    pending[at..].as_ptr().cast(),
-                    pending.len() - at,
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if w < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => break,
-                    _ => return false,
-                }
-            }
-            at += w as usize;
-        }
-        pending.drain(..at);
-        true
+        Some(at)
     }
 }
 
@@ -407,15 +398,7 @@ mod uring {
         pairs: &mut Vec<Option<Pair>>,
         free: &mut Vec<usize>,
     ) -> Option<usize> {
-        set_nodelay(fd);
-        let blade = match connect_upstream(upstream) {
-            Ok(blade) => blade,
-            Err(e) => {
-                eprintln!("surge-io-probe: connect to {upstream}: {e}");
-                close(fd);
-                return None;
-            }
-        };
+        let blade = blade_for(fd, upstream)?;
         let idx = free.pop().unwrap_or_else(|| {
             pairs.push(None);
             pairs.len() - 1
