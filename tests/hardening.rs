@@ -527,6 +527,9 @@ enum Misbehaviour {
     Silent,
     /// Answers with bytes that are not HTTP.
     Garbage,
+    /// Answers with a head whose framing cannot be trusted (`Content-Length` that is not
+    /// a number): no byte of it may reach the shopper.
+    BadLength,
     /// Reads the request and closes: killed before answering.
     Dies,
     /// Sends a response head and half the body, then closes: killed mid-response.
@@ -571,6 +574,11 @@ async fn bad_blade(how: Misbehaviour) -> (SocketAddr, Arc<AtomicU64>) {
                     Misbehaviour::Garbage => {
                         let _ = s.write_all(b"SPAM SPAM SPAM\r\n\r\n").await;
                     }
+                    Misbehaviour::BadLength => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4x\r\n\r\nbody")
+                            .await;
+                    }
                     Misbehaviour::Dies => {}
                     Misbehaviour::DiesMidBody => {
                         let _ = s
@@ -604,10 +612,11 @@ async fn bad_blade(how: Misbehaviour) -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dying_silent_and_garbage_blades_give_clean_errors_gets_are_retried_and_nothing_leaks() {
+async fn dying_silent_garbage_misframed_blades_give_clean_errors_and_nothing_leaks() {
     let good = blades(1, Duration::ZERO).await;
     for (how, name, post_status) in [
         (Misbehaviour::Garbage, "garbage", 502),
+        (Misbehaviour::BadLength, "bad content-length", 502),
         (Misbehaviour::Dies, "dies", 502),
         (Misbehaviour::Silent, "silent", 504),
     ] {

@@ -235,8 +235,20 @@ async fn turn<S: Transport>(
 ) -> Done<S> {
     let mut buf = carry.unwrap_or_else(|| engine.buffers.take());
     let mut fields = engine.take_fields();
+    // The blade's answer's fields, as offsets into its buffer (see `head::parse_response`).
+    let mut answer_fields = engine.take_fields();
     let after = match read_head(&engine, &mut io, &mut buf, &mut fields, head_deadline).await {
-        HeadRead::Head(head) => exchange(&engine, &mut io, &mut buf, &head, &fields, &info).await,
+        HeadRead::Head(head) => {
+            exchange(
+                &engine,
+                &mut io,
+                &mut buf,
+                (&head, &fields),
+                &mut answer_fields,
+                &info,
+            )
+            .await
+        }
         HeadRead::Refused(why) => {
             write_own(&mut io, answers::refusal(why, &info), &info, false, true).await;
             After::Refused
@@ -244,6 +256,7 @@ async fn turn<S: Transport>(
         HeadRead::Gone => After::Close,
     };
     engine.give_fields(fields);
+    engine.give_fields(answer_fields);
     let next = match after {
         After::KeepAlive(next) => {
             buf.drain(..next.min(buf.len()));
@@ -390,8 +403,8 @@ async fn exchange<S: Transport>(
     engine: &Engine,
     io: &mut S,
     buf: &mut Vec<u8>,
-    head: &RequestHead,
-    fields: &[Field],
+    (head, fields): (&RequestHead, &[Field]),
+    answer_fields: &mut Vec<Field>,
     info: &ConnInfo,
 ) -> After {
     let fwd = &engine.fwd;
@@ -399,6 +412,12 @@ async fn exchange<S: Transport>(
     info.requests.set(served);
     let head_request = head.method == http::Method::HEAD;
     let has_body = head.framing != Framing::Empty;
+    let rewrite = head::Rewrite {
+        head_request,
+        hsts: info.hsts.as_ref().map(HeaderValue::as_bytes),
+        dechunk: head.http10,
+        upgrade: head.upgrade.is_some(),
+    };
     let mut close = head.close
         || head.http10
         || served >= fwd.max_requests_per_connection
@@ -548,11 +567,12 @@ async fn exchange<S: Transport>(
                             &out,
                             body.as_deref().map(Vec::as_slice),
                             &mut rbuf,
+                            (&rewrite, &mut *answer_fields),
                         ),
                     )
                     .await;
                 match outcome {
-                    Some(Ok(())) => {
+                    Some(Ok(answer)) => {
                         let now = Instant::now();
                         backend
                             .latency
@@ -561,7 +581,7 @@ async fn exchange<S: Transport>(
                             .traffic
                             .latency
                             .record(now.saturating_duration_since(start));
-                        answered = Some((guard, conn));
+                        answered = Some((guard, conn, answer));
                         break;
                     }
                     Some(Err(SendError::Unsent)) => (
@@ -604,7 +624,7 @@ async fn exchange<S: Transport>(
         }
     }
     drop(avoid);
-    let Some((guard, conn)) = answered else {
+    let Some((guard, conn, answer)) = answered else {
         engine.buffers.give(out);
         engine.buffers.give(rbuf);
         let failure = failure.unwrap_or(ProxyFailure::NoBackend);
@@ -635,6 +655,9 @@ async fn exchange<S: Transport>(
             guard,
             conn,
             rbuf,
+            answer,
+            answer_fields,
+            rewrite: &rewrite,
             out,
             entry,
             route,
@@ -643,7 +666,6 @@ async fn exchange<S: Transport>(
             info,
             head,
             path: head.path.get(buf),
-            head_request,
             started: start,
             unix_now,
             close: &mut close,
@@ -831,7 +853,8 @@ async fn send_and_read_head(
     head_bytes: &[u8],
     body: Option<&[u8]>,
     rbuf: &mut Vec<u8>,
-) -> Result<(), SendError> {
+    (rewrite, fields): (&head::Rewrite<'_>, &mut Vec<Field>),
+) -> Result<head::ResponseHead, SendError> {
     // Head and body in one vectored write.
     let written = write_parts(&mut conn.stream, head_bytes, body.unwrap_or_default()).await;
     if written.is_err() || conn.stream.flush().await.is_err() {
@@ -849,14 +872,15 @@ async fn send_and_read_head(
             Ok(0) | Err(_) => return Err(SendError::Incomplete),
             Ok(_) => {}
         }
-        // A quick look: complete, interim, or garbage (`relay` rewrites it).
-        match head::probe_response(rbuf, engine.limits.max_fields) {
+        // Parsed and checked here, while another blade can still be asked; `relay`
+        // writes the shopper's head from what this leaves in `fields`.
+        match head::parse_response(rbuf, engine.limits.max_fields, rewrite, fields) {
             Ok(head::Parsed::Partial) => continue,
             Ok(head::Parsed::Interim(len)) => {
                 rbuf.drain(..len);
                 continue;
             }
-            Ok(head::Parsed::Final(_)) => return Ok(()),
+            Ok(head::Parsed::Final(answer)) => return Ok(answer),
             Err(_) => return Err(SendError::Garbage),
         }
     }
@@ -867,6 +891,10 @@ struct Relay<'a> {
     guard: InFlight,
     conn: BladeConn,
     rbuf: Vec<u8>,
+    /// The answer's head at the start of `rbuf`, as `send_and_read_head` parsed it.
+    answer: head::ResponseHead,
+    answer_fields: &'a [Field],
+    rewrite: &'a head::Rewrite<'a>,
     out: Vec<u8>,
     entry: Entry,
     route: Option<crate::proxy::route::Verified<'a>>,
@@ -875,7 +903,6 @@ struct Relay<'a> {
     info: &'a ConnInfo,
     head: &'a RequestHead,
     path: &'a [u8],
-    head_request: bool,
     started: Instant,
     unix_now: u64,
     close: &'a mut bool,
@@ -897,6 +924,9 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
         guard,
         conn,
         mut rbuf,
+        answer: resp,
+        answer_fields,
+        rewrite,
         mut out,
         entry,
         route,
@@ -905,29 +935,22 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
         info,
         head,
         path,
-        head_request,
         started,
         unix_now,
         close,
     } = r;
     let backend = guard.backend().clone();
     let draining = guard.state() == State::Draining;
-    let dechunk = head.http10;
+    let dechunk = rewrite.dechunk;
     out.clear();
     let secure = info.tls.is_some();
-    let mut status = 0;
-    let parsed = head::rewrite_response(
+    head::write_response(
         &rbuf,
-        engine.limits.max_fields,
-        head::Rewrite {
-            head_request,
-            hsts: info.hsts.as_ref().map(HeaderValue::as_bytes),
-            dechunk,
-            upgrade: head.upgrade.is_some(),
-        },
+        &resp,
+        answer_fields,
+        rewrite,
         &mut out,
         |facts, resp, out| {
-            status = facts.status;
             if let Some(v) = fwd.route_cookie(
                 route,
                 had_cart,
@@ -955,15 +978,6 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
             *close
         },
     );
-    let resp = match parsed {
-        Ok(head::Parsed::Final(h)) => h,
-        // Checked in `send_and_read_head`: cannot happen, but never panics.
-        _ => {
-            engine.buffers.give(out);
-            engine.buffers.give(rbuf);
-            return RelayEnd::Cut;
-        }
-    };
     let outcome = if resp.status >= 500 {
         Outcome::Failure
     } else {
@@ -976,7 +990,7 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
             info,
             head.method.as_str(),
             std::str::from_utf8(path).unwrap_or("-"),
-            status,
+            resp.status,
             &backend.id,
             Some(started),
             std::str::from_utf8(request_id).unwrap_or("-"),

@@ -510,6 +510,8 @@ pub enum BodyKind {
 pub struct ResponseHead {
     pub len: usize,
     pub status: u16,
+    /// The reason phrase, in the buffer.
+    reason: Span,
     pub body: BodyKind,
     /// The blade keeps the connection open after this response.
     pub reusable: bool,
@@ -528,17 +530,15 @@ pub enum Parsed {
 /// What the engine asks of a response while rewriting it.
 pub struct ResponseFacts<'a> {
     buf: &'a [u8],
-    fields: &'a [httparse::Header<'a>],
-    pub status: u16,
+    fields: &'a [Field],
 }
 
 impl ResponseFacts<'_> {
     /// Whether the response sets cookie `name` (`Set-Cookie: name=...`).
     pub fn sets_cookie(&self, name: &str) -> bool {
-        let _ = self.buf;
         self.fields.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("set-cookie")
-                && std::str::from_utf8(h.value)
+            h.name.get(self.buf).eq_ignore_ascii_case(b"set-cookie")
+                && std::str::from_utf8(h.value.get(self.buf))
                     .ok()
                     .and_then(|v| v.split_once('='))
                     .is_some_and(|(k, _)| k.trim() == name)
@@ -549,7 +549,7 @@ impl ResponseFacts<'_> {
     pub fn has(&self, name: &str) -> bool {
         self.fields
             .iter()
-            .any(|h| h.name.eq_ignore_ascii_case(name))
+            .any(|h| h.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
     }
 }
 
@@ -570,16 +570,16 @@ pub struct Rewrite<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadResponse;
 
-/// Parses the blade's response head at the start of `buf` and, when complete, writes
-/// the shopper's head to `out`: status line, the blade's fields but the hop-by-hop
-/// ones, then `extra` (surge's own fields, written by the caller), then the empty
-/// line. `close`: add `Connection: close`, decided after the response is seen.
-pub fn rewrite_response(
+/// Parses and checks the blade's response head at the start of `buf`: its framing, and
+/// whether it may be relayed at all (a 101 nobody asked for, a `Content-Length` that is
+/// not one number, are refused here, while the request can still go to another blade).
+/// The fields go to `fields` (cleared first) as offsets into `buf`, so that
+/// [`write_response`] rewrites the head without parsing it again.
+pub fn parse_response(
     buf: &[u8],
     max_fields: usize,
-    rw: Rewrite<'_>,
-    out: &mut Vec<u8>,
-    extra: impl FnOnce(&ResponseFacts<'_>, &ResponseHead, &mut Vec<u8>) -> bool,
+    rw: &Rewrite<'_>,
+    fields: &mut Vec<Field>,
 ) -> Result<Parsed, BadResponse> {
     let mut slots = slots();
     let n = max_fields.clamp(1, MAX_FIELDS);
@@ -605,7 +605,12 @@ pub fn rewrite_response(
     let mut length: Option<u64> = None;
     let mut te_chunked = None;
     let (mut close, mut keep_alive) = (false, false);
+    fields.clear();
     for h in resp.headers.iter() {
+        fields.push(Field {
+            name: Span::of(buf, h.name.as_bytes()),
+            value: Span::of(buf, h.value),
+        });
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             for part in h.value.split(|&b| b == b',') {
@@ -646,29 +651,66 @@ pub fn rewrite_response(
         && (version == 1 || keep_alive)
         && te_chunked.is_none_or(|c| c)
         && body != BodyKind::UntilClose;
-    let head = ResponseHead {
+    Ok(Parsed::Final(ResponseHead {
         len,
         status,
+        reason: Span::of(buf, resp.reason.unwrap_or("").as_bytes()),
         body,
         reusable,
-    };
+    }))
+}
+
+/// Writes the shopper's head for a response [`parse_response`] accepted (`buf` and
+/// `fields` as it left them) to `out`: status line, the blade's fields but the hop-by-hop
+/// ones, then `extra` (surge's own fields, written by the caller), then the empty line.
+/// `extra` returning true adds `Connection: close`, decided after the response is seen.
+pub fn write_response(
+    buf: &[u8],
+    head: &ResponseHead,
+    fields: &[Field],
+    rw: &Rewrite<'_>,
+    out: &mut Vec<u8>,
+    extra: impl FnOnce(&ResponseFacts<'_>, &ResponseHead, &mut Vec<u8>) -> bool,
+) {
+    let status = head.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(out, u64::from(status));
     out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(head.reason.get(buf));
     out.extend_from_slice(b"\r\n");
-    let fields = &*resp.headers;
+    // Fields that `Connection` names are hop-by-hop too. Nearly every answer's
+    // `Connection` says only `keep-alive` or `close`: those two are matched by name, and
+    // the list is searched for each field only when it names anything else.
+    let (mut lists_close, mut lists_keep_alive, mut lists_other) = (false, false, false);
+    for f in fields {
+        if !f.name.get(buf).eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        for t in f.value.get(buf).split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            if t.eq_ignore_ascii_case(b"close") {
+                lists_close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                lists_keep_alive = true;
+            } else if !t.is_empty() {
+                lists_other = true;
+            }
+        }
+    }
     let listed = |name: &[u8]| {
-        fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|f| f.value.split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+        (lists_close && name.eq_ignore_ascii_case(b"close"))
+            || (lists_keep_alive && name.eq_ignore_ascii_case(b"keep-alive"))
+            || (lists_other
+                && fields
+                    .iter()
+                    .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"connection"))
+                    .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name)))
     };
     for h in fields {
-        let name = h.name.as_bytes();
+        let name = h.name.get(buf);
         let keep_te = name.eq_ignore_ascii_case(b"transfer-encoding")
-            && body == BodyKind::Chunked
+            && head.body == BodyKind::Chunked
             && !rw.dechunk;
         let keep_upgrade = status == 101 && name.eq_ignore_ascii_case(b"upgrade");
         if (is_hop_by_hop(name) && !keep_te && !keep_upgrade)
@@ -680,7 +722,7 @@ pub fn rewrite_response(
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        out.extend_from_slice(h.value.get(buf));
         out.extend_from_slice(b"\r\n");
     }
     if status == 101 {
@@ -691,42 +733,11 @@ pub fn rewrite_response(
         out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
     }
-    let facts = ResponseFacts {
-        buf,
-        fields,
-        status,
-    };
-    if extra(&facts, &head, out) && status != 101 {
+    let facts = ResponseFacts { buf, fields };
+    if extra(&facts, head, out) && status != 101 {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Parsed::Final(head))
-}
-
-/// Whether `buf` starts with a complete response head, an interim one, or garbage,
-/// without rewriting anything (the final head's summary is not filled in).
-pub fn probe_response(buf: &[u8], max_fields: usize) -> Result<Parsed, BadResponse> {
-    let mut slots = slots();
-    let n = max_fields.clamp(1, MAX_FIELDS);
-    let mut resp = httparse::Response::new(&mut []);
-    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut slots[..n],
-    ) {
-        Ok(httparse::Status::Partial) => Ok(Parsed::Partial),
-        Ok(httparse::Status::Complete(len)) => match resp.code {
-            Some(100 | 102 | 103) => Ok(Parsed::Interim(len)),
-            Some(status) => Ok(Parsed::Final(ResponseHead {
-                len,
-                status,
-                body: BodyKind::None,
-                reusable: false,
-            })),
-            None => Err(BadResponse),
-        },
-        Err(_) => Err(BadResponse),
-    }
 }
 
 /// A request head as the decisions read it: the buffer and the field offsets.
@@ -903,13 +914,16 @@ mod tests {
     }
 
     fn rewrite(raw: &[u8], rw: Rewrite<'_>) -> (Result<Parsed, BadResponse>, String) {
-        let mut out = Vec::new();
-        let parsed = rewrite_response(raw, 100, rw, &mut out, |facts, _, out| {
-            if !facts.has("x-request-id") {
-                out.extend_from_slice(b"x-request-id: r\r\n");
-            }
-            false
-        });
+        let (mut out, mut fields) = (Vec::new(), Vec::new());
+        let parsed = parse_response(raw, 100, &rw, &mut fields);
+        if let Ok(Parsed::Final(head)) = &parsed {
+            write_response(raw, head, &fields, &rw, &mut out, |facts, _, out| {
+                if !facts.has("x-request-id") {
+                    out.extend_from_slice(b"x-request-id: r\r\n");
+                }
+                false
+            });
+        }
         (parsed, String::from_utf8(out).unwrap())
     }
 
