@@ -512,9 +512,21 @@ pub struct ResponseHead {
     pub status: u16,
     /// The reason phrase, in the buffer.
     reason: Span,
+    /// What the answer's `Connection` fields list (their fields are hop-by-hop too).
+    connection: Listed,
     pub body: BodyKind,
     /// The blade keeps the connection open after this response.
     pub reusable: bool,
+}
+
+/// The tokens of a head's `Connection` fields, seen by the parse so that the rewrite
+/// need not read them again. Nearly every answer lists only `keep-alive` or `close`;
+/// only `other` makes the rewrite search the list for each field's name.
+#[derive(Debug, Clone, Copy, Default)]
+struct Listed {
+    close: bool,
+    keep_alive: bool,
+    other: bool,
 }
 
 /// What parsing a blade's answer gave.
@@ -604,7 +616,7 @@ pub fn parse_response(
     }
     let mut length: Option<u64> = None;
     let mut te_chunked = None;
-    let (mut close, mut keep_alive) = (false, false);
+    let mut listed = Listed::default();
     fields.clear();
     for h in resp.headers.iter() {
         fields.push(Field {
@@ -630,8 +642,13 @@ pub fn parse_response(
         } else if name.eq_ignore_ascii_case(b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                if t.eq_ignore_ascii_case(b"close") {
+                    listed.close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    listed.keep_alive = true;
+                } else if !t.is_empty() {
+                    listed.other = true;
+                }
             }
         }
     }
@@ -647,14 +664,15 @@ pub fn parse_response(
             (None, None) => BodyKind::UntilClose,
         }
     };
-    let reusable = !close
-        && (version == 1 || keep_alive)
+    let reusable = !listed.close
+        && (version == 1 || listed.keep_alive)
         && te_chunked.is_none_or(|c| c)
         && body != BodyKind::UntilClose;
     Ok(Parsed::Final(ResponseHead {
         len,
         status,
         reason: Span::of(buf, resp.reason.unwrap_or("").as_bytes()),
+        connection: listed,
         body,
         reusable,
     }))
@@ -678,25 +696,12 @@ pub fn write_response(
     out.push(b' ');
     out.extend_from_slice(head.reason.get(buf));
     out.extend_from_slice(b"\r\n");
-    // Fields that `Connection` names are hop-by-hop too. Nearly every answer's
-    // `Connection` says only `keep-alive` or `close`: those two are matched by name, and
-    // the list is searched for each field only when it names anything else.
-    let (mut lists_close, mut lists_keep_alive, mut lists_other) = (false, false, false);
-    for f in fields {
-        if !f.name.get(buf).eq_ignore_ascii_case(b"connection") {
-            continue;
-        }
-        for t in f.value.get(buf).split(|&b| b == b',') {
-            let t = t.trim_ascii();
-            if t.eq_ignore_ascii_case(b"close") {
-                lists_close = true;
-            } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                lists_keep_alive = true;
-            } else if !t.is_empty() {
-                lists_other = true;
-            }
-        }
-    }
+    // Fields that `Connection` names are hop-by-hop too (see `Listed`).
+    let Listed {
+        close: lists_close,
+        keep_alive: lists_keep_alive,
+        other: lists_other,
+    } = head.connection;
     let listed = |name: &[u8]| {
         (lists_close && name.eq_ignore_ascii_case(b"close"))
             || (lists_keep_alive && name.eq_ignore_ascii_case(b"keep-alive"))
