@@ -185,13 +185,15 @@ pub async fn serve<S: Transport + 'static>(
         first = false;
         let done = engine
             .slots
-            .run(turn(
-                engine.clone(),
-                info.clone(),
-                io,
-                carry.take(),
-                head_deadline,
-            ))
+            .run(|| {
+                turn(
+                    engine.clone(),
+                    info.clone(),
+                    io,
+                    carry.take(),
+                    head_deadline,
+                )
+            })
             .await;
         io = done.io;
         match done.next {
