@@ -335,7 +335,7 @@ impl Worker {
         self: Rc<Self>,
         accepted: Accepted<S>,
         on: Rc<Listening>,
-        ticket: watch::Receiver<()>,
+        ticket: drive::Ticket,
     ) where
         S: h1::Transport + 'static,
     {
@@ -381,7 +381,7 @@ impl Worker {
         stream: S,
         peer: SocketAddr,
         info: impl Fn(&'static str, Option<(&'static str, &'static str)>, bool) -> Rc<ConnInfo>,
-        ticket: watch::Receiver<()>,
+        ticket: drive::Ticket,
     ) where
         S: h1::Transport + 'static,
     {
@@ -418,13 +418,8 @@ impl Worker {
     }
 
     /// Serves HTTP on an established connection (plain or TLS) until it ends.
-    async fn serve_http<I>(
-        &self,
-        io: I,
-        speaks: Speaks,
-        info: Rc<ConnInfo>,
-        ticket: watch::Receiver<()>,
-    ) where
+    async fn serve_http<I>(&self, io: I, speaks: Speaks, info: Rc<ConnInfo>, ticket: drive::Ticket)
+    where
         I: h1::Transport + 'static,
     {
         if let (Some(engine), Speaks::H1) = (&self.engine, speaks) {
@@ -456,7 +451,7 @@ impl Worker {
     }
 
     /// Drives one server connection to its end (graceful stop, idle timeout).
-    async fn drive<C, E>(&self, conn: C, info: &ConnInfo, ticket: watch::Receiver<()>)
+    async fn drive<C, E>(&self, conn: C, info: &ConnInfo, ticket: drive::Ticket)
     where
         C: Graceful<Output = Result<(), E>>,
         E: std::fmt::Display,

@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::proxy::drive::Ticket;
 use http::header::HeaderValue;
 use http::Response;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 
 use super::blades::{BladeConn, Blades};
 use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
@@ -141,7 +141,7 @@ pub async fn serve<S: Transport + 'static>(
     engine: Rc<Engine>,
     mut io: S,
     info: Rc<ConnInfo>,
-    mut ticket: watch::Receiver<()>,
+    ticket: Ticket,
 ) {
     // Bytes of the next request already read (pipelined), in their buffer.
     let mut carry: Option<Vec<u8>> = None;
@@ -159,13 +159,11 @@ pub async fn serve<S: Transport + 'static>(
         let head_deadline = first.then(|| accepted + engine.header_read_timeout);
         if carry.is_none() {
             let mut armed = first;
-            let stop = ticket.changed();
-            tokio::pin!(stop);
             let woke = poll_fn(|cx| {
                 if io.poll_readable(cx).is_ready() {
                     return Poll::Ready(true);
                 }
-                if stop.as_mut().poll(cx).is_ready() {
+                if ticket.poll_stop(cx).is_ready() {
                     return Poll::Ready(false);
                 }
                 if !armed {
@@ -197,7 +195,7 @@ pub async fn serve<S: Transport + 'static>(
             .await;
         io = done.io;
         match done.next {
-            Next::KeepAlive(pipelined) if ticket.has_changed().is_ok_and(|c| !c) => {
+            Next::KeepAlive(pipelined) if !ticket.stopping() => {
                 carry = pipelined;
             }
             Next::KeepAlive(pipelined) => {
