@@ -153,6 +153,13 @@ async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
         ),
         ("request target too long", long_uri.into_bytes(), "414"),
         (
+            // Refused as soon as it is over the limit: not left waiting for the rest of
+            // a head that would only be refused later, as too large (431).
+            "request target too long, its line not ended yet",
+            format!("GET /{}", "a".repeat(3000)).into_bytes(),
+            "414",
+        ),
+        (
             "declared body too large",
             b"POST /cart HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\nabc".to_vec(),
             "413",

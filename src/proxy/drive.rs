@@ -286,14 +286,20 @@ mod tests {
                 });
             }
             let drained = tokio::time::timeout(Duration::from_millis(50), conns.all_closed());
-            assert!(drained.await.is_err(), "open connections keep the drain waiting");
+            assert!(
+                drained.await.is_err(),
+                "open connections keep the drain waiting"
+            );
             tokio::time::timeout(Duration::from_secs(5), conns.shutdown())
                 .await
                 .expect("every connection ended after the stop");
             assert_eq!(ended.get(), 3);
             assert_eq!(conns.shared.open.get(), 0);
             let later = conns.ticket();
-            assert!(later.stopping(), "a connection after the stop closes at once");
+            assert!(
+                later.stopping(),
+                "a connection after the stop closes at once"
+            );
             assert!(later.place < 3, "a freed place is reused");
         });
     }

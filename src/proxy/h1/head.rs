@@ -102,6 +102,23 @@ fn slots<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_FIELDS] {
     [const { MaybeUninit::uninit() }; MAX_FIELDS]
 }
 
+/// The length of the request target at the start of a head not complete yet (so far,
+/// when its request line is not complete either). A target over the limit is refused
+/// with 414 as soon as it is seen (RFC 9112 section 3), not with 431 once the whole head
+/// has outgrown its own limit. Empty lines before the request line are skipped, as
+/// httparse skips them.
+fn partial_target_len(buf: &[u8]) -> usize {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[start..]
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
+    line.splitn(3, |&b| b == b' ').nth(1).map_or(0, <[u8]>::len)
+}
+
 /// Parses the request head at the start of `buf`. `Ok(None)`: not complete yet. The
 /// fields go to `fields` (cleared first) as offsets into `buf`.
 pub fn parse_request(
@@ -114,6 +131,9 @@ pub fn parse_request(
     let n = limits.max_fields.clamp(1, MAX_FIELDS);
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots[..n]) {
+        Ok(httparse::Status::Partial) if partial_target_len(buf) > limits.max_uri_bytes => {
+            return Err(Refused::UriTooLong)
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooManyHeaders),
@@ -884,6 +904,19 @@ mod tests {
         }
         let long = format!("GET /{} HTTP/1.1\r\nhost: a\r\n\r\n", "a".repeat(9000));
         assert_eq!(parse(long.as_bytes()).err(), Some(Refused::UriTooLong));
+        // Refused as soon as the target is over the limit, complete or not, and with its
+        // own status, not as a head too large once the head reaches its limit.
+        for cut in [5000, 8300, 9010, 9020] {
+            let partial = &long.as_bytes()[..cut];
+            // "GET " then the target: its length so far is `cut - 4`.
+            let want = (cut - 4 > LIMITS.max_uri_bytes).then_some(Refused::UriTooLong);
+            assert_eq!(parse(partial).err(), want, "cut at {cut}");
+        }
+        let partial = format!("\r\nGET /{} HTTP/1.1\r\nhost: a\r\n", "a".repeat(100));
+        assert!(
+            matches!(parse(partial.as_bytes()), Ok(None)),
+            "a short target waits"
+        );
         let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\nhost: a\r\n{many}\r\n");
         assert_eq!(parse(many.as_bytes()).err(), Some(Refused::TooManyHeaders));
