@@ -689,6 +689,87 @@ async fn dying_silent_garbage_misframed_blades_give_clean_errors_and_nothing_lea
     }
 }
 
+/// A frontend answering in legal but unusual ways, by path, on kept-alive connections:
+/// `/hints` a 103 Early Hints and the answer in one write, `/both` an answer framed
+/// both chunked and by length, `/nocontent` a 204 with a length.
+async fn odd_blade() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    got.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let answer: &[u8] = match path.as_str() {
+                        "/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        "/both" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                        "/nocontent" => b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Interim answers reach the shopper ahead of the answer (RFC 9110 section 15.2; a 103
+/// lets the browser fetch styles while the page is made), even when both came in one
+/// read (which left the request waiting for its timeout before), and never reach an
+/// HTTP/1.0 client. An answer framed two ways loses its `Content-Length` (RFC 9112
+/// section 6.3: a shopper trusting it would read the next answer out of this one's
+/// body), and a 204 its length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_answers_are_passed_on_and_doubly_framed_ones_lose_their_length() {
+    let blade = odd_blade().await;
+    let cfg = surge_config(&[("odd", blade)], "response_timeout = \"3s\"\n", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let (out, closed) = exchange(
+        addr,
+        b"GET /hints HTTP/1.1\r\nhost: x\r\n\r\nGET /both HTTP/1.1\r\nhost: x\r\n\r\nGET /nocontent HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(closed, "closed after the last request: {out}");
+    let answers: Vec<&str> = out.split("HTTP/1.1 ").filter(|a| !a.is_empty()).collect();
+    let statuses: Vec<&str> = answers.iter().map(|a| a.get(..3).unwrap_or(a)).collect();
+    assert_eq!(statuses, ["103", "200", "200", "204"], "{out}");
+    assert_eq!(
+        answers[0], "103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+        "the hints as the blade gave them"
+    );
+    assert!(answers[1].ends_with("\r\n\r\nok"), "{out}");
+    let both = answers[2].to_ascii_lowercase();
+    assert!(!both.contains("content-length"), "{out}");
+    assert!(both.contains("transfer-encoding: chunked\r\n"), "{out}");
+    assert!(both.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"), "{out}");
+    assert!(
+        !answers[3].to_ascii_lowercase().contains("content-length"),
+        "{out}"
+    );
+    let (out, _) = exchange(addr, b"GET /hints HTTP/1.0\r\nhost: x\r\n\r\n").await;
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK\r\n"),
+        "no 1xx to HTTP/1.0: {out}"
+    );
+    assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    surge.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
     let (bad, _) = bad_blade(Misbehaviour::DiesMidBody).await;

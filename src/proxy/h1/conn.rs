@@ -568,6 +568,8 @@ async fn exchange<S: Transport>(
                             body.as_deref().map(Vec::as_slice),
                             &mut rbuf,
                             (&rewrite, &mut *answer_fields),
+                            // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
+                            (!head.http10).then_some(&mut *io),
                         ),
                     )
                     .await;
@@ -845,22 +847,50 @@ enum SendError {
     Incomplete,
 }
 
-/// Writes the request and reads until the blade's response head is whole in `rbuf`
-/// (interim 1xx answers skipped).
-async fn send_and_read_head(
+/// Writes the request and reads until the blade's response head is whole in `rbuf`.
+/// Interim (1xx) answers go on to `shopper` as they come (a 103 Early Hints is useful
+/// only early), except a 100 (surge answers `Expect` itself) or with no `shopper`.
+async fn send_and_read_head<S: Transport>(
     engine: &Engine,
     conn: &mut BladeConn,
     head_bytes: &[u8],
     body: Option<&[u8]>,
     rbuf: &mut Vec<u8>,
     (rewrite, fields): (&head::Rewrite<'_>, &mut Vec<Field>),
+    mut shopper: Option<&mut S>,
 ) -> Result<head::ResponseHead, SendError> {
     // Head and body in one vectored write.
     let written = write_parts(&mut conn.stream, head_bytes, body.unwrap_or_default()).await;
     if written.is_err() || conn.stream.flush().await.is_err() {
         return Err(SendError::Unsent);
     }
+    // An interim answer came: the blade has the request, whatever happens next.
+    let mut answered = false;
     loop {
+        // What is in the buffer first: an interim answer and the final one often come
+        // in one read.
+        if !rbuf.is_empty() {
+            // Parsed and checked here, while another blade can still be asked; `relay`
+            // writes the shopper's head from what this leaves in `fields`.
+            match head::parse_response(rbuf, engine.limits.max_fields, rewrite, fields) {
+                Ok(head::Parsed::Partial) => {}
+                Ok(head::Parsed::Interim(interim)) => {
+                    answered = true;
+                    if let Some(io) = shopper.as_deref_mut().filter(|_| interim.status != 100) {
+                        let mut out = engine.buffers.take();
+                        head::write_interim(rbuf, &interim, fields, &mut out);
+                        // A shopper gone shows when the final answer is written.
+                        let _ = io.write_all(&out).await;
+                        let _ = io.flush().await;
+                        engine.buffers.give(out);
+                    }
+                    rbuf.drain(..interim.len);
+                    continue;
+                }
+                Ok(head::Parsed::Final(answer)) => return Ok(answer),
+                Err(_) => return Err(SendError::Garbage),
+            }
+        }
         if rbuf.len() == rbuf.capacity() {
             if rbuf.len() >= engine.max_header_bytes {
                 return Err(SendError::Garbage);
@@ -868,20 +898,9 @@ async fn send_and_read_head(
             rbuf.reserve(BUFFER_BYTES);
         }
         match conn.stream.read_buf(rbuf).await {
-            Ok(0) | Err(_) if rbuf.is_empty() => return Err(SendError::ClosedEarly),
+            Ok(0) | Err(_) if rbuf.is_empty() && !answered => return Err(SendError::ClosedEarly),
             Ok(0) | Err(_) => return Err(SendError::Incomplete),
             Ok(_) => {}
-        }
-        // Parsed and checked here, while another blade can still be asked; `relay`
-        // writes the shopper's head from what this leaves in `fields`.
-        match head::parse_response(rbuf, engine.limits.max_fields, rewrite, fields) {
-            Ok(head::Parsed::Partial) => continue,
-            Ok(head::Parsed::Interim(len)) => {
-                rbuf.drain(..len);
-                continue;
-            }
-            Ok(head::Parsed::Final(answer)) => return Ok(answer),
-            Err(_) => return Err(SendError::Garbage),
         }
     }
 }

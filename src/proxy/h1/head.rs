@@ -537,6 +537,8 @@ pub struct ResponseHead {
     pub body: BodyKind,
     /// The blade keeps the connection open after this response.
     pub reusable: bool,
+    /// The blade's `Content-Length` is not passed on (see `parse_response`).
+    drop_length: bool,
 }
 
 /// The tokens of a head's `Connection` fields, seen by the parse so that the rewrite
@@ -554,9 +556,19 @@ struct Listed {
 pub enum Parsed {
     /// Not complete yet.
     Partial,
-    /// An interim answer (100, 102, 103) of `len` bytes, to skip.
-    Interim(usize),
+    /// An interim answer (1xx but 101): passed on to the shopper ([`write_interim`])
+    /// or skipped, and the final answer read after it.
+    Interim(InterimHead),
     Final(ResponseHead),
+}
+
+/// An interim (1xx) answer's head, its fields in `fields` as [`parse_response`] left them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterimHead {
+    /// Its length at the start of the buffer.
+    pub len: usize,
+    pub status: u16,
+    reason: Span,
 }
 
 /// What the engine asks of a response while rewriting it.
@@ -628,8 +640,20 @@ pub fn parse_response(
     let (Some(version), Some(status)) = (resp.version, resp.code) else {
         return Err(BadResponse);
     };
-    if matches!(status, 100 | 102 | 103) {
-        return Ok(Parsed::Interim(len));
+    let reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    fields.clear();
+    // Every 1xx but 101 is interim (RFC 9110 section 15.2): never the final answer,
+    // whatever its code (an unknown 1xx too).
+    if (100..200).contains(&status) && status != 101 {
+        fields.extend(resp.headers.iter().map(|h| Field {
+            name: Span::of(buf, h.name.as_bytes()),
+            value: Span::of(buf, h.value),
+        }));
+        return Ok(Parsed::Interim(InterimHead {
+            len,
+            status,
+            reason,
+        }));
     }
     if status == 101 && !rw.upgrade {
         return Err(BadResponse);
@@ -637,7 +661,6 @@ pub fn parse_response(
     let mut length: Option<u64> = None;
     let mut te_chunked = None;
     let mut listed = Listed::default();
-    fields.clear();
     for h in resp.headers.iter() {
         fields.push(Field {
             name: Span::of(buf, h.name.as_bytes()),
@@ -684,18 +707,58 @@ pub fn parse_response(
             (None, None) => BodyKind::UntilClose,
         }
     };
+    // Both `Transfer-Encoding` and `Content-Length`: the former frames the answer, and
+    // the latter must not reach the shopper (RFC 9112 section 6.3: a recipient that
+    // trusted it would read another answer out of this one's body). Such a blade is not
+    // trusted with another request either.
+    let both = te_chunked.is_some() && length.is_some();
     let reusable = !listed.close
         && (version == 1 || listed.keep_alive)
         && te_chunked.is_none_or(|c| c)
-        && body != BodyKind::UntilClose;
+        && body != BodyKind::UntilClose
+        && !both;
     Ok(Parsed::Final(ResponseHead {
         len,
         status,
-        reason: Span::of(buf, resp.reason.unwrap_or("").as_bytes()),
+        reason,
         connection: listed,
         body,
         reusable,
+        // Nor on a 101 or 204, which have no content (RFC 9110 section 8.6).
+        drop_length: te_chunked.is_some() || status == 101 || status == 204,
     }))
+}
+
+/// Writes an interim answer [`parse_response`] gave (`buf` and `fields` as it left
+/// them) to `out` for the shopper: status line and fields but the hop-by-hop ones (for
+/// a 103 Early Hints, its `Link` fields, which let the browser fetch styles and scripts
+/// while the blade still works on the page).
+pub fn write_interim(buf: &[u8], head: &InterimHead, fields: &[Field], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(head.status));
+    out.push(b' ');
+    out.extend_from_slice(head.reason.get(buf));
+    out.extend_from_slice(b"\r\n");
+    let connection: Vec<&[u8]> = fields
+        .iter()
+        .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"connection"))
+        .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    for h in fields {
+        let name = h.name.get(buf);
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || connection.iter().any(|t| t.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value.get(buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the shopper's head for a response [`parse_response`] accepted (`buf` and
@@ -740,7 +803,7 @@ pub fn write_response(
         let keep_upgrade = status == 101 && name.eq_ignore_ascii_case(b"upgrade");
         if (is_hop_by_hop(name) && !keep_te && !keep_upgrade)
             || (rw.hsts.is_some() && name.eq_ignore_ascii_case(b"strict-transport-security"))
-            || (rw.dechunk && name.eq_ignore_ascii_case(b"content-length"))
+            || ((rw.dechunk || head.drop_length) && name.eq_ignore_ascii_case(b"content-length"))
             || (!name.eq_ignore_ascii_case(b"content-length") && !keep_upgrade && listed(name))
         {
             continue;
@@ -1019,6 +1082,34 @@ mod tests {
                 ..
             }))
         ));
+        // A 204's length, which no sender may send, is not passed on.
+        let (_, out) = rewrite(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            PLAIN,
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        // Chunked with a length too: framed by the chunks, the length dropped (a shopper
+        // trusting it would read past this answer), the blade connection not reused.
+        let (p, out) = rewrite(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n",
+            PLAIN,
+        );
+        assert!(matches!(
+            p,
+            Ok(Parsed::Final(ResponseHead {
+                body: BodyKind::Chunked,
+                reusable: false,
+                ..
+            }))
+        ));
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        assert!(out.contains("Transfer-Encoding: chunked"), "{out}");
         let (p, _) = rewrite(
             b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
             Rewrite {
@@ -1033,10 +1124,32 @@ mod tests {
                 ..
             }))
         ));
-        assert!(matches!(
-            rewrite(b"HTTP/1.1 100 Continue\r\n\r\n", PLAIN).0,
-            Ok(Parsed::Interim(25))
-        ));
+        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: 5\r\n\r\n";
+        let mut fields = Vec::new();
+        let Ok(Parsed::Interim(interim)) = parse_response(hints, 100, &PLAIN, &mut fields) else {
+            panic!("103 is interim");
+        };
+        let mut out = Vec::new();
+        write_interim(hints, &interim, &fields, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+            "hop-by-hop fields, and those Connection names, are not passed on"
+        );
+        for (raw, status) in [
+            (&b"HTTP/1.1 100 Continue\r\n\r\n"[..], 100),
+            (b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n", 103),
+            (b"HTTP/1.1 199 Whatever\r\n\r\n", 199),
+        ] {
+            assert!(
+                matches!(
+                    rewrite(raw, PLAIN).0,
+                    Ok(Parsed::Interim(InterimHead { len, status: s, .. })) if len == raw.len() && s == status
+                ),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
         assert_eq!(
             rewrite(b"HTTP/1.1 101 Switching\r\n\r\n", PLAIN).0.err(),
             Some(BadResponse)
