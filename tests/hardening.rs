@@ -127,6 +127,17 @@ async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
             "400",
         ),
         (
+            // RFC 9112 section 3.2: a Host that is not `host[:port]` gets 400.
+            "Host that is no host",
+            b"GET / HTTP/1.1\r\nhost: shop.example/admin\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "Host with a space",
+            b"GET / HTTP/1.1\r\nhost: shop.example evil\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
             "space before colon",
             b"GET / HTTP/1.1\r\nhost : x\r\n\r\n".to_vec(),
             "400",

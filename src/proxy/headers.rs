@@ -49,6 +49,90 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Whether `v` is a valid `Host` value: `uri-host [ ":" port ]` (RFC 9110 section 7.2,
+/// RFC 3986 section 3.2.2). A server must refuse any other with 400 (RFC 9112 section
+/// 3.2); passed on, it is the blade that reads a host nobody checked (`a b`, `a/b`,
+/// `a@b`), and routes, caches or builds links with it. Empty is refused too: an
+/// `http(s)` target always has a host.
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = match v.first() {
+        Some(b'[') => {
+            // IP-literal: `[` IPv6 or IPvFuture `]`, then the port if any.
+            let Some(close) = v.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let inside = &v[1..close];
+            let literal_ok = !inside.is_empty()
+                && inside
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'));
+            if !literal_ok {
+                return false;
+            }
+            match &v[close + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (&[][..], port),
+                _ => return false,
+            }
+        }
+        Some(_) => match v.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&v[..colon], &v[colon + 1..]),
+            None => (v, &[][..]),
+        },
+        None => return false,
+    };
+    // reg-name or IPv4address: unreserved, pct-encoded, sub-delims. A table: this runs
+    // on every request.
+    let mut i = 0;
+    while i < host.len() {
+        let b = host[i];
+        if b == b'%' {
+            if !host
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        if !REG_NAME[usize::from(b)] {
+            return false;
+        }
+        i += 1;
+    }
+    (v.first() == Some(&b'[') || !host.is_empty()) && port.iter().all(u8::is_ascii_digit)
+}
+
+/// The bytes a reg-name may hold as themselves: unreserved and sub-delims (RFC 3986).
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    t
+};
+
 /// The request-level framing rules hyper leaves to surge: exactly one `Host` on HTTP/1.1
 /// (at most one on HTTP/1.0), on HTTP/2 none or one equal to `:authority`, and `chunked`
 /// applied at most once; the asterisk-form target only for `OPTIONS` (RFC 9112 §3.2.4)
@@ -80,7 +164,7 @@ pub(super) fn check_framing(
     }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let first = hosts.next();
-    if hosts.next().is_some() {
+    if hosts.next().is_some() || first.is_some_and(|h| !valid_host(h.as_bytes())) {
         return Err(Refused::BadHost);
     }
     if h2 {
@@ -273,6 +357,30 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn host_values_are_checked_against_the_uri_grammar() {
+        for good in [
+            "shop.example",
+            "shop.example:8080",
+            "SHOP.example.",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:443",
+            "[fe80::1.2.3.4]",
+            "xn--bcher-kva.example",
+            "a%20b",
+            "a:",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good} is valid");
+        }
+        for bad in [
+            "", "a b", "a/b", "u@a", "a?b", "a#b", "a\\b", "[::1", "[::1]x", "[]", "a:80x",
+            "a:8:0", ":80", "a%2", "a%zz", "\"a\"", "a<b>",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} is refused");
+        }
     }
 
     #[test]

@@ -241,7 +241,10 @@ pub fn parse_request(
         return Err(Refused::Malformed);
     }
     // HTTP/1.1 requires exactly one Host, an absolute-form target too (RFC 9112 §3.2).
-    if hosts > 1 || (hosts == 0 && !http10) {
+    if hosts > 1
+        || (hosts == 0 && !http10)
+        || host.is_some_and(|h| !crate::proxy::headers::valid_host(h.get(buf)))
+    {
         return Err(Refused::BadHost);
     }
     let (target, path, host) = match form {
