@@ -17,6 +17,8 @@ scratch_cleanup() {
 # wait_answering PORT...: each port on 127.0.0.1 answers HTTP within 5 s, or exit 1 with
 # the logs in $WORK.
 wait_answering() {
+  # Local: a caller's own `port` (a script's surge port) must survive the call.
+  local port
   for port in "$@"; do
     for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
     curl -fs -o /dev/null "http://127.0.0.1:$port/" || {
