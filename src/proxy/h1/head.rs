@@ -742,17 +742,11 @@ pub fn write_interim(buf: &[u8], head: &InterimHead, fields: &[Field], out: &mut
     out.push(b' ');
     out.extend_from_slice(head.reason.get(buf));
     out.extend_from_slice(b"\r\n");
-    let connection: Vec<&[u8]> = fields
-        .iter()
-        .filter(|f| f.name.get(buf).eq_ignore_ascii_case(b"connection"))
-        .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .collect();
     for h in fields {
         let name = h.name.get(buf);
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"content-length")
-            || connection.iter().any(|t| t.eq_ignore_ascii_case(name))
+            || listed_in_connection(buf, fields, name)
         {
             continue;
         }
