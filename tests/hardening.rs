@@ -332,6 +332,93 @@ async fn skip_body(s: &mut TcpStream, head: &str) {
     s.read_exact(&mut body).await.unwrap();
 }
 
+/// A blade that answers `GET /slow` after 1.5 s and anything else at once, on
+/// kept-alive connections.
+async fn slow_path_blade() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let slow = got.starts_with(b"GET /slow ");
+                        got.drain(..end + 4);
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One kept-alive connection waits against three timeouts in turn (its first head, a
+/// blade's answer, the idle time between requests), all kept by one timer per
+/// connection: each wait must end at its own deadline, not at one armed for an earlier
+/// or later wait. Here the header timeout (1 s) comes before the slow answer (1.5 s,
+/// within the 3 s response timeout), and the idle timeout (2 s) counts from each answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_wait_of_a_kept_alive_connection_ends_at_its_own_deadline() {
+    let blade = slow_path_blade().await;
+    let cfg = surge_config(
+        &[("slow", blade)],
+        "header_read_timeout = \"1s\"\nresponse_timeout = \"3s\"\nidle_timeout = \"2s\"\n",
+        "",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let mut s = TcpStream::connect(surge.proxy.local_addr).await.unwrap();
+    let request = b"GET /slow HTTP/1.1\r\nHost: shop\r\n\r\n";
+
+    // Past the header timeout, within the response timeout: answered, not cut.
+    let sent = Instant::now();
+    s.write_all(request).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), "200", "the slow answer came: {head:?}");
+    assert!(sent.elapsed() >= Duration::from_millis(1400));
+    skip_body(&mut s, &head).await;
+
+    // Idle for 1.2 s, within the 2 s idle timeout: the connection still serves. (Its
+    // timer, armed for the first answer's deadline, fires while the second answer is
+    // awaited, and must be set again for that one.)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.write_all(request).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(
+        status_of(&head),
+        "200",
+        "the kept-alive connection served: {head:?}"
+    );
+    skip_body(&mut s, &head).await;
+
+    // Then nothing: closed after the idle timeout, counted from the last answer.
+    let answered = Instant::now();
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0))),
+        "the idle connection is closed: {eof:?}"
+    );
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1800) && idle < Duration::from_millis(4500),
+        "closed after {idle:?}, idle timeout 2 s"
+    );
+    surge.stop().await;
+}
+
 /// A client from a chosen loopback address (127.0.0.0/8 is all local on Linux).
 async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;

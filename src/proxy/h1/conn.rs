@@ -5,6 +5,7 @@
 //! same responses the hyper path gives, written out here.
 
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -19,8 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::blades::{BladeConn, Blades};
 use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
 use super::chunked::Chunked;
+use super::deadline::{self, Deadline};
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
-use super::timers::{Timers, Wait};
 use crate::pool::{InFlight, Outcome, Pick, State};
 use crate::proxy::answers::{self, ProxyFailure, Refused};
 use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
@@ -65,7 +66,6 @@ pub struct Engine {
     /// Where requests' work runs (see [`serve`]).
     slots: Slots,
     pub blades: Blades,
-    pub timers: Timers,
     /// Seconds since the Unix epoch, refreshed by [`Engine::tick`]: what cookies' and
     /// admission's expiry counts in, without a clock reading per request.
     pub unix_now: std::cell::Cell<u64>,
@@ -84,7 +84,6 @@ impl Engine {
             buffers: Buffers::default(),
             slots: Slots::default(),
             blades,
-            timers: Timers::default(),
             unix_now: std::cell::Cell::new(unix_seconds()),
             fields: std::cell::RefCell::new(Vec::new()),
             header_read_timeout: cfg.header_read_timeout,
@@ -145,20 +144,22 @@ pub async fn serve<S: Transport + 'static>(
 ) {
     // Bytes of the next request already read (pipelined), in their buffer.
     let mut carry: Option<Vec<u8>> = None;
-    // The connection's idle timer, made once and re-armed for each wait: a later deadline
-    // than the last costs an atomic operation, where a new timer per wait took the timer
-    // wheel's lock twice. The first request must come within the header timeout of the
-    // accept; later ones within the idle timeout, after which a kept-alive connection is
-    // closed. (The clock is read only when a wait has to wait.)
+    // The connection's one timer, for every deadline it waits against (see
+    // `deadline`): the first request must come within the header timeout of the accept,
+    // later ones within the idle timeout, after which a kept-alive connection is closed;
+    // a request's waits put their deadlines in `waits`. (The clock is read only when a
+    // wait has to wait.)
     let accepted = tokio::time::Instant::now();
-    let idle = tokio::time::sleep_until(accepted + engine.header_read_timeout);
-    tokio::pin!(idle);
+    let sleep = tokio::time::sleep_until(accepted + engine.header_read_timeout);
+    tokio::pin!(sleep);
+    let mut timer = deadline::Timer::new(sleep);
+    let waits = Rc::new(Deadline::default());
     let mut first = true;
     loop {
         // A later request's head deadline counts from its first bytes (see `read_head`).
         let head_deadline = first.then(|| accepted + engine.header_read_timeout);
         if carry.is_none() {
-            let mut armed = first;
+            let mut idle_until = first.then_some(accepted + engine.header_read_timeout);
             let woke = poll_fn(|cx| {
                 if io.poll_readable(cx).is_ready() {
                     return Poll::Ready(true);
@@ -166,33 +167,35 @@ pub async fn serve<S: Transport + 'static>(
                 if ticket.poll_stop(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                if !armed {
-                    armed = true;
-                    idle.as_mut()
-                        .reset(tokio::time::Instant::now() + engine.idle_timeout);
-                }
-                match idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(false),
-                    Poll::Pending => Poll::Pending,
-                }
+                let until = *idle_until
+                    .get_or_insert_with(|| tokio::time::Instant::now() + engine.idle_timeout);
+                timer.poll_until(until, cx).map(|()| false)
             });
             if !woke.await {
                 return;
             }
         }
         first = false;
-        let done = engine
-            .slots
-            .run(|| {
-                turn(
-                    engine.clone(),
-                    info.clone(),
-                    io,
-                    carry.take(),
-                    head_deadline,
-                )
-            })
-            .await;
+        let mut work = engine.slots.run(|| {
+            turn(
+                engine.clone(),
+                info.clone(),
+                waits.clone(),
+                io,
+                carry.take(),
+                head_deadline,
+            )
+        });
+        // The request's work first; then the timer, for the deadline it waits against.
+        let done = poll_fn(|cx| loop {
+            if let Poll::Ready(done) = Pin::new(&mut work).poll(cx) {
+                return Poll::Ready(done);
+            }
+            if waits.poll_timer(&mut timer, cx).is_pending() {
+                return Poll::Pending;
+            }
+        })
+        .await;
         io = done.io;
         match done.next {
             Next::KeepAlive(pipelined) if !ticket.stopping() => {
@@ -229,6 +232,7 @@ struct Done<S> {
 async fn turn<S: Transport>(
     engine: Rc<Engine>,
     info: Rc<ConnInfo>,
+    waits: Rc<Deadline>,
     mut io: S,
     carry: Option<Vec<u8>>,
     head_deadline: Option<tokio::time::Instant>,
@@ -237,10 +241,20 @@ async fn turn<S: Transport>(
     let mut fields = engine.take_fields();
     // The blade's answer's fields, as offsets into its buffer (see `head::parse_response`).
     let mut answer_fields = engine.take_fields();
-    let after = match read_head(&engine, &mut io, &mut buf, &mut fields, head_deadline).await {
+    let after = match read_head(
+        &engine,
+        &waits,
+        &mut io,
+        &mut buf,
+        &mut fields,
+        head_deadline,
+    )
+    .await
+    {
         HeadRead::Head(head) => {
             exchange(
                 &engine,
+                &waits,
                 &mut io,
                 &mut buf,
                 (&head, &fields),
@@ -308,6 +322,7 @@ enum HeadRead {
 /// Reads until a whole head is in `buf` (or a refusal, or the deadline).
 async fn read_head<S: Transport>(
     engine: &Engine,
+    waits: &Deadline,
     io: &mut S,
     buf: &mut Vec<u8>,
     fields: &mut Vec<Field>,
@@ -327,8 +342,7 @@ async fn read_head<S: Transport>(
         if buf.len() == buf.capacity() {
             buf.reserve(BUFFER_BYTES.min(engine.max_header_bytes - buf.len()).max(1));
         }
-        let read = engine.timers.within(
-            Wait::Head,
+        let read = waits.within(
             || {
                 *deadline
                     .get_or_insert_with(|| tokio::time::Instant::now() + engine.header_read_timeout)
@@ -401,6 +415,7 @@ async fn write_own<S: Transport>(
 /// One request and its answer.
 async fn exchange<S: Transport>(
     engine: &Engine,
+    waits: &Deadline,
     io: &mut S,
     buf: &mut Vec<u8>,
     (head, fields): (&RequestHead, &[Field]),
@@ -556,10 +571,8 @@ async fn exchange<S: Transport>(
                 };
                 let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
                 rbuf.clear();
-                let outcome = engine
-                    .timers
+                let outcome = waits
                     .within(
-                        Wait::Answer,
                         || deadline,
                         send_and_read_head(
                             engine,
@@ -652,6 +665,7 @@ async fn exchange<S: Transport>(
     };
     let after = relay(
         engine,
+        waits,
         io,
         Relay {
             guard,
@@ -937,7 +951,12 @@ enum RelayEnd {
 }
 
 /// Writes the shopper's head and relays the body with its framing.
-async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> RelayEnd {
+async fn relay<S: Transport>(
+    engine: &Engine,
+    waits: &Deadline,
+    io: &mut S,
+    r: Relay<'_>,
+) -> RelayEnd {
     let fwd = &engine.fwd;
     let Relay {
         guard,
@@ -1020,7 +1039,7 @@ async fn relay<S: Transport>(engine: &Engine, io: &mut S, r: Relay<'_>) -> Relay
     let mut conn = Some(conn);
     let mut held = Some((guard, entry));
     let end = relay_body(
-        engine, io, &mut conn, &out, &mut rbuf, resp, dechunk, &mut held,
+        engine, waits, io, &mut conn, &out, &mut rbuf, resp, dechunk, &mut held,
     )
     .await;
     let done = Instant::now();
@@ -1069,6 +1088,7 @@ type Held = Option<(InFlight, Entry)>;
 #[allow(clippy::too_many_arguments)]
 async fn relay_body<S: Transport>(
     engine: &Engine,
+    waits: &Deadline,
     io: &mut S,
     conn: &mut Option<BladeConn>,
     out: &[u8],
@@ -1121,7 +1141,7 @@ async fn relay_body<S: Transport>(
                     return BodyEnd::Cut;
                 };
                 let want = left.min(rbuf.capacity() as u64);
-                match read_some(&engine.timers, &mut c.stream, rbuf, want, idle).await {
+                match read_some(waits, &mut c.stream, rbuf, want, idle).await {
                     Ok(0) | Err(_) => return BodyEnd::Cut,
                     Ok(got) => left -= got as u64,
                 }
@@ -1178,15 +1198,7 @@ async fn relay_body<S: Transport>(
                 let Some(c) = conn.as_mut() else {
                     return BodyEnd::Cut;
                 };
-                match read_some(
-                    &engine.timers,
-                    &mut c.stream,
-                    rbuf,
-                    rbuf.capacity() as u64,
-                    idle,
-                )
-                .await
-                {
+                match read_some(waits, &mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
                     Ok(0) | Err(_) => return BodyEnd::Cut,
                     Ok(_) => {}
                 }
@@ -1201,15 +1213,7 @@ async fn relay_body<S: Transport>(
                 let Some(c) = conn.as_mut() else {
                     return BodyEnd::Cut;
                 };
-                match read_some(
-                    &engine.timers,
-                    &mut c.stream,
-                    rbuf,
-                    rbuf.capacity() as u64,
-                    idle,
-                )
-                .await
-                {
+                match read_some(waits, &mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
                     Ok(0) => {
                         *conn = None;
                         return BodyEnd::Closed;
@@ -1228,7 +1232,7 @@ async fn relay_body<S: Transport>(
 /// Reads at most `want` bytes into `buf`; a blade that sends nothing of the body for
 /// `idle` is cut (`proxy.body_idle_timeout`).
 async fn read_some<R: AsyncRead + Unpin>(
-    timers: &Timers,
+    waits: &Deadline,
     r: &mut R,
     buf: &mut Vec<u8>,
     want: u64,
@@ -1236,8 +1240,8 @@ async fn read_some<R: AsyncRead + Unpin>(
 ) -> std::io::Result<usize> {
     let mut limited = r.take(want);
     let read = limited.read_buf(buf);
-    match timers
-        .within(Wait::Body, || tokio::time::Instant::now() + idle, read)
+    match waits
+        .within(|| tokio::time::Instant::now() + idle, read)
         .await
     {
         Some(res) => res,

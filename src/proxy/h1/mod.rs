@@ -14,7 +14,7 @@ pub mod blades;
 pub mod buffers;
 pub mod chunked;
 mod conn;
+pub mod deadline;
 pub mod head;
-pub mod timers;
 
 pub use conn::{serve, Engine, Transport};
