@@ -167,8 +167,8 @@ pub async fn serve<S: Transport + 'static>(
                 if ticket.poll_stop(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                let until = *idle_until
-                    .get_or_insert_with(|| tokio::time::Instant::now() + engine.idle_timeout);
+                let until =
+                    *idle_until.get_or_insert_with(|| waits.idle_until(engine.idle_timeout));
                 timer.poll_until(until, cx).map(|()| false)
             });
             if !woke.await {
@@ -596,7 +596,7 @@ async fn exchange<S: Transport>(
                             .traffic
                             .latency
                             .record(now.saturating_duration_since(start));
-                        answered = Some((guard, conn, answer));
+                        answered = Some((guard, conn, answer, now));
                         break;
                     }
                     Some(Err(SendError::Unsent)) => (
@@ -639,7 +639,7 @@ async fn exchange<S: Transport>(
         }
     }
     drop(avoid);
-    let Some((guard, conn, answer)) = answered else {
+    let Some((guard, conn, answer, answered_at)) = answered else {
         engine.buffers.give(out);
         engine.buffers.give(rbuf);
         let failure = failure.unwrap_or(ProxyFailure::NoBackend);
@@ -672,6 +672,7 @@ async fn exchange<S: Transport>(
             conn,
             rbuf,
             answer,
+            answered_at,
             answer_fields,
             rewrite: &rewrite,
             out,
@@ -926,6 +927,8 @@ struct Relay<'a> {
     rbuf: Vec<u8>,
     /// The answer's head at the start of `rbuf`, as `send_and_read_head` parsed it.
     answer: head::ResponseHead,
+    /// When the answer's head was read.
+    answered_at: Instant,
     answer_fields: &'a [Field],
     rewrite: &'a head::Rewrite<'a>,
     out: Vec<u8>,
@@ -963,6 +966,7 @@ async fn relay<S: Transport>(
         conn,
         mut rbuf,
         answer: resp,
+        answered_at,
         answer_fields,
         rewrite,
         mut out,
@@ -1036,13 +1040,21 @@ async fn relay<S: Transport>(
     }
     // The first body bytes came with the head: one vectored write for both.
     rbuf.drain(..resp.len);
+    // The whole answer came with its head (as most do): what follows is one write to
+    // the shopper, and the head's reading serves as the answer's end too.
+    let whole = match resp.body {
+        BodyKind::None => true,
+        BodyKind::Length(n) => rbuf.len() as u64 >= n,
+        _ => false,
+    };
     let mut conn = Some(conn);
     let mut held = Some((guard, entry));
     let end = relay_body(
         engine, waits, io, &mut conn, &out, &mut rbuf, resp, dechunk, &mut held,
     )
     .await;
-    let done = Instant::now();
+    let done = if whole { answered_at } else { Instant::now() };
+    waits.answered(done);
     backend
         .metrics
         .duration

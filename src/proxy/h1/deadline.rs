@@ -28,6 +28,9 @@ pub struct Deadline {
     at: Cell<Option<Instant>>,
     /// The connection's timer saw `at` pass: the wait in progress ends with `None`.
     passed: Cell<bool>,
+    /// When the last answer was done: what the idle timeout counts from, without a
+    /// clock reading of its own.
+    answered: Cell<Option<Instant>>,
 }
 
 impl Deadline {
@@ -56,6 +59,17 @@ impl Deadline {
             Poll::Pending
         })
         .await
+    }
+
+    /// Notes when an answer was done (see [`Deadline::idle_until`]).
+    pub fn answered(&self, at: std::time::Instant) {
+        self.answered.set(Some(Instant::from_std(at)));
+    }
+
+    /// When a kept-alive connection idle since its last answer is closed: `idle` after
+    /// that answer (or after now, when there was none).
+    pub fn idle_until(&self, idle: std::time::Duration) -> Instant {
+        self.answered.take().unwrap_or_else(Instant::now) + idle
     }
 
     /// Keeps the deadline of the wait in progress with the connection's `timer`:
