@@ -164,4 +164,19 @@ for c in conns:
         rps, p50, p99, cpu = med[name]
         print(f"{c:>5}  {name:<10} {rps:>9.0f} {p50:>7.2f} {p99:>7.2f} {cpu:>10.2f}  {rps/max(base[0],1):>14.2f} {cpu/max(base[3],1e-9):>12.2f}")
 print("(medians over rounds; ratios are to nginx in the same run)")
+# The machine is shared: a neighbour's load moves every proxy of a round alike, and moves
+# the medians above between rounds. Each round's own ratio to the nginx round run just
+# before it cancels most of that drift; their median is the steadier figure.
+print()
+print(f"{'conns':>5}  {'proxy':<10} {'req/s vs nginx, per round':>26} {'cpu vs nginx, per round':>24}  (median [min-max] of each round's own ratio)")
+for c in conns:
+    base = results.get((c, "nginx")) or []
+    for name, _, _ in proxies:
+        rows = results.get((c, name)) or []
+        if name == "nginx" or not rows or len(rows) != len(base):
+            continue
+        rr = [r[0] / max(b[0], 1) for r, b in zip(rows, base)]
+        cr = [r[3] / max(b[3], 1e-9) for r, b in zip(rows, base)]
+        fmt = lambda xs: f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+        print(f"{c:>5}  {name:<10} {fmt(rr):>26} {fmt(cr):>24}")
 PY
