@@ -130,7 +130,12 @@ impl<'a> Timer<'a> {
         }
         loop {
             self.polled = true;
-            match self.sleep.as_mut().poll(cx) {
+            // Unconstrained: with the task's budget spent, tokio's timer answers `Pending`
+            // without taking the waker, and a timer skipped as "polled" would then never
+            // wake the connection. (One poll of a timer is no loop that could starve
+            // other connections.)
+            let mut sleep = tokio::task::coop::unconstrained(self.sleep.as_mut());
+            match Pin::new(&mut sleep).poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) if self.sleep.deadline() >= at => return Poll::Ready(()),
                 // Fired for an earlier deadline than this one: set again, and polled
