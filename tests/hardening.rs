@@ -332,39 +332,6 @@ async fn skip_body(s: &mut TcpStream, head: &str) {
     s.read_exact(&mut body).await.unwrap();
 }
 
-/// A blade that answers `GET /slow` after 1.5 s and anything else at once, on
-/// kept-alive connections.
-async fn slow_path_blade() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let slow = got.starts_with(b"GET /slow ");
-                        got.drain(..end + 4);
-                        if slow {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                        }
-                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// One kept-alive connection waits against three timeouts in turn (its first head, a
 /// blade's answer, the idle time between requests), all kept by one timer per
 /// connection: each wait must end at its own deadline, not at one armed for an earlier
@@ -372,9 +339,9 @@ async fn slow_path_blade() -> SocketAddr {
 /// within the 3 s response timeout), and the idle timeout (2 s) counts from each answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_wait_of_a_kept_alive_connection_ends_at_its_own_deadline() {
-    let blade = slow_path_blade().await;
+    let blade = odd_blade().await;
     let cfg = surge_config(
-        &[("slow", blade)],
+        &[("odd", blade)],
         "header_read_timeout = \"1s\"\nresponse_timeout = \"3s\"\nidle_timeout = \"2s\"\n",
         "",
     );
@@ -789,7 +756,8 @@ async fn dying_silent_garbage_misframed_blades_give_clean_errors_and_nothing_lea
 
 /// A frontend answering in legal but unusual ways, by path, on kept-alive connections:
 /// `/hints` a 103 Early Hints and the answer in one write, `/both` an answer framed
-/// both chunked and by length, `/nocontent` a 204 with a length.
+/// both chunked and by length, `/nocontent` a 204 with a length, `/slow` an answer after
+/// 1.5 s.
 async fn odd_blade() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -809,6 +777,9 @@ async fn odd_blade() -> SocketAddr {
                     let head = String::from_utf8_lossy(&got[..end]).into_owned();
                     got.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
                     let answer: &[u8] = match path.as_str() {
                         "/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                         "/both" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
