@@ -174,6 +174,18 @@ mod tests {
         .await
     }
 
+    /// A wait with a deadline `limit` from now on work that takes `work`, driven with
+    /// the connection's `timer`: `Some(())` if the work finished first.
+    async fn wait(
+        deadline: &Deadline,
+        timer: &mut Timer<'_>,
+        limit: Duration,
+        work: Duration,
+    ) -> Option<()> {
+        let waited = deadline.within(|| Instant::now() + limit, tokio::time::sleep(work));
+        drive(deadline, timer, waited).await
+    }
+
     /// What is ready needs no deadline (nor the clock); what waits ends at its own
     /// deadline, whether the connection's timer was armed earlier or later than it.
     #[test]
@@ -193,13 +205,11 @@ mod tests {
             .await;
             assert_eq!(ready, Some(7));
 
-            let slow = drive(
+            let slow = wait(
                 &deadline,
                 &mut timer,
-                deadline.within(
-                    || Instant::now() + Duration::from_secs(1),
-                    tokio::time::sleep(Duration::from_secs(5)),
-                ),
+                Duration::from_secs(1),
+                Duration::from_secs(5),
             )
             .await;
             assert_eq!(slow, None, "the deadline came first");
@@ -207,13 +217,11 @@ mod tests {
 
             // The timer is now armed for 1 s, earlier than this wait's 10 s: it fires,
             // is re-armed, and the work finishes first.
-            let quick = drive(
+            let quick = wait(
                 &deadline,
                 &mut timer,
-                deadline.within(
-                    || Instant::now() + Duration::from_secs(10),
-                    tokio::time::sleep(Duration::from_secs(3)),
-                ),
+                Duration::from_secs(10),
+                Duration::from_secs(3),
             )
             .await;
             assert_eq!(
@@ -224,13 +232,11 @@ mod tests {
             assert_eq!(start.elapsed(), Duration::from_secs(4));
 
             // Armed for 11 s now; a wait with an earlier deadline moves it back.
-            let earlier = drive(
+            let earlier = wait(
                 &deadline,
                 &mut timer,
-                deadline.within(
-                    || Instant::now() + Duration::from_secs(2),
-                    tokio::time::sleep(Duration::from_secs(4)),
-                ),
+                Duration::from_secs(2),
+                Duration::from_secs(4),
             )
             .await;
             assert_eq!(earlier, None);
