@@ -184,6 +184,18 @@ async fn hostile_requests_get_4xx_close_the_connection_and_reach_no_blade() {
             "400",
         ),
         (
+            // RFC 9110 section 15.6.6: another major version is not supported (505).
+            "an HTTP/2.0 request line",
+            b"GET / HTTP/2.0\r\nhost: x\r\n\r\n".to_vec(),
+            "505",
+        ),
+        (
+            // RFC 9110 section 4.2.4: userinfo in an http(s) target is an error.
+            "absolute-form target with userinfo",
+            b"GET http://shopper:pw@shop.example/ HTTP/1.1\r\nhost: shop.example\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
             "chunked applied twice",
             b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
             "400",

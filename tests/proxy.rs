@@ -12,6 +12,7 @@ use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
+use surge::config::Engine;
 use surge::pool::{Backend, Origin, State};
 
 const FAST_HEALTH: &str =
@@ -297,61 +298,91 @@ async fn a_thousand_table_swaps_under_load_fail_no_request() {
     surge.stop().await;
 }
 
+/// What the blade learns of the shopper comes from surge, not from the shopper: the
+/// address (`X-Forwarded-For`), the scheme, and no `Forwarded`, `X-Forwarded-Host`,
+/// `-Port` or `X-Real-IP` of the shopper's making (a frontend that trusts its proxy
+/// would build links to `evil.example`). Behind a proxy of the shop's own, its word
+/// passes. Both HTTP/1.1 engines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     let blades = blades(1, Duration::ZERO).await;
-    let surge = surge::serve::start(&config(&blades, "")).await.unwrap();
-    let c = client();
-    let r = send(
-        &c,
-        Method::GET,
-        surge.proxy.local_addr,
-        "/debug/headers",
-        &[
+    let claims = [
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-port", "8443"),
+        ("forwarded", "for=203.0.113.9;host=evil.example"),
+        ("x-real-ip", "203.0.113.9"),
+    ];
+    for engine in [Engine::Surge, Engine::Hyper] {
+        let mut cfg = config(&blades, "");
+        cfg.proxy.engine = engine;
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let c = client();
+        let mut asked = vec![
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "secret"),
             ("x-forwarded-for", "203.0.113.9"),
             ("x-request-id", "from-edge-1"),
-        ],
-        "",
-    )
-    .await
-    .unwrap();
-    let seen = r.json();
-    // 127.0.0.1 is not a trusted proxy here: the made-up chain is replaced.
-    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
-    assert_eq!(seen["x-forwarded-proto"], "http");
-    assert_eq!(seen["x-request-id"], "from-edge-1");
-    assert!(seen.get("x-hop").is_none(), "{seen}");
-    assert!(seen.get("connection").is_none(), "{seen}");
-    assert_eq!(r.headers["x-request-id"], "from-edge-1");
-
-    let fresh = get(&c, surge.proxy.local_addr, "/debug/headers")
+        ];
+        asked.extend(claims);
+        let r = send(
+            &c,
+            Method::GET,
+            surge.proxy.local_addr,
+            "/debug/headers",
+            &asked,
+            "",
+        )
         .await
         .unwrap();
-    let id = fresh.json()["x-request-id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(id.len(), 25, "generated id: {id}");
-    assert_eq!(fresh.headers["x-request-id"], id.as_str());
-    surge.stop().await;
-    // Behind a proxy of the shop's own (trusted), its chain is kept and appended to.
-    let mut cfg = config(&blades, "");
-    cfg.proxy.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
-    let surge = surge::serve::start(&cfg).await.unwrap();
-    let r = send(
-        &c,
-        Method::GET,
-        surge.proxy.local_addr,
-        "/debug/headers",
-        &[("x-forwarded-for", "203.0.113.9")],
-        "",
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.json()["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
-    surge.stop().await;
+        let seen = r.json();
+        // 127.0.0.1 is not a trusted proxy here: the made-up chain is replaced.
+        assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{engine:?}");
+        assert_eq!(seen["x-forwarded-proto"], "http");
+        assert_eq!(seen["x-request-id"], "from-edge-1");
+        assert!(seen.get("x-hop").is_none(), "{engine:?}: {seen}");
+        assert!(seen.get("connection").is_none(), "{engine:?}: {seen}");
+        for (name, _) in claims {
+            assert!(
+                seen.get(name).is_none(),
+                "{engine:?}: {name} passed: {seen}"
+            );
+        }
+        assert_eq!(seen["host"], format!("{}", surge.proxy.local_addr));
+        assert_eq!(r.headers["x-request-id"], "from-edge-1");
+
+        let fresh = get(&c, surge.proxy.local_addr, "/debug/headers")
+            .await
+            .unwrap();
+        let id = fresh.json()["x-request-id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(id.len(), 25, "generated id: {id}");
+        assert_eq!(fresh.headers["x-request-id"], id.as_str());
+        surge.stop().await;
+        // Behind a proxy of the shop's own (trusted), its chain is kept and appended
+        // to, and what it says of the client's host and port passes.
+        cfg.proxy.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let mut asked = vec![("x-forwarded-for", "203.0.113.9")];
+        asked.extend(claims);
+        let r = send(
+            &c,
+            Method::GET,
+            surge.proxy.local_addr,
+            "/debug/headers",
+            &asked,
+            "",
+        )
+        .await
+        .unwrap();
+        let seen = r.json();
+        assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        for (name, value) in claims {
+            assert_eq!(seen[name], value, "{engine:?}: {seen}");
+        }
+        surge.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,7 +173,9 @@ pub struct ProxyConfig {
     /// HTTPS to the blades (`[pool.tls]`, copied here for the request path).
     pub upstream_tls: Option<super::UpstreamTlsConfig>,
     /// Peers (a cloud load balancer, a CDN) whose `X-Forwarded-For` is kept and appended
-    /// to; from anyone else it is replaced by the peer's address.
+    /// to; from anyone else it is replaced by the peer's address. Their `Forwarded`,
+    /// `X-Forwarded-Host`, `-Port` and `X-Real-IP` pass; anyone else's are dropped
+    /// (`headers::CLIENT_CLAIMS`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// HTTP/1.1 engine for shoppers: `surge` (default) or `hyper`. Listeners with h2c and
     /// h2c blades are always served by hyper.

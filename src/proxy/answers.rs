@@ -47,6 +47,10 @@ pub(super) enum Refused {
     HeadTooLarge,
     /// `CONNECT`: surge is a shop's reverse proxy, not a tunnel to anywhere.
     Connect,
+    /// A request line of another major HTTP version (`HTTP/2.0`, `HTTP/3.0`): 505, the
+    /// answer RFC 9110 §15.6.6 has for it, rather than a 400 that says the client
+    /// wrote something wrong.
+    Version,
 }
 
 /// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
@@ -112,6 +116,11 @@ pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody>
             StatusCode::NOT_IMPLEMENTED,
             "connect",
             "501 CONNECT is not served here\n",
+        ),
+        Refused::Version => (
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "version",
+            "505 HTTP version not supported: this is HTTP/1.1\n",
         ),
     };
     metrics::counter!(names::REQUESTS_REFUSED, "reason" => label).increment(1);

@@ -23,6 +23,20 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// What a proxy in front says about the client besides `X-Forwarded-For` and
+/// `-Proto` (which surge writes itself): the client's address, the host and port it
+/// asked for. A blade set to trust its proxy believes them, so they pass only from
+/// one of the shop's own proxies (`proxy.trusted_proxies`). From anyone else they are
+/// dropped: a shopper's `X-Forwarded-Host: evil.example` would otherwise go into the
+/// links a frontend builds (a password-reset mail, a redirect), and `Forwarded: for=`
+/// or `X-Real-IP` would name an address of the shopper's choosing.
+pub const CLIENT_CLAIMS: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+];
+
 /// Removes hop-by-hop headers, including any a `Connection` field names (every one of
 /// them: a client may send several). `Upgrade` goes too: the hyper path does not tunnel
 /// protocol upgrades (the surge engine does), and forwarding the header alone would
@@ -162,6 +176,16 @@ pub(super) fn check_framing(
     {
         return Err(Refused::Malformed);
     }
+    // A target's authority is the request's host (RFC 9112 §3.2.2): it is held to the
+    // rules of `Host`, userinfo (`http://user@shop/`) included, which RFC 9110 §4.2.4
+    // and RFC 9113 §8.3.1 make an error.
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| !valid_host(a.as_str().as_bytes()))
+    {
+        return Err(Refused::BadHost);
+    }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() || first.is_some_and(|h| !valid_host(h.as_bytes())) {
@@ -220,6 +244,11 @@ pub fn add_forwarding(
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if !trusted {
+        for name in CLIENT_CLAIMS {
+            headers.remove(name);
+        }
+    }
 }
 
 /// An IP address as a header value.

@@ -119,6 +119,27 @@ fn partial_target_len(buf: &[u8]) -> usize {
     line.splitn(3, |&b| b == b' ').nth(1).map_or(0, <[u8]>::len)
 }
 
+/// Whether the request line at the start of `buf` is well formed but of another major
+/// version than 1 (`GET / HTTP/2.0`): not malformed, just not ours (505). A minor
+/// version above 1 (`HTTP/1.2`) stays a 400, as hyper's path has it.
+fn other_major_version(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[start..]
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match line.splitn(3, |&b| b == b' ').nth(2) {
+        Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]) => {
+            major.is_ascii_digit() && *major != b'1' && *major != b'0' && minor.is_ascii_digit()
+        }
+        _ => false,
+    }
+}
+
 /// Parses the request head at the start of `buf`. `Ok(None)`: not complete yet. The
 /// fields go to `fields` (cleared first) as offsets into `buf`.
 pub fn parse_request(
@@ -137,6 +158,7 @@ pub fn parse_request(
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooManyHeaders),
+        Err(httparse::Error::Version) if other_major_version(buf) => return Err(Refused::Version),
         Err(_) => return Err(Refused::Malformed),
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
@@ -331,10 +353,14 @@ fn target_form(t: &[u8]) -> Option<TargetForm> {
         .position(|&b| b == b'/' || b == b'?' || b == b'#')
         .unwrap_or(after.len());
     let authority = &after[..end];
-    // The `http` crate's reading of an authority (brackets, port, userinfo), the one
-    // hyper's path applies; absolute-form targets are rare (other proxies), so its copy
-    // costs nothing that matters.
-    if authority.is_empty() || http::uri::Authority::try_from(authority).is_err() {
+    // The `http` crate's reading of an authority (brackets, port), the one hyper's path
+    // applies, and then the rules of `Host`: the authority is the request's host
+    // (RFC 9112 §3.2.2), and userinfo (`http://user@shop/`) is an error (RFC 9110
+    // §4.2.4). Absolute-form targets are rare (other proxies), so the copy costs
+    // nothing that matters.
+    if !crate::proxy::headers::valid_host(authority)
+        || http::uri::Authority::try_from(authority).is_err()
+    {
         return None;
     }
     let rest = &after[end..];
@@ -454,7 +480,11 @@ pub fn write_request(
             || name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || (fwd.new_request_id.is_some() && name.eq_ignore_ascii_case(b"x-request-id"));
+            || (fwd.new_request_id.is_some() && name.eq_ignore_ascii_case(b"x-request-id"))
+            || (!fwd.trusted
+                && crate::proxy::headers::CLIENT_CLAIMS
+                    .iter()
+                    .any(|c| c.as_bytes().eq_ignore_ascii_case(name)));
         if skip {
             continue;
         }
@@ -863,6 +893,10 @@ mod tests {
     }
 
     fn forwarded(raw: &[u8], body_len: Option<usize>) -> String {
+        forwarded_from(raw, body_len, false)
+    }
+
+    fn forwarded_from(raw: &[u8], body_len: Option<usize>, trusted: bool) -> String {
         let mut fields = Vec::new();
         let head = parse_request(raw, LIMITS, &mut fields).unwrap().unwrap();
         let mut out = Vec::new();
@@ -873,7 +907,7 @@ mod tests {
             &Forwarding {
                 client_ip: b"192.0.2.7",
                 proto: "http",
-                trusted: false,
+                trusted,
                 new_request_id: Some(b"id-1"),
                 fallback_host: b"10.0.0.1:80",
                 body_len,
@@ -1009,6 +1043,70 @@ mod tests {
             out.starts_with("GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn what_a_shopper_claims_of_its_address_host_and_port_passes_only_from_a_trusted_proxy() {
+        let raw = b"GET / HTTP/1.1\r\nhost: shop\r\nX-Forwarded-Host: evil.example\r\nforwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nx-forwarded-port: 1\r\nAccept: */*\r\n\r\n";
+        assert_eq!(
+            forwarded_from(raw, None, false),
+            "GET / HTTP/1.1\r\nhost: shop\r\nAccept: */*\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-request-id: id-1\r\n\r\n"
+        );
+        let out = forwarded_from(raw, None, true);
+        for kept in [
+            "X-Forwarded-Host: evil.example\r\n",
+            "forwarded: for=6.6.6.6\r\n",
+            "X-Real-IP: 6.6.6.6\r\n",
+            "x-forwarded-port: 1\r\n",
+        ] {
+            assert!(
+                out.contains(kept),
+                "{kept} dropped from a trusted proxy: {out}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_major_version_is_not_supported_and_a_broken_one_is_malformed() {
+        for (line, want) in [
+            (&b"GET / HTTP/2.0\r\nhost: a\r\n\r\n"[..], Refused::Version),
+            (b"GET / HTTP/3.0\r\nhost: a\r\n\r\n", Refused::Version),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Refused::Version),
+            (b"GET / HTTP/1.2\r\nhost: a\r\n\r\n", Refused::Malformed),
+            (b"GET / HTTP/0.9\r\nhost: a\r\n\r\n", Refused::Malformed),
+            (b"GET / HTTP/2\r\nhost: a\r\n\r\n", Refused::Malformed),
+            (b"GET / http/2.0\r\nhost: a\r\n\r\n", Refused::Malformed),
+            (b"GET /\r\n\r\n", Refused::Malformed),
+        ] {
+            assert_eq!(
+                parse(line).err(),
+                Some(want),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn an_absolute_target_is_held_to_the_rules_of_host() {
+        for bad in [
+            &b"GET http://user:pw@shop.example/ HTTP/1.1\r\nhost: shop.example\r\n\r\n"[..],
+            b"GET http://@shop.example/ HTTP/1.1\r\nhost: shop.example\r\n\r\n",
+            b"GET http://shop.example:8x/ HTTP/1.1\r\nhost: shop.example\r\n\r\n",
+            b"GET http://shop\"example/ HTTP/1.1\r\nhost: shop.example\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad).is_err(),
+                "{:?} was taken",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for good in [
+            &b"GET http://shop.example:8080/a HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+            b"GET http://[::1]:8080/a HTTP/1.1\r\nhost: x\r\n\r\n",
+        ] {
+            assert!(matches!(parse(good), Ok(Some(_))), "{good:?}");
+        }
     }
 
     fn rewrite(raw: &[u8], rw: Rewrite<'_>) -> (Result<Parsed, BadResponse>, String) {
