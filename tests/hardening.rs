@@ -851,6 +851,78 @@ async fn interim_answers_are_passed_on_and_doubly_framed_ones_lose_their_length(
     surge.stop().await;
 }
 
+/// HTTP/1.0 clients that ask for `Connection: keep-alive` (ApacheBench's `-k`, older
+/// monitoring agents, some embedded devices) keep their connection when the answer has
+/// a length, and are told so; the answer keeps its `Content-Length`, which is how an
+/// HTTP/1.0 client tells a whole body from a cut one. A chunked answer cannot reach
+/// HTTP/1.0 as such: it is de-chunked and the close ends it. Both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_keeps_its_connection_when_it_asks_and_the_length_allows() {
+    let blade = odd_blade().await;
+    for engine in ["surge", "hyper"] {
+        let cfg = surge_config(&[("odd", blade)], &format!("engine = \"{engine}\"\n"), "");
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        let (out, closed) = exchange(
+            addr,
+            b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\nGET /c HTTP/1.0\r\n\r\n",
+        )
+        .await;
+        // hyper answers in the client's version, surge in its own (RFC 9110 §2.5
+        // allows both).
+        let out = out.replace("HTTP/1.0 ", "HTTP/1.1 ");
+        let answers: Vec<String> = out
+            .split("HTTP/1.1 ")
+            .filter(|a| !a.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        assert_eq!(
+            answers.len(),
+            3,
+            "{engine}: three answers on one connection: {out}"
+        );
+        for a in &answers[..2] {
+            assert!(a.starts_with("200 ok\r\n"), "{engine}: {out}");
+            assert!(
+                a.contains("\r\nconnection: keep-alive\r\n"),
+                "{engine}: {out}"
+            );
+            assert!(a.contains("\r\ncontent-length: 3\r\n"), "{engine}: {out}");
+            assert!(a.ends_with("\r\n\r\nok\n"), "{engine}: {out}");
+        }
+        assert!(
+            answers[2].contains("\r\ncontent-length: 3\r\n"),
+            "{engine}: {out}"
+        );
+        assert!(
+            !answers[2].contains("keep-alive"),
+            "{engine}: the last did not ask: {out}"
+        );
+        assert!(
+            closed,
+            "{engine}: closed after the request that did not ask: {out}"
+        );
+
+        let (out, closed) = exchange(
+            addr,
+            b"GET /both HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        let lower = out.to_ascii_lowercase().replace("http/1.0 ", "http/1.1 ");
+        assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{engine}: {out}");
+        assert!(
+            !lower.contains("transfer-encoding") && !lower.contains("content-length"),
+            "{engine}: {out}"
+        );
+        assert!(lower.ends_with("\r\n\r\nok"), "{engine}: de-chunked: {out}");
+        assert!(
+            closed,
+            "{engine}: a body without a length ends with the close"
+        );
+        surge.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
     let (bad, _) = bad_blade(Misbehaviour::DiesMidBody).await;

@@ -41,7 +41,15 @@ pub const CLIENT_CLAIMS: [&str; 4] = [
 /// them: a client may send several). `Upgrade` goes too: the hyper path does not tunnel
 /// protocol upgrades (the surge engine does), and forwarding the header alone would
 /// promise the backend something the proxy cannot carry.
+///
+/// A message framed both ways loses its `Content-Length` first: the body hyper hands on
+/// is the de-chunked one (RFC 9112 §6.3: `Transfer-Encoding` overrides the length), and
+/// a length left beside it would frame the next hop's copy by a number that is not its
+/// length (a shopper waiting for 100 bytes of a 2-byte answer).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     // Headers listed in Connection are hop-by-hop for this message (rare: only then allocate).
     if headers.contains_key(header::CONNECTION) {
         // The request's own framing and target are never the client's to strip.
@@ -498,6 +506,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn a_message_framed_two_ways_loses_its_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "100");
     }
 
     #[test]

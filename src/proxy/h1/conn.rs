@@ -433,10 +433,14 @@ async fn exchange<S: Transport>(
         dechunk: head.http10,
         upgrade: head.upgrade.is_some(),
     };
-    let mut close = head.close
-        || head.http10
+    // `head.close` holds HTTP/1.0's rule (closed unless it asked `keep-alive`).
+    let mut relay_close = head.close
         || served >= fwd.max_requests_per_connection
         || fwd.closing.load(Ordering::Relaxed);
+    // HTTP/1.0 keeps its connection only for a blade's answer of known length, told so
+    // with `Connection: keep-alive` (RFC 9112 appendix C.2.2; `relay`); surge's own
+    // answers close it.
+    let close = relay_close || head.http10;
     if let Some(origin) = &info.redirect_https {
         let target = head.target.map_or(&b"/"[..], |t| t.get(buf));
         let req = http::Request::builder()
@@ -685,12 +689,12 @@ async fn exchange<S: Transport>(
             path: head.path.get(buf),
             started: start,
             unix_now,
-            close: &mut close,
+            close: &mut relay_close,
         },
     )
     .await;
     match after {
-        RelayEnd::Done if !close => After::KeepAlive(next),
+        RelayEnd::Done if !relay_close => After::KeepAlive(next),
         RelayEnd::Done | RelayEnd::Cut => After::Close,
         RelayEnd::Tunnel(mut conn) => {
             tunnel(engine, io, &mut conn, &buf[next.min(buf.len())..]).await;
@@ -1017,6 +1021,12 @@ async fn relay<S: Transport>(
             *close |= draining
                 || resp.body == BodyKind::UntilClose
                 || (dechunk && resp.body == BodyKind::Chunked);
+            // An HTTP/1.0 shopper that asked to keep the connection is told it stays
+            // (`close` is then false only for an answer of known length); without the
+            // field it would take the connection as closing.
+            if head.http10 && !*close {
+                header_line(out, b"connection", b"keep-alive");
+            }
             *close
         },
     );

@@ -830,7 +830,8 @@ pub fn write_response(
         let keep_upgrade = status == 101 && name.eq_ignore_ascii_case(b"upgrade");
         if (is_hop_by_hop(name) && !keep_te && !keep_upgrade)
             || (rw.hsts.is_some() && name.eq_ignore_ascii_case(b"strict-transport-security"))
-            || ((rw.dechunk || head.drop_length) && name.eq_ignore_ascii_case(b"content-length"))
+            || ((head.drop_length || (rw.dechunk && head.body == BodyKind::Chunked))
+                && name.eq_ignore_ascii_case(b"content-length"))
             || (!name.eq_ignore_ascii_case(b"content-length") && !keep_upgrade && listed(name))
         {
             continue;
@@ -1129,6 +1130,24 @@ mod tests {
         dechunk: false,
         upgrade: false,
     };
+
+    #[test]
+    fn an_http_1_0_shopper_keeps_the_length_and_loses_only_the_chunking() {
+        let to_1_0 = Rewrite {
+            dechunk: true,
+            ..PLAIN
+        };
+        let (_, out) = rewrite(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", to_1_0);
+        assert_eq!(
+            out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: r\r\n\r\n",
+            "the length tells an HTTP/1.0 client where the body ends"
+        );
+        let (_, out) = rewrite(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            to_1_0,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nx-request-id: r\r\n\r\n");
+    }
 
     #[test]
     fn responses_are_framed_by_rfc_9112_and_keep_their_end_to_end_fields() {
