@@ -82,6 +82,8 @@ pub struct RequestHead {
     /// keep-alive, or both `Transfer-Encoding` and `Content-Length` were sent (the
     /// message is framed by the first; what follows it cannot be trusted).
     pub close: bool,
+    /// `Expect: 100-continue` on HTTP/1.1: the client waits for a 100 before its body.
+    /// HTTP/1.0's is ignored (RFC 9110 §10.1.1), and no 1xx goes to it (§15.2).
     pub expect_continue: bool,
     /// `Upgrade`'s value when `Connection` lists `upgrade` (HTTP/1.1 only).
     pub upgrade: Option<Span>,
@@ -302,7 +304,7 @@ pub fn parse_request(
         http10,
         framing,
         close,
-        expect_continue,
+        expect_continue: expect_continue && !http10,
         upgrade: upgrade.filter(|u| conn_upgrade && !http10 && !u.is_empty()),
         host,
         request_id,
@@ -1086,6 +1088,17 @@ mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+    }
+
+    #[test]
+    fn an_http_1_0_expectation_is_ignored() {
+        let expect = |raw: &[u8]| parse(raw).unwrap().unwrap().expect_continue;
+        assert!(expect(
+            b"POST / HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n"
+        ));
+        assert!(!expect(
+            b"POST / HTTP/1.0\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n"
+        ));
     }
 
     #[test]
