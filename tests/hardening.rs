@@ -923,6 +923,62 @@ async fn an_http_1_0_client_keeps_its_connection_when_it_asks_and_the_length_all
     }
 }
 
+/// `Expect: 100-continue`: an HTTP/1.1 client that waits for the go-ahead before its
+/// body (curl does for bodies over 1 MiB, and so do many mobile HTTP stacks) gets a
+/// `100 Continue`, then its answer; an HTTP/1.0 client never gets a 1xx (RFC 9110
+/// §10.1.1, §15.2), and is answered once its body is in. Both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_gets_it_on_http_1_1_and_never_on_1_0() {
+    let blade = blades(1, Duration::ZERO).await;
+    let body = r#"{"product": 3, "qty": 2}"#;
+    for engine in ["surge", "hyper"] {
+        let cfg = surge_config(
+            &[("blade-1", blade[0].addr)],
+            &format!("engine = \"{engine}\"\n"),
+            "",
+        );
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        for version in ["1.1", "1.0"] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /cart HTTP/{version}\r\nhost: x\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 4096];
+            let first = tokio::time::timeout(Duration::from_millis(700), s.read(&mut buf)).await;
+            match (version, first) {
+                ("1.1", Ok(Ok(n))) => assert_eq!(
+                    &buf[..n],
+                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                    "{engine}: the go-ahead, alone"
+                ),
+                ("1.1", other) => panic!("{engine}: no 100 Continue: {other:?}"),
+                (_, Ok(Ok(n))) => panic!(
+                    "{engine}: HTTP/1.0 got {:?} before sending its body",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
+                // Nothing yet: the HTTP/1.0 client sends its body on its own.
+                (_, _) => {}
+            }
+            s.write_all(body.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.1 201") || answer.starts_with("HTTP/1.0 201"),
+                "{engine} HTTP/{version}: {answer}"
+            );
+            assert!(
+                answer.contains("\"qty\""),
+                "{engine} HTTP/{version}: {answer}"
+            );
+        }
+        surge.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blade_dying_mid_body_cuts_the_response_visibly_and_leaks_nothing() {
     let (bad, _) = bad_blade(Misbehaviour::DiesMidBody).await;
