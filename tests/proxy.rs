@@ -312,11 +312,19 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
         ("forwarded", "for=203.0.113.9;host=evil.example"),
         ("x-real-ip", "203.0.113.9"),
     ];
+    let c = client();
+    let headers_seen = |surge: std::net::SocketAddr, asked: Vec<(&'static str, &'static str)>| {
+        let c = c.clone();
+        async move {
+            send(&c, Method::GET, surge, "/debug/headers", &asked, "")
+                .await
+                .unwrap()
+        }
+    };
     for engine in [Engine::Surge, Engine::Hyper] {
         let mut cfg = config(&blades, "");
         cfg.proxy.engine = engine;
         let surge = surge::serve::start(&cfg).await.unwrap();
-        let c = client();
         let mut asked = vec![
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "secret"),
@@ -324,16 +332,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
             ("x-request-id", "from-edge-1"),
         ];
         asked.extend(claims);
-        let r = send(
-            &c,
-            Method::GET,
-            surge.proxy.local_addr,
-            "/debug/headers",
-            &asked,
-            "",
-        )
-        .await
-        .unwrap();
+        let r = headers_seen(surge.proxy.local_addr, asked).await;
         let seen = r.json();
         // 127.0.0.1 is not a trusted proxy here: the made-up chain is replaced.
         assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{engine:?}");
@@ -366,17 +365,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
         let surge = surge::serve::start(&cfg).await.unwrap();
         let mut asked = vec![("x-forwarded-for", "203.0.113.9")];
         asked.extend(claims);
-        let r = send(
-            &c,
-            Method::GET,
-            surge.proxy.local_addr,
-            "/debug/headers",
-            &asked,
-            "",
-        )
-        .await
-        .unwrap();
-        let seen = r.json();
+        let seen = headers_seen(surge.proxy.local_addr, asked).await.json();
         assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
         for (name, value) in claims {
             assert_eq!(seen[name], value, "{engine:?}: {seen}");

@@ -110,6 +110,15 @@ fn slots<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_FIELDS] {
 /// has outgrown its own limit. Empty lines before the request line are skipped, as
 /// httparse skips them.
 fn partial_target_len(buf: &[u8]) -> usize {
+    request_line(buf)
+        .splitn(3, |&b| b == b' ')
+        .nth(1)
+        .map_or(0, <[u8]>::len)
+}
+
+/// The request line at the start of `buf` (so far), after the empty lines httparse
+/// skips, without its line end.
+fn request_line(buf: &[u8]) -> &[u8] {
     let start = buf
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
@@ -118,23 +127,14 @@ fn partial_target_len(buf: &[u8]) -> usize {
         .split(|&b| b == b'\n')
         .next()
         .unwrap_or_default();
-    line.splitn(3, |&b| b == b' ').nth(1).map_or(0, <[u8]>::len)
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Whether the request line at the start of `buf` is well formed but of another major
 /// version than 1 (`GET / HTTP/2.0`): not malformed, just not ours (505). A minor
 /// version above 1 (`HTTP/1.2`) stays a 400, as hyper's path has it.
 fn other_major_version(buf: &[u8]) -> bool {
-    let start = buf
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(buf.len());
-    let line = buf[start..]
-        .split(|&b| b == b'\n')
-        .next()
-        .unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    match line.splitn(3, |&b| b == b' ').nth(2) {
+    match request_line(buf).splitn(3, |&b| b == b' ').nth(2) {
         Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]) => {
             major.is_ascii_digit() && *major != b'1' && *major != b'0' && minor.is_ascii_digit()
         }
