@@ -13,49 +13,96 @@ use std::task::Poll;
 /// buffers are not kept.
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
-/// Spare buffers a worker keeps however quiet it is (1 MiB): the requests a worker has in
-/// progress at once on an ordinary day.
+/// Spares a worker keeps however quiet it is (1 MiB of buffers): the requests a worker
+/// has in progress at once on an ordinary day.
 const MIN_SPARE: usize = 64;
-/// Spare buffers a worker keeps at most (16 MiB); more are freed when given back.
+/// Spares a worker keeps at most (16 MiB of buffers); more are freed when given back.
 const MAX_SPARE: usize = 1024;
 
-/// One worker's spare buffers (single-threaded, like everything of a worker).
+/// What a worker keeps spares of: made fresh when none is spare, emptied when given back.
+pub trait Spare: Sized {
+    /// A new one, at the capacity a usual request needs.
+    fn fresh() -> Self;
+    /// Empties it for the next request; false when it is not worth keeping (grown past
+    /// the usual size by an unusual request).
+    fn reset(&mut self) -> bool;
+}
+
+impl Spare for Vec<u8> {
+    fn fresh() -> Self {
+        Vec::with_capacity(BUFFER_BYTES)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.clear();
+        self.capacity() == BUFFER_BYTES
+    }
+}
+
+/// Fields a head's list has room for without growing: a browser's request has 10–20,
+/// a blade's answer fewer.
+pub const FIELDS_CAPACITY: usize = 32;
+
+impl Spare for Vec<super::head::Field> {
+    fn fresh() -> Self {
+        Vec::with_capacity(FIELDS_CAPACITY)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.clear();
+        true
+    }
+}
+
+/// One worker's spares of one kind (single-threaded, like everything of a worker):
+/// buffers, and the field lists of heads.
 ///
 /// A busy worker has many requests in progress at once (three buffers each: the request,
-/// the forwarded head, the answer): 50 connections kept ~150 buffers out, and with room
-/// for only 64 spares every request freed and allocated a buffer. So the pool keeps what
-/// the load needs, up to [`MAX_SPARE`], and [`Buffers::trim`] (run by the worker every
-/// [`TRIM_INTERVAL`]) frees the spares that were not needed during the last interval,
-/// down to [`MIN_SPARE`]: a burst's buffers go back soon after it, a steady load keeps
-/// its own without allocating.
-#[derive(Debug, Default)]
-pub struct Buffers {
-    spare: RefCell<Vec<Vec<u8>>>,
+/// the forwarded head, the answer; two field lists): 50 connections kept ~150 buffers
+/// out, and with room for only 64 spares every request freed and allocated a buffer. So
+/// the pool keeps what the load needs, up to [`MAX_SPARE`], and [`Spares::trim`] (run by
+/// the worker every [`TRIM_INTERVAL`]) frees the spares that were not needed during the
+/// last interval, down to [`MIN_SPARE`]: a burst's go back soon after it, a steady load
+/// keeps its own without allocating.
+#[derive(Debug)]
+pub struct Spares<T> {
+    spare: RefCell<Vec<T>>,
     /// The fewest spares there were since the last trim: that many were not needed.
     unused: Cell<usize>,
 }
 
-/// How often a worker trims its spare buffers ([`Buffers::trim`]).
+impl<T> Default for Spares<T> {
+    fn default() -> Self {
+        Self {
+            spare: RefCell::new(Vec::new()),
+            unused: Cell::new(0),
+        }
+    }
+}
+
+/// A worker's spare buffers.
+pub type Buffers = Spares<Vec<u8>>;
+
+/// How often a worker trims its spares ([`Spares::trim`]).
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-impl Buffers {
-    /// An empty buffer of [`BUFFER_BYTES`] capacity.
-    pub fn take(&self) -> Vec<u8> {
+impl<T: Spare> Spares<T> {
+    /// An empty one: a spare, else a fresh one.
+    pub fn take(&self) -> T {
         let mut spare = self.spare.borrow_mut();
-        let buf = spare.pop();
+        let got = spare.pop();
         self.unused.set(self.unused.get().min(spare.len()));
-        buf.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+        got.unwrap_or_else(T::fresh)
     }
 
-    /// Gives a buffer back (emptied).
-    pub fn give(&self, mut buf: Vec<u8>) {
-        if buf.capacity() != BUFFER_BYTES {
+    /// Gives one back (emptied; dropped if not worth keeping).
+    pub fn give(&self, mut it: T) {
+        if !it.reset() {
             return;
         }
-        buf.clear();
         let mut spare = self.spare.borrow_mut();
         if spare.len() < MAX_SPARE {
-            spare.push(buf);
+            spare.push(it);
         }
     }
 
@@ -70,7 +117,7 @@ impl Buffers {
         self.unused.set(spare.len());
     }
 
-    /// Spare buffers now.
+    /// Spares now.
     #[cfg(test)]
     pub fn spares(&self) -> usize {
         self.spare.borrow().len()

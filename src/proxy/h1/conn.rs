@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::blades::{BladeConn, Blades};
-use super::buffers::{Buffers, Pooled, Slots, BUFFER_BYTES};
+use super::buffers::{Buffers, Pooled, Slots, Spares, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::deadline::{self, Deadline};
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
@@ -69,8 +69,10 @@ pub struct Engine {
     /// Seconds since the Unix epoch, refreshed by [`Engine::tick`]: what cookies' and
     /// admission's expiry counts in, without a clock reading per request.
     pub unix_now: std::cell::Cell<u64>,
-    /// Spare field lists (offsets of a head's fields), reused like the buffers.
-    fields: std::cell::RefCell<Vec<Vec<Field>>>,
+    /// Spare field lists (offsets of a head's fields), pooled like the buffers: two per
+    /// request in progress. (Kept to 64 before, so at 200 connections most requests
+    /// allocated and grew their lists: 1.1 allocations per request.)
+    fields: Spares<Vec<Field>>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
@@ -85,7 +87,7 @@ impl Engine {
             slots: Slots::default(),
             blades,
             unix_now: std::cell::Cell::new(unix_seconds()),
-            fields: std::cell::RefCell::new(Vec::new()),
+            fields: Spares::default(),
             header_read_timeout: cfg.header_read_timeout,
             idle_timeout: cfg.idle_timeout,
             max_header_bytes: cfg.max_header_bytes,
@@ -100,19 +102,16 @@ impl Engine {
     /// trimmed to the load, the cached wall clock refreshed.
     pub fn tick(&self) {
         self.buffers.trim();
+        self.fields.trim();
         self.unix_now.set(unix_seconds());
     }
 
     fn take_fields(&self) -> Vec<Field> {
-        self.fields.borrow_mut().pop().unwrap_or_default()
+        self.fields.take()
     }
 
-    fn give_fields(&self, mut f: Vec<Field>) {
-        f.clear();
-        let mut spare = self.fields.borrow_mut();
-        if spare.len() < 64 {
-            spare.push(f);
-        }
+    fn give_fields(&self, f: Vec<Field>) {
+        self.fields.give(f);
     }
 }
 
