@@ -13,10 +13,13 @@
 #        SURGE_BASELINE=target/release/surge SURGE_BASELINE_ENGINE=hyper loadtests/instructions.sh
 #            (this tree's two HTTP/1.1 engines)
 #        N1=5000 N2=25000
+#        CONNS=200   (h2load's connections, 10 by default: at 200 many requests are in
+#                     progress at once, which is where per-worker pools run short)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N1=${N1:-5000}
 N2=${N2:-25000}
+CONNS=${CONNS:-10}
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v h2load >/dev/null || need+=(nghttp2-client)
@@ -58,7 +61,7 @@ EOF
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$1" serve --config "$WORK/surge.toml" \
     >/dev/null 2>"$out.log" & local vg=$!
   for _ in $(seq 1 150); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.2; done
-  h2load --h1 -n "$2" -c 10 -t1 "http://127.0.0.1:$port/" | grep -qE "^requests: .* $2 succeeded" \
+  h2load --h1 -n "$2" -c "$CONNS" -t1 "http://127.0.0.1:$port/" | grep -qE "^requests: .* $2 succeeded" \
     || { echo "h2load did not complete $2 requests against $1" >&2; exit 1; }
   kill -INT $vg; wait $vg 2>/dev/null || true
   grep -E "Collected" "$out.log" | awk '{print $NF}'
@@ -70,7 +73,7 @@ per_request() {
   echo $(( (b - a) / (N2 - N1) ))
 }
 
-echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $(valgrind --version)"
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $(valgrind --version); h2load -c$CONNS"
 NEW=$(per_request "$ROOT/target/release/surge")
 echo "surge (this tree): $NEW instructions per request"
 if [ -n "${SURGE_BASELINE:-}" ]; then

@@ -99,10 +99,11 @@ impl Engine {
     }
 
     /// The worker's housekeeping, every [`super::buffers::TRIM_INTERVAL`]: spare buffers
-    /// trimmed to the load, the cached wall clock refreshed.
+    /// and field lists trimmed to the load (once a second), the cached wall clock
+    /// refreshed.
     pub fn tick(&self) {
-        self.buffers.trim();
-        self.fields.trim();
+        self.buffers.tick();
+        self.fields.tick();
         self.unix_now.set(unix_seconds());
     }
 
