@@ -98,17 +98,28 @@ const TICKS_PER_TRIM: u32 = 4;
 impl<T: Spare> Spares<T> {
     /// An empty one: a spare, else a fresh one.
     pub fn take(&self) -> T {
-        let mut spare = self.spare.borrow_mut();
-        let got = spare.pop();
-        self.unused.set(self.unused.get().min(spare.len()));
-        got.unwrap_or_else(T::fresh)
+        self.pop().unwrap_or_else(T::fresh)
     }
 
     /// Gives one back (emptied; dropped if not worth keeping).
     pub fn give(&self, mut it: T) {
-        if !it.reset() {
-            return;
+        if it.reset() {
+            self.push(it);
         }
+    }
+}
+
+impl<T> Spares<T> {
+    /// A spare, if there is one.
+    fn pop(&self) -> Option<T> {
+        let mut spare = self.spare.borrow_mut();
+        let got = spare.pop();
+        self.unused.set(self.unused.get().min(spare.len()));
+        got
+    }
+
+    /// Keeps `it` as a spare, unless [`MAX_SPARE`] are kept already.
+    fn push(&self, it: T) {
         let mut spare = self.spare.borrow_mut();
         if spare.len() < MAX_SPARE {
             spare.push(it);
@@ -180,14 +191,16 @@ impl Drop for Pooled<'_> {
     }
 }
 
-/// Slots kept per worker and kind of connection (plain, TLS); more are freed.
-const MAX_SPARE_SLOTS: usize = 256;
-
 /// A worker's spare slots for requests' work: a future's memory, reused. A connection's
 /// task would otherwise be sized for its largest state, a request's work, for as long
 /// as the connection lives; run in a slot, that memory belongs to the connection only
 /// while one of its requests is in progress, and comes from the pool without an
-/// allocation. One list per future type (a worker has one per transport).
+/// allocation. One list per future type (a worker has one per transport), kept and
+/// trimmed like the buffers ([`Spares`]): a worker with 1,000 requests in progress (slow
+/// blades on a sales morning) takes its slots from the pool too, and gives the memory
+/// back a second or two after the rush. (Kept to 256 per kind before, never trimmed:
+/// past 256 requests in progress every request allocated its slot, and a burst's 256
+/// stayed for good.)
 ///
 /// A list of lists, looked up by scanning: there are one or two kinds, and hashing a
 /// `TypeId` for each request cost more than the scan.
@@ -197,7 +210,7 @@ pub struct Slots {
 }
 
 /// One kind's spare slots (each a `Box<Slot<F>>` for that kind's `F`).
-type SpareSlots = Vec<Box<dyn Any>>;
+type SpareSlots = Spares<Box<dyn Any>>;
 
 /// A slot: a pinned place for one future of type `F`, empty between uses.
 type Slot<F> = Pin<Box<Option<F>>>;
@@ -223,8 +236,8 @@ impl Slots {
         let kind = TypeId::of::<F>();
         let spare = self
             .spare
-            .borrow_mut()
-            .iter_mut()
+            .borrow()
+            .iter()
             .find(|(k, _)| *k == kind)
             .and_then(|(_, list)| list.pop());
         match spare.map(|s| s.downcast::<Slot<F>>()) {
@@ -239,13 +252,17 @@ impl Slots {
         let at = match spare.iter().position(|(k, _)| *k == kind) {
             Some(at) => at,
             None => {
-                spare.push((kind, Vec::new()));
+                spare.push((kind, Spares::default()));
                 spare.len() - 1
             }
         };
-        let list = &mut spare[at].1;
-        if list.len() < MAX_SPARE_SLOTS {
-            list.push(slot);
+        spare[at].1.push(slot);
+    }
+
+    /// The worker's tick (see [`Spares::tick`]), for each kind.
+    pub fn tick(&self) {
+        for (_, list) in self.spare.borrow().iter() {
+            list.tick();
         }
     }
 }
@@ -308,6 +325,28 @@ mod tests {
     /// A steady load keeps the buffers it uses (no allocation per request); what a burst
     /// left is freed once an interval passes without it being needed.
     #[test]
+    fn slots_follow_the_load_like_buffers() {
+        let slots = Slots::default();
+        let spare =
+            |slots: &Slots| -> usize { slots.spare.borrow().iter().map(|(_, l)| l.spares()).sum() };
+        let rush: Vec<_> = (0..600).map(|_| slots.take::<[u8; 64]>()).collect();
+        rush.into_iter().for_each(|s| slots.give(s));
+        assert_eq!(spare(&slots), 600, "more than the old cap of 256 kept");
+        for _ in 0..TICKS_PER_TRIM {
+            slots.tick();
+        }
+        assert_eq!(spare(&slots), 600, "needed within the last second: kept");
+        for _ in 0..TICKS_PER_TRIM {
+            slots.tick();
+        }
+        assert_eq!(
+            spare(&slots),
+            MIN_SPARE,
+            "a quiet second: freed to the floor"
+        );
+    }
+
+    #[test]
     fn only_every_fourth_tick_trims() {
         let pool = Buffers::default();
         let burst: Vec<_> = (0..300).map(|_| pool.take()).collect();
@@ -363,13 +402,13 @@ mod tests {
         assert_eq!(first, 2);
         assert_eq!(std::rc::Rc::strong_count(&held), 1, "dropped on completion");
         let place = |slots: &Slots| {
-            slots
-                .spare
-                .borrow()
-                .iter()
-                .flat_map(|(_, list)| list)
-                .map(|b| std::ptr::from_ref::<dyn Any>(&**b).cast::<u8>() as usize)
-                .collect::<Vec<_>>()
+            let mut at = Vec::new();
+            for (_, list) in slots.spare.borrow().iter() {
+                for b in list.spare.borrow().iter() {
+                    at.push(std::ptr::from_ref::<dyn Any>(&**b).cast::<u8>() as usize);
+                }
+            }
+            at
         };
         let before = place(&slots);
         assert_eq!(before.len(), 1);

@@ -98,12 +98,13 @@ impl Engine {
         }
     }
 
-    /// The worker's housekeeping, every [`super::buffers::TRIM_INTERVAL`]: spare buffers
-    /// and field lists trimmed to the load (once a second), the cached wall clock
+    /// The worker's housekeeping, every [`super::buffers::TRIM_INTERVAL`]: spare buffers,
+    /// field lists and slots trimmed to the load (once a second), the cached wall clock
     /// refreshed.
     pub fn tick(&self) {
         self.buffers.tick();
         self.fields.tick();
+        self.slots.tick();
         self.unix_now.set(unix_seconds());
     }
 
