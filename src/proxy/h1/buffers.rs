@@ -61,9 +61,9 @@ impl Spare for Vec<super::head::Field> {
 /// the forwarded head, the answer; two field lists): 50 connections kept ~150 buffers
 /// out, and with room for only 64 spares every request freed and allocated a buffer. So
 /// the pool keeps what the load needs, up to [`MAX_SPARE`], and [`Spares::trim`] (run by
-/// the worker once a second, [`Spares::tick`]) frees the spares that were not needed
-/// during the last second, down to [`MIN_SPARE`]: a burst's go back a second or two
-/// after it, a steady load keeps its own without allocating.
+/// the worker once a second under load, at once after a quiet quarter second:
+/// [`Spares::tick`]) frees the spares that were not needed, down to [`MIN_SPARE`]: a
+/// burst's go back when it is over, a steady load keeps its own without allocating.
 #[derive(Debug)]
 pub struct Spares<T> {
     spare: RefCell<Vec<T>>,
@@ -71,6 +71,8 @@ pub struct Spares<T> {
     unused: Cell<usize>,
     /// Ticks since the last trim (see [`TICKS_PER_TRIM`]).
     ticks: Cell<u32>,
+    /// Whether a spare was taken since the last tick.
+    taken: Cell<bool>,
 }
 
 impl<T> Default for Spares<T> {
@@ -79,6 +81,7 @@ impl<T> Default for Spares<T> {
             spare: RefCell::new(Vec::new()),
             unused: Cell::new(0),
             ticks: Cell::new(0),
+            taken: Cell::new(false),
         }
     }
 }
@@ -89,10 +92,11 @@ pub type Buffers = Spares<Vec<u8>>;
 /// How often a worker ticks ([`Spares::tick`]).
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Ticks between two trims: a spare is freed when no moment of a whole second needed
-/// it. Trimming on every tick (250 ms) freed, under a load that swings from one quarter
-/// second to the next (200 shoppers on 2 cores), what the next quarter took again:
-/// 0.012 allocations per request in `cargo bench --bench allocations`.
+/// Ticks between two trims while spares are being taken: a spare is freed when no
+/// moment of a whole second needed it. Trimming on every tick (250 ms) freed, under a
+/// load that swings from one quarter second to the next (200 shoppers on 2 cores), what
+/// the next quarter took again: 0.012 allocations per request in `cargo bench --bench
+/// allocations`. A quarter second in which nothing was taken trims at once.
 const TICKS_PER_TRIM: u32 = 4;
 
 impl<T: Spare> Spares<T> {
@@ -115,6 +119,7 @@ impl<T> Spares<T> {
         let mut spare = self.spare.borrow_mut();
         let got = spare.pop();
         self.unused.set(self.unused.get().min(spare.len()));
+        self.taken.set(true);
         got
     }
 
@@ -126,10 +131,15 @@ impl<T> Spares<T> {
         }
     }
 
-    /// The worker's tick: every [`TICKS_PER_TRIM`]th one trims.
+    /// The worker's tick: every [`TICKS_PER_TRIM`]th one trims, and so does one after a
+    /// quarter second in which nothing was taken (the rush is over: what it left spare
+    /// goes back at once, as it did with a trim every tick).
     pub fn tick(&self) {
         let ticks = self.ticks.get() + 1;
-        if ticks < TICKS_PER_TRIM {
+        if !self.taken.replace(false) {
+            // Nothing was needed for a quarter second: every spare above the floor goes.
+            self.unused.set(self.spare.borrow().len());
+        } else if ticks < TICKS_PER_TRIM {
             self.ticks.set(ticks);
             return;
         }
@@ -233,13 +243,7 @@ impl Slots {
     }
 
     fn take<F: 'static>(&self) -> Box<Slot<F>> {
-        let kind = TypeId::of::<F>();
-        let spare = self
-            .spare
-            .borrow()
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .and_then(|(_, list)| list.pop());
+        let spare = self.with_kind::<F, _>(Spares::pop);
         match spare.map(|s| s.downcast::<Slot<F>>()) {
             Some(Ok(slot)) => slot,
             _ => Box::new(Box::pin(None)),
@@ -247,6 +251,12 @@ impl Slots {
     }
 
     fn give<F: 'static>(&self, slot: Box<Slot<F>>) {
+        self.with_kind::<F, _>(|list| list.push(slot));
+    }
+
+    /// `f` on the spares of `F`'s kind, made on first use (so that the takes of a first
+    /// rush count towards its trim too).
+    fn with_kind<F: 'static, R>(&self, f: impl FnOnce(&SpareSlots) -> R) -> R {
         let kind = TypeId::of::<F>();
         let mut spare = self.spare.borrow_mut();
         let at = match spare.iter().position(|(k, _)| *k == kind) {
@@ -256,7 +266,7 @@ impl Slots {
                 spare.len() - 1
             }
         };
-        spare[at].1.push(slot);
+        f(&spare[at].1)
     }
 
     /// The worker's tick (see [`Spares::tick`]), for each kind.
@@ -332,32 +342,44 @@ mod tests {
         let rush: Vec<_> = (0..600).map(|_| slots.take::<[u8; 64]>()).collect();
         rush.into_iter().for_each(|s| slots.give(s));
         assert_eq!(spare(&slots), 600, "more than the old cap of 256 kept");
-        for _ in 0..TICKS_PER_TRIM {
-            slots.tick();
-        }
-        assert_eq!(spare(&slots), 600, "needed within the last second: kept");
-        for _ in 0..TICKS_PER_TRIM {
-            slots.tick();
-        }
+        slots.tick();
+        assert_eq!(spare(&slots), 600, "needed within the last quarter: kept");
+        slots.tick();
         assert_eq!(
             spare(&slots),
             MIN_SPARE,
-            "a quiet second: freed to the floor"
+            "a quiet quarter: freed to the floor"
         );
     }
 
     #[test]
-    fn only_every_fourth_tick_trims() {
+    fn a_busy_pool_trims_once_a_second_and_a_quiet_one_at_once() {
         let pool = Buffers::default();
         let burst: Vec<_> = (0..300).map(|_| pool.take()).collect();
         burst.into_iter().for_each(|b| pool.give(b));
-        pool.trim();
-        for _ in 0..TICKS_PER_TRIM - 1 {
+        // A light load: one buffer taken and given back each quarter second.
+        let quarter = |pool: &Buffers| {
+            let b = pool.take();
+            pool.give(b);
             pool.tick();
-            assert_eq!(pool.spares(), 300, "within the second: kept");
-        }
+        };
         pool.tick();
-        assert_eq!(pool.spares(), MIN_SPARE, "a whole second unneeded: freed");
+        for _ in 1..TICKS_PER_TRIM {
+            quarter(&pool);
+            assert_eq!(pool.spares(), 300, "within the second of the burst: kept");
+        }
+        for _ in 0..TICKS_PER_TRIM - 1 {
+            quarter(&pool);
+            assert_eq!(pool.spares(), 300, "busy: trimmed only once a second");
+        }
+        quarter(&pool);
+        assert_eq!(pool.spares(), MIN_SPARE, "a second of light load: freed");
+        let burst: Vec<_> = (0..300).map(|_| pool.take()).collect();
+        burst.into_iter().for_each(|b| pool.give(b));
+        pool.tick();
+        assert_eq!(pool.spares(), 300, "the quarter of the burst: kept");
+        pool.tick();
+        assert_eq!(pool.spares(), MIN_SPARE, "a quiet quarter: freed at once");
     }
 
     #[test]
