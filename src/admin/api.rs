@@ -477,7 +477,7 @@ impl WaitingRoom {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let s = room.status(std::time::Instant::now(), now_ms);
+        let s = room.status(now_ms);
         Self {
             held: s.held_by_hand,
             queued: s.queued,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::policy::Observations;
+use super::policy::{Line, Observations};
 use crate::pool::{Pool, State};
 
 /// One reading of the cumulative counters.
@@ -17,6 +17,12 @@ struct Sample {
     requests: u64,
     /// Cumulative latency histogram counts.
     latency: Vec<u64>,
+    /// New visitors so far: let in straight, given a place in line, or turned away.
+    arrived: u64,
+    /// New visitors the pool took on so far (straight in, or let in from the line).
+    let_in: u64,
+    /// Requests shed so far.
+    shed: u64,
 }
 
 /// Sliding-window rates of new connections and requests.
@@ -46,9 +52,9 @@ impl Meter {
         }
     }
 
-    /// New connections per second over the last `fast_window` (from the newest sample
-    /// at least that old; the whole history while there is less).
-    fn recent_rate(&self) -> f64 {
+    /// The per-second rate of one counter over the last `fast_window` (from the newest
+    /// sample at least that old; the whole history while there is less).
+    fn recent(&self, counter: impl Fn(&Sample) -> u64) -> f64 {
         let Some(last) = self.samples.back() else {
             return 0.0;
         };
@@ -60,10 +66,26 @@ impl Meter {
             .or(self.samples.front());
         match first {
             Some(f) if last.at > f.at => {
-                (last.connections - f.connections) as f64
+                counter(last).saturating_sub(counter(f)) as f64
                     / last.at.duration_since(f.at).as_secs_f64()
             }
             _ => 0.0,
+        }
+    }
+
+    /// The line over the short window: who came, who was let in, who was shed, and who
+    /// waits now (the room as last tidied, plus requests waiting for room).
+    fn line(&self, pool: &Pool) -> Line {
+        let room = pool.traffic.waiting.as_ref();
+        let in_line = room.map_or(0, |r| r.waiting() as u64);
+        let held = room.is_some_and(|r| r.held());
+        let queued = pool.traffic.admission.waiting.load(Ordering::Relaxed);
+        Line {
+            waiting: if held { queued } else { in_line + queued },
+            held: if held { in_line } else { 0 },
+            arrived_per_second: self.recent(|s| s.arrived),
+            let_in_per_second: self.recent(|s| s.let_in),
+            shed_per_second: self.recent(|s| s.shed),
         }
     }
 
@@ -85,11 +107,22 @@ impl Meter {
     /// half a window, the observations are marked not fresh.
     pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {
         let t = &pool.traffic;
+        let a = &t.admission;
+        let (room_arrived, room_let_in) = t.waiting.as_ref().map_or((0, 0), |r| {
+            (
+                r.counters.arrived.load(Ordering::Relaxed),
+                r.counters.let_in.load(Ordering::Relaxed),
+            )
+        });
+        let straight_in = a.newcomers_in.load(Ordering::Relaxed);
         self.samples.push_back(Sample {
             at: now,
             connections: t.scaling.counted.load(Ordering::Relaxed),
             requests: t.requests.load(Ordering::Relaxed),
             latency: t.latency.snapshot(),
+            arrived: straight_in + room_arrived + a.newcomers_turned_away.load(Ordering::Relaxed),
+            let_in: straight_in + room_let_in,
+            shed: a.shed.load(Ordering::Relaxed),
         });
         // Keep one sample at least a window old, so the rate spans the whole window.
         while self
@@ -120,7 +153,8 @@ impl Meter {
             .is_some_and(|room| !room.held() && room.waiting() > 0);
         let at_limit = shed > self.shed || admission.waiting.load(Ordering::Relaxed) > 0 || queued;
         self.shed = shed;
-        let recent_connection_rate = self.recent_rate();
+        let recent_connection_rate = self.recent(|s| s.connections);
+        let line = self.line(pool);
         match (self.samples.front(), self.samples.back()) {
             (Some(first), Some(last))
                 if last.at.saturating_duration_since(first.at) >= self.window / 2
@@ -139,6 +173,7 @@ impl Meter {
                     fresh: true,
                     recent_connection_rate,
                     at_limit,
+                    line,
                 }
             }
             _ => Observations {
@@ -149,6 +184,7 @@ impl Meter {
                 fresh: false,
                 recent_connection_rate,
                 at_limit,
+                line,
             },
         }
     }

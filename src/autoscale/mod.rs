@@ -448,6 +448,13 @@ async fn cluster_round<P: Provider>(
         latency: meter.latency_window(),
         fresh: local.fresh,
         busy: follow::busy(&reconciler.pool_nodes(now)),
+        line: crate::cluster::LineReading {
+            waiting: local.line.waiting,
+            held: local.line.held,
+            arrived_per_second: local.line.arrived_per_second,
+            let_in_per_second: local.line.let_in_per_second,
+            shed_per_second: local.line.shed_per_second,
+        },
     };
     if let Err(e) = cluster.publish(&reading).await {
         tracing::debug!(error = %e, "cluster: publishing the reading");
@@ -489,6 +496,13 @@ async fn cluster_round<P: Provider>(
         // Readings carry window rates only: the short window is this instance's view.
         recent_connection_rate: demand.connection_rate,
         at_limit: local.at_limit,
+        line: policy::Line {
+            waiting: demand.line.waiting,
+            held: demand.line.held,
+            arrived_per_second: demand.line.arrived_per_second,
+            let_in_per_second: demand.line.let_in_per_second,
+            shed_per_second: demand.line.shed_per_second,
+        },
     }
 }
 

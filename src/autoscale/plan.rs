@@ -15,7 +15,8 @@
 //!   released only within `release_margin` of the end of its paid hour (Elastic Metal
 //!   bills by started hour: releasing earlier saves nothing and costs a new order's lead
 //!   time if the load comes back); until then it waits as a spare;
-//! - an operator's undrain or maintenance takes a node out of scale-in for good.
+//! - an operator's undrain or maintenance takes a node out of scale-in for good;
+//! - an order on its way is never cancelled: delivered, it is a spare like any other.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -730,24 +731,19 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             // Kept otherwise: paid for anyway, and ready at once if the load comes back.
             surplus -= 1;
         }
-        for (z, d) in &devices {
-            if surplus == 0 {
-                break;
-            }
-            let not_serving = matches!(
-                d.state,
-                DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
-            );
-            if not_serving && !m.releasing.contains_key(&d.id) {
-                p.actions.push(Action::Release {
-                    device_id: d.id.clone(),
-                    zone: z.zone.clone(),
-                    node: None,
-                    why: "surplus order not yet delivered".into(),
-                });
-                surplus -= 1;
-            }
-        }
+        // An order on its way is never cancelled because the count went down: it was
+        // placed for a reason, its hour is paid, and it becomes a spare when delivered
+        // (released like any spare, on the billing clock). It covers surplus meanwhile.
+        let on_the_way = devices
+            .iter()
+            .filter(|(_, d)| {
+                matches!(
+                    d.state,
+                    DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing
+                ) && !m.releasing.contains_key(&d.id)
+            })
+            .count();
+        surplus = surplus.saturating_sub(on_the_way);
         if surplus > 0 && i.desired < in_service {
             // The node whose paid hour ends soonest: it is the cheapest to let go.
             let candidate = i

@@ -31,6 +31,31 @@ pub struct Observations {
     /// Requests were waiting for room or shed since the last reading: the pool is at
     /// its limit, whatever the rates say.
     pub at_limit: bool,
+    /// The demand the pool did not serve: the waiting room's line, sheds, and the new
+    /// visitors arriving against those the pool took on.
+    pub line: Line,
+}
+
+/// New visitors and the line, over the short window (`autoscale.fast_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Line {
+    /// Visitors waiting in line (the door not held), plus requests waiting for room.
+    pub waiting: u64,
+    /// Visitors held in line by hand (a pre-queue): no scale-down while they wait.
+    pub held: u64,
+    /// New visitors per second: let in, given a place in line, or turned away.
+    pub arrived_per_second: f64,
+    /// New visitors the pool took on per second (straight in, or let in from the line).
+    pub let_in_per_second: f64,
+    /// Requests shed per second.
+    pub shed_per_second: f64,
+}
+
+impl Line {
+    /// Anyone waits or is turned away: demand the pool does not serve.
+    pub fn pressure(&self) -> bool {
+        self.waiting > 0 || self.held > 0 || self.shed_per_second > 0.0
+    }
 }
 
 /// Why the policy decided what it did.
@@ -70,6 +95,16 @@ pub enum Reason {
     RecentStep { recent: f64, window: f64 },
     /// Requests waited for room or were shed: the pool is at its limit.
     AtLimit,
+    /// The line sized the pool: new visitors arriving, and the line they build until
+    /// the blades ordered now arrive, at what one in-service node takes on.
+    Line {
+        arrived: f64,
+        let_in_per_node: f64,
+        backlog: f64,
+        need: usize,
+    },
+    /// Visitors wait or are shed: no scale-down.
+    LineWaiting { waiting: u64 },
 }
 
 impl std::fmt::Display for Reason {
@@ -107,6 +142,18 @@ impl std::fmt::Display for Reason {
                 "step: {recent:.0} new connections/s over the last second against {window:.0} over the window"
             ),
             Reason::AtLimit => write!(f, "requests waiting or shed: the pool is at its limit"),
+            Reason::Line {
+                arrived,
+                let_in_per_node,
+                backlog,
+                need,
+            } => write!(
+                f,
+                "{arrived:.0} new visitors/s and a line of {backlog:.0} by delivery, at {let_in_per_node:.1} let in per node per second, need {need}"
+            ),
+            Reason::LineWaiting { waiting } => {
+                write!(f, "{waiting} waiting or shed: no scale-down")
+            }
         }
     }
 }
@@ -129,6 +176,8 @@ impl Reason {
             Reason::Budget { .. } => "budget",
             Reason::RecentStep { .. } => "step",
             Reason::AtLimit => "at_limit",
+            Reason::Line { .. } => "line",
+            Reason::LineWaiting { .. } => "line_waiting",
         }
     }
 }
@@ -161,6 +210,9 @@ pub struct PolicyState {
     up_period: Option<(Instant, usize)>,
     /// When the last scale-down was decided.
     last_down: Option<Instant>,
+    /// When visitors began to wait or be shed (this episode), and the most it asked
+    /// for: `desired` never goes below that while anyone still waits.
+    line: Option<(Instant, usize)>,
 }
 
 /// Decides the desired number of in-service nodes. `current` is the number in service,
@@ -206,12 +258,89 @@ pub fn decide(
         reasons.push(Reason::StaleMetrics);
         current
     };
-    if obs.at_limit && recommended <= current {
-        recommended = current + 1;
-        reasons.push(Reason::AtLimit);
+    let measured = line_need(&obs.line, current, cfg, state, now, &mut reasons);
+    match measured {
+        Some(need) => recommended = recommended.max(need),
+        None if obs.at_limit && recommended <= current => {
+            recommended = current + 1;
+            reasons.push(Reason::AtLimit);
+        }
+        None => {}
     }
     recommended = recommended.clamp(min, cfg.max);
-    stabilize_and_limit(recommended, current, min, cfg, state, now, reasons)
+    let mut decision = stabilize_and_limit(
+        recommended,
+        current,
+        min,
+        cfg,
+        state,
+        now,
+        reasons,
+        measured.is_some(),
+    );
+    hold_while_waiting(&obs.line, &mut decision, cfg, state);
+    decision
+}
+
+/// The nodes the line needs, in one decision: the new visitors arriving, plus the line
+/// they build until blades ordered now are in service (`delivery_time`, counted from
+/// when the line began) cleared within `line_clear_within`, at the rate one in-service
+/// node takes on new visitors (what the pool let in over the short window, per node).
+/// `None` without a line or sheds, or before anyone was let in (nothing to measure a
+/// node by): then the at-limit signal adds one node.
+fn line_need(
+    line: &Line,
+    current: usize,
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+    now: Instant,
+    reasons: &mut Vec<Reason>,
+) -> Option<usize> {
+    if !line.pressure() {
+        state.line = None;
+        return None;
+    }
+    let (since, _) = *state.line.get_or_insert((now, 0));
+    if current == 0 || line.let_in_per_second <= 0.0 {
+        return None;
+    }
+    let per_node = line.let_in_per_second / current as f64;
+    let building = cfg
+        .delivery_time
+        .saturating_sub(now.saturating_duration_since(since));
+    let growth = (line.arrived_per_second - line.let_in_per_second).max(0.0);
+    let backlog = line.waiting as f64 + growth * building.as_secs_f64();
+    let demand = line.arrived_per_second.max(line.let_in_per_second)
+        + backlog / cfg.line_clear_within.as_secs_f64().max(1.0);
+    let need = (demand / per_node).ceil() as usize;
+    reasons.push(Reason::Line {
+        arrived: line.arrived_per_second,
+        let_in_per_node: per_node,
+        backlog,
+        need,
+    });
+    Some(need)
+}
+
+/// While anyone waits or is shed, `desired` neither goes down nor below the most this
+/// episode asked for (a count that wobbles as blades arrive must not cancel them).
+fn hold_while_waiting(
+    line: &Line,
+    decision: &mut Decision,
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+) {
+    let Some((_, peak)) = state.line.as_mut() else {
+        return;
+    };
+    let floor = (*peak).max(decision.current).min(cfg.max);
+    if decision.desired < floor {
+        decision.desired = floor;
+        decision.reasons.push(Reason::LineWaiting {
+            waiting: line.waiting + line.held,
+        });
+    }
+    *peak = (*peak).max(decision.desired);
 }
 
 /// Step 1, the raw recommendation from the rates: the target with tolerance, the
@@ -270,6 +399,7 @@ fn rate_recommendation(
 }
 
 /// Steps 2 to 4: stabilization windows over the raw recommendations, step limits, bounds.
+#[allow(clippy::too_many_arguments)]
 fn stabilize_and_limit(
     recommended: usize,
     current: usize,
@@ -278,6 +408,7 @@ fn stabilize_and_limit(
     state: &mut PolicyState,
     now: Instant,
     mut reasons: Vec<Reason>,
+    measured: bool,
 ) -> Decision {
     // 2. Stabilization windows over the raw recommendations.
     state.recommendations.push_back((now, recommended));
@@ -297,7 +428,10 @@ fn stabilize_and_limit(
             .map(|(_, r)| *r)
     };
     let mut desired = recommended;
-    if desired > current {
+    // A measured line is not a noisy signal: no up-window, no up-step limit.
+    if desired > current && measured {
+        state.up_period = None;
+    } else if desired > current {
         desired = within(cfg.scale_up_window)
             .min()
             .unwrap_or(recommended)
@@ -313,7 +447,7 @@ fn stabilize_and_limit(
     }
 
     // 3. Step limits.
-    if desired > current {
+    if desired > current && !measured {
         let (start, from) = match state.up_period {
             Some((t, from)) if now.saturating_duration_since(t) < cfg.up_period => (t, from),
             _ => (now, current),
@@ -376,6 +510,8 @@ mod tests {
             up_nodes: 4,
             up_period: Duration::from_secs(15),
             down_period: Duration::from_secs(60),
+            delivery_time: Duration::from_secs(10),
+            line_clear_within: Duration::from_secs(15),
         }
     }
 
@@ -676,5 +812,83 @@ mod tests {
                 prop_assert!(d.desired + 1 >= current.min(c.max) || d.desired == min.min(c.max) || current > c.max);
             }
         }
+    }
+
+    /// A step of new visitors with the room filling: the whole count in one decision
+    /// (not one node per decision, not step-limited), and never down while anyone waits,
+    /// however the count wobbles as blades arrive.
+    #[test]
+    fn the_line_sizes_the_pool_in_one_decision_and_holds_while_anyone_waits() {
+        let c = cfg();
+        let mut state = PolicyState::default();
+        let t0 = Instant::now();
+        // 2 nodes let in 250 new visitors/s between them; 1,200/s arrive.
+        let mut o = obs(500.0);
+        o.line = Line {
+            waiting: 300,
+            held: 0,
+            arrived_per_second: 1200.0,
+            let_in_per_second: 250.0,
+            shed_per_second: 0.0,
+        };
+        let d = decide(&o, 2, 2, false, &c, &mut state, t0);
+        // 1,200/s at 125 per node, plus the line built over the 10 s delivery cleared
+        // within 15 s: (1200 + (300 + 950 * 10) / 15) / 125 = 14.8 -> 15, capped at 20.
+        assert_eq!(d.desired, 15, "{:?}", d.reasons);
+        assert!(d.reasons.iter().any(|r| r.label() == "line"));
+        // A second later the same: the line grew as foreseen, the need did not.
+        o.line.waiting = 1250;
+        let d = decide(&o, 2, 2, false, &c, &mut state, t0 + Duration::from_secs(1));
+        assert_eq!(d.desired, 15, "{:?}", d.reasons);
+        // Blades arrive: 12 in service let in 1,500/s; the line shrinks, the count
+        // computed now is lower, but while anyone waits desired stays.
+        o.line.let_in_per_second = 1500.0;
+        o.line.waiting = 4000;
+        let d = decide(
+            &o,
+            12,
+            2,
+            false,
+            &c,
+            &mut state,
+            t0 + Duration::from_secs(12),
+        );
+        assert_eq!(d.desired, 15, "{:?}", d.reasons);
+        // Nobody waits any more: the usual windows take over (no jump down either).
+        o.line = Line::default();
+        let d = decide(
+            &obs(1200.0),
+            15,
+            2,
+            false,
+            &c,
+            &mut state,
+            t0 + Duration::from_secs(40),
+        );
+        assert!(d.desired >= 14, "{:?}", d.reasons);
+    }
+
+    #[test]
+    fn no_scale_down_while_visitors_are_held_or_shed() {
+        let c = cfg();
+        let mut state = PolicyState::default();
+        let t0 = Instant::now();
+        let mut o = obs(10.0);
+        o.line.held = 40;
+        let later = t0 + Duration::from_secs(1000);
+        let d = decide(&o, 8, 2, false, &c, &mut state, later);
+        assert_eq!(d.desired, 8, "{:?}", d.reasons);
+        o.line.held = 0;
+        o.line.shed_per_second = 3.0;
+        let d = decide(
+            &o,
+            8,
+            2,
+            false,
+            &c,
+            &mut state,
+            later + Duration::from_secs(100),
+        );
+        assert_eq!(d.desired, 8, "{:?}", d.reasons);
     }
 }

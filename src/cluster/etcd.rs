@@ -425,6 +425,7 @@ impl Cluster {
                     latency: Vec::new(),
                     fresh: false,
                     busy: Vec::new(),
+                    line: super::LineReading::default(),
                 };
                 self.publish(&joined).await?;
                 granted.id()

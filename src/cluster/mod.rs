@@ -124,6 +124,22 @@ pub struct Reading {
     /// the leader releases none of them.
     #[serde(default)]
     pub busy: Vec<String>,
+    /// This process's waiting line and new visitors (see `autoscale::policy::Line`).
+    #[serde(default)]
+    pub line: LineReading,
+}
+
+/// One process's waiting line and new visitors, summed by the leader: the line's length
+/// is the cluster's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LineReading {
+    /// Visitors waiting in line (door not held), plus requests waiting for room.
+    pub waiting: u64,
+    /// Visitors held in line by hand.
+    pub held: u64,
+    pub arrived_per_second: f64,
+    pub let_in_per_second: f64,
+    pub shed_per_second: f64,
 }
 
 /// The cluster's demand: the sum of every member's reading.
@@ -140,6 +156,8 @@ pub struct Demand {
     pub fresh: bool,
     /// Members with a stale reading, in words (for the status page).
     pub stale: Vec<String>,
+    /// Every member's line, summed.
+    pub line: LineReading,
 }
 
 /// Sums `readings` taken by `now_ms`; a reading older than `max_age` (or not fresh)
@@ -170,6 +188,11 @@ pub fn merge(readings: &[Reading], now_ms: u64, max_age: Duration) -> Demand {
         d.connection_rate += r.connection_rate;
         d.request_rate += r.request_rate;
         d.in_flight += r.in_flight;
+        d.line.waiting += r.line.waiting;
+        d.line.held += r.line.held;
+        d.line.arrived_per_second += r.line.arrived_per_second;
+        d.line.let_in_per_second += r.line.let_in_per_second;
+        d.line.shed_per_second += r.line.shed_per_second;
         if d.latency.len() < r.latency.len() {
             d.latency.resize(r.latency.len(), 0);
         }
@@ -431,6 +454,7 @@ mod tests {
             latency,
             fresh: true,
             busy: Vec::new(),
+            line: LineReading::default(),
         }
     }
 

@@ -39,6 +39,10 @@ pub(super) struct FileAutoscale {
     #[serde(with = "humantime_serde")]
     down_period: Duration,
     #[serde(with = "humantime_serde")]
+    delivery_time: Duration,
+    #[serde(default, with = "humantime_serde::option")]
+    line_clear_within: Option<Duration>,
+    #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
     schedule: Vec<FileEvent>,
     ledger: PathBuf,
@@ -96,6 +100,8 @@ impl Default for FileAutoscale {
             up_nodes: 4,
             up_period: Duration::from_secs(15),
             down_period: Duration::from_secs(60),
+            delivery_time: Duration::from_secs(10 * 60),
+            line_clear_within: None,
             drain_timeout: Duration::from_secs(300),
             schedule: Vec::new(),
             ledger: PathBuf::from("data/orders.json"),
@@ -211,6 +217,12 @@ pub struct PolicyConfig {
     pub up_period: Duration,
     /// Shrink by at most one node per `down_period`.
     pub down_period: Duration,
+    /// How long an order takes to serve (placed to in service): the line a step builds
+    /// meanwhile is what the pool must clear once the blades arrive.
+    pub delivery_time: Duration,
+    /// The line is cleared within this once the capacity ordered for it arrives
+    /// (default: `delivery_time` + 5 s, as long as it took to build).
+    pub line_clear_within: Duration,
 }
 
 /// When an event starts.
@@ -288,6 +300,11 @@ pub(super) fn validate(
         ("interval", a.interval),
         ("metrics_window", a.metrics_window),
         ("fast_window", a.fast_window),
+        ("delivery_time", a.delivery_time),
+        (
+            "line_clear_within",
+            a.line_clear_within.unwrap_or(Duration::from_secs(1)),
+        ),
     ] {
         if d.is_zero() {
             p.bad(key, "must be greater than 0");
@@ -365,6 +382,10 @@ pub(super) fn validate(
             up_nodes: a.up_nodes,
             up_period: a.up_period,
             down_period: a.down_period,
+            delivery_time: a.delivery_time,
+            line_clear_within: a
+                .line_clear_within
+                .unwrap_or(a.delivery_time + Duration::from_secs(5)),
         },
         interval: a.interval,
         metrics_window: a.metrics_window,

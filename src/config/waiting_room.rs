@@ -20,6 +20,7 @@ pub(super) struct FileWaitingRoom {
     cookie: String,
     page: Option<PathBuf>,
     held: bool,
+    max_waiting: usize,
 }
 
 impl Default for FileWaitingRoom {
@@ -32,6 +33,7 @@ impl Default for FileWaitingRoom {
             cookie: "surge_queue".into(),
             page: None,
             held: false,
+            max_waiting: 1_000_000,
         }
     }
 }
@@ -52,6 +54,9 @@ pub struct WaitingRoomConfig {
     pub page: Option<String>,
     /// Start with the door held (a pre-queue before a sale; the admin API opens it).
     pub held: bool,
+    /// Most places held at once (about 60 bytes each); beyond it a newcomer gets the
+    /// 503 with `Retry-After`.
+    pub max_waiting: usize,
 }
 
 /// Checks `[waiting_room]` (keys relative to it); `None` when disabled.
@@ -79,8 +84,11 @@ pub(super) fn validate(
             "must be at least twice refresh (a visitor refreshes that often)",
         );
     }
-    if f.ticket_ttl < Duration::from_secs(60) {
-        p.bad("ticket_ttl", "must be at least 1m");
+    if f.ticket_ttl < Duration::from_secs(60) || f.ticket_ttl > Duration::from_secs(24 * 3600) {
+        p.bad("ticket_ttl", "must be between 1m and 24h");
+    }
+    if f.max_waiting == 0 || f.max_waiting > 50_000_000 {
+        p.bad("max_waiting", "must be between 1 and 50000000");
     }
     if f.cookie.is_empty()
         || !f
@@ -111,5 +119,6 @@ pub(super) fn validate(
         cookie: f.cookie.clone(),
         page,
         held: f.held,
+        max_waiting: f.max_waiting,
     })
 }

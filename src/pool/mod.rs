@@ -485,7 +485,11 @@ impl Pool {
             .collect();
         let table = Table::build(members, &settings, 0, now, None);
         let waiting = settings.waiting_room.as_ref().map(|w| {
-            let room = waiting::Room::new(w.abandon_after);
+            let room = waiting::Room::new(waiting::RoomLimits {
+                abandon_after: w.abandon_after,
+                ticket_ttl: w.ticket_ttl,
+                max_waiting: w.max_waiting,
+            });
             room.hold(w.held);
             room
         });

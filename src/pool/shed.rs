@@ -112,6 +112,12 @@ pub struct Admission {
     pub waiting: AtomicU64,
     /// Requests shed (answered 503 by surge).
     pub shed: AtomicU64,
+    /// New visitors let straight into the shop (no place in line needed): with the
+    /// room's let-ins, the sessions the pool took on.
+    pub newcomers_in: AtomicU64,
+    /// New visitors turned away without a place in line (no waiting room, or not a page
+    /// load): with the room's fresh places and `newcomers_in`, the sessions that came.
+    pub newcomers_turned_away: AtomicU64,
     /// Woken once per request that ends while others wait for room.
     pub room: Notify,
 }

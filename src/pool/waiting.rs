@@ -5,16 +5,47 @@
 //! A visitor's place is a ticket: the time it was issued (milliseconds) and a random
 //! number, carried in a signed cookie by the proxy. Order is by issue time, so a ticket
 //! issued by another instance of a cluster, or before a restart, takes its place by when
-//! its holder arrived. A refresh neither loses nor improves a place; a ticket that was
-//! used to enter (replayed) or is unknown and expired is no place at all.
+//! its holder arrived.
 //!
-//! Shared by every worker behind one mutex: only visitors of a full shop come here, a few
-//! per second each, never the requests of shoppers already in.
+//! The line is let in by a **cutoff**: every ticket issued before it may enter, none after
+//! it, so nobody is ever let in ahead of someone who came earlier. The cutoff moves forward
+//! only over as many waiting tickets as the pool has room for *less those already let in
+//! and not yet back*, so a burst of free room is not handed out twice. A place is spent
+//! when its holder is actually served ([`Room::spend`]); a holder let in but turned away
+//! by the shop a moment later keeps its place at the front.
+//!
+//! Nothing here takes a process-wide lock: places live in [`SHARDS`] maps chosen by the
+//! ticket's random number, the order is a ring of atomic counters per time slice (a
+//! Fenwick tree: a place is an O(log n) count), and the cutoff, the line's length and
+//! the flag that says the room is in use are atomics. Tickets that were used or let
+//! lapse are remembered for their whole life in Bloom filters sliced by issue time, so a
+//! holder who left cannot come back later at the old place, and a used ticket is no
+//! place at all (a replay), in fixed memory whatever the traffic.
+//!
+//! The room is tidied on its own clock ([`Room::tidy`], called by `serve` every
+//! [`TIDY_EVERY`]): places whose holders stopped asking lapse whether or not anyone else
+//! visits, so the autoscaler never sees a line of people who left.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Maps the places are spread over (a visit locks one of them, briefly).
+pub const SHARDS: usize = 16;
+/// How often `serve` tidies the room.
+pub const TIDY_EVERY: Duration = Duration::from_millis(500);
+/// Most time slices of the order ring (each an atomic counter): 8 MiB.
+const MAX_SLICES: u64 = 1 << 21;
+/// How far ahead of this clock a ticket's issue time may be (another instance's clock).
+const CLOCK_SKEW_MS: u64 = 60_000;
+/// Bloom filter slices the memory of used tickets is spread over (by issue time).
+const MEMORY_SLICES: u64 = 8;
+/// Bits per remembered ticket in each memory slice (about 1% false "used" at that load).
+const MEMORY_BITS_PER_TICKET: u64 = 10;
+/// Bit positions per ticket in a memory slice.
+const MEMORY_HASHES: u64 = 7;
 
 /// A place in the line: issued at (Unix ms), and a random number that tells apart
 /// tickets issued in the same millisecond.
@@ -38,59 +69,113 @@ impl Ticket {
             nonce: nonce.parse().ok()?,
         })
     }
+
+    fn shard(&self) -> usize {
+        (self.nonce % SHARDS as u64) as usize
+    }
 }
 
 /// What the room says to one visit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visit {
-    /// Come in (the ticket, if any, is used up).
-    Enter,
+    /// Come in. `ticket`: the place to [`Room::spend`] once the holder is served (`None`:
+    /// the visitor had no place and the room let it straight in).
+    Enter { ticket: Option<Ticket> },
     /// Wait: `place` (1 = next) with `ticket`, new or as presented.
     Wait { ticket: Ticket, place: usize },
+    /// The line is at its bound: no place for a newcomer now.
+    Full,
 }
 
 /// The room's numbers, for the admin API and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoomStatus {
     pub held_by_hand: bool,
+    /// Visitors waiting (not yet let in).
     pub queued: usize,
+    /// Visitors let in whose holder has not come back yet.
+    pub let_in: usize,
     /// Let in over the last minute, per second.
     pub admitted_per_second: f64,
     /// How long the first in line has waited.
     pub longest_wait: Duration,
 }
 
+/// How the room is sized and how long its memories last.
+#[derive(Debug, Clone, Copy)]
+pub struct RoomLimits {
+    /// A visitor not seen for this long has left the line.
+    pub abandon_after: Duration,
+    /// A ticket's whole life (its signature expires then): how long a used or lapsed
+    /// ticket is remembered.
+    pub ticket_ttl: Duration,
+    /// Most places held at once; beyond it a newcomer gets the 503.
+    pub max_waiting: usize,
+}
+
+/// Counters the autoscaler's meter reads (cumulative, never reset).
 #[derive(Debug, Default)]
-struct Line {
-    /// Waiting tickets, in order, with when their holder was last seen.
-    waiting: BTreeMap<Ticket, Instant>,
-    /// Tickets let in whose holder has not come back yet, with when.
-    admitted: HashMap<Ticket, Instant>,
-    /// Tickets used to enter (a second use is a replay), with when.
-    used: HashMap<Ticket, Instant>,
-    /// When visitors were let in, the last minute.
-    recent: VecDeque<Instant>,
+pub struct RoomCounters {
+    /// Fresh places given to new visitors.
+    pub arrived: AtomicU64,
+    /// Places let in (the cutoff moved over them).
+    pub let_in: AtomicU64,
+    /// Places spent by a holder who was served.
+    pub spent: AtomicU64,
+    /// Places that lapsed (holder stopped asking) or expired.
+    pub lapsed: AtomicU64,
+    /// Used tickets presented again (answered with a fresh place).
+    pub replays: AtomicU64,
+    /// Newcomers turned away because the line was at its bound.
+    pub full: AtomicU64,
 }
 
 /// The waiting room of one pool.
-#[derive(Debug)]
 pub struct Room {
     /// Holding the door by hand (a pre-queue before a sale): nobody new is let in.
     held: AtomicBool,
-    line: Mutex<Line>,
-    /// A visitor not seen for this long has left the line.
-    abandon_after: Duration,
+    limits: RoomLimits,
+    /// Places, by ticket, with when their holder was last seen (ms since `epoch`).
+    shards: Vec<Mutex<HashMap<Ticket, u64, NonceHash>>>,
+    /// Places held (waiting, or let in and not yet back).
+    places: AtomicUsize,
+    /// Tickets issued before this (Unix ms) may enter.
+    cutoff_ms: AtomicU64,
+    order: OrderRing,
+    memory: Memory,
+    /// Let-ins per wall-clock second, the last 64 seconds (`(second, count)`).
+    recent: Vec<(AtomicU64, AtomicU64)>,
+    epoch: Instant,
+    pub counters: RoomCounters,
 }
 
-/// How long a used ticket is remembered as used.
-const USED_MEMORY: Duration = Duration::from_secs(3600);
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room")
+            .field("held", &self.held())
+            .field("places", &self.places.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
 
 impl Room {
-    pub fn new(abandon_after: Duration) -> Self {
+    pub fn new(limits: RoomLimits) -> Self {
+        let span_ms = limits.ticket_ttl.as_millis() as u64 + 2 * CLOCK_SKEW_MS;
         Self {
             held: AtomicBool::new(false),
-            line: Mutex::new(Line::default()),
-            abandon_after,
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(NonceHash)))
+                .collect(),
+            places: AtomicUsize::new(0),
+            cutoff_ms: AtomicU64::new(0),
+            order: OrderRing::new(span_ms),
+            memory: Memory::new(span_ms, limits.max_waiting),
+            recent: (0..64)
+                .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
+            epoch: Instant::now(),
+            counters: RoomCounters::default(),
+            limits,
         }
     }
 
@@ -103,255 +188,493 @@ impl Room {
         self.held.load(Ordering::SeqCst)
     }
 
-    /// Whether anyone waits or the door is held: a newcomer must then come through the
-    /// room, not around it.
+    /// Whether anyone holds a place or the door is held: a newcomer must then come
+    /// through the room, not around it. One atomic load (no lock).
     pub fn in_use(&self) -> bool {
-        self.held()
-            || self
-                .line
-                .lock()
-                .is_ok_and(|l| !l.waiting.is_empty() || !l.admitted.is_empty())
+        self.held() || self.places.load(Ordering::Acquire) > 0
     }
 
-    /// Visitors in line now.
+    /// Visitors in line now, not yet let in (as of the last tidy or visit).
     pub fn waiting(&self) -> usize {
-        self.line.lock().map_or(0, |l| l.waiting.len())
+        self.places
+            .load(Ordering::Acquire)
+            .saturating_sub(self.let_in_not_back(wall_ms()))
+    }
+
+    /// Places let in whose holder has not come back yet.
+    fn let_in_not_back(&self, now_ms: u64) -> usize {
+        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
+        self.order.count_before(cutoff, now_ms)
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// One visit at `now` (`now_ms` the wall clock) by the holder of `ticket` (`None`:
-    /// none, or not one this pool signed), with `free` visitors the pool can take now.
-    /// `fresh` is the ticket a visitor without a place gets.
-    pub fn visit(&self, ticket: Option<Ticket>, now: Instant, free: u64, fresh: Ticket) -> Visit {
-        let Ok(mut line) = self.line.lock() else {
-            return Visit::Enter;
-        };
-        self.tidy(&mut line, now);
-        // A used ticket is a replay: a fresh place, like a visitor without one.
-        let ticket = ticket
-            .filter(|t| !line.used.contains_key(t))
-            .unwrap_or(fresh);
-        if !line.admitted.contains_key(&ticket) {
-            line.waiting.insert(ticket, now);
-        }
-        // Let in, in order, as many as the pool has room for now. Those let in come
-        // back with their next reload as shoppers already in (they may use the room
-        // kept for them), so they hold no place in the count meanwhile: a reload takes
-        // seconds, a request milliseconds.
-        if !self.held() {
-            let mut spare = usize::try_from(free).unwrap_or(usize::MAX);
-            while spare > 0 {
-                let Some((t, _)) = line.waiting.pop_first() else {
-                    break;
-                };
-                line.admitted.insert(t, now);
-                spare -= 1;
+    /// none, or not one this pool signed), with room for `free` more newcomers in the
+    /// shop now. `fresh` is the ticket a visitor without a place gets.
+    pub fn visit(
+        &self,
+        ticket: Option<Ticket>,
+        now: Instant,
+        now_ms: u64,
+        free: u64,
+        fresh: Ticket,
+    ) -> Visit {
+        let seen = self.millis(now);
+        let ticket = ticket.filter(|t| self.valid(t, now_ms));
+        let mine = match ticket.map(|t| (t, self.touch(t, seen))) {
+            Some((t, true)) => t,
+            // Not here: used or let lapse (a replay: a fresh place at the end), or
+            // unknown (another instance's, or from before a restart: its own time).
+            Some((t, false)) if !self.memory.contains(&t) => match self.insert(t, seen) {
+                true => t,
+                false => return self.full(),
+            },
+            other => {
+                if other.is_some() {
+                    self.counters.replays.fetch_add(1, Ordering::Relaxed);
+                }
+                // A visitor without a place who finds nobody waiting and room in the
+                // shop comes straight in.
+                if !self.held() && free > 0 && self.places.load(Ordering::Acquire) == 0 {
+                    return Visit::Enter { ticket: None };
+                }
+                if !self.insert(fresh, seen) {
+                    return self.full();
+                }
+                self.counters.arrived.fetch_add(1, Ordering::Relaxed);
+                fresh
             }
+        };
+        self.let_in(free, now_ms);
+        if mine.issued_ms < self.cutoff_ms.load(Ordering::Acquire) {
+            return Visit::Enter { ticket: Some(mine) };
         }
-        if line.admitted.remove(&ticket).is_some() {
-            line.used.insert(ticket, now);
-            line.recent.push_back(now);
-            return Visit::Enter;
+        Visit::Wait {
+            ticket: mine,
+            place: self.place_of(&mine, now_ms),
         }
-        let place = line.waiting.range(..=ticket).count();
-        Visit::Wait { ticket, place }
+    }
+
+    fn full(&self) -> Visit {
+        self.counters.full.fetch_add(1, Ordering::Relaxed);
+        Visit::Full
+    }
+
+    /// Whether `t` can hold a place at `now_ms`: not expired, not from the far future.
+    fn valid(&self, t: &Ticket, now_ms: u64) -> bool {
+        let ttl = self.limits.ticket_ttl.as_millis() as u64;
+        t.issued_ms.saturating_add(ttl) > now_ms && t.issued_ms <= now_ms + CLOCK_SKEW_MS
+    }
+
+    /// Marks `t`'s holder as seen; whether it holds a place here.
+    fn touch(&self, t: Ticket, seen: u64) -> bool {
+        let Ok(mut shard) = self.shards[t.shard()].lock() else {
+            return false;
+        };
+        match shard.get_mut(&t) {
+            Some(at) => {
+                *at = seen;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives `t` a place (false: the line is at its bound).
+    fn insert(&self, t: Ticket, seen: u64) -> bool {
+        let held = self.places.fetch_add(1, Ordering::AcqRel);
+        if held >= self.limits.max_waiting {
+            self.places.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let Ok(mut shard) = self.shards[t.shard()].lock() else {
+            self.places.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        };
+        if shard.insert(t, seen).is_some() {
+            // Two visits of one new holder at once: one place.
+            self.places.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.order.add(t.issued_ms, 1);
+        }
+        true
+    }
+
+    /// Moves the cutoff over as many waiting places as the shop has room for, less
+    /// those let in and not yet back. Nothing while the door is held.
+    fn let_in(&self, free: u64, now_ms: u64) {
+        if self.held() {
+            return;
+        }
+        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
+        let out = self.order.count_before(cutoff, now_ms) as u64;
+        let Some(more) = free.checked_sub(out).filter(|m| *m > 0) else {
+            return;
+        };
+        let target = out + more;
+        let (next, counted) = self.order.cutoff_for(target as usize, cutoff, now_ms);
+        if next > cutoff && self.cutoff_ms.fetch_max(next, Ordering::AcqRel) < next {
+            let moved = counted.saturating_sub(out as usize) as u64;
+            self.counters.let_in.fetch_add(moved, Ordering::Relaxed);
+        }
+    }
+
+    /// `t`'s place in line (1 = next), counting only those not yet let in.
+    fn place_of(&self, t: &Ticket, now_ms: u64) -> usize {
+        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
+        let ahead = self.order.count_before(t.issued_ms, now_ms);
+        let let_in = self.order.count_before(cutoff, now_ms);
+        ahead.saturating_sub(let_in) + 1
+    }
+
+    /// The holder of `t` was served: its place is spent, and the ticket is remembered
+    /// as used for the rest of its life. False when it held no place (used already).
+    pub fn spend(&self, t: Ticket, now_ms: u64) -> bool {
+        if !self.remove(&t) {
+            return false;
+        }
+        self.memory.insert(&t);
+        self.counters.spent.fetch_add(1, Ordering::Relaxed);
+        let second = now_ms / 1000;
+        let (at, count) = &self.recent[(second % 64) as usize];
+        if at.swap(second, Ordering::AcqRel) != second {
+            count.store(0, Ordering::Release);
+        }
+        count.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    fn remove(&self, t: &Ticket) -> bool {
+        let Ok(mut shard) = self.shards[t.shard()].lock() else {
+            return false;
+        };
+        if shard.remove(t).is_none() {
+            return false;
+        }
+        drop(shard);
+        self.order.add(t.issued_ms, -1);
+        self.places.fetch_sub(1, Ordering::AcqRel);
+        true
     }
 
     /// The place of `ticket` now, and whether it may come in, without counting a visit
     /// (what the waiting page polls).
-    pub fn place(&self, ticket: Ticket) -> Option<(usize, bool)> {
-        let line = self.line.lock().ok()?;
-        if line.admitted.contains_key(&ticket) {
+    pub fn place(&self, ticket: Ticket, now_ms: u64) -> Option<(usize, bool)> {
+        let here = self
+            .shards
+            .get(ticket.shard())?
+            .lock()
+            .ok()?
+            .contains_key(&ticket);
+        if !here {
+            return None;
+        }
+        if ticket.issued_ms < self.cutoff_ms.load(Ordering::Acquire) {
             return Some((0, true));
         }
-        line.waiting
-            .contains_key(&ticket)
-            .then(|| (line.waiting.range(..=ticket).count(), false))
+        Some((self.place_of(&ticket, now_ms), false))
     }
 
-    /// Drops visitors who left, admissions nobody came back for, and old memories.
-    fn tidy(&self, line: &mut Line, now: Instant) {
-        let gone = |seen: &Instant| now.saturating_duration_since(*seen) > self.abandon_after;
-        line.waiting.retain(|_, seen| !gone(seen));
-        line.admitted.retain(|_, at| !gone(at));
-        line.used
-            .retain(|_, at| now.saturating_duration_since(*at) < USED_MEMORY);
-        while line
-            .recent
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > Duration::from_secs(60))
-        {
-            line.recent.pop_front();
+    /// Lets lapse the places whose holders stopped asking (waiting or let in), and those
+    /// whose ticket expired; they are remembered, so a holder who comes back later starts
+    /// again at the end. Runs on the room's own clock, one shard locked at a time.
+    pub fn tidy(&self, now: Instant, now_ms: u64) {
+        let seen_limit = self
+            .millis(now)
+            .saturating_sub(self.limits.abandon_after.as_millis() as u64);
+        let ttl = self.limits.ticket_ttl.as_millis() as u64;
+        for shard in &self.shards {
+            let mut gone = Vec::new();
+            if let Ok(mut places) = shard.lock() {
+                places.retain(|t, seen| {
+                    let keep = *seen >= seen_limit && t.issued_ms.saturating_add(ttl) > now_ms;
+                    if !keep {
+                        gone.push(*t);
+                    }
+                    keep
+                });
+            }
+            for t in &gone {
+                self.order.add(t.issued_ms, -1);
+                self.memory.insert(t);
+            }
+            self.places.fetch_sub(gone.len(), Ordering::AcqRel);
+            self.counters
+                .lapsed
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
         }
+        self.memory
+            .forget_before(now_ms.saturating_sub(ttl + CLOCK_SKEW_MS));
     }
 
-    /// The numbers, at `now_ms` (wall clock, for the first ticket's wait).
-    pub fn status(&self, now: Instant, now_ms: u64) -> RoomStatus {
-        let Ok(mut line) = self.line.lock() else {
-            return RoomStatus {
-                held_by_hand: self.held(),
-                queued: 0,
-                admitted_per_second: 0.0,
-                longest_wait: Duration::ZERO,
-            };
-        };
-        self.tidy(&mut line, now);
+    /// The numbers, at `now_ms` (wall clock).
+    pub fn status(&self, now_ms: u64) -> RoomStatus {
+        let second = now_ms / 1000;
+        let admitted: u64 = self
+            .recent
+            .iter()
+            .filter(|(at, _)| {
+                let at = at.load(Ordering::Acquire);
+                at < second && second - at <= 60
+            })
+            .map(|(_, n)| n.load(Ordering::Acquire))
+            .sum();
+        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
+        let let_in = self.order.count_before(cutoff, now_ms);
         RoomStatus {
             held_by_hand: self.held(),
-            queued: line.waiting.len(),
-            admitted_per_second: line.recent.len() as f64 / 60.0,
-            longest_wait: line.waiting.keys().next().map_or(Duration::ZERO, |t| {
-                Duration::from_millis(now_ms.saturating_sub(t.issued_ms))
-            }),
+            queued: self.places.load(Ordering::Acquire).saturating_sub(let_in),
+            let_in,
+            admitted_per_second: admitted as f64 / 60.0,
+            longest_wait: self
+                .order
+                .first_at_or_after(cutoff, now_ms)
+                .map_or(Duration::ZERO, |ms| {
+                    Duration::from_millis(now_ms.saturating_sub(ms))
+                }),
         }
     }
 
     /// A guess of the wait for `place`, from the pace of the last minute.
-    pub fn estimate(&self, place: usize, now: Instant) -> Option<Duration> {
-        let status = self.status(now, 0);
+    pub fn estimate(&self, place: usize, now_ms: u64) -> Option<Duration> {
+        let status = self.status(now_ms);
         (status.admitted_per_second > 0.0)
             .then(|| Duration::from_secs_f64(place as f64 / status.admitted_per_second))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The wall clock in Unix milliseconds.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
-    fn t(ms: u64) -> Ticket {
-        Ticket {
-            issued_ms: ms,
-            nonce: ms * 7,
+/// The tickets' nonces are random (and signed by surge), so they hash themselves.
+#[derive(Debug, Clone, Copy, Default)]
+struct NonceHash;
+
+impl BuildHasher for NonceHash {
+    type Hasher = NonceHasher;
+    fn build_hasher(&self) -> NonceHasher {
+        NonceHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct NonceHasher(u64);
+
+impl Hasher for NonceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // issued_ms, then nonce: mixed so both count.
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+/// How many places were issued in each time slice, as a ring of atomic counters under a
+/// Fenwick tree: adding a place and counting those issued before a time are O(log n).
+/// Every live ticket was issued within one ticket life of now, and the ring spans more
+/// than that, so no two live slices share a counter.
+struct OrderRing {
+    tree: Vec<AtomicI32>,
+    /// Milliseconds per slice.
+    slice_ms: u64,
+    /// Slices (a power of two).
+    len: usize,
+    /// The ring's span, ms: counts look back this far from now.
+    span_ms: u64,
+}
+
+impl OrderRing {
+    fn new(span_ms: u64) -> Self {
+        let slice_ms = span_ms.div_ceil(MAX_SLICES).max(1);
+        let len = span_ms.div_ceil(slice_ms).next_power_of_two() as usize;
+        Self {
+            tree: (0..=len).map(|_| AtomicI32::new(0)).collect(),
+            slice_ms,
+            len,
+            span_ms,
         }
     }
 
-    #[test]
-    fn visitors_wait_in_arrival_order_and_enter_as_room_frees() {
-        let room = Room::new(Duration::from_secs(30));
-        let now = Instant::now();
-        // Full: the first two get places 1 and 2.
-        assert_eq!(
-            room.visit(None, now, 0, t(1)),
-            Visit::Wait {
-                ticket: t(1),
-                place: 1
-            }
-        );
-        assert_eq!(
-            room.visit(None, now, 0, t(2)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 2
-            }
-        );
-        // A refresh neither loses nor improves a place.
-        assert_eq!(
-            room.visit(Some(t(2)), now, 0, t(9)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 2
-            }
-        );
-        assert_eq!(
-            room.visit(Some(t(1)), now, 0, t(9)),
-            Visit::Wait {
-                ticket: t(1),
-                place: 1
-            }
-        );
-        // A newcomer while others wait goes behind them, room or not.
-        assert_eq!(
-            room.visit(None, now, 1, t(3)),
-            Visit::Wait {
-                ticket: t(3),
-                place: 2
-            }
-        );
-        // One slot freed (above): the first in line was let in; the second is now first.
-        assert_eq!(room.place(t(1)), Some((0, true)));
-        assert_eq!(
-            room.visit(Some(t(2)), now, 0, t(9)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 1
-            }
-        );
-        assert_eq!(room.visit(Some(t(1)), now, 0, t(9)), Visit::Enter);
-        // Used once: the same ticket again is a replay, and goes to the end.
-        assert_eq!(
-            room.visit(Some(t(1)), now, 0, t(4)),
-            Visit::Wait {
-                ticket: t(4),
-                place: 3
-            }
-        );
-        // A ticket from another instance takes its place by its issue time.
-        assert_eq!(
-            room.visit(
-                Some(Ticket {
-                    issued_ms: 2,
-                    nonce: 0
-                }),
-                now,
-                0,
-                t(9)
-            ),
-            Visit::Wait {
-                ticket: Ticket {
-                    issued_ms: 2,
-                    nonce: 0
-                },
-                place: 1
-            }
-        );
-        let s = room.status(now, 10);
-        assert_eq!(s.queued, 4);
-        assert_eq!(s.longest_wait, Duration::from_millis(8));
+    fn index(&self, ms: u64) -> usize {
+        ((ms / self.slice_ms) % self.len as u64) as usize
     }
 
-    #[test]
-    fn an_empty_room_lets_in_at_once_unless_the_door_is_held() {
-        let room = Room::new(Duration::from_secs(30));
-        let now = Instant::now();
-        assert_eq!(room.visit(None, now, 3, t(1)), Visit::Enter);
-        assert!(!room.in_use());
-        room.hold(true);
-        assert!(room.in_use());
-        assert_eq!(
-            room.visit(None, now, 3, t(2)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 1
-            }
-        );
-        assert_eq!(
-            room.visit(Some(t(2)), now, 3, t(9)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 1
-            }
-        );
-        room.hold(false);
-        assert_eq!(room.visit(Some(t(2)), now, 3, t(9)), Visit::Enter);
+    fn add(&self, ms: u64, delta: i32) {
+        let mut i = self.index(ms) + 1;
+        while i <= self.len {
+            self.tree[i].fetch_add(delta, Ordering::AcqRel);
+            i += i & i.wrapping_neg();
+        }
     }
 
-    #[test]
-    fn visitors_who_left_lose_their_place() {
-        let room = Room::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        room.visit(None, t0, 0, t(1));
-        room.visit(None, t0, 0, t(2));
-        let later = t0 + Duration::from_secs(8);
-        room.visit(Some(t(2)), later, 0, t(9));
-        let much_later = t0 + Duration::from_secs(15);
-        // The first never came back: the second moves up.
-        assert_eq!(
-            room.visit(Some(t(2)), much_later, 0, t(9)),
-            Visit::Wait {
-                ticket: t(2),
-                place: 1
+    /// Places in slices `[0, i)`.
+    fn prefix(&self, mut i: usize) -> i64 {
+        let mut sum = 0i64;
+        while i > 0 {
+            sum += i64::from(self.tree[i].load(Ordering::Acquire));
+            i &= i - 1;
+        }
+        sum
+    }
+
+    /// The oldest time a live ticket can have at `now_ms`.
+    fn oldest(&self, now_ms: u64) -> u64 {
+        (now_ms + CLOCK_SKEW_MS).saturating_sub(self.span_ms - self.slice_ms)
+    }
+
+    /// Places issued before `ms` (in whole slices), counted from the oldest live slice.
+    fn count_before(&self, ms: u64, now_ms: u64) -> usize {
+        let lo = self.oldest(now_ms);
+        if ms <= lo {
+            return 0;
+        }
+        let hi = ms.min(now_ms + CLOCK_SKEW_MS + self.slice_ms);
+        let (a, b) = (self.index(lo), self.index(hi));
+        let sum = if hi - lo >= self.span_ms {
+            self.prefix(self.len)
+        } else if a <= b {
+            self.prefix(b) - self.prefix(a)
+        } else {
+            self.prefix(self.len) - self.prefix(a) + self.prefix(b)
+        };
+        usize::try_from(sum).unwrap_or(0)
+    }
+
+    /// The cutoff (a slice boundary, ms) that lets in `target` places counted from the
+    /// oldest, at least `from`, and how many places it lets in. Walks slices forward from
+    /// `from` in strides that halve: O(log n) counts.
+    fn cutoff_for(&self, target: usize, from: u64, now_ms: u64) -> (u64, usize) {
+        let end = now_ms + CLOCK_SKEW_MS + self.slice_ms;
+        // Never past the last place: a cutoff in the future would let in, uncounted,
+        // visitors who have not even arrived.
+        let target = target.min(self.count_before(end, now_ms));
+        let mut at = from.max(self.oldest(now_ms)) / self.slice_ms * self.slice_ms;
+        if self.count_before(at, now_ms) >= target {
+            return (from, self.count_before(from, now_ms));
+        }
+        let mut stride = (end.saturating_sub(at)).next_power_of_two();
+        while stride >= self.slice_ms {
+            let next = (at + stride).min(end);
+            if self.count_before(next, now_ms) < target {
+                at = next;
             }
-        );
-        assert_eq!(Ticket::from_subject(&t(5).subject()), Some(t(5)));
-        assert_eq!(Ticket::from_subject("admitted"), None);
+            stride /= 2;
+        }
+        // `at` lets in fewer than `target`; the next slice boundary reaches it (a stride
+        // that was not a whole number of slices may leave it one short: fewer let in).
+        let cut = (at / self.slice_ms + 1) * self.slice_ms;
+        (cut, self.count_before(cut, now_ms))
+    }
+
+    /// The start of the first slice at or after `ms` that holds a place, if any.
+    fn first_at_or_after(&self, ms: u64, now_ms: u64) -> Option<u64> {
+        let from = ms.max(self.oldest(now_ms)) / self.slice_ms * self.slice_ms;
+        let base = self.count_before(from, now_ms);
+        let end = now_ms + CLOCK_SKEW_MS + self.slice_ms;
+        if self.count_before(end, now_ms) <= base {
+            return None;
+        }
+        let (cut, _) = self.cutoff_for(base + 1, from, now_ms);
+        Some(cut.saturating_sub(self.slice_ms))
     }
 }
+
+/// Tickets used or let lapse, remembered until they expire: Bloom filters, one per slice
+/// of issue time, each cleared when its slice has passed out of every ticket's life.
+/// Fixed memory; a false "used" (about 1% at the designed load) only gives an unknown
+/// ticket a fresh place.
+struct Memory {
+    slices: Vec<Mutex<MemorySlice>>,
+    slice_ms: u64,
+    bits: u64,
+}
+
+struct MemorySlice {
+    /// Which slice of time (issue ms / slice_ms) these bits remember; `u64::MAX`: none.
+    holds: u64,
+    bits: Vec<u64>,
+}
+
+impl Memory {
+    fn new(span_ms: u64, expected: usize) -> Self {
+        let slice_ms = span_ms.div_ceil(MEMORY_SLICES - 2).max(1);
+        let bits = (expected as u64 * MEMORY_BITS_PER_TICKET)
+            .next_power_of_two()
+            .max(1024);
+        Self {
+            slices: (0..MEMORY_SLICES)
+                .map(|_| {
+                    Mutex::new(MemorySlice {
+                        holds: u64::MAX,
+                        bits: Vec::new(),
+                    })
+                })
+                .collect(),
+            slice_ms,
+            bits,
+        }
+    }
+
+    fn positions(&self, t: &Ticket) -> impl Iterator<Item = u64> {
+        let h1 = t.nonce ^ t.issued_ms.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let h2 = t.nonce.rotate_left(32).wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
+        let mask = self.bits - 1;
+        (0..MEMORY_HASHES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) & mask)
+    }
+
+    fn insert(&self, t: &Ticket) {
+        let which = t.issued_ms / self.slice_ms;
+        let Ok(mut slice) = self.slices[(which % MEMORY_SLICES) as usize].lock() else {
+            return;
+        };
+        if slice.holds != which {
+            slice.holds = which;
+            slice.bits.clear();
+            slice.bits.resize((self.bits / 64) as usize, 0);
+        }
+        for p in self.positions(t) {
+            slice.bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    fn contains(&self, t: &Ticket) -> bool {
+        let which = t.issued_ms / self.slice_ms;
+        let Ok(slice) = self.slices[(which % MEMORY_SLICES) as usize].lock() else {
+            return false;
+        };
+        slice.holds == which
+            && self
+                .positions(t)
+                .all(|p| slice.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+    }
+
+    /// Frees the slices that only remember tickets issued before `ms`.
+    fn forget_before(&self, ms: u64) {
+        for slice in &self.slices {
+            if let Ok(mut s) = slice.lock() {
+                if s.holds != u64::MAX && (s.holds + 1) * self.slice_ms <= ms {
+                    s.holds = u64::MAX;
+                    s.bits = Vec::new();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

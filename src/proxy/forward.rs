@@ -20,14 +20,14 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+pub(super) use super::admission::Entry;
 use super::answers::{self, ProxyFailure, Refused};
 use super::headers::{self, RequestIds, RequestView, X_REQUEST_ID};
 use super::limits::Limits;
 use super::retry;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
-use crate::pool::shed::{self, Admitted, ShedConfig};
-use crate::pool::waiting::{Ticket, Visit};
+use crate::pool::shed::Admitted;
 use crate::pool::{Backend, InFlight, NoPick, Outcome, Pick, Pool, State};
 use crate::telemetry::names;
 
@@ -467,82 +467,6 @@ impl Forwarder {
         resp
     }
 
-    /// Admission: the waiting room's poll, load shedding (wait briefly for room, else
-    /// 503; newcomers before shoppers already in, browsing before buying) and the
-    /// waiting room itself. `Err`: surge's own answer, the request goes no further.
-    pub(super) async fn enter<V: RequestView>(
-        self: &Rc<Self>,
-        view: &V,
-        conn_info: &ConnInfo,
-        request_id: &HeaderValue,
-        unix_now: u64,
-    ) -> Result<Entry, Response<DownstreamBody>> {
-        // Load shedding: wait briefly for room, else 503 (newcomers before shoppers
-        // already in, browsing before buying).
-        let mut admission_cookie = None;
-        let mut queue_cookie = None;
-        if self.queue_signer.is_some() && view.path() == answers::QUEUE_PATH {
-            if let Some(resp) = self.queue_poll(view, unix_now) {
-                return Err(resp);
-            }
-        }
-        let admitted = match self.pool.settings().shed.as_ref() {
-            Some(cfg) => {
-                let secure = conn_info.tls.is_some();
-                let mut class = self.classify(cfg, view, unix_now, secure, &mut admission_cookie);
-                // A newcomer goes through the waiting room when others wait there (no
-                // cutting in line) or it holds a ticket; else it tries the shop, and
-                // only if that sheds it does it get a place in line.
-                let mut answer = RoomAnswer::NotHere;
-                if class == shed::Class::Newcomer {
-                    answer = self.waiting_room(cfg, view, unix_now, secure, false);
-                    if let RoomAnswer::Enter(clear) = answer {
-                        class = shed::Class::Admitted;
-                        queue_cookie = clear;
-                        answer = RoomAnswer::NotHere;
-                    }
-                }
-                let admitted = match answer {
-                    RoomAnswer::NotHere => self.admit(cfg, class).await,
-                    _ => None,
-                };
-                if admitted.is_none() && class == shed::Class::Newcomer {
-                    if let RoomAnswer::NotHere = answer {
-                        answer = self.waiting_room(cfg, view, unix_now, secure, true);
-                    }
-                }
-                if let RoomAnswer::Refuse = answer {
-                    admission_cookie = None;
-                }
-                if let RoomAnswer::Wait(resp) = answer {
-                    let mut resp = *resp;
-                    resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-                    if let Some(h) = &conn_info.hsts {
-                        resp.headers_mut()
-                            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-                    }
-                    return Err(resp);
-                }
-                admitted
-            }
-            None => None,
-        };
-        if admitted.is_none() && self.pool.settings().shed.is_some() {
-            let mut resp = answers::shed(request_id);
-            resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-            if let Some(h) = &conn_info.hsts {
-                resp.headers_mut()
-                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-            }
-            return Err(resp);
-        }
-        Ok(Entry {
-            admitted,
-            admission_cookie,
-            queue_cookie,
-        })
-    }
-
     /// Cart affinity: the cart cookie, and the backend a route cookie binds it to. A
     /// route cookie counts only beside a cart, and only if this pool signed it and it
     /// has not expired: a shopper cannot choose its blade.
@@ -684,198 +608,6 @@ impl Forwarder {
                 stall: super::stall::Stall::new(self.body_idle_timeout),
             }),
         )
-    }
-
-    /// Admits a request under the shedding limit, waiting up to the queue timeout. The
-    /// wait is woken by a request giving its room back or by a pool change (a node coming
-    /// into service), not by a timer.
-    /// Who the request comes from (see [`shed::Class`]). A newcomer gets the admission
-    /// cookie with its answer (once admitted: a shed answer carries none), and a shopper
-    /// whose cookie is past half its life a fresh one.
-    fn classify(
-        &self,
-        cfg: &ShedConfig,
-        view: &impl RequestView,
-        unix_now: u64,
-        secure: bool,
-        issue: &mut Option<HeaderValue>,
-    ) -> shed::Class {
-        if shed::is_priority(cfg, view.path()) {
-            return shed::Class::Priority;
-        }
-        if let Some(s) = &self.sticky {
-            if headers::cookie_of(view, &s.cookie).is_some() {
-                return shed::Class::Admitted;
-            }
-        }
-        let Some(signer) = &self.admission else {
-            return shed::Class::Newcomer;
-        };
-        let verified = headers::cookie_of(view, &cfg.admission_cookie)
-            .and_then(|v| signer.verify(v, unix_now))
-            .filter(|v| v.backend == ADMISSION_SUBJECT);
-        if verified.is_none_or(|v| v.renew) {
-            let cookie = format!(
-                "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
-                cfg.admission_cookie,
-                signer.issue(ADMISSION_SUBJECT, unix_now),
-                cfg.session_duration.as_secs(),
-                if secure { "; Secure" } else { "" }
-            );
-            *issue = HeaderValue::from_str(&cookie).ok();
-        }
-        if verified.is_some() {
-            shed::Class::Admitted
-        } else {
-            shed::Class::Newcomer
-        }
-    }
-
-    /// Whether a newcomer goes through the waiting room, and what it says. Only page
-    /// loads (GET/HEAD accepting HTML) wait; an API client of a full shop gets the 503.
-    fn waiting_room(
-        &self,
-        cfg: &ShedConfig,
-        view: &impl RequestView,
-        unix_now: u64,
-        secure: bool,
-        shed_now: bool,
-    ) -> RoomAnswer {
-        let (Some(room), Some(w), Some(signer)) = (
-            &self.pool.traffic.waiting,
-            &self.pool.settings().waiting_room,
-            &self.queue_signer,
-        ) else {
-            return RoomAnswer::NotHere;
-        };
-        let page_load = matches!(*view.method(), Method::GET | Method::HEAD)
-            && view
-                .values("accept")
-                .any(|v| std::str::from_utf8(v).is_ok_and(|v| v.contains("text/html")));
-        if !page_load {
-            // While anyone waits (or the door is held), a newcomer's other requests (an
-            // API call, a favicon) do not get in around the line, nor mint the admission
-            // cookie that would let its next page load in.
-            return if shed_now || room.in_use() {
-                RoomAnswer::Refuse
-            } else {
-                RoomAnswer::NotHere
-            };
-        }
-        let ticket = ticket_of(view, w, signer, unix_now);
-        if !shed_now && ticket.is_none() && !room.in_use() {
-            return RoomAnswer::NotHere;
-        }
-        let admission = &self.pool.traffic.admission;
-        let in_service = self.pool.snapshot().eligible();
-        let in_flight = admission.in_flight.load(Ordering::SeqCst);
-        // Just shed: no room now, whatever the count says a moment later.
-        let free = if shed_now {
-            0
-        } else {
-            shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(in_flight)
-        };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let fresh = Ticket {
-            issued_ms: now_ms,
-            nonce: fastrand::u64(..),
-        };
-        let now = Instant::now();
-        let visit = room.visit(ticket, now, free, fresh);
-        metrics::gauge!(names::WAITING_ROOM_QUEUED).set(room.status(now, now_ms).queued as f64);
-        match visit {
-            Visit::Enter => {
-                metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
-                let clear = ticket.and_then(|_| {
-                    HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", w.cookie)).ok()
-                });
-                RoomAnswer::Enter(clear)
-            }
-            Visit::Wait { ticket, place } => {
-                let cookie = format!(
-                    "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
-                    w.cookie,
-                    signer.issue(&ticket.subject(), unix_now),
-                    w.ticket_ttl.as_secs(),
-                    if secure { "; Secure" } else { "" }
-                );
-                let Ok(cookie) = HeaderValue::from_str(&cookie) else {
-                    return RoomAnswer::NotHere;
-                };
-                RoomAnswer::Wait(Box::new(answers::waiting(
-                    w.page.as_deref(),
-                    place,
-                    room.estimate(place, now),
-                    w.refresh,
-                    cookie,
-                )))
-            }
-        }
-    }
-
-    /// The waiting page's poll: the holder's place and wait, or that it may come in.
-    /// `None` (forwarded as any path) when this pool has no waiting room.
-    fn queue_poll(
-        &self,
-        view: &impl RequestView,
-        unix_now: u64,
-    ) -> Option<Response<DownstreamBody>> {
-        let (Some(room), Some(w), Some(signer)) = (
-            &self.pool.traffic.waiting,
-            &self.pool.settings().waiting_room,
-            &self.queue_signer,
-        ) else {
-            return None;
-        };
-        let place = ticket_of(view, w, signer, unix_now).and_then(|t| room.place(t));
-        let wait = place.and_then(|(p, _)| room.estimate(p, Instant::now()));
-        Some(answers::queue_status(place, wait))
-    }
-
-    async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
-        let admission = &self.pool.traffic.admission;
-        let priority = class == shed::Class::Priority;
-        let fits = || {
-            shed::admits(
-                cfg,
-                admission.in_flight.load(Ordering::SeqCst),
-                self.pool.snapshot().eligible(),
-                class,
-            )
-        };
-        if fits() {
-            return Some(Admitted::new(admission.clone()));
-        }
-        // A guard: a request dropped while it waits (an HTTP/2 stream reset) is
-        // uncounted too, or the queue would fill with ghosts and shed everyone.
-        let (waiting, before) = shed::Waiting::start(admission);
-        if before < cfg.queue_size {
-            let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
-            let mut changes = self.pool.changes();
-            loop {
-                let room = admission.room.notified();
-                let mut room = std::pin::pin!(room);
-                // Registered before looking, so room freed in between still wakes us.
-                room.as_mut().enable();
-                changes.borrow_and_update();
-                if fits() {
-                    drop(waiting);
-                    return Some(Admitted::new(admission.clone()));
-                }
-                tokio::select! {
-                    _ = room => {}
-                    _ = changes.changed() => {}
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
-            }
-        }
-        drop(waiting);
-        admission.shed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" }, "class" => class.label())
-            .increment(1);
-        None
     }
 
     pub(super) fn failure_response(
@@ -1093,40 +825,6 @@ fn short_reason(e: &hyper::Error) -> &'static str {
 }
 
 /// The waiting-room ticket the request carries, if this pool signed it and it is valid.
-fn ticket_of(
-    view: &impl RequestView,
-    w: &crate::config::WaitingRoomConfig,
-    signer: &super::route::RouteSigner,
-    unix_now: u64,
-) -> Option<Ticket> {
-    headers::cookie_of(view, &w.cookie)
-        .and_then(|v| signer.verify(v, unix_now))
-        .and_then(|v| Ticket::from_subject(v.backend))
-}
-
-/// What admission let in: the room under the shedding limit, and cookies for the answer.
-#[derive(Default)]
-pub(super) struct Entry {
-    pub(super) admitted: Option<Admitted>,
-    pub(super) admission_cookie: Option<HeaderValue>,
-    pub(super) queue_cookie: Option<HeaderValue>,
-}
-
-/// What the waiting room said to a newcomer.
-enum RoomAnswer {
-    /// No room, not a page load, or the shop has room and nobody waits.
-    NotHere,
-    /// Let in (with the cookie that clears the used ticket).
-    Enter(Option<HeaderValue>),
-    /// The waiting page (boxed: an answer is large, and this path is rare).
-    Wait(Box<Response<DownstreamBody>>),
-    /// Not a page load while others wait: the 503 with `Retry-After`.
-    Refuse,
-}
-
-/// What an admission cookie's signature covers (besides its expiry).
-const ADMISSION_SUBJECT: &str = "admitted";
-
 /// A backend's response body that keeps the backend's in-flight count raised until the
 /// body has been sent to the shopper (or the shopper went away), so a drain waits for
 /// streaming responses too.

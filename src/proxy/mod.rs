@@ -8,6 +8,7 @@
 //! Owns: everything engine-specific (hyper server and client wiring). Must not: decide
 //! scaling, or keep state about backends beyond connection pools (that is `pool`'s).
 
+mod admission;
 mod answers;
 pub mod drive;
 pub mod forward;

@@ -76,6 +76,18 @@ impl RouteSigner {
         )
     }
 
+    /// A value for `subject` that expires at `expiry` (Unix seconds) whenever it is issued:
+    /// what a renewal must not extend (a waiting-room ticket lives as long as it was
+    /// given to live when issued).
+    pub fn issue_until(&self, subject: &str, expiry: u64) -> String {
+        let mut mac = [0u8; MAC_BYTES * 2];
+        Self::mac(&self.key, subject, expiry, &mut mac);
+        format!(
+            "{subject}~{expiry}~{}",
+            std::str::from_utf8(&mac).unwrap_or_default()
+        )
+    }
+
     /// The backend `value` binds to, if it is a cookie this pool signed and it has not
     /// expired at `now`.
     pub fn verify<'a>(&self, value: &'a str, now: u64) -> Option<Verified<'a>> {

@@ -315,7 +315,14 @@ pub async fn start_with(
         prober,
         rx.clone(),
     ));
-    tokio::spawn(health::run_upkeep(pool.clone(), UPKEEP_INTERVAL, rx));
+    tokio::spawn(health::run_upkeep(
+        pool.clone(),
+        UPKEEP_INTERVAL,
+        rx.clone(),
+    ));
+    if pool.traffic.waiting.is_some() {
+        tokio::spawn(tidy_waiting_room(pool.clone(), rx));
+    }
     // The simulator's key exists only in this process: nothing to leak.
     let maas = cfg.provider.as_ref().is_some_and(|p| p.kind == "maas");
     let sim_token = if maas {
@@ -869,4 +876,24 @@ async fn hand_over(
         },
         Takeover { child, sockets },
     ))
+}
+
+/// The waiting room's own clock: places whose holders stopped asking lapse whether or not
+/// anyone visits, so the line the autoscaler and the admin API read is the live one.
+async fn tidy_waiting_room(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
+    let Some(room) = pool.traffic.waiting.as_ref() else {
+        return;
+    };
+    let mut every = tokio::time::interval(crate::pool::waiting::TIDY_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now_ms = crate::pool::waiting::wall_ms();
+        room.tidy(std::time::Instant::now(), now_ms);
+        let status = room.status(now_ms);
+        metrics::gauge!(crate::telemetry::names::WAITING_ROOM_QUEUED).set(status.queued as f64);
+    }
 }

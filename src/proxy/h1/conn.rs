@@ -506,7 +506,12 @@ async fn exchange<S: Transport>(
             Ok(entry) => entry,
             Err(resp) => {
                 log_own(fwd, info, head, buf, &resp, Some(start));
-                let close = close || !matches!(head.framing, Framing::Empty | Framing::Length(_));
+                // Surge's answer may ask to close (a waiting page: its holder is back in
+                // seconds, and an idle connection per waiting visitor is not kept).
+                let asks_close = resp.headers().contains_key(http::header::CONNECTION);
+                let close = close
+                    || asks_close
+                    || !matches!(head.framing, Framing::Empty | Framing::Length(_));
                 if !write_own(io, resp, info, head_request, close).await || close {
                     return After::Close;
                 }

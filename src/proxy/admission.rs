@@ -1,0 +1,411 @@
+//! Admission, decided once per request for every protocol: who is already in the shop,
+//! who waits in line, who is turned away.
+//!
+//! "In" means a cookie surge signed: the admission cookie (one random id per visitor
+//! inside the signature, so one value shared by many shows), or a route cookie surge
+//! issued beside a cart. Nothing the shopper or the blade sets alone lets a request past
+//! the line: a bare `cart` cookie is a newcomer's. Priority paths (cart, checkout) get
+//! their headroom only for shoppers who are in.
+//!
+//! A newcomer's page load gets the shop or a place in line, never a plain 503: when the
+//! shop sheds it, it gets a place; when it is let in from the line and the shop is full a
+//! moment later, it keeps its place at the front (nothing is spent until it is served).
+//! Only a newcomer that is not a page load (an API client) gets the 503 while others
+//! wait, and so does a page load when the line is at its bound.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Response};
+
+use super::answers;
+use super::forward::{ConnInfo, DownstreamBody, Forwarder};
+use super::headers::{self, RequestView, X_REQUEST_ID};
+use super::route::RouteSigner;
+use crate::config::WaitingRoomConfig;
+use crate::pool::shed::{self, Admitted, ShedConfig};
+use crate::pool::waiting::{self, Room, Ticket, Visit};
+use crate::telemetry::names;
+
+/// What admission let in: the room under the shedding limit, and cookies for the answer.
+#[derive(Default)]
+pub(super) struct Entry {
+    pub(super) admitted: Option<Admitted>,
+    pub(super) admission_cookie: Option<HeaderValue>,
+    pub(super) queue_cookie: Option<HeaderValue>,
+}
+
+/// What every admission cookie's signed subject starts with (then the visitor's id).
+const ADMISSION_PREFIX: &str = "in.";
+
+/// The waiting room's parts, when the pool has one.
+struct RoomParts<'a> {
+    room: &'a Room,
+    config: &'a WaitingRoomConfig,
+    signer: &'a RouteSigner,
+}
+
+type Answer = Response<DownstreamBody>;
+
+impl Forwarder {
+    /// Admission: the waiting room's poll, then who the request comes from, then the
+    /// shop (a short wait for room), the line, or surge's 503. `Err`: surge's own answer,
+    /// the request goes no further.
+    pub(super) async fn enter<V: RequestView>(
+        self: &Rc<Self>,
+        view: &V,
+        conn_info: &ConnInfo,
+        request_id: &HeaderValue,
+        unix_now: u64,
+    ) -> Result<Entry, Answer> {
+        if view.path() == answers::QUEUE_PATH {
+            if let Some(resp) = self.queue_poll(view, unix_now) {
+                return Err(own_answer(resp, request_id, conn_info));
+            }
+        }
+        let Some(cfg) = self.pool.settings().shed.as_ref() else {
+            return Ok(Entry::default());
+        };
+        let secure = conn_info.tls.is_some();
+        let entry = match self.classify(cfg, view, unix_now, secure) {
+            (shed::Class::Newcomer, _) => {
+                self.newcomer(cfg, view, unix_now, secure, conn_info, request_id)
+                    .await
+            }
+            (class, renewed) => match self.admit(cfg, class).await {
+                Some(admitted) => Ok(Entry {
+                    admitted: Some(admitted),
+                    admission_cookie: renewed,
+                    queue_cookie: None,
+                }),
+                None => Err(answers::shed(request_id)),
+            },
+        };
+        entry.map_err(|resp| own_answer(resp, request_id, conn_info))
+    }
+
+    /// Who the request comes from (see [`shed::Class`]), and the admission cookie to
+    /// renew (a shopper's past half its life, same id).
+    fn classify(
+        &self,
+        cfg: &ShedConfig,
+        view: &impl RequestView,
+        unix_now: u64,
+        secure: bool,
+    ) -> (shed::Class, Option<HeaderValue>) {
+        let admission = self.admission.as_ref().and_then(|signer| {
+            headers::cookie_of(view, &cfg.admission_cookie)
+                .and_then(|v| signer.verify(v, unix_now))
+                .filter(|v| v.backend.starts_with(ADMISSION_PREFIX))
+        });
+        let routed = || self.affinity_in(view, unix_now).1.is_some();
+        if admission.is_none() && !routed() {
+            return (shed::Class::Newcomer, None);
+        }
+        let renewed = admission
+            .filter(|v| v.renew)
+            .and_then(|v| self.admission_cookie(cfg, v.backend, unix_now, secure));
+        let class = if shed::is_priority(cfg, view.path()) {
+            shed::Class::Priority
+        } else {
+            shed::Class::Admitted
+        };
+        (class, renewed)
+    }
+
+    /// The admission cookie naming `subject` (a visitor's own id).
+    fn admission_cookie(
+        &self,
+        cfg: &ShedConfig,
+        subject: &str,
+        unix_now: u64,
+        secure: bool,
+    ) -> Option<HeaderValue> {
+        let signer = self.admission.as_ref()?;
+        let cookie = format!(
+            "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+            cfg.admission_cookie,
+            signer.issue(subject, unix_now),
+            cfg.session_duration.as_secs(),
+            if secure { "; Secure" } else { "" }
+        );
+        HeaderValue::from_str(&cookie).ok()
+    }
+
+    /// A newcomer let in: counted, and given its own admission cookie.
+    fn newcomer_in(
+        &self,
+        cfg: &ShedConfig,
+        admitted: Admitted,
+        unix_now: u64,
+        secure: bool,
+    ) -> Entry {
+        let id = format!("{ADMISSION_PREFIX}{:016x}", fastrand::u64(..));
+        Entry {
+            admitted: Some(admitted),
+            admission_cookie: self.admission_cookie(cfg, &id, unix_now, secure),
+            queue_cookie: None,
+        }
+    }
+
+    /// A new visitor: a page load goes through the room when the pool has one (straight
+    /// in while nobody waits and the shop has room); anything else tries the shop, and
+    /// while others wait is turned away (it would cut in line).
+    async fn newcomer(
+        self: &Rc<Self>,
+        cfg: &ShedConfig,
+        view: &impl RequestView,
+        unix_now: u64,
+        secure: bool,
+        conn_info: &ConnInfo,
+        request_id: &HeaderValue,
+    ) -> Result<Entry, Answer> {
+        let counts = &self.pool.traffic.admission;
+        let room = self.room_parts();
+        match room {
+            Some(room) if is_page_load(view) => {
+                return self
+                    .through_room(cfg, room, view, unix_now, secure, conn_info, request_id)
+                    .await;
+            }
+            Some(room) if room.room.in_use() => {
+                counts.newcomers_turned_away.fetch_add(1, Ordering::Relaxed);
+                return Err(answers::shed(request_id));
+            }
+            _ => {}
+        }
+        match self.admit(cfg, shed::Class::Newcomer).await {
+            Some(admitted) => {
+                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+                Ok(self.newcomer_in(cfg, admitted, unix_now, secure))
+            }
+            None => {
+                counts.newcomers_turned_away.fetch_add(1, Ordering::Relaxed);
+                Err(answers::shed(request_id))
+            }
+        }
+    }
+
+    /// A newcomer's page load and the waiting room: the shop while nobody waits and it
+    /// has room, else a place (or the holder's own), and in when the line reaches it.
+    #[allow(clippy::too_many_arguments)]
+    async fn through_room(
+        self: &Rc<Self>,
+        cfg: &ShedConfig,
+        parts: RoomParts<'_>,
+        view: &impl RequestView,
+        unix_now: u64,
+        secure: bool,
+        conn_info: &ConnInfo,
+        request_id: &HeaderValue,
+    ) -> Result<Entry, Answer> {
+        let counts = &self.pool.traffic.admission;
+        let ticket = ticket_of(view, parts.config, parts.signer, unix_now);
+        let mut free = None;
+        if ticket.is_none() && !parts.room.in_use() {
+            if let Some(admitted) = self.admit(cfg, shed::Class::Newcomer).await {
+                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+                return Ok(self.newcomer_in(cfg, admitted, unix_now, secure));
+            }
+            // Just shed: no room now, whatever the count says a moment later.
+            free = Some(0);
+        }
+        let free = free.unwrap_or_else(|| self.room_for_newcomers(cfg));
+        let now_ms = waiting::wall_ms();
+        let fresh = || Ticket {
+            issued_ms: now_ms,
+            nonce: fastrand::u64(..),
+        };
+        let page = |t: Ticket, place: usize| {
+            waiting_page(&parts, t, place, unix_now, secure, conn_info, now_ms)
+        };
+        match parts
+            .room
+            .visit(ticket, Instant::now(), now_ms, free, fresh())
+        {
+            Visit::Wait { ticket, place } => Err(page(ticket, place)),
+            Visit::Full => Err(answers::shed(request_id)),
+            Visit::Enter { ticket } => match self.admit(cfg, shed::Class::Admitted).await {
+                Some(admitted) => {
+                    let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
+                    match ticket {
+                        Some(t) => {
+                            parts.room.spend(t, now_ms);
+                            metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
+                            entry.queue_cookie = HeaderValue::from_str(&format!(
+                                "{}=; Path=/; Max-Age=0",
+                                parts.config.cookie
+                            ))
+                            .ok();
+                        }
+                        None => {
+                            counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(entry)
+                }
+                // Let in, but the shop filled a moment later: the place is kept (at the
+                // front), the holder is back at the next reload.
+                None => match ticket {
+                    Some(t) => Err(page(t, 1)),
+                    None => match parts.room.visit(None, Instant::now(), now_ms, 0, fresh()) {
+                        Visit::Wait { ticket, place } => Err(page(ticket, place)),
+                        _ => Err(answers::shed(request_id)),
+                    },
+                },
+            },
+        }
+    }
+
+    /// Newcomers the shop has room for now: below the newcomers' share of the limit,
+    /// counting requests waiting for room as taken.
+    fn room_for_newcomers(&self, cfg: &ShedConfig) -> u64 {
+        let admission = &self.pool.traffic.admission;
+        let in_service = self.pool.snapshot().eligible();
+        let taken =
+            admission.in_flight.load(Ordering::SeqCst) + admission.waiting.load(Ordering::SeqCst);
+        shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(taken)
+    }
+
+    fn room_parts(&self) -> Option<RoomParts<'_>> {
+        match (
+            &self.pool.traffic.waiting,
+            &self.pool.settings().waiting_room,
+            &self.queue_signer,
+        ) {
+            (Some(room), Some(config), Some(signer)) => Some(RoomParts {
+                room,
+                config,
+                signer,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The waiting page's poll: the holder's place and wait, or that it may come in.
+    /// `None` (forwarded as any path) when this pool has no waiting room.
+    fn queue_poll(&self, view: &impl RequestView, unix_now: u64) -> Option<Answer> {
+        let parts = self.room_parts()?;
+        let now_ms = waiting::wall_ms();
+        let place = ticket_of(view, parts.config, parts.signer, unix_now)
+            .and_then(|t| parts.room.place(t, now_ms));
+        let wait = place.and_then(|(p, _)| parts.room.estimate(p, now_ms));
+        Some(answers::queue_status(place, wait))
+    }
+
+    /// Admits a request under the shedding limit, waiting up to the queue timeout. The
+    /// wait is woken by a request giving its room back or by a pool change (a node coming
+    /// into service), not by a timer.
+    pub(super) async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
+        let admission = &self.pool.traffic.admission;
+        let fits = || {
+            shed::admits(
+                cfg,
+                admission.in_flight.load(Ordering::SeqCst),
+                self.pool.snapshot().eligible(),
+                class,
+            )
+        };
+        if fits() {
+            return Some(Admitted::new(admission.clone()));
+        }
+        // A guard: a request dropped while it waits (an HTTP/2 stream reset) is
+        // uncounted too, or the queue would fill with ghosts and shed everyone.
+        let (waiting, before) = shed::Waiting::start(admission);
+        if before < cfg.queue_size {
+            let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
+            let mut changes = self.pool.changes();
+            loop {
+                let room = admission.room.notified();
+                let mut room = std::pin::pin!(room);
+                // Registered before looking, so room freed in between still wakes us.
+                room.as_mut().enable();
+                changes.borrow_and_update();
+                if fits() {
+                    drop(waiting);
+                    return Some(Admitted::new(admission.clone()));
+                }
+                tokio::select! {
+                    _ = room => {}
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        drop(waiting);
+        admission.shed.fetch_add(1, Ordering::Relaxed);
+        let priority = class == shed::Class::Priority;
+        metrics::counter!(names::SHED_TOTAL, "priority" => if priority { "true" } else { "false" }, "class" => class.label())
+            .increment(1);
+        None
+    }
+}
+
+/// Surge's own answer, with the request id and HSTS.
+fn own_answer(mut resp: Answer, request_id: &HeaderValue, conn_info: &ConnInfo) -> Answer {
+    resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+    if let Some(h) = &conn_info.hsts {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+    }
+    resp
+}
+
+/// A page load: GET or HEAD accepting HTML (only those wait; an API client gets a 503).
+fn is_page_load(view: &impl RequestView) -> bool {
+    matches!(*view.method(), Method::GET | Method::HEAD)
+        && view
+            .values("accept")
+            .any(|v| std::str::from_utf8(v).is_ok_and(|v| v.contains("text/html")))
+}
+
+/// The waiting page for the holder of `ticket` at `place`, with its ticket cookie. The
+/// cookie expires when the ticket does, however often it is issued again. On HTTP/1 the
+/// connection is closed: the holder is back in seconds, and a waiting crowd would
+/// otherwise hold one idle connection each.
+fn waiting_page(
+    parts: &RoomParts<'_>,
+    ticket: Ticket,
+    place: usize,
+    unix_now: u64,
+    secure: bool,
+    conn_info: &ConnInfo,
+    now_ms: u64,
+) -> Answer {
+    let expiry = ticket.issued_ms / 1000 + parts.config.ticket_ttl.as_secs();
+    let cookie = format!(
+        "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        parts.config.cookie,
+        parts.signer.issue_until(&ticket.subject(), expiry),
+        expiry.saturating_sub(unix_now),
+        if secure { "; Secure" } else { "" }
+    );
+    let cookie = HeaderValue::from_str(&cookie).unwrap_or(HeaderValue::from_static(""));
+    let mut resp = answers::waiting(
+        parts.config.page.as_deref(),
+        place,
+        parts.room.estimate(place, now_ms),
+        parts.config.refresh,
+        cookie,
+    );
+    if !conn_info.h2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The ticket the request's queue cookie names, if this pool signed it and it has not
+/// expired.
+fn ticket_of(
+    view: &impl RequestView,
+    w: &WaitingRoomConfig,
+    signer: &RouteSigner,
+    unix_now: u64,
+) -> Option<Ticket> {
+    headers::cookie_of(view, &w.cookie)
+        .and_then(|v| signer.verify(v, unix_now))
+        .and_then(|v| Ticket::from_subject(v.backend))
+}
