@@ -464,6 +464,9 @@ async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
     );
     let surge = surge::serve::start(&cfg).await.unwrap();
     let addr = surge.proxy.local_addr;
+    // A buyer who came in before the rush (surge's admission cookie).
+    let first = get(&client(), addr, "/catalog").await.unwrap();
+    let buyer = format!("surge_admit={}", first.set_cookie("surge_admit").unwrap());
     // Fill the node: four slow browsing requests.
     let mut slow = Vec::new();
     for _ in 0..4 {
@@ -482,9 +485,23 @@ async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
     assert_eq!(browse.headers["retry-after"], "2");
     assert!(String::from_utf8_lossy(&browse.body).contains("more capacity is on its way"));
     assert_eq!(browse.blade(), "", "a shed request reaches no blade");
-    let checkout = send(&client(), Method::POST, addr, "/checkout", &[], "")
+    let stranger = send(&client(), Method::POST, addr, "/checkout", &[], "")
         .await
         .unwrap();
+    assert_eq!(
+        stranger.status, 503,
+        "checkout's headroom is for shoppers already in, not a newcomer's way around"
+    );
+    let checkout = send(
+        &client(),
+        Method::POST,
+        addr,
+        "/checkout",
+        &[("cookie", &buyer)],
+        "",
+    )
+    .await
+    .unwrap();
     assert_ne!(
         checkout.status, 503,
         "checkout has headroom above the browsing limit"
@@ -495,7 +512,7 @@ async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
     }
     // Room again once they are done.
     assert_eq!(get(&client(), addr, "/catalog").await.unwrap().status, 200);
-    assert_eq!(surge.pool.traffic.admission.shed.load(Ordering::Relaxed), 1);
+    assert_eq!(surge.pool.traffic.admission.shed.load(Ordering::Relaxed), 2);
     assert_eq!(
         surge
             .pool
@@ -510,8 +527,9 @@ async fn when_full_browsing_is_shed_with_503_and_checkout_still_gets_through() {
 }
 
 /// Session-aware admission: when the pool is full for newcomers, a shopper already in
-/// (the admission cookie surge set on their first answer, or a cart) is still served; a
-/// new visitor, or one with a forged cookie, is the one turned away.
+/// (the admission cookie surge set on their first answer) is still served; a new visitor,
+/// one with a forged cookie, or one with only a cart cookie (which the blade sets,
+/// unsigned) is the one turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_shop_holds_back_newcomers_and_serves_shoppers_already_in() {
     let blades = blades(1, Duration::from_millis(600)).await;
@@ -573,14 +591,18 @@ async fn a_full_shop_holds_back_newcomers_and_serves_shoppers_already_in() {
             .unwrap();
         assert_eq!(r.status, 503, "{cookie} counted as a shopper already in");
     }
-    // A shopper already in, by the cookie or by a cart, is served.
+    // A shopper already in (surge's cookie) is served; a bare cart cookie is not "in".
     let by_cookie = [("cookie", admitted.as_str())];
     let by_cart = [("cookie", "cart=c-42")];
     let in_by_cookie = send(&c, Method::GET, addr, "/catalog", &by_cookie, "");
-    let in_by_cart = send(&c, Method::GET, addr, "/catalog", &by_cart, "");
+    let in_by_cart = send(&c, Method::GET, addr, "/cart", &by_cart, "");
     let (a, b) = tokio::join!(in_by_cookie, in_by_cart);
     assert_eq!(a.unwrap().status, 200);
-    assert_eq!(b.unwrap().status, 200);
+    assert_eq!(
+        b.unwrap().status,
+        503,
+        "a cart cookie alone (on a priority path) is a newcomer"
+    );
     for s in slow {
         assert_eq!(s.await.unwrap().status, 200);
     }
@@ -648,11 +670,22 @@ async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees
         .unwrap();
     let addr = surge.proxy.local_addr;
     let c = client();
-    // Two shoppers already in (carts) keep the newcomers' share (1 of 2) taken.
+    // Two shoppers already in (surge's admission cookie, got on their first page) keep
+    // the newcomers' share (1 of 2) taken.
+    let mut admitted = Vec::new();
+    for _ in 0..2 {
+        let first = page(&c, addr, "").await;
+        assert_eq!(first.status, 200);
+        let id = first
+            .set_cookie("surge_admit")
+            .expect("an admission cookie");
+        admitted.push(format!("surge_admit={id}"));
+    }
+    assert_ne!(admitted[0], admitted[1], "one admission id per visitor");
+    let served_before = blades[0].served();
     let mut slow = Vec::new();
-    for i in 0..2 {
+    for cookie in admitted {
         slow.push(tokio::spawn(async move {
-            let cookie = format!("cart=c-{i}");
             send(
                 &client(),
                 Method::GET,
@@ -724,7 +757,7 @@ async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees
         .unwrap()
         .starts_with("text/plain"));
     assert_eq!(
-        blades[0].served(),
+        blades[0].served() - served_before,
         2,
         "only the two shoppers already in reached the blade"
     );
@@ -769,8 +802,9 @@ async fn a_full_shop_queues_new_visitors_in_order_and_lets_them_in_as_room_frees
     .await
     .unwrap()
     .json();
-    // B's visit also let the forger in (room for one): the replay alone waits.
-    assert_eq!(status["queued"], 1, "{status}");
+    // B was let in before its visit, so that visit's room was B's: nobody else was
+    // let in on it (the forger and the replay wait).
+    assert_eq!(status["queued"], 2, "{status}");
     assert_eq!(status["held"], false);
     surge.stop().await;
 }
@@ -785,11 +819,9 @@ async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
         .unwrap();
     let (addr, admin) = (surge.proxy.local_addr, surge.admin.local_addr);
     let c = client();
-    assert_eq!(
-        page(&c, addr, "").await.status,
-        200,
-        "an empty shop, the door open"
-    );
+    let first = page(&c, addr, "").await;
+    assert_eq!(first.status, 200, "an empty shop, the door open");
+    let shopper = format!("surge_admit={}", first.set_cookie("surge_admit").unwrap());
     let held = send(&c, Method::POST, admin, "/v1/waiting-room/open", &[], "")
         .await
         .unwrap();
@@ -803,12 +835,26 @@ async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
         Method::GET,
         addr,
         "/catalog",
-        &[("cookie", "cart=c-1")],
+        &[("cookie", &shopper)],
         "",
     )
     .await
     .unwrap();
     assert_eq!(regular.status, 200, "a shopper already in is served");
+    let cart_only = send(
+        &c,
+        Method::GET,
+        addr,
+        "/catalog",
+        &[("cookie", "cart=c-1")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        cart_only.status, 503,
+        "a cart cookie the blade sets (unsigned) is no way past the line"
+    );
     assert_eq!(page(&c, addr, &ticket).await.status, 503, "still held");
     let opened = send(&c, Method::POST, admin, "/v1/waiting-room/close", &[], "")
         .await
@@ -887,7 +933,7 @@ async fn the_waiting_page_shows_the_place_and_wait_in_a_browser() {
             .traffic
             .waiting
             .as_ref()
-            .map(|r| r.status(std::time::Instant::now(), 0).queued),
+            .map(|r| r.status(surge::pool::waiting::wall_ms()).queued),
         Some(2),
         "the browser holds the second place"
     );

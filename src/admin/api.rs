@@ -209,6 +209,10 @@ pub struct AutoscalerStatus {
     pub cost: CostView,
     /// Orders not yet seen in the provider's inventory (counted as on their way).
     pub orders_on_the_way: Vec<OrderView>,
+    /// Servers released before they ever served, since start (failed deliveries, nodes
+    /// removed by an operator first; never an order cancelled because the count fell).
+    #[serde(default)]
+    pub released_unserved: u64,
     /// Servers with a `surge-pool` tag this surge does not manage (other pool names,
     /// zones not ordered from): still billed, never released by surge.
     pub unmanaged: Vec<UnmanagedView>,
@@ -268,6 +272,17 @@ pub struct Observed {
     pub p99_ms: Option<f64>,
     /// Whether the figures are recent and complete (stale ones scale nothing).
     pub fresh: bool,
+    /// New connections counted for scaling since start (the per-client share capped).
+    #[serde(default)]
+    pub connections_counted: u64,
+    /// Visitors waiting in line (or requests waiting for room) now.
+    #[serde(default)]
+    pub waiting: u64,
+    /// New visitors per second, and those the pool took on, over the short window.
+    #[serde(default)]
+    pub arrived_per_second: f64,
+    #[serde(default)]
+    pub let_in_per_second: f64,
 }
 
 /// One decision that changed the desired or current size.
@@ -319,8 +334,13 @@ impl AutoscalerHistory {
 
 impl AutoscalerStatus {
     /// The document for the running autoscaler's current status.
-    pub fn of(shared: &autoscale::Shared) -> Self {
+    pub fn of(shared: &autoscale::Shared, pool: &crate::pool::Pool) -> Self {
         let s = shared.status();
+        let counted = pool
+            .traffic
+            .scaling
+            .counted
+            .load(std::sync::atomic::Ordering::Relaxed);
         Self {
             paused: shared.is_paused(),
             desired: s.desired,
@@ -336,6 +356,10 @@ impl AutoscalerStatus {
                 in_flight_per_node: o.in_flight_per_node,
                 p99_ms: o.p99.map(crate::telemetry::millis),
                 fresh: o.fresh,
+                connections_counted: counted,
+                waiting: o.line.waiting + o.line.held,
+                arrived_per_second: o.line.arrived_per_second,
+                let_in_per_second: o.line.let_in_per_second,
             }),
             errors: s.report.errors,
             notes: s.report.notes,
@@ -347,6 +371,7 @@ impl AutoscalerStatus {
                 since_start: s.cost.since_start,
                 today: s.cost.today,
             },
+            released_unserved: s.report.released_unserved,
             orders_on_the_way: s
                 .report
                 .orders

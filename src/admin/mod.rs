@@ -355,7 +355,7 @@ impl Admin {
                 json_reply(StatusCode::OK, &openapi::document())
             }),
             ["v1", "autoscaler"] => only(&method, &[Method::GET], || match &self.autoscaler {
-                Some(a) => json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a)),
+                Some(a) => json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a, &self.pool)),
                 None => error(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -382,7 +382,8 @@ impl Admin {
                         let was = a.is_paused();
                         a.set_paused(pause);
                         tracing::info!(paused = pause, "autoscaler switched by operator");
-                        let reply = json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a));
+                        let reply =
+                            json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a, &self.pool));
                         self.share(reply, Shared::Paused(pause), || a.set_paused(was))
                             .await
                     }

@@ -855,7 +855,6 @@ mod tests {
         );
         assert_eq!(d.desired, 15, "{:?}", d.reasons);
         // Nobody waits any more: the usual windows take over (no jump down either).
-        o.line = Line::default();
         let d = decide(
             &obs(1200.0),
             15,

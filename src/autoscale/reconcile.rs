@@ -85,6 +85,9 @@ pub struct Report {
     /// pool name, or this pool's tag in a zone not ordered from): never released by
     /// surge, shown so that someone decides.
     pub unmanaged: Vec<Unmanaged>,
+    /// Servers released before they ever served, since this process started (a failed
+    /// delivery, a node an operator removed first): never because the count went down.
+    pub released_unserved: u64,
 }
 
 /// A server surge sees but does not manage.
@@ -124,6 +127,8 @@ pub struct Reconciler<P> {
     /// In a cluster: provisioned nodes other instances may still send work to, and by
     /// whom (their releases wait).
     busy_elsewhere: HashMap<String, Vec<String>>,
+    /// See [`Report::released_unserved`].
+    released_unserved: u64,
 }
 
 impl<P: Provider> Reconciler<P> {
@@ -152,6 +157,7 @@ impl<P: Provider> Reconciler<P> {
             next_scan: None,
             gate: None,
             busy_elsewhere: HashMap::new(),
+            released_unserved: 0,
         }
     }
 
@@ -483,6 +489,7 @@ impl<P: Provider> Reconciler<P> {
         for e in &report.errors {
             tracing::warn!(error = %e, "reconciler");
         }
+        report.released_unserved = self.released_unserved;
         report
     }
 
@@ -825,6 +832,9 @@ impl<P: Provider> Reconciler<P> {
                 entry.next_try = None;
                 tracing::info!(device = %device_id, %zone, why, "server released to the provider");
                 report.released += 1;
+                if node.is_none() {
+                    self.released_unserved += 1;
+                }
                 if let Some(id) = node {
                     let _ = self.pool.remove(&id);
                     self.forget(&id);

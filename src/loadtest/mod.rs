@@ -41,6 +41,8 @@ struct Stats {
     step_timeline: BTreeMap<String, Vec<report::Sketch>>,
     /// Sessions that met a waiting room.
     queue: QueueStats,
+    /// Sessions ended by a failure, newcomers apart from shoppers already served.
+    failures: report::Failures,
 }
 
 impl Stats {
@@ -150,21 +152,44 @@ impl Target {
 /// One client connection (HTTP/1.1, kept alive), reopened when the server closes it.
 struct Conn {
     authority: String,
+    /// The source address to connect from (a plan's `clients`), if not the kernel's.
+    local: Option<std::net::IpAddr>,
     sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
 impl Conn {
     fn new(authority: &str) -> Conn {
+        Self::from(authority, None)
+    }
+
+    fn from(authority: &str, local: Option<std::net::IpAddr>) -> Conn {
         Conn {
             authority: authority.to_owned(),
+            local,
             sender: None,
         }
     }
 
+    /// A TCP connection to the target, from `local` when set (an IPv4 loopback
+    /// address: the target is reached on its IPv4 address then).
+    async fn open(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let Some(local) = self.local else {
+            return tokio::net::TcpStream::connect(&self.authority).await;
+        };
+        let to = tokio::net::lookup_host(&self.authority)
+            .await?
+            .find(|a| a.is_ipv4() == local.is_ipv4())
+            .ok_or_else(|| std::io::Error::other("no address of the source's family"))?;
+        let socket = match local {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        socket.connect(to).await
+    }
+
     async fn connect(&mut self) -> Result<(), &'static str> {
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .map_err(|_| "connect_error")?;
+        let stream = self.open().await.map_err(|_| "connect_error")?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -263,6 +288,8 @@ pub async fn run(plan: &Plan) -> Report {
     report.timeline = stats.timeline;
     report.step_timeline = stats.step_timeline;
     report.queue = stats.queue;
+    report.queue.count_overtaken();
+    report.failures = stats.failures;
     report.autoscaler = std::mem::take(&mut *scaler.lock().unwrap_or_else(|p| p.into_inner()));
     report.check_slos(&plan.slos);
     report
@@ -285,6 +312,7 @@ fn empty_report(scheduled: usize) -> Report {
         slo_results: Vec::new(),
         aborted: None,
         queue: QueueStats::default(),
+        failures: report::Failures::default(),
     }
 }
 
@@ -335,8 +363,9 @@ async fn run_open(
             .entry(plan.scenarios[scenario].name.clone())
             .or_default() += 1;
         let (target, stats) = (target.clone(), stats.clone());
+        let local = plan::client_address(n, plan.clients);
         tasks.spawn(async move {
-            let mut conn = Conn::new(&target.authority);
+            let mut conn = Conn::from(&target.authority, local);
             session(&target, scenario, &mut conn, intended, start, &stats).await;
         });
         while tasks.try_join_next().is_some() {}
@@ -531,6 +560,14 @@ impl AdminReader {
             servers: cost("servers").unwrap_or(0.0) as u64,
             cost_per_hour: cost("per_hour").unwrap_or(0.0),
             spent: cost("since_start").unwrap_or(0.0),
+            counted: v
+                .get("observations")
+                .and_then(|o| o.get("connections_counted"))
+                .and_then(serde_json::Value::as_u64),
+            released_unserved: v
+                .get("released_unserved")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
         })
     }
 }
@@ -544,6 +581,31 @@ fn clear_on_drop(bar: indicatif::ProgressBar) -> impl Drop {
         }
     }
     Clear(bar)
+}
+
+/// What one shopper carries between requests: its cookies, and where it stands with
+/// the waiting room.
+#[derive(Default)]
+struct Visitor {
+    cookies: BTreeMap<String, String>,
+    /// When this session was first shown a waiting page (it then follows the page's
+    /// refresh, as a browser does, until let in or out of patience).
+    queued_at: Option<Instant>,
+    /// Its place in line as the queue cookie names it (issued ms, nonce).
+    ticket: Option<(u64, u64)>,
+    /// When it last asked and was told to wait (relative to the run's start).
+    last_wait_asked: Duration,
+    /// Whether the shop has served it (a good answer): failures after that are those of
+    /// a shopper who got in.
+    served: bool,
+}
+
+/// What to do after a waiting page.
+enum AfterWait {
+    /// Ask again after this long.
+    Retry(Duration),
+    /// Out of patience: the session ends.
+    Leave,
 }
 
 /// One shopper: the scenario's steps in order on `conn`, with a cookie jar. The first
@@ -560,38 +622,18 @@ async fn session(
     let Some((_, steps)) = target.scenarios.get(scenario) else {
         return;
     };
-    let mut cookies: BTreeMap<String, String> = BTreeMap::new();
+    let mut me = Visitor::default();
     let mut step_intended = intended;
-    // When this session was first shown a waiting page (it then follows the page's
-    // refresh, as a browser does, until let in or out of patience).
-    let mut queued_at: Option<Instant> = None;
     for step in steps {
         if !step.think.is_zero() {
             tokio::time::sleep(step.think).await;
             step_intended = Instant::now();
         }
         loop {
-            let mut req = Request::builder()
-                .method(step.method.clone())
-                .uri(step.uri.clone())
-                .header(http::header::HOST, target.host.clone());
-            if !step.json {
-                // A browser's page load.
-                req = req.header(
-                    http::header::ACCEPT,
-                    "text/html,application/xhtml+xml,*/*;q=0.8",
-                );
-            }
-            if !cookies.is_empty() {
-                let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                req = req.header(http::header::COOKIE, jar.join("; "));
-            }
-            if step.json {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
-            }
-            let Ok(req) = req.body(Full::new(step.body.clone())) else {
+            let Some(req) = request(target, step, &me.cookies) else {
                 return;
             };
+            let asked = Instant::now();
             let answer = tokio::time::timeout(target.timeout, async {
                 let resp = conn.send(req).await?;
                 let (parts, body) = resp.into_parts();
@@ -606,55 +648,20 @@ async fn session(
                 _ => None,
             };
             if let Some(retry) = waiting_page {
-                remember_cookies(&answer, &mut cookies);
-                let now = Instant::now();
-                let first = *queued_at.get_or_insert(now);
-                let second = now.saturating_duration_since(run_start).as_secs() as usize;
-                {
-                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                    if first == now {
-                        s.queue.queued += 1;
-                        s.queue.line_change(second, 1);
-                    }
-                    let per = &mut s.queue.pages_per_second;
-                    if per.len() <= second {
-                        per.resize(second + 1, 0);
-                    }
-                    per[second] += 1;
-                    if now.saturating_duration_since(first) >= target.queue_patience {
-                        s.queue.abandoned += 1;
-                        s.queue.line_change(second, -1);
-                        return;
-                    }
+                remember_cookies(&answer, &mut me.cookies);
+                match told_to_wait(&mut me, target, retry, asked, run_start, stats) {
+                    AfterWait::Retry(after) => tokio::time::sleep(after).await,
+                    AfterWait::Leave => return,
                 }
-                tokio::time::sleep(retry).await;
                 step_intended = Instant::now();
                 continue;
             }
-            if let Some(first) = queued_at.take() {
-                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                let second = Instant::now()
-                    .saturating_duration_since(run_start)
-                    .as_secs() as usize;
-                s.queue.admitted += 1;
-                s.queue.line_change(second, -1);
-                s.queue
-                    .wait
-                    .record(Instant::now().saturating_duration_since(first), "2xx", true);
+            if me.queued_at.is_some() {
+                let_in(&mut me, run_start, stats);
             }
+            remember_cookies(&answer, &mut me.cookies);
             let (outcome, good) = match &answer {
                 Ok(Ok(parts)) => {
-                    for v in parts
-                        .headers
-                        .get_all(http::header::SET_COOKIE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                    {
-                        if let Some((k, v)) = v.split(';').next().and_then(|kv| kv.split_once('='))
-                        {
-                            cookies.insert(k.trim().to_owned(), v.trim().to_owned());
-                        }
-                    }
                     let s = parts.status.as_u16();
                     (status_class(s), s == step.expect)
                 }
@@ -666,17 +673,117 @@ async fn session(
                 conn.sender = None;
             }
             let second = step_intended.saturating_duration_since(run_start).as_secs() as usize;
-            stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record(&step.name, second, latency, outcome, good);
+            let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.record(&step.name, second, latency, outcome, good);
             if !good {
+                s.failures.count(me.served, outcome);
                 return;
             }
+            drop(s);
+            me.served = true;
             step_intended = Instant::now();
             break;
         }
     }
+}
+
+/// The request for `step`, with the session's cookies; a page load accepts HTML as a
+/// browser's does.
+fn request(
+    target: &Target,
+    step: &Prepared,
+    cookies: &BTreeMap<String, String>,
+) -> Option<Request<Full<Bytes>>> {
+    let mut req = Request::builder()
+        .method(step.method.clone())
+        .uri(step.uri.clone())
+        .header(http::header::HOST, target.host.clone());
+    if step.json {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    } else {
+        req = req.header(
+            http::header::ACCEPT,
+            "text/html,application/xhtml+xml,*/*;q=0.8",
+        );
+    }
+    if !cookies.is_empty() {
+        let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        req = req.header(http::header::COOKIE, jar.join("; "));
+    }
+    req.body(Full::new(step.body.clone())).ok()
+}
+
+/// A waiting page: the session's place is noted (a changed ticket is a place lost), the
+/// line's counts move, and it asks again after `retry` unless out of patience.
+fn told_to_wait(
+    me: &mut Visitor,
+    target: &Target,
+    retry: Duration,
+    asked: Instant,
+    run_start: Instant,
+    stats: &Shared,
+) -> AfterWait {
+    let now = Instant::now();
+    let first = *me.queued_at.get_or_insert(now);
+    let second = now.saturating_duration_since(run_start).as_secs() as usize;
+    me.last_wait_asked = asked.saturating_duration_since(run_start);
+    let ticket = me.cookies.values().find_map(|v| queue_ticket(v));
+    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+    if me.ticket.is_some() && ticket.is_some() && ticket != me.ticket {
+        s.queue.reissued += 1;
+    }
+    me.ticket = ticket.or(me.ticket);
+    if first == now {
+        s.queue.queued += 1;
+        s.queue.line_change(second, 1);
+    }
+    let per = &mut s.queue.pages_per_second;
+    if per.len() <= second {
+        per.resize(second + 1, 0);
+    }
+    per[second] += 1;
+    if now.saturating_duration_since(first) >= target.queue_patience {
+        s.queue.abandoned += 1;
+        s.queue.line_change(second, -1);
+        if let Some(ticket) = me.ticket {
+            s.queue.places.push(report::Place {
+                ticket,
+                last_told_to_wait: me.last_wait_asked,
+                entered: None,
+            });
+        }
+        return AfterWait::Leave;
+    }
+    AfterWait::Retry(retry)
+}
+
+/// A session that waited got an answer other than the waiting page: it is in.
+fn let_in(me: &mut Visitor, run_start: Instant, stats: &Shared) {
+    let Some(first) = me.queued_at.take() else {
+        return;
+    };
+    let now = Instant::now();
+    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+    let second = now.saturating_duration_since(run_start).as_secs() as usize;
+    s.queue.admitted += 1;
+    s.queue.line_change(second, -1);
+    s.queue
+        .wait
+        .record(now.saturating_duration_since(first), "2xx", true);
+    if let Some(ticket) = me.ticket {
+        s.queue.places.push(report::Place {
+            ticket,
+            last_told_to_wait: me.last_wait_asked,
+            entered: Some(now.saturating_duration_since(run_start)),
+        });
+    }
+}
+
+/// The place a queue cookie's value names (`q<issued ms>.<nonce>~<expiry>~<mac>`).
+fn queue_ticket(value: &str) -> Option<(u64, u64)> {
+    let subject = value.strip_prefix('q')?.split('~').next()?;
+    let (ms, nonce) = subject.split_once('.')?;
+    Some((ms.parse().ok()?, nonce.parse().ok()?))
 }
 
 /// The wait a waiting-room page asks for (`Retry-After`, at most 10 s), if the answer is
@@ -715,7 +822,11 @@ fn remember_cookies(
             .filter_map(|v| v.to_str().ok())
         {
             if let Some((k, v)) = v.split(';').next().and_then(|kv| kv.split_once('=')) {
-                cookies.insert(k.trim().to_owned(), v.trim().to_owned());
+                // An empty value (`Max-Age=0`) deletes the cookie, as a browser does.
+                match v.trim() {
+                    "" => cookies.remove(k.trim()),
+                    v => cookies.insert(k.trim().to_owned(), v.to_owned()),
+                };
             }
         }
     }

@@ -40,10 +40,19 @@ struct FilePlan {
     closed: Option<FileClosed>,
     #[serde(default)]
     abort_early: bool,
+    #[serde(default = "one_client")]
+    clients: u32,
     scenarios: Vec<Scenario>,
     #[serde(default)]
     slo: Vec<FileSlo>,
 }
+
+fn one_client() -> u32 {
+    1
+}
+
+/// Most source addresses a plan may spread its sessions over (127.0.0.2 onward).
+pub const MAX_CLIENTS: u32 = 1 << 20;
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
@@ -135,6 +144,42 @@ pub enum Model {
     Closed { users: usize, duration: Duration },
 }
 
+/// Whether `clients` source addresses can reach `target`: several only toward loopback
+/// (127.0.0.0/8 or `localhost`), where every 127.x.y.z is this machine's.
+fn check_clients(target: &str, clients: u32) -> Result<(), String> {
+    if clients == 0 || clients > MAX_CLIENTS {
+        return Err(format!("must be between 1 and {MAX_CLIENTS}"));
+    }
+    if clients == 1 {
+        return Ok(());
+    }
+    let host = target
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned))
+        .unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "{clients} source addresses need a loopback target (127.x.y.z or localhost), not `{host}`: on any other network they would not be this machine's"
+        ))
+    }
+}
+
+/// The source address of session `n` among `clients` (127.0.0.2 onward), when more than
+/// one.
+pub fn client_address(n: usize, clients: u32) -> Option<std::net::IpAddr> {
+    (clients > 1).then(|| {
+        let base = u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(base + (n as u32 % clients)))
+    })
+}
+
 /// A validated plan.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -147,6 +192,10 @@ pub struct Plan {
     pub slos: Vec<Slo>,
     /// Stop as soon as an SLO can no longer pass (open model only).
     pub abort_early: bool,
+    /// Source addresses sessions are spread over (1: the kernel's choice). More than one
+    /// needs a loopback target: session `n` connects from 127.0.0.2 + (n mod clients), so
+    /// a per-client share cap sees many shoppers, as on a sale's morning.
+    pub clients: u32,
     /// Admin API of the surge under test: its autoscaler's desired and in-service counts
     /// are recorded on the report's timeline. Set from the command line.
     pub admin: Option<AdminWatch>,
@@ -213,6 +262,7 @@ impl Plan {
                 format!("`{}` is not a valid URL", raw.target),
             ));
         }
+        check_clients(&raw.target, raw.clients).map_err(|reason| invalid("clients", reason))?;
         if raw.scenarios.is_empty()
             || raw
                 .scenarios
@@ -347,6 +397,7 @@ impl Plan {
             scenarios: raw.scenarios,
             slos,
             abort_early: raw.abort_early,
+            clients: raw.clients,
             admin: None,
         })
     }

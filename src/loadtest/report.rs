@@ -218,6 +218,11 @@ pub struct ScalerSample {
     pub cost_per_hour: f64,
     /// Spent since the surge started (started billing hours).
     pub spent: f64,
+    /// New connections the autoscaler counted since surge started (its scaling signal,
+    /// after the per-client share cap), when the admin API says.
+    pub counted: Option<u64>,
+    /// Servers released before they ever served, since surge started.
+    pub released_unserved: u64,
 }
 
 /// What the run cost, from the first and last autoscaler readings.
@@ -257,6 +262,45 @@ pub struct Report {
     pub aborted: Option<String>,
     /// Sessions that met a waiting room.
     pub queue: QueueStats,
+    /// Sessions ended by a failure: newcomers apart from shoppers the shop had served.
+    pub failures: Failures,
+}
+
+/// Sessions ended by a failure, by outcome (`503`, `io_error`, `timeout`...): a
+/// newcomer's is a plain refusal (no place in line, or a dropped connection), a served
+/// shopper's a failed request of someone who got in.
+#[derive(Debug, Default, Clone)]
+pub struct Failures {
+    pub newcomers: BTreeMap<String, u64>,
+    pub served: BTreeMap<String, u64>,
+}
+
+impl Failures {
+    pub fn count(&mut self, served: bool, outcome: &str) {
+        let to = if served {
+            &mut self.served
+        } else {
+            &mut self.newcomers
+        };
+        *to.entry(outcome.to_owned()).or_default() += 1;
+    }
+
+    fn words(m: &BTreeMap<String, u64>) -> String {
+        if m.is_empty() {
+            return "0".into();
+        }
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        format!("{} ({})", m.values().sum::<u64>(), parts.join(" "))
+    }
+}
+
+/// One session's place in a waiting room: its ticket (issued ms, nonce), when it last
+/// asked and was told to wait, and when it got in (from the run's start).
+#[derive(Debug, Clone, Copy)]
+pub struct Place {
+    pub ticket: (u64, u64),
+    pub last_told_to_wait: Duration,
+    pub entered: Option<Duration>,
 }
 
 /// Sessions held in a waiting room (a 503 HTML page with `Retry-After` that sets a
@@ -275,9 +319,34 @@ pub struct QueueStats {
     pub pages_per_second: Vec<u64>,
     /// Sessions that joined the line (+) and left it, let in or gone (−), per second.
     pub line_changes: Vec<i64>,
+    /// Every queued session's place (see [`Place`]).
+    pub places: Vec<Place>,
+    /// Sessions whose ticket changed while they waited (a place lost).
+    pub reissued: u64,
+    /// Sessions told to wait after one with a later ticket had got in (out of order).
+    pub overtaken: u64,
 }
 
 impl QueueStats {
+    /// Counts the sessions overtaken: told to wait (asked after) a session holding a
+    /// later ticket had already got in. Exact for one room: the room lets in by ticket
+    /// order, so an earlier holder is never still waiting once a later one is in.
+    pub fn count_overtaken(&mut self) {
+        let mut places = self.places.clone();
+        places.sort_by_key(|p| std::cmp::Reverse(p.ticket));
+        let mut first_later_in: Option<Duration> = None;
+        let mut overtaken = 0;
+        for p in &places {
+            if first_later_in.is_some_and(|t| t < p.last_told_to_wait) {
+                overtaken += 1;
+            }
+            if let Some(at) = p.entered {
+                first_later_in = Some(first_later_in.map_or(at, |t| t.min(at)));
+            }
+        }
+        self.overtaken = overtaken;
+    }
+
     /// Counts a session joining (`+1`) or leaving (`-1`) the line at `second`.
     pub fn line_change(&mut self, second: usize, by: i64) {
         if self.line_changes.len() <= second {
@@ -399,14 +468,22 @@ impl Report {
         }
         if self.queue.queued > 0 {
             out.push_str(&format!(
-                "waiting room: {} sessions queued, {} let in (waited p50 {}, p99 {}), {} abandoned\n",
+                "waiting room: {} sessions queued, {} let in (waited p50 {}, p99 {}), {} abandoned; {} overtaken (let in out of ticket order), {} places lost\n",
                 self.queue.queued,
                 self.queue.admitted,
                 fmt_ms(self.queue.wait.quantile(0.5)),
                 fmt_ms(self.queue.wait.quantile(0.99)),
-                self.queue.abandoned
+                self.queue.abandoned,
+                self.queue.overtaken,
+                self.queue.reissued,
             ));
         }
+        out.push_str(&format!(
+            "plain refusals (newcomers turned away without a place: 503, dropped connections): {}; failed sessions of shoppers already served: {}\n",
+            Failures::words(&self.failures.newcomers),
+            Failures::words(&self.failures.served),
+        ));
+        out.push_str(&self.signal_lines(&seen));
         if let Some(why) = &self.aborted {
             out.push_str(&format!("ABORTED: {why}\n"));
         }
@@ -440,8 +517,11 @@ impl Report {
             "passed": self.passed(),
             "slo": self.slo_results.iter().map(|(l, ok, m)| json!({"slo": l, "passed": ok, "measured": m})).collect::<Vec<_>>(),
             "cost": self.cost().map(|c| json!({"peak_servers": c.peak_servers, "peak_per_hour": c.peak_per_hour, "spent": c.spent})),
+            "failures": json!({"newcomers": self.failures.newcomers, "served": self.failures.served}),
+            "orders_released_unserved": self.released_unserved(),
             "waiting_room": json!({
                 "queued": self.queue.queued, "admitted": self.queue.admitted, "abandoned": self.queue.abandoned,
+                "overtaken": self.queue.overtaken, "places_lost": self.queue.reissued,
                 "wait_p50_ms": ms(self.queue.wait.quantile(0.5)), "wait_p99_ms": ms(self.queue.wait.quantile(0.99)),
             }),
             "step_timeline": self.step_timeline.iter().map(|(k, v)| (k.clone(), v.iter().map(|sk| json!({
@@ -464,6 +544,35 @@ impl Report {
                 })
             }).collect::<Vec<_>>(),
         })
+    }
+
+    /// Servers released before they served during the run (`--admin`).
+    pub fn released_unserved(&self) -> Option<u64> {
+        let seen: Vec<&ScalerSample> = self.autoscaler.iter().flatten().collect();
+        Some(seen.last()?.released_unserved - seen.first()?.released_unserved)
+    }
+
+    /// The autoscaler lines read from `--admin`: orders released before serving, and a
+    /// warning when its signal counted under half the sessions the run started (one
+    /// source address against `autoscale.max_client_share`: try `clients = N`).
+    fn signal_lines(&self, seen: &[ScalerSample]) -> String {
+        let mut out = String::new();
+        if let Some(n) = self.released_unserved() {
+            out.push_str(&format!(
+                "orders released before they served (cancelled): {n}\n"
+            ));
+        }
+        let counted: Vec<u64> = seen.iter().filter_map(|s| s.counted).collect();
+        if let (Some(first), Some(last)) = (counted.first(), counted.last()) {
+            let counted = last - first;
+            let started = self.started_sessions as u64;
+            if started >= 20 && counted * 2 < started {
+                out.push_str(&format!(
+                    "WARNING: the autoscaler's signal counted {counted} new connections for {started} sessions started (under half): a rehearsal from few addresses against autoscale.max_client_share is not what a sale looks like; set clients = N in the plan\n"
+                ));
+            }
+        }
+        out
     }
 
     /// What the autoscaler's servers cost during the run, when `--admin` was given.

@@ -26,8 +26,7 @@
 //! [`TIDY_EVERY`]): places whose holders stopped asking lapse whether or not anyone else
 //! visits, so the autoscaler never sees a line of people who left.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -73,6 +72,13 @@ impl Ticket {
     fn shard(&self) -> usize {
         (self.nonce % SHARDS as u64) as usize
     }
+
+    /// The ticket's order as one number: the issue time (42 bits: ms to the year 2109)
+    /// and the nonce's top 22 bits, so a cutoff is one atomic word. Ordered as the
+    /// tickets are (ties only between nonces sharing 22 bits in one millisecond).
+    pub fn key(&self) -> u64 {
+        (self.issued_ms << 22) | (self.nonce >> 42)
+    }
 }
 
 /// What the room says to one visit.
@@ -85,6 +91,29 @@ pub enum Visit {
     Wait { ticket: Ticket, place: usize },
     /// The line is at its bound: no place for a newcomer now.
     Full,
+}
+
+/// The room the shop has for newcomers at one visit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// Newcomers the shop can take now (request slots free for them).
+    pub free: u64,
+    /// What one holder let in and not yet back is counted for, in slots (0..=1): its
+    /// first request needs a slot only for a request's time within the reload it comes
+    /// back in, so 1.0 (a whole slot for the whole reload) would let the line in one
+    /// reload at a time however large the shop; the proxy sets it to the blades'
+    /// latency over the page's refresh.
+    pub per_let_in: f64,
+}
+
+impl Capacity {
+    /// `free` slots, each holder let in counted as a whole slot.
+    pub fn slots(free: u64) -> Self {
+        Self {
+            free,
+            per_let_in: 1.0,
+        }
+    }
 }
 
 /// The room's numbers, for the admin API and metrics.
@@ -136,11 +165,11 @@ pub struct Room {
     held: AtomicBool,
     limits: RoomLimits,
     /// Places, by ticket, with when their holder was last seen (ms since `epoch`).
-    shards: Vec<Mutex<HashMap<Ticket, u64, NonceHash>>>,
+    shards: Vec<Mutex<BTreeMap<Ticket, u64>>>,
     /// Places held (waiting, or let in and not yet back).
     places: AtomicUsize,
-    /// Tickets issued before this (Unix ms) may enter.
-    cutoff_ms: AtomicU64,
+    /// Tickets whose [`Ticket::key`] is below this may enter.
+    cutoff: AtomicU64,
     order: OrderRing,
     memory: Memory,
     /// Let-ins per wall-clock second, the last 64 seconds (`(second, count)`).
@@ -163,11 +192,9 @@ impl Room {
         let span_ms = limits.ticket_ttl.as_millis() as u64 + 2 * CLOCK_SKEW_MS;
         Self {
             held: AtomicBool::new(false),
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(NonceHash)))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
             places: AtomicUsize::new(0),
-            cutoff_ms: AtomicU64::new(0),
+            cutoff: AtomicU64::new(0),
             order: OrderRing::new(span_ms),
             memory: Memory::new(span_ms, limits.max_waiting),
             recent: (0..64)
@@ -203,8 +230,56 @@ impl Room {
 
     /// Places let in whose holder has not come back yet.
     fn let_in_not_back(&self, now_ms: u64) -> usize {
-        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
-        self.order.count_before(cutoff, now_ms)
+        self.count_below(self.cutoff.load(Ordering::Acquire), now_ms)
+    }
+
+    /// Places whose key is below `key`: whole time slices from the order ring, then the
+    /// few in `key`'s own slice from the maps.
+    fn count_below(&self, key: u64, now_ms: u64) -> usize {
+        let slice_ms = self.order.slice_ms;
+        let start = (key >> 22) / slice_ms * slice_ms;
+        let from = Ticket {
+            issued_ms: start,
+            nonce: 0,
+        };
+        let in_slice: usize = self
+            .shards
+            .iter()
+            .map(|shard| {
+                shard.lock().map_or(0, |places| {
+                    places
+                        .range(from..)
+                        .take_while(|(t, _)| t.key() < key)
+                        .count()
+                })
+            })
+            .sum();
+        self.order.count_before(start, now_ms) + in_slice
+    }
+
+    /// The places issued in the time slice starting at `start`, in order.
+    fn slice_places(&self, start: u64) -> Vec<Ticket> {
+        let (from, to) = (
+            Ticket {
+                issued_ms: start,
+                nonce: 0,
+            },
+            Ticket {
+                issued_ms: start + self.order.slice_ms,
+                nonce: 0,
+            },
+        );
+        let mut all: Vec<Ticket> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                shard.lock().map_or(Vec::new(), |places| {
+                    places.range(from..to).map(|(t, _)| *t).collect()
+                })
+            })
+            .collect();
+        all.sort_unstable();
+        all
     }
 
     fn millis(&self, now: Instant) -> u64 {
@@ -212,16 +287,17 @@ impl Room {
     }
 
     /// One visit at `now` (`now_ms` the wall clock) by the holder of `ticket` (`None`:
-    /// none, or not one this pool signed), with room for `free` more newcomers in the
-    /// shop now. `fresh` is the ticket a visitor without a place gets.
+    /// none, or not one this pool signed), with `room` in the shop now. `fresh` is the
+    /// ticket a visitor without a place gets.
     pub fn visit(
         &self,
         ticket: Option<Ticket>,
         now: Instant,
         now_ms: u64,
-        free: u64,
+        room: Capacity,
         fresh: Ticket,
     ) -> Visit {
+        let free = room.free;
         let seen = self.millis(now);
         let ticket = ticket.filter(|t| self.valid(t, now_ms));
         let mine = match ticket.map(|t| (t, self.touch(t, seen))) {
@@ -236,9 +312,14 @@ impl Room {
                 if other.is_some() {
                     self.counters.replays.fetch_add(1, Ordering::Relaxed);
                 }
-                // A visitor without a place who finds nobody waiting and room in the
-                // shop comes straight in.
-                if !self.held() && free > 0 && self.places.load(Ordering::Acquire) == 0 {
+                // A visitor without a place who finds nobody waiting (every place let
+                // in already) and room in the shop now comes straight in: it passes
+                // nobody, and those let in have their room kept (they come back as
+                // shoppers already in, whose share newcomers cannot take).
+                if !self.held()
+                    && free > 0
+                    && self.places.load(Ordering::Acquire) <= self.let_in_not_back(now_ms)
+                {
                     return Visit::Enter { ticket: None };
                 }
                 if !self.insert(fresh, seen) {
@@ -248,8 +329,8 @@ impl Room {
                 fresh
             }
         };
-        self.let_in(free, now_ms);
-        if mine.issued_ms < self.cutoff_ms.load(Ordering::Acquire) {
+        self.let_in(room, now_ms);
+        if mine.key() < self.cutoff.load(Ordering::Acquire) {
             return Visit::Enter { ticket: Some(mine) };
         }
         Visit::Wait {
@@ -304,30 +385,56 @@ impl Room {
     }
 
     /// Moves the cutoff over as many waiting places as the shop has room for, less
-    /// those let in and not yet back. Nothing while the door is held.
-    fn let_in(&self, free: u64, now_ms: u64) {
-        if self.held() {
+    /// what those let in and not yet back will take. Nothing while the door is held.
+    fn let_in(&self, room: Capacity, now_ms: u64) {
+        if self.held() || room.free == 0 {
             return;
         }
-        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
-        let out = self.order.count_before(cutoff, now_ms) as u64;
-        let Some(more) = free.checked_sub(out).filter(|m| *m > 0) else {
+        let cutoff = self.cutoff.load(Ordering::Acquire);
+        let out = self.count_below(cutoff, now_ms);
+        let taken = (out as f64 * room.per_let_in.clamp(0.0, 1.0)).ceil() as u64;
+        let Some(slots) = room.free.checked_sub(taken).filter(|m| *m > 0) else {
             return;
         };
-        let target = out + more;
-        let (next, counted) = self.order.cutoff_for(target as usize, cutoff, now_ms);
-        if next > cutoff && self.cutoff_ms.fetch_max(next, Ordering::AcqRel) < next {
-            let moved = counted.saturating_sub(out as usize) as u64;
+        let per = room.per_let_in.clamp(0.01, 1.0);
+        let more = (slots as f64 / per).floor() as usize;
+        if more == 0 {
+            return;
+        }
+        let (next, counted) = self.cutoff_for(out.saturating_add(more), now_ms);
+        if next > cutoff && self.cutoff.fetch_max(next, Ordering::AcqRel) < next {
+            let moved = counted.saturating_sub(out) as u64;
             self.counters.let_in.fetch_add(moved, Ordering::Relaxed);
+        }
+    }
+
+    /// The cutoff key that lets in the first `target` places (or all there are), and how
+    /// many that is: the slice where the count is reached (a binary search over the
+    /// order ring), then the place within it.
+    fn cutoff_for(&self, target: usize, now_ms: u64) -> (u64, usize) {
+        let slice_ms = self.order.slice_ms;
+        // Never past the last place: a cutoff ahead of it would let in, uncounted,
+        // visitors who have not even arrived.
+        let end = (now_ms + CLOCK_SKEW_MS) / slice_ms * slice_ms + slice_ms;
+        let target = target.min(self.order.count_before(end, now_ms));
+        if target == 0 {
+            return (0, 0);
+        }
+        let cut = self.order.first_reaching(target, now_ms);
+        let start = cut.saturating_sub(slice_ms);
+        let before = self.order.count_before(start, now_ms);
+        let in_slice = self.slice_places(start);
+        match target.checked_sub(before + 1).and_then(|k| in_slice.get(k)) {
+            Some(t) => (t.key() + 1, target),
+            None => (cut << 22, before + in_slice.len()),
         }
     }
 
     /// `t`'s place in line (1 = next), counting only those not yet let in.
     fn place_of(&self, t: &Ticket, now_ms: u64) -> usize {
-        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
-        let ahead = self.order.count_before(t.issued_ms, now_ms);
-        let let_in = self.order.count_before(cutoff, now_ms);
-        ahead.saturating_sub(let_in) + 1
+        let cutoff = self.cutoff.load(Ordering::Acquire);
+        let ahead = self.count_below(t.key(), now_ms);
+        ahead.saturating_sub(self.count_below(cutoff, now_ms)) + 1
     }
 
     /// The holder of `t` was served: its place is spent, and the ticket is remembered
@@ -372,7 +479,7 @@ impl Room {
         if !here {
             return None;
         }
-        if ticket.issued_ms < self.cutoff_ms.load(Ordering::Acquire) {
+        if ticket.key() < self.cutoff.load(Ordering::Acquire) {
             return Some((0, true));
         }
         Some((self.place_of(&ticket, now_ms), false))
@@ -422,8 +529,8 @@ impl Room {
             })
             .map(|(_, n)| n.load(Ordering::Acquire))
             .sum();
-        let cutoff = self.cutoff_ms.load(Ordering::Acquire);
-        let let_in = self.order.count_before(cutoff, now_ms);
+        let cutoff = self.cutoff.load(Ordering::Acquire);
+        let let_in = self.count_below(cutoff, now_ms);
         RoomStatus {
             held_by_hand: self.held(),
             queued: self.places.load(Ordering::Acquire).saturating_sub(let_in),
@@ -431,7 +538,7 @@ impl Room {
             admitted_per_second: admitted as f64 / 60.0,
             longest_wait: self
                 .order
-                .first_at_or_after(cutoff, now_ms)
+                .first_at_or_after(cutoff >> 22, now_ms)
                 .map_or(Duration::ZERO, |ms| {
                     Duration::from_millis(now_ms.saturating_sub(ms))
                 }),
@@ -451,37 +558,6 @@ pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The tickets' nonces are random (and signed by surge), so they hash themselves.
-#[derive(Debug, Clone, Copy, Default)]
-struct NonceHash;
-
-impl BuildHasher for NonceHash {
-    type Hasher = NonceHasher;
-    fn build_hasher(&self) -> NonceHasher {
-        NonceHasher(0)
-    }
-}
-
-#[derive(Debug, Default)]
-struct NonceHasher(u64);
-
-impl Hasher for NonceHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        // issued_ms, then nonce: mixed so both count.
-        self.0 = (self.0 ^ n)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(29);
-    }
 }
 
 /// How many places were issued in each time slice, as a ring of atomic counters under a
@@ -555,42 +631,34 @@ impl OrderRing {
         usize::try_from(sum).unwrap_or(0)
     }
 
-    /// The cutoff (a slice boundary, ms) that lets in `target` places counted from the
-    /// oldest, at least `from`, and how many places it lets in. Walks slices forward from
-    /// `from` in strides that halve: O(log n) counts.
-    fn cutoff_for(&self, target: usize, from: u64, now_ms: u64) -> (u64, usize) {
-        let end = now_ms + CLOCK_SKEW_MS + self.slice_ms;
-        // Never past the last place: a cutoff in the future would let in, uncounted,
-        // visitors who have not even arrived.
-        let target = target.min(self.count_before(end, now_ms));
-        let mut at = from.max(self.oldest(now_ms)) / self.slice_ms * self.slice_ms;
-        if self.count_before(at, now_ms) >= target {
-            return (from, self.count_before(from, now_ms));
+    /// The first slice boundary (ms) by which `target` places were issued, or the end
+    /// of the ring when fewer are: a binary search, O(log² n) counter reads.
+    fn first_reaching(&self, target: usize, now_ms: u64) -> u64 {
+        let sl = self.slice_ms;
+        let (mut lo, mut hi) = (self.oldest(now_ms) / sl, (now_ms + CLOCK_SKEW_MS) / sl + 1);
+        if self.count_before(hi * sl, now_ms) < target {
+            return hi * sl;
         }
-        let mut stride = (end.saturating_sub(at)).next_power_of_two();
-        while stride >= self.slice_ms {
-            let next = (at + stride).min(end);
-            if self.count_before(next, now_ms) < target {
-                at = next;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.count_before(mid * sl, now_ms) >= target {
+                hi = mid;
+            } else {
+                lo = mid;
             }
-            stride /= 2;
         }
-        // `at` lets in fewer than `target`; the next slice boundary reaches it (a stride
-        // that was not a whole number of slices may leave it one short: fewer let in).
-        let cut = (at / self.slice_ms + 1) * self.slice_ms;
-        (cut, self.count_before(cut, now_ms))
+        hi * sl
     }
 
     /// The start of the first slice at or after `ms` that holds a place, if any.
     fn first_at_or_after(&self, ms: u64, now_ms: u64) -> Option<u64> {
         let from = ms.max(self.oldest(now_ms)) / self.slice_ms * self.slice_ms;
         let base = self.count_before(from, now_ms);
-        let end = now_ms + CLOCK_SKEW_MS + self.slice_ms;
+        let end = (now_ms + CLOCK_SKEW_MS) / self.slice_ms * self.slice_ms + self.slice_ms;
         if self.count_before(end, now_ms) <= base {
             return None;
         }
-        let (cut, _) = self.cutoff_for(base + 1, from, now_ms);
-        Some(cut.saturating_sub(self.slice_ms))
+        Some(self.first_reaching(base + 1, now_ms) - self.slice_ms)
     }
 }
 

@@ -26,7 +26,7 @@ use super::headers::{self, RequestView, X_REQUEST_ID};
 use super::route::RouteSigner;
 use crate::config::WaitingRoomConfig;
 use crate::pool::shed::{self, Admitted, ShedConfig};
-use crate::pool::waiting::{self, Room, Ticket, Visit};
+use crate::pool::waiting::{self, Capacity, Room, Ticket, Visit};
 use crate::telemetry::names;
 
 /// What admission let in: the room under the shedding limit, and cookies for the answer.
@@ -201,72 +201,118 @@ impl Forwarder {
         conn_info: &ConnInfo,
         request_id: &HeaderValue,
     ) -> Result<Entry, Answer> {
-        let counts = &self.pool.traffic.admission;
         let ticket = ticket_of(view, parts.config, parts.signer, unix_now);
-        let mut free = None;
+        let mut room = None;
         if ticket.is_none() && !parts.room.in_use() {
             if let Some(admitted) = self.admit(cfg, shed::Class::Newcomer).await {
+                let counts = &self.pool.traffic.admission;
                 counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
                 return Ok(self.newcomer_in(cfg, admitted, unix_now, secure));
             }
             // Just shed: no room now, whatever the count says a moment later.
-            free = Some(0);
+            room = Some(Capacity::slots(0));
         }
-        let free = free.unwrap_or_else(|| self.room_for_newcomers(cfg));
+        let room = room.unwrap_or_else(|| self.room_for_newcomers(cfg, parts.config.refresh));
         let now_ms = waiting::wall_ms();
-        let fresh = || Ticket {
+        let fresh = Ticket {
             issued_ms: now_ms,
             nonce: fastrand::u64(..),
         };
-        let page = |t: Ticket, place: usize| {
-            waiting_page(&parts, t, place, unix_now, secure, conn_info, now_ms)
-        };
+        let at = (unix_now, now_ms, secure);
         match parts
             .room
-            .visit(ticket, Instant::now(), now_ms, free, fresh())
+            .visit(ticket, Instant::now(), now_ms, room, fresh)
         {
-            Visit::Wait { ticket, place } => Err(page(ticket, place)),
+            Visit::Wait { ticket, place } => {
+                Err(waiting_page(&parts, ticket, place, at, conn_info))
+            }
             Visit::Full => Err(answers::shed(request_id)),
-            Visit::Enter { ticket } => match self.admit(cfg, shed::Class::Admitted).await {
-                Some(admitted) => {
-                    let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
-                    match ticket {
-                        Some(t) => {
-                            parts.room.spend(t, now_ms);
-                            metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
-                            entry.queue_cookie = HeaderValue::from_str(&format!(
-                                "{}=; Path=/; Max-Age=0",
-                                parts.config.cookie
-                            ))
-                            .ok();
-                        }
-                        None => {
-                            counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok(entry)
-                }
-                // Let in, but the shop filled a moment later: the place is kept (at the
-                // front), the holder is back at the next reload.
-                None => match ticket {
-                    Some(t) => Err(page(t, 1)),
-                    None => match parts.room.visit(None, Instant::now(), now_ms, 0, fresh()) {
-                        Visit::Wait { ticket, place } => Err(page(ticket, place)),
-                        _ => Err(answers::shed(request_id)),
-                    },
-                },
-            },
+            Visit::Enter { ticket } => {
+                self.come_in(cfg, &parts, ticket, at, conn_info, request_id)
+                    .await
+            }
         }
     }
 
+    /// A visitor the room lets in: served, its place (if any) is spent and its ticket
+    /// cleared. Let in from the line, its room is kept for it (the class of shoppers in);
+    /// straight in (nobody waiting), it is a newcomer like any other. If the shop filled a
+    /// moment later, a holder keeps its place at the front and is back at its next reload.
+    async fn come_in(
+        self: &Rc<Self>,
+        cfg: &ShedConfig,
+        parts: &RoomParts<'_>,
+        ticket: Option<Ticket>,
+        (unix_now, now_ms, secure): (u64, u64, bool),
+        conn_info: &ConnInfo,
+        request_id: &HeaderValue,
+    ) -> Result<Entry, Answer> {
+        let class = match ticket {
+            Some(_) => shed::Class::Admitted,
+            None => shed::Class::Newcomer,
+        };
+        let Some(admitted) = self.admit(cfg, class).await else {
+            let at = (unix_now, now_ms, secure);
+            let fresh = Ticket {
+                issued_ms: now_ms,
+                nonce: fastrand::u64(..),
+            };
+            return match ticket
+                .map(|t| Visit::Wait {
+                    ticket: t,
+                    place: 1,
+                })
+                .unwrap_or_else(|| {
+                    parts
+                        .room
+                        .visit(None, Instant::now(), now_ms, Capacity::slots(0), fresh)
+                }) {
+                Visit::Wait { ticket, place } => {
+                    Err(waiting_page(parts, ticket, place, at, conn_info))
+                }
+                _ => Err(answers::shed(request_id)),
+            };
+        };
+        let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
+        match ticket {
+            Some(t) => {
+                parts.room.spend(t, now_ms);
+                metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
+                entry.queue_cookie =
+                    HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", parts.config.cookie))
+                        .ok();
+            }
+            None => {
+                let counts = &self.pool.traffic.admission;
+                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(entry)
+    }
+
     /// Newcomers the shop has room for now: below the newcomers' share of the limit,
-    /// counting requests waiting for room as taken.
-    fn room_for_newcomers(&self, cfg: &ShedConfig) -> u64 {
+    /// counting requests waiting for room as taken; and what a holder let in is counted
+    /// for until it is back: the share of its reload (`refresh`) its first request holds
+    /// a slot, from the in-service blades' latency.
+    fn room_for_newcomers(&self, cfg: &ShedConfig, refresh: std::time::Duration) -> Capacity {
         let admission = &self.pool.traffic.admission;
-        let in_service = self.pool.snapshot().eligible();
+        let table = self.pool.snapshot();
         let taken =
             admission.in_flight.load(Ordering::SeqCst) + admission.waiting.load(Ordering::SeqCst);
-        shed::capacity(cfg, in_service, shed::Class::Newcomer).saturating_sub(taken)
+        let free =
+            shed::capacity(cfg, table.eligible(), shed::Class::Newcomer).saturating_sub(taken);
+        let (sum, n) = table
+            .members()
+            .iter()
+            .filter(|m| m.state == crate::pool::State::InService)
+            .fold((0.0, 0u32), |(sum, n), m| {
+                (sum + m.backend.latency.get_ns(), n + 1)
+            });
+        let latency_ns = if n == 0 { 0.0 } else { sum / f64::from(n) };
+        Capacity {
+            free,
+            per_let_in: (latency_ns / refresh.as_nanos().max(1) as f64).clamp(0.01, 1.0),
+        }
     }
 
     fn room_parts(&self) -> Option<RoomParts<'_>> {
@@ -369,10 +415,8 @@ fn waiting_page(
     parts: &RoomParts<'_>,
     ticket: Ticket,
     place: usize,
-    unix_now: u64,
-    secure: bool,
+    (unix_now, now_ms, secure): (u64, u64, bool),
     conn_info: &ConnInfo,
-    now_ms: u64,
 ) -> Answer {
     let expiry = ticket.issued_ms / 1000 + parts.config.ticket_ttl.as_secs();
     let cookie = format!(

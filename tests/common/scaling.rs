@@ -205,7 +205,10 @@ impl Load {
 
 /// The autoscaler's status document, as `GET /v1/autoscaler` shows it.
 pub fn status_of(surge: &surge::serve::Running) -> surge::admin::api::AutoscalerStatus {
-    surge::admin::api::AutoscalerStatus::of(surge.autoscaler.as_ref().expect("an autoscaler"))
+    surge::admin::api::AutoscalerStatus::of(
+        surge.autoscaler.as_ref().expect("an autoscaler"),
+        &surge.pool,
+    )
 }
 
 pub fn in_service(surge: &surge::serve::Running) -> usize {

@@ -34,27 +34,54 @@ fn visitors_wait_in_arrival_order_and_enter_as_room_frees() {
     let room = room(30);
     let now = Instant::now();
     let ms = BASE + 100;
-    assert_eq!(room.visit(None, now, ms, 0, t(1)), wait(t(1), 1));
-    assert_eq!(room.visit(None, now, ms, 0, t(2)), wait(t(2), 2));
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(0), t(1)),
+        wait(t(1), 1)
+    );
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(0), t(2)),
+        wait(t(2), 2)
+    );
     // A refresh neither loses nor improves a place.
-    assert_eq!(room.visit(Some(t(2)), now, ms, 0, t(9)), wait(t(2), 2));
-    assert_eq!(room.visit(Some(t(1)), now, ms, 0, t(9)), wait(t(1), 1));
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(0), t(9)),
+        wait(t(2), 2)
+    );
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(0), t(9)),
+        wait(t(1), 1)
+    );
     // A newcomer while others wait goes behind them, room or not; the one free slot
     // goes to the first in line.
-    assert_eq!(room.visit(None, now, ms, 1, t(3)), wait(t(3), 2));
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(1), t(3)),
+        wait(t(3), 2)
+    );
     assert_eq!(room.place(t(1), ms), Some((0, true)));
-    assert_eq!(room.visit(Some(t(2)), now, ms, 1, t(9)), wait(t(2), 1));
-    assert_eq!(room.visit(Some(t(1)), now, ms, 1, t(9)), enter(t(1)));
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(1), t(9)),
+        wait(t(2), 1)
+    );
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(1), t(9)),
+        enter(t(1))
+    );
     assert!(room.spend(t(1), ms));
     // Used once: the same ticket again is a replay, and goes to the end.
-    assert_eq!(room.visit(Some(t(1)), now, ms, 0, t(4)), wait(t(4), 3));
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(0), t(4)),
+        wait(t(4), 3)
+    );
     assert_eq!(room.counters.replays.load(Ordering::Relaxed), 1);
     // A ticket from another instance takes its place by its issue time.
     let other = Ticket {
         issued_ms: BASE + 2,
         nonce: 5,
     };
-    assert_eq!(room.visit(Some(other), now, ms, 0, t(9)), wait(other, 1));
+    assert_eq!(
+        room.visit(Some(other), now, ms, Capacity::slots(0), t(9)),
+        wait(other, 1)
+    );
     let s = room.status(ms);
     assert_eq!(s.queued, 4);
     assert_eq!(s.longest_wait, Duration::from_millis(98));
@@ -66,16 +93,25 @@ fn an_empty_room_lets_in_at_once_unless_the_door_is_held() {
     let now = Instant::now();
     let ms = BASE + 10;
     assert_eq!(
-        room.visit(None, now, ms, 3, t(1)),
+        room.visit(None, now, ms, Capacity::slots(3), t(1)),
         Visit::Enter { ticket: None }
     );
     assert!(!room.in_use());
     room.hold(true);
     assert!(room.in_use());
-    assert_eq!(room.visit(None, now, ms, 3, t(2)), wait(t(2), 1));
-    assert_eq!(room.visit(Some(t(2)), now, ms, 3, t(9)), wait(t(2), 1));
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(3), t(2)),
+        wait(t(2), 1)
+    );
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(3), t(9)),
+        wait(t(2), 1)
+    );
     room.hold(false);
-    assert_eq!(room.visit(Some(t(2)), now, ms, 3, t(9)), enter(t(2)));
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(3), t(9)),
+        enter(t(2))
+    );
 }
 
 /// Room freed for two: two are let in. While they have not come back, the same free
@@ -86,18 +122,36 @@ fn room_let_in_but_not_yet_used_is_not_handed_out_twice() {
     let now = Instant::now();
     let ms = BASE + 100;
     for i in 1..=5 {
-        room.visit(None, now, ms, 0, t(i));
+        room.visit(None, now, ms, Capacity::slots(0), t(i));
     }
-    assert_eq!(room.visit(Some(t(5)), now, ms, 2, t(9)), wait(t(5), 3));
+    assert_eq!(
+        room.visit(Some(t(5)), now, ms, Capacity::slots(2), t(9)),
+        wait(t(5), 3)
+    );
     assert_eq!(room.status(ms).let_in, 2);
     // Still room for two (the two let in have not taken it yet): nobody more.
-    assert_eq!(room.visit(Some(t(4)), now, ms, 2, t(9)), wait(t(4), 2));
-    assert_eq!(room.visit(Some(t(3)), now, ms, 2, t(9)), wait(t(3), 1));
+    assert_eq!(
+        room.visit(Some(t(4)), now, ms, Capacity::slots(2), t(9)),
+        wait(t(4), 2)
+    );
+    assert_eq!(
+        room.visit(Some(t(3)), now, ms, Capacity::slots(2), t(9)),
+        wait(t(3), 1)
+    );
     // One of them came in and was served; room for three now lets in one more.
-    assert_eq!(room.visit(Some(t(1)), now, ms, 2, t(9)), enter(t(1)));
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(2), t(9)),
+        enter(t(1))
+    );
     assert!(room.spend(t(1), ms));
-    assert_eq!(room.visit(Some(t(3)), now, ms, 2, t(9)), enter(t(3)));
-    assert_eq!(room.visit(Some(t(4)), now, ms, 2, t(9)), wait(t(4), 1));
+    assert_eq!(
+        room.visit(Some(t(3)), now, ms, Capacity::slots(2), t(9)),
+        enter(t(3))
+    );
+    assert_eq!(
+        room.visit(Some(t(4)), now, ms, Capacity::slots(2), t(9)),
+        wait(t(4), 1)
+    );
     assert_eq!(room.counters.let_in.load(Ordering::Relaxed), 3);
 }
 
@@ -108,12 +162,21 @@ fn a_place_is_spent_only_when_its_holder_is_served() {
     let room = room(30);
     let now = Instant::now();
     let ms = BASE + 100;
-    room.visit(None, now, ms, 0, t(1));
-    room.visit(None, now, ms, 0, t(2));
-    assert_eq!(room.visit(Some(t(1)), now, ms, 1, t(9)), enter(t(1)));
+    room.visit(None, now, ms, Capacity::slots(0), t(1));
+    room.visit(None, now, ms, Capacity::slots(0), t(2));
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(1), t(9)),
+        enter(t(1))
+    );
     // Not spent (the shop shed it): the next visit lets it in again, not the second.
-    assert_eq!(room.visit(Some(t(1)), now, ms, 1, t(9)), enter(t(1)));
-    assert_eq!(room.visit(Some(t(2)), now, ms, 1, t(9)), wait(t(2), 1));
+    assert_eq!(
+        room.visit(Some(t(1)), now, ms, Capacity::slots(1), t(9)),
+        enter(t(1))
+    );
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(1), t(9)),
+        wait(t(2), 1)
+    );
     assert!(room.spend(t(1), ms));
     assert!(!room.spend(t(1), ms), "a place is spent once");
 }
@@ -125,9 +188,9 @@ fn abandoned_places_lapse_without_any_other_visit() {
     let room = room(10);
     let t0 = Instant::now();
     let ms = BASE + 100;
-    room.visit(None, t0, ms, 0, t(1));
-    room.visit(None, t0, ms, 0, t(2));
-    room.visit(None, t0, ms, 1, t(3));
+    room.visit(None, t0, ms, Capacity::slots(0), t(1));
+    room.visit(None, t0, ms, Capacity::slots(0), t(2));
+    room.visit(None, t0, ms, Capacity::slots(1), t(3));
     assert_eq!(room.status(ms).let_in, 1);
     room.tidy(t0 + Duration::from_secs(5), ms + 5000);
     assert_eq!(room.status(ms + 5000).queued, 2);
@@ -144,12 +207,18 @@ fn a_lapsed_ticket_does_not_come_back_at_its_old_place() {
     let room = room(10);
     let t0 = Instant::now();
     let ms = BASE + 100;
-    room.visit(None, t0, ms, 0, t(1));
+    room.visit(None, t0, ms, Capacity::slots(0), t(1));
     let later = t0 + Duration::from_secs(15);
-    room.visit(None, later, ms + 15_000, 0, t(15_000));
+    room.visit(None, later, ms + 15_000, Capacity::slots(0), t(15_000));
     room.tidy(later, ms + 15_000);
     assert_eq!(room.status(ms + 15_000).queued, 1);
-    let back = room.visit(Some(t(1)), later, ms + 15_000, 0, t(15_001));
+    let back = room.visit(
+        Some(t(1)),
+        later,
+        ms + 15_000,
+        Capacity::slots(0),
+        t(15_001),
+    );
     assert_eq!(back, wait(t(15_001), 2));
 }
 
@@ -163,8 +232,11 @@ fn a_used_ticket_is_no_place_for_its_whole_life() {
     });
     let t0 = Instant::now();
     let ms = BASE + 100;
-    room.visit(None, t0, ms, 0, t(1));
-    assert_eq!(room.visit(Some(t(1)), t0, ms, 1, t(9)), enter(t(1)));
+    room.visit(None, t0, ms, Capacity::slots(0), t(1));
+    assert_eq!(
+        room.visit(Some(t(1)), t0, ms, Capacity::slots(1), t(9)),
+        enter(t(1))
+    );
     assert!(room.spend(t(1), ms));
     let hour = 3_600_000;
     for step in 1..=3 {
@@ -174,7 +246,7 @@ fn a_used_ticket_is_no_place_for_its_whole_life() {
     let at = t0 + Duration::from_millis(hour + hour / 2 + 2000);
     let fresh = t(hour + hour / 2 + 2000);
     assert_eq!(
-        room.visit(Some(t(1)), at, fresh.issued_ms, 0, fresh),
+        room.visit(Some(t(1)), at, fresh.issued_ms, Capacity::slots(0), fresh),
         wait(fresh, 1),
         "a replay 1.5 h later gets a fresh place"
     );
@@ -190,14 +262,17 @@ fn the_line_is_bounded() {
     let now = Instant::now();
     for i in 1..=3 {
         assert!(matches!(
-            room.visit(None, now, BASE + 10, 0, t(i)),
+            room.visit(None, now, BASE + 10, Capacity::slots(0), t(i)),
             Visit::Wait { .. }
         ));
     }
-    assert_eq!(room.visit(None, now, BASE + 10, 0, t(4)), Visit::Full);
+    assert_eq!(
+        room.visit(None, now, BASE + 10, Capacity::slots(0), t(4)),
+        Visit::Full
+    );
     // Those in line keep their places.
     assert_eq!(
-        room.visit(Some(t(2)), now, BASE + 10, 0, t(9)),
+        room.visit(Some(t(2)), now, BASE + 10, Capacity::slots(0), t(9)),
         wait(t(2), 2)
     );
 }
@@ -215,16 +290,75 @@ fn places_and_cutoffs_hold_over_many_tickets() {
     let n = 20_000u64;
     let ms = BASE + 3 * n;
     for i in 0..n {
-        room.visit(None, now, ms, 0, t(3 * i));
+        room.visit(None, now, ms, Capacity::slots(0), t(3 * i));
     }
     assert_eq!(room.status(ms).queued, n as usize);
     assert_eq!(
-        room.visit(Some(t(3 * 12_345)), now, ms, 0, t(1)),
+        room.visit(Some(t(3 * 12_345)), now, ms, Capacity::slots(0), t(1)),
         wait(t(3 * 12_345), 12_346)
     );
     // Room for 5,000: exactly the first 5,000 (by ticket) may enter.
-    room.visit(Some(t(0)), now, ms, 5_000, t(1));
+    room.visit(Some(t(0)), now, ms, Capacity::slots(5_000), t(1));
     assert_eq!(room.status(ms).let_in, 5_000);
     assert_eq!(room.place(t(3 * 4_999), ms), Some((0, true)));
     assert_eq!(room.place(t(3 * 5_000), ms), Some((1, false)));
+}
+
+/// Tickets a few milliseconds apart share a slice of the order ring (two-hour tickets):
+/// places and let-ins are still exact, one ticket at a time.
+#[test]
+fn tickets_in_one_time_slice_keep_exact_places() {
+    let room = Room::new(RoomLimits {
+        abandon_after: Duration::from_secs(30),
+        ticket_ttl: Duration::from_secs(7200),
+        max_waiting: 1000,
+    });
+    let now = Instant::now();
+    let ms = BASE + 100;
+    let same = |i: u64| Ticket {
+        issued_ms: BASE,
+        nonce: i << 60,
+    };
+    for i in 1..=4 {
+        assert_eq!(
+            room.visit(None, now, ms, Capacity::slots(0), same(i)),
+            wait(same(i), i as usize)
+        );
+    }
+    assert_eq!(
+        room.visit(Some(same(4)), now, ms, Capacity::slots(1), same(9)),
+        wait(same(4), 3)
+    );
+    assert_eq!(room.place(same(1), ms), Some((0, true)));
+    assert_eq!(room.place(same(2), ms), Some((1, false)));
+    assert_eq!(room.status(ms).let_in, 1);
+}
+
+/// Once everyone in line has been let in (they are on their way back), a newcomer who
+/// finds room beyond theirs comes straight in: the line does not make every newcomer
+/// wait one reload after the pool has grown.
+#[test]
+fn with_nobody_left_waiting_a_newcomer_comes_straight_in() {
+    let room = room(30);
+    let now = Instant::now();
+    let ms = BASE + 100;
+    room.visit(None, now, ms, Capacity::slots(0), t(1));
+    room.visit(None, now, ms, Capacity::slots(0), t(2));
+    // Room for five: both let in (not back yet), room left.
+    assert_eq!(
+        room.visit(Some(t(2)), now, ms, Capacity::slots(5), t(9)),
+        enter(t(2))
+    );
+    assert_eq!(room.status(ms).queued, 0);
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(5), t(3)),
+        Visit::Enter { ticket: None }
+    );
+    // Someone waits (not let in yet): a newcomer goes behind them, room or not.
+    room.visit(None, now, ms, Capacity::slots(0), t(4));
+    assert_eq!(
+        room.visit(None, now, ms, Capacity::slots(3), t(5)),
+        wait(t(5), 1)
+    );
+    assert_eq!(room.place(t(4), ms), Some((0, true)));
 }
