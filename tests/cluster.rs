@@ -120,6 +120,8 @@ struct Shop {
     /// The simulator's URL, key variable and blade port, when it autoscales.
     sim: Option<(String, String, u16)>,
     extra_backends: Vec<SocketAddr>,
+    /// Shedding and a waiting room whose door starts held.
+    room: bool,
 }
 
 impl Lb {
@@ -157,6 +159,11 @@ address = "{}"
                 "[[pool.backends]]\nid = \"static-{}\"\naddress = \"{b}\"\n",
                 i + 2
             ));
+        }
+        if shop.room {
+            text.push_str(
+                "[pool.shed]\nmax_in_flight_per_node = 8\n[waiting_room]\nheld = true\nrefresh = \"1s\"\nabandon_after = \"10s\"\n",
+            );
         }
         if let Some((url, key_env, port)) = &shop.sim {
             text.push_str(&format!(
@@ -312,6 +319,7 @@ async fn shop(key_env: &str, etcd: &Etcd) -> (Shop, SimHandle, Vec<surge::blade:
         static_blade: blade[0].addr,
         sim: Some((sim.url(), key_env.to_owned(), port)),
         extra_backends: Vec::new(),
+        room: false,
     };
     (shop, sim, blade)
 }
@@ -591,6 +599,7 @@ async fn a_drain_through_one_instance_holds_on_the_other_and_outlives_an_upgrade
         static_blade: backends[0].addr,
         sim: None,
         extra_backends: vec![backends[1].addr],
+        room: false,
     };
     let a = Lb::start("lb-1", &shop);
     let b = Lb::start("lb-2", &shop);
@@ -704,4 +713,63 @@ async fn thirty_seconds_without_etcd_fail_no_request_order_nothing_and_converge_
         "{failed_a:?} {failed_b:?}"
     );
     sim.stop();
+}
+
+/// A waiting-room ticket enters once across the cluster: used on one instance, then
+/// shown to the other, it is a replay (a fresh place at the end), not a second way in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ticket_used_on_one_instance_does_not_enter_on_the_other() {
+    let etcd = Etcd::start().await;
+    let backends = blades(1, Duration::from_millis(1)).await;
+    let shop = Shop {
+        etcd: etcd.endpoint(),
+        cluster: format!("shop{}", fastrand::u32(..)),
+        static_blade: backends[0].addr,
+        sim: None,
+        extra_backends: Vec::new(),
+        room: true,
+    };
+    let a = Lb::start("lb-1", &shop);
+    let b = Lb::start("lb-2", &shop);
+    a.wait_serving().await;
+    b.wait_serving().await;
+    let c = client();
+    let page = |addr: SocketAddr, cookie: String| {
+        let c = c.clone();
+        async move {
+            send(
+                &c,
+                Method::GET,
+                addr,
+                "/",
+                &[("accept", "text/html"), ("cookie", &cookie)],
+                "",
+            )
+            .await
+            .expect("an answer")
+        }
+    };
+    // The doors are held: the visitor gets a place on A.
+    let first = page(a.proxy, String::new()).await;
+    assert_eq!(first.status, 503, "the door is held");
+    let ticket = format!(
+        "surge_queue={}",
+        first.set_cookie("surge_queue").expect("a ticket")
+    );
+    for lb in [&a, &b] {
+        let opened: serde_json::Value = lb
+            .admin
+            .call(Method::POST, "/v1/waiting-room/close", None::<&()>)
+            .await
+            .expect("the door opens");
+        assert_eq!(opened["held"], false);
+    }
+    assert_eq!(page(a.proxy, ticket.clone()).await.status, 200, "in on A");
+    let again = page(b.proxy, ticket.clone()).await;
+    assert_eq!(
+        again.status, 503,
+        "the ticket used on A let its holder (or whoever copied it) in on B too"
+    );
+    let fresh = again.set_cookie("surge_queue").expect("a fresh place");
+    assert_ne!(format!("surge_queue={fresh}"), ticket);
 }

@@ -50,7 +50,13 @@ pub struct Cluster {
     ttl: Duration,
     session: Mutex<Session>,
     intents: watch::Sender<Intents>,
+    /// Leases the used-ticket keys live under, one per [`TICKET_LEASE_SPAN`] of expiry
+    /// (a lease per ticket would be a write more per visitor).
+    ticket_leases: Mutex<std::collections::HashMap<u64, i64>>,
 }
+
+/// Used-ticket keys whose tickets expire within one such span share a lease.
+const TICKET_LEASE_SPAN: u64 = 600;
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,6 +96,7 @@ impl Cluster {
             ttl: cfg.lease_ttl,
             session: Mutex::new(Session::default()),
             intents: watch::channel(Intents::default()).0,
+            ticket_leases: Mutex::new(std::collections::HashMap::new()),
         });
         tokio::spawn(cluster.clone().run_session(shutdown.clone()));
         tokio::spawn(cluster.clone().run_intents(shutdown));
@@ -168,6 +175,62 @@ impl Cluster {
             return Err(ClusterError::Fenced);
         }
         Ok(())
+    }
+
+    /// Records that the waiting-room ticket `subject` (expiring at `expires_unix`) is
+    /// used to enter: true the first time on any instance of the cluster, false when it
+    /// was used already (a replay, or the same ticket shown to another instance). The
+    /// record outlives this process, and is dropped by etcd after the ticket expires.
+    pub async fn claim_ticket(
+        &self,
+        subject: &str,
+        expires_unix: u64,
+    ) -> Result<bool, ClusterError> {
+        let lease = self.ticket_lease(expires_unix).await?;
+        let key = keys::ticket(&self.prefix, subject);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key,
+                self.instance.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.client.kv_client().txn(txn))
+            .await
+            .map_err(|_| ClusterError::Store("ticket claim timed out".into()))??;
+        Ok(resp.succeeded())
+    }
+
+    /// The lease for used tickets expiring at `expires_unix`: granted once per span, to
+    /// end a minute after the span's last ticket.
+    async fn ticket_lease(&self, expires_unix: u64) -> Result<i64, ClusterError> {
+        let span = expires_unix / TICKET_LEASE_SPAN;
+        let known = self
+            .ticket_leases
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&span).copied());
+        if let Some(lease) = known {
+            return Ok(lease);
+        }
+        let now = super::unix_ms(std::time::SystemTime::now()) / 1000;
+        let ends = (span + 1) * TICKET_LEASE_SPAN + 60;
+        let ttl = i64::try_from(ends.saturating_sub(now))
+            .unwrap_or(i64::MAX)
+            .max(60);
+        let granted =
+            tokio::time::timeout(CALL_TIMEOUT, self.client.lease_client().grant(ttl, None))
+                .await
+                .map_err(|_| ClusterError::Store("lease grant timed out".into()))??;
+        if let Ok(mut leases) = self.ticket_leases.lock() {
+            leases.retain(|s, _| (s + 1) * TICKET_LEASE_SPAN + 60 > now);
+            leases.entry(span).or_insert(granted.id());
+        }
+        Ok(granted.id())
     }
 
     /// Publishes this process's reading under its lease (dropped when the lease ends).

@@ -87,6 +87,11 @@ pub mod keys {
     pub fn roles(prefix: &str) -> String {
         format!("{prefix}/autoscaler/roles")
     }
+    /// A waiting-room ticket used to enter (on any instance), under a lease that ends
+    /// after the ticket does: `tickets/<subject>`.
+    pub fn ticket(prefix: &str, subject: &str) -> String {
+        format!("{prefix}/tickets/{subject}")
+    }
     /// The prefix of a cluster named `name`.
     pub fn prefix(name: &str) -> String {
         format!("/surge/{name}")

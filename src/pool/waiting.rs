@@ -27,8 +27,10 @@
 //! visits, so the autoscaler never sees a line of people who left.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Maps the places are spread over (a visit locks one of them, briefly).
@@ -159,8 +161,22 @@ pub struct RoomCounters {
     pub full: AtomicU64,
 }
 
+/// Where a ticket's one entry is recorded across the instances of a cluster (etcd):
+/// without it a ticket could enter once on each instance.
+pub trait Claims: Send + Sync {
+    /// Claims `ticket` (its signature expires at `expires_unix`) for its one entry: true
+    /// the first time on any instance, false after.
+    fn claim(
+        &self,
+        ticket: Ticket,
+        expires_unix: u64,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
 /// The waiting room of one pool.
 pub struct Room {
+    /// The cluster's record of used tickets, when there is a cluster.
+    claims: OnceLock<Arc<dyn Claims>>,
     /// Holding the door by hand (a pre-queue before a sale): nobody new is let in.
     held: AtomicBool,
     limits: RoomLimits,
@@ -191,6 +207,7 @@ impl Room {
     pub fn new(limits: RoomLimits) -> Self {
         let span_ms = limits.ticket_ttl.as_millis() as u64 + 2 * CLOCK_SKEW_MS;
         Self {
+            claims: OnceLock::new(),
             held: AtomicBool::new(false),
             shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
             places: AtomicUsize::new(0),
@@ -203,6 +220,19 @@ impl Room {
             epoch: Instant::now(),
             counters: RoomCounters::default(),
             limits,
+        }
+    }
+
+    /// Records used tickets in `claims` too (a cluster's store): set once, at start.
+    pub fn share_claims(&self, claims: Arc<dyn Claims>) {
+        let _ = self.claims.set(claims);
+    }
+
+    /// Claims `ticket` for its one entry across the cluster (true without a cluster).
+    pub async fn claim(&self, ticket: Ticket, expires_unix: u64) -> bool {
+        match self.claims.get() {
+            Some(c) => c.claim(ticket, expires_unix).await,
+            None => true,
         }
     }
 

@@ -237,56 +237,44 @@ impl Forwarder {
     /// A visitor the room lets in: served, its place (if any) is spent and its ticket
     /// cleared. Let in from the line, its room is kept for it (the class of shoppers in);
     /// straight in (nobody waiting), it is a newcomer like any other. If the shop filled a
-    /// moment later, a holder keeps its place at the front and is back at its next reload.
+    /// moment later, a holder keeps its place at the front and is back at its next reload;
+    /// a ticket another instance of the cluster let in already is a replay.
     async fn come_in(
         self: &Rc<Self>,
         cfg: &ShedConfig,
         parts: &RoomParts<'_>,
         ticket: Option<Ticket>,
-        (unix_now, now_ms, secure): (u64, u64, bool),
+        at: (u64, u64, bool),
         conn_info: &ConnInfo,
         request_id: &HeaderValue,
     ) -> Result<Entry, Answer> {
+        let (unix_now, now_ms, secure) = at;
         let class = match ticket {
             Some(_) => shed::Class::Admitted,
             None => shed::Class::Newcomer,
         };
         let Some(admitted) = self.admit(cfg, class).await else {
-            let at = (unix_now, now_ms, secure);
-            let fresh = Ticket {
-                issued_ms: now_ms,
-                nonce: fastrand::u64(..),
-            };
-            return match ticket
-                .map(|t| Visit::Wait {
-                    ticket: t,
-                    place: 1,
-                })
-                .unwrap_or_else(|| {
-                    parts
-                        .room
-                        .visit(None, Instant::now(), now_ms, Capacity::slots(0), fresh)
-                }) {
-                Visit::Wait { ticket, place } => {
-                    Err(waiting_page(parts, ticket, place, at, conn_info))
-                }
-                _ => Err(answers::shed(request_id)),
-            };
+            return Err(match ticket {
+                Some(t) => waiting_page(parts, t, 1, at, conn_info),
+                None => fresh_place(parts, at, conn_info, request_id),
+            });
         };
         let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
-        match ticket {
-            Some(t) => {
-                parts.room.spend(t, now_ms);
-                metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
-                entry.queue_cookie =
-                    HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", parts.config.cookie))
-                        .ok();
-            }
-            None => {
-                let counts = &self.pool.traffic.admission;
-                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
-            }
+        let Some(t) = ticket else {
+            let counts = &self.pool.traffic.admission;
+            counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+            return Ok(entry);
+        };
+        let expires = t.issued_ms / 1000 + parts.config.ticket_ttl.as_secs();
+        let first_use = parts.room.claim(t, expires).await;
+        parts.room.spend(t, now_ms);
+        if !first_use {
+            parts.room.counters.replays.fetch_add(1, Ordering::Relaxed);
+            return Err(fresh_place(parts, at, conn_info, request_id));
         }
+        metrics::counter!(names::WAITING_ROOM_ADMITTED).increment(1);
+        entry.queue_cookie =
+            HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", parts.config.cookie)).ok();
         Ok(entry)
     }
 
@@ -439,6 +427,26 @@ fn waiting_page(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// A fresh place at the end of the line (the 503 when the line is at its bound).
+fn fresh_place(
+    parts: &RoomParts<'_>,
+    at: (u64, u64, bool),
+    conn_info: &ConnInfo,
+    request_id: &HeaderValue,
+) -> Answer {
+    let fresh = Ticket {
+        issued_ms: at.1,
+        nonce: fastrand::u64(..),
+    };
+    match parts
+        .room
+        .visit(None, Instant::now(), at.1, Capacity::slots(0), fresh)
+    {
+        Visit::Wait { ticket, place } => waiting_page(parts, ticket, place, at, conn_info),
+        _ => answers::shed(request_id),
+    }
 }
 
 /// The ticket the request's queue cookie names, if this pool signed it and it has not

@@ -301,6 +301,7 @@ pub async fn start_with(
         Some(c) => Some(start_cluster(c, background.subscribe()).await?),
         None => None,
     };
+    share_ticket_claims(&pool, cluster.as_ref());
     let upstream_tls = match &cfg.pool.tls {
         Some(t) => Some(
             crate::proxy::tls::UpstreamTls::new(t)
@@ -578,6 +579,41 @@ async fn start_cluster(
 ) -> Result<Arc<crate::cluster::Cluster>, ServeError> {
     Ok(crate::cluster::Cluster::start(cfg, stop).await?)
 }
+
+/// A waiting-room ticket enters once across the cluster: its use is recorded in etcd.
+/// An unreachable etcd lets the holder in (a shopper is not turned away for it; the
+/// instance's own memory still stops a replay there).
+#[cfg(feature = "cluster")]
+struct ClusterClaims(Arc<crate::cluster::Cluster>);
+
+#[cfg(feature = "cluster")]
+impl crate::pool::waiting::Claims for ClusterClaims {
+    fn claim(
+        &self,
+        ticket: crate::pool::waiting::Ticket,
+        expires_unix: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            match self.0.claim_ticket(&ticket.subject(), expires_unix).await {
+                Ok(first) => first,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: recording a used ticket; letting its holder in");
+                    true
+                }
+            }
+        })
+    }
+}
+
+#[cfg(feature = "cluster")]
+fn share_ticket_claims(pool: &Pool, cluster: Option<&Arc<crate::cluster::Cluster>>) {
+    if let (Some(room), Some(c)) = (pool.traffic.waiting.as_ref(), cluster) {
+        room.share_claims(Arc::new(ClusterClaims(c.clone())));
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn share_ticket_claims(_pool: &Pool, _cluster: Option<&Arc<crate::cluster::Cluster>>) {}
 
 /// Without the feature the config check already refuses `[cluster]`.
 #[cfg(not(feature = "cluster"))]
