@@ -473,6 +473,116 @@ async fn without_a_waiting_room_the_step_refuses_newcomers_but_no_cart() {
     assert_eq!(report.queue.queued, 0, "{}", report.table());
 }
 
+/// The sale opening at the mission's scale, short enough for the suite: 125 new sessions
+/// a second, then at once 1,000 (8×) for 6 s, then back; slow blades (100 ms) held at
+/// their concurrency limit, every delivered blade as slow, the waiting room on, the
+/// production default `max_client_share` (0.1), and sessions spread over 512 loopback
+/// addresses. No newcomer is turned away without a place, no session that got in fails,
+/// every buyer reaches the cart, nobody is let in out of ticket order, the autoscaler's
+/// signal sees the sessions, `desired` jumps at once and never goes down while anyone
+/// waits, and no order is cancelled. (`loadtests/sales-step.sh` runs the long version,
+/// 8× and 10×, against the release binary.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_new_sessions_a_second_wait_in_order_and_none_is_refused() {
+    let blade = blades(1, Duration::from_millis(100)).await;
+    let mut cfg = surge_config(
+        blade[0].addr,
+        "sim",
+        "UNUSED_KEY",
+        free_port(),
+        "min = 1\nmax = 30\ndelivery_time = \"2s\"\nfast_window = \"1s\"\n\
+         [pool.sticky]\ncookie = \"cart\"\n\
+         [pool.shed]\nmax_in_flight_per_node = 32\nqueue_timeout = \"200ms\"\n\
+         [waiting_room]\nrefresh = \"1s\"\nabandon_after = \"10s\"\n",
+    );
+    if let Some(a) = cfg.autoscale.as_mut() {
+        a.max_client_share = 0.1;
+        a.policy.scale_down_window = Duration::from_secs(60);
+    }
+    if let Some(sim) = cfg.sim.as_mut() {
+        sim.blade_latency = Duration::from_millis(100);
+    }
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let text = format!(
+        r#"target = "http://{}"
+timeout = "10s"
+queue_patience = "60s"
+clients = 512
+[[stages]]
+duration = "3s"
+rate = 125.0
+[[stages]]
+duration = "6s"
+rate = 1000.0
+[[stages]]
+duration = "4s"
+rate = 125.0
+[[scenarios]]
+name = "browse"
+weight = 3
+steps = [
+  {{ name = "home", path = "/" }},
+  {{ name = "catalog", path = "/catalog", think = "200ms" }},
+]
+[[scenarios]]
+name = "buy"
+weight = 1
+steps = [
+  {{ name = "landing", path = "/" }},
+  {{ name = "add-to-cart", method = "POST", path = "/cart", body = '{{"product": 3}}', expect = 201 }},
+  {{ name = "checkout", method = "POST", path = "/checkout", think = "200ms" }},
+]
+"#,
+        surge.proxy.local_addr
+    );
+    let mut plan = surge::loadtest::Plan::parse(&text, "step-1000.toml").expect("plan");
+    plan.admin = Some(surge::loadtest::AdminWatch {
+        url: format!("http://{}", surge.admin.local_addr),
+        token: None,
+    });
+    let report = surge::loadtest::run(&plan).await;
+    surge.stop().await;
+    let table = report.table();
+    eprintln!("{table}");
+    assert!(
+        report.failures.newcomers.is_empty(),
+        "newcomers turned away without a place: {table}"
+    );
+    assert!(
+        report.failures.served.is_empty(),
+        "sessions that got in failed: {table}"
+    );
+    assert_eq!(
+        report.steps["add-to-cart"].ok, report.scenarios["buy"],
+        "a buyer did not reach the cart: {table}"
+    );
+    assert!(
+        report.queue.queued > 0,
+        "nobody waited: the step did not fill the shop"
+    );
+    assert_eq!(report.queue.overtaken, 0, "{table}");
+    assert_eq!(report.queue.reissued, 0, "{table}");
+    assert_eq!(report.released_unserved(), Some(0), "{table}");
+    assert!(
+        !table.contains("WARNING: the autoscaler's signal"),
+        "the rate signal was blind: {table}"
+    );
+    let timeline = report.json()["timeline"].clone();
+    let seconds: Vec<(u64, u64)> = timeline
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some((t["desired"].as_u64()?, t["queued"].as_u64()?)))
+        .collect();
+    for w in seconds.windows(2) {
+        let ((before, q0), (after, q1)) = (w[0], w[1]);
+        assert!(
+            after >= before || (q0 == 0 && q1 == 0),
+            "desired went down while {q0}/{q1} waited: {seconds:?}"
+        );
+    }
+}
+
 /// Runs the sales-day step (3 → 24 → 3 new sessions/s) against one slow blade and a
 /// spare, with or without the waiting room; prints the timeline.
 async fn sales_step(

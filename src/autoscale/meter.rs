@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::policy::{Line, Observations};
-use crate::pool::{Pool, State};
+use crate::pool::waiting::SessionCost;
+use crate::pool::{shed, Pool, State};
 
 /// One reading of the cumulative counters.
 #[derive(Debug, Clone)]
@@ -19,7 +20,7 @@ struct Sample {
     latency: Vec<u64>,
     /// New visitors so far: let in straight, given a place in line, or turned away.
     arrived: u64,
-    /// New visitors the pool took on so far (straight in, or let in from the line).
+    /// New visitors the pool took on so far (straight in, or served from the line).
     let_in: u64,
     /// Requests shed so far.
     shed: u64,
@@ -35,6 +36,8 @@ pub struct Meter {
     samples: VecDeque<Sample>,
     /// Requests shed so far, at the last reading.
     shed: u64,
+    /// What one shopper let in costs the shop, over the window.
+    cost: SessionCost,
 }
 
 impl Meter {
@@ -49,6 +52,7 @@ impl Meter {
             fast_window: fast_window.min(window),
             samples: VecDeque::new(),
             shed: 0,
+            cost: SessionCost::new(window),
         }
     }
 
@@ -77,7 +81,9 @@ impl Meter {
     /// waits now (the room as last tidied, plus requests waiting for room).
     fn line(&self, pool: &Pool) -> Line {
         let room = pool.traffic.waiting.as_ref();
-        let in_line = room.map_or(0, |r| r.waiting() as u64);
+        // Every place, let in or not: a holder let in is still at its waiting page until
+        // it comes back.
+        let in_line = room.map_or(0, |r| r.places() as u64);
         let held = room.is_some_and(|r| r.held());
         let queued = pool.traffic.admission.waiting.load(Ordering::Relaxed);
         Line {
@@ -86,7 +92,17 @@ impl Meter {
             arrived_per_second: self.recent(|s| s.arrived),
             let_in_per_second: self.recent(|s| s.let_in),
             shed_per_second: self.recent(|s| s.shed),
+            per_node: self.per_node(pool),
         }
+    }
+
+    /// New visitors one in-service node can take on per second: the newcomers' share of
+    /// a node's `pool.shed` slots over what one shopper holds (see
+    /// [`SessionCost`]). `None` without shedding or before it is measured.
+    fn per_node(&self, pool: &Pool) -> Option<f64> {
+        let shed = pool.settings().shed.as_ref()?;
+        let slots = shed::capacity(shed, 1, shed::Class::Newcomer) as f64;
+        self.cost.slot_seconds().map(|s| slots / s)
     }
 
     /// The latency histogram's counts over the current window, bucket by bucket (what a
@@ -108,10 +124,13 @@ impl Meter {
     pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {
         let t = &pool.traffic;
         let a = &t.admission;
-        let (room_arrived, room_let_in) = t.waiting.as_ref().map_or((0, 0), |r| {
+        // Arrivals: fresh places, and newcomers turned away at the line's bound. Taken
+        // on: holders served (not the cutoff's moves: some let in never come back).
+        let (room_arrived, room_served) = t.waiting.as_ref().map_or((0, 0), |r| {
             (
-                r.counters.arrived.load(Ordering::Relaxed),
-                r.counters.let_in.load(Ordering::Relaxed),
+                r.counters.arrived.load(Ordering::Relaxed)
+                    + r.counters.full.load(Ordering::Relaxed),
+                r.counters.spent.load(Ordering::Relaxed),
             )
         });
         let straight_in = a.newcomers_in.load(Ordering::Relaxed);
@@ -121,9 +140,14 @@ impl Meter {
             requests: t.requests.load(Ordering::Relaxed),
             latency: t.latency.snapshot(),
             arrived: straight_in + room_arrived + a.newcomers_turned_away.load(Ordering::Relaxed),
-            let_in: straight_in + room_let_in,
+            let_in: straight_in + room_served,
             shed: a.shed.load(Ordering::Relaxed),
         });
+        self.cost.observe(
+            now,
+            straight_in + room_served,
+            a.in_flight.load(Ordering::Relaxed),
+        );
         // Keep one sample at least a window old, so the rate spans the whole window.
         while self
             .samples

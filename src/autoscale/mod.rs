@@ -454,6 +454,7 @@ async fn cluster_round<P: Provider>(
             arrived_per_second: local.line.arrived_per_second,
             let_in_per_second: local.line.let_in_per_second,
             shed_per_second: local.line.shed_per_second,
+            per_node: local.line.per_node,
         },
     };
     if let Err(e) = cluster.publish(&reading).await {
@@ -502,6 +503,7 @@ async fn cluster_round<P: Provider>(
             arrived_per_second: demand.line.arrived_per_second,
             let_in_per_second: demand.line.let_in_per_second,
             shed_per_second: demand.line.shed_per_second,
+            per_node: demand.line.per_node,
         },
     }
 }

@@ -49,6 +49,10 @@ pub struct Line {
     pub let_in_per_second: f64,
     /// Requests shed per second.
     pub shed_per_second: f64,
+    /// New visitors one in-service node can take on per second, as the meter measured
+    /// what a shopper costs the shop; `None`: not measured yet (the let-in rate per node
+    /// stands in).
+    pub per_node: Option<f64>,
 }
 
 impl Line {
@@ -259,25 +263,21 @@ pub fn decide(
         current
     };
     let measured = line_need(&obs.line, current, cfg, state, now, &mut reasons);
-    match measured {
-        Some(need) => recommended = recommended.max(need),
-        None if obs.at_limit && recommended <= current => {
-            recommended = current + 1;
-            reasons.push(Reason::AtLimit);
-        }
-        None => {}
+    if obs.at_limit && recommended <= current {
+        recommended = current + 1;
+        reasons.push(Reason::AtLimit);
     }
     recommended = recommended.clamp(min, cfg.max);
-    let mut decision = stabilize_and_limit(
-        recommended,
-        current,
-        min,
-        cfg,
-        state,
-        now,
-        reasons,
-        measured.is_some(),
-    );
+    let mut decision = stabilize_and_limit(recommended, current, min, cfg, state, now, reasons);
+    // A measured line is not a noisy signal: its count is taken whole, past the up-window
+    // and the step limits (which still hold the rate-based part), within `max`; and the
+    // scale-down window remembers it.
+    if let Some(need) = measured.map(|n| n.min(cfg.max)) {
+        state.recommendations.push_back((now, need));
+        if need > decision.desired {
+            decision.desired = need;
+        }
+    }
     hold_while_waiting(&obs.line, &mut decision, cfg, state);
     decision
 }
@@ -301,10 +301,9 @@ fn line_need(
         return None;
     }
     let (since, _) = *state.line.get_or_insert((now, 0));
-    if current == 0 || line.let_in_per_second <= 0.0 {
-        return None;
-    }
-    let per_node = line.let_in_per_second / current as f64;
+    let measured_here = (current > 0 && line.let_in_per_second >= 1.0)
+        .then(|| line.let_in_per_second / current as f64);
+    let per_node = line.per_node.or(measured_here).filter(|p| *p > 0.0)?;
     let building = cfg
         .delivery_time
         .saturating_sub(now.saturating_duration_since(since));
@@ -399,7 +398,6 @@ fn rate_recommendation(
 }
 
 /// Steps 2 to 4: stabilization windows over the raw recommendations, step limits, bounds.
-#[allow(clippy::too_many_arguments)]
 fn stabilize_and_limit(
     recommended: usize,
     current: usize,
@@ -408,7 +406,6 @@ fn stabilize_and_limit(
     state: &mut PolicyState,
     now: Instant,
     mut reasons: Vec<Reason>,
-    measured: bool,
 ) -> Decision {
     // 2. Stabilization windows over the raw recommendations.
     state.recommendations.push_back((now, recommended));
@@ -428,10 +425,7 @@ fn stabilize_and_limit(
             .map(|(_, r)| *r)
     };
     let mut desired = recommended;
-    // A measured line is not a noisy signal: no up-window, no up-step limit.
-    if desired > current && measured {
-        state.up_period = None;
-    } else if desired > current {
+    if desired > current {
         desired = within(cfg.scale_up_window)
             .min()
             .unwrap_or(recommended)
@@ -447,7 +441,7 @@ fn stabilize_and_limit(
     }
 
     // 3. Step limits.
-    if desired > current && !measured {
+    if desired > current {
         let (start, from) = match state.up_period {
             Some((t, from)) if now.saturating_duration_since(t) < cfg.up_period => (t, from),
             _ => (now, current),
@@ -830,6 +824,7 @@ mod tests {
             arrived_per_second: 1200.0,
             let_in_per_second: 250.0,
             shed_per_second: 0.0,
+            per_node: None,
         };
         let d = decide(&o, 2, 2, false, &c, &mut state, t0);
         // 1,200/s at 125 per node, plus the line built over the 10 s delivery cleared

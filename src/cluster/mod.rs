@@ -145,6 +145,9 @@ pub struct LineReading {
     pub arrived_per_second: f64,
     pub let_in_per_second: f64,
     pub shed_per_second: f64,
+    /// New visitors a node takes on per second, as this instance measured it.
+    #[serde(default)]
+    pub per_node: Option<f64>,
 }
 
 /// The cluster's demand: the sum of every member's reading.
@@ -198,6 +201,11 @@ pub fn merge(readings: &[Reading], now_ms: u64, max_age: Duration) -> Demand {
         d.line.arrived_per_second += r.line.arrived_per_second;
         d.line.let_in_per_second += r.line.let_in_per_second;
         d.line.shed_per_second += r.line.shed_per_second;
+        // Each instance sheds against the whole pool's slots as if alone: the lowest
+        // estimate of what a node takes on is the one that does not overbook it.
+        if let Some(p) = r.line.per_node {
+            d.line.per_node = Some(d.line.per_node.map_or(p, |q| q.min(p)));
+        }
         if d.latency.len() < r.latency.len() {
             d.latency.resize(r.latency.len(), 0);
         }

@@ -192,6 +192,8 @@ pub struct Room {
     recent: Vec<(AtomicU64, AtomicU64)>,
     epoch: Instant,
     pub counters: RoomCounters,
+    /// [`Room::session_cost`], as f64 bits.
+    session_cost: AtomicU64,
 }
 
 impl std::fmt::Debug for Room {
@@ -219,6 +221,7 @@ impl Room {
                 .collect(),
             epoch: Instant::now(),
             counters: RoomCounters::default(),
+            session_cost: AtomicU64::new(0),
             limits,
         }
     }
@@ -249,6 +252,29 @@ impl Room {
     /// through the room, not around it. One atomic load (no lock).
     pub fn in_use(&self) -> bool {
         self.held() || self.places.load(Ordering::Acquire) > 0
+    }
+
+    /// Every place held: waiting, or let in and not back yet (one atomic load). A holder
+    /// let in is at its waiting page until it comes back: still demand.
+    pub fn places(&self) -> usize {
+        self.places.load(Ordering::Acquire)
+    }
+
+    /// Whether anyone waits not yet let in, or the door is held: a newcomer that is not a
+    /// page load would then cut in line.
+    pub fn someone_waits(&self) -> bool {
+        self.held() || self.waiting() > 0
+    }
+
+    /// What one shopper let in costs the shop, in request-slot seconds, as last measured
+    /// (see [`SessionCost`]); 0 when not measured.
+    pub fn session_cost(&self) -> f64 {
+        f64::from_bits(self.session_cost.load(Ordering::Relaxed))
+    }
+
+    pub fn set_session_cost(&self, slot_seconds: f64) {
+        self.session_cost
+            .store(slot_seconds.to_bits(), Ordering::Relaxed);
     }
 
     /// Visitors in line now, not yet let in (as of the last tidy or visit).
@@ -497,16 +523,10 @@ impl Room {
         true
     }
 
-    /// The place of `ticket` now, and whether it may come in, without counting a visit
-    /// (what the waiting page polls).
+    /// The place of `ticket` now, and whether it may come in (what the waiting page
+    /// polls between reloads: the holder is still there).
     pub fn place(&self, ticket: Ticket, now_ms: u64) -> Option<(usize, bool)> {
-        let here = self
-            .shards
-            .get(ticket.shard())?
-            .lock()
-            .ok()?
-            .contains_key(&ticket);
-        if !here {
+        if !self.touch(ticket, self.millis(Instant::now())) {
             return None;
         }
         if ticket.key() < self.cutoff.load(Ordering::Acquire) {
@@ -583,6 +603,54 @@ impl Room {
     }
 }
 
+/// What one shopper let in costs the shop, by Little's law over a window: the mean of
+/// the requests in flight over the rate shoppers came in is the request-slot seconds one
+/// holds. Known from the calm before a sale (so the first decision of a step can size
+/// the pool, and the room can weigh those it lets in by the load they will bring).
+#[derive(Debug)]
+pub struct SessionCost {
+    window: Duration,
+    /// (when, shoppers come in so far, requests in flight then).
+    samples: std::collections::VecDeque<(Instant, u64, u64)>,
+}
+
+/// Shoppers come in over the window before what one costs is trusted.
+const MIN_SESSIONS_MEASURED: u64 = 20;
+
+impl SessionCost {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// One reading: shoppers come in so far (cumulative), requests in flight now.
+    pub fn observe(&mut self, now: Instant, came_in: u64, in_flight: u64) {
+        self.samples.push_back((now, came_in, in_flight));
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|s| now.saturating_duration_since(s.0) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Request-slot seconds one shopper holds; `None` until enough came in to tell.
+    pub fn slot_seconds(&self) -> Option<f64> {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        let secs = last.0.saturating_duration_since(first.0).as_secs_f64();
+        let came_in = last.1.saturating_sub(first.1);
+        if secs < 1.0 || came_in < MIN_SESSIONS_MEASURED {
+            return None;
+        }
+        let mean_in_flight =
+            self.samples.iter().map(|s| s.2 as f64).sum::<f64>() / self.samples.len() as f64;
+        Some(mean_in_flight / (came_in as f64 / secs)).filter(|s| *s > 0.0)
+    }
+}
+
 /// The wall clock in Unix milliseconds.
 pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -651,7 +719,8 @@ impl OrderRing {
         }
         let hi = ms.min(now_ms + CLOCK_SKEW_MS + self.slice_ms);
         let (a, b) = (self.index(lo), self.index(hi));
-        let sum = if hi - lo >= self.span_ms {
+        let slots = hi / self.slice_ms - lo / self.slice_ms;
+        let sum = if slots >= self.len as u64 {
             self.prefix(self.len)
         } else if a <= b {
             self.prefix(b) - self.prefix(a)

@@ -61,7 +61,7 @@ impl Forwarder {
         unix_now: u64,
     ) -> Result<Entry, Answer> {
         if view.path() == answers::QUEUE_PATH {
-            if let Some(resp) = self.queue_poll(view, unix_now) {
+            if let Some(resp) = self.queue_poll(view, unix_now, conn_info) {
                 return Err(own_answer(resp, request_id, conn_info));
             }
         }
@@ -170,7 +170,7 @@ impl Forwarder {
                     .through_room(cfg, room, view, unix_now, secure, conn_info, request_id)
                     .await;
             }
-            Some(room) if room.room.in_use() => {
+            Some(room) if room.room.someone_waits() => {
                 counts.newcomers_turned_away.fetch_add(1, Ordering::Relaxed);
                 return Err(answers::shed(request_id));
             }
@@ -266,8 +266,9 @@ impl Forwarder {
             return Ok(entry);
         };
         let expires = t.issued_ms / 1000 + parts.config.ticket_ttl.as_secs();
-        let first_use = parts.room.claim(t, expires).await;
-        parts.room.spend(t, now_ms);
+        // Spent here first (two page loads of one holder at once: one gets in), then
+        // claimed across the cluster (used on another instance: a replay).
+        let first_use = parts.room.spend(t, now_ms) && parts.room.claim(t, expires).await;
         if !first_use {
             parts.room.counters.replays.fetch_add(1, Ordering::Relaxed);
             return Err(fresh_place(parts, at, conn_info, request_id));
@@ -280,8 +281,9 @@ impl Forwarder {
 
     /// Newcomers the shop has room for now: below the newcomers' share of the limit,
     /// counting requests waiting for room as taken; and what a holder let in is counted
-    /// for until it is back: the share of its reload (`refresh`) its first request holds
-    /// a slot, from the in-service blades' latency.
+    /// for until it is back: the load its visit will bring over the reload (`refresh`) it
+    /// comes back in, what one shopper costs the shop (measured, see
+    /// `waiting::SessionCost`) or at least its first request (the blades' latency).
     fn room_for_newcomers(&self, cfg: &ShedConfig, refresh: std::time::Duration) -> Capacity {
         let admission = &self.pool.traffic.admission;
         let table = self.pool.snapshot();
@@ -296,10 +298,15 @@ impl Forwarder {
             .fold((0.0, 0u32), |(sum, n), m| {
                 (sum + m.backend.latency.get_ns(), n + 1)
             });
-        let latency_ns = if n == 0 { 0.0 } else { sum / f64::from(n) };
+        let latency = if n == 0 {
+            0.0
+        } else {
+            sum / f64::from(n) / 1e9
+        };
+        let cost = parts_cost(self).max(latency);
         Capacity {
             free,
-            per_let_in: (latency_ns / refresh.as_nanos().max(1) as f64).clamp(0.01, 1.0),
+            per_let_in: (cost / refresh.as_secs_f64().max(0.001)).clamp(0.01, 1.0),
         }
     }
 
@@ -320,13 +327,23 @@ impl Forwarder {
 
     /// The waiting page's poll: the holder's place and wait, or that it may come in.
     /// `None` (forwarded as any path) when this pool has no waiting room.
-    fn queue_poll(&self, view: &impl RequestView, unix_now: u64) -> Option<Answer> {
+    fn queue_poll(
+        &self,
+        view: &impl RequestView,
+        unix_now: u64,
+        conn_info: &ConnInfo,
+    ) -> Option<Answer> {
         let parts = self.room_parts()?;
         let now_ms = waiting::wall_ms();
         let place = ticket_of(view, parts.config, parts.signer, unix_now)
             .and_then(|t| parts.room.place(t, now_ms));
         let wait = place.and_then(|(p, _)| parts.room.estimate(p, now_ms));
-        Some(answers::queue_status(place, wait))
+        let mut resp = answers::queue_status(place, wait);
+        if !conn_info.h2 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Some(resp)
     }
 
     /// Admits a request under the shedding limit, waiting up to the queue timeout. The
@@ -375,6 +392,16 @@ impl Forwarder {
             .increment(1);
         None
     }
+}
+
+/// What one shopper let in costs the shop (request-slot seconds), as the room last
+/// measured it; 0 before it is known.
+fn parts_cost(fwd: &Forwarder) -> f64 {
+    fwd.pool
+        .traffic
+        .waiting
+        .as_ref()
+        .map_or(0.0, |r| r.session_cost())
 }
 
 /// Surge's own answer, with the request id and HSTS.

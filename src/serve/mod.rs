@@ -922,13 +922,25 @@ async fn tidy_waiting_room(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>)
     };
     let mut every = tokio::time::interval(crate::pool::waiting::TIDY_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cost = crate::pool::waiting::SessionCost::new(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = shutdown.changed() => return,
         }
         let now_ms = crate::pool::waiting::wall_ms();
-        room.tidy(std::time::Instant::now(), now_ms);
+        let now = std::time::Instant::now();
+        room.tidy(now, now_ms);
+        let admission = &pool.traffic.admission;
+        cost.observe(
+            now,
+            admission.newcomers_in.load(Ordering::Relaxed)
+                + room.counters.spent.load(Ordering::Relaxed),
+            admission.in_flight.load(Ordering::Relaxed),
+        );
+        if let Some(slot_seconds) = cost.slot_seconds() {
+            room.set_session_cost(slot_seconds);
+        }
         let status = room.status(now_ms);
         metrics::gauge!(crate::telemetry::names::WAITING_ROOM_QUEUED).set(status.queued as f64);
     }
