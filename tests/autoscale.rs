@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use http::Method;
+
 use common::scaling::*;
 use common::*;
 use surge::pool::State;
@@ -581,6 +583,61 @@ steps = [
             "desired went down while {q0}/{q1} waited: {seconds:?}"
         );
     }
+}
+
+/// One visitor who took a place and left does not keep the autoscaler ordering: the
+/// room lapses the place on its own clock (nobody else visits), the line the meter reads
+/// empties, and the pool stays where the traffic puts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_who_leaves_the_line_orders_nothing() {
+    let blade = blades(1, Duration::from_millis(1500)).await;
+    let cfg = surge_config(
+        blade[0].addr,
+        "sim",
+        "UNUSED_KEY",
+        free_port(),
+        "min = 1\nmax = 6\n\
+         [pool.shed]\nmax_in_flight_per_node = 1\nqueue_timeout = \"50ms\"\n\
+         [waiting_room]\nrefresh = \"1s\"\nabandon_after = \"2s\"\n",
+    );
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let addr = surge.proxy.local_addr;
+    let c = client();
+    let html = [("accept", "text/html")];
+    // A shopper already in fills the one slot for 1.5 s.
+    let first = send(&c, Method::GET, addr, "/", &html, "").await.unwrap();
+    let cookie = format!("surge_admit={}", first.set_cookie("surge_admit").unwrap());
+    let busy = tokio::spawn({
+        let c = c.clone();
+        async move {
+            send(&c, Method::GET, addr, "/", &[("cookie", &cookie)], "")
+                .await
+                .unwrap()
+                .status
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A newcomer gets a place, and never comes back.
+    let queued = send(&c, Method::GET, addr, "/", &html, "").await.unwrap();
+    assert_eq!(queued.status, 503);
+    assert!(
+        queued.set_cookie("surge_queue").is_some(),
+        "a place in line"
+    );
+    assert_eq!(busy.await.unwrap(), 200);
+    let room = surge.pool.traffic.waiting.as_ref().expect("a room");
+    assert!(
+        eventually(Duration::from_secs(5), || room.places() == 0).await,
+        "the place of the visitor who left never lapsed"
+    );
+    // No traffic, nobody in line: a few seconds of decisions order nothing more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = status_of(&surge);
+    surge.stop().await;
+    assert!(
+        status.desired <= 3 && status.provider_servers <= 3,
+        "the autoscaler kept ordering for a line of nobody: {status:#?}"
+    );
 }
 
 /// Runs the sales-day step (3 → 24 → 3 new sessions/s) against one slow blade and a

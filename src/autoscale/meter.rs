@@ -10,6 +10,10 @@ use super::policy::{Line, Observations};
 use crate::pool::waiting::SessionCost;
 use crate::pool::{shed, Pool, State};
 
+/// The share of the shop's pace at which the waiting room lets its line in (see
+/// [`Meter::per_node`]).
+const ROOM_PACE: f64 = 0.8;
+
 /// One reading of the cumulative counters.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -102,7 +106,15 @@ impl Meter {
     fn per_node(&self, pool: &Pool) -> Option<f64> {
         let shed = pool.settings().shed.as_ref()?;
         let slots = shed::capacity(shed, 1, shed::Class::Newcomer) as f64;
-        self.cost.slot_seconds().map(|s| slots / s)
+        // The waiting room lets the line in at four fifths of that pace: it counts each
+        // holder let in for half its cost until it is back, half a reload on average
+        // (see `proxy::admission`, `room_for_newcomers`).
+        let pace = if pool.traffic.waiting.is_some() {
+            ROOM_PACE
+        } else {
+            1.0
+        };
+        self.cost.slot_seconds().map(|s| slots * pace / s)
     }
 
     /// The latency histogram's counts over the current window, bucket by bucket (what a
@@ -119,9 +131,8 @@ impl Meter {
         }
     }
 
-    /// Reads the counters at `now` and returns the observations. Until the samples span
-    /// half a window, the observations are marked not fresh.
-    pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {
+    /// The cumulative counters at `now`.
+    fn read(pool: &Pool, now: Instant) -> Sample {
         let t = &pool.traffic;
         let a = &t.admission;
         // Arrivals: fresh places, and newcomers turned away at the line's bound. Taken
@@ -134,7 +145,7 @@ impl Meter {
             )
         });
         let straight_in = a.newcomers_in.load(Ordering::Relaxed);
-        self.samples.push_back(Sample {
+        Sample {
             at: now,
             connections: t.scaling.counted.load(Ordering::Relaxed),
             requests: t.requests.load(Ordering::Relaxed),
@@ -142,12 +153,19 @@ impl Meter {
             arrived: straight_in + room_arrived + a.newcomers_turned_away.load(Ordering::Relaxed),
             let_in: straight_in + room_served,
             shed: a.shed.load(Ordering::Relaxed),
-        });
+        }
+    }
+
+    /// Reads the counters at `now` and returns the observations. Until the samples span
+    /// half a window, the observations are marked not fresh.
+    pub fn observe(&mut self, pool: &Pool, now: Instant) -> Observations {
+        let sample = Self::read(pool, now);
         self.cost.observe(
             now,
-            straight_in + room_served,
-            a.in_flight.load(Ordering::Relaxed),
+            sample.let_in,
+            pool.traffic.admission.in_flight.load(Ordering::Relaxed),
         );
+        self.samples.push_back(sample);
         // Keep one sample at least a window old, so the rate spans the whole window.
         while self
             .samples
@@ -167,6 +185,7 @@ impl Meter {
             .map(|m| u64::from(m.backend.in_flight()))
             .sum();
         let in_flight_per_node = in_flight as f64 / in_service.len().max(1) as f64;
+        let t = &pool.traffic;
         let admission = &t.admission;
         let shed = admission.shed.load(Ordering::Relaxed);
         // Shoppers in the waiting room are demand the pool turned away, like sheds; but

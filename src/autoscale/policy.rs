@@ -441,6 +441,34 @@ fn stabilize_and_limit(
     }
 
     // 3. Step limits.
+    desired = step_limited(desired, current, cfg, state, now, &mut reasons);
+
+    // 4. Bounds.
+    if desired < min {
+        desired = min;
+        reasons.push(Reason::Min { min });
+    }
+    if desired > cfg.max {
+        desired = cfg.max;
+        reasons.push(Reason::Max { max: cfg.max });
+    }
+    Decision {
+        desired,
+        current,
+        reasons,
+    }
+}
+
+/// Step 3: up by at most max(`up_percent`%, `up_nodes`) of the size at the start of the
+/// up period, down by one node per `down_period`.
+fn step_limited(
+    mut desired: usize,
+    current: usize,
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+    now: Instant,
+    reasons: &mut Vec<Reason>,
+) -> usize {
     if desired > current {
         let (start, from) = match state.up_period {
             Some((t, from)) if now.saturating_duration_since(t) < cfg.up_period => (t, from),
@@ -469,20 +497,7 @@ fn stabilize_and_limit(
         }
     }
 
-    // 4. Bounds.
-    if desired < min {
-        desired = min;
-        reasons.push(Reason::Min { min });
-    }
-    if desired > cfg.max {
-        desired = cfg.max;
-        reasons.push(Reason::Max { max: cfg.max });
-    }
-    Decision {
-        desired,
-        current,
-        reasons,
-    }
+    desired
 }
 
 #[cfg(test)]

@@ -249,11 +249,16 @@ impl Forwarder {
         request_id: &HeaderValue,
     ) -> Result<Entry, Answer> {
         let (unix_now, now_ms, secure) = at;
-        let class = match ticket {
-            Some(_) => shed::Class::Admitted,
-            None => shed::Class::Newcomer,
+        // A holder let in waits for room up to one reload (it would be back then anyway)
+        // rather than the shed queue's timeout: the front of the line is served first.
+        let (class, patience) = match ticket {
+            Some(_) => (
+                shed::Class::Admitted,
+                parts.config.refresh.max(cfg.queue_timeout),
+            ),
+            None => (shed::Class::Newcomer, cfg.queue_timeout),
         };
-        let Some(admitted) = self.admit(cfg, class).await else {
+        let Some(admitted) = self.admit_within(cfg, class, patience).await else {
             return Err(match ticket {
                 Some(t) => waiting_page(parts, t, 1, at, conn_info),
                 None => fresh_place(parts, at, conn_info, request_id),
@@ -281,9 +286,12 @@ impl Forwarder {
 
     /// Newcomers the shop has room for now: below the newcomers' share of the limit,
     /// counting requests waiting for room as taken; and what a holder let in is counted
-    /// for until it is back: the load its visit will bring over the reload (`refresh`) it
-    /// comes back in, what one shopper costs the shop (measured, see
-    /// `waiting::SessionCost`) or at least its first request (the blades' latency).
+    /// for until it is back: the load it will bring, what one shopper costs the shop
+    /// (measured, see `waiting::SessionCost`; at least its first request, the blades'
+    /// latency), spread over twice the reload (`refresh`) it comes back in. Counted
+    /// whole for a whole reload, holders would let the line in one reload at a time
+    /// (at two thirds of the shop's pace); not at all, a shop that grows by a node would
+    /// let in twenty times what the node takes before their load showed.
     fn room_for_newcomers(&self, cfg: &ShedConfig, refresh: std::time::Duration) -> Capacity {
         let admission = &self.pool.traffic.admission;
         let table = self.pool.snapshot();
@@ -306,7 +314,7 @@ impl Forwarder {
         let cost = parts_cost(self).max(latency);
         Capacity {
             free,
-            per_let_in: (cost / refresh.as_secs_f64().max(0.001)).clamp(0.01, 1.0),
+            per_let_in: (cost / (2.0 * refresh.as_secs_f64()).max(0.001)).clamp(0.01, 1.0),
         }
     }
 
@@ -350,6 +358,16 @@ impl Forwarder {
     /// wait is woken by a request giving its room back or by a pool change (a node coming
     /// into service), not by a timer.
     pub(super) async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
+        self.admit_within(cfg, class, cfg.queue_timeout).await
+    }
+
+    /// [`Self::admit`], waiting up to `patience` for room.
+    async fn admit_within(
+        &self,
+        cfg: &ShedConfig,
+        class: shed::Class,
+        patience: std::time::Duration,
+    ) -> Option<Admitted> {
         let admission = &self.pool.traffic.admission;
         let fits = || {
             shed::admits(
@@ -366,7 +384,7 @@ impl Forwarder {
         // uncounted too, or the queue would fill with ghosts and shed everyone.
         let (waiting, before) = shed::Waiting::start(admission);
         if before < cfg.queue_size {
-            let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
+            let deadline = tokio::time::Instant::now() + patience;
             let mut changes = self.pool.changes();
             loop {
                 let room = admission.room.notified();
