@@ -263,7 +263,8 @@ pub fn decide(
         current
     };
     let measured = line_need(&obs.line, current, cfg, state, now, &mut reasons);
-    if obs.at_limit && recommended <= current {
+    // At the limit without a measured line (no room, nothing let in yet): one more.
+    if measured.is_none() && obs.at_limit && recommended <= current {
         recommended = current + 1;
         reasons.push(Reason::AtLimit);
     }

@@ -76,6 +76,8 @@ struct FileShed {
     max_in_flight_per_node: u32,
     #[serde(with = "humantime_serde")]
     queue_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    admitted_queue_timeout: Duration,
     queue_size: u64,
     priority_prefixes: Vec<String>,
     priority_headroom_percent: u32,
@@ -90,6 +92,7 @@ impl Default for FileShed {
         Self {
             max_in_flight_per_node: 0,
             queue_timeout: Duration::from_millis(200),
+            admitted_queue_timeout: Duration::from_secs(1),
             queue_size: 1024,
             priority_prefixes: vec!["/checkout".into(), "/cart".into()],
             priority_headroom_percent: 25,
@@ -294,8 +297,11 @@ pub struct EjectionConfig {
 pub struct ShedConfig {
     /// Requests in flight per in-service node before new ones wait (0: never shed).
     pub max_in_flight_per_node: u32,
-    /// Longest a request waits for room before it is shed.
+    /// Longest a newcomer's request waits for room before it is shed.
     pub queue_timeout: Duration,
+    /// Longest the request of a shopper already in waits for room: a refused page of a
+    /// shopper who is in is a failed visit (a lost cart), a second's wait is not.
+    pub admitted_queue_timeout: Duration,
     /// Requests waiting at once; beyond it, shed at once.
     pub queue_size: u64,
     /// Path prefixes that get priority (cart, checkout).
@@ -505,6 +511,7 @@ fn shed(s: &FileShed, p: &mut Problems) -> ShedConfig {
     ShedConfig {
         max_in_flight_per_node: s.max_in_flight_per_node,
         queue_timeout: s.queue_timeout,
+        admitted_queue_timeout: s.admitted_queue_timeout.max(s.queue_timeout),
         queue_size: s.queue_size,
         priority_prefixes: s.priority_prefixes.clone(),
         priority_headroom_percent: s.priority_headroom_percent,

@@ -173,6 +173,7 @@ mod tests {
         ShedConfig {
             max_in_flight_per_node: 10,
             queue_timeout: Duration::from_millis(100),
+            admitted_queue_timeout: Duration::from_millis(100),
             queue_size: 100,
             priority_prefixes: vec!["/checkout".into(), "/cart".into()],
             priority_headroom_percent: 20,

@@ -249,12 +249,13 @@ impl Forwarder {
         request_id: &HeaderValue,
     ) -> Result<Entry, Answer> {
         let (unix_now, now_ms, secure) = at;
-        // A holder let in waits for room up to one reload (it would be back then anyway)
-        // rather than the shed queue's timeout: the front of the line is served first.
+        // A holder let in is one of the shoppers in already (its room was counted when
+        // the line let it in), and waits for room up to one reload (it would be back then
+        // anyway): the front of the line is not sent back behind those it let in after.
         let (class, patience) = match ticket {
             Some(_) => (
                 shed::Class::Admitted,
-                parts.config.refresh.max(cfg.queue_timeout),
+                parts.config.refresh.max(cfg.admitted_queue_timeout),
             ),
             None => (shed::Class::Newcomer, cfg.queue_timeout),
         };
@@ -358,7 +359,11 @@ impl Forwarder {
     /// wait is woken by a request giving its room back or by a pool change (a node coming
     /// into service), not by a timer.
     pub(super) async fn admit(&self, cfg: &ShedConfig, class: shed::Class) -> Option<Admitted> {
-        self.admit_within(cfg, class, cfg.queue_timeout).await
+        let patience = match class {
+            shed::Class::Newcomer => cfg.queue_timeout,
+            shed::Class::Admitted | shed::Class::Priority => cfg.admitted_queue_timeout,
+        };
+        self.admit_within(cfg, class, patience).await
     }
 
     /// [`Self::admit`], waiting up to `patience` for room.
