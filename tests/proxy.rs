@@ -311,6 +311,12 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
         ("x-forwarded-port", "8443"),
         ("forwarded", "for=203.0.113.9;host=evil.example"),
         ("x-real-ip", "203.0.113.9"),
+        // What frameworks read to build URLs or route (Rack, Symfony, IIS rewrite).
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-ssl", "on"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
     ];
     let c = client();
     let headers_seen = |surge: std::net::SocketAddr, asked: Vec<(&'static str, &'static str)>| {

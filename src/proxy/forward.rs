@@ -573,6 +573,7 @@ impl Forwarder {
         } = held;
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        headers::one_length(&mut parts.headers);
         let backend = guard.backend().clone();
         backend.metrics.count_status(parts.status.as_u16());
         let tls = conn_info.tls.is_some();

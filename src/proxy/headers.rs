@@ -29,13 +29,43 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// one of the shop's own proxies (`proxy.trusted_proxies`). From anyone else they are
 /// dropped: a shopper's `X-Forwarded-Host: evil.example` would otherwise go into the
 /// links a frontend builds (a password-reset mail, a redirect), and `Forwarded: for=`
-/// or `X-Real-IP` would name an address of the shopper's choosing.
-pub const CLIENT_CLAIMS: [&str; 4] = [
+/// or `X-Real-IP` would name an address of the shopper's choosing. The prefix, scheme
+/// and SSL flags are read by frameworks to build URLs (Rack, Symfony), and
+/// `X-Original-URL` / `X-Rewrite-URL` to route (IIS, Symfony): a shopper's would reach an
+/// admin path the proxy never saw.
+pub const CLIENT_CLAIMS: [&str; 9] = [
     "forwarded",
     "x-forwarded-host",
     "x-forwarded-port",
     "x-real-ip",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-original-url",
+    "x-rewrite-url",
 ];
+
+/// A `Content-Length` said more than once (`5, 5`, or two fields) as one value, as RFC
+/// 9110 section 8.6 asks of a proxy passing on a length whose values agree (hyper
+/// refused any that disagree when it read the answer).
+pub fn one_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (Some(first), rest) = (values.next(), values.count()) else {
+        return;
+    };
+    let Ok(text) = first.to_str() else {
+        return;
+    };
+    if rest == 0 && !text.contains(',') {
+        return;
+    }
+    let Some(n) = text.split(',').next().map(str::trim).map(str::to_owned) else {
+        return;
+    };
+    if let Ok(v) = HeaderValue::from_str(&n) {
+        headers.insert(header::CONTENT_LENGTH, v);
+    }
+}
 
 /// Removes hop-by-hop headers, including any a `Connection` field names (every one of
 /// them: a client may send several). `Upgrade` goes too: the hyper path does not tunnel

@@ -574,6 +574,9 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// The blade's `Content-Length` is not passed on (see `parse_response`).
     drop_length: bool,
+    /// The length the blade's `Content-Length` fields agreed on: passed on as one value
+    /// (`5, 5` or two fields of `5` are one length, RFC 9110 section 8.6).
+    length: Option<u64>,
 }
 
 /// The tokens of a head's `Connection` fields, seen by the parse so that the rewrite
@@ -761,6 +764,7 @@ pub fn parse_response(
         reusable,
         // Nor on a 101 or 204, which have no content (RFC 9110 section 8.6).
         drop_length: te_chunked.is_some() || status == 101 || status == 204,
+        length,
     }))
 }
 
@@ -824,8 +828,22 @@ pub fn write_response(
                     .flat_map(|f| f.value.get(buf).split(|&b| b == b','))
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(name)))
     };
+    let mut length_written = false;
     for h in fields {
         let name = h.name.get(buf);
+        if name.eq_ignore_ascii_case(b"content-length")
+            && !head.drop_length
+            && !(rw.dechunk && head.body == BodyKind::Chunked)
+        {
+            if let (Some(n), false) = (head.length, length_written) {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                push_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+                length_written = true;
+            }
+            continue;
+        }
         let keep_te = name.eq_ignore_ascii_case(b"transfer-encoding")
             && head.body == BodyKind::Chunked
             && !rw.dechunk;
@@ -1143,6 +1161,25 @@ mod tests {
         dechunk: false,
         upgrade: false,
     };
+
+    /// A blade's length said twice (one field `5, 5`, or two fields) is one length: the
+    /// shopper gets one value (RFC 9110 section 8.6), not a list a strict client refuses.
+    #[test]
+    fn a_length_said_twice_reaches_the_shopper_once() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        ] {
+            let (parsed, out) = rewrite(raw, PLAIN);
+            assert!(matches!(parsed, Ok(Parsed::Final(_))), "{out}");
+            let lengths: Vec<&str> = out
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("content-length"))
+                .collect();
+            assert_eq!(lengths.len(), 1, "{out}");
+            assert!(lengths[0].ends_with(": 5"), "{out}");
+        }
+    }
 
     #[test]
     fn an_http_1_0_shopper_keeps_the_length_and_loses_only_the_chunking() {
