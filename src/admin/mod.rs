@@ -626,7 +626,7 @@ impl Admin {
                     Err(r) => return r,
                 };
                 match &self.cfg.token {
-                    Some(token) if bool::from(body.token.as_bytes().ct_eq(token.as_bytes())) => {
+                    Some(token) if same_secret(body.token.as_bytes(), token.as_bytes()) => {
                         with_cookie(Some(&session::issue(token, unix_now())))
                     }
                     Some(_) => error(
@@ -651,7 +651,7 @@ impl Admin {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .unwrap_or(b"");
-        if bool::from(given.ct_eq(token.as_bytes())) {
+        if same_secret(given, token.as_bytes()) {
             return None;
         }
         let cookies = req.headers().get_all(header::COOKIE).iter();
@@ -1197,6 +1197,16 @@ fn error(status: StatusCode, kind: &str, detail: &str) -> Reply {
             detail: detail.to_owned(),
         },
     )
+}
+
+/// Whether `given` is the secret, in time that tells nothing of the secret, its length
+/// included: the two SHA-256 digests (always 32 bytes) are compared in constant time. A
+/// plain constant-time comparison of the values answers at once when their lengths
+/// differ, so an attacker could time their way to the token's length.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let given = ring::digest::digest(&ring::digest::SHA256, given);
+    let secret = ring::digest::digest(&ring::digest::SHA256, secret);
+    bool::from(given.as_ref().ct_eq(secret.as_ref()))
 }
 
 #[cfg(test)]
