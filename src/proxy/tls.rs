@@ -357,12 +357,11 @@ pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
         cert: ss.dir.join("selfsigned.crt"),
         key: ss.dir.join("selfsigned.key"),
     };
-    if pair.cert.exists() && pair.key.exists() {
+    if pair.cert.exists() && pair.key.exists() && !self_signed_ending(&pair.cert) {
         return Ok(pair);
     }
     private_dir(&ss.dir)?;
-    let generated = rcgen::generate_simple_self_signed(ss.names.clone())
-        .map_err(|e| TlsError::Setup(format!("cannot generate a certificate: {e}")))?;
+    let generated = self_signed(&ss.names, SELF_SIGNED_VALIDITY)?;
     write_replacing(
         &pair.key,
         generated.key_pair.serialize_pem().as_bytes(),
@@ -375,6 +374,44 @@ pub fn ensure_self_signed(ss: &SelfSigned) -> Result<CertPair, TlsError> {
         "generated a self-signed certificate"
     );
     Ok(pair)
+}
+
+/// How long a generated self-signed certificate is valid: a year (audit tools flag the
+/// ~2,000 years rcgen gives by default), made again at start when it nears its end.
+const SELF_SIGNED_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+/// A self-signed certificate with less than this left is made again at start.
+const SELF_SIGNED_RENEW_WITHIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// A self-signed certificate for `names`, valid from a day ago (clocks differ) for
+/// `validity`.
+fn self_signed(
+    names: &[String],
+    validity: std::time::Duration,
+) -> Result<rcgen::CertifiedKey, TlsError> {
+    let setup = |e: rcgen::Error| TlsError::Setup(format!("cannot generate a certificate: {e}"));
+    let key_pair = rcgen::KeyPair::generate().map_err(setup)?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(setup)?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + validity;
+    let cert = params.self_signed(&key_pair).map_err(setup)?;
+    Ok(rcgen::CertifiedKey { cert, key_pair })
+}
+
+/// Whether the certificate in `file` ends within [`SELF_SIGNED_RENEW_WITHIN`] (or cannot
+/// be read: made again too).
+fn self_signed_ending(file: &Path) -> bool {
+    let Ok(pem) = std::fs::read(file) else {
+        return true;
+    };
+    let end = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| not_after(&der));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    end.is_none_or(|end| end - now < SELF_SIGNED_RENEW_WITHIN.as_secs() as i64)
 }
 
 /// Creates `dir` (and its parents) with mode 0700, or tightens it to 0700 if it exists.
@@ -467,6 +504,38 @@ mod tests {
             .is_symlink());
         assert_eq!(mode(&p.key), 0o600);
         assert_eq!(mode(&ss.dir), 0o700);
+        let _ = std::fs::remove_dir_all(base);
+    }
+
+    /// The certificate made at first start is valid for a year (not rcgen's ~2,000), and
+    /// one nearing its end is made again at the next start.
+    #[test]
+    fn the_self_signed_certificate_lasts_a_year_and_is_remade_near_its_end() {
+        let base = tmp();
+        let ss = SelfSigned {
+            dir: base.join("tls"),
+            names: vec!["localhost".into()],
+        };
+        let end_of = |p: &CertPair| {
+            let pem = std::fs::read(&p.cert).unwrap();
+            let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .unwrap()
+                .unwrap();
+            not_after(&der).unwrap()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let p = ensure_self_signed(&ss).unwrap();
+        let days = (end_of(&p) - now) / 86_400;
+        assert!((364..=366).contains(&days), "valid {days} days");
+        // One with a week left (an old surge's, or a year on) is made again.
+        let old = self_signed(&ss.names, std::time::Duration::from_secs(7 * 86_400)).unwrap();
+        std::fs::write(&p.cert, old.cert.pem()).unwrap();
+        let p = ensure_self_signed(&ss).unwrap();
+        assert!((end_of(&p) - now) / 86_400 >= 364, "not made again");
         let _ = std::fs::remove_dir_all(base);
     }
 
