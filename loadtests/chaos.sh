@@ -47,7 +47,15 @@ done
 cp "$ROOT/loadtests/chaos-surge.toml" "$WORK/surge.toml"
 "$SURGE" serve --config "$WORK/surge.toml" >"$WORK/surge.log" 2>&1 & SURGE_PID=$!; PIDS+=($!)
 for _ in $(seq 1 100); do curl -fs -o /dev/null http://127.0.0.1:18080/catalog && break; sleep 0.1; done
+curl -fs -o /dev/null http://127.0.0.1:18080/catalog || {
+  echo "chaos.sh: surge never answered /catalog on 18080; its log:" >&2
+  tail -n 5 "$WORK/surge.log" >&2
+  exit 1
+}
 
+# The report directory outlives runs: a load test that writes nothing must not leave the
+# last run's report to be read as this one's.
+rm -f "$OUT/report.json"
 "$SURGE" loadtest "$ROOT/loadtests/chaos.toml" --out "$OUT" --admin http://127.0.0.1:19090 \
   >"$WORK/loadtest.txt" 2>&1 & LOAD=$!
 T0=$(date +%s.%N)
@@ -92,6 +100,11 @@ echo
 echo "surge's own account of the restarts:"
 grep -E 'reload|upgrade|now serves|refused|failed' "$WORK/surge.log" | sed 's/^/  /' || true
 echo
+[ -s "$OUT/report.json" ] || {
+  echo "chaos.sh: the load test (exit $LOAD_RC) wrote no report; its output ends:" >&2
+  tail -n 5 "$WORK/loadtest.txt" >&2
+  exit 1
+}
 python3 - "$OUT/report.json" "$EVENTS" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -118,6 +131,9 @@ for b in timeline:
         if k not in ("ok", "2xx"):
             outcomes[k] = outcomes.get(k, 0) + v
 print(f"\nfailed requests in all (503 sheds apart): {total_failed}; outcomes other than ok: {outcomes}")
+# No request answered, or none sent: "0 failed" above then says nothing about the events.
+if sum(b["ok"] for b in timeline) == 0:
+    sys.exit("chaos.sh: no request of the load test was answered")
 EOF
 echo
 SERVERS=0
@@ -141,3 +157,8 @@ for x in reversed(d.get("decisions", [])[:8]):
 echo "provider calls refused or failed during the run (simulator log):"
 grep -cE '429|503|error' "$WORK/sim.log" | sed 's/^/   log lines: /' || true
 echo "report: $OUT/report.html   load test exit code: $LOAD_RC"
+# The one check of the run: printed above, and the exit code says it too.
+if [ "$SERVERS" != "$POOL" ]; then
+  echo "chaos.sh: the provider holds $SERVERS servers, surge's pool $POOL provider nodes" >&2
+  exit 1
+fi

@@ -31,6 +31,9 @@ for i in 1 2 3; do
   PIDS+=($!)
 done
 for _ in $(seq 1 100); do curl -fs http://127.0.0.1:23791/health >/dev/null && break; sleep 0.1; done
+curl -fs http://127.0.0.1:23791/health >/dev/null || {
+  echo "cluster-pair.sh: etcd never became healthy; e1's log:" >&2; tail -n 5 "$WORK/etcd-1.log" >&2; exit 1
+}
 
 "$SURGE" sim --listen 127.0.0.1:7171 --token "$PAIR_SIM_KEY" --delivery 3s --install 2s \
   --blade-port 18100 >"$WORK/sim.log" 2>&1 &
@@ -76,6 +79,12 @@ TOML
 done
 for i in 1 2; do
   for _ in $(seq 1 300); do curl -fs -o /dev/null "http://127.0.0.1:919$i/readyz" && break; sleep 0.1; done
+  # Not ready yet may be slow delivery; not answering at all is an instance that is not there.
+  curl -fs -o /dev/null "http://127.0.0.1:919$i/healthz" || {
+    echo "cluster-pair.sh: lb-$i does not answer on its admin port 919$i; its log:" >&2
+    tail -n 5 "$WORK/lb-$i.log" >&2
+    exit 1
+  }
 done
 
 # Each instance gets half of a 10 -> 100 new sessions/s ramp.
@@ -136,9 +145,20 @@ done
 while kill -0 "${LT[1]}" 2>/dev/null || kill -0 "${LT[2]}" 2>/dev/null; do
   sample $(( $(date +%s) - start )); sleep 2
 done
+# Each harness must have run and had answers: its totals are half of what this prints.
+FAILED=()
 for i in 1 2; do
-  wait "${LT[$i]}" || true
+  rc=0; wait "${LT[$i]}" || rc=$?
   echo "-- harness against lb-$i:"
   sed -n '2,/^(all)/p' "$WORK/loadtest-$i.txt"
+  ok=$(awk '/^\(all\)/ {print $2}' "$WORK/loadtest-$i.txt")
+  if [ "$rc" != 0 ] || ! [ "${ok:-0}" -gt 0 ] 2>/dev/null; then
+    FAILED+=("harness against lb-$i: exit $rc, ${ok:-no} requests answered")
+  fi
 done
-echo "servers at the provider at the end: $(curl -s -H 'X-Auth-Token: pair-sim-key' 'http://127.0.0.1:7171/baremetal/v1/zones/fr-par-2/servers?per_page=100' | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_count"])')"
+SERVERS=$(curl -fsS -H 'X-Auth-Token: pair-sim-key' 'http://127.0.0.1:7171/baremetal/v1/zones/fr-par-2/servers?per_page=100' | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_count"])')
+echo "servers at the provider at the end: $SERVERS"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "cluster-pair.sh: ${FAILED[*]}" >&2
+  exit 1
+fi

@@ -137,9 +137,11 @@ for r in range(rounds):
             out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{duration}", "--latency",
                                   f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
             cpu = cpu_seconds(pid) - before
+            # A run without figures stops the comparison: skipped, it became a row of zeros
+            # in the table (and a proxy that stopped answering fails every later run too).
             if not re.search(r"(\d+) requests in", out) or not re.search(r"^\s+99%\s+(\S+)", out, re.M):
-                print(f"  {name} c={c}: wrk gave no result:\n{out}", flush=True)
-                continue
+                print(out, file=sys.stderr)
+                sys.exit(f"compare.sh: {name} c={c}: wrk gave no result")
             reqs = int(re.search(r"(\d+) requests in", out).group(1))
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
             # Anchored: "73.50%" in the Stdev column must not pass for the 50% line.
@@ -149,6 +151,9 @@ for r in range(rounds):
             sock = re.search(r"Socket errors: (.*)", out)
             if errs or sock:
                 print(f"  warning: {name} c={c}: {errs.group(0) if errs else ''} {sock.group(0) if sock else ''}")
+            # Nothing proxied: every answer an error (a 502 without the backend) or none at all.
+            if reqs == 0 or rps <= 0 or (errs and int(errs.group(1)) >= reqs):
+                sys.exit(f"compare.sh: {name} c={c}: no successful request ({reqs} requests, {rps} req/s)")
             results.setdefault((c, name), []).append((rps, p50, p99, cpu * 1e6 / max(reqs, 1)))
             print(f"  round {r+1} c={c:<4} {name:<10} {rps:>10.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  cpu {cpu*1e6/max(reqs,1):6.2f} us/req", flush=True)
 
@@ -157,7 +162,9 @@ print(f"{'conns':>5}  {'proxy':<10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'c
 for c in conns:
     med = {}
     for name, _, _ in proxies:
-        rows = results.get((c, name)) or [(0.0, 0.0, 0.0, 0.0)]
+        rows = results.get((c, name))
+        if not rows:
+            sys.exit(f"compare.sh: no run of {name} at c={c}")
         med[name] = [statistics.median(x[i] for x in rows) for i in range(4)]
     base = med["nginx"]
     for name, _, _ in proxies:

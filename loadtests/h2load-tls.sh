@@ -159,6 +159,10 @@ def h2load(port, args):
     proto = re.search(r"Application protocol: (\S+)", out)
     if not m or not done:
         sys.exit("h2load output not understood:\n" + out)
+    # No request succeeded: a rate of 0 (and CPU "per" nothing) is no figure of the proxy.
+    if int(done.group(2)) == 0:
+        print(out, file=sys.stderr)
+        sys.exit(f"h2load-tls.sh: no request succeeded against port {port}")
     secs = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
     return secs, int(done.group(2)), int(done.group(3)) + int(done.group(4)), proto.group(1) if proto else "?"
 

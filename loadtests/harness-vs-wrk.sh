@@ -31,6 +31,11 @@ trap cleanup EXIT INT TERM
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 RUST_LOG=warn "$SURGE" blade --listen "127.0.0.1:$PORT" >/dev/null 2>"$WORK/blade.err" & PIDS+=($!)
 for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$PORT/catalog" && break; sleep 0.1; done
+curl -fs -o /dev/null "http://127.0.0.1:$PORT/catalog" || {
+  echo "harness-vs-wrk.sh: the blade never answered on port $PORT; its log:" >&2
+  tail -n 5 "$WORK/blade.err" >&2
+  exit 1
+}
 
 sed -e "s|^target = .*|target = \"http://127.0.0.1:$PORT\"|" \
     -e "s|^users = .*|users = $USERS|" \
@@ -53,10 +58,15 @@ def run(cmd):
 
 def wrk():
     out, cpu = run(["wrk", "-t1", f"-c{users}", f"-d{duration}s", f"http://127.0.0.1:{port}/catalog"])
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))
-    total = int(re.search(r"(\d+) requests in", out.stdout).group(1))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    total = re.search(r"(\d+) requests in", out.stdout)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-    return rps, cpu / total * 1e6, int(errors.group(1)) if errors else 0
+    errors = int(errors.group(1)) if errors else 0
+    # Both figures must come from requests that were answered: a run against nothing
+    # gives 0 req/s (or no output), which is not the generator's throughput.
+    if not rps or not total or int(total.group(1)) == 0 or errors >= int(total.group(1)):
+        sys.exit("harness-vs-wrk.sh: wrk measured no answered request:\n" + out.stdout + out.stderr)
+    return float(rps.group(1)), cpu / int(total.group(1)) * 1e6, errors
 
 def harness():
     out, cpu = run([surge, "loadtest", plan, "--threads", "1"])
@@ -65,6 +75,8 @@ def harness():
         sys.exit("harness output not understood:\n" + out.stdout + out.stderr)
     rps = float(m.group(1))
     row = re.search(r"^\(all\)\s+(\d+)\s+(\d+)", out.stdout, re.M)
+    if not row or int(row.group(1)) == 0:
+        sys.exit("harness-vs-wrk.sh: the harness measured no answered request:\n" + out.stdout + out.stderr)
     ok, err = int(row.group(1)), int(row.group(2))
     return rps, cpu / max(ok + err, 1) * 1e6, err
 

@@ -89,13 +89,18 @@ def rss_kib(pid):
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
-    return 0
+    sys.exit(f"idle-rss.sh: no VmRSS for pid {pid} (not running?)")
 
 async def one(port, held):
     r, w = await asyncio.open_connection("127.0.0.1", port)
     w.write(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
     await w.drain()
     head = await r.readuntil(b"\r\n\r\n")
+    # An error answer (a 502, often with `Connection: close`) is not an idle keep-alive
+    # connection of the kind measured.
+    status = head.split(b"\r\n", 1)[0]
+    if not status.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"answered {status.decode(errors='replace')}, not 200")
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
@@ -118,7 +123,10 @@ async def measure(name, pid, port):
 async def main():
     rows = []
     for name, pid, port in proxies:
-        rows.append((name,) + await measure(name, pid, port))
+        try:
+            rows.append((name,) + await measure(name, pid, port))
+        except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+            sys.exit(f"idle-rss.sh: {name} on port {port}: {e!r}")
     nginx = next(r for r in rows if r[0] == "nginx")
     print(f"{'proxy':<12} {'RSS before':>12} {'RSS idle':>12} {'per conn':>10} {'RSS vs nginx':>13}")
     for name, before, during, held in rows:

@@ -67,9 +67,15 @@ EOF
   grep -E "Collected" "$out.log" | awk '{print $NF}'
 }
 
+# Run in $( ), where bash drops `set -e`: a failed count must stop it by hand, or the
+# empty count went into the arithmetic as 0 and came out as a figure.
 per_request() {
   local a b
-  a=$(count "$1" "$N1" "${2:-}"); b=$(count "$1" "$N2" "${2:-}")
+  a=$(count "$1" "$N1" "${2:-}") || exit 1
+  b=$(count "$1" "$N2" "${2:-}") || exit 1
+  need_figure "instructions.sh: callgrind's count for $N1 requests ($1)" "$a"
+  need_figure "instructions.sh: callgrind's count for $N2 requests ($1)" "$b"
+  need_figure "instructions.sh: instructions per request ($1: $a for $N1, $b for $N2)" $(( (b - a) / (N2 - N1) ))
   echo $(( (b - a) / (N2 - N1) ))
 }
 

@@ -88,7 +88,7 @@ for round in $(seq "$LAST"); do
         sleep 0.3
       fi
       read -r user0 sys0 < <(cpu_ticks "$pid")
-      out=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/")
+      out=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/") || { echo "io-uring.sh: wrk failed against $name" >&2; exit 1; }
       read -r user1 sys1 < <(cpu_ticks "$pid")
       calls=nan
       if [ "$counting" = yes ]; then
@@ -100,6 +100,9 @@ for round in $(seq "$LAST"); do
       if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
         echo "io-uring.sh: $name at c=$c had errors:" >&2; echo "$out" >&2; exit 1
       fi
+      need_figure "io-uring.sh: wrk's requests ($name, c=$c)" "$requests"
+      need_figure "io-uring.sh: wrk's requests/s ($name, c=$c)" "$rate"
+      [ "$counting" = no ] || need_figure "io-uring.sh: perf's system calls ($name, c=$c)" "$calls"
       python3 -c "print($c, '$name', $round, $requests, $rate, ($user1 - $user0) * 1e6 / $TICK / $requests, ($sys1 - $sys0) * 1e6 / $TICK / $requests, float('$calls') / $requests)" >> "$WORK/rows"
     done
   done

@@ -50,6 +50,15 @@ start_surges() {
   fi
 }
 
+# need_figure WHAT VALUE: VALUE is a number above zero, or exit 1 saying WHAT gave none. A
+# figure that was never produced (an empty parse, a run against nothing) must not be
+# printed, or divided by, as a measurement.
+need_figure() {
+  awk -v v="$2" 'BEGIN { exit !(v ~ /^[0-9]+([.][0-9]+)?$/ && v + 0 > 0) }' && return
+  echo "$1: no figure (got '$2')" >&2
+  exit 1
+}
+
 # A port free on 127.0.0.1 now.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

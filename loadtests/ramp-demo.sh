@@ -11,11 +11,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 (cd "$ROOT" && cargo build --release --quiet)
+. "$ROOT/loadtests/lib.sh"
 cd "$ROOT"
 WORK=$(mktemp -d /tmp/surge-ramp.XXXXXX)
 "$ROOT/target/release/surge" serve ${SURGE_CONFIG:+--config "$SURGE_CONFIG"} >"$WORK/serve.log" 2>&1 & SURGE=$!
 trap 'kill $SURGE 2>/dev/null; wait $SURGE 2>/dev/null; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 50); do curl -fs -o /dev/null http://127.0.0.1:8080/catalog && break; sleep 0.1; done
+# Alive too: with 8080 taken by something else, that would answer and be ramped instead.
+kill -0 $SURGE 2>/dev/null && curl -fs -o /dev/null http://127.0.0.1:8080/catalog || {
+  echo "ramp-demo.sh: surge is not serving /catalog on 8080; its log:" >&2; tail -n 5 "$WORK/serve.log" >&2; exit 1
+}
 
 sample() {
   curl -s localhost:9090/v1/autoscaler | python3 -c '
@@ -38,7 +43,14 @@ phase() { # connections seconds label
   wrk -t1 -c"$1" -d"$2"s -H "Connection: close" --latency http://127.0.0.1:8080/catalog > "$WORK/wrk-$3.txt" &
   local w=$!
   while kill -0 $w 2>/dev/null; do sample $(( $(date +%s) - start )); sleep 2; done
-  echo "  -- $3: $(grep -E 'Requests/sec' "$WORK/wrk-$3.txt" | awk '{print $2}') req/s, p99 $(grep -E '^ +99%' "$WORK/wrk-$3.txt" | awk '{print $2}'), non-2xx $(grep -oE 'Non-2xx or 3xx responses: [0-9]+' "$WORK/wrk-$3.txt" | awk '{print $NF}')"
+  wait $w || { echo "ramp-demo.sh: wrk failed in $3" >&2; exit 1; }
+  local rate p99 non2xx
+  rate=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-$3.txt")
+  p99=$(awk '/^ +99%/ {print $2}' "$WORK/wrk-$3.txt")
+  non2xx=$(awk '/Non-2xx or 3xx responses/ {print $NF}' "$WORK/wrk-$3.txt")
+  # A phase that got no answer has no req/s to print: stop rather than print a blank.
+  need_figure "ramp-demo.sh: wrk's requests/s in $3" "$rate"
+  echo "  -- $3: $rate req/s, p99 $p99, non-2xx ${non2xx:-0}"
 }
 phase 1 20 ordinary-day
 phase 16 40 sales-opening

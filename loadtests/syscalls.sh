@@ -52,10 +52,18 @@ for c in $CONNS; do
     perf_pid=$!
     sleep 0.3
     read -r user0 sys0 < <(cpu_ticks "$pid")
-    requests=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    out=$(wrk -t1 -c"$c" -d"$DURATION" "http://127.0.0.1:$port/") || { echo "syscalls.sh: wrk failed against $name" >&2; exit 1; }
     read -r user1 sys1 < <(cpu_ticks "$pid")
     kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    # Counted per answered request: error answers (a 502 without a backend) or a run that
+    # answered nothing would make other figures, not this one's.
+    if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+      echo "syscalls.sh: $name at c=$c had errors:" >&2; echo "$out" >&2; exit 1
+    fi
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
     calls=$(awk -F, '/raw_syscalls/ {print $1}' "$WORK/perf.$name")
+    need_figure "syscalls.sh: wrk's requests ($name, c=$c)" "$requests"
+    need_figure "syscalls.sh: perf's system calls ($name, c=$c; perf allowed?)" "$calls"
     python3 -c "print(f'{\"$c\":<6} {\"$name\":<14} {$requests:>12} {$calls:>12} {$calls / $requests:>14.2f} {($user1 - $user0) * 1e6 / $TICK / $requests:>12.2f} {($sys1 - $sys0) * 1e6 / $TICK / $requests:>12.2f}')"
   done
 done
