@@ -828,6 +828,22 @@ async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
     let first = page(&c, addr, "").await;
     assert_eq!(first.status, 200, "an empty shop, the door open");
     let shopper = format!("surge_admit={}", first.set_cookie("surge_admit").unwrap());
+    // A cart, and the route cookie surge binds it with (it names only the blade).
+    let cart = send(
+        &c,
+        Method::POST,
+        addr,
+        "/cart",
+        &[("cookie", &shopper)],
+        r#"{"product": 3}"#,
+    )
+    .await
+    .unwrap();
+    let route = format!(
+        "cart=someone-else; surge_route={}",
+        cart.set_cookie("surge_route")
+            .expect("a route cookie with the cart")
+    );
     let held = send(&c, Method::POST, admin, "/v1/waiting-room/open", &[], "")
         .await
         .unwrap();
@@ -860,6 +876,13 @@ async fn an_operator_holds_the_door_before_a_sale_and_opens_it() {
     assert_eq!(
         cart_only.status, 503,
         "a cart cookie the blade sets (unsigned) is no way past the line"
+    );
+    let routed = send(&c, Method::GET, addr, "/catalog", &[("cookie", &route)], "")
+        .await
+        .unwrap();
+    assert_eq!(
+        routed.status, 503,
+        "a route cookie (the same for every cart on its blade) is no pass past the line"
     );
     assert_eq!(page(&c, addr, &ticket).await.status, 503, "still held");
     let opened = send(&c, Method::POST, admin, "/v1/waiting-room/close", &[], "")

@@ -310,6 +310,9 @@ pub(super) fn validate(
             p.bad(key, "must be greater than 0");
         }
     }
+    if a.delivery_time > Duration::from_secs(24 * 3600) {
+        p.bad("delivery_time", "must be at most 24h");
+    }
     if !a.interval.is_zero() && a.interval < Duration::from_millis(200) {
         p.bad(
             "interval",

@@ -549,7 +549,12 @@ impl Report {
     /// Servers released before they served during the run (`--admin`).
     pub fn released_unserved(&self) -> Option<u64> {
         let seen: Vec<&ScalerSample> = self.autoscaler.iter().flatten().collect();
-        Some(seen.last()?.released_unserved - seen.first()?.released_unserved)
+        // A surge restarted mid-run starts its count again: never a wrapped figure.
+        Some(
+            seen.last()?
+                .released_unserved
+                .saturating_sub(seen.first()?.released_unserved),
+        )
     }
 
     /// The autoscaler lines read from `--admin`: orders released before serving, and a

@@ -458,6 +458,10 @@ impl Room {
             return;
         }
         let (next, counted) = self.cutoff_for(out.saturating_add(more), now_ms);
+        // Never ahead of this clock: a cutoff in the future (a ticket from a clock ahead
+        // of ours, or a place spent meanwhile) would let in, uncounted, whoever comes
+        // before it, the door held or not.
+        let next = next.min((now_ms + 1) << 22);
         if next > cutoff && self.cutoff.fetch_max(next, Ordering::AcqRel) < next {
             let moved = counted.saturating_sub(out) as u64;
             self.counters.let_in.fetch_add(moved, Ordering::Relaxed);

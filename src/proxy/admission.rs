@@ -1,11 +1,11 @@
 //! Admission, decided once per request for every protocol: who is already in the shop,
 //! who waits in line, who is turned away.
 //!
-//! "In" means a cookie surge signed: the admission cookie (one random id per visitor
-//! inside the signature, so one value shared by many shows), or a route cookie surge
-//! issued beside a cart. Nothing the shopper or the blade sets alone lets a request past
-//! the line: a bare `cart` cookie is a newcomer's. Priority paths (cart, checkout) get
-//! their headroom only for shoppers who are in.
+//! "In" means the admission cookie surge signed (one random id per visitor inside the
+//! signature). Nothing the shopper or the blade sets lets a request past the line: a
+//! bare `cart` cookie is a newcomer's, and so is a route cookie (it names only a blade,
+//! the same for every cart there, for days). Priority paths (cart, checkout) get their
+//! headroom only for shoppers who are in.
 //!
 //! A newcomer's page load gets the shop or a place in line, never a plain 503: when the
 //! shop sheds it, it gets a place; when it is let in from the line and the shop is full a
@@ -100,13 +100,13 @@ impl Forwarder {
                 .and_then(|v| signer.verify(v, unix_now))
                 .filter(|v| v.backend.starts_with(ADMISSION_PREFIX))
         });
-        let routed = || self.affinity_in(view, unix_now).1.is_some();
-        if admission.is_none() && !routed() {
+        let Some(admission) = admission else {
             return (shed::Class::Newcomer, None);
-        }
+        };
         let renewed = admission
-            .filter(|v| v.renew)
-            .and_then(|v| self.admission_cookie(cfg, v.backend, unix_now, secure));
+            .renew
+            .then(|| self.admission_cookie(cfg, admission.backend, unix_now, secure))
+            .flatten();
         let class = if shed::is_priority(cfg, view.path()) {
             shed::Class::Priority
         } else {
@@ -170,8 +170,8 @@ impl Forwarder {
                     .through_room(cfg, room, view, unix_now, secure, conn_info, request_id)
                     .await;
             }
+            // Not a visitor (a favicon, an API call beside a page): not counted as one.
             Some(room) if room.room.someone_waits() => {
-                counts.newcomers_turned_away.fetch_add(1, Ordering::Relaxed);
                 return Err(answers::shed(request_id));
             }
             _ => {}

@@ -362,3 +362,34 @@ fn with_nobody_left_waiting_a_newcomer_comes_straight_in() {
     );
     assert_eq!(room.place(t(4), ms), Some((0, true)));
 }
+
+/// A ticket issued by a clock ahead of this one (another instance's, up to the skew
+/// allowed) must not carry the cutoff into the future: everyone arriving before that
+/// time would be let in uncounted, around a held door.
+#[test]
+fn a_ticket_from_a_clock_ahead_never_moves_the_cutoff_into_the_future() {
+    let room = room(30);
+    let now = Instant::now();
+    let ms = BASE + 100;
+    let ahead = Ticket {
+        issued_ms: ms + 59_000,
+        nonce: 3,
+    };
+    assert_eq!(
+        room.visit(Some(ahead), now, ms, Capacity::slots(5), t(1)),
+        wait(ahead, 1),
+        "let in before its time"
+    );
+    room.hold(true);
+    let next = Ticket {
+        issued_ms: ms + 1000,
+        nonce: 5,
+    };
+    assert!(
+        matches!(
+            room.visit(None, now, ms + 1000, Capacity::slots(5), next),
+            Visit::Wait { .. }
+        ),
+        "a newcomer got in around the held door"
+    );
+}
