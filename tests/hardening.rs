@@ -1496,6 +1496,52 @@ async fn slow_uploads_cannot_take_all_the_memory() {
     surge.stop().await;
 }
 
+/// The budget is a ceiling for bodies of every framing: a chunked upload (no declared
+/// length) is counted as its chunks come, not after it is all in memory. Two unfinished
+/// chunked uploads of 3 MiB under a 4 MiB budget: the second is refused (503) while it is
+/// still sending. Before, each reserved 64 KiB and both were held whole. Both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_are_held_to_the_body_budget_as_they_come() {
+    let blade = blades(1, Duration::ZERO).await;
+    for engine in [surge::config::Engine::Surge, surge::config::Engine::Hyper] {
+        let mut cfg = surge_config(
+            &[("web-1", blade[0].addr)],
+            "max_body_bytes = 4194304\nmax_buffered_body_bytes = 4194304\nbody_read_timeout = \"20s\"",
+            "",
+        );
+        cfg.proxy.engine = engine;
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+        let mut uploads = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                b"POST /cart HTTP/1.1\r\nhost: shop.test\r\ntransfer-encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            // 3 MiB, not the last chunk: the upload is still going.
+            for _ in 0..48 {
+                if s.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            uploads.push(s);
+        }
+        let mut answer = vec![0u8; 12];
+        let refused =
+            tokio::time::timeout(Duration::from_secs(5), uploads[1].read_exact(&mut answer)).await;
+        assert!(
+            matches!(refused, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 503"),
+            "{engine:?}: the second chunked upload was held past the budget: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        drop(uploads);
+        surge.stop().await;
+    }
+}
+
 /// A PROXY protocol v2 header for a TCP connection from `client` (IPv4 or IPv6).
 fn proxy_v2(client: SocketAddr) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21".to_vec();

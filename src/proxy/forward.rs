@@ -17,7 +17,7 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 
 pub(super) use super::admission::Entry;
@@ -225,27 +225,21 @@ impl Forwarder {
         let Some(mut reserved) = self.body_budget.reserve(first, BODY_BUDGET_WAIT).await else {
             return Err(Refused::BodyBudget);
         };
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let read =
-            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect()).await;
+        let limit = self.max_body_bytes;
+        let read = tokio::time::timeout(
+            self.body_read_timeout,
+            collect_within(body, limit, &mut reserved),
+        )
+        .await;
         match read {
-            Ok(Ok(collected)) => {
-                let bytes = collected.to_bytes();
-                if !reserved.grow_to(bytes.len() as u64) {
-                    return Err(Refused::BodyBudget);
-                }
-                Ok((
-                    (!bytes.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH))
-                        .then_some(bytes),
-                    Some(reserved),
-                ))
-            }
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(Refused::BodyTooLarge)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(path = parts.uri.path(), error = %e, "request body unreadable");
-                Err(Refused::BadBody)
+            Ok(Ok(bytes)) => Ok((
+                (!bytes.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH))
+                    .then_some(bytes),
+                Some(reserved),
+            )),
+            Ok(Err(why)) => {
+                tracing::debug!(path = parts.uri.path(), ?why, "request body refused");
+                Err(why)
             }
             Err(_) => Err(Refused::BodyTimeout),
         }
@@ -826,6 +820,32 @@ fn short_reason(e: &hyper::Error) -> &'static str {
 }
 
 /// The waiting-room ticket the request carries, if this pool signed it and it is valid.
+/// Reads `body` whole, at most `limit` bytes, each frame reserved in the budget before it
+/// is held (a body of no declared length, chunked or HTTP/2, grows its reservation as it
+/// comes instead of after it is all in memory).
+async fn collect_within(
+    mut body: Incoming,
+    limit: u64,
+    reserved: &mut super::limits::BodyReservation,
+) -> Result<Bytes, Refused> {
+    let mut held = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Refused::BadBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = (held.len() + data.len()) as u64;
+        if len > limit {
+            return Err(Refused::BodyTooLarge);
+        }
+        if !reserved.grow_to(len) {
+            return Err(Refused::BodyBudget);
+        }
+        held.extend_from_slice(&data);
+    }
+    Ok(held.freeze())
+}
+
 /// A backend's response body that keeps the backend's in-flight count raised until the
 /// body has been sent to the shopper (or the shopper went away), so a drain waits for
 /// streaming responses too.

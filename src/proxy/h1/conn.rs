@@ -818,6 +818,10 @@ async fn read_body<'e, S: Transport>(
                 if body.len() as u64 > limit {
                     return Err(Refused::BodyTooLarge);
                 }
+                // Reserved before it is held: the budget bounds every framing.
+                if !reserved.grow_to(body.len() as u64) {
+                    return Err(Refused::BodyBudget);
+                }
                 if decoder.done() {
                     return Ok((body, head.len + used));
                 }
@@ -835,6 +839,9 @@ async fn read_body<'e, S: Transport>(
                     };
                     if body.len() as u64 > limit {
                         break Err(Refused::BodyTooLarge);
+                    }
+                    if !reserved.grow_to(body.len() as u64) {
+                        break Err(Refused::BodyBudget);
                     }
                     if decoder.done() {
                         // What follows the body is the next request: after the head.
