@@ -393,10 +393,13 @@ fn both_engines_refuse_the_same_requests_and_pass_on_the_same_ones() {
         panic!("{e}");
     }
     // The generator must reach the blade often, or the comparison of requests is empty.
+    // It reaches it for about 22% of its requests (116-144 of 600 seen over runs, the
+    // seed being random): a floor of one in eight keeps that promise without failing one
+    // run in eight on the draw, as a floor of one in five did.
     let passed = passed.get();
     eprintln!("{passed} of {cases} requests passed on by both engines, the rest refused by both");
     assert!(
-        passed * 5 >= cases,
+        passed * 8 >= cases,
         "only {passed} of {cases} requests were passed on"
     );
 }

@@ -15,9 +15,10 @@
 //! by the shop a moment later keeps its place at the front.
 //!
 //! Nothing here takes a process-wide lock: places live in [`SHARDS`] maps chosen by the
-//! ticket's random number, the order is a ring of atomic counters per time slice (a
-//! Fenwick tree: a place is an O(log n) count), and the cutoff, the line's length and
-//! the flag that says the room is in use are atomics. Tickets that were used or let
+//! ticket's random number (and again by time slice, for a place within its slice), the
+//! order is a ring of atomic counters per time slice (a Fenwick tree: a place is an
+//! O(log n) count), and the cutoff, the line's length and the flag that says the room
+//! is in use are atomics. Tickets that were used or let
 //! lapse are remembered for their whole life in Bloom filters sliced by issue time, so a
 //! holder who left cannot come back later at the old place, and a used ticket is no
 //! place at all (a replay), in fixed memory whatever the traffic.
@@ -26,7 +27,7 @@
 //! [`TIDY_EVERY`]): places whose holders stopped asking lapse whether or not anyone else
 //! visits, so the autoscaler never sees a line of people who left.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -181,7 +182,10 @@ pub struct Room {
     held: AtomicBool,
     limits: RoomLimits,
     /// Places, by ticket, with when their holder was last seen (ms since `epoch`).
-    shards: Vec<Mutex<BTreeMap<Ticket, u64>>>,
+    shards: Vec<Mutex<HashMap<Ticket, u64>>>,
+    /// The same places by time slice of the order ring (slice number → its tickets): a
+    /// place within its slice is a count over a handful, under one of [`SHARDS`] locks.
+    by_slice: Vec<Mutex<HashMap<u64, Vec<Ticket>>>>,
     /// Places held (waiting, or let in and not yet back).
     places: AtomicUsize,
     /// Tickets whose [`Ticket::key`] is below this may enter.
@@ -211,7 +215,8 @@ impl Room {
         Self {
             claims: OnceLock::new(),
             held: AtomicBool::new(false),
-            shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            by_slice: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             places: AtomicUsize::new(0),
             cutoff: AtomicU64::new(0),
             order: OrderRing::new(span_ms),
@@ -290,52 +295,48 @@ impl Room {
     }
 
     /// Places whose key is below `key`: whole time slices from the order ring, then the
-    /// few in `key`'s own slice from the maps.
+    /// few in `key`'s own slice.
     fn count_below(&self, key: u64, now_ms: u64) -> usize {
         let slice_ms = self.order.slice_ms;
-        let start = (key >> 22) / slice_ms * slice_ms;
-        let from = Ticket {
-            issued_ms: start,
-            nonce: 0,
-        };
-        let in_slice: usize = self
-            .shards
-            .iter()
-            .map(|shard| {
-                shard.lock().map_or(0, |places| {
-                    places
-                        .range(from..)
-                        .take_while(|(t, _)| t.key() < key)
-                        .count()
-                })
-            })
-            .sum();
-        self.order.count_before(start, now_ms) + in_slice
+        let slice = (key >> 22) / slice_ms;
+        let in_slice = self.slice_shard(slice).lock().map_or(0, |slices| {
+            slices
+                .get(&slice)
+                .map_or(0, |ts| ts.iter().filter(|t| t.key() < key).count())
+        });
+        self.order.count_before(slice * slice_ms, now_ms) + in_slice
     }
 
     /// The places issued in the time slice starting at `start`, in order.
     fn slice_places(&self, start: u64) -> Vec<Ticket> {
-        let (from, to) = (
-            Ticket {
-                issued_ms: start,
-                nonce: 0,
-            },
-            Ticket {
-                issued_ms: start + self.order.slice_ms,
-                nonce: 0,
-            },
-        );
-        let mut all: Vec<Ticket> = self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                shard.lock().map_or(Vec::new(), |places| {
-                    places.range(from..to).map(|(t, _)| *t).collect()
-                })
-            })
-            .collect();
+        let slice = start / self.order.slice_ms;
+        let mut all = self.slice_shard(slice).lock().map_or(Vec::new(), |slices| {
+            slices.get(&slice).cloned().unwrap_or_default()
+        });
         all.sort_unstable();
         all
+    }
+
+    fn slice_shard(&self, slice: u64) -> &Mutex<HashMap<u64, Vec<Ticket>>> {
+        &self.by_slice[(slice % SHARDS as u64) as usize]
+    }
+
+    /// Records `t` in (or out of) its time slice.
+    fn index(&self, t: Ticket, present: bool) {
+        let slice = t.issued_ms / self.order.slice_ms;
+        let Ok(mut slices) = self.slice_shard(slice).lock() else {
+            return;
+        };
+        if present {
+            slices.entry(slice).or_default().push(t);
+        } else if let Some(ts) = slices.get_mut(&slice) {
+            if let Some(i) = ts.iter().position(|x| *x == t) {
+                ts.swap_remove(i);
+            }
+            if ts.is_empty() {
+                slices.remove(&slice);
+            }
+        }
     }
 
     fn millis(&self, now: Instant) -> u64 {
@@ -435,6 +436,8 @@ impl Room {
             // Two visits of one new holder at once: one place.
             self.places.fetch_sub(1, Ordering::AcqRel);
         } else {
+            drop(shard);
+            self.index(t, true);
             self.order.add(t.issued_ms, 1);
         }
         true
@@ -522,6 +525,7 @@ impl Room {
             return false;
         }
         drop(shard);
+        self.index(*t, false);
         self.order.add(t.issued_ms, -1);
         self.places.fetch_sub(1, Ordering::AcqRel);
         true
@@ -559,6 +563,7 @@ impl Room {
                 });
             }
             for t in &gone {
+                self.index(*t, false);
                 self.order.add(t.issued_ms, -1);
                 self.memory.insert(t);
             }
