@@ -1498,8 +1498,8 @@ async fn slow_uploads_cannot_take_all_the_memory() {
 
 /// The budget is a ceiling for bodies of every framing: a chunked upload (no declared
 /// length) is counted as its chunks come, not after it is all in memory. Two unfinished
-/// chunked uploads of 3 MiB under a 4 MiB budget: the second is refused (503) while it is
-/// still sending. Before, each reserved 64 KiB and both were held whole. Both engines.
+/// chunked uploads of 3 MiB under a 4 MiB budget: one is refused (503) while it is still
+/// sending. Before, each reserved 64 KiB and both were held whole. Both engines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_uploads_are_held_to_the_body_budget_as_they_come() {
     let blade = blades(1, Duration::ZERO).await;
@@ -1529,13 +1529,19 @@ async fn chunked_uploads_are_held_to_the_body_budget_as_they_come() {
             }
             uploads.push(s);
         }
-        let mut answer = vec![0u8; 12];
-        let refused =
-            tokio::time::timeout(Duration::from_secs(5), uploads[1].read_exact(&mut answer)).await;
+        // Whichever outgrows the budget first (both are read at once) is refused.
+        let mut refused = Vec::new();
+        for s in uploads.iter_mut() {
+            let mut answer = vec![0u8; 12];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut answer)).await
+            {
+                refused.push(String::from_utf8_lossy(&answer).into_owned());
+            }
+        }
         assert!(
-            matches!(refused, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 503"),
-            "{engine:?}: the second chunked upload was held past the budget: {:?}",
-            String::from_utf8_lossy(&answer)
+            refused.iter().any(|a| a.starts_with("HTTP/1.1 503")),
+            "{engine:?}: two chunked uploads were held past the budget: {refused:?}"
         );
         drop(uploads);
         surge.stop().await;
