@@ -740,22 +740,43 @@ impl OrderRing {
     }
 
     /// The first slice boundary (ms) by which `target` places were issued, or the end
-    /// of the ring when fewer are: a binary search, O(log² n) counter reads.
+    /// of the ring when fewer are: a descent of the Fenwick tree from the oldest live
+    /// slice (the ring may wrap once), O(log n) counter reads.
     fn first_reaching(&self, target: usize, now_ms: u64) -> u64 {
         let sl = self.slice_ms;
-        let (mut lo, mut hi) = (self.oldest(now_ms) / sl, (now_ms + CLOCK_SKEW_MS) / sl + 1);
+        let (lo, hi) = (self.oldest(now_ms) / sl, (now_ms + CLOCK_SKEW_MS) / sl + 1);
         if self.count_before(hi * sl, now_ms) < target {
             return hi * sl;
         }
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if self.count_before(mid * sl, now_ms) >= target {
-                hi = mid;
-            } else {
-                lo = mid;
+        let len = self.len as u64;
+        let a = (lo % len) as usize;
+        let before_a = self.prefix(a);
+        let tail = self.prefix(self.len) - before_a;
+        let target = target as i64;
+        // Within the slices from the oldest to the ring's end, or past the wrap.
+        let slice = if tail >= target {
+            lo + self.descend(before_a + target).saturating_sub(a) as u64
+        } else {
+            lo + (len - a as u64) + self.descend(target - tail) as u64
+        };
+        ((slice + 1) * sl).min(hi * sl)
+    }
+
+    /// The array index of the slice where the count from index 0 reaches `want`.
+    fn descend(&self, want: i64) -> usize {
+        let (mut pos, mut rest, mut step) = (0usize, want, self.len);
+        while step > 0 {
+            let next = pos + step;
+            if next <= self.len {
+                let here = i64::from(self.tree[next].load(Ordering::Acquire));
+                if here < rest {
+                    pos = next;
+                    rest -= here;
+                }
             }
+            step >>= 1;
         }
-        hi * sl
+        pos.min(self.len - 1)
     }
 
     /// The start of the first slice at or after `ms` that holds a place, if any.

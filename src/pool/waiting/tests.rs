@@ -393,3 +393,31 @@ fn a_ticket_from_a_clock_ahead_never_moves_the_cutoff_into_the_future() {
         "a newcomer got in around the held door"
     );
 }
+
+/// Places on both sides of the order ring's wrap (the ring is a power of two of time
+/// slices): places and cutoffs stay exact across it.
+#[test]
+fn places_straddling_the_rings_wrap_keep_their_order() {
+    let room = room(30);
+    let len = room.order.len as u64;
+    let slice = room.order.slice_ms;
+    // The first ticket three slices before a multiple of the ring's length.
+    let start = (BASE / (len * slice) + 1) * len * slice - 3 * slice;
+    let now = Instant::now();
+    let at = |i: u64| Ticket {
+        issued_ms: start + i * slice,
+        nonce: i + 1,
+    };
+    let ms = start + 20 * slice;
+    for i in 0..8 {
+        assert_eq!(
+            room.visit(None, now, ms, Capacity::slots(0), at(i)),
+            wait(at(i), i as usize + 1)
+        );
+    }
+    // Room for five: exactly the first five, three before the wrap and two after.
+    room.visit(Some(at(7)), now, ms, Capacity::slots(5), at(99));
+    assert_eq!(room.place(at(4), ms), Some((0, true)));
+    assert_eq!(room.place(at(5), ms), Some((1, false)));
+    assert_eq!(room.status(ms).let_in, 5);
+}
