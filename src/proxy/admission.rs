@@ -150,6 +150,20 @@ impl Forwarder {
         }
     }
 
+    /// A newcomer let straight in (no place in line): counted for the autoscaler's meter
+    /// among the visitors the shop took on.
+    fn straight_in(
+        &self,
+        cfg: &ShedConfig,
+        admitted: Admitted,
+        unix_now: u64,
+        secure: bool,
+    ) -> Entry {
+        let counts = &self.pool.traffic.admission;
+        counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
+        self.newcomer_in(cfg, admitted, unix_now, secure)
+    }
+
     /// A new visitor: a page load goes through the room when the pool has one (straight
     /// in while nobody waits and the shop has room); anything else tries the shop, and
     /// while others wait is turned away (it would cut in line).
@@ -177,10 +191,7 @@ impl Forwarder {
             _ => {}
         }
         match self.admit(cfg, shed::Class::Newcomer).await {
-            Some(admitted) => {
-                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
-                Ok(self.newcomer_in(cfg, admitted, unix_now, secure))
-            }
+            Some(admitted) => Ok(self.straight_in(cfg, admitted, unix_now, secure)),
             None => {
                 counts.newcomers_turned_away.fetch_add(1, Ordering::Relaxed);
                 Err(answers::shed(request_id))
@@ -205,9 +216,7 @@ impl Forwarder {
         let mut room = None;
         if ticket.is_none() && !parts.room.in_use() {
             if let Some(admitted) = self.admit(cfg, shed::Class::Newcomer).await {
-                let counts = &self.pool.traffic.admission;
-                counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
-                return Ok(self.newcomer_in(cfg, admitted, unix_now, secure));
+                return Ok(self.straight_in(cfg, admitted, unix_now, secure));
             }
             // Just shed: no room now, whatever the count says a moment later.
             room = Some(Capacity::slots(0));
@@ -265,12 +274,10 @@ impl Forwarder {
                 None => fresh_place(parts, at, conn_info, request_id),
             });
         };
-        let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
         let Some(t) = ticket else {
-            let counts = &self.pool.traffic.admission;
-            counts.newcomers_in.fetch_add(1, Ordering::Relaxed);
-            return Ok(entry);
+            return Ok(self.straight_in(cfg, admitted, unix_now, secure));
         };
+        let mut entry = self.newcomer_in(cfg, admitted, unix_now, secure);
         let expires = t.issued_ms / 1000 + parts.config.ticket_ttl.as_secs();
         // Spent here first (two page loads of one holder at once: one gets in), then
         // claimed across the cluster (used on another instance: a replay).
