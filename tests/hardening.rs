@@ -1773,3 +1773,81 @@ async fn at_once(
     }
     out
 }
+
+/// A blade that refuses uploads the way many do: it reads the request head, answers
+/// `413` with `Connection: close` and closes without reading the body. Counts the
+/// POSTs it saw (health checks are GETs).
+async fn refusing_blade() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"POST") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+                    )
+                    .await;
+                // Dropped with the body unread: the kernel resets the connection.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// RFC 9112 section 9.6: a blade's answer that comes while the body is still being
+/// written (here a 413 from a blade that closes without reading the upload) goes to the
+/// shopper, and a request of which any byte reached a blade is never sent again. Before,
+/// the failed write counted as "unsent": the POST went to the other blade too (up to four
+/// times) and the shopper mostly got a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blade_refusing_an_upload_early_is_heard_and_the_post_sent_once() {
+    for engine in [surge::config::Engine::Surge, surge::config::Engine::Hyper] {
+        let (one, seen_one) = refusing_blade().await;
+        let (two, seen_two) = refusing_blade().await;
+        let mut cfg = surge_config(
+            &[("web-1", one), ("web-2", two)],
+            "max_body_bytes = 33554432\nmax_buffered_body_bytes = 67108864\nbody_read_timeout = \"20s\"",
+            "",
+        );
+        cfg.proxy.engine = engine;
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        let mut answers = Vec::new();
+        let sizes = [1usize << 20, 4 << 20, 4 << 20, 4 << 20, 16 << 20, 16 << 20];
+        for size in sizes {
+            let mut request = format!(
+                "POST /upload HTTP/1.1\r\nhost: shop.test\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+            )
+            .into_bytes();
+            request.resize(request.len() + size, b'x');
+            let (answer, _) = exchange(addr, &request).await;
+            answers.push(status_of(&answer).to_owned());
+        }
+        let seen = seen_one.load(Ordering::SeqCst) + seen_two.load(Ordering::SeqCst);
+        assert_eq!(
+            seen,
+            sizes.len() as u64,
+            "{engine:?}: each POST reaches a blade once (answers {answers:?})"
+        );
+        assert!(
+            answers.iter().all(|a| a == "413"),
+            "{engine:?}: the blade's 413 reaches the shopper: {answers:?}"
+        );
+        surge.stop().await;
+    }
+}

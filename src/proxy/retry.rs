@@ -13,7 +13,8 @@
 pub enum Attempt {
     /// No connection to the backend could be opened: nothing was sent.
     ConnectFailed,
-    /// The client handed the request back unsent; `reused`: it was a pooled connection.
+    /// Not a byte of the request left surge (a write that failed after some did is a
+    /// `Failed`); `reused`: it was a pooled connection.
     Unsent { reused: bool },
     /// It failed after being sent; `closed_early`: the connection closed or reset before
     /// any response (the backend may not have processed it).

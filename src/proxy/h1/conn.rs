@@ -22,6 +22,7 @@ use super::buffers::{Buffers, Pooled, Slots, Spares, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::deadline::{self, Deadline};
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
+use super::send::{send_and_read_head, SendError};
 use crate::pool::{InFlight, Outcome, Pick, State};
 use crate::proxy::answers::{self, ProxyFailure, Refused};
 use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
@@ -864,76 +865,6 @@ async fn read_body<'e, S: Transport>(
         }
         Ok(Err(why)) => Err(why),
         Err(_) => Err(Refused::BodyTimeout),
-    }
-}
-
-/// How sending a request to a blade failed.
-enum SendError {
-    /// Not (wholly) written: the blade cannot have acted on it.
-    Unsent,
-    /// Written, then the connection closed or reset before any byte of an answer.
-    ClosedEarly,
-    /// The blade answered with something that is not an HTTP response.
-    Garbage,
-    /// The answer broke off inside its head.
-    Incomplete,
-}
-
-/// Writes the request and reads until the blade's response head is whole in `rbuf`.
-/// Interim (1xx) answers go on to `shopper` as they come (a 103 Early Hints is useful
-/// only early), except a 100 (surge answers `Expect` itself) or with no `shopper`.
-async fn send_and_read_head<S: Transport>(
-    engine: &Engine,
-    conn: &mut BladeConn,
-    head_bytes: &[u8],
-    body: Option<&[u8]>,
-    rbuf: &mut Vec<u8>,
-    (rewrite, fields): (&head::Rewrite<'_>, &mut Vec<Field>),
-    mut shopper: Option<&mut S>,
-) -> Result<head::ResponseHead, SendError> {
-    // Head and body in one vectored write.
-    let written = write_parts(&mut conn.stream, head_bytes, body.unwrap_or_default()).await;
-    if written.is_err() || conn.stream.flush().await.is_err() {
-        return Err(SendError::Unsent);
-    }
-    // An interim answer came: the blade has the request, whatever happens next.
-    let mut answered = false;
-    loop {
-        // What is in the buffer first: an interim answer and the final one often come
-        // in one read.
-        if !rbuf.is_empty() {
-            // Parsed and checked here, while another blade can still be asked; `relay`
-            // writes the shopper's head from what this leaves in `fields`.
-            match head::parse_response(rbuf, engine.limits.max_fields, rewrite, fields) {
-                Ok(head::Parsed::Partial) => {}
-                Ok(head::Parsed::Interim(interim)) => {
-                    answered = true;
-                    if let Some(io) = shopper.as_deref_mut().filter(|_| interim.status != 100) {
-                        let mut out = engine.buffers.take();
-                        head::write_interim(rbuf, &interim, fields, &mut out);
-                        // A shopper gone shows when the final answer is written.
-                        let _ = io.write_all(&out).await;
-                        let _ = io.flush().await;
-                        engine.buffers.give(out);
-                    }
-                    rbuf.drain(..interim.len);
-                    continue;
-                }
-                Ok(head::Parsed::Final(answer)) => return Ok(answer),
-                Err(_) => return Err(SendError::Garbage),
-            }
-        }
-        if rbuf.len() == rbuf.capacity() {
-            if rbuf.len() >= engine.max_header_bytes {
-                return Err(SendError::Garbage);
-            }
-            rbuf.reserve(BUFFER_BYTES);
-        }
-        match conn.stream.read_buf(rbuf).await {
-            Ok(0) | Err(_) if rbuf.is_empty() && !answered => return Err(SendError::ClosedEarly),
-            Ok(0) | Err(_) => return Err(SendError::Incomplete),
-            Ok(_) => {}
-        }
     }
 }
 

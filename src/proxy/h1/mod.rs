@@ -16,5 +16,6 @@ pub mod chunked;
 mod conn;
 pub mod deadline;
 pub mod head;
+mod send;
 
 pub use conn::{serve, Engine, Transport};
