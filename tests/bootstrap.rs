@@ -149,30 +149,6 @@ async fn a_slow_bootstrap_joins_without_being_ordered_twice() {
     sim.stop();
 }
 
-/// A CA, and a blade certificate it signs for 127.0.0.1: (CA PEM, blade TLS config).
-fn blade_pki() -> (String, std::sync::Arc<rustls::ServerConfig>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    (ca.pem(), std::sync::Arc::new(server))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blades_off_a_private_network_are_reached_over_verified_tls() {
     let (ca_pem, blade_tls) = blade_pki();

@@ -1851,3 +1851,126 @@ async fn a_blade_refusing_an_upload_early_is_heard_and_the_post_sent_once() {
         surge.stop().await;
     }
 }
+
+/// The rogue's second answer, sent unasked.
+const EVIL: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!";
+
+/// A blade that speaks out of turn: `/page` is 64 KiB followed at once by a second,
+/// unasked answer; `/empty` is a 204, and the unasked answer 300 ms later; anything else
+/// is `ok`. Over TLS when `tls` is given.
+async fn out_of_turn_blade(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(a) => {
+                        if let Ok(s) = a.accept(tcp).await {
+                            speak_out_of_turn(s).await;
+                        }
+                    }
+                    None => speak_out_of_turn(tcp).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn speak_out_of_turn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        let written = match path.as_str() {
+            "/page" => {
+                let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 65536\r\n\r\n".to_vec();
+                answer.resize(answer.len() + 65536, b'p');
+                answer.extend_from_slice(EVIL);
+                s.write_all(&answer).await
+            }
+            "/empty" => {
+                let first = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                first.and(s.write_all(EVIL).await)
+            }
+            _ => {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+            }
+        };
+        if written.is_err() || s.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A blade connection goes back to the pool only when nothing at all came beyond the
+/// answer, checked at the moment it is taken again and through TLS: bytes rustls has
+/// already decrypted count too. Before, a TLS blade's unasked answer sent right behind a
+/// long body sat decrypted inside rustls, the socket looked quiet, and the next shopper
+/// on that connection was given it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_blade_sends_unasked_reach_no_shopper() {
+    let (ca_pem, blade_tls) = blade_pki();
+    let ca = std::env::temp_dir().join(format!("surge-rogue-ca-{}.pem", fastrand::u64(..)));
+    std::fs::write(&ca, ca_pem).unwrap();
+    for tls in [false, true] {
+        let blade = out_of_turn_blade(tls.then(|| blade_tls.clone())).await;
+        let pool_tls = if tls {
+            format!("[pool.tls]\nca = \"{}\"\n", ca.display())
+        } else {
+            String::new()
+        };
+        let mut cfg = surge_config(&[("rogue", blade)], "", &pool_tls);
+        // One worker: one set of blade connections, so the second shopper meets the
+        // connection the first one used.
+        cfg.proxy.workers = 1;
+        let surge = surge::serve::start(&cfg).await.unwrap();
+        let addr = surge.proxy.local_addr;
+        for first in ["/page", "/empty"] {
+            let ask = format!("GET {first} HTTP/1.1\r\nhost: shop.test\r\n\r\n");
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(ask.as_bytes()).await.unwrap();
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let whole = if first == "/page" { 65536 } else { 0 };
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n")
+                || seen.len() < seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4 + whole
+            {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                    .await
+                    .expect("the first answer comes")
+                    .unwrap();
+                assert!(n > 0, "tls {tls}, {first}: closed early");
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (answer, _) = exchange(
+                addr,
+                b"GET /next HTTP/1.1\r\nhost: shop.test\r\nconnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(
+                !answer.contains("EVIL!"),
+                "tls {tls}, after {first}: the next shopper got the blade's unasked answer"
+            );
+            assert!(answer.ends_with("ok"), "tls {tls}, after {first}: {answer}");
+        }
+        surge.stop().await;
+    }
+    let _ = std::fs::remove_file(&ca);
+}

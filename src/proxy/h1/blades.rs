@@ -26,11 +26,15 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
+    /// Whether a read now would wait: nothing has arrived and the blade has not closed.
+    /// One read attempt through the whole stack (TLS included, which also consumes a
+    /// blade's post-handshake messages that carry no data), never waiting: the waker
+    /// is a no-op, and the next real read registers its own.
+    fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(self).poll_read(&mut cx, &mut buf).is_pending()
     }
 }
 
@@ -110,19 +114,16 @@ impl Blades {
         })
     }
 
-    /// The most recent idle connection that the blade has not closed (a closed one reads
-    /// as end-of-stream; one with unread bytes is out of step): both are dropped.
+    /// The most recent idle connection on which nothing at all has arrived since its
+    /// last answer: one the blade closed reads as end-of-stream, and one with any byte
+    /// waiting (in the socket, or already decrypted inside rustls) is out of step; both
+    /// are dropped.
     fn take_idle(&self, addr: SocketAddr, now: Instant) -> Option<Stream> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        while let Some(c) = list.pop() {
-            if now.duration_since(c.since) >= self.idle_timeout {
-                continue;
-            }
-            let mut probe = [0u8; 1];
-            match c.stream.tcp().try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(c.stream),
-                _ => continue,
+        while let Some(mut c) = list.pop() {
+            if now.duration_since(c.since) < self.idle_timeout && c.stream.is_quiet() {
+                return Some(c.stream);
             }
         }
         None
