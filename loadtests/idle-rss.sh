@@ -7,11 +7,13 @@
 #
 # Usage: loadtests/idle-rss.sh              (N=10000)
 #        N=2000 loadtests/idle-rss.sh
+#        TLS=1 loadtests/idle-rss.sh        (HTTPS/1.1 connections to both proxies)
 #        SURGE_BASELINE=/path/to/older/surge loadtests/idle-rss.sh   (adds surge-base)
 # Everything listens on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 
 N=${N:-10000}
+TLS=${TLS:-0}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -33,6 +35,21 @@ with_scratch idle
 BACKEND_PORT=$(free_port); NGINX_PORT=$(free_port); SURGE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 write_backend_conf "$WORK/backend" "$BACKEND_PORT"
 mkdir -p "$WORK/nginx"
+NGINX_SSL=";"
+SURGE_LISTEN="listen = \"127.0.0.1:$SURGE_PORT\""
+SURGE_TLS=""
+if [ "$TLS" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=shop.test \
+    -keyout "$WORK/shop.key" -out "$WORK/shop.crt" 2>/dev/null
+  NGINX_SSL=" ssl; ssl_certificate $WORK/shop.crt; ssl_certificate_key $WORK/shop.key;"
+  SURGE_LISTEN=""
+  SURGE_TLS="[[listeners]]
+listen = \"127.0.0.1:$SURGE_PORT\"
+[listeners.tls]
+[[listeners.tls.certificates]]
+cert = \"$WORK/shop.crt\"
+key = \"$WORK/shop.key\""
+fi
 cat > "$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
 worker_rlimit_nofile $(ulimit -n);
@@ -46,7 +63,7 @@ http {
   keepalive_requests 1000000;
   upstream shop { server 127.0.0.1:$BACKEND_PORT; keepalive 256; }
   server {
-    listen 127.0.0.1:$NGINX_PORT;
+    listen 127.0.0.1:$NGINX_PORT$NGINX_SSL
     location / {
       proxy_pass http://shop;
       proxy_http_version 1.1;
@@ -57,7 +74,7 @@ http {
 EOF
 cat > "$WORK/surge.toml" <<EOF
 [proxy]
-listen = "127.0.0.1:$SURGE_PORT"
+$SURGE_LISTEN
 workers = 1
 access_log = false
 idle_timeout = "120s"
@@ -68,18 +85,20 @@ listen = "127.0.0.1:$ADMIN_PORT"
 path = "/"
 [[pool.backends]]
 address = "127.0.0.1:$BACKEND_PORT"
+$SURGE_TLS
 EOF
 
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" & PIDS+=($!)
 "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.err" & PIDS+=($!)
 start_surges
-wait_answering $BACKEND_PORT $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}
+wait_answering $BACKEND_PORT
+SCHEME=$([ "$TLS" = 1 ] && echo https || echo http) wait_answering $NGINX_PORT $SURGE_PORT ${BASE_PORT:-}
 # nginx's worker is the child of its master: measure the worker.
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | head -1)
 
-echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $N idle keep-alive connections each"
-python3 - "$N" "nginx=$NGINX_WORKER:$NGINX_PORT" "surge=$SURGE_PID:$SURGE_PORT" "${EXTRA[@]}" <<'PY'
-import asyncio, sys
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); $N idle keep-alive connections each$([ "$TLS" = 1 ] && echo ", over TLS")"
+TLS=$TLS python3 - "$N" "nginx=$NGINX_WORKER:$NGINX_PORT" "surge=$SURGE_PID:$SURGE_PORT" "${EXTRA[@]}" <<'PY'
+import asyncio, os, ssl, sys
 
 n = int(sys.argv[1])
 proxies = [(a.split("=")[0], int(a.split("=")[1].split(":")[0]), int(a.split(":")[1])) for a in sys.argv[2:]]
@@ -91,8 +110,15 @@ def rss_kib(pid):
                 return int(line.split()[1])
     sys.exit(f"idle-rss.sh: no VmRSS for pid {pid} (not running?)")
 
+tls = None
+if os.environ.get("TLS") == "1":
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    tls.set_alpn_protocols(["http/1.1"])
+
 async def one(port, held):
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     w.write(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
     await w.drain()
     head = await r.readuntil(b"\r\n\r\n")

@@ -18,10 +18,11 @@ scratch_cleanup() {
 # the logs in $WORK.
 wait_answering() {
   # Local: a caller's own `port` (a script's surge port) must survive the call.
-  local port
+  # SCHEME=https for TLS listeners (their certificates are the script's own: not checked).
+  local port scheme=${SCHEME:-http}
   for port in "$@"; do
-    for _ in $(seq 1 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
-    curl -fs -o /dev/null "http://127.0.0.1:$port/" || {
+    for _ in $(seq 1 50); do curl -kfs -o /dev/null "$scheme://127.0.0.1:$port/" && break; sleep 0.1; done
+    curl -kfs -o /dev/null "$scheme://127.0.0.1:$port/" || {
       echo "nothing answers on port $port; logs:" >&2
       tail -n 5 "$WORK"/*.err "$WORK"/*/error.log >&2 2>/dev/null || true
       exit 1

@@ -521,3 +521,52 @@ async fn the_admin_api_can_speak_https_only() {
     surge.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An HTTPS/1.1 keep-alive connection waiting for its next request lives by
+/// `proxy.idle_timeout`, as a plain one does, not by `header_read_timeout` (which is for
+/// a request that has begun). Before, the engine could not tell when a TLS connection had
+/// bytes without reading, so it waited inside a head read, holding a buffer, and closed
+/// the connection after the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_https_keep_alive_connection_lives_by_the_idle_timeout() {
+    let blades = blades(1, Duration::ZERO).await;
+    let dir = tmp_dir();
+    let (crt, key) = (dir.join("shop.crt"), dir.join("shop.key"));
+    write_pair(&crt, &key, &["shop.test"]);
+    let mut cfg = tls_config(&blades, &[(crt, key)], "", "");
+    cfg.proxy.header_read_timeout = Duration::from_millis(500);
+    cfg.proxy.idle_timeout = Duration::from_secs(3);
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let s = tls_connect(tls_addr(&surge), "shop.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        flag.store(true, Ordering::SeqCst);
+    });
+    let ask = || {
+        Request::get("/catalog")
+            .header("host", "shop.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let first = sender.send_request(ask()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.into_body().collect().await.unwrap();
+    // Idle for four header timeouts, well within the idle timeout.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !closed.load(Ordering::SeqCst),
+        "closed after the header timeout while idle"
+    );
+    let second = sender.send_request(ask()).await.expect("still open");
+    assert_eq!(second.status(), 200);
+    second.into_body().collect().await.unwrap();
+    // And closed once the idle timeout has passed with nothing asked.
+    let gone = eventually(Duration::from_secs(6), || closed.load(Ordering::SeqCst)).await;
+    assert!(gone, "an idle connection outlived the idle timeout");
+    surge.stop().await;
+}

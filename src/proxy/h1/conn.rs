@@ -57,7 +57,18 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
-impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {}
+/// A TLS connection has something to read when rustls holds decrypted bytes (or the
+/// peer's close) or its socket has bytes; a wake-up for bytes that prove to be no data
+/// (a key update) is rare and only costs a buffer for one head read.
+impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let (io, tls) = self.get_ref();
+        if !tls.wants_read() {
+            return Poll::Ready(true);
+        }
+        io.poll_readable(cx)
+    }
+}
 
 /// One worker's engine: its forwarder (decisions, pool, limits), buffers and blade
 /// connections.
