@@ -1974,3 +1974,88 @@ async fn bytes_a_blade_sends_unasked_reach_no_shopper() {
     }
     let _ = std::fs::remove_file(&ca);
 }
+
+/// A tunnel's writes are bounded like its reads: a blade that accepts a WebSocket and
+/// then stops reading ends the tunnel after `proxy.idle_timeout` (the shopper's
+/// connection closes) instead of holding surge's write, its buffers and both connections
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_blade_that_stops_reading_ends_at_the_idle_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let blade = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: websocket")
+                {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+                    .await;
+                // Never reads again; holds the connection open for the test's length.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(s);
+            });
+        }
+    });
+    let cfg = surge_config(&[("chat", blade)], "idle_timeout = \"1s\"", "");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let mut s = TcpStream::connect(surge.proxy.local_addr).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: shop.test\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the 101 comes")
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Frames until every buffer on the way is full and a write waits.
+    let frame = vec![0x82u8; 64 * 1024];
+    for _ in 0..4096 {
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    let started = Instant::now();
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the tunnel still held the shopper {:?} after its blade stopped reading",
+        started.elapsed()
+    );
+    surge.stop().await;
+}

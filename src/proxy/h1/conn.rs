@@ -1246,13 +1246,15 @@ async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> st
 }
 
 /// Bytes both ways between the shopper and the blade after a 101, until either side
-/// closes or nothing moves for `proxy.idle_timeout`.
+/// closes or nothing moves for `proxy.idle_timeout`: a read waiting that long ends the
+/// tunnel, and so does a write that long (a side that stops reading must not hold the
+/// other, and a worker's buffers, for ever).
 async fn tunnel<S: Transport>(engine: &Engine, io: &mut S, conn: &mut BladeConn, early: &[u8]) {
-    if !early.is_empty() && conn.stream.write_all(early).await.is_err() {
+    let idle = engine.idle_timeout;
+    if !early.is_empty() && !within(idle, conn.stream.write_all(early)).await {
         return;
     }
     metrics::counter!(names::TUNNELS_TOTAL).increment(1);
-    let idle = engine.idle_timeout;
     let (mut up, mut down) = (engine.buffers.take(), engine.buffers.take());
     let mut blade_open = true;
     let mut shopper_open = true;
@@ -1266,31 +1268,31 @@ async fn tunnel<S: Transport>(engine: &Engine, io: &mut S, conn: &mut BladeConn,
             }
         })
         .await;
-        match step {
-            Err(_) => break,
-            Ok((from_shopper, Ok(0))) => {
-                // A half-close is passed on; the tunnel ends when both sides are done.
-                if from_shopper {
-                    shopper_open = false;
-                    let _ = conn.stream.shutdown().await;
-                } else {
-                    blade_open = false;
-                    let _ = io.shutdown().await;
-                }
+        let moved = match step {
+            Err(_) | Ok((_, Err(_))) => false,
+            // A half-close is passed on; the tunnel ends when both sides are done.
+            Ok((true, Ok(0))) => {
+                shopper_open = false;
+                let _ = within(idle, conn.stream.shutdown()).await;
+                true
             }
-            Ok((_, Err(_))) => break,
-            Ok((true, Ok(_))) => {
-                if conn.stream.write_all(&up).await.is_err() {
-                    break;
-                }
+            Ok((false, Ok(0))) => {
+                blade_open = false;
+                let _ = within(idle, io.shutdown()).await;
+                true
             }
-            Ok((false, Ok(_))) => {
-                if io.write_all(&down).await.is_err() {
-                    break;
-                }
-            }
+            Ok((true, Ok(_))) => within(idle, conn.stream.write_all(&up)).await,
+            Ok((false, Ok(_))) => within(idle, io.write_all(&down)).await,
+        };
+        if !moved {
+            break;
         }
     }
     engine.buffers.give(up);
     engine.buffers.give(down);
+}
+
+/// Whether `io` finished without error within `limit`.
+async fn within(limit: Duration, io: impl Future<Output = std::io::Result<()>>) -> bool {
+    matches!(tokio::time::timeout(limit, io).await, Ok(Ok(())))
 }
