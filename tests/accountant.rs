@@ -128,6 +128,48 @@ async fn a_lagging_list_and_a_lost_answer_order_one_server_even_across_a_restart
     sim.stop();
 }
 
+/// The vendor takes two orders, answers each with a 500, and hides new servers from
+/// its listings for 5 s. Each order may stand, so it is sent once, counts against the
+/// budget (two servers at most) while unresolved, and is resolved by its tag when its
+/// server shows: two servers, both serving. Before, the client ordered again behind
+/// the lagging list on every 5xx, and an order whose last try got a 5xx was marked
+/// refused, outside every budget, and ordered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_answered_with_a_5xx_are_sent_once_and_count_against_the_budget() {
+    let rig = own_sim(
+        "SURGE_TEST_SCW_KEY_5XX",
+        Faults {
+            create_then_5xx: 2,
+            hide_new_for: Duration::from_secs(5),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let sim = &rig.sim;
+    let cfg = rig.config("min = 4\nmax = 6\n[autoscale.budget]\nmax_servers = 2\n");
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let ordered = eventually(Duration::from_secs(5), || sim.server_count() >= 2).await;
+    assert!(ordered, "nothing ordered: {:#?}", status_of(&surge));
+    // Hidden and unanswered: neither order may be sent again, nor a third placed.
+    let mut most = 0;
+    let served = eventually(Duration::from_secs(15), || {
+        most = most.max(sim.server_count());
+        in_service(&surge) == 3
+    })
+    .await;
+    assert!(served, "{:#?}", status_of(&surge));
+    assert_eq!(
+        most,
+        2,
+        "ordered past the budget or twice: {:#?}",
+        status_of(&surge)
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sim.server_count(), 2);
+    surge.stop().await;
+    sim.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_flood_and_failed_handshakes_order_nothing_while_shoppers_are_served() {
     let blade = blades(1, Duration::from_millis(1)).await;

@@ -260,6 +260,34 @@ async fn a_lost_allocation_answer_allocates_exactly_one_machine() {
     sim.stop();
 }
 
+/// MAAS allocates and then its gateway answers 500: the client looks before anything
+/// else, finds the machine no order claims and takes it. Before, a 5xx was retried as it
+/// was: a second machine allocated for one order (and the first left allocated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_after_an_allocation_allocates_exactly_one_machine() {
+    let sim = simulator(
+        4,
+        Faults {
+            create_then_5xx: 1,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let c = client(&sim, KEY, "rack1", Duration::from_secs(2));
+    let order = spec("gateway");
+    let d = c
+        .create(&order)
+        .await
+        .expect("the allocation is found and the order completes");
+    assert_eq!(d.tag("surge-request"), Some(order.request_id.as_str()));
+    assert_eq!(
+        sim.machines_allocated(),
+        1,
+        "one machine allocated, not two"
+    );
+    sim.stop();
+}
+
 /// Machine JSON as the vendor documents it (a full `GET machines/{id}/` and a listing).
 #[test]
 fn documented_machine_json_is_read() {

@@ -302,6 +302,66 @@ async fn an_order_whose_answer_is_lost_orders_exactly_one_server() {
     sim.stop();
 }
 
+/// The vendor takes the order, then its gateway answers 500, and its listings lag the
+/// creates: the client cannot tell, so it says `Uncertain` (the order may stand; its
+/// caller counts it as on its way) and never sends it again. Before, a 5xx was
+/// "transient": looked up behind the lagging list, found nothing, and ordered again,
+/// one server a try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_after_the_order_was_taken_orders_one_server_behind_a_lagging_list() {
+    let sim = simulator(
+        Duration::from_secs(3600),
+        Faults {
+            create_then_5xx: 4,
+            hide_new_for: Duration::from_secs(30),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let scw = client(&sim, TOKEN, Duration::from_secs(2));
+    let s = spec("surge-shop-gateway");
+    let outcome = scw.create(&s).await;
+    assert!(
+        matches!(outcome, Err(ProviderError::Uncertain(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.server_count(), 1, "the 5xx ordered a second server");
+    sim.stop();
+}
+
+/// In a cluster the leadership fence is asked before every attempt of an order, not once
+/// before them all: a term that ends during a back-off (here a 429's) sends nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_of_an_order_asks_the_fence_first() {
+    let sim = simulator(
+        Duration::from_secs(3600),
+        Faults {
+            rate_limit_every: 1,
+            retry_after_secs: 1,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let scw = client(&sim, TOKEN, Duration::from_secs(2));
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    let outcome = surge::provider::order(&scw, &spec("surge-shop-fenced"), || {
+        let n = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::ready(if n == 0 {
+            Ok(())
+        } else {
+            Err(ProviderError::Held("the term ended".into()))
+        })
+    })
+    .await;
+    assert!(
+        matches!(outcome, Err(ProviderError::Held(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(sim.server_count(), 0);
+    sim.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_can_fail_and_the_simulator_remembers_its_servers() {
     let dir = std::env::temp_dir().join(format!(

@@ -80,9 +80,19 @@ impl<P: Provider> Provider for Fenced<P> {
         self.inner.offers().await
     }
 
+    /// The fence is checked before every attempt, not once before them all: a term
+    /// may end during a back-off.
     async fn create(&self, spec: &CreateSpec) -> Result<Device, ProviderError> {
+        crate::provider::order(&self.inner, spec, || self.may_write()).await
+    }
+
+    async fn order_once(&self, spec: &CreateSpec, again: bool) -> Result<Device, ProviderError> {
         self.may_write().await?;
-        self.inner.create(spec).await
+        self.inner.order_once(spec, again).await
+    }
+
+    fn retry(&self) -> crate::provider::http::Retry {
+        self.inner.retry()
     }
 
     async fn get(&self, id: &str) -> Result<Device, ProviderError> {

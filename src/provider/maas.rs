@@ -249,10 +249,6 @@ impl Maas {
         &self.cfg.zone
     }
 
-    fn retry(&self) -> Retry {
-        self.cfg.retry
-    }
-
     /// One exchange: `path` under the API (`/machines/`), `op` if any, query or form
     /// fields. The answer's JSON, or the vendor's words mapped to a typed error.
     async fn exchange(
@@ -314,6 +310,9 @@ impl Maas {
             StatusCode::SERVICE_UNAVAILABLE if retry_after.is_some() => {
                 self.retry().rate_limited(retry_after)
             }
+            // An allocation may have happened behind a failing gateway: only a look-up
+            // tells (see `allocate`).
+            s if s.is_server_error() && op == Some("allocate") => ProviderError::Uncertain(what),
             s if s.is_server_error() => ProviderError::Transient(what),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Unauthorized(what),
             StatusCode::NOT_FOUND => ProviderError::NotFound(what),
@@ -412,9 +411,9 @@ impl Maas {
         parse(v, "POST /machines/{id}/?op=deploy")
     }
 
-    /// Allocates one machine for the pool: once, and after an answer that was lost, by
-    /// looking for a machine of the pool's agent that no order claims (MAAS allocation
-    /// carries no idempotency key).
+    /// Allocates one machine for the pool: once, and after an answer that was lost or a
+    /// 5xx, by looking for a machine of the pool's agent that no order claims (MAAS
+    /// allocation carries no idempotency key).
     async fn allocate(&self, spec: &CreateSpec) -> Result<ApiMachine, ProviderError> {
         let mut fields = vec![
             ("agent_name", agent_name(&spec.pool)),
@@ -433,28 +432,21 @@ impl Maas {
         if let Some(m) = self.cfg.min_memory_mib {
             fields.push(("mem", m.to_string()));
         }
-        let retry = self.retry();
-        let mut attempt = 0;
-        loop {
-            let outcome = match self
-                .exchange(Method::POST, "/machines/", Some("allocate"), &fields)
-                .await
-            {
-                Ok(v) => return parse(v, "POST /machines/?op=allocate"),
-                Err(ProviderError::Uncertain(why)) => {
-                    // Allocated or not? A machine of ours that no order claims is this one.
-                    match self.unclaimed(&spec.pool).await? {
-                        Some(m) => return Ok(m),
-                        None => ProviderError::Uncertain(why),
-                    }
-                }
-                Err(e) => e,
-            };
-            if !outcome.is_retryable() || attempt + 1 >= retry.max_attempts {
-                return Err(outcome);
-            }
-            tokio::time::sleep(retry.wait_for(attempt, &outcome)).await;
-            attempt += 1;
+        match self
+            .exchange(Method::POST, "/machines/", Some("allocate"), &fields)
+            .await
+        {
+            Ok(v) => parse(v, "POST /machines/?op=allocate"),
+            // Allocated or not? A machine of ours that no order claims is this one. MAAS
+            // lists every machine at once (no lag): none means none was allocated, and
+            // the order may be tried again.
+            Err(ProviderError::Uncertain(why)) => match self.unclaimed(&spec.pool).await? {
+                Some(m) => Ok(m),
+                None => Err(ProviderError::Transient(format!(
+                    "{why}; no machine was allocated"
+                ))),
+            },
+            Err(e) => Err(e),
         }
     }
 
@@ -515,7 +507,8 @@ impl Provider for Maas {
         }])
     }
 
-    async fn create(&self, spec: &CreateSpec) -> Result<Device, ProviderError> {
+    /// MAAS lists are cheap and whole: every attempt looks for its order first.
+    async fn order_once(&self, spec: &CreateSpec, _again: bool) -> Result<Device, ProviderError> {
         let machine = match self.find_order(spec).await? {
             Some(m) => m,
             None => {
@@ -528,6 +521,10 @@ impl Provider for Maas {
             return Ok(machine.into());
         }
         Ok(self.deploy(&machine.system_id, spec).await?.into())
+    }
+
+    fn retry(&self) -> Retry {
+        self.cfg.retry
     }
 
     async fn get(&self, id: &str) -> Result<Device, ProviderError> {

@@ -124,12 +124,13 @@ pub enum ProviderError {
     NotFound(String),
     #[error("the provider refused the request: {0}")]
     Invalid(String),
-    /// Worth retrying: 5xx, connection errors.
+    /// Worth retrying: a connection that could not be opened, a 5xx to a call that
+    /// changes nothing or may be repeated.
     #[error("transient provider failure: {0}")]
     Transient(String),
-    /// The call was sent but its answer was lost (timed out, connection broken): it may
-    /// or may not have taken effect. Retried for reads and deletes; an order is looked
-    /// up by its request tag instead of being sent again.
+    /// The call was sent and may have taken effect: its answer was lost (timed out,
+    /// connection broken), or was a 5xx or unreadable for an order. Retried for reads
+    /// and deletes; an order is looked up by its request tag instead of being sent again.
     #[error("answer lost, outcome unknown: {0}")]
     Uncertain(String),
     /// The vendor answered with a redirect, which surge never follows (the secret key
@@ -175,11 +176,29 @@ impl ProviderError {
 pub trait Provider: Send + Sync {
     /// Offers with their stock.
     fn offers(&self) -> impl Future<Output = Result<Vec<Offer>, ProviderError>> + Send;
-    /// Orders a server; never orders twice for one `spec.request_id`.
+    /// Orders a server; never orders twice for one `spec.request_id`: attempts repeat
+    /// only after an error that says the vendor did not take the order (see [`order`]).
+    /// `Uncertain`: it may stand, and its server will show under its request tag.
     fn create(
         &self,
         spec: &CreateSpec,
+    ) -> impl Future<Output = Result<Device, ProviderError>> + Send
+    where
+        Self: Sized,
+    {
+        order(self, spec, || std::future::ready(Ok(())))
+    }
+    /// One attempt at an order. `again`: an earlier attempt failed in a way that says it
+    /// was not taken (looking for it first costs one listing and guards the rest). An
+    /// answer that may mean the order was taken (a 5xx, a timeout, a reset, an unreadable
+    /// success) is `Uncertain` after one look-up by the request tag, never a retry.
+    fn order_once(
+        &self,
+        spec: &CreateSpec,
+        again: bool,
     ) -> impl Future<Output = Result<Device, ProviderError>> + Send;
+    /// How this client retries (attempts and back-off).
+    fn retry(&self) -> http::Retry;
     fn get(&self, id: &str) -> impl Future<Output = Result<Device, ProviderError>> + Send;
     /// Every device carrying `tag` (`key=value`), across all pages.
     fn list(&self, tag: &str) -> impl Future<Output = Result<Vec<Device>, ProviderError>> + Send;
@@ -201,6 +220,43 @@ pub trait Provider: Send + Sync {
         id: &str,
         network: &str,
     ) -> impl Future<Output = Result<Option<IpAddr>, ProviderError>> + Send;
+}
+
+/// Orders `spec` from `provider`: [`Provider::order_once`] again while an error says
+/// the order was not taken and attempts are left, with `may_write` (in a cluster, the
+/// leadership fence) checked before every attempt.
+pub async fn order<P, F, Fut>(
+    provider: &P,
+    spec: &CreateSpec,
+    may_write: F,
+) -> Result<Device, ProviderError>
+where
+    P: Provider,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), ProviderError>>,
+{
+    let retry = provider.retry();
+    let mut attempt = 0;
+    loop {
+        may_write().await?;
+        match provider.order_once(spec, attempt > 0).await {
+            Err(e) if not_taken(&e) && attempt + 1 < retry.max_attempts => {
+                tracing::debug!(request = %spec.request_id, error = %e, "order not taken; trying again");
+                tokio::time::sleep(retry.wait_for(attempt, &e)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an order's error says the vendor did not take it, and a retry may succeed:
+/// rate-limited, or never reached it.
+fn not_taken(e: &ProviderError) -> bool {
+    matches!(
+        e,
+        ProviderError::RateLimited { .. } | ProviderError::Transient(_)
+    )
 }
 
 /// Exponential back-off with full jitter: attempt `n` (0-based) waits a random time up to

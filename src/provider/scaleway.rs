@@ -1,7 +1,8 @@
 //! Scaleway Elastic Metal (`/baremetal/v1/zones/{zone}`), over HTTPS with reqwest and
 //! rustls. Auth by `X-Auth-Token`. Retries 5xx, timeouts and connection errors with
 //! exponential back-off and jitter, waits at least `Retry-After` on 429, and never orders
-//! twice: every order carries a `surge-request` tag that a retry looks for first.
+//! twice: every order carries a `surge-request` tag that a retry looks for first, and an
+//! order answered with a 5xx or not at all is looked up by that tag, never sent again.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -316,6 +317,11 @@ impl Scaleway {
         );
         Err(match (status, err.kind.as_str()) {
             (StatusCode::TOO_MANY_REQUESTS, _) => self.retry().rate_limited(retry_after),
+            // An order's gateway may fail after the order was taken: only a look-up
+            // tells. Other calls are reads or may be repeated.
+            (s, _) if s.is_server_error() && method == Method::POST => {
+                ProviderError::Uncertain(what)
+            }
             (s, _) if s.is_server_error() => ProviderError::Transient(what),
             (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)
             | (_, "permissions_denied" | "denied_authentication") => {
@@ -340,12 +346,26 @@ impl Scaleway {
         self.send_to(method, &url, path, query, body).await
     }
 
-    fn retry(&self) -> Retry {
-        self.cfg.retry
-    }
-
     fn wait_for(&self, attempt: u32, e: &ProviderError) -> Duration {
         self.retry().wait_for(attempt, e)
+    }
+
+    /// The body of `POST /servers` for `spec`: tagged with the pool and the order's
+    /// request id, which is how an order whose answer was lost is found.
+    fn order_body(&self, spec: &CreateSpec) -> Value {
+        let mut body = json!({
+            "offer_id": spec.offer_id,
+            "project_id": self.cfg.project_id,
+            "name": spec.name,
+            "description": format!("surge pool {}", spec.pool),
+            "tags": [format!("{POOL_TAG}={}", spec.pool), format!("{REQUEST_TAG}={}", spec.request_id)],
+            "install": {"os_id": self.cfg.os_id, "hostname": spec.name, "ssh_key_ids": spec.ssh_key_ids},
+        });
+        if let Some(user_data) = &spec.user_data {
+            // A bytes field: base64 in the API's JSON.
+            body["user_data"] = Value::from(http::base64(user_data.as_bytes()));
+        }
+        body
     }
 
     /// The device a previous attempt of this order created, if any.
@@ -399,63 +419,45 @@ impl Provider for Scaleway {
         Ok(offers.offers.into_iter().map(Offer::from).collect())
     }
 
-    async fn create(&self, spec: &CreateSpec) -> Result<Device, ProviderError> {
-        let mut body = json!({
-            "offer_id": spec.offer_id,
-            "project_id": self.cfg.project_id,
-            "name": spec.name,
-            "description": format!("surge pool {}", spec.pool),
-            "tags": [format!("{POOL_TAG}={}", spec.pool), format!("{REQUEST_TAG}={}", spec.request_id)],
-            "install": {"os_id": self.cfg.os_id, "hostname": spec.name, "ssh_key_ids": spec.ssh_key_ids},
-        });
-        if let Some(user_data) = &spec.user_data {
-            // A bytes field: base64 in the API's JSON.
-            body["user_data"] = Value::from(http::base64(user_data.as_bytes()));
-        }
-        let mut attempt = 0;
-        loop {
-            match self
-                .send_once(Method::POST, "/servers", &[], Some(&body))
-                .await
-            {
-                Ok(v) => {
-                    let device = Device::from(parse::<ApiServer>(v, "POST /servers")?);
-                    self.attach_new(&device.id, spec).await;
-                    return Ok(device);
-                }
-                // Sent, answer lost: the order may stand. Look for it; if the vendor's
-                // list does not show it (yet), say so rather than order again: the
-                // caller counts it as on its way until its server shows.
-                Err(e @ ProviderError::Uncertain(_)) => {
-                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
-                    return match self.find_order(&spec.request_id).await {
-                        Ok(Some(existing)) => {
-                            tracing::info!(id = %existing.id, request = %spec.request_id, "order placed though its answer was lost");
-                            Ok(existing)
-                        }
-                        _ => Err(e),
-                    };
-                }
-                Err(e) if e.is_retryable() && attempt + 1 < self.cfg.retry.max_attempts => {
-                    tokio::time::sleep(self.wait_for(attempt, &e)).await;
-                    attempt += 1;
-                    // The order may have been taken with its answer lost: look first.
-                    if let Some(existing) = self.find_order(&spec.request_id).await? {
-                        tracing::info!(id = %existing.id, request = %spec.request_id, "order already placed; not ordering again");
-                        return Ok(existing);
-                    }
-                }
-                Err(e) => {
-                    // A lost answer on the last attempt: the server may exist all the same.
-                    if e.is_retryable() {
-                        if let Ok(Some(existing)) = self.find_order(&spec.request_id).await {
-                            return Ok(existing);
-                        }
-                    }
-                    return Err(e);
-                }
+    async fn order_once(&self, spec: &CreateSpec, again: bool) -> Result<Device, ProviderError> {
+        if again {
+            if let Some(existing) = self.find_order(&spec.request_id).await? {
+                tracing::info!(id = %existing.id, request = %spec.request_id, "order already placed; not ordering again");
+                return Ok(existing);
             }
         }
+        let body = self.order_body(spec);
+        let placed = self
+            .send_once(Method::POST, "/servers", &[], Some(&body))
+            .await
+            .and_then(|v| {
+                // A success that cannot be read was still a success.
+                parse::<ApiServer>(v, "POST /servers")
+                    .map_err(|e| ProviderError::Uncertain(e.to_string()))
+            });
+        let device = match placed {
+            Ok(server) => Device::from(server),
+            // It may stand. Look for it once; if the vendor's list does not show it (yet:
+            // listings lag), say so rather than order again: the caller counts it as on
+            // its way until its server shows under the request tag.
+            Err(e @ ProviderError::Uncertain(_)) => {
+                tokio::time::sleep(self.wait_for(0, &e)).await;
+                match self.find_order(&spec.request_id).await {
+                    Ok(Some(existing)) => {
+                        tracing::info!(id = %existing.id, request = %spec.request_id, "order placed though its answer was lost");
+                        existing
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        self.attach_new(&device.id, spec).await;
+        Ok(device)
+    }
+
+    fn retry(&self) -> Retry {
+        self.cfg.retry
     }
 
     async fn get(&self, id: &str) -> Result<Device, ProviderError> {

@@ -434,7 +434,7 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
             &format!("offer {offer_name} is out of stock in {zone}"),
         );
     }
-    let (server, lost) = {
+    let (server, lost, failed) = {
         let Ok(mut fleet) = sim.fleet.lock() else {
             return poisoned();
         };
@@ -464,10 +464,17 @@ async fn create(sim: &Sim, zone: &str, body: &[u8], faults: &Faults, lose: bool)
         };
         fleet.servers.insert(server.id.clone(), server.clone());
         sim.save(&fleet);
-        (server, lost)
+        (server, lost, fleet.fail_after_create())
     };
     if lost {
         tokio::time::sleep(faults.lost_delay()).await;
+    }
+    if failed {
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error",
+        );
     }
     reply(StatusCode::OK, &server_json(&server))
 }

@@ -29,6 +29,9 @@ pub struct Faults {
     pub lose_orders: u64,
     #[serde(with = "humantime_serde")]
     pub lost_delay: Duration,
+    /// The next this-many orders are created, then answered with a 500 (a vendor's
+    /// gateway failing behind an order it took).
+    pub create_then_5xx: u64,
     /// The next this-many server listings answer as if there were no servers at all
     /// (`servers: []`, `total_count: 0`): a wrong project id, a vendor hiccup.
     pub empty_listings: u64,

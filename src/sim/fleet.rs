@@ -137,6 +137,8 @@ pub struct Fleet {
     pub next_ip: u32,
     /// Orders still to have their answer "lost" (see `Faults::lose_orders`).
     pub lose_orders: u64,
+    /// Orders still to be answered with a 500 once made (see `Faults::create_then_5xx`).
+    pub create_then_5xx: u64,
     /// Listings still to answer empty (see `Faults::empty_listings`).
     pub empty_listings: u64,
     /// Listings still to skip their first page (see `Faults::skip_pages`).
@@ -159,10 +161,18 @@ impl Fleet {
             blades: BTreeMap::new(),
             next_ip,
             lose_orders: faults.lose_orders,
+            create_then_5xx: faults.create_then_5xx,
             empty_listings: faults.empty_listings,
             skip_pages: faults.skip_pages,
             booting: Default::default(),
         }
+    }
+
+    /// Whether the order just made is to be answered with a 500 (and one fewer after).
+    pub fn fail_after_create(&mut self) -> bool {
+        let fail = self.create_then_5xx > 0;
+        self.create_then_5xx = self.create_then_5xx.saturating_sub(1);
+        fail
     }
 
     /// The address for a new server.

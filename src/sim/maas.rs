@@ -365,7 +365,7 @@ fn list(sim: &Sim, q: &[(String, String)]) -> Reply {
 
 /// `POST machines/?op=allocate`: the first Ready machine meeting the constraints.
 async fn allocate(sim: &Sim, form: &[(String, String)], faults: &Faults, lose: bool) -> Reply {
-    let (machine, lost) = {
+    let (machine, lost, failed) = {
         let (Ok(mut fleet), Ok(mut inv)) = (sim.fleet.lock(), sim.maas.lock()) else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, "state poisoned");
         };
@@ -412,10 +412,14 @@ async fn allocate(sim: &Sim, form: &[(String, String)], faults: &Faults, lose: b
         m.agent_name = field(form, "agent_name").unwrap_or("").to_owned();
         let lost = lose || fleet.lose_orders > 0;
         fleet.lose_orders = fleet.lose_orders.saturating_sub(1);
-        (machine_json(m, &fleet), lost)
+        let failed = fleet.fail_after_create();
+        (machine_json(m, &fleet), lost, failed)
     };
     if lost {
         tokio::time::sleep(faults.lost_delay()).await;
+    }
+    if failed {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
     }
     json_reply(&machine)
 }

@@ -313,6 +313,7 @@ impl Sim {
     fn set_faults(&self, faults: Faults) {
         if let Ok(mut f) = self.fleet.lock() {
             f.lose_orders = faults.lose_orders;
+            f.create_then_5xx = faults.create_then_5xx;
             f.empty_listings = faults.empty_listings;
             f.skip_pages = faults.skip_pages;
         }
