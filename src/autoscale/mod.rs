@@ -176,6 +176,7 @@ pub fn reconcile_config(
             drain_timeout: cfg.drain_timeout,
             missing_limit: cfg.missing_listings,
             order_deadline: cfg.order_deadline,
+            unanswered_order_wait: cfg.unanswered_order_wait,
             release_margin: cfg.release_margin,
             down_release_after: cfg.release_down_after,
             budget: plan::Budget {

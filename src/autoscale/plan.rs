@@ -145,6 +145,9 @@ pub struct Rules {
     pub missing_limit: u32,
     /// An order not seen in a listing by then is looked up by its tag one last time.
     pub order_deadline: Duration,
+    /// An order that got no answer (no device id) not seen by then is looked up by its
+    /// tag (see `autoscale.unanswered_order_wait`).
+    pub unanswered_order_wait: Duration,
     /// A drained or spare surplus node is released only this close to the end of its
     /// paid hour.
     pub release_margin: Duration,
@@ -344,15 +347,20 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
                 request_id: o.request_id.clone(),
                 device_id: d.id.clone(),
             });
-        } else if i
-            .wall
-            .duration_since(o.placed_at)
-            .is_ok_and(|age| age >= i.rules.order_deadline)
-        {
+        } else if i.wall.duration_since(o.placed_at).is_ok_and(|age| {
+            let wait = if o.device_id.is_none() {
+                i.rules.unanswered_order_wait
+            } else {
+                i.rules.order_deadline
+            };
+            age >= wait
+        }) {
+            // Counted this round still: the look-up's answer decides the next one.
             p.actions.push(Action::LookUpOrder {
                 request_id: o.request_id.clone(),
                 zone: o.zone.clone(),
             });
+            unseen_orders += 1;
         } else {
             // On its way: the vendor's list may lag its create.
             unseen_orders += 1;

@@ -742,6 +742,12 @@ impl<P: Provider> Reconciler<P> {
                                         o.state = OrderState::Seen;
                                         o.device_id = Some(d.id);
                                     }
+                                    None if o.device_id.is_none() => {
+                                        o.state = OrderState::Lost;
+                                        report.errors.push(format!(
+                                            "order {request_id} in {zone} got no answer and is not listed under its tag: counted as not placed, ordered again if still needed (a server that shows later is taken in as found running)"
+                                        ));
+                                    }
                                     None => {
                                         o.state = OrderState::Lost;
                                         report.errors.push(format!(

@@ -48,6 +48,8 @@ pub(super) struct FileAutoscale {
     ledger: PathBuf,
     #[serde(with = "humantime_serde")]
     order_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    unanswered_order_wait: Duration,
     missing_listings: u32,
     #[serde(with = "humantime_serde")]
     release_margin: Duration,
@@ -106,6 +108,7 @@ impl Default for FileAutoscale {
             schedule: Vec::new(),
             ledger: PathBuf::from("data/orders.json"),
             order_deadline: Duration::from_secs(20 * 60),
+            unanswered_order_wait: Duration::from_secs(30),
             missing_listings: 3,
             release_margin: Duration::from_secs(5 * 60),
             release_down_after: Duration::from_secs(10 * 60),
@@ -165,6 +168,12 @@ pub struct AutoscaleConfig {
     /// An order whose server has not shown in a listing by then is looked up by its
     /// request tag one last time, then reported and forgotten.
     pub order_deadline: Duration,
+    /// An order that got no answer (lost, or a 5xx: it may stand) and has not shown in a
+    /// listing by then is looked up by its request tag: found, it is on its way; not
+    /// found, it counts as not placed and the need is ordered again. Longer than the
+    /// vendor's listings lag their creates; a server that shows later is taken in as
+    /// found running.
+    pub unanswered_order_wait: Duration,
     /// Consecutive complete listings a server may be missing from before its node is
     /// drained (a direct look-up that says it is gone drains it at once).
     pub missing_listings: u32,
@@ -332,6 +341,12 @@ pub(super) fn validate(
     if a.order_deadline.is_zero() {
         p.bad("order_deadline", "must be greater than 0");
     }
+    if a.unanswered_order_wait.is_zero() || a.unanswered_order_wait > a.order_deadline {
+        p.bad(
+            "unanswered_order_wait",
+            "must be greater than 0 and at most order_deadline",
+        );
+    }
     if !(a.max_client_share > 0.0 && a.max_client_share <= 1.0) {
         p.bad(
             "max_client_share",
@@ -397,6 +412,7 @@ pub(super) fn validate(
         offer: provider.map(|p| p.offer.clone()).unwrap_or_default(),
         ledger: (!a.ledger.as_os_str().is_empty()).then(|| a.ledger.clone()),
         order_deadline: a.order_deadline,
+        unanswered_order_wait: a.unanswered_order_wait,
         missing_listings: a.missing_listings,
         release_margin: a.release_margin,
         release_down_after: a.release_down_after,

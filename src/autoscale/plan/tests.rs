@@ -53,6 +53,7 @@ fn rules() -> Rules {
         drain_timeout: Duration::from_secs(60),
         missing_limit: 3,
         order_deadline: 20 * MIN,
+        unanswered_order_wait: Duration::from_secs(30),
         release_margin: 5 * MIN,
         down_release_after: 10 * MIN,
         budget: Budget::default(),
@@ -188,8 +189,12 @@ fn short_of_desired_orders_the_difference_capped_per_round() {
 #[test]
 fn an_order_not_yet_listed_counts_as_supply_until_its_deadline() {
     let mut c = Case::new(2, vec![], vec![node("bm-a", State::InService)]);
-    c.ledger
-        .push(order("r1", c.wall - 5 * MIN, None, OrderState::Placed));
+    c.ledger.push(order(
+        "r1",
+        c.wall - 5 * MIN,
+        Some("dev-r1"),
+        OrderState::Placed,
+    ));
     let p = c.plan();
     assert_eq!(orders(&p), 0, "ordered again while the list lags: {p:?}");
     // Past the deadline: one last look-up by its tag, still counted this round.
@@ -209,6 +214,30 @@ fn an_order_not_yet_listed_counts_as_supply_until_its_deadline() {
         |a| matches!(a, Action::Seen { request_id, device_id } if request_id == "r1" && device_id == "dev-r1")
     ));
     assert_eq!(orders(&p), 0);
+}
+
+/// An order that got no answer (a 5xx, a timeout: it may stand) counts as on its way,
+/// never sent again, and is looked up by its tag after `unanswered_order_wait` rather
+/// than the whole order deadline: not found then, the need is ordered again.
+#[test]
+fn an_unanswered_order_is_looked_up_after_its_own_wait() {
+    let mut c = Case::new(2, vec![], vec![node("bm-a", State::InService)]);
+    let secs = Duration::from_secs;
+    c.ledger
+        .push(order("r2", c.wall - secs(10), None, OrderState::Placed));
+    let p = c.plan();
+    assert_eq!(orders(&p), 0, "{p:?}");
+    assert!(
+        !has(&p, |a| matches!(a, Action::LookUpOrder { .. })),
+        "{p:?}"
+    );
+    c.ledger[0].placed_at = c.wall - secs(40);
+    let p = c.plan();
+    assert!(has(
+        &p,
+        |a| matches!(a, Action::LookUpOrder { request_id, .. } if request_id == "r2")
+    ));
+    assert_eq!(orders(&p), 0, "still counted this round: {p:?}");
 }
 
 #[test]
