@@ -132,7 +132,7 @@ async def one(port, held):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
     await r.readexactly(length)
-    held.append(w)
+    held.append((r, w))
 
 async def measure(name, pid, port):
     before = rss_kib(pid)
@@ -141,10 +141,13 @@ async def measure(name, pid, port):
         await asyncio.gather(*(one(port, held) for _ in range(min(500, n - start))))
     await asyncio.sleep(2)
     during = rss_kib(pid)
-    for w in held:
+    # Connections the proxy closed while they idled (a timeout shorter than the run) hold
+    # nothing: the figure per connection counts those still open.
+    still_open = sum(1 for r, _ in held if not r.at_eof())
+    for _, w in held:
         w.close()
     await asyncio.sleep(1)
-    return before, during, len(held)
+    return before, during, len(held), still_open
 
 async def main():
     rows = []
@@ -154,10 +157,13 @@ async def main():
         except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
             sys.exit(f"idle-rss.sh: {name} on port {port}: {e!r}")
     nginx = next(r for r in rows if r[0] == "nginx")
-    print(f"{'proxy':<12} {'RSS before':>12} {'RSS idle':>12} {'per conn':>10} {'RSS vs nginx':>13}")
-    for name, before, during, held in rows:
-        per = (during - before) / max(held, 1)
-        print(f"{name:<12} {before/1024:>9.1f} MB {during/1024:>9.1f} MB {per:>7.2f} KiB {during/max(nginx[2],1):>12.2f}×")
+    print(f"{'proxy':<12} {'RSS before':>12} {'RSS idle':>12} {'still open':>11} {'per open conn':>14} {'RSS vs nginx':>13}")
+    for name, before, during, held, still_open in rows:
+        per = (during - before) / max(still_open, 1)
+        print(f"{name:<12} {before/1024:>9.1f} MB {during/1024:>9.1f} MB {still_open:>11} {per:>10.2f} KiB {during/max(nginx[2],1):>12.2f}×")
+    for name, _, _, held, still_open in rows:
+        if still_open < held:
+            print(f"note: {name} closed {held - still_open} of {held} idle keep-alive connections before they were measured")
 
 asyncio.run(main())
 PY

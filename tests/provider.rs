@@ -362,6 +362,84 @@ async fn every_attempt_of_an_order_asks_the_fence_first() {
     sim.stop();
 }
 
+/// A vendor whose order succeeds but whose answer is not JSON (an HTML page from a
+/// proxy in front of it): the order stands, so it is `Uncertain`, never sent again.
+/// Before, an unreadable success was "transient" and ordered again, a server a try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_success_to_an_order_is_never_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = posts.clone();
+    let vendor = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while req.len() < end + 4 + length {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    req.drain(..end + 4 + length);
+                    let answer: &[u8] = if head.starts_with("post ") {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<html></html>"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 31\r\n\r\n{\"servers\":[],\"total_count\":0}\n"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let scw = Scaleway::new(ScalewayConfig {
+        api_url: format!("http://{addr}"),
+        zone: "fr-par-2".into(),
+        project_id: "c3a5a8d6-2e0e-4b5f-8a51-4a1e3b8c9f10".into(),
+        secret_key: TOKEN.into(),
+        os_id: "os-ubuntu-24.04".into(),
+        call_timeout: Duration::from_secs(2),
+        retry: surge::provider::http::Retry {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(300),
+        },
+    })
+    .unwrap();
+    let outcome = scw.create(&spec("surge-shop-html")).await;
+    assert!(
+        matches!(outcome, Err(ProviderError::Uncertain(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        posts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "ordered again"
+    );
+    vendor.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_can_fail_and_the_simulator_remembers_its_servers() {
     let dir = std::env::temp_dir().join(format!(

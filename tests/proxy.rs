@@ -317,6 +317,16 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
         ("x-forwarded-ssl", "on"),
         ("x-original-url", "/admin"),
         ("x-rewrite-url", "/admin"),
+        ("x-forwarded-uri", "/admin"),
+        ("x-original-host", "evil.example"),
+        ("x-forwarded-server", "evil.example"),
+        // Client addresses as CDNs say them; client certificates as an mTLS edge does.
+        ("true-client-ip", "203.0.113.9"),
+        ("x-client-ip", "203.0.113.9"),
+        ("x-forwarded-client-cert", "Hash=00;Subject=\"CN=admin\""),
+        ("x-client-cert", "MIIB"),
+        ("x-ssl-client-cert", "MIIB"),
+        ("ssl-client-cert", "MIIB"),
     ];
     let c = client();
     let headers_seen = |surge: std::net::SocketAddr, asked: Vec<(&'static str, &'static str)>| {

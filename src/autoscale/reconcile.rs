@@ -639,7 +639,17 @@ impl<P: Provider> Reconciler<P> {
                 } => {
                     // A server with no order in the ledger (ordered before it existed, or
                     // by hand with this pool's tag) still costs money: account for it.
-                    if self.ledger.by_device(&known.device_id).is_none() {
+                    // An order counted as not placed whose server showed after all is
+                    // that order again, not a second one beside it.
+                    let revived = request_id.as_deref().and_then(|r| {
+                        self.ledger
+                            .get_mut(r)
+                            .filter(|o| o.state == OrderState::Lost && o.device_id.is_none())
+                    });
+                    if let Some(o) = revived {
+                        o.state = OrderState::Seen;
+                        o.device_id = Some(known.device_id.clone());
+                    } else if self.ledger.by_device(&known.device_id).is_none() {
                         self.ledger.orders.push(Order {
                             request_id: request_id
                                 .unwrap_or_else(|| format!("adopted-{}", known.device_id)),

@@ -108,7 +108,7 @@ impl Default for FileAutoscale {
             schedule: Vec::new(),
             ledger: PathBuf::from("data/orders.json"),
             order_deadline: Duration::from_secs(20 * 60),
-            unanswered_order_wait: Duration::from_secs(30),
+            unanswered_order_wait: Duration::from_secs(120),
             missing_listings: 3,
             release_margin: Duration::from_secs(5 * 60),
             release_down_after: Duration::from_secs(10 * 60),

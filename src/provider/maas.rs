@@ -299,8 +299,15 @@ impl Maas {
             if bytes.is_empty() {
                 return Ok(serde_json::Value::Null);
             }
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ProviderError::Transient(format!("{call}: unreadable answer: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                let what = format!("{call}: unreadable answer: {e}");
+                // An allocation that succeeded stands, whatever its answer looked like.
+                if op == Some("allocate") {
+                    ProviderError::Uncertain(what)
+                } else {
+                    ProviderError::Transient(what)
+                }
+            });
         }
         // MAAS answers errors in plain text (sometimes a JSON object of field errors).
         let text: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
@@ -432,21 +439,25 @@ impl Maas {
         if let Some(m) = self.cfg.min_memory_mib {
             fields.push(("mem", m.to_string()));
         }
-        match self
+        let answered = self
             .exchange(Method::POST, "/machines/", Some("allocate"), &fields)
             .await
-        {
-            Ok(v) => parse(v, "POST /machines/?op=allocate"),
-            // Allocated or not? A machine of ours that no order claims is this one. MAAS
-            // lists every machine at once (no lag): none means none was allocated, and
-            // the order may be tried again.
+            .and_then(|v| {
+                // An allocation that succeeded stands, whatever its answer looked like.
+                parse::<ApiMachine>(v, "POST /machines/?op=allocate")
+                    .map_err(|e| ProviderError::Uncertain(e.to_string()))
+            });
+        match answered {
+            // Allocated or not? A machine of ours that no order claims is this one. None
+            // means none so far; one a gateway timeout finishes later shows unclaimed,
+            // and the next attempt takes it (see `order_once`).
             Err(ProviderError::Uncertain(why)) => match self.unclaimed(&spec.pool).await? {
                 Some(m) => Ok(m),
                 None => Err(ProviderError::Transient(format!(
                     "{why}; no machine was allocated"
                 ))),
             },
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
@@ -508,11 +519,16 @@ impl Provider for Maas {
     }
 
     /// MAAS lists are cheap and whole: every attempt looks for its order first.
+    /// A machine of the pool that no order claims (an earlier attempt's, whose claim
+    /// failed or whose allocation finished late) is taken before allocating another.
     async fn order_once(&self, spec: &CreateSpec, _again: bool) -> Result<Device, ProviderError> {
         let machine = match self.find_order(spec).await? {
             Some(m) => m,
             None => {
-                let m = self.allocate(spec).await?;
+                let m = match self.unclaimed(&spec.pool).await? {
+                    Some(m) => m,
+                    None => self.allocate(spec).await?,
+                };
                 self.claim(&m.system_id, spec).await?
             }
         };

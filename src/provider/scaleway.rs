@@ -302,7 +302,13 @@ impl Scaleway {
                 return Ok(Value::Null);
             }
             return serde_json::from_slice(&bytes).map_err(|e| {
-                ProviderError::Transient(format!("{method} {path}: unreadable answer: {e}"))
+                let what = format!("{method} {path}: unreadable answer: {e}");
+                // An order that succeeded stands, whatever its answer looked like.
+                if method == Method::POST {
+                    ProviderError::Uncertain(what)
+                } else {
+                    ProviderError::Transient(what)
+                }
             });
         }
         let err: ApiError = serde_json::from_slice(&bytes).unwrap_or(ApiError {

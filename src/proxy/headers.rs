@@ -31,9 +31,11 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// links a frontend builds (a password-reset mail, a redirect), and `Forwarded: for=`
 /// or `X-Real-IP` would name an address of the shopper's choosing. The prefix, scheme
 /// and SSL flags are read by frameworks to build URLs (Rack, Symfony), and
-/// `X-Original-URL` / `X-Rewrite-URL` to route (IIS, Symfony): a shopper's would reach an
-/// admin path the proxy never saw.
-pub const CLIENT_CLAIMS: [&str; 9] = [
+/// `X-Original-URL` / `X-Rewrite-URL` / `X-Forwarded-Uri` to route (IIS, Symfony,
+/// Traefik-style auth): a shopper's would reach an admin path the proxy never saw. The
+/// client-address headers of CDNs and other proxies (`True-Client-IP`, `X-Client-IP`)
+/// and the client-certificate ones an mTLS edge sets are claims of the same kind.
+pub const CLIENT_CLAIMS: [&str; 18] = [
     "forwarded",
     "x-forwarded-host",
     "x-forwarded-port",
@@ -43,6 +45,15 @@ pub const CLIENT_CLAIMS: [&str; 9] = [
     "x-forwarded-ssl",
     "x-original-url",
     "x-rewrite-url",
+    "x-forwarded-uri",
+    "x-original-host",
+    "x-forwarded-server",
+    "true-client-ip",
+    "x-client-ip",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "ssl-client-cert",
 ];
 
 /// A `Content-Length` said more than once (`5, 5`, or two fields) as one value, as RFC

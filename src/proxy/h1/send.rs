@@ -54,8 +54,13 @@ pub(super) async fn send_and_read_head<S: Transport>(
     (rewrite, fields): (&head::Rewrite<'_>, &mut Vec<Field>),
     mut shopper: Option<&mut S>,
 ) -> Result<head::ResponseHead, SendError> {
-    let written =
-        write_watching(&mut conn.stream, head_bytes, body.unwrap_or_default(), rbuf).await;
+    let written = write_watching(
+        &mut conn.stream,
+        (head_bytes, body.unwrap_or_default()),
+        rbuf,
+        engine.max_header_bytes,
+    )
+    .await;
     if written == (Written::Failed { any: false }) {
         return Err(SendError::Unsent);
     }
@@ -108,11 +113,13 @@ pub(super) async fn send_and_read_head<S: Transport>(
 /// Writes `head` then `body` (vectored) and flushes, reading what the blade sends
 /// meanwhile into `rbuf` whenever the socket takes no more. A request that fits the
 /// socket's buffer is written without a single read; only a long upload is watched.
+/// `limit`: what the blade may send before its answer's head must be whole (more ends
+/// the write as an answer, which the head's parse then refuses).
 async fn write_watching(
     stream: &mut Stream,
-    head: &[u8],
-    body: &[u8],
+    (head, body): (&[u8], &[u8]),
     rbuf: &mut Vec<u8>,
+    limit: usize,
 ) -> Written {
     let total = head.len() + body.len();
     let mut done = 0usize;
@@ -142,7 +149,9 @@ async fn write_watching(
         }
         // The socket takes no more for now: perhaps because the blade has answered.
         match poll_answer(stream, cx, rbuf) {
-            Poll::Ready(true) if final_begun(rbuf) => return Poll::Ready(Written::Answered),
+            Poll::Ready(true) if rbuf.len() >= limit || final_begun(rbuf) => {
+                return Poll::Ready(Written::Answered)
+            }
             // An interim answer: the blade still wants the rest.
             Poll::Ready(true) => continue,
             Poll::Ready(false) => return Poll::Ready(Written::Failed { any: done > 0 }),
