@@ -570,3 +570,135 @@ async fn an_idle_https_keep_alive_connection_lives_by_the_idle_timeout() {
     assert!(gone, "an idle connection outlived the idle timeout");
     surge.stop().await;
 }
+
+/// A blade speaking HTTP/1.1 with every framing: `/len` (Content-Length), `/chunked`,
+/// `/close` (until the connection closes), `/empty` (204), `POST /echo` (the body back),
+/// `HEAD /len`. Counts the connections it accepted.
+async fn framing_blade() -> (SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[end + 4..end + 4 + length].to_vec();
+                    buf.drain(..end + 4 + length);
+                    let mut words = head.split(' ');
+                    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    let answer: Vec<u8> = match (method, path) {
+                        ("head", "/len") => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
+                        (_, "/len") => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+                        (_, "/chunked") => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
+                        (_, "/empty") => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                        ("post", "/echo") => {
+                            let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                            a.extend_from_slice(&body);
+                            a
+                        }
+                        (_, "/close") => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close").await;
+                            return;
+                        }
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                    };
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// HTTP/2 shoppers reach HTTP/1.1 blades through the engine's own blade connections:
+/// every framing of an answer arrives whole, a body goes up, HEAD and 204 carry none,
+/// and one blade connection carries request after request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_shoppers_reach_http1_blades_with_every_framing_on_kept_connections() {
+    let (blade, accepted) = framing_blade().await;
+    let dir = tmp_dir();
+    let (crt, key) = (dir.join("shop.crt"), dir.join("shop.key"));
+    write_pair(&crt, &key, &["shop.test"]);
+    let text = format!(
+        "[proxy]\nworkers = 1\naccess_log = false\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\n[listeners.tls]\n\
+         [[listeners.tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [pool]\n[pool.health]\npath = \"/health\"\n[[pool.backends]]\nid = \"framing\"\naddress = \"{blade}\"\n",
+        crt.display(),
+        key.display()
+    );
+    let cfg = Config::parse(&text, Path::new("h2-bridge.toml")).unwrap();
+    let surge = surge::serve::start(&cfg).await.unwrap();
+    let s = tls_connect(tls_addr(&surge), "shop.test", &[b"h2"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut ask = |method: &str, path: &str, body: &'static str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("https://shop.test{path}"))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap();
+        let f = sender.send_request(req);
+        async move {
+            let resp = f.await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    assert_eq!(ask("GET", "/len", "").await, (200, "hello".into()));
+    assert_eq!(
+        ask("GET", "/chunked", "").await,
+        (200, "hello world".into())
+    );
+    assert_eq!(ask("GET", "/close", "").await, (200, "until close".into()));
+    assert_eq!(ask("GET", "/empty", "").await, (204, String::new()));
+    assert_eq!(ask("HEAD", "/len", "").await, (200, String::new()));
+    assert_eq!(ask("POST", "/echo", "a cart").await, (200, "a cart".into()));
+    // Sequential requests reuse the blade connection (health checks use their own).
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(ask("GET", "/len", "").await, (200, "hello".into()));
+        assert_eq!(
+            ask("GET", "/chunked", "").await,
+            (200, "hello world".into())
+        );
+    }
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    assert!(
+        opened <= 3,
+        "{opened} blade connections for 40 sequential requests"
+    );
+    surge.stop().await;
+}

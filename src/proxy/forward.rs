@@ -101,6 +101,11 @@ pub struct Forwarder {
     pub max_requests_per_connection: u32,
     /// Set while surge stops with a keep-alive drain (see `ProxyHandle::shutdown_draining`).
     pub closing: Arc<std::sync::atomic::AtomicBool>,
+    /// The worker's HTTP/1.1 engine, whose blade connections carry the requests this
+    /// forwarder sends to HTTP/1.1 blades (set once the engine exists; weak, as the
+    /// engine holds this forwarder). Unset (`proxy.engine = "hyper"`, h2c blades):
+    /// hyper's client.
+    pub blade_engine: std::cell::OnceCell<std::rc::Weak<super::h1::Engine>>,
 }
 
 impl Forwarder {
@@ -138,6 +143,15 @@ impl Forwarder {
             body_idle_timeout: cfg.body_idle_timeout,
             max_requests_per_connection: cfg.max_requests_per_connection,
             closing,
+            blade_engine: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The engine whose blade connections this forwarder's requests go through, if any.
+    fn blade_engine(&self) -> Option<Rc<super::h1::Engine>> {
+        match self.upstreams.protocol {
+            UpstreamProtocol::Http1 => self.blade_engine.get().and_then(std::rc::Weak::upgrade),
+            UpstreamProtocol::H2c => None,
         }
     }
 
@@ -304,6 +318,8 @@ impl Forwarder {
             *copy.headers_mut() = parts.headers.clone();
             copy
         });
+        let engine = self.blade_engine();
+        let body_bytes = engine.as_ref().and(body.clone());
         let mut pending = Some(Request::from_parts(parts, upstream_body(body)));
         let mut avoid: Option<InFlight> = None;
         let mut failure: Option<ProxyFailure> = None;
@@ -327,71 +343,20 @@ impl Forwarder {
                 break;
             };
             // What happened, the request if it never left, and how to describe a failure.
-            let (attempt, unsent, failed) = match self
-                .upstreams
-                .checkout(guard.backend().addr)
-                .await
-            {
-                Err(e) => {
-                    tracing::debug!(backend = &*guard.backend().id, error = %e, "connect failed");
-                    (
-                        retry::Attempt::ConnectFailed,
-                        Some(req),
-                        "connection failed",
-                    )
+            let sent = match &engine {
+                Some(engine) => {
+                    self.send_by_engine(engine, req, body_bytes.as_ref(), guard.backend())
+                        .await
                 }
-                Ok(mut conn) => {
-                    let req = self.upstream_form(req, guard.backend());
-                    let sent = Instant::now();
-                    let answer = tokio::time::timeout(
-                        self.response_timeout,
-                        conn.sender.try_send_request(req),
-                    )
-                    .await;
-                    match answer {
-                        Ok(Ok(resp)) => {
-                            let backend = guard.backend();
-                            let now = Instant::now();
-                            backend
-                                .latency
-                                .observe(now.saturating_duration_since(sent), now);
-                            self.pool
-                                .traffic
-                                .latency
-                                .record(now.saturating_duration_since(start));
-                            let outcome = if resp.status().is_server_error() {
-                                Outcome::Failure
-                            } else {
-                                Outcome::Success
-                            };
-                            self.pool.record(backend, outcome);
-                            result = Some((guard, conn, resp));
-                            break;
-                        }
-                        Ok(Err(mut e)) => match e.take_message() {
-                            // Never written: safe to send again, whatever the method.
-                            Some(unsent) => (
-                                retry::Attempt::Unsent {
-                                    reused: conn.reused,
-                                },
-                                Some(unsent),
-                                "connection failed",
-                            ),
-                            None => {
-                                let e = e.into_error();
-                                tracing::debug!(backend = &*guard.backend().id, error = ?e, "backend request failed");
-                                (
-                                    retry::Attempt::Failed {
-                                        closed_early: closed_before_response(&e),
-                                    },
-                                    None,
-                                    short_reason(&e),
-                                )
-                            }
-                        },
-                        Err(_elapsed) => (retry::Attempt::TimedOut, None, "timed out"),
-                    }
+                None => self.send_by_hyper(req, guard.backend()).await,
+            };
+            let (attempt, unsent, failed) = match sent {
+                Ok((answer, sent)) => {
+                    self.answered(guard.backend(), answer.status(), sent, start);
+                    result = Some((guard, answer));
+                    break;
                 }
+                Err(failure) => failure,
             };
             let verdict = retry::after(attempt, retry_copy.is_some());
             if verdict.blame {
@@ -416,8 +381,12 @@ impl Forwarder {
             None => Err(failure.unwrap_or(ProxyFailure::NoBackend)),
         };
         let (resp, backend_id) = match result {
-            Ok((guard, conn, resp)) => {
+            Ok((guard, answer)) => {
                 let id = guard.backend().id.clone();
+                let (conn, resp) = match answer {
+                    Answer::Hyper(conn, resp) => (Some(conn), resp.map(Upstream::Hyper)),
+                    Answer::Engine(resp) => (None, resp.map(Upstream::Engine)),
+                };
                 (
                     self.finish(
                         Held {
@@ -552,7 +521,7 @@ impl Forwarder {
     fn finish(
         self: &Rc<Self>,
         held: Held,
-        resp: Response<Incoming>,
+        resp: Response<Upstream>,
         route: Option<&Route>,
         had_cart: bool,
         started: Instant,
@@ -597,7 +566,7 @@ impl Forwarder {
             Either::Left(GuardedBody {
                 inner: body,
                 guard: Some(guard),
-                conn: Some((self.upstreams.clone(), conn)),
+                conn: conn.map(|c| (self.upstreams.clone(), c)),
                 started,
                 _admitted: admitted,
                 stall: super::stall::Stall::new(self.body_idle_timeout),
@@ -628,7 +597,8 @@ impl Forwarder {
 /// count, the connection it arrives on, and the request's room under the shedding limit.
 struct Held {
     guard: InFlight,
-    conn: Conn,
+    /// Hyper's client connection; the engine's goes with its body.
+    conn: Option<Conn>,
     admitted: Option<Admitted>,
 }
 
@@ -773,6 +743,121 @@ fn with_origin_form(mut req: Request<UpstreamBody>, backend: &Backend) -> Reques
     req
 }
 
+/// A blade's answer, with what it came through.
+enum Answer {
+    /// Hyper's client, and its connection (back to its pool when the body ends).
+    Hyper(Conn, Response<Incoming>),
+    /// The engine's blade connection (carried by the body).
+    Engine(Response<super::h1::bridge::BladeBody>),
+}
+
+impl Answer {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Answer::Hyper(_, r) => r.status(),
+            Answer::Engine(r) => r.status(),
+        }
+    }
+}
+
+/// An attempt that failed: what happened, the request if it never left surge, and the
+/// words for the shopper's 502.
+type Failure = (retry::Attempt, Option<Request<UpstreamBody>>, &'static str);
+
+impl Forwarder {
+    /// One attempt through the engine's blade connections; the answer and when it was sent.
+    async fn send_by_engine(
+        &self,
+        engine: &Rc<super::h1::Engine>,
+        req: Request<UpstreamBody>,
+        body: Option<&Bytes>,
+        backend: &Backend,
+    ) -> Result<(Answer, Instant), Failure> {
+        let (parts, _) = self.upstream_form(req, backend).into_parts();
+        let sent = Instant::now();
+        let timeout = self.response_timeout;
+        match super::h1::bridge::send(engine, backend.addr, &parts, body.map(|b| &b[..]), timeout)
+            .await
+        {
+            Ok(resp) => Ok((Answer::Engine(resp), sent)),
+            Err(f) => {
+                let unsent = matches!(
+                    f.attempt,
+                    retry::Attempt::ConnectFailed | retry::Attempt::Unsent { .. }
+                )
+                .then(|| Request::from_parts(parts, upstream_body(body.cloned())));
+                Err((f.attempt, unsent, f.why))
+            }
+        }
+    }
+
+    /// One attempt through hyper's client.
+    async fn send_by_hyper(
+        &self,
+        req: Request<UpstreamBody>,
+        backend: &Backend,
+    ) -> Result<(Answer, Instant), Failure> {
+        let mut conn = match self.upstreams.checkout(backend.addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
+                return Err((
+                    retry::Attempt::ConnectFailed,
+                    Some(req),
+                    "connection failed",
+                ));
+            }
+        };
+        let req = self.upstream_form(req, backend);
+        let sent = Instant::now();
+        let answer =
+            tokio::time::timeout(self.response_timeout, conn.sender.try_send_request(req)).await;
+        match answer {
+            Ok(Ok(resp)) => Ok((Answer::Hyper(conn, resp), sent)),
+            Ok(Err(mut e)) => match e.take_message() {
+                // Never written: safe to send again, whatever the method.
+                Some(unsent) => Err((
+                    retry::Attempt::Unsent {
+                        reused: conn.reused,
+                    },
+                    Some(unsent),
+                    "connection failed",
+                )),
+                None => {
+                    let e = e.into_error();
+                    tracing::debug!(backend = &*backend.id, error = ?e, "backend request failed");
+                    Err((
+                        retry::Attempt::Failed {
+                            closed_early: closed_before_response(&e),
+                        },
+                        None,
+                        short_reason(&e),
+                    ))
+                }
+            },
+            Err(_elapsed) => Err((retry::Attempt::TimedOut, None, "timed out")),
+        }
+    }
+
+    /// A blade answered: its latency, the request's, and the outcome for passive checks.
+    fn answered(&self, backend: &Backend, status: http::StatusCode, sent: Instant, start: Instant) {
+        let now = Instant::now();
+        backend
+            .latency
+            .observe(now.saturating_duration_since(sent), now);
+        self.pool
+            .traffic
+            .latency
+            .record(now.saturating_duration_since(start));
+        let outcome = if status.is_server_error() {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        self.pool.record(backend, outcome);
+    }
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -850,7 +935,7 @@ async fn collect_within(
 /// body has been sent to the shopper (or the shopper went away), so a drain waits for
 /// streaming responses too.
 pub struct GuardedBody {
-    inner: Incoming,
+    inner: Upstream,
     guard: Option<InFlight>,
     /// The connection the body arrives on; back to the idle pool once it has been read to
     /// the end, dropped (and so closed) otherwise.
@@ -863,11 +948,52 @@ pub struct GuardedBody {
     stall: super::stall::Stall,
 }
 
+/// A blade's answer body as the client that read its head gives it.
+pub enum Upstream {
+    Hyper(Incoming),
+    Engine(super::h1::bridge::BladeBody),
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Upstream::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+            Upstream::Engine(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Hyper(b) => b.is_end_stream(),
+            Upstream::Engine(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Hyper(b) => b.size_hint(),
+            Upstream::Engine(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Why a response body ended before its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("backend body: {0}")]
     Upstream(#[from] hyper::Error),
+    #[error("backend body: {0}")]
+    Blade(#[from] std::io::Error),
     #[error("the backend sent nothing of the body for {0:?}")]
     Stalled(Duration),
 }
@@ -917,7 +1043,7 @@ impl Body for GuardedBody {
                 }
             }
         }
-        polled.map(|f| f.map(|r| r.map_err(BodyError::from)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

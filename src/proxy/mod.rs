@@ -261,6 +261,11 @@ pub fn start_with(
                 let forwarder = std::rc::Rc::new(forwarder);
                 let engine =
                     blades.map(|b| std::rc::Rc::new(h1::Engine::new(forwarder.clone(), b, &cfg)));
+                // HTTP/2 shoppers' requests reach HTTP/1.1 blades through the engine's own
+                // blade connections too.
+                if let Some(e) = &engine {
+                    let _ = forwarder.blade_engine.set(std::rc::Rc::downgrade(e));
+                }
                 worker::run(
                     mine,
                     forwarder,

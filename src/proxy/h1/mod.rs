@@ -11,6 +11,7 @@
 //! towards h2c blades.
 
 pub mod blades;
+pub mod bridge;
 pub mod buffers;
 pub mod chunked;
 mod conn;
