@@ -22,13 +22,14 @@ use hyper::body::Incoming;
 
 pub(super) use super::admission::Entry;
 use super::answers::{self, ProxyFailure, Refused};
+use super::attempts;
 use super::headers::{self, RequestIds, RequestView, X_REQUEST_ID};
 use super::limits::Limits;
 use super::retry;
 use super::upstream::{Conn, Upstreams};
 use crate::config::{ProxyConfig, StickyConfig, UpstreamProtocol};
 use crate::pool::shed::Admitted;
-use crate::pool::{Backend, InFlight, NoPick, Outcome, Pick, Pool, State};
+use crate::pool::{Backend, InFlight, NoPick, Outcome, Pool, State};
 use crate::telemetry::names;
 
 /// Body sent to a backend: the shopper's, read whole beforehand (see
@@ -231,14 +232,7 @@ impl Forwarder {
         if declared > self.max_body_bytes {
             return Err(Refused::BodyTooLarge);
         }
-        let first = if declared > 0 {
-            declared
-        } else {
-            CHUNKED_FIRST_RESERVATION.min(self.max_body_bytes)
-        };
-        let Some(mut reserved) = self.body_budget.reserve(first, BODY_BUDGET_WAIT).await else {
-            return Err(Refused::BodyBudget);
-        };
+        let mut reserved = self.reserve_body(declared).await?;
         let limit = self.max_body_bytes;
         let read = tokio::time::timeout(
             self.body_read_timeout,
@@ -257,6 +251,24 @@ impl Forwarder {
             }
             Err(_) => Err(Refused::BodyTimeout),
         }
+    }
+
+    /// Room in the body budget for a body of `declared` bytes (0: no declared length, a
+    /// first slice of it then; the reservation grows as its bytes come), waiting a
+    /// moment for room before 503.
+    pub(super) async fn reserve_body(
+        &self,
+        declared: u64,
+    ) -> Result<super::limits::BodyReservation, Refused> {
+        let first = if declared > 0 {
+            declared
+        } else {
+            CHUNKED_FIRST_RESERVATION.min(self.max_body_bytes)
+        };
+        self.body_budget
+            .reserve(first, BODY_BUDGET_WAIT)
+            .await
+            .ok_or(Refused::BodyBudget)
     }
 
     /// The request, its body read, to a backend and back.
@@ -308,77 +320,21 @@ impl Forwarder {
             .access_log
             .then(|| (parts.method.clone(), parts.uri.clone()));
 
-        // A request may go to a second backend only if repeating it is harmless (an
-        // idempotent method, RFC 9110 §9.2.2); its body, read already, goes again too.
-        let retry_copy = is_idempotent(&parts.method).then(|| {
-            let mut copy = Request::new(body.clone());
-            *copy.method_mut() = parts.method.clone();
-            *copy.uri_mut() = parts.uri.clone();
-            *copy.version_mut() = parts.version;
-            *copy.headers_mut() = parts.headers.clone();
-            copy
-        });
-        let engine = self.blade_engine();
-        let body_bytes = engine.as_ref().and(body.clone());
-        let mut pending = Some(Request::from_parts(parts, upstream_body(body)));
-        let mut avoid: Option<InFlight> = None;
-        let mut failure: Option<ProxyFailure> = None;
-        let mut result = None;
-        // Each pass sends the request once. A pass that fails before the request left
-        // surge (connect error, pooled connection found closed) keeps the request for the
-        // next pass; one that fails after may go on only with the bodiless copy.
-        for _ in 0..MAX_ATTEMPTS {
-            let req = match (pending.take(), retry_copy.as_ref()) {
-                (Some(req), _) => req,
-                (None, Some(copy)) if avoid.is_some() => clone_request(copy),
-                _ => break,
-            };
-            let pick = Pick {
-                sticky_key: cart.as_deref().map(str::as_bytes),
-                route: route.as_ref().map(|r| r.backend.as_str()),
-                avoid: avoid.as_ref().map(|g| &**g.backend()),
-                now_ns,
-            };
-            let Some(guard) = self.pick_or_fail(&pick, &mut failure) else {
-                break;
-            };
-            // What happened, the request if it never left, and how to describe a failure.
-            let sent = match &engine {
-                Some(engine) => {
-                    self.send_by_engine(engine, req, body_bytes.as_ref(), guard.backend())
-                        .await
-                }
-                None => self.send_by_hyper(req, guard.backend()).await,
-            };
-            let (attempt, unsent, failed) = match sent {
-                Ok((answer, sent)) => {
-                    self.answered(guard.backend(), answer.status(), sent, start);
-                    result = Some((guard, answer));
-                    break;
-                }
-                Err(failure) => failure,
-            };
-            let verdict = retry::after(attempt, retry_copy.is_some());
-            if verdict.blame {
-                self.pool.record(guard.backend(), Outcome::Failure);
-                failure = Some(match attempt {
-                    retry::Attempt::TimedOut => {
-                        ProxyFailure::Timeout(guard.backend().clone(), self.response_timeout)
-                    }
-                    _ => ProxyFailure::Backend(guard.backend().clone(), failed),
-                });
-                avoid = Some(guard);
+        let target = attempts::Target {
+            sticky_key: cart.as_deref().map(str::as_bytes),
+            route: route.as_ref().map(|r| r.backend.as_str()),
+            now_ns,
+        };
+        let idempotent = attempts::idempotent(&parts.method);
+        let result = match self.blade_engine() {
+            Some(engine) => {
+                self.through_engine(&engine, target, idempotent, parts, body, start)
+                    .await
             }
-            match verdict.next {
-                retry::Next::Resend => pending = unsent,
-                retry::Next::SendCopy => {}
-                retry::Next::GiveUp => break,
+            None => {
+                self.through_hyper(target, idempotent, parts, body, start)
+                    .await
             }
-        }
-
-        let result = match result {
-            Some(ok) => Ok(ok),
-            None => Err(failure.unwrap_or(ProxyFailure::NoBackend)),
         };
         let (resp, backend_id) = match result {
             Ok((guard, answer)) => {
@@ -654,10 +610,6 @@ pub(super) fn access_line(
     );
 }
 
-/// Sends of one request at most: a connect failure, a closed pooled connection and a
-/// failure after sending may each cost one.
-const MAX_ATTEMPTS: usize = 4;
-
 fn upstream_body(body: Option<Bytes>) -> UpstreamBody {
     match body {
         Some(b) => Either::Left(Full::new(b)),
@@ -765,30 +717,75 @@ impl Answer {
 type Failure = (retry::Attempt, Option<Request<UpstreamBody>>, &'static str);
 
 impl Forwarder {
-    /// One attempt through the engine's blade connections; the answer and when it was sent.
-    async fn send_by_engine(
+    /// The request through the engine's blade connections (HTTP/1.1 blades).
+    async fn through_engine(
         &self,
         engine: &Rc<super::h1::Engine>,
-        req: Request<UpstreamBody>,
-        body: Option<&Bytes>,
-        backend: &Backend,
-    ) -> Result<(Answer, Instant), Failure> {
-        let (parts, _) = self.upstream_form(req, backend).into_parts();
-        let sent = Instant::now();
+        target: attempts::Target<'_>,
+        idempotent: bool,
+        mut parts: http::request::Parts,
+        body: Option<Bytes>,
+        start: Instant,
+    ) -> Result<(InFlight, Answer), ProxyFailure> {
+        origin_form(&mut parts);
         let timeout = self.response_timeout;
-        match super::h1::bridge::send(engine, backend.addr, &parts, body.map(|b| &b[..]), timeout)
-            .await
-        {
-            Ok(resp) => Ok((Answer::Engine(resp), sent)),
-            Err(f) => {
-                let unsent = matches!(
-                    f.attempt,
-                    retry::Attempt::ConnectFailed | retry::Attempt::Unsent { .. }
-                )
-                .then(|| Request::from_parts(parts, upstream_body(body.cloned())));
-                Err((f.attempt, unsent, f.why))
+        attempts::run(self, target, idempotent, async |backend: &Arc<Backend>| {
+            let sent = Instant::now();
+            let resp =
+                super::h1::bridge::send(engine, backend, &parts, body.as_deref(), timeout).await?;
+            self.answered(backend, resp.status(), sent, start);
+            Ok(Answer::Engine(resp))
+        })
+        .await
+    }
+
+    /// The request through hyper's client (h2c blades, `proxy.engine = "hyper"`). A
+    /// request that never left surge goes again as it is; after one that may have, only
+    /// the copy of an idempotent request does (its body, read already, included).
+    async fn through_hyper(
+        &self,
+        target: attempts::Target<'_>,
+        idempotent: bool,
+        parts: http::request::Parts,
+        body: Option<Bytes>,
+        start: Instant,
+    ) -> Result<(InFlight, Answer), ProxyFailure> {
+        let retry_copy = idempotent.then(|| {
+            let mut copy = Request::new(body.clone());
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = parts.uri.clone();
+            *copy.version_mut() = parts.version;
+            *copy.headers_mut() = parts.headers.clone();
+            copy
+        });
+        let mut pending = Some(Request::from_parts(parts, upstream_body(body)));
+        attempts::run(self, target, idempotent, async |backend: &Arc<Backend>| {
+            let req = match (pending.take(), &retry_copy) {
+                (Some(req), _) => req,
+                (None, Some(copy)) => clone_request(copy),
+                // Not reached: `retry::after` sends again only an unsent request or an
+                // idempotent one.
+                (None, None) => {
+                    return Err(attempts::Failed {
+                        attempt: retry::Attempt::Failed {
+                            closed_early: false,
+                        },
+                        why: "connection error",
+                    })
+                }
+            };
+            match self.send_by_hyper(req, backend).await {
+                Ok((answer, sent)) => {
+                    self.answered(backend, answer.status(), sent, start);
+                    Ok(answer)
+                }
+                Err((attempt, unsent, why)) => {
+                    pending = unsent;
+                    Err(attempts::Failed { attempt, why })
+                }
             }
-        }
+        })
+        .await
     }
 
     /// One attempt through hyper's client.
@@ -858,11 +855,27 @@ impl Forwarder {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+/// The request's target in origin-form (`/path?query`), as HTTP/1.1 requires towards an
+/// origin server, with an absolute-form target's or HTTP/2's authority as its `Host`
+/// (RFC 9112 section 3.2.2). A request without any host gets the blade's (see
+/// `bridge::send`).
+fn origin_form(parts: &mut http::request::Parts) {
+    if let Some(v) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
+    }
+    parts.version = http::Version::HTTP_11;
 }
 
 /// Whether the connection closed or reset before any response came: the backend may not

@@ -10,6 +10,7 @@
 
 mod admission;
 mod answers;
+mod attempts;
 pub mod drive;
 pub mod forward;
 mod h1;

@@ -20,28 +20,25 @@ use super::blades::BladeConn;
 use super::chunked::Chunked;
 use super::conn::Engine;
 use super::head::{self, BodyKind, Field};
-use super::send::{send_and_read_head, SendError};
+use super::send::send_and_read_head;
+use crate::pool::Backend;
+use crate::proxy::attempts::Failed;
 use crate::proxy::retry::Attempt;
 
-/// Why an attempt failed, as the retry decision and the shopper's 502 need it.
-pub struct Failed {
-    pub attempt: Attempt,
-    pub why: &'static str,
-}
-
-/// Sends `parts` (origin-form target, `Host` set, hop-by-hop fields gone) with `body` to
-/// the blade at `addr` and reads its answer's head within `timeout`.
+/// Sends `parts` (origin-form target, hop-by-hop fields gone; without a `Host`, the
+/// blade's authority is sent) with `body` to `blade` and reads its answer's head within
+/// `timeout`.
 pub async fn send(
     engine: &Rc<Engine>,
-    addr: std::net::SocketAddr,
+    blade: &Backend,
     parts: &http::request::Parts,
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Response<BladeBody>, Failed> {
-    let mut conn = match engine.blades.checkout(addr, Instant::now()).await {
+    let mut conn = match engine.blades.checkout(blade.addr, Instant::now()).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::debug!(%addr, error = %e, "connect failed");
+            tracing::debug!(backend = &*blade.id, error = %e, "connect failed");
             return Err(Failed {
                 attempt: Attempt::ConnectFailed,
                 why: "connection failed",
@@ -49,7 +46,7 @@ pub async fn send(
         }
     };
     let mut out = engine.buffers.take();
-    write_head(parts, body.map(<[u8]>::len), &mut out);
+    write_head(parts, &blade.authority, body.map(<[u8]>::len), &mut out);
     let mut rbuf = engine.buffers.take();
     let mut fields = Vec::new();
     let rewrite = head::Rewrite {
@@ -76,7 +73,7 @@ pub async fn send(
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => {
             engine.buffers.give(rbuf);
-            return Err(failed(e, conn.reused));
+            return Err(e.failed(conn.reused));
         }
         Err(_) => {
             engine.buffers.give(rbuf);
@@ -92,35 +89,15 @@ pub async fn send(
     Ok(resp)
 }
 
-/// The retry decision's view of a failed send.
-fn failed(e: SendError, reused: bool) -> Failed {
-    match e {
-        SendError::Unsent => Failed {
-            attempt: Attempt::Unsent { reused },
-            why: "connection failed",
-        },
-        SendError::ClosedEarly => Failed {
-            attempt: Attempt::Failed { closed_early: true },
-            why: "connection error",
-        },
-        SendError::Garbage => Failed {
-            attempt: Attempt::Failed {
-                closed_early: false,
-            },
-            why: "invalid HTTP response",
-        },
-        SendError::Incomplete => Failed {
-            attempt: Attempt::Failed {
-                closed_early: false,
-            },
-            why: "connection closed before the response was complete",
-        },
-    }
-}
-
 /// The HTTP/1.1 head of `parts`: request line, the fields as they are (the caller has
-/// prepared them), and the body's length when there is a body.
-fn write_head(parts: &http::request::Parts, body_len: Option<usize>, out: &mut Vec<u8>) {
+/// prepared them), `fallback_host` when there is no `Host`, and the body's length when
+/// there is a body.
+fn write_head(
+    parts: &http::request::Parts,
+    fallback_host: &[u8],
+    body_len: Option<usize>,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -138,6 +115,11 @@ fn write_head(parts: &http::request::Parts, body_len: Option<usize>, out: &mut V
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(http::header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(fallback_host);
         out.extend_from_slice(b"\r\n");
     }
     if let Some(n) = body_len {
@@ -354,7 +336,7 @@ mod tests {
             .unwrap();
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        write_head(&parts, Some(3), &mut out);
+        write_head(&parts, b"10.0.0.7:8080", Some(3), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /cart?x=1 HTTP/1.1\r\nhost: shop.test\r\ncookie: a=1\r\ncontent-length: 3\r\n\r\n"

@@ -8,6 +8,7 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,20 +23,14 @@ use super::buffers::{Buffers, Pooled, Slots, Spares, BUFFER_BYTES};
 use super::chunked::Chunked;
 use super::deadline::{self, Deadline};
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
-use super::send::{send_and_read_head, SendError};
-use crate::pool::{InFlight, Outcome, Pick, State};
+use super::send::send_and_read_head;
+use crate::pool::{Backend, InFlight, Outcome, State};
 use crate::proxy::answers::{self, ProxyFailure, Refused};
 use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
 use crate::proxy::headers::X_REQUEST_ID;
-use crate::proxy::retry;
+use crate::proxy::{attempts, retry};
 use crate::telemetry::names;
 
-/// What a chunked body reserves of the body budget before it is read.
-const CHUNKED_FIRST_RESERVATION: u64 = 64 * 1024;
-/// How long a body waits for room in the budget before 503.
-const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
-/// Sends of one request at most (as the hyper path).
-const MAX_ATTEMPTS: usize = 4;
 /// How long a connection closed after an error answer is still read from (and the bytes
 /// dropped), so the close is a FIN after the answer rather than a reset that can destroy it.
 const LINGER: Duration = Duration::from_secs(1);
@@ -539,151 +534,100 @@ async fn exchange<S: Transport>(
             .trusted_proxies
             .iter()
             .any(|n| n.contains(&info.peer.ip()));
-    let idempotent = matches!(
-        head.method,
-        http::Method::GET
-            | http::Method::HEAD
-            | http::Method::OPTIONS
-            | http::Method::TRACE
-            | http::Method::PUT
-            | http::Method::DELETE
-    );
     let upgrade = head.upgrade.map(|u| u.get(buf));
     let mut out = engine.buffers.take();
     let mut rbuf = engine.buffers.take();
-    let mut avoid: Option<InFlight> = None;
-    let mut failure: Option<ProxyFailure> = None;
-    let mut answered = None;
-    for _ in 0..MAX_ATTEMPTS {
-        let pick = Pick {
-            sticky_key: cart.map(str::as_bytes),
-            route: route.as_ref().map(|r| r.backend),
-            avoid: avoid.as_ref().map(|g| &**g.backend()),
-            now_ns,
-        };
-        let Some(guard) = fwd.pick_or_fail(&pick, &mut failure) else {
-            break;
-        };
-        let backend = guard.backend().clone();
-        let (attempt, failed) = match engine.blades.checkout(backend.addr, start).await {
-            Err(e) => {
+    let target = attempts::Target {
+        sticky_key: cart.map(str::as_bytes),
+        route: route.as_ref().map(|r| r.backend),
+        now_ns,
+    };
+    let idempotent = attempts::idempotent(&head.method);
+    let answered = attempts::run(fwd, target, idempotent, async |backend: &Arc<Backend>| {
+        let mut conn = engine
+            .blades
+            .checkout(backend.addr, start)
+            .await
+            .map_err(|e| {
                 tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
-                (retry::Attempt::ConnectFailed, "connection failed")
-            }
-            Ok(mut conn) => {
-                out.clear();
-                head::write_request(
-                    buf,
-                    head,
-                    fields,
-                    &Forwarding {
-                        client_ip: info.client_ip.as_bytes(),
-                        proto: info.proto,
-                        trusted,
-                        new_request_id: minted.as_ref().map(|m| &m[..]),
-                        fallback_host: &backend.authority,
-                        body_len: body.as_ref().map(|b| b.len()),
-                        upgrade,
-                    },
-                    &mut out,
-                );
-                let sent = match fresh.take() {
-                    Some(t) if conn.reused => t,
-                    _ => Instant::now(),
-                };
-                let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
-                rbuf.clear();
-                let outcome = waits
-                    .within(
-                        || deadline,
-                        send_and_read_head(
-                            engine,
-                            &mut conn,
-                            &out,
-                            body.as_deref().map(Vec::as_slice),
-                            &mut rbuf,
-                            (&rewrite, &mut *answer_fields),
-                            // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
-                            (!head.http10).then_some(&mut *io),
-                        ),
-                    )
-                    .await;
-                match outcome {
-                    Some(Ok(answer)) => {
-                        let now = Instant::now();
-                        backend
-                            .latency
-                            .observe(now.saturating_duration_since(sent), now);
-                        fwd.pool
-                            .traffic
-                            .latency
-                            .record(now.saturating_duration_since(start));
-                        answered = Some((guard, conn, answer, now));
-                        break;
-                    }
-                    Some(Err(SendError::Unsent)) => (
-                        retry::Attempt::Unsent {
-                            reused: conn.reused,
-                        },
-                        "connection failed",
-                    ),
-                    Some(Err(SendError::ClosedEarly)) => (
-                        retry::Attempt::Failed { closed_early: true },
-                        "connection error",
-                    ),
-                    Some(Err(SendError::Garbage)) => (
-                        retry::Attempt::Failed {
-                            closed_early: false,
-                        },
-                        "invalid HTTP response",
-                    ),
-                    Some(Err(SendError::Incomplete)) => (
-                        retry::Attempt::Failed {
-                            closed_early: false,
-                        },
-                        "connection closed before the response was complete",
-                    ),
-                    None => (retry::Attempt::TimedOut, "timed out"),
+                attempts::Failed {
+                    attempt: retry::Attempt::ConnectFailed,
+                    why: "connection failed",
                 }
-            }
+            })?;
+        out.clear();
+        head::write_request(
+            buf,
+            head,
+            fields,
+            &Forwarding {
+                client_ip: info.client_ip.as_bytes(),
+                proto: info.proto,
+                trusted,
+                new_request_id: minted.as_ref().map(|m| &m[..]),
+                fallback_host: &backend.authority,
+                body_len: body.as_ref().map(|b| b.len()),
+                upgrade,
+            },
+            &mut out,
+        );
+        let sent = match fresh.take() {
+            Some(t) if conn.reused => t,
+            _ => Instant::now(),
         };
-        let verdict = retry::after(attempt, idempotent);
-        if verdict.blame {
-            fwd.pool.record(&backend, Outcome::Failure);
-            failure = Some(match attempt {
-                retry::Attempt::TimedOut => ProxyFailure::Timeout(backend, fwd.response_timeout),
-                _ => ProxyFailure::Backend(backend, failed),
-            });
-            avoid = Some(guard);
+        let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
+        rbuf.clear();
+        let outcome = waits
+            .within(
+                || deadline,
+                send_and_read_head(
+                    engine,
+                    &mut conn,
+                    &out,
+                    body.as_deref().map(Vec::as_slice),
+                    &mut rbuf,
+                    (&rewrite, &mut *answer_fields),
+                    // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
+                    (!head.http10).then_some(&mut *io),
+                ),
+            )
+            .await;
+        match outcome {
+            Some(Ok(answer)) => {
+                let now = Instant::now();
+                backend
+                    .latency
+                    .observe(now.saturating_duration_since(sent), now);
+                fwd.pool
+                    .traffic
+                    .latency
+                    .record(now.saturating_duration_since(start));
+                Ok((conn, answer, now))
+            }
+            Some(Err(e)) => Err(e.failed(conn.reused)),
+            None => Err(attempts::Failed {
+                attempt: retry::Attempt::TimedOut,
+                why: "timed out",
+            }),
         }
-        if verdict.next == retry::Next::GiveUp {
-            break;
+    })
+    .await;
+    let (guard, (conn, answer, answered_at)) = match answered {
+        Ok(a) => a,
+        Err(failure) => {
+            engine.buffers.give(out);
+            engine.buffers.give(rbuf);
+            let request = (info, head, &buf[..], request_id);
+            return answer_failure(
+                engine,
+                io,
+                failure,
+                request,
+                start,
+                (head_request, close, next),
+            )
+            .await;
         }
-    }
-    drop(avoid);
-    let Some((guard, conn, answer, answered_at)) = answered else {
-        engine.buffers.give(out);
-        engine.buffers.give(rbuf);
-        let failure = failure.unwrap_or(ProxyFailure::NoBackend);
-        let backend_id = failure.backend_id();
-        let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
-        let mut resp = fwd.failure_response(failure, &id);
-        resp.headers_mut().insert(X_REQUEST_ID, id);
-        if fwd.access_log {
-            forward::access_line(
-                info,
-                head.method.as_str(),
-                std::str::from_utf8(head.path.get(buf)).unwrap_or("-"),
-                resp.status().as_u16(),
-                backend_id.as_deref().unwrap_or("-"),
-                Some(start),
-                std::str::from_utf8(request_id).unwrap_or("-"),
-            );
-        }
-        if !write_own(io, resp, info, head_request, close).await || close {
-            return After::Close;
-        }
-        return After::KeepAlive(next);
     };
     let after = relay(
         engine,
@@ -719,6 +663,38 @@ async fn exchange<S: Transport>(
             After::Close
         }
     }
+}
+
+/// Answers the shopper with surge's 502/503/504 for a request no blade answered, logs
+/// it, and says what becomes of the connection.
+async fn answer_failure<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    failure: ProxyFailure,
+    (info, head, buf, request_id): (&ConnInfo, &RequestHead, &[u8], &[u8]),
+    start: Instant,
+    (head_request, close, next): (bool, bool, usize),
+) -> After {
+    let fwd = &engine.fwd;
+    let backend_id = failure.backend_id();
+    let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
+    let mut resp = fwd.failure_response(failure, &id);
+    resp.headers_mut().insert(X_REQUEST_ID, id);
+    if fwd.access_log {
+        forward::access_line(
+            info,
+            head.method.as_str(),
+            std::str::from_utf8(head.path.get(buf)).unwrap_or("-"),
+            resp.status().as_u16(),
+            backend_id.as_deref().unwrap_or("-"),
+            Some(start),
+            std::str::from_utf8(request_id).unwrap_or("-"),
+        );
+    }
+    if !write_own(io, resp, info, head_request, close).await || close {
+        return After::Close;
+    }
+    After::KeepAlive(next)
 }
 
 /// Logs one of surge's own answers (refusals, admission answers).
@@ -775,14 +751,7 @@ async fn read_body<'e, S: Transport>(
     if declared > fwd.max_body_bytes {
         return Err(Refused::BodyTooLarge);
     }
-    let first = if declared > 0 {
-        declared
-    } else {
-        CHUNKED_FIRST_RESERVATION.min(fwd.max_body_bytes)
-    };
-    let Some(mut reserved) = fwd.body_budget.reserve(first, BODY_BUDGET_WAIT).await else {
-        return Err(Refused::BodyBudget);
-    };
+    let mut reserved = fwd.reserve_body(declared).await?;
     let in_buf = buf.len() - head.len;
     // The client waits for our go before sending the body (unless it already did).
     if head.expect_continue

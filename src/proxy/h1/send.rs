@@ -29,6 +29,36 @@ pub(super) enum SendError {
     Incomplete,
 }
 
+impl SendError {
+    /// The retry decision's view of this failure (`reused`: a pooled connection).
+    pub(super) fn failed(self, reused: bool) -> crate::proxy::attempts::Failed {
+        use crate::proxy::attempts::Failed;
+        use crate::proxy::retry::Attempt;
+        match self {
+            SendError::Unsent => Failed {
+                attempt: Attempt::Unsent { reused },
+                why: "connection failed",
+            },
+            SendError::ClosedEarly => Failed {
+                attempt: Attempt::Failed { closed_early: true },
+                why: "connection error",
+            },
+            SendError::Garbage => Failed {
+                attempt: Attempt::Failed {
+                    closed_early: false,
+                },
+                why: "invalid HTTP response",
+            },
+            SendError::Incomplete => Failed {
+                attempt: Attempt::Failed {
+                    closed_early: false,
+                },
+                why: "connection closed before the response was complete",
+            },
+        }
+    }
+}
+
 /// How writing a request ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Written {
