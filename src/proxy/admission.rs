@@ -18,10 +18,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Response};
+use http::Method;
 
 use super::answers;
-use super::forward::{ConnInfo, DownstreamBody, Forwarder};
+use super::conn_info::ConnInfo;
+use super::forward::Forwarder;
 use super::headers::{self, RequestView, X_REQUEST_ID};
 use super::route::RouteSigner;
 use crate::config::WaitingRoomConfig;
@@ -47,7 +48,7 @@ struct RoomParts<'a> {
     signer: &'a RouteSigner,
 }
 
-type Answer = Response<DownstreamBody>;
+type Answer = super::answers::Own;
 
 impl Forwarder {
     /// Admission: the waiting room's poll, then who the request comes from, then the

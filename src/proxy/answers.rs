@@ -8,15 +8,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 
-use super::forward::{ConnInfo, DownstreamBody};
+use super::conn_info::ConnInfo;
 use crate::pool::Backend;
 use crate::telemetry::names;
 
+/// One of surge's own answers: plain data, written out by whichever protocol leg serves
+/// the request.
+pub(super) type Own = Response<Full<Bytes>>;
+
 /// One of surge's own short plain-text answers.
-pub(super) fn text_response(status: StatusCode, text: Bytes) -> Response<DownstreamBody> {
-    let mut resp = Response::new(Either::Right(Full::new(text)));
+pub(super) fn text_response(status: StatusCode, text: Bytes) -> Own {
+    let mut resp = Response::new(Full::new(text));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -55,7 +59,7 @@ pub(super) enum Refused {
 
 /// Surge's own answer to a refused request. All but 429 close an HTTP/1.1 connection:
 /// what is left of the request on it cannot be trusted to be framed as announced.
-pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Response<DownstreamBody> {
+pub(super) fn refusal(why: Refused, conn: &ConnInfo) -> Own {
     let (status, label, text) = match why {
         Refused::RateLimited => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -165,11 +169,7 @@ impl ProxyFailure {
 /// 502 (the backend failed) or 504 (it sent no response head in time), with the request
 /// id. No backend id: a shopper learns nothing of the pool's nodes (the access log and
 /// the warning logged here have it, under the same request id).
-pub(super) fn failure(
-    failure: &ProxyFailure,
-    pool: &str,
-    request_id: &HeaderValue,
-) -> Response<DownstreamBody> {
+pub(super) fn failure(failure: &ProxyFailure, pool: &str, request_id: &HeaderValue) -> Own {
     let rid = request_id.to_str().unwrap_or("-");
     let (status, text) = match failure {
         ProxyFailure::NoBackend => (
@@ -211,7 +211,7 @@ pub(super) fn failure(
 }
 
 /// The page for a request shed while capacity is on its way: 503 with `Retry-After`.
-pub(super) fn shed(request_id: &HeaderValue) -> Response<DownstreamBody> {
+pub(super) fn shed(request_id: &HeaderValue) -> Own {
     let text = format!(
         "503 service unavailable: the shop is very busy; more capacity is on its way, please retry shortly (request {})\n",
         request_id.to_str().unwrap_or("-")
@@ -276,13 +276,13 @@ pub(super) fn waiting(
     wait: Option<Duration>,
     refresh: Duration,
     ticket_cookie: HeaderValue,
-) -> Response<DownstreamBody> {
+) -> Own {
     let page = template
         .unwrap_or(DEFAULT_WAITING_PAGE)
         .replace("{{place}}", &place.to_string())
         .replace("{{wait}}", &wait_words(wait))
         .replace("{{refresh}}", &refresh.as_secs().to_string());
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(page))));
+    let mut resp = Response::new(Full::new(Bytes::from(page)));
     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let h = resp.headers_mut();
     h.insert(
@@ -298,10 +298,7 @@ pub(super) fn waiting(
 }
 
 /// What the waiting page's poll learns: its place and wait, or that it may come in.
-pub(super) fn queue_status(
-    place: Option<(usize, bool)>,
-    wait: Option<Duration>,
-) -> Response<DownstreamBody> {
+pub(super) fn queue_status(place: Option<(usize, bool)>, wait: Option<Duration>) -> Own {
     let body = match place {
         Some((_, true)) => r#"{"ready":true}"#.to_owned(),
         Some((place, false)) => format!(
@@ -310,7 +307,7 @@ pub(super) fn queue_status(
         ),
         None => r#"{"ready":false,"place":null}"#.to_owned(),
     };
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -321,9 +318,9 @@ pub(super) fn queue_status(
 }
 
 /// A 308 to the same path on the HTTPS origin: keeps the method and body (RFC 9110).
-pub(super) fn redirect<B>(origin: &str, req: &Request<B>) -> Response<DownstreamBody> {
+pub(super) fn redirect<B>(origin: &str, req: &Request<B>) -> Own {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
     if let Ok(v) = HeaderValue::from_str(&format!("{origin}{path}")) {
         resp.headers_mut().insert(header::LOCATION, v);

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use super::answers::ProxyFailure;
-use super::forward::Forwarder;
 use super::retry::{self, Attempt, Next};
-use crate::pool::{Backend, InFlight, Outcome, Pick};
+use crate::pool::{Backend, InFlight, NoPick, Outcome, Pick, Pool};
 
 /// Sends of one request at most: a connect failure, a closed pooled connection and a
 /// failure after sending may each cost one.
@@ -40,11 +41,13 @@ pub fn idempotent(m: &http::Method) -> bool {
     )
 }
 
-/// Sends the request with `send` until a blade answers, [`retry::after`] says give up,
-/// or [`MAX_ATTEMPTS`] were made. A failure that blames a blade is counted against it
-/// (passive ejection) and keeps the next attempt away from it.
+/// Sends the request with `send` until a blade of `pool` answers, [`retry::after`] says
+/// give up, or [`MAX_ATTEMPTS`] were made. A failure that blames a blade is counted
+/// against it (passive ejection) and keeps the next attempt away from it; one without
+/// an answer within `response_timeout` is told as a 504.
 pub async fn run<T>(
-    fwd: &Forwarder,
+    pool: &Pool,
+    response_timeout: Duration,
     target: Target<'_>,
     idempotent: bool,
     mut send: impl AsyncFnMut(&Arc<Backend>) -> Result<T, Failed>,
@@ -58,7 +61,7 @@ pub async fn run<T>(
             avoid: avoid.as_ref().map(|g| &**g.backend()),
             now_ns: target.now_ns,
         };
-        let Some(guard) = fwd.pick_or_fail(&pick, &mut failure) else {
+        let Some(guard) = pick_or_fail(pool, &pick, &mut failure) else {
             break;
         };
         let backend = guard.backend().clone();
@@ -68,9 +71,9 @@ pub async fn run<T>(
         };
         let verdict = retry::after(failed.attempt, idempotent);
         if verdict.blame {
-            fwd.pool.record(&backend, Outcome::Failure);
+            pool.record(&backend, Outcome::Failure);
             failure = Some(match failed.attempt {
-                Attempt::TimedOut => ProxyFailure::Timeout(backend, fwd.response_timeout),
+                Attempt::TimedOut => ProxyFailure::Timeout(backend, response_timeout),
                 _ => ProxyFailure::Backend(backend, failed.why),
             });
             avoid = Some(guard);
@@ -80,4 +83,24 @@ pub async fn run<T>(
         }
     }
     Err(failure.unwrap_or(ProxyFailure::NoBackend))
+}
+
+/// A blade for one attempt, or `None` with the reason kept in `failure` (the first reason
+/// wins: a later attempt's "nothing left" does not hide an earlier one's).
+fn pick_or_fail(
+    pool: &Pool,
+    pick: &Pick<'_>,
+    failure: &mut Option<ProxyFailure>,
+) -> Option<InFlight> {
+    match pool.pick(pick) {
+        Ok(guard) => Some(guard),
+        Err(NoPick::Nothing) => {
+            failure.get_or_insert(ProxyFailure::NoBackend);
+            None
+        }
+        Err(NoPick::BoundNodeFull) => {
+            failure.get_or_insert(ProxyFailure::NodeBusy);
+            None
+        }
+    }
 }

@@ -11,6 +11,8 @@
 mod admission;
 mod answers;
 mod attempts;
+mod body;
+mod conn_info;
 pub mod drive;
 pub mod forward;
 mod h1;
@@ -21,8 +23,10 @@ pub mod probe;
 pub mod proxy_protocol;
 mod retry;
 pub mod route;
+mod service;
 mod stall;
 pub mod tls;
+mod transport;
 pub mod upstream;
 mod worker;
 
@@ -262,11 +266,6 @@ pub fn start_with(
                 let forwarder = std::rc::Rc::new(forwarder);
                 let engine =
                     blades.map(|b| std::rc::Rc::new(h1::Engine::new(forwarder.clone(), b, &cfg)));
-                // HTTP/2 shoppers' requests reach HTTP/1.1 blades through the engine's own
-                // blade connections too.
-                if let Some(e) = &engine {
-                    let _ = forwarder.blade_engine.set(std::rc::Rc::downgrade(e));
-                }
                 worker::run(
                     mine,
                     forwarder,

@@ -169,7 +169,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-impl<S: super::h1::Transport> super::h1::Transport for Prefixed<S> {
+impl<S: super::transport::Transport> super::transport::Transport for Prefixed<S> {
     /// Bytes after the PROXY header that came with it are there to read already.
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
         if self.at < self.prefix.len() {

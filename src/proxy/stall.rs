@@ -1,6 +1,6 @@
 //! `proxy.body_idle_timeout`: a body that makes no progress for that long is cut, on
 //! either side. A backend that stops sending mid-body is noticed by the response body
-//! ([`Stall`] in `forward::GuardedBody`); a shopper that stops reading is noticed on the
+//! ([`Stall`] in `body::GuardedBody`); a shopper that stops reading is noticed on the
 //! socket ([`SendTimeout`]), because then nothing polls the body at all: hyper waits for
 //! the socket to take its buffered bytes first.
 //!
@@ -147,7 +147,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     }
 }
 
-impl<S: super::h1::Transport> super::h1::Transport for SendTimeout<S> {
+impl<S: super::transport::Transport> super::transport::Transport for SendTimeout<S> {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
         self.inner.poll_readable(cx)
     }

@@ -17,9 +17,15 @@ use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::forward::UpstreamBody;
+use bytes::Bytes;
+use http_body_util::{Either, Empty, Full};
+
 use super::LocalExec;
 use crate::config::UpstreamProtocol;
+
+/// Body sent to a backend: the shopper's, read whole beforehand (see
+/// `Forwarder::read_body`), or nothing.
+pub type UpstreamBody = Either<Full<Bytes>, Empty<Bytes>>;
 
 /// A connection's request sender, in the backend's protocol.
 pub enum SendRequest {

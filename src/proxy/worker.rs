@@ -15,10 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::conn_info::ConnInfo;
 use super::drive::{self, Graceful};
-use super::forward::{ConnInfo, Forwarder};
+use super::forward::Forwarder;
 use super::listen::ListenerSpec;
 use super::stall::SendTimeout;
+use super::transport::Transport;
 use super::{h1, headers, limits, proxy_protocol, LocalExec};
 use crate::config::ProxyConfig;
 use crate::telemetry::names;
@@ -290,7 +292,7 @@ impl Worker {
     /// or refuses it: a 503 on plain listeners, a close on TLS ones.
     fn admit<S>(self: &Rc<Self>, stream: S, peer: SocketAddr, on: &Rc<Listening>)
     where
-        S: h1::Transport + 'static,
+        S: Transport + 'static,
     {
         let permit = match self.forwarder.limits.admit_connection(peer.ip()) {
             Ok(p) => p,
@@ -337,7 +339,7 @@ impl Worker {
         on: Rc<Listening>,
         ticket: drive::Ticket,
     ) where
-        S: h1::Transport + 'static,
+        S: Transport + 'static,
     {
         let spec = &on.spec;
         // `_permit` lives to the end of this function: the connection's place in the counts.
@@ -383,7 +385,7 @@ impl Worker {
         info: impl Fn(&'static str, Option<(&'static str, &'static str)>, bool) -> Rc<ConnInfo>,
         ticket: drive::Ticket,
     ) where
-        S: h1::Transport + 'static,
+        S: Transport + 'static,
     {
         let handshake =
             tokio::time::timeout(self.settings.header_read_timeout, acceptor.accept(stream)).await;
@@ -420,7 +422,7 @@ impl Worker {
     /// Serves HTTP on an established connection (plain or TLS) until it ends.
     async fn serve_http<I>(&self, io: I, speaks: Speaks, info: Rc<ConnInfo>, ticket: drive::Ticket)
     where
-        I: h1::Transport + 'static,
+        I: Transport + 'static,
     {
         if let (Some(engine), Speaks::H1) = (&self.engine, speaks) {
             return h1::serve(engine.clone(), io, info, ticket).await;
@@ -433,7 +435,11 @@ impl Worker {
         // forwarding state machine, kilobytes) would be paid by every idle keep-alive
         // connection; boxed, the slot is one pointer and the future lives only while its
         // request does.
-        let service = service_fn(move |req| Box::pin(fwd.clone().handle(req, conn_info.clone())));
+        // HTTP/2 shoppers reach HTTP/1.1 blades through the engine's blade connections.
+        let engine = self.engine.clone();
+        let service = service_fn(move |req| {
+            Box::pin(fwd.clone().handle(req, conn_info.clone(), engine.clone()))
+        });
         let b = &self.builders;
         // Boxed (once per connection): inline, hyper's connection state would size every
         // connection's task, the surge engine's idle ones included.

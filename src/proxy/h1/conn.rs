@@ -9,12 +9,11 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::proxy::drive::Ticket;
 use http::header::HeaderValue;
-use http::Response;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -25,45 +24,18 @@ use super::deadline::{self, Deadline};
 use super::head::{self, BodyKind, Field, Forwarding, Framing, HeadLimits, RequestHead};
 use super::send::send_and_read_head;
 use crate::pool::{Backend, InFlight, Outcome, State};
+use crate::proxy::admission::Entry;
 use crate::proxy::answers::{self, ProxyFailure, Refused};
-use crate::proxy::forward::{self, ConnInfo, DownstreamBody, Entry, Forwarder};
+use crate::proxy::conn_info::ConnInfo;
+use crate::proxy::forward::{self, Forwarder};
 use crate::proxy::headers::X_REQUEST_ID;
+use crate::proxy::transport::Transport;
 use crate::proxy::{attempts, retry};
 use crate::telemetry::names;
 
 /// How long a connection closed after an error answer is still read from (and the bytes
 /// dropped), so the close is a FIN after the answer rather than a reset that can destroy it.
 const LINGER: Duration = Duration::from_secs(1);
-
-/// A shopper's transport as the engine needs it: bytes both ways, and a way to wait for
-/// the next request without holding a buffer.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin {
-    /// Ready with `true` once a read would find bytes (or the end); `false` when this
-    /// transport cannot tell without reading (TLS: the engine reads with a buffer then).
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
-        let _ = cx;
-        Poll::Ready(false)
-    }
-}
-
-impl Transport for tokio::net::TcpStream {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
-        self.poll_read_ready(cx).map(|_| true)
-    }
-}
-
-/// A TLS connection has something to read when rustls holds decrypted bytes (or the
-/// peer's close) or its socket has bytes; a wake-up for bytes that prove to be no data
-/// (a key update) is rare and only costs a buffer for one head read.
-impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<bool> {
-        let (io, tls) = self.get_ref();
-        if !tls.wants_read() {
-            return Poll::Ready(true);
-        }
-        io.poll_readable(cx)
-    }
-}
 
 /// One worker's engine: its forwarder (decisions, pool, limits), buffers and blade
 /// connections.
@@ -367,20 +339,17 @@ async fn read_head<S: Transport>(
 /// Writes one of surge's own answers (a `Response` of the shared answer functions).
 async fn write_own<S: Transport>(
     io: &mut S,
-    resp: Response<DownstreamBody>,
+    resp: answers::Own,
     info: &ConnInfo,
     head_request: bool,
     close: bool,
 ) -> bool {
     let (parts, body) = resp.into_parts();
-    let body = match body {
-        http_body_util::Either::Right(full) => full
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default(),
-        http_body_util::Either::Left(_) => bytes::Bytes::new(),
-    };
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -543,74 +512,80 @@ async fn exchange<S: Transport>(
         now_ns,
     };
     let idempotent = attempts::idempotent(&head.method);
-    let answered = attempts::run(fwd, target, idempotent, async |backend: &Arc<Backend>| {
-        let mut conn = engine
-            .blades
-            .checkout(backend.addr, start)
-            .await
-            .map_err(|e| {
-                tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
-                attempts::Failed {
-                    attempt: retry::Attempt::ConnectFailed,
-                    why: "connection failed",
+    let answered = attempts::run(
+        &fwd.pool,
+        fwd.response_timeout,
+        target,
+        idempotent,
+        async |backend: &Arc<Backend>| {
+            let mut conn = engine
+                .blades
+                .checkout(backend.addr, start)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
+                    attempts::Failed {
+                        attempt: retry::Attempt::ConnectFailed,
+                        why: "connection failed",
+                    }
+                })?;
+            out.clear();
+            head::write_request(
+                buf,
+                head,
+                fields,
+                &Forwarding {
+                    client_ip: info.client_ip.as_bytes(),
+                    proto: info.proto,
+                    trusted,
+                    new_request_id: minted.as_ref().map(|m| &m[..]),
+                    fallback_host: &backend.authority,
+                    body_len: body.as_ref().map(|b| b.len()),
+                    upgrade,
+                },
+                &mut out,
+            );
+            let sent = match fresh.take() {
+                Some(t) if conn.reused => t,
+                _ => Instant::now(),
+            };
+            let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
+            rbuf.clear();
+            let outcome = waits
+                .within(
+                    || deadline,
+                    send_and_read_head(
+                        engine,
+                        &mut conn,
+                        &out,
+                        body.as_deref().map(Vec::as_slice),
+                        &mut rbuf,
+                        (&rewrite, &mut *answer_fields),
+                        // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
+                        (!head.http10).then_some(&mut *io),
+                    ),
+                )
+                .await;
+            match outcome {
+                Some(Ok(answer)) => {
+                    let now = Instant::now();
+                    backend
+                        .latency
+                        .observe(now.saturating_duration_since(sent), now);
+                    fwd.pool
+                        .traffic
+                        .latency
+                        .record(now.saturating_duration_since(start));
+                    Ok((conn, answer, now))
                 }
-            })?;
-        out.clear();
-        head::write_request(
-            buf,
-            head,
-            fields,
-            &Forwarding {
-                client_ip: info.client_ip.as_bytes(),
-                proto: info.proto,
-                trusted,
-                new_request_id: minted.as_ref().map(|m| &m[..]),
-                fallback_host: &backend.authority,
-                body_len: body.as_ref().map(|b| b.len()),
-                upgrade,
-            },
-            &mut out,
-        );
-        let sent = match fresh.take() {
-            Some(t) if conn.reused => t,
-            _ => Instant::now(),
-        };
-        let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
-        rbuf.clear();
-        let outcome = waits
-            .within(
-                || deadline,
-                send_and_read_head(
-                    engine,
-                    &mut conn,
-                    &out,
-                    body.as_deref().map(Vec::as_slice),
-                    &mut rbuf,
-                    (&rewrite, &mut *answer_fields),
-                    // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
-                    (!head.http10).then_some(&mut *io),
-                ),
-            )
-            .await;
-        match outcome {
-            Some(Ok(answer)) => {
-                let now = Instant::now();
-                backend
-                    .latency
-                    .observe(now.saturating_duration_since(sent), now);
-                fwd.pool
-                    .traffic
-                    .latency
-                    .record(now.saturating_duration_since(start));
-                Ok((conn, answer, now))
+                Some(Err(e)) => Err(e.failed(conn.reused)),
+                None => Err(attempts::Failed {
+                    attempt: retry::Attempt::TimedOut,
+                    why: "timed out",
+                }),
             }
-            Some(Err(e)) => Err(e.failed(conn.reused)),
-            None => Err(attempts::Failed {
-                attempt: retry::Attempt::TimedOut,
-                why: "timed out",
-            }),
-        }
-    })
+        },
+    )
     .await;
     let (guard, (conn, answer, answered_at)) = match answered {
         Ok(a) => a,
@@ -703,7 +678,7 @@ fn log_own(
     info: &ConnInfo,
     head: &RequestHead,
     buf: &[u8],
-    resp: &Response<DownstreamBody>,
+    resp: &answers::Own,
     started: Option<Instant>,
 ) {
     if !fwd.access_log {

@@ -19,4 +19,4 @@ pub mod deadline;
 pub mod head;
 mod send;
 
-pub use conn::{serve, Engine, Transport};
+pub use conn::{serve, Engine};

@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::blades::{BladeConn, Stream};
 use super::buffers::BUFFER_BYTES;
-use super::conn::{Engine, Transport};
+use super::conn::Engine;
 use super::head::{self, Field};
+use crate::proxy::transport::Transport;
 
 /// How sending a request to a blade failed.
 pub(super) enum SendError {
