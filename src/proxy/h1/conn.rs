@@ -403,7 +403,6 @@ async fn exchange<S: Transport>(
     let served = info.requests.get().saturating_add(1);
     info.requests.set(served);
     let head_request = head.method == http::Method::HEAD;
-    let has_body = head.framing != Framing::Empty;
     let rewrite = head::Rewrite {
         head_request,
         hsts: info.hsts.as_ref().map(HeaderValue::as_bytes),
@@ -418,27 +417,8 @@ async fn exchange<S: Transport>(
     // with `Connection: keep-alive` (RFC 9112 appendix C.2.2; `relay`); surge's own
     // answers close it.
     let close = relay_close || head.http10;
-    if let Some(origin) = &info.redirect_https {
-        let target = head.target.map_or(&b"/"[..], |t| t.get(buf));
-        let req = http::Request::builder()
-            .uri(std::str::from_utf8(target).unwrap_or("/"))
-            .body(())
-            .unwrap_or_default();
-        let resp = answers::redirect(origin, &req);
-        let close = close || has_body;
-        if !write_own(io, resp, info, head_request, close).await || close {
-            return After::Close;
-        }
-        return After::KeepAlive(head.len);
-    }
-    if !fwd.limits.allow_request(info.peer.ip()) {
-        let resp = answers::refusal(Refused::RateLimited, info);
-        log_own(fwd, info, head, buf, &resp, None);
-        let close = close || has_body;
-        if !write_own(io, resp, info, head_request, close).await || close {
-            return After::Close;
-        }
-        return After::KeepAlive(head.len);
+    if let Some(after) = answered_before_body(engine, io, buf, head, info, close).await {
+        return after;
     }
     // The body, read whole before any blade is picked (see `Forwarder::read_body`).
     let (body, next, _reserved) = match read_body(engine, io, buf, head).await {
@@ -451,140 +431,49 @@ async fn exchange<S: Transport>(
         }
     };
     let start = Instant::now();
-    info.last_request.set(start);
-    if served == 1 {
-        // A connection counts for scaling once it delivered a whole request.
-        if !fwd.pool.traffic.scaling.first_request(info.peer.ip()) {
-            metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
-        }
-    }
-    let now_ns = crate::pool::nanos_since_epoch(start);
-    fwd.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
-    let unix_now = engine.unix_now.get();
-    // This reading serves as the first send's too when nothing waits in between.
-    let mut fresh = Some(start);
+    count_request(fwd, info, served, start);
     let minted = head
         .request_id
         .is_none()
         .then(|| fwd.request_ids.next_raw());
-    let view = head::View { buf, head, fields };
     let request_id: &[u8] = match (&minted, head.request_id) {
         (Some(id), _) => id,
         (None, Some(span)) => span.get(buf),
         (None, None) => b"-",
     };
-    // Admission only when the pool sheds or has a waiting room (its answers need the id
-    // as a header value, which costs an allocation).
-    let entry = if fwd.pool.settings().shed.is_some() || fwd.queue_signer.is_some() {
-        let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
-        fresh = None;
-        match fwd.enter(&view, info, &id, unix_now).await {
-            Ok(entry) => entry,
-            Err(resp) => {
-                log_own(fwd, info, head, buf, &resp, Some(start));
-                // Surge's answer may ask to close (a waiting page: its holder is back in
-                // seconds, and an idle connection per waiting visitor is not kept).
-                let asks_close = resp.headers().contains_key(http::header::CONNECTION);
-                let close = close
-                    || asks_close
-                    || !matches!(head.framing, Framing::Empty | Framing::Length(_));
-                if !write_own(io, resp, info, head_request, close).await || close {
-                    return After::Close;
-                }
-                return After::KeepAlive(next);
-            }
-        }
-    } else {
-        Entry::default()
+    let view = head::View { buf, head, fields };
+    let unix_now = engine.unix_now.get();
+    let request = (&view, request_id, start, unix_now);
+    let (entry, waited) = match admit(engine, io, info, request, (close, next)).await {
+        Ok(e) => e,
+        Err(after) => return after,
     };
     let (cart, route) = fwd.affinity_in(&view, unix_now);
-    let trusted = !fwd.trusted_proxies.is_empty()
-        && fwd
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&info.peer.ip()));
-    let upgrade = head.upgrade.map(|u| u.get(buf));
     let mut out = engine.buffers.take();
     let mut rbuf = engine.buffers.take();
+    let outgoing = Outgoing {
+        view: &view,
+        info,
+        minted: minted.as_ref().map(|m| &m[..]),
+        body: body.as_deref().map(Vec::as_slice),
+        rewrite: &rewrite,
+        start,
+        // This clock reading serves as the first send's too when nothing waited between.
+        fresh: (!waited).then_some(start),
+    };
     let target = attempts::Target {
         sticky_key: cart.map(str::as_bytes),
         route: route.as_ref().map(|r| r.backend),
-        now_ns,
+        now_ns: crate::pool::nanos_since_epoch(start),
     };
-    let idempotent = attempts::idempotent(&head.method);
-    let answered = attempts::run(
-        &fwd.pool,
-        fwd.response_timeout,
+    let answered = send(
+        engine,
+        waits,
+        io,
+        outgoing,
         target,
-        idempotent,
-        async |backend: &Arc<Backend>| {
-            let mut conn = engine
-                .blades
-                .checkout(backend.addr, start)
-                .await
-                .map_err(|e| {
-                    tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
-                    attempts::Failed {
-                        attempt: retry::Attempt::ConnectFailed,
-                        why: "connection failed",
-                    }
-                })?;
-            out.clear();
-            head::write_request(
-                buf,
-                head,
-                fields,
-                &Forwarding {
-                    client_ip: info.client_ip.as_bytes(),
-                    proto: info.proto,
-                    trusted,
-                    new_request_id: minted.as_ref().map(|m| &m[..]),
-                    fallback_host: &backend.authority,
-                    body_len: body.as_ref().map(|b| b.len()),
-                    upgrade,
-                },
-                &mut out,
-            );
-            let sent = match fresh.take() {
-                Some(t) if conn.reused => t,
-                _ => Instant::now(),
-            };
-            let deadline = tokio::time::Instant::from_std(sent) + fwd.response_timeout;
-            rbuf.clear();
-            let outcome = waits
-                .within(
-                    || deadline,
-                    send_and_read_head(
-                        engine,
-                        &mut conn,
-                        &out,
-                        body.as_deref().map(Vec::as_slice),
-                        &mut rbuf,
-                        (&rewrite, &mut *answer_fields),
-                        // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
-                        (!head.http10).then_some(&mut *io),
-                    ),
-                )
-                .await;
-            match outcome {
-                Some(Ok(answer)) => {
-                    let now = Instant::now();
-                    backend
-                        .latency
-                        .observe(now.saturating_duration_since(sent), now);
-                    fwd.pool
-                        .traffic
-                        .latency
-                        .record(now.saturating_duration_since(start));
-                    Ok((conn, answer, now))
-                }
-                Some(Err(e)) => Err(e.failed(conn.reused)),
-                None => Err(attempts::Failed {
-                    attempt: retry::Attempt::TimedOut,
-                    why: "timed out",
-                }),
-            }
-        },
+        (&mut out, &mut rbuf),
+        answer_fields,
     )
     .await;
     let (guard, (conn, answer, answered_at)) = match answered {
@@ -593,15 +482,8 @@ async fn exchange<S: Transport>(
             engine.buffers.give(out);
             engine.buffers.give(rbuf);
             let request = (info, head, &buf[..], request_id);
-            return answer_failure(
-                engine,
-                io,
-                failure,
-                request,
-                start,
-                (head_request, close, next),
-            )
-            .await;
+            let after = (head_request, close, next);
+            return answer_failure(engine, io, failure, request, start, after).await;
         }
     };
     let after = relay(
@@ -638,6 +520,174 @@ async fn exchange<S: Transport>(
             After::Close
         }
     }
+}
+
+/// Surge's own answers that come before the body is read: the redirect of a plain
+/// listener set to HTTPS, and the per-address request rate's 429. `None`: neither.
+async fn answered_before_body<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    buf: &[u8],
+    head: &RequestHead,
+    info: &ConnInfo,
+    close: bool,
+) -> Option<After> {
+    let fwd = &engine.fwd;
+    let resp = if let Some(origin) = &info.redirect_https {
+        let target = head.target.map_or(&b"/"[..], |t| t.get(buf));
+        let req = http::Request::builder()
+            .uri(std::str::from_utf8(target).unwrap_or("/"))
+            .body(())
+            .unwrap_or_default();
+        answers::redirect(origin, &req)
+    } else if !fwd.limits.allow_request(info.peer.ip()) {
+        let resp = answers::refusal(Refused::RateLimited, info);
+        log_own(fwd, info, head, buf, &resp, None);
+        resp
+    } else {
+        return None;
+    };
+    // The body is not read: the connection cannot carry another request.
+    let close = close || head.framing != Framing::Empty;
+    let head_request = head.method == http::Method::HEAD;
+    if !write_own(io, resp, info, head_request, close).await || close {
+        return Some(After::Close);
+    }
+    Some(After::KeepAlive(head.len))
+}
+
+/// Counts a request whose body was read whole: for the pool's traffic, and its
+/// connection for scaling once (at its first request).
+fn count_request(fwd: &Forwarder, info: &ConnInfo, served: u32, start: Instant) {
+    info.last_request.set(start);
+    if served == 1 && !fwd.pool.traffic.scaling.first_request(info.peer.ip()) {
+        metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
+    }
+    fwd.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Admission (shedding, the waiting room), only when the pool sheds or has a waiting
+/// room (its answers need the id as a header value, which costs an allocation). The
+/// entry and whether the request waited for it; or what became of the connection after
+/// surge's own answer.
+async fn admit<S: Transport>(
+    engine: &Engine,
+    io: &mut S,
+    info: &ConnInfo,
+    (view, request_id, start, unix_now): (&head::View<'_>, &[u8], Instant, u64),
+    (close, next): (bool, usize),
+) -> Result<(Entry, bool), After> {
+    let fwd = &engine.fwd;
+    if fwd.pool.settings().shed.is_none() && fwd.queue_signer.is_none() {
+        return Ok((Entry::default(), false));
+    }
+    let id = HeaderValue::from_bytes(request_id).unwrap_or(HeaderValue::from_static("-"));
+    let resp = match fwd.enter(view, info, &id, unix_now).await {
+        Ok(entry) => return Ok((entry, true)),
+        Err(resp) => resp,
+    };
+    let head = view.head;
+    log_own(fwd, info, head, view.buf, &resp, Some(start));
+    // Surge's answer may ask to close (a waiting page: its holder is back in seconds, and
+    // an idle connection per waiting visitor is not kept).
+    let asks_close = resp.headers().contains_key(http::header::CONNECTION);
+    let close = close || asks_close || !matches!(head.framing, Framing::Empty | Framing::Length(_));
+    let head_request = head.method == http::Method::HEAD;
+    if !write_own(io, resp, info, head_request, close).await || close {
+        return Err(After::Close);
+    }
+    Err(After::KeepAlive(next))
+}
+
+/// A request as the engine sends it to blades.
+struct Outgoing<'a> {
+    view: &'a head::View<'a>,
+    info: &'a ConnInfo,
+    /// The request id surge made, when the request had none.
+    minted: Option<&'a [u8]>,
+    body: Option<&'a [u8]>,
+    rewrite: &'a head::Rewrite<'a>,
+    start: Instant,
+    /// The request's arrival, when nothing waited since: the first send's clock too.
+    fresh: Option<Instant>,
+}
+
+/// Sends the request to blades through [`attempts::run`]: its head written for each
+/// blade (the `Host` an HTTP/1.0 request lacks is the blade's), the answer's head read
+/// into `rbuf` with its fields in `answer_fields`; interim answers go on to the shopper.
+async fn send<S: Transport>(
+    engine: &Engine,
+    waits: &Deadline,
+    io: &mut S,
+    mut r: Outgoing<'_>,
+    target: attempts::Target<'_>,
+    (out, rbuf): (&mut Vec<u8>, &mut Vec<u8>),
+    answer_fields: &mut Vec<Field>,
+) -> Result<(InFlight, (BladeConn, head::ResponseHead, Instant)), ProxyFailure> {
+    let fwd = &engine.fwd;
+    let (buf, head, fields) = (r.view.buf, r.view.head, r.view.fields);
+    let peer = r.info.peer.ip();
+    let trusted = fwd.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let upgrade = head.upgrade.map(|u| u.get(buf));
+    let idempotent = attempts::idempotent(&head.method);
+    let timeout = fwd.response_timeout;
+    attempts::run(
+        &fwd.pool,
+        timeout,
+        target,
+        idempotent,
+        async |backend: &Arc<Backend>| {
+            let mut conn = engine
+                .blades
+                .checkout(backend.addr, r.start)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(backend = &*backend.id, error = %e, "connect failed");
+                    attempts::Failed {
+                        attempt: retry::Attempt::ConnectFailed,
+                        why: "connection failed",
+                    }
+                })?;
+            out.clear();
+            let forwarding = Forwarding {
+                client_ip: r.info.client_ip.as_bytes(),
+                proto: r.info.proto,
+                trusted,
+                new_request_id: r.minted,
+                fallback_host: &backend.authority,
+                body_len: r.body.map(<[u8]>::len),
+                upgrade,
+            };
+            head::write_request(buf, head, fields, &forwarding, out);
+            let sent = match r.fresh.take() {
+                Some(t) if conn.reused => t,
+                _ => Instant::now(),
+            };
+            let deadline = tokio::time::Instant::from_std(sent) + timeout;
+            rbuf.clear();
+            // No 1xx to an HTTP/1.0 client (RFC 9110 section 15.2).
+            let shopper = (!head.http10).then_some(&mut *io);
+            let reading = (r.rewrite, &mut *answer_fields);
+            let sending =
+                send_and_read_head(engine, &mut conn, out, r.body, rbuf, reading, shopper);
+            match waits.within(|| deadline, sending).await {
+                Some(Ok(answer)) => {
+                    let now = Instant::now();
+                    let latency = now.saturating_duration_since(sent);
+                    backend.latency.observe(latency, now);
+                    let total = now.saturating_duration_since(r.start);
+                    fwd.pool.traffic.latency.record(total);
+                    Ok((conn, answer, now))
+                }
+                Some(Err(e)) => Err(e.failed(conn.reused)),
+                None => Err(attempts::Failed {
+                    attempt: retry::Attempt::TimedOut,
+                    why: "timed out",
+                }),
+            }
+        },
+    )
+    .await
 }
 
 /// Answers the shopper with surge's 502/503/504 for a request no blade answered, logs
