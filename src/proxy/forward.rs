@@ -97,6 +97,16 @@ impl Forwarder {
         }
     }
 
+    /// Counts a request whose body was read whole (at `start`): for the pool's traffic,
+    /// and its connection for scaling once, at its first request.
+    pub(super) fn count_request(&self, info: &ConnInfo, start: Instant) {
+        info.last_request.set(start);
+        if info.requests.get() == 1 && !self.pool.traffic.scaling.first_request(info.peer.ip()) {
+            metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
+        }
+        self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Room in the body budget for a body of `declared` bytes (0: no declared length, a
     /// first slice of it then; the reservation grows as its bytes come), waiting a
     /// moment for room before 503.

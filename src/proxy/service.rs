@@ -30,7 +30,6 @@ use super::upstream::UpstreamBody;
 use crate::config::UpstreamProtocol;
 use crate::pool::shed::Admitted;
 use crate::pool::{Backend, InFlight, Outcome, State};
-use crate::telemetry::names;
 
 use super::forward::{access_line, Forwarder, Route};
 
@@ -144,51 +143,23 @@ impl Forwarder {
         engine: Option<&Rc<super::h1::Engine>>,
     ) -> Response<DownstreamBody> {
         let start = Instant::now();
-        conn_info.last_request.set(start);
-        if conn_info.requests.get() == 1 {
-            // A connection counts for scaling once it delivered a whole request.
-            let counted = self.pool.traffic.scaling.first_request(conn_info.peer.ip());
-            if !counted {
-                metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
-            }
-        }
-        let now_ns = crate::pool::nanos_since_epoch(start);
-        self.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
-        headers::strip_hop_by_hop(&mut parts.headers);
-        let trusted = !self.trusted_proxies.is_empty()
-            && self
-                .trusted_proxies
-                .iter()
-                .any(|n| n.contains(&conn_info.peer.ip()));
-        headers::add_forwarding(
-            &mut parts.headers,
-            &conn_info.client_ip,
-            conn_info.proto,
-            trusted,
-        );
-        let request_id = self.request_ids.ensure(&mut parts.headers);
-
+        self.count_request(conn_info, start);
+        let request_id = self.prepare(&mut parts, conn_info);
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let Entry {
-            admitted,
-            admission_cookie,
-            queue_cookie,
-        } = match self.enter(&parts, conn_info, &request_id, unix_now).await {
+        let entry = match self.enter(&parts, conn_info, &request_id, unix_now).await {
             Ok(entry) => entry,
             Err(resp) => return resp.map(Either::Right),
         };
-
         let (cart, route) = self.affinity(&parts, unix_now);
         let log_line = self
             .access_log
             .then(|| (parts.method.clone(), parts.uri.clone()));
-
         let target = attempts::Target {
             sticky_key: cart.as_deref().map(str::as_bytes),
             route: route.as_ref().map(|r| r.backend.as_str()),
-            now_ns,
+            now_ns: crate::pool::nanos_since_epoch(start),
         };
         let idempotent = attempts::idempotent(&parts.method);
         let result = match engine {
@@ -201,58 +172,59 @@ impl Forwarder {
                     .await
             }
         };
-        let (resp, backend_id) = match result {
+        let Entry {
+            admitted,
+            admission_cookie,
+            queue_cookie,
+        } = entry;
+        let (mut resp, backend_id) = match result {
             Ok((guard, answer)) => {
                 let id = guard.backend().id.clone();
                 let (conn, resp) = match answer {
                     Answer::Hyper(conn, resp) => (Some(conn), resp.map(Upstream::Hyper)),
                     Answer::Engine(resp) => (None, resp.map(Upstream::Engine)),
                 };
-                (
-                    self.finish(
-                        Held {
-                            guard,
-                            conn,
-                            admitted,
-                        },
-                        resp,
-                        route.as_ref(),
-                        cart.is_some(),
-                        start,
-                        conn_info,
-                        unix_now,
-                    ),
-                    Some(id),
-                )
+                let held = Held {
+                    guard,
+                    conn,
+                    admitted,
+                };
+                let affinity = (route.as_ref(), cart.is_some());
+                let resp = self.finish(held, resp, affinity, start, conn_info, unix_now);
+                (resp, Some(id))
             }
             Err(failure) => {
                 let id = failure.backend_id();
-                (
-                    self.failure_response(failure, &request_id)
-                        .map(Either::Right),
-                    id,
-                )
+                let resp = self.failure_response(failure, &request_id);
+                (resp.map(Either::Right), id)
             }
         };
-        let mut resp = resp;
-        if !resp.headers().contains_key(X_REQUEST_ID) {
-            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        let headers = resp.headers_mut();
+        if !headers.contains_key(X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID, request_id);
         }
-        if let Some(cookie) = admission_cookie {
-            resp.headers_mut().append(header::SET_COOKIE, cookie);
-        }
-        if let Some(cookie) = queue_cookie {
-            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        for cookie in [admission_cookie, queue_cookie].into_iter().flatten() {
+            headers.append(header::SET_COOKIE, cookie);
         }
         if let Some(h) = &conn_info.hsts {
-            resp.headers_mut()
-                .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            headers.insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
         }
         if let Some((method, uri)) = log_line {
             let backend = backend_id.as_deref().unwrap_or("-");
             log_access(conn_info, &method, &uri, &resp, backend, Some(start));
         }
         resp
+    }
+
+    /// The request's head as blades get it: hop-by-hop fields out, the forwarding fields
+    /// surge writes in; its request id (kept, or made).
+    fn prepare(&self, parts: &mut http::request::Parts, conn_info: &ConnInfo) -> HeaderValue {
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let peer = conn_info.peer.ip();
+        let trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer));
+        let (client, proto) = (&conn_info.client_ip, conn_info.proto);
+        headers::add_forwarding(&mut parts.headers, client, proto, trusted);
+        self.request_ids.ensure(&mut parts.headers)
     }
 
     /// Turns a backend's response into the shopper's: hop-by-hop headers out, the route
@@ -262,8 +234,7 @@ impl Forwarder {
         self: &Rc<Self>,
         held: Held,
         resp: Response<Upstream>,
-        route: Option<&Route>,
-        had_cart: bool,
+        (route, had_cart): (Option<&Route>, bool),
         started: Instant,
         conn_info: &ConnInfo,
         unix_now: u64,

@@ -431,7 +431,7 @@ async fn exchange<S: Transport>(
         }
     };
     let start = Instant::now();
-    count_request(fwd, info, served, start);
+    fwd.count_request(info, start);
     let minted = head
         .request_id
         .is_none()
@@ -448,75 +448,109 @@ async fn exchange<S: Transport>(
         Ok(e) => e,
         Err(after) => return after,
     };
-    let (cart, route) = fwd.affinity_in(&view, unix_now);
+    let request = Admitted {
+        view: &view,
+        info,
+        rewrite: &rewrite,
+        minted: minted.as_ref().map(|m| &m[..]),
+        request_id,
+        body: body.as_deref().map(Vec::as_slice),
+        start,
+        unix_now,
+        entry,
+        waited,
+        next,
+        close,
+    };
+    to_blades(engine, waits, io, request, answer_fields, &mut relay_close).await
+}
+
+/// A request let in, its body read, as the engine takes it to blades.
+struct Admitted<'a> {
+    view: &'a head::View<'a>,
+    info: &'a ConnInfo,
+    rewrite: &'a head::Rewrite<'a>,
+    /// The request id surge made, when the request had none.
+    minted: Option<&'a [u8]>,
+    request_id: &'a [u8],
+    body: Option<&'a [u8]>,
+    start: Instant,
+    unix_now: u64,
+    entry: Entry,
+    /// Admission made it wait (the arrival's clock reading is not the first send's).
+    waited: bool,
+    /// Where the next request starts in the buffer.
+    next: usize,
+    /// Surge's own answer (a failure) closes the connection.
+    close: bool,
+}
+
+/// Sends the request to a blade (again to another when that is safe) and relays the
+/// answer, or answers the failure; says what becomes of the connection.
+async fn to_blades<S: Transport>(
+    engine: &Engine,
+    waits: &Deadline,
+    io: &mut S,
+    r: Admitted<'_>,
+    answer_fields: &mut Vec<Field>,
+    relay_close: &mut bool,
+) -> After {
+    let (buf, head) = (r.view.buf, r.view.head);
+    let (cart, route) = engine.fwd.affinity_in(r.view, r.unix_now);
     let mut out = engine.buffers.take();
     let mut rbuf = engine.buffers.take();
     let outgoing = Outgoing {
-        view: &view,
-        info,
-        minted: minted.as_ref().map(|m| &m[..]),
-        body: body.as_deref().map(Vec::as_slice),
-        rewrite: &rewrite,
-        start,
+        view: r.view,
+        info: r.info,
+        minted: r.minted,
+        body: r.body,
+        rewrite: r.rewrite,
+        start: r.start,
         // This clock reading serves as the first send's too when nothing waited between.
-        fresh: (!waited).then_some(start),
+        fresh: (!r.waited).then_some(r.start),
     };
     let target = attempts::Target {
         sticky_key: cart.map(str::as_bytes),
         route: route.as_ref().map(|r| r.backend),
-        now_ns: crate::pool::nanos_since_epoch(start),
+        now_ns: crate::pool::nanos_since_epoch(r.start),
     };
-    let answered = send(
-        engine,
-        waits,
-        io,
-        outgoing,
-        target,
-        (&mut out, &mut rbuf),
-        answer_fields,
-    )
-    .await;
+    let buffers = (&mut out, &mut rbuf);
+    let answered = send(engine, waits, io, outgoing, target, buffers, answer_fields).await;
     let (guard, (conn, answer, answered_at)) = match answered {
         Ok(a) => a,
         Err(failure) => {
             engine.buffers.give(out);
             engine.buffers.give(rbuf);
-            let request = (info, head, &buf[..], request_id);
-            let after = (head_request, close, next);
-            return answer_failure(engine, io, failure, request, start, after).await;
+            let request = (r.info, head, buf, r.request_id);
+            let after = (r.rewrite.head_request, r.close, r.next);
+            return answer_failure(engine, io, failure, request, r.start, after).await;
         }
     };
-    let after = relay(
-        engine,
-        waits,
-        io,
-        Relay {
-            guard,
-            conn,
-            rbuf,
-            answer,
-            answered_at,
-            answer_fields,
-            rewrite: &rewrite,
-            out,
-            entry,
-            route,
-            had_cart: cart.is_some(),
-            request_id,
-            info,
-            head,
-            path: head.path.get(buf),
-            started: start,
-            unix_now,
-            close: &mut relay_close,
-        },
-    )
-    .await;
-    match after {
-        RelayEnd::Done if !relay_close => After::KeepAlive(next),
+    let relay_of = Relay {
+        guard,
+        conn,
+        rbuf,
+        answer,
+        answered_at,
+        answer_fields,
+        rewrite: r.rewrite,
+        out,
+        entry: r.entry,
+        route,
+        had_cart: cart.is_some(),
+        request_id: r.request_id,
+        info: r.info,
+        head,
+        path: head.path.get(buf),
+        started: r.start,
+        unix_now: r.unix_now,
+        close: relay_close,
+    };
+    match relay(engine, waits, io, relay_of).await {
+        RelayEnd::Done if !*relay_close => After::KeepAlive(r.next),
         RelayEnd::Done | RelayEnd::Cut => After::Close,
         RelayEnd::Tunnel(mut conn) => {
-            tunnel(engine, io, &mut conn, &buf[next.min(buf.len())..]).await;
+            tunnel(engine, io, &mut conn, &buf[r.next.min(buf.len())..]).await;
             After::Close
         }
     }
@@ -554,16 +588,6 @@ async fn answered_before_body<S: Transport>(
         return Some(After::Close);
     }
     Some(After::KeepAlive(head.len))
-}
-
-/// Counts a request whose body was read whole: for the pool's traffic, and its
-/// connection for scaling once (at its first request).
-fn count_request(fwd: &Forwarder, info: &ConnInfo, served: u32, start: Instant) {
-    info.last_request.set(start);
-    if served == 1 && !fwd.pool.traffic.scaling.first_request(info.peer.ip()) {
-        metrics::counter!(names::SCALING_CONNECTIONS_DISCOUNTED).increment(1);
-    }
-    fwd.pool.traffic.requests.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Admission (shedding, the waiting room), only when the pool sheds or has a waiting
