@@ -610,7 +610,26 @@ async fn framing_blade() -> (SocketAddr, Arc<AtomicU64>) {
                     buf.drain(..end + 4 + length);
                     let mut words = head.split(' ');
                     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    let seen = |name: &str| {
+                        head.lines()
+                            .filter_map(|l| l.strip_prefix(&format!("{name}:")))
+                            .map(str::trim)
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    };
+                    let said = |text: String| {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                            text.len()
+                        )
+                        .into_bytes()
+                    };
                     let answer: Vec<u8> = match (method, path) {
+                        (_, "/length") => said(seen("content-length")),
+                        (_, "/cookie") => said(seen("cookie")),
+                        (_, "/expect") => said(seen("expect")),
+                        (_, "/empty-len") => b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n".to_vec(),
+                        ("connect", _) => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
                         ("head", "/len") => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
                         (_, "/len") => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
                         (_, "/chunked") => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
@@ -661,15 +680,15 @@ async fn http2_shoppers_reach_http1_blades_with_every_framing_on_kept_connection
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut ask = |method: &str, path: &str, body: &'static str| {
-        let req = Request::builder()
+    let mut ask = |method: &str, path: &str, body: &'static str, fields: &[(&str, &str)]| {
+        let mut req = Request::builder()
             .method(method)
-            .uri(format!("https://shop.test{path}"))
-            .body(http_body_util::Full::new(Bytes::from_static(
-                body.as_bytes(),
-            )))
-            .unwrap();
-        let f = sender.send_request(req);
+            .uri(format!("https://shop.test{path}"));
+        for (name, value) in fields {
+            req = req.header(*name, *value);
+        }
+        let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()));
+        let f = sender.send_request(req.body(body).unwrap());
         async move {
             let resp = f.await.unwrap();
             let status = resp.status().as_u16();
@@ -677,21 +696,49 @@ async fn http2_shoppers_reach_http1_blades_with_every_framing_on_kept_connection
             (status, String::from_utf8_lossy(&body).into_owned())
         }
     };
-    assert_eq!(ask("GET", "/len", "").await, (200, "hello".into()));
+    assert_eq!(ask("GET", "/len", "", &[]).await, (200, "hello".into()));
     assert_eq!(
-        ask("GET", "/chunked", "").await,
+        ask("GET", "/chunked", "", &[]).await,
         (200, "hello world".into())
     );
-    assert_eq!(ask("GET", "/close", "").await, (200, "until close".into()));
-    assert_eq!(ask("GET", "/empty", "").await, (204, String::new()));
-    assert_eq!(ask("HEAD", "/len", "").await, (200, String::new()));
-    assert_eq!(ask("POST", "/echo", "a cart").await, (200, "a cart".into()));
+    assert_eq!(
+        ask("GET", "/close", "", &[]).await,
+        (200, "until close".into())
+    );
+    assert_eq!(ask("GET", "/empty", "", &[]).await, (204, String::new()));
+    assert_eq!(ask("HEAD", "/len", "", &[]).await, (200, String::new()));
+    assert_eq!(
+        ask("POST", "/echo", "a cart", &[]).await,
+        (200, "a cart".into())
+    );
+    // The blade's Content-Length on a 204 does not reach an HTTP/2 shopper (its stream
+    // would be broken by a length without DATA).
+    assert_eq!(
+        ask("GET", "/empty-len", "", &[]).await,
+        (204, String::new())
+    );
+    // An empty POST keeps its `Content-Length: 0`; HTTP/2's cookie fields are one field
+    // towards HTTP/1.1 (RFC 9113 section 8.2.3).
+    assert_eq!(
+        ask("POST", "/length", "", &[("content-length", "0")]).await,
+        (200, "0".into())
+    );
+    assert_eq!(
+        ask(
+            "GET",
+            "/cookie",
+            "",
+            &[("cookie", "a=1"), ("cookie", "cart=42")]
+        )
+        .await,
+        (200, "a=1; cart=42".into())
+    );
     // Sequential requests reuse the blade connection (health checks use their own).
     let before = accepted.load(Ordering::SeqCst);
     for _ in 0..20 {
-        assert_eq!(ask("GET", "/len", "").await, (200, "hello".into()));
+        assert_eq!(ask("GET", "/len", "", &[]).await, (200, "hello".into()));
         assert_eq!(
-            ask("GET", "/chunked", "").await,
+            ask("GET", "/chunked", "", &[]).await,
             (200, "hello world".into())
         );
     }
@@ -700,5 +747,13 @@ async fn http2_shoppers_reach_http1_blades_with_every_framing_on_kept_connection
         opened <= 3,
         "{opened} blade connections for 40 sequential requests"
     );
+    // A proxy tunnel is refused, never sent to a blade.
+    let tunnel = Request::builder()
+        .method("CONNECT")
+        .uri("internal-admin:8080")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let refused = sender.send_request(tunnel).await.unwrap();
+    assert_eq!(refused.status(), 501);
     surge.stop().await;
 }

@@ -53,7 +53,15 @@ impl Forwarder {
             && (served >= self.max_requests_per_connection || self.closing.load(Ordering::Relaxed));
         let (parts, body) = req.into_parts();
         let body = match self.check_limits(&parts, &conn_info) {
-            Ok(()) if body.is_end_stream() => Ok((None, None)),
+            // An empty body said with `Content-Length: 0` goes on with its length (a POST
+            // without one gets 411 from some blades).
+            Ok(()) if body.is_end_stream() => Ok((
+                parts
+                    .headers
+                    .contains_key(header::CONTENT_LENGTH)
+                    .then(Bytes::new),
+                None,
+            )),
             // Boxed: the reading future (timer, collector) is large, and most shop
             // requests have no body; inline it would grow every request's future.
             Ok(()) => Box::pin(self.read_body(&parts, body)).await,
@@ -91,6 +99,11 @@ impl Forwarder {
         }
         if parts.headers.len() > self.max_headers {
             return Err(Refused::TooManyHeaders);
+        }
+        // A proxy tunnel is not a shop's request (and a blade's 2xx to it would turn the
+        // pooled connection into a tunnel): refused, as the HTTP/1.1 engine does.
+        if parts.method == Method::CONNECT {
+            return Err(Refused::Connect);
         }
         headers::check_framing(parts, conn.h2)
     }
@@ -446,8 +459,7 @@ impl Forwarder {
             target,
             idempotent,
             async |backend: &Arc<Backend>| {
-                let sent = Instant::now();
-                let resp =
+                let (resp, sent) =
                     super::h1::bridge::send(engine, backend, &parts, body.as_deref(), timeout)
                         .await?;
                 self.answered(backend, resp.status(), sent, start);

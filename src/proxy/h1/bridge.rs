@@ -27,14 +27,14 @@ use crate::proxy::retry::Attempt;
 
 /// Sends `parts` (origin-form target, hop-by-hop fields gone; without a `Host`, the
 /// blade's authority is sent) with `body` to `blade` and reads its answer's head within
-/// `timeout`.
+/// `timeout`. The answer, and when the request was sent (its connection in hand).
 pub async fn send(
     engine: &Rc<Engine>,
     blade: &Backend,
     parts: &http::request::Parts,
     body: Option<&[u8]>,
     timeout: Duration,
-) -> Result<Response<BladeBody>, Failed> {
+) -> Result<(Response<BladeBody>, Instant), Failed> {
     let mut conn = match engine.blades.checkout(blade.addr, Instant::now()).await {
         Ok(c) => c,
         Err(e) => {
@@ -45,6 +45,7 @@ pub async fn send(
             });
         }
     };
+    let sent_at = Instant::now();
     let mut out = engine.buffers.take();
     write_head(parts, &blade.authority, body.map(<[u8]>::len), &mut out);
     let mut rbuf = engine.buffers.take();
@@ -86,7 +87,10 @@ pub async fn send(
     let mut resp = Response::new(BladeBody::new(engine.clone(), conn, rbuf, &answer));
     *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = header_map(&resp.body().buf, &fields);
-    Ok(resp)
+    if !answer.passes_length() {
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    Ok((resp, sent_at))
 }
 
 /// The HTTP/1.1 head of `parts`: request line, the fields as they are (the caller has
@@ -109,12 +113,28 @@ fn write_head(
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        if name == http::header::CONTENT_LENGTH {
+        // `Expect` was answered on the shopper's side already.
+        if name == http::header::CONTENT_LENGTH
+            || name == http::header::COOKIE
+            || name == http::header::EXPECT
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // HTTP/2 sends each cookie as a field of its own; towards HTTP/1.1 they are one
+    // field, joined with "; " (RFC 9113 section 8.2.3).
+    let mut cookies = parts.headers.get_all(http::header::COOKIE).iter();
+    if let Some(first) = cookies.next() {
+        out.extend_from_slice(b"cookie: ");
+        out.extend_from_slice(first.as_bytes());
+        for more in cookies {
+            out.extend_from_slice(b"; ");
+            out.extend_from_slice(more.as_bytes());
+        }
         out.extend_from_slice(b"\r\n");
     }
     if !parts.headers.contains_key(http::header::HOST) {
@@ -332,6 +352,7 @@ mod tests {
             .header("host", "shop.test")
             .header("content-length", "99")
             .header("cookie", "a=1")
+            .header("cookie", "cart=42")
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
@@ -339,7 +360,15 @@ mod tests {
         write_head(&parts, b"10.0.0.7:8080", Some(3), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /cart?x=1 HTTP/1.1\r\nhost: shop.test\r\ncookie: a=1\r\ncontent-length: 3\r\n\r\n"
+            "POST /cart?x=1 HTTP/1.1\r\nhost: shop.test\r\ncookie: a=1; cart=42\r\ncontent-length: 3\r\n\r\n"
+        );
+        // No Host at all (an HTTP/1.0-style request): the blade's.
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        write_head(&parts, b"10.0.0.7:8080", None, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.7:8080\r\n\r\n"
         );
     }
 }

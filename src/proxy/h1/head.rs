@@ -560,6 +560,14 @@ pub enum BodyKind {
     UntilClose,
 }
 
+impl ResponseHead {
+    /// Whether the blade's `Content-Length` may reach the shopper (not beside
+    /// `Transfer-Encoding`, not on a 101 or 204).
+    pub fn passes_length(&self) -> bool {
+        !self.drop_length
+    }
+}
+
 /// A blade's response head as the engine relays it.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponseHead {
