@@ -5,7 +5,8 @@
 # Two figures, each from `h2load -t1` in interleaved rounds (medians):
 #   handshakes/s — HANDSHAKES new connections, one request each (-c N -n N): full TLS
 #                  handshakes, no resumption;
-#   requests/s   — 50 HTTP/2 connections x 10 streams, REQUESTS requests.
+#   requests/s   — 50 HTTP/2 connections x 10 streams, REQUESTS requests;
+#   h1 requests/s — HTTPS/1.1: 50 keep-alive connections, REQUESTS requests.
 # Proxy CPU time per handshake / per request is read from /proc like compare.sh.
 #
 # h2load's own handshakes cost about as much CPU as the server's, and it has one thread:
@@ -169,6 +170,8 @@ def h2load(port, args):
 tests = [
     ("handshakes/s", None, handshakes),
     ("requests/s", ["-c", "50", "-m", "10", "-n", str(requests)], requests),
+    # HTTPS/1.1: 50 keep-alive connections, one request at a time on each (no pipelining).
+    ("h1 requests/s", ["--h1", "-c", "50", "-m", "1", "-n", str(requests)], requests),
 ]
 results = {}
 for r in range(rounds):
