@@ -639,15 +639,19 @@ struct Outgoing<'a> {
 /// Sends the request to blades through [`attempts::run`]: its head written for each
 /// blade (the `Host` an HTTP/1.0 request lacks is the blade's), the answer's head read
 /// into `rbuf` with its fields in `answer_fields`; interim answers go on to the shopper.
-async fn send<S: Transport>(
-    engine: &Engine,
-    waits: &Deadline,
-    io: &mut S,
-    mut r: Outgoing<'_>,
-    target: attempts::Target<'_>,
-    (out, rbuf): (&mut Vec<u8>, &mut Vec<u8>),
-    answer_fields: &mut Vec<Field>,
-) -> Result<(InFlight, (BladeConn, head::ResponseHead, Instant)), ProxyFailure> {
+///
+/// Not an `async fn`: it returns the retry loop's own future, one level of future less
+/// to build and move on every request.
+fn send<'a, S: Transport>(
+    engine: &'a Engine,
+    waits: &'a Deadline,
+    io: &'a mut S,
+    mut r: Outgoing<'a>,
+    target: attempts::Target<'a>,
+    (out, rbuf): (&'a mut Vec<u8>, &'a mut Vec<u8>),
+    answer_fields: &'a mut Vec<Field>,
+) -> impl Future<Output = Result<(InFlight, (BladeConn, head::ResponseHead, Instant)), ProxyFailure>> + 'a
+{
     let fwd = &engine.fwd;
     let (buf, head, fields) = (r.view.buf, r.view.head, r.view.fields);
     let peer = r.info.peer.ip();
@@ -660,7 +664,7 @@ async fn send<S: Transport>(
         timeout,
         target,
         idempotent,
-        async |backend: &Arc<Backend>| {
+        async move |backend: &Arc<Backend>| {
             let mut conn = engine
                 .blades
                 .checkout(backend.addr, r.start)
@@ -711,7 +715,6 @@ async fn send<S: Transport>(
             }
         },
     )
-    .await
 }
 
 /// Answers the shopper with surge's 502/503/504 for a request no blade answered, logs
