@@ -1882,17 +1882,7 @@ async fn out_of_turn_blade(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr
 
 async fn speak_out_of_turn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
+    while let Some((head, _)) = read_request(&mut s, &mut buf).await {
         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
         let written = match path.as_str() {
             "/page" => {
@@ -1986,18 +1976,10 @@ async fn a_tunnel_to_a_blade_that_stops_reading_ends_at_the_idle_timeout() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                if !String::from_utf8_lossy(&head)
-                    .to_ascii_lowercase()
-                    .contains("upgrade: websocket")
-                {
+                let Some((head, _)) = read_request(&mut s, &mut Vec::new()).await else {
+                    return;
+                };
+                if !head.contains("upgrade: websocket") {
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .await;

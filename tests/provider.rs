@@ -367,7 +367,7 @@ async fn every_attempt_of_an_order_asks_the_fence_first() {
 /// Before, an unreadable success was "transient" and ordered again, a server a try.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_success_to_an_order_is_never_sent_again() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let posts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -376,29 +376,8 @@ async fn an_unreadable_success_to_an_order_is_never_sent_again() {
         while let Ok((mut s, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while req.len() < end + 4 + length {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    req.drain(..end + 4 + length);
+                let mut buf = Vec::new();
+                while let Some((head, _)) = common::read_request(&mut s, &mut buf).await {
                     let answer: &[u8] = if head.starts_with("post ") {
                         seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<html></html>"

@@ -575,7 +575,7 @@ async fn an_idle_https_keep_alive_connection_lives_by_the_idle_timeout() {
 /// `/close` (until the connection closes), `/empty` (204), `POST /echo` (the body back),
 /// `HEAD /len`. Counts the connections it accepted.
 async fn framing_blade() -> (SocketAddr, Arc<AtomicU64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
@@ -585,29 +585,7 @@ async fn framing_blade() -> (SocketAddr, Arc<AtomicU64>) {
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < end + 4 + length {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = buf[end + 4..end + 4 + length].to_vec();
-                    buf.drain(..end + 4 + length);
+                while let Some((head, body)) = read_request(&mut s, &mut buf).await {
                     let mut words = head.split(' ');
                     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
                     let seen = |name: &str| {
