@@ -180,10 +180,9 @@ impl Forwarder {
                 self.through_engine(engine, target, idempotent, parts, body, start)
                     .await
             }
-            None => {
-                self.through_hyper(target, idempotent, parts, body, start)
-                    .await
-            }
+            // Boxed: hyper's client future is the larger, and inline it would size (and be
+            // copied with) every request's future, most of which go through the engine.
+            None => Box::pin(self.through_hyper(target, idempotent, parts, body, start)).await,
         };
         let Entry {
             admitted,

@@ -84,9 +84,10 @@ pub async fn send(
             });
         }
     };
+    let fields = header_map(&rbuf[..answer.len], &fields);
     let mut resp = Response::new(BladeBody::new(engine.clone(), conn, rbuf, &answer));
     *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *resp.headers_mut() = header_map(&resp.body().buf, &fields);
+    *resp.headers_mut() = fields;
     if !answer.passes_length() {
         resp.headers_mut().remove(http::header::CONTENT_LENGTH);
     }
@@ -151,13 +152,19 @@ fn write_head(
 }
 
 /// The answer's fields as a header map (hop-by-hop ones included: the forwarder strips
-/// them as it does any blade's answer).
-fn header_map(buf: &[u8], fields: &[Field]) -> HeaderMap {
+/// them as it does any blade's answer). The values share one copy of the head rather
+/// than one allocation each.
+fn header_map(head: &[u8], fields: &[Field]) -> HeaderMap {
+    let shared = Bytes::copy_from_slice(head);
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields {
+        let range = f.value.range();
+        if range.end > shared.len() {
+            continue;
+        }
         let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(f.name.get(buf)),
-            HeaderValue::from_bytes(f.value.get(buf)),
+            HeaderName::from_bytes(f.name.get(head)),
+            HeaderValue::from_maybe_shared(shared.slice(range)),
         ) else {
             continue;
         };

@@ -36,6 +36,12 @@ impl Span {
         }
     }
 
+    /// Where it lies in its buffer.
+    pub fn range(self) -> std::ops::Range<usize> {
+        let start = self.start as usize;
+        start..start + self.len as usize
+    }
+
     pub fn get(self, buf: &[u8]) -> &[u8] {
         let start = self.start as usize;
         buf.get(start..start + self.len as usize)
