@@ -156,6 +156,141 @@ pub fn start(cfg: &ProxyConfig, pool: Arc<Pool>) -> Result<ProxyHandle, ProxyErr
     start_with(cfg, pool, &mut |_| Vec::new())
 }
 
+/// The keys that sign what shoppers carry: cart routes, admission cookies, waiting-room
+/// tickets.
+#[derive(Clone)]
+struct Signers {
+    route: Option<Arc<route::RouteSigner>>,
+    admission: Option<Arc<route::RouteSigner>>,
+    queue: Option<Arc<route::RouteSigner>>,
+}
+
+impl Signers {
+    fn new(pool: &Pool) -> Result<Self, ProxyError> {
+        let settings = pool.settings();
+        let route_key = match &settings.sticky {
+            Some(s) => Some(match &s.route_key {
+                Some(k) => k.clone(),
+                None => route::key_from_file(&s.route_key_file).map_err(ProxyError::RouteKey)?,
+            }),
+            None => None,
+        };
+        let route = match (&settings.sticky, &route_key) {
+            (Some(s), Some(key)) => Some(Arc::new(route::RouteSigner::new(
+                key,
+                s.route_key_previous.as_deref(),
+                s.route_ttl,
+            ))),
+            _ => None,
+        };
+        // Admission cookies: a key of their own derived from the route key (so one cookie
+        // can never stand for the other), valid on every instance that shares it; without
+        // carts, a key of this process (shoppers are newcomers again after a restart).
+        let admission_key = match &route_key {
+            Some(k) => Some(route::derive_key(k, b"surge admission cookie v1")),
+            // No randomness: no admission cookies (every visitor counts as new).
+            None => route::random_key(),
+        };
+        let admission = settings.shed.as_ref().and_then(|shed| {
+            let key = admission_key.clone()?;
+            let previous = settings
+                .sticky
+                .as_ref()
+                .and_then(|s| s.route_key_previous.as_deref())
+                .map(|p| route::derive_key(p, b"surge admission cookie v1"));
+            Some(Arc::new(route::RouteSigner::new(
+                &key,
+                previous.as_deref(),
+                shed.session_duration,
+            )))
+        });
+        // Waiting-room tickets: their own key again, valid for the ticket's life.
+        let queue = match (&settings.waiting_room, &admission_key) {
+            (Some(w), Some(key)) => Some(Arc::new(route::RouteSigner::new(
+                &route::derive_key(key, b"surge queue ticket v1"),
+                None,
+                w.ticket_ttl,
+            ))),
+            _ => None,
+        };
+        Ok(Self {
+            route,
+            admission,
+            queue,
+        })
+    }
+}
+
+/// What every worker is given: settings, the pool, and the process-wide counters, keys
+/// and budget.
+#[derive(Clone)]
+struct WorkerShare {
+    cfg: ProxyConfig,
+    pool: Arc<Pool>,
+    request_ids: Arc<headers::RequestIds>,
+    limits: Arc<limits::Limits>,
+    closing: Arc<AtomicBool>,
+    drain_ms: Arc<AtomicU64>,
+    upstream_tls: Option<tls::UpstreamTls>,
+    signers: Signers,
+    body_budget: Arc<limits::BodyBudget>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Starts worker `n` on a thread of its own, serving the listeners `mine`.
+fn spawn_worker(
+    n: usize,
+    mine: Vec<(std::net::TcpListener, listen::ListenerSpec)>,
+    share: WorkerShare,
+) -> Result<std::thread::JoinHandle<()>, ProxyError> {
+    std::thread::Builder::new()
+        .name(format!("surge-proxy-{n}"))
+        .spawn(move || {
+            let WorkerShare {
+                cfg,
+                pool,
+                request_ids,
+                limits,
+                closing,
+                drain_ms,
+                upstream_tls,
+                signers,
+                body_budget,
+                stop,
+            } = share;
+            // Built on the worker's own thread: it holds thread-local connection pools.
+            // The surge engine speaks HTTP/1.1 to the blades; with h2c blades hyper's
+            // client (and so hyper's server) does the work.
+            let own_engine = cfg.engine == crate::config::Engine::Surge
+                && pool.settings().protocol == crate::config::UpstreamProtocol::Http1;
+            let blades = own_engine.then(|| {
+                h1::blades::Blades::new(
+                    cfg.connect_timeout,
+                    cfg.upstream_idle_timeout,
+                    upstream_tls.clone(),
+                )
+            });
+            let mut forwarder =
+                Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
+            forwarder.route_signer = signers.route;
+            forwarder.admission = signers.admission;
+            forwarder.queue_signer = signers.queue;
+            forwarder.body_budget = body_budget;
+            let forwarder = std::rc::Rc::new(forwarder);
+            let engine =
+                blades.map(|b| std::rc::Rc::new(h1::Engine::new(forwarder.clone(), b, &cfg)));
+            worker::run(
+                mine,
+                forwarder,
+                engine,
+                WorkerSettings::from(&cfg),
+                stop,
+                drain_ms,
+            )
+        })
+        .map_err(ProxyError::Worker)
+}
+
 /// [`start`], taking listening sockets from `inherited` (by configured address) before
 /// binding new ones: a process taking over from another serves the very same sockets,
 /// queued connections included. Every inherited socket is served, even if there are more
@@ -173,110 +308,28 @@ pub fn start_with(
         handoff,
     } = listen::bind(cfg, workers_n, inherited)?;
     let (tx, rx) = watch::channel(false);
-    let request_ids = Arc::new(headers::RequestIds::default());
     let limits = Arc::new(limits::Limits::new(cfg));
-    let upstream_tls = match &cfg.upstream_tls {
-        Some(t) => Some(tls::UpstreamTls::new(t).map_err(ProxyError::UpstreamTls)?),
-        None => None,
-    };
-    let route_key = match &pool.settings().sticky {
-        Some(s) => Some(match &s.route_key {
-            Some(k) => k.clone(),
-            None => route::key_from_file(&s.route_key_file).map_err(ProxyError::RouteKey)?,
-        }),
-        None => None,
-    };
-    let signer = match (&pool.settings().sticky, &route_key) {
-        (Some(s), Some(key)) => Some(Arc::new(route::RouteSigner::new(
-            key,
-            s.route_key_previous.as_deref(),
-            s.route_ttl,
-        ))),
-        _ => None,
-    };
-    // Admission cookies: a key of their own derived from the route key (so one cookie
-    // can never stand for the other), valid on every instance that shares it; without
-    // carts, a key of this process (shoppers are newcomers again after a restart).
-    let admission_key = match &route_key {
-        Some(k) => Some(route::derive_key(k, b"surge admission cookie v1")),
-        // No randomness: no admission cookies (every visitor counts as new).
-        None => route::random_key(),
-    };
-    let admission = pool.settings().shed.as_ref().and_then(|shed| {
-        let key = admission_key.clone()?;
-        let previous = pool
-            .settings()
-            .sticky
-            .as_ref()
-            .and_then(|s| s.route_key_previous.as_deref())
-            .map(|p| route::derive_key(p, b"surge admission cookie v1"));
-        Some(Arc::new(route::RouteSigner::new(
-            &key,
-            previous.as_deref(),
-            shed.session_duration,
-        )))
-    });
-    // Waiting-room tickets: their own key again, valid for the ticket's life.
-    let queue_signer = match (&pool.settings().waiting_room, &admission_key) {
-        (Some(w), Some(key)) => Some(Arc::new(route::RouteSigner::new(
-            &route::derive_key(key, b"surge queue ticket v1"),
-            None,
-            w.ticket_ttl,
-        ))),
-        _ => None,
-    };
-    // One budget for the whole process, whatever the number of workers.
-    let body_budget = limits::BodyBudget::new(cfg.max_buffered_body_bytes);
     let closing = Arc::new(AtomicBool::new(false));
     let drain_ms = Arc::new(AtomicU64::new(0));
+    let shared = WorkerShare {
+        cfg: cfg.clone(),
+        pool: pool.clone(),
+        request_ids: Arc::new(headers::RequestIds::default()),
+        limits: limits.clone(),
+        closing: closing.clone(),
+        drain_ms: drain_ms.clone(),
+        upstream_tls: match &cfg.upstream_tls {
+            Some(t) => Some(tls::UpstreamTls::new(t).map_err(ProxyError::UpstreamTls)?),
+            None => None,
+        },
+        signers: Signers::new(&pool)?,
+        // One budget for the whole process, whatever the number of workers.
+        body_budget: limits::BodyBudget::new(cfg.max_buffered_body_bytes),
+        stop: rx,
+    };
     let mut workers = Vec::with_capacity(workers_n);
     for (n, mine) in per_worker.into_iter().enumerate() {
-        let cfg = cfg.clone();
-        let pool = pool.clone();
-        let request_ids = request_ids.clone();
-        let limits = limits.clone();
-        let (closing, drain_ms) = (closing.clone(), drain_ms.clone());
-        let upstream_tls = upstream_tls.clone();
-        let signer = signer.clone();
-        let admission = admission.clone();
-        let queue_signer = queue_signer.clone();
-        let body_budget = body_budget.clone();
-        let rx = rx.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("surge-proxy-{n}"))
-            .spawn(move || {
-                // Built on the worker's own thread: it holds thread-local connection pools.
-                // The surge engine speaks HTTP/1.1 to the blades; with h2c blades hyper's
-                // client (and so hyper's server) does the work.
-                let own_engine = cfg.engine == crate::config::Engine::Surge
-                    && pool.settings().protocol == crate::config::UpstreamProtocol::Http1;
-                let blades = own_engine.then(|| {
-                    h1::blades::Blades::new(
-                        cfg.connect_timeout,
-                        cfg.upstream_idle_timeout,
-                        upstream_tls.clone(),
-                    )
-                });
-                let mut forwarder =
-                    Forwarder::new(&cfg, pool, request_ids, limits, closing, upstream_tls);
-                forwarder.route_signer = signer;
-                forwarder.admission = admission;
-                forwarder.queue_signer = queue_signer;
-                forwarder.body_budget = body_budget;
-                let forwarder = std::rc::Rc::new(forwarder);
-                let engine =
-                    blades.map(|b| std::rc::Rc::new(h1::Engine::new(forwarder.clone(), b, &cfg)));
-                worker::run(
-                    mine,
-                    forwarder,
-                    engine,
-                    WorkerSettings::from(&cfg),
-                    rx,
-                    drain_ms,
-                )
-            })
-            .map_err(ProxyError::Worker)?;
-        workers.push(handle);
+        workers.push(spawn_worker(n, mine, shared.clone())?);
     }
     for b in &bound {
         tracing::info!(addr = %b.addr, tls = b.tls, workers = workers.len(), "proxy listening");

@@ -815,76 +815,10 @@ async fn read_body<'e, S: Transport>(
     {
         return Err(Refused::BadBody);
     }
-    let limit = fwd.max_body_bytes;
     let read = tokio::time::timeout(fwd.body_read_timeout, async {
         match head.framing {
-            Framing::Length(n) => {
-                let n = usize::try_from(n).map_err(|_| Refused::BodyTooLarge)?;
-                // A pooled buffer: a body within its capacity costs no allocation.
-                let mut body = engine.buffers.take_pooled();
-                body.reserve(n);
-                let have = in_buf.min(n);
-                body.extend_from_slice(&buf[head.len..head.len + have]);
-                if have == n {
-                    return Ok((body, head.len + n));
-                }
-                buf.truncate(head.len);
-                while body.len() < n {
-                    let want = n - body.len();
-                    let got = (&mut *io)
-                        .take(want as u64)
-                        .read_buf(&mut *body)
-                        .await
-                        .map_err(|_| Refused::BadBody)?;
-                    if got == 0 {
-                        return Err(Refused::BadBody);
-                    }
-                }
-                Ok((body, head.len))
-            }
-            _ => {
-                let mut decoder = Chunked::default();
-                let mut body = engine.buffers.take_pooled();
-                let used = decoder
-                    .feed(&buf[head.len..], Some(&mut body))
-                    .map_err(|_| Refused::BadBody)?;
-                if body.len() as u64 > limit {
-                    return Err(Refused::BodyTooLarge);
-                }
-                // Reserved before it is held: the budget bounds every framing.
-                if !reserved.grow_to(body.len() as u64) {
-                    return Err(Refused::BodyBudget);
-                }
-                if decoder.done() {
-                    return Ok((body, head.len + used));
-                }
-                buf.truncate(head.len);
-                let mut scratch = engine.buffers.take();
-                let result = loop {
-                    scratch.clear();
-                    match io.read_buf(&mut scratch).await {
-                        Ok(0) | Err(_) => break Err(Refused::BadBody),
-                        Ok(_) => {}
-                    }
-                    let used = match decoder.feed(&scratch, Some(&mut body)) {
-                        Ok(used) => used,
-                        Err(_) => break Err(Refused::BadBody),
-                    };
-                    if body.len() as u64 > limit {
-                        break Err(Refused::BodyTooLarge);
-                    }
-                    if !reserved.grow_to(body.len() as u64) {
-                        break Err(Refused::BodyBudget);
-                    }
-                    if decoder.done() {
-                        // What follows the body is the next request: after the head.
-                        buf.extend_from_slice(&scratch[used..]);
-                        break Ok((body, head.len));
-                    }
-                };
-                engine.buffers.give(scratch);
-                result
-            }
+            Framing::Length(n) => read_sized_body(engine, io, buf, head.len, n).await,
+            _ => read_chunked_body(engine, io, buf, head.len, &mut reserved).await,
         }
     })
     .await;
@@ -898,6 +832,91 @@ async fn read_body<'e, S: Transport>(
         Ok(Err(why)) => Err(why),
         Err(_) => Err(Refused::BodyTimeout),
     }
+}
+
+/// A body of `n` bytes after the head (`head_len` bytes of `buf`, some of the body
+/// perhaps with it). The body, and where the next request starts in `buf`.
+async fn read_sized_body<'e, S: Transport>(
+    engine: &'e Engine,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+    n: u64,
+) -> Result<(Pooled<'e>, usize), Refused> {
+    let n = usize::try_from(n).map_err(|_| Refused::BodyTooLarge)?;
+    // A pooled buffer: a body within its capacity costs no allocation.
+    let mut body = engine.buffers.take_pooled();
+    body.reserve(n);
+    let have = (buf.len() - head_len).min(n);
+    body.extend_from_slice(&buf[head_len..head_len + have]);
+    if have == n {
+        return Ok((body, head_len + n));
+    }
+    buf.truncate(head_len);
+    while body.len() < n {
+        let want = n - body.len();
+        let got = (&mut *io)
+            .take(want as u64)
+            .read_buf(&mut *body)
+            .await
+            .map_err(|_| Refused::BadBody)?;
+        if got == 0 {
+            return Err(Refused::BadBody);
+        }
+    }
+    Ok((body, head_len))
+}
+
+/// A chunked body after the head (`head_len` bytes of `buf`), de-framed, each piece
+/// reserved in the body budget before it is held. The body, and where the next request
+/// starts in `buf` (what came after the body is kept there, after the head).
+async fn read_chunked_body<'e, S: Transport>(
+    engine: &'e Engine,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+    reserved: &mut crate::proxy::limits::BodyReservation,
+) -> Result<(Pooled<'e>, usize), Refused> {
+    let limit = engine.fwd.max_body_bytes;
+    let mut decoder = Chunked::default();
+    let mut body = engine.buffers.take_pooled();
+    let used = decoder
+        .feed(&buf[head_len..], Some(&mut body))
+        .map_err(|_| Refused::BadBody)?;
+    if body.len() as u64 > limit {
+        return Err(Refused::BodyTooLarge);
+    }
+    if !reserved.grow_to(body.len() as u64) {
+        return Err(Refused::BodyBudget);
+    }
+    if decoder.done() {
+        return Ok((body, head_len + used));
+    }
+    buf.truncate(head_len);
+    let mut scratch = engine.buffers.take();
+    let result = loop {
+        scratch.clear();
+        match io.read_buf(&mut scratch).await {
+            Ok(0) | Err(_) => break Err(Refused::BadBody),
+            Ok(_) => {}
+        }
+        let Ok(used) = decoder.feed(&scratch, Some(&mut body)) else {
+            break Err(Refused::BadBody);
+        };
+        if body.len() as u64 > limit {
+            break Err(Refused::BodyTooLarge);
+        }
+        if !reserved.grow_to(body.len() as u64) {
+            break Err(Refused::BodyBudget);
+        }
+        if decoder.done() {
+            // What follows the body is the next request: after the head.
+            buf.extend_from_slice(&scratch[used..]);
+            break Ok((body, head_len));
+        }
+    };
+    engine.buffers.give(scratch);
+    result
 }
 
 /// Everything the relay of an answer needs.
@@ -938,92 +957,23 @@ async fn relay<S: Transport>(
     engine: &Engine,
     waits: &Deadline,
     io: &mut S,
-    r: Relay<'_>,
+    mut r: Relay<'_>,
 ) -> RelayEnd {
-    let fwd = &engine.fwd;
+    let backend = r.guard.backend().clone();
+    let dechunk = r.rewrite.dechunk;
+    write_answer_head(&engine.fwd, &mut r, &backend);
+    account(&engine.fwd, &r, &backend);
     let Relay {
         guard,
         conn,
         mut rbuf,
         answer: resp,
         answered_at,
-        answer_fields,
-        rewrite,
-        mut out,
+        out,
         entry,
-        route,
-        had_cart,
-        request_id,
-        info,
-        head,
-        path,
         started,
-        unix_now,
-        close,
+        ..
     } = r;
-    let backend = guard.backend().clone();
-    let draining = guard.state() == State::Draining;
-    let dechunk = rewrite.dechunk;
-    out.clear();
-    let secure = info.tls.is_some();
-    head::write_response(
-        &rbuf,
-        &resp,
-        answer_fields,
-        rewrite,
-        &mut out,
-        |facts, resp, out| {
-            if let Some(v) = fwd.route_cookie(
-                route,
-                had_cart,
-                |name| facts.sets_cookie(name),
-                &backend.id,
-                secure,
-                unix_now,
-            ) {
-                header_line(out, b"set-cookie", v.as_bytes());
-            }
-            if !facts.has("x-request-id") {
-                header_line(out, b"x-request-id", request_id);
-            }
-            for c in [&entry.admission_cookie, &entry.queue_cookie]
-                .into_iter()
-                .flatten()
-            {
-                header_line(out, b"set-cookie", c.as_bytes());
-            }
-            // A draining blade's shoppers reconnect, so their next requests are spread
-            // over the blades that stay; a body framed by the close ends the connection.
-            *close |= draining
-                || resp.body == BodyKind::UntilClose
-                || (dechunk && resp.body == BodyKind::Chunked);
-            // An HTTP/1.0 shopper that asked to keep the connection is told it stays
-            // (`close` is then false only for an answer of known length); without the
-            // field it would take the connection as closing.
-            if head.http10 && !*close {
-                header_line(out, b"connection", b"keep-alive");
-            }
-            *close
-        },
-    );
-    let outcome = if resp.status >= 500 {
-        Outcome::Failure
-    } else {
-        Outcome::Success
-    };
-    fwd.pool.record(&backend, outcome);
-    backend.metrics.count_status(resp.status);
-    if fwd.access_log {
-        forward::access_line(
-            info,
-            head.method.as_str(),
-            std::str::from_utf8(path).unwrap_or("-"),
-            resp.status,
-            &backend.id,
-            Some(started),
-            std::str::from_utf8(request_id).unwrap_or("-"),
-        );
-    }
     // The first body bytes came with the head: one vectored write for both.
     rbuf.drain(..resp.len);
     // The whole answer came with its head (as most do): what follows is one write to
@@ -1056,6 +1006,95 @@ async fn relay<S: Transport>(
         (BodyEnd::Reusable | BodyEnd::Closed, _) => RelayEnd::Done,
         (BodyEnd::Upgraded, Some(c)) => RelayEnd::Tunnel(c),
         _ => RelayEnd::Cut,
+    }
+}
+
+/// The shopper's answer head into `r.out`: the blade's, rewritten, with the route and
+/// admission cookies, the request id, and whether the connection closes after it
+/// (`r.close`).
+fn write_answer_head(fwd: &Forwarder, r: &mut Relay<'_>, backend: &Backend) {
+    let draining = r.guard.state() == State::Draining;
+    let Relay {
+        rbuf,
+        answer,
+        answer_fields,
+        rewrite,
+        out,
+        entry,
+        route,
+        had_cart,
+        request_id,
+        info,
+        head,
+        unix_now,
+        close,
+        ..
+    } = r;
+    let dechunk = rewrite.dechunk;
+    let secure = info.tls.is_some();
+    out.clear();
+    head::write_response(
+        rbuf,
+        answer,
+        answer_fields,
+        rewrite,
+        out,
+        |facts, resp, out| {
+            if let Some(v) = fwd.route_cookie(
+                *route,
+                *had_cart,
+                |name| facts.sets_cookie(name),
+                &backend.id,
+                secure,
+                *unix_now,
+            ) {
+                header_line(out, b"set-cookie", v.as_bytes());
+            }
+            if !facts.has("x-request-id") {
+                header_line(out, b"x-request-id", request_id);
+            }
+            for c in [&entry.admission_cookie, &entry.queue_cookie]
+                .into_iter()
+                .flatten()
+            {
+                header_line(out, b"set-cookie", c.as_bytes());
+            }
+            // A draining blade's shoppers reconnect, so their next requests are spread
+            // over the blades that stay; a body framed by the close ends the connection.
+            **close |= draining
+                || resp.body == BodyKind::UntilClose
+                || (dechunk && resp.body == BodyKind::Chunked);
+            // An HTTP/1.0 shopper that asked to keep the connection is told it stays
+            // (`close` is then false only for an answer of known length); without the
+            // field it would take the connection as closing.
+            if head.http10 && !**close {
+                header_line(out, b"connection", b"keep-alive");
+            }
+            **close
+        },
+    );
+}
+
+/// The answer counted: the blade's health, its status counts, the access log.
+fn account(fwd: &Forwarder, r: &Relay<'_>, backend: &Backend) {
+    let status = r.answer.status;
+    let outcome = if status >= 500 {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    fwd.pool.record(backend, outcome);
+    backend.metrics.count_status(status);
+    if fwd.access_log {
+        forward::access_line(
+            r.info,
+            r.head.method.as_str(),
+            std::str::from_utf8(r.path).unwrap_or("-"),
+            status,
+            &backend.id,
+            Some(r.started),
+            std::str::from_utf8(r.request_id).unwrap_or("-"),
+        );
     }
 }
 
@@ -1095,133 +1134,157 @@ async fn relay_body<S: Transport>(
     dechunk: bool,
     held: &mut Held,
 ) -> BodyEnd {
-    let idle = engine.fwd.body_idle_timeout;
+    let mut body = BodyRelay {
+        waits,
+        io,
+        conn,
+        rbuf,
+        held,
+        idle: engine.fwd.body_idle_timeout,
+    };
+    let end_of_answer = |extra: bool| {
+        if extra || !resp.reusable {
+            BodyEnd::Closed
+        } else {
+            BodyEnd::Reusable
+        }
+    };
     match resp.body {
         BodyKind::None => {
-            held.take();
-            let extra = !rbuf.is_empty();
-            if write_parts(io, out, &[]).await.is_err() {
+            body.held.take();
+            let extra = !body.rbuf.is_empty();
+            if write_parts(body.io, out, &[]).await.is_err() {
                 return BodyEnd::Cut;
             }
             if resp.status == 101 {
-                return if rbuf.is_empty() || write_parts(io, rbuf, &[]).await.is_ok() {
-                    BodyEnd::Upgraded
-                } else {
+                return if extra && write_parts(body.io, body.rbuf, &[]).await.is_err() {
                     BodyEnd::Cut
+                } else {
+                    BodyEnd::Upgraded
                 };
             }
-            if extra || !resp.reusable {
-                return BodyEnd::Closed;
-            }
-            BodyEnd::Reusable
+            end_of_answer(extra)
         }
         BodyKind::UntilClose if resp.status == 101 => {
-            held.take();
-            if write_parts(io, out, rbuf).await.is_err() {
+            body.held.take();
+            if write_parts(body.io, out, body.rbuf).await.is_err() {
                 return BodyEnd::Cut;
             }
             BodyEnd::Upgraded
         }
-        BodyKind::Length(n) => {
-            let mut left = n;
-            let first = rbuf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            let extra = rbuf.len() > first;
-            left -= first as u64;
+        BodyKind::Length(n) => match body.length(out, n).await {
+            Some(extra) => end_of_answer(extra),
+            None => BodyEnd::Cut,
+        },
+        BodyKind::Chunked => match body.chunked(out, dechunk).await {
+            Some(extra) => end_of_answer(extra),
+            None => BodyEnd::Cut,
+        },
+        BodyKind::UntilClose => body.until_close(out).await,
+    }
+}
+
+/// One answer body on its way from the blade (`conn`, what came already in `rbuf`) to
+/// the shopper (`io`).
+struct BodyRelay<'a, S> {
+    waits: &'a Deadline,
+    io: &'a mut S,
+    conn: &'a mut Option<BladeConn>,
+    rbuf: &'a mut Vec<u8>,
+    held: &'a mut Held,
+    idle: Duration,
+}
+
+impl<S: Transport> BodyRelay<'_, S> {
+    /// Reads the next bytes of the body into `rbuf` (emptied first), at most `want`.
+    /// `None` when the blade closed (0 bytes) or failed.
+    async fn read_next(&mut self, want: u64) -> Option<usize> {
+        self.rbuf.clear();
+        let c = self.conn.as_mut()?;
+        match read_some(self.waits, &mut c.stream, self.rbuf, want, self.idle).await {
+            Ok(0) | Err(_) => None,
+            Ok(got) => Some(got),
+        }
+    }
+
+    /// A body of `n` bytes after the head `out`. Whether bytes beyond it came (the
+    /// connection cannot serve again then), or `None` if it broke off.
+    async fn length(&mut self, out: &[u8], n: u64) -> Option<bool> {
+        let mut left = n;
+        let first = self
+            .rbuf
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let extra = self.rbuf.len() > first;
+        left -= first as u64;
+        if left == 0 {
+            self.held.take();
+        }
+        write_parts(self.io, out, &self.rbuf[..first]).await.ok()?;
+        while left > 0 {
+            let want = left.min(self.rbuf.capacity() as u64);
+            left -= self.read_next(want).await? as u64;
             if left == 0 {
-                held.take();
+                self.held.take();
             }
-            if write_parts(io, out, &rbuf[..first]).await.is_err() {
-                return BodyEnd::Cut;
+            write_parts(self.io, self.rbuf, &[]).await.ok()?;
+        }
+        Some(extra)
+    }
+
+    /// A chunked body after the head `out`, passed on as it is or (`dechunk`, towards an
+    /// HTTP/1.0 shopper) as its plain bytes. Whether bytes beyond it came, or `None`.
+    async fn chunked(&mut self, out: &[u8], dechunk: bool) -> Option<bool> {
+        let mut decoder = Chunked::default();
+        let mut plain = dechunk.then(Vec::new);
+        let mut pending_head = true;
+        loop {
+            let used = decoder.feed(self.rbuf, plain.as_mut()).ok()?;
+            let extra = used < self.rbuf.len();
+            if decoder.done() {
+                self.held.take();
             }
-            while left > 0 {
-                rbuf.clear();
-                let Some(c) = conn.as_mut() else {
-                    return BodyEnd::Cut;
-                };
-                let want = left.min(rbuf.capacity() as u64);
-                match read_some(waits, &mut c.stream, rbuf, want, idle).await {
-                    Ok(0) | Err(_) => return BodyEnd::Cut,
-                    Ok(got) => left -= got as u64,
-                }
-                if left == 0 {
-                    held.take();
-                }
-                if write_parts(io, rbuf, &[]).await.is_err() {
-                    return BodyEnd::Cut;
-                }
-            }
-            if extra || !resp.reusable {
-                BodyEnd::Closed
+            let piece: &[u8] = match &plain {
+                Some(p) => p,
+                None => &self.rbuf[..used],
+            };
+            if pending_head {
+                pending_head = false;
+                write_parts(self.io, out, piece).await.ok()?;
             } else {
-                BodyEnd::Reusable
+                write_parts(self.io, piece, &[]).await.ok()?;
             }
-        }
-        BodyKind::Chunked => {
-            let mut decoder = Chunked::default();
-            let mut plain = dechunk.then(Vec::new);
-            let mut pending_head = true;
-            loop {
-                let used = match decoder.feed(rbuf, plain.as_mut()) {
-                    Ok(used) => used,
-                    Err(_) => return BodyEnd::Cut,
-                };
-                let extra = used < rbuf.len();
-                if decoder.done() {
-                    held.take();
-                }
-                let piece: &[u8] = match &plain {
-                    Some(p) => p,
-                    None => &rbuf[..used],
-                };
-                let written = if pending_head {
-                    pending_head = false;
-                    write_parts(io, out, piece).await
-                } else {
-                    write_parts(io, piece, &[]).await
-                };
-                if written.is_err() {
-                    return BodyEnd::Cut;
-                }
-                if let Some(p) = plain.as_mut() {
-                    p.clear();
-                }
-                if decoder.done() {
-                    return if extra || !resp.reusable {
-                        BodyEnd::Closed
-                    } else {
-                        BodyEnd::Reusable
-                    };
-                }
-                rbuf.clear();
-                let Some(c) = conn.as_mut() else {
-                    return BodyEnd::Cut;
-                };
-                match read_some(waits, &mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
-                    Ok(0) | Err(_) => return BodyEnd::Cut,
-                    Ok(_) => {}
-                }
+            if let Some(p) = plain.as_mut() {
+                p.clear();
             }
+            if decoder.done() {
+                return Some(extra);
+            }
+            self.read_next(self.rbuf.capacity() as u64).await?;
         }
-        BodyKind::UntilClose => {
-            if write_parts(io, out, rbuf).await.is_err() {
+    }
+
+    /// A body framed by the blade's close, after the head `out`.
+    async fn until_close(&mut self, out: &[u8]) -> BodyEnd {
+        if write_parts(self.io, out, self.rbuf).await.is_err() {
+            return BodyEnd::Cut;
+        }
+        loop {
+            self.rbuf.clear();
+            let Some(c) = self.conn.as_mut() else {
                 return BodyEnd::Cut;
+            };
+            let want = self.rbuf.capacity() as u64;
+            match read_some(self.waits, &mut c.stream, self.rbuf, want, self.idle).await {
+                Ok(0) => {
+                    *self.conn = None;
+                    return BodyEnd::Closed;
+                }
+                Err(_) => return BodyEnd::Cut,
+                Ok(_) => {}
             }
-            loop {
-                rbuf.clear();
-                let Some(c) = conn.as_mut() else {
-                    return BodyEnd::Cut;
-                };
-                match read_some(waits, &mut c.stream, rbuf, rbuf.capacity() as u64, idle).await {
-                    Ok(0) => {
-                        *conn = None;
-                        return BodyEnd::Closed;
-                    }
-                    Err(_) => return BodyEnd::Cut,
-                    Ok(_) => {}
-                }
-                if write_parts(io, rbuf, &[]).await.is_err() {
-                    return BodyEnd::Cut;
-                }
+            if write_parts(self.io, self.rbuf, &[]).await.is_err() {
+                return BodyEnd::Cut;
             }
         }
     }

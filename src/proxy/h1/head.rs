@@ -186,97 +186,29 @@ pub fn parse_request(
         return Err(Refused::Malformed);
     }
 
-    let mut hosts = 0usize;
-    let mut host = None;
-    let mut length: Option<u64> = None;
-    let mut saw_length = false;
-    let mut te = false;
-    let mut chunked_count = 0usize;
-    let mut chunked_last = false;
-    let (mut conn_close, mut conn_keep_alive, mut conn_upgrade) = (false, false, false);
-    let mut expect_continue = false;
-    let mut upgrade = None;
-    let mut request_id = None;
+    let mut seen = RequestFields::default();
     for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let value = h.value;
         let field = Field {
-            name: Span::of(buf, name),
-            value: Span::of(buf, value),
+            name: Span::of(buf, h.name.as_bytes()),
+            value: Span::of(buf, h.value),
         };
         fields.push(field);
-        match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => {
-                hosts += 1;
-                host = Some(field.value);
-            }
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                // One number per field (`5, 5` is refused, as hyper does); repeated
-                // fields must agree. After Transfer-Encoding it no longer counts (the
-                // body is chunked); before, it is judged as it comes, as hyper does.
-                saw_length = true;
-                if !te {
-                    match content_length(value.trim_ascii()) {
-                        Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
-                        _ => return Err(Refused::Malformed),
-                    }
-                }
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                if http10 {
-                    return Err(Refused::Malformed);
-                }
-                te = true;
-                for coding in value.split(|&b| b == b',') {
-                    let coding = coding.trim_ascii();
-                    if coding.is_empty() {
-                        continue;
-                    }
-                    if coding.eq_ignore_ascii_case(b"chunked") {
-                        chunked_count += 1;
-                        chunked_last = true;
-                    } else if chunked_last {
-                        // A coding after chunked: the body's end cannot be known.
-                        return Err(Refused::Malformed);
-                    }
-                }
-            }
-            10 if name.eq_ignore_ascii_case(b"connection") => {
-                for token in value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    conn_close |= token.eq_ignore_ascii_case(b"close");
-                    conn_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                    conn_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
-                }
-            }
-            6 if name.eq_ignore_ascii_case(b"expect") => {
-                expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-            }
-            7 if name.eq_ignore_ascii_case(b"upgrade") => upgrade = Some(field.value),
-            12 if name.eq_ignore_ascii_case(b"x-request-id")
-                && request_id.is_none()
-                && !value.is_empty()
-                && value.len() <= 200 =>
-            {
-                request_id = Some(field.value);
-            }
-            _ => {}
-        }
+        seen.note(h.name.as_bytes(), h.value, field, http10)?;
     }
-    if chunked_count > 1 {
-        return Err(Refused::BadFraming);
-    }
-    if te && !chunked_last {
-        // A request body framed by something other than chunked has no knowable end.
-        return Err(Refused::Malformed);
-    }
-    // HTTP/1.1 requires exactly one Host, an absolute-form target too (RFC 9112 §3.2).
-    if hosts > 1
-        || (hosts == 0 && !http10)
-        || host.is_some_and(|h| !crate::proxy::headers::valid_host(h.get(buf)))
-    {
-        return Err(Refused::BadHost);
-    }
+    seen.check(buf, http10)?;
+    let RequestFields {
+        host,
+        length,
+        saw_length,
+        te,
+        conn_close,
+        conn_keep_alive,
+        conn_upgrade,
+        expect_continue,
+        upgrade,
+        request_id,
+        ..
+    } = seen;
     let (target, path, host) = match form {
         TargetForm::Origin { path_len } => (Some(target_span), target_span.sub(0, path_len), host),
         TargetForm::Asterisk => (Some(target_span), target_span, host),
@@ -315,6 +247,123 @@ pub fn parse_request(
         host,
         request_id,
     }))
+}
+
+/// What a request's fields say about its framing, its host and its connection, noted
+/// one field at a time.
+#[derive(Default)]
+struct RequestFields {
+    hosts: usize,
+    host: Option<Span>,
+    length: Option<u64>,
+    saw_length: bool,
+    te: bool,
+    chunked_count: usize,
+    chunked_last: bool,
+    conn_close: bool,
+    conn_keep_alive: bool,
+    conn_upgrade: bool,
+    expect_continue: bool,
+    upgrade: Option<Span>,
+    request_id: Option<Span>,
+}
+
+impl RequestFields {
+    /// Notes one field (`name`: `value`, at `field` in the buffer); a field that makes
+    /// the request's framing unknowable refuses it at once.
+    fn note(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+        field: Field,
+        http10: bool,
+    ) -> Result<(), Refused> {
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                self.hosts += 1;
+                self.host = Some(field.value);
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                // One number per field (`5, 5` is refused, as hyper does); repeated
+                // fields must agree. After Transfer-Encoding it no longer counts (the
+                // body is chunked); before, it is judged as it comes, as hyper does.
+                self.saw_length = true;
+                if !self.te {
+                    match content_length(value.trim_ascii()) {
+                        Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                        _ => return Err(Refused::Malformed),
+                    }
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                if http10 {
+                    return Err(Refused::Malformed);
+                }
+                self.te = true;
+                self.codings(value)?;
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    self.conn_close |= token.eq_ignore_ascii_case(b"close");
+                    self.conn_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                    self.conn_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+                }
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => {
+                self.expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => self.upgrade = Some(field.value),
+            12 if name.eq_ignore_ascii_case(b"x-request-id")
+                && self.request_id.is_none()
+                && !value.is_empty()
+                && value.len() <= 200 =>
+            {
+                self.request_id = Some(field.value);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The codings of one `Transfer-Encoding` field.
+    fn codings(&mut self, value: &[u8]) -> Result<(), Refused> {
+        for coding in value.split(|&b| b == b',') {
+            let coding = coding.trim_ascii();
+            if coding.is_empty() {
+                continue;
+            }
+            if coding.eq_ignore_ascii_case(b"chunked") {
+                self.chunked_count += 1;
+                self.chunked_last = true;
+            } else if self.chunked_last {
+                // A coding after chunked: the body's end cannot be known.
+                return Err(Refused::Malformed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once every field is noted: one chunked coding at most and last, one valid Host.
+    fn check(&self, buf: &[u8], http10: bool) -> Result<(), Refused> {
+        if self.chunked_count > 1 {
+            return Err(Refused::BadFraming);
+        }
+        if self.te && !self.chunked_last {
+            // A request body framed by something other than chunked has no knowable end.
+            return Err(Refused::Malformed);
+        }
+        // HTTP/1.1 requires exactly one Host, an absolute-form target too (RFC 9112 §3.2).
+        if self.hosts > 1
+            || (self.hosts == 0 && !http10)
+            || self
+                .host
+                .is_some_and(|h| !crate::proxy::headers::valid_host(h.get(buf)))
+        {
+            return Err(Refused::BadHost);
+        }
+        Ok(())
+    }
 }
 
 /// A `Content-Length` value: digits only (no sign, no spaces inside), within u64.
