@@ -349,211 +349,248 @@ impl Admin {
         if let Some(refusal) = self.refuse_unauthorized(&req) {
             return refusal;
         }
-        match segments.as_slice() {
-            ["metrics"] => only(&method, &[Method::GET], || self.metrics()),
-            ["v1", "openapi.json"] => only(&method, &[Method::GET], || {
+        self.route(&method, &segments, req).await
+    }
+
+    /// The signed-in routes: each path to its handler.
+    async fn route<B>(&self, method: &Method, segments: &[&str], req: Request<B>) -> Reply
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let get = &[Method::GET];
+        match segments {
+            ["metrics"] => only(method, get, || self.metrics()),
+            ["v1", "openapi.json"] => only(method, get, || {
                 json_reply(StatusCode::OK, &openapi::document())
             }),
-            ["v1", "autoscaler"] => only(&method, &[Method::GET], || match &self.autoscaler {
-                Some(a) => json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a, &self.pool)),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "no autoscaler configured ([autoscale] and [provider])",
-                ),
+            ["v1", "autoscaler"] => only(method, get, || {
+                self.with_autoscaler(|a| api::AutoscalerStatus::of(a, &self.pool))
             }),
-            ["v1", "autoscaler", "history"] => {
-                only(&method, &[Method::GET], || match &self.autoscaler {
-                    Some(a) => json_reply(StatusCode::OK, &api::AutoscalerHistory::of(a)),
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "no autoscaler configured ([autoscale] and [provider])",
-                    ),
-                })
-            }
+            ["v1", "autoscaler", "history"] => only(method, get, || {
+                self.with_autoscaler(api::AutoscalerHistory::of)
+            }),
             ["v1", "autoscaler", action @ ("pause" | "resume")] => {
-                let pause = *action == "pause";
-                if method != Method::POST {
-                    return method_not_allowed(&[Method::POST]);
-                }
-                match &self.autoscaler {
-                    Some(a) => {
-                        let was = a.is_paused();
-                        a.set_paused(pause);
-                        tracing::info!(paused = pause, "autoscaler switched by operator");
-                        let reply =
-                            json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a, &self.pool));
-                        self.share(reply, Shared::Paused(pause), || a.set_paused(was))
-                            .await
-                    }
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "no autoscaler configured ([autoscale] and [provider])",
-                    ),
-                }
+                self.pause(method, *action == "pause").await
             }
-            ["v1", "waiting-room", rest @ ..] => {
-                // The method first: a route that exists answers 405 to a wrong one,
-                // with or without a room.
-                match (rest, &method) {
-                    ([], m) if *m != Method::GET => return method_not_allowed(&[Method::GET]),
-                    ([_], m) if *m != Method::POST => return method_not_allowed(&[Method::POST]),
-                    _ => {}
-                }
-                let Some(room) = &self.pool.traffic.waiting else {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "no waiting room configured ([waiting_room] with [pool.shed])",
-                    );
-                };
-                match (rest, &method) {
-                    ([], &Method::GET) => json_reply(StatusCode::OK, &api::WaitingRoom::of(room)),
-                    ([], _) => method_not_allowed(&[Method::GET]),
-                    ([action @ ("open" | "close")], &Method::POST) => {
-                        // Open: everyone new waits (a pre-queue before a sale); close:
-                        // they are let in, first come first, as the pool has room.
-                        room.hold(*action == "open");
-                        tracing::info!(held = room.held(), "waiting room switched by operator");
-                        json_reply(StatusCode::OK, &api::WaitingRoom::of(room))
-                    }
-                    ([_], &Method::POST) => error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "use /v1/waiting-room/open or /v1/waiting-room/close",
-                    ),
-                    ([_], _) => method_not_allowed(&[Method::POST]),
-                    _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
-                }
-            }
-            ["v1", "cluster"] => {
-                if method != Method::GET {
-                    return method_not_allowed(&[Method::GET]);
-                }
-                match &self.cluster {
-                    Some(c) => json_reply(StatusCode::OK, &api::ClusterView::of(&c.view().await)),
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "this surge runs standalone (no [cluster] section)",
-                    ),
-                }
-            }
-            ["v1", "tls", "reload"] => only(&method, &[Method::POST], || self.reload_tls()),
+            ["v1", "waiting-room", rest @ ..] => self.waiting_room(method, rest),
+            ["v1", "cluster"] => self.cluster_view(method).await,
+            ["v1", "tls", "reload"] => only(method, &[Method::POST], || self.reload_tls()),
             ["v1", "config", "reload"] if method == Method::POST => {
                 self.control(ControlKind::Reload).await
             }
             ["v1", "upgrade"] if method == Method::POST => self.control(ControlKind::Upgrade).await,
             ["v1", "config", "reload"] | ["v1", "upgrade"] => method_not_allowed(&[Method::POST]),
-            ["v1", "nodes"] => match method {
-                Method::GET => self.list(),
-                Method::POST => match read_json::<api::NewNode, _>(req).await {
-                    Ok(Some(body)) => {
-                        let (reply, added) = self.add(body);
-                        match added {
-                            Some((id, node)) => {
-                                let pool = self.pool.clone();
-                                let undo_id = id.clone();
-                                self.share(reply, Shared::Static(id, Some(node)), move || {
-                                    let _ = pool.remove(&undo_id);
-                                })
-                                .await
-                            }
-                            None => reply,
-                        }
-                    }
-                    Ok(None) => error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_argument",
-                        "body required: {\"address\": \"IP:port\", \"id\": ..., \"weight\": ...}",
-                    ),
-                    Err(r) => r,
-                },
-                _ => method_not_allowed(&[Method::GET, Method::POST]),
-            },
-            ["v1", "nodes", id] => {
-                let id = (*id).to_owned();
-                match method {
-                    Method::GET => self.get(&id),
-                    Method::DELETE => {
-                        let query = req.uri().query().unwrap_or("").to_owned();
-                        let (reply, timeout) = self.delete(&id, &query);
-                        let intent = crate::cluster::NodeIntent::Removed { timeout };
-                        let pool = self.pool.clone();
-                        let undo_id = id.clone();
-                        self.share(reply, Shared::Node(id, Some(intent)), move || {
-                            let _ = pool.undrain(&undo_id);
-                        })
-                        .await
-                    }
-                    _ => method_not_allowed(&[Method::GET, Method::DELETE]),
-                }
+            ["v1", "nodes"] => self.nodes(method, req).await,
+            ["v1", "nodes", id] => self.node(method, id, req.uri().query()).await,
+            ["v1", "nodes", id, action] => self.node_action(method, id, action, req).await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no route {}", req.uri().path()),
+            ),
+        }
+    }
+
+    /// `what` of the autoscaler, or 404 when there is none.
+    fn with_autoscaler<T: serde::Serialize>(
+        &self,
+        what: impl FnOnce(&crate::autoscale::Shared) -> T,
+    ) -> Reply {
+        match &self.autoscaler {
+            Some(a) => json_reply(StatusCode::OK, &what(a)),
+            None => no_autoscaler(),
+        }
+    }
+
+    /// `POST /v1/autoscaler/pause|resume`, shared with the other instances.
+    async fn pause(&self, method: &Method, pause: bool) -> Reply {
+        if *method != Method::POST {
+            return method_not_allowed(&[Method::POST]);
+        }
+        let Some(a) = &self.autoscaler else {
+            return no_autoscaler();
+        };
+        let was = a.is_paused();
+        a.set_paused(pause);
+        tracing::info!(paused = pause, "autoscaler switched by operator");
+        let reply = json_reply(StatusCode::OK, &api::AutoscalerStatus::of(a, &self.pool));
+        self.share(reply, Shared::Paused(pause), || a.set_paused(was))
+            .await
+    }
+
+    /// `/v1/waiting-room` (GET) and `/v1/waiting-room/open|close` (POST).
+    fn waiting_room(&self, method: &Method, rest: &[&str]) -> Reply {
+        // The method first: a route that exists answers 405 to a wrong one, with or
+        // without a room.
+        match (rest, method) {
+            ([], m) if *m != Method::GET => return method_not_allowed(&[Method::GET]),
+            ([_], m) if *m != Method::POST => return method_not_allowed(&[Method::POST]),
+            _ => {}
+        }
+        let Some(room) = &self.pool.traffic.waiting else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no waiting room configured ([waiting_room] with [pool.shed])",
+            );
+        };
+        match (rest, method) {
+            ([], &Method::GET) => json_reply(StatusCode::OK, &api::WaitingRoom::of(room)),
+            ([], _) => method_not_allowed(&[Method::GET]),
+            ([action @ ("open" | "close")], &Method::POST) => {
+                // Open: everyone new waits (a pre-queue before a sale); close: they are
+                // let in, first come first, as the pool has room.
+                room.hold(*action == "open");
+                tracing::info!(held = room.held(), "waiting room switched by operator");
+                json_reply(StatusCode::OK, &api::WaitingRoom::of(room))
             }
-            ["v1", "nodes", id, action] => {
-                let (id, action) = ((*id).to_owned(), (*action).to_owned());
-                if method != Method::POST {
-                    return method_not_allowed(&[Method::POST]);
+            ([_], &Method::POST) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "use /v1/waiting-room/open or /v1/waiting-room/close",
+            ),
+            ([_], _) => method_not_allowed(&[Method::POST]),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        }
+    }
+
+    /// `GET /v1/cluster`.
+    async fn cluster_view(&self, method: &Method) -> Reply {
+        if *method != Method::GET {
+            return method_not_allowed(&[Method::GET]);
+        }
+        match &self.cluster {
+            Some(c) => json_reply(StatusCode::OK, &api::ClusterView::of(&c.view().await)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this surge runs standalone (no [cluster] section)",
+            ),
+        }
+    }
+
+    /// `GET /v1/nodes` (the pool) and `POST /v1/nodes` (a static node added).
+    async fn nodes<B>(&self, method: &Method, req: Request<B>) -> Reply
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match *method {
+            Method::GET => self.list(),
+            Method::POST => match read_json::<api::NewNode, _>(req).await {
+                Ok(Some(body)) => {
+                    let (reply, added) = self.add(body);
+                    let Some((id, node)) = added else {
+                        return reply;
+                    };
+                    let pool = self.pool.clone();
+                    let undo_id = id.clone();
+                    self.share(reply, Shared::Static(id, Some(node)), move || {
+                        let _ = pool.remove(&undo_id);
+                    })
+                    .await
                 }
+                Ok(None) => error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "body required: {\"address\": \"IP:port\", \"id\": ..., \"weight\": ...}",
+                ),
+                Err(r) => r,
+            },
+            _ => method_not_allowed(&[Method::GET, Method::POST]),
+        }
+    }
+
+    /// `GET /v1/nodes/{id}` and `DELETE /v1/nodes/{id}` (drained, then removed).
+    async fn node(&self, method: &Method, id: &str, query: Option<&str>) -> Reply {
+        let id = id.to_owned();
+        match *method {
+            Method::GET => self.get(&id),
+            Method::DELETE => {
+                let (reply, timeout) = self.delete(&id, query.unwrap_or(""));
+                let intent = crate::cluster::NodeIntent::Removed { timeout };
                 let pool = self.pool.clone();
                 let undo_id = id.clone();
-                let undo = move || {
+                self.share(reply, Shared::Node(id, Some(intent)), move || {
                     let _ = pool.undrain(&undo_id);
-                };
-                match action.as_str() {
-                    "drain" => match read_json::<api::DrainRequest, _>(req).await {
-                        Ok(body) => {
-                            let body = body.unwrap_or_default();
-                            let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
-                            let reply = self.drain(&id, body);
-                            let intent = crate::cluster::NodeIntent::Draining { timeout };
-                            self.share(reply, Shared::Node(id, Some(intent)), undo)
-                                .await
-                        }
-                        Err(r) => r,
-                    },
-                    "undrain" => {
-                        // Recorded first: an undrain etcd did not take changes nothing.
-                        if self.pool.snapshot().get(&id).is_none() {
-                            return unknown(&id);
-                        }
-                        let recorded = self
-                            .share(
-                                json_reply(
-                                    StatusCode::OK,
-                                    &api::Alive {
-                                        status: "ok".into(),
-                                    },
-                                ),
-                                Shared::Node(id.clone(), Some(crate::cluster::NodeIntent::Kept)),
-                                || {},
-                            )
-                            .await;
-                        if !recorded.status().is_success() {
-                            return recorded;
-                        }
-                        self.undrain(&id)
-                    }
-                    "maint" => {
-                        let reply = self.maint(&id);
-                        let intent = crate::cluster::NodeIntent::Maintenance;
-                        self.share(reply, Shared::Node(id, Some(intent)), undo)
-                            .await
-                    }
-                    _ => error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        &format!("no action `{action}`"),
-                    ),
+                })
+                .await
+            }
+            _ => method_not_allowed(&[Method::GET, Method::DELETE]),
+        }
+    }
+
+    /// `POST /v1/nodes/{id}/drain|undrain|maint`, shared with the other instances.
+    async fn node_action<B>(
+        &self,
+        method: &Method,
+        id: &str,
+        action: &str,
+        req: Request<B>,
+    ) -> Reply
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if *method != Method::POST {
+            return method_not_allowed(&[Method::POST]);
+        }
+        let id = id.to_owned();
+        let pool = self.pool.clone();
+        let undo_id = id.clone();
+        let undo = move || {
+            let _ = pool.undrain(&undo_id);
+        };
+        match action {
+            "drain" => match read_json::<api::DrainRequest, _>(req).await {
+                Ok(body) => {
+                    let body = body.unwrap_or_default();
+                    let timeout = body.timeout.unwrap_or(self.cfg.default_drain_timeout);
+                    let reply = self.drain(&id, body);
+                    let intent = crate::cluster::NodeIntent::Draining { timeout };
+                    self.share(reply, Shared::Node(id, Some(intent)), undo)
+                        .await
                 }
+                Err(r) => r,
+            },
+            "undrain" => self.undrain_shared(id).await,
+            "maint" => {
+                let reply = self.maint(&id);
+                let intent = crate::cluster::NodeIntent::Maintenance;
+                self.share(reply, Shared::Node(id, Some(intent)), undo)
+                    .await
             }
             _ => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                &format!("no route {path}"),
+                &format!("no action `{action}`"),
             ),
         }
+    }
+
+    /// An undrain, recorded first: an undrain etcd did not take changes nothing.
+    async fn undrain_shared(&self, id: String) -> Reply {
+        if self.pool.snapshot().get(&id).is_none() {
+            return unknown(&id);
+        }
+        let ok = json_reply(
+            StatusCode::OK,
+            &api::Alive {
+                status: "ok".into(),
+            },
+        );
+        let recorded = self
+            .share(
+                ok,
+                Shared::Node(id.clone(), Some(crate::cluster::NodeIntent::Kept)),
+                || {},
+            )
+            .await;
+        if !recorded.status().is_success() {
+            return recorded;
+        }
+        self.undrain(&id)
     }
 
     /// Asks the top level for a reload or an upgrade and waits for the outcome: 200 once
@@ -1239,4 +1276,12 @@ mod tests {
             assert!(!host_allowed(bad, &hosts), "{bad}");
         }
     }
+}
+
+fn no_autoscaler() -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no autoscaler configured ([autoscale] and [provider])",
+    )
 }

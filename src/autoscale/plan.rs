@@ -311,201 +311,308 @@ pub fn release_due(since: SystemTime, wall: SystemTime, margin: Duration) -> boo
 
 /// The round's plan.
 pub fn plan(i: &Inputs<'_>) -> Plan {
-    let mut p = Plan::default();
-    let m = i.memory;
-    let all_complete = i.zones.iter().all(|z| z.complete);
-    let nodes: HashMap<&str, &Node> = i.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
-    // Every device, with its zone, deduplicated by id (a zone listed twice, a page
-    // repeated while the list changed).
-    let mut seen_ids = HashSet::new();
-    let devices: Vec<(&ZoneListing, &Device)> = i
-        .zones
-        .iter()
-        .flat_map(|z| z.devices.iter().map(move |d| (z, d)))
-        .filter(|(_, d)| seen_ids.insert(d.id.as_str()))
-        .collect();
-    p.summary.devices = devices.len();
-    let by_id: HashMap<&str, &Device> = devices.iter().map(|(_, d)| (d.id.as_str(), *d)).collect();
-    let zone_complete = |zone: &str| i.zones.iter().any(|z| z.zone == zone && z.complete);
-    // Placed time of a server, for billing: its order's, else now (unknown: assume the
-    // hour just started, the conservative choice for keeping it).
-    let placed_at = |device_id: &str| {
-        i.ledger
+    let mut r = Round::new(i);
+    let unseen_orders = r.orders_seen();
+    r.releases_confirmed();
+    let removed_by_operator = r.nodes_gone();
+    let scale_in_draining = r.drains_finished();
+    let expired = r.bootstraps();
+    r.bootstrap_alarm();
+    let mut count = r.deliveries(&expired, &removed_by_operator);
+    r.release_long_down();
+    r.promote_spares(&mut count, &expired);
+    let supply = count.in_service + count.pending + unseen_orders + count.spares;
+    let s = &mut r.p.summary;
+    s.in_service = count.in_service;
+    s.pending = count.pending + unseen_orders;
+    s.standby = count.spares;
+    s.supply = supply;
+    s.draining = i.memory.draining.len();
+    r.scale_up(supply);
+    r.scale_in(supply, count.in_service, scale_in_draining);
+    r.p
+}
+
+/// The pool's capacity as the round counts it.
+struct Count {
+    in_service: usize,
+    /// In service or warming within its bootstrap deadline.
+    toward_service: usize,
+    /// Delivered but not yet in service, or still being delivered.
+    pending: usize,
+    spares: usize,
+}
+
+/// One round of planning: the inputs, views of them the steps share, and the plan as it
+/// grows.
+struct Round<'a> {
+    i: &'a Inputs<'a>,
+    m: &'a Memory,
+    all_complete: bool,
+    nodes: HashMap<&'a str, &'a Node>,
+    /// Every device with its zone, deduplicated by id (a zone listed twice, a page
+    /// repeated while the list changed).
+    devices: Vec<(&'a ZoneListing, &'a Device)>,
+    by_id: HashMap<&'a str, &'a Device>,
+    p: Plan,
+}
+
+impl<'a> Round<'a> {
+    fn new(i: &'a Inputs<'a>) -> Self {
+        let mut seen_ids = HashSet::new();
+        let devices: Vec<(&ZoneListing, &Device)> = i
+            .zones
+            .iter()
+            .flat_map(|z| z.devices.iter().map(move |d| (z, d)))
+            .filter(|(_, d)| seen_ids.insert(d.id.as_str()))
+            .collect();
+        let mut p = Plan::default();
+        p.summary.devices = devices.len();
+        Self {
+            i,
+            m: i.memory,
+            all_complete: i.zones.iter().all(|z| z.complete),
+            nodes: i.nodes.iter().map(|n| (n.id.as_str(), n)).collect(),
+            by_id: devices.iter().map(|(_, d)| (d.id.as_str(), *d)).collect(),
+            devices,
+            p,
+        }
+    }
+
+    fn zone_complete(&self, zone: &str) -> bool {
+        self.i.zones.iter().any(|z| z.zone == zone && z.complete)
+    }
+
+    /// When a server was placed, for billing: its order's time, else now (unknown: the
+    /// hour is taken as just started, the conservative choice for keeping it).
+    fn placed_at(&self, device_id: &str) -> SystemTime {
+        self.i
+            .ledger
             .iter()
             .find(|o| o.device_id.as_deref() == Some(device_id))
-            .map_or(i.wall, |o| o.placed_at)
-    };
+            .map_or(self.i.wall, |o| o.placed_at)
+    }
 
-    // 1. The ledger: orders seen, orders past their deadline.
-    let mut unseen_orders = 0;
-    for o in i.ledger.iter().filter(|o| o.state == OrderState::Placed) {
-        let found = devices
-            .iter()
-            .find(|(_, d)| d.tag(REQUEST_TAG) == Some(o.request_id.as_str()));
-        if let Some((_, d)) = found {
-            p.actions.push(Action::Seen {
-                request_id: o.request_id.clone(),
-                device_id: d.id.clone(),
-            });
-        } else if i.wall.duration_since(o.placed_at).is_ok_and(|age| {
+    fn act(&mut self, action: Action) {
+        self.p.actions.push(action);
+    }
+
+    fn note(&mut self, note: String) {
+        self.p.summary.notes.push(note);
+    }
+
+    /// 1. The ledger: orders seen, orders past their deadline looked up. How many orders
+    /// are not seen yet (they count as supply).
+    fn orders_seen(&mut self) -> usize {
+        let i = self.i;
+        let mut unseen_orders = 0;
+        for o in i.ledger.iter().filter(|o| o.state == OrderState::Placed) {
+            let found = self
+                .devices
+                .iter()
+                .find(|(_, d)| d.tag(REQUEST_TAG) == Some(o.request_id.as_str()))
+                .map(|(_, d)| d.id.clone());
+            if let Some(device_id) = found {
+                self.act(Action::Seen {
+                    request_id: o.request_id.clone(),
+                    device_id,
+                });
+                continue;
+            }
             let wait = if o.device_id.is_none() {
                 i.rules.unanswered_order_wait
             } else {
                 i.rules.order_deadline
             };
-            age >= wait
-        }) {
-            // Counted this round still: the look-up's answer decides the next one.
-            p.actions.push(Action::LookUpOrder {
-                request_id: o.request_id.clone(),
-                zone: o.zone.clone(),
-            });
-            unseen_orders += 1;
-        } else {
-            // On its way: the vendor's list may lag its create.
+            if i.wall
+                .duration_since(o.placed_at)
+                .is_ok_and(|age| age >= wait)
+            {
+                // Counted this round still: the look-up's answer decides the next one.
+                self.act(Action::LookUpOrder {
+                    request_id: o.request_id.clone(),
+                    zone: o.zone.clone(),
+                });
+            }
+            // Otherwise on its way: the vendor's list may lag its create.
             unseen_orders += 1;
         }
+        unseen_orders
     }
 
-    // 2. Releases in flight: confirmed once the server is no longer listed; retried on
-    // their back-off otherwise.
-    for (device_id, r) in &m.releasing {
-        match by_id.get(device_id.as_str()) {
-            None if zone_complete(&r.zone) => p.actions.push(Action::Released {
-                device_id: device_id.clone(),
-            }),
-            Some(d) if matches!(d.state, DeviceState::Deleting | DeviceState::Gone) => {
-                p.actions.push(Action::Released {
+    /// 2. Releases in flight: confirmed once the server is no longer listed; retried on
+    /// their back-off otherwise.
+    fn releases_confirmed(&mut self) {
+        let (i, m) = (self.i, self.m);
+        for (device_id, r) in &m.releasing {
+            let listed = self.by_id.get(device_id.as_str()).copied();
+            match listed {
+                None if self.zone_complete(&r.zone) => self.act(Action::Released {
                     device_id: device_id.clone(),
-                })
+                }),
+                Some(d) if matches!(d.state, DeviceState::Deleting | DeviceState::Gone) => self
+                    .act(Action::Released {
+                        device_id: device_id.clone(),
+                    }),
+                Some(_) if r.next_try.is_none_or(|t| i.now >= t) => self.act(Action::Release {
+                    device_id: device_id.clone(),
+                    zone: r.zone.clone(),
+                    node: None,
+                    why: format!("retrying the release (attempt {})", r.failures + 1),
+                }),
+                _ => {}
             }
-            Some(_) if r.next_try.is_none_or(|t| i.now >= t) => p.actions.push(Action::Release {
-                device_id: device_id.clone(),
-                zone: r.zone.clone(),
-                node: None,
-                why: format!("retrying the release (attempt {})", r.failures + 1),
-            }),
-            _ => {}
         }
     }
 
-    // 3. Known nodes the inventory no longer shows: drained (never dropped) once
-    // confirmed gone or missing too often; an operator's hand on a scale-in drain.
-    // Servers whose node an operator removed (admin `DELETE`: drained, then out of the
-    // pool): released, not adopted again.
-    let mut removed_by_operator: HashSet<&str> = HashSet::new();
-    for (id, k) in &m.known {
-        let Some(node) = nodes.get(id.as_str()) else {
-            if !m.draining.contains_key(id) {
-                if by_id.contains_key(k.device_id.as_str())
-                    && !m.releasing.contains_key(&k.device_id)
-                {
-                    removed_by_operator.insert(k.device_id.as_str());
-                    p.actions.push(Action::Release {
-                        device_id: k.device_id.clone(),
-                        zone: k.zone.clone(),
-                        node: None,
-                        why: format!("its node {id} was removed by an operator"),
-                    });
+    /// 3. Known nodes the inventory no longer shows: drained (never dropped) once
+    /// confirmed gone or missing too often. Servers whose node an operator removed
+    /// (admin `DELETE`: drained, then out of the pool) are released, not adopted again:
+    /// their ids.
+    fn nodes_gone(&mut self) -> HashSet<&'a str> {
+        let m = self.m;
+        let mut removed_by_operator: HashSet<&str> = HashSet::new();
+        for (id, k) in &m.known {
+            let Some(node) = self.nodes.get(id.as_str()).copied() else {
+                if !m.draining.contains_key(id) {
+                    if self.by_id.contains_key(k.device_id.as_str())
+                        && !m.releasing.contains_key(&k.device_id)
+                    {
+                        removed_by_operator.insert(k.device_id.as_str());
+                        self.act(Action::Release {
+                            device_id: k.device_id.clone(),
+                            zone: k.zone.clone(),
+                            node: None,
+                            why: format!("its node {id} was removed by an operator"),
+                        });
+                    }
+                    self.act(Action::Forget { id: id.clone() });
                 }
-                p.actions.push(Action::Forget { id: id.clone() });
-            }
-            continue;
-        };
-        let listed = by_id.contains_key(k.device_id.as_str());
+                continue;
+            };
+            self.node_present_or_missing(id, k, node);
+        }
+        removed_by_operator
+    }
+
+    /// A known node's server: listed (or found by a look-up), or missing once more;
+    /// drained when confirmed gone or missing from `missing_limit` complete listings.
+    fn node_present_or_missing(&mut self, id: &String, k: &Known, node: &Node) {
+        let (i, m) = (self.i, self.m);
+        let listed = self.by_id.contains_key(k.device_id.as_str());
         let present = listed || matches!(i.looked_up.get(&k.device_id), Some(LookUp::Present(_)));
         if present {
             if m.missing.contains_key(id) {
-                p.actions.push(Action::Present { id: id.clone() });
+                self.act(Action::Present { id: id.clone() });
             }
-        } else if zone_complete(&k.zone) && !m.draining.contains_key(id) {
-            let gone = i.looked_up.get(&k.device_id) == Some(&LookUp::Gone);
-            let misses = m.missing.get(id).copied().unwrap_or(0) + 1;
-            if gone || misses >= i.rules.missing_limit {
-                p.summary.notes.push(format!(
-                    "server {} of node {id} is gone at the provider ({}); draining the node",
-                    k.device_id,
-                    if gone {
-                        "confirmed by a look-up".to_owned()
-                    } else {
-                        format!("missing from {misses} complete listings")
-                    }
-                ));
-                if node.state != State::Draining {
-                    p.actions.push(Action::Drain {
-                        id: id.clone(),
-                        why: DrainWhy::Vanished,
-                    });
+            return;
+        }
+        if !self.zone_complete(&k.zone) || m.draining.contains_key(id) {
+            return;
+        }
+        let gone = i.looked_up.get(&k.device_id) == Some(&LookUp::Gone);
+        let misses = m.missing.get(id).copied().unwrap_or(0) + 1;
+        if gone || misses >= i.rules.missing_limit {
+            self.note(format!(
+                "server {} of node {id} is gone at the provider ({}); draining the node",
+                k.device_id,
+                if gone {
+                    "confirmed by a look-up".to_owned()
+                } else {
+                    format!("missing from {misses} complete listings")
                 }
-            } else {
-                p.actions.push(Action::Missing { id: id.clone() });
-                p.summary.notes.push(format!(
-                    "server {} of node {id} missing from the listing ({misses} of {}); kept",
-                    k.device_id, i.rules.missing_limit
-                ));
+            ));
+            if node.state != State::Draining {
+                self.act(Action::Drain {
+                    id: id.clone(),
+                    why: DrainWhy::Vanished,
+                });
             }
+        } else {
+            self.act(Action::Missing { id: id.clone() });
+            self.note(format!(
+                "server {} of node {id} missing from the listing ({misses} of {}); kept",
+                k.device_id, i.rules.missing_limit
+            ));
         }
     }
-    let mut scale_in_draining = false;
-    for (id, why) in &m.draining {
-        let Some(node) = nodes.get(id.as_str()) else {
-            p.actions.push(Action::Forget { id: id.clone() });
-            continue;
-        };
-        if node.state != State::Draining {
-            // Undrained or put in maintenance by an operator: theirs now.
-            p.actions.push(Action::OperatorKept { id: id.clone() });
-            continue;
-        }
-        if !node.drain_done {
-            scale_in_draining |= *why == DrainWhy::ScaleIn;
-            continue;
-        }
-        match (why, m.known.get(id)) {
-            (DrainWhy::Vanished, _) | (_, None) => {
-                p.actions.push(Action::Remove { id: id.clone() })
+
+    /// 3a. Drains that finished: removed, released, or parked as a spare until the paid
+    /// hour ends; an operator's hand on a drain makes the node theirs. Whether a
+    /// scale-in drain is still under way.
+    fn drains_finished(&mut self) -> bool {
+        let (i, m) = (self.i, self.m);
+        let mut scale_in_draining = false;
+        for (id, why) in &m.draining {
+            let Some(node) = self.nodes.get(id.as_str()).copied() else {
+                self.act(Action::Forget { id: id.clone() });
+                continue;
+            };
+            if node.state != State::Draining {
+                // Undrained or put in maintenance by an operator: theirs now.
+                self.act(Action::OperatorKept { id: id.clone() });
+                continue;
             }
-            (DrainWhy::Broken, Some(k)) => p.actions.push(Action::Release {
-                device_id: k.device_id.clone(),
-                zone: k.zone.clone(),
-                node: Some(id.clone()),
-                why: "its server failed".into(),
-            }),
-            (DrainWhy::ScaleIn, Some(k)) => {
-                if release_due(placed_at(&k.device_id), i.wall, i.rules.release_margin) {
-                    p.actions.push(Action::Release {
+            if !node.drain_done {
+                scale_in_draining |= *why == DrainWhy::ScaleIn;
+                continue;
+            }
+            let action = match (why, m.known.get(id)) {
+                (DrainWhy::Vanished, _) | (_, None) => Action::Remove { id: id.clone() },
+                (DrainWhy::Broken, Some(k)) => Action::Release {
+                    device_id: k.device_id.clone(),
+                    zone: k.zone.clone(),
+                    node: Some(id.clone()),
+                    why: "its server failed".into(),
+                },
+                (DrainWhy::ScaleIn, Some(k))
+                    if release_due(
+                        self.placed_at(&k.device_id),
+                        i.wall,
+                        i.rules.release_margin,
+                    ) =>
+                {
+                    Action::Release {
                         device_id: k.device_id.clone(),
                         zone: k.zone.clone(),
                         node: Some(id.clone()),
                         why: "scaled in; its paid hour is ending".into(),
-                    });
-                } else {
-                    p.actions.push(Action::Park { id: id.clone() });
+                    }
                 }
-            }
+                (DrainWhy::ScaleIn, Some(_)) => Action::Park { id: id.clone() },
+            };
+            self.act(action);
         }
+        scale_in_draining
     }
 
-    // 3b. Bootstraps: a delivered server proves itself healthy by its deadline, or it is
-    // released (it never served: nothing to drain) and counted as a failure.
-    let mut expired: HashSet<&str> = HashSet::new();
-    for id in &m.booting {
-        let Some(n) = nodes.get(id.as_str()) else {
-            continue;
-        };
-        let booted = n.state == State::InService || (n.state == State::Standby && n.healthy);
-        if booted {
-            p.actions.push(Action::Booted { id: id.clone() });
-        } else if matches!(n.state, State::Warming | State::Standby)
-            && n.in_state_for >= i.rules.bootstrap_timeout
-        {
+    /// 3b. Bootstraps: a delivered server proves itself healthy by its deadline, or it is
+    /// released (it never served: nothing to drain) and counted as a failure. The nodes
+    /// whose deadline passed.
+    fn bootstraps(&mut self) -> HashSet<&'a str> {
+        let (i, m) = (self.i, self.m);
+        let mut expired: HashSet<&str> = HashSet::new();
+        for id in &m.booting {
+            let Some(n) = self.nodes.get(id.as_str()).copied() else {
+                continue;
+            };
+            let booted = n.state == State::InService || (n.state == State::Standby && n.healthy);
+            if booted {
+                self.act(Action::Booted { id: id.clone() });
+                continue;
+            }
+            if !matches!(n.state, State::Warming | State::Standby)
+                || n.in_state_for < i.rules.bootstrap_timeout
+            {
+                continue;
+            }
             let error = n
                 .last_probe_error
                 .clone()
                 .unwrap_or_else(|| "no health check answered".into());
             expired.insert(id.as_str());
             if let Some(k) = m.known.get(id) {
-                p.actions.push(Action::Release {
+                self.act(Action::Release {
                     device_id: k.device_id.clone(),
                     zone: k.zone.clone(),
                     node: Some(id.clone()),
@@ -515,21 +622,29 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
                     ),
                 });
             }
-            p.actions.push(Action::BootFailed {
+            self.act(Action::BootFailed {
                 id: id.clone(),
                 error,
             });
         }
+        expired
     }
-    let failures = m.bootstrap_failures
-        + p.actions
-            .iter()
-            .filter(|a| matches!(a, Action::BootFailed { .. }))
-            .count() as u32;
-    let booted_now = p.actions.iter().any(|a| matches!(a, Action::Booted { .. }));
-    if failures >= i.rules.bootstrap_failure_limit && !booted_now {
-        let last = p
-            .actions
+
+    /// Orders stop while delivered servers keep failing their bootstrap: said once, with
+    /// the last error.
+    fn bootstrap_alarm(&mut self) {
+        let (i, m) = (self.i, self.m);
+        let actions = &self.p.actions;
+        let failures = m.bootstrap_failures
+            + actions
+                .iter()
+                .filter(|a| matches!(a, Action::BootFailed { .. }))
+                .count() as u32;
+        let booted_now = actions.iter().any(|a| matches!(a, Action::Booted { .. }));
+        if failures < i.rules.bootstrap_failure_limit || booted_now {
+            return;
+        }
+        let last = actions
             .iter()
             .rev()
             .find_map(|a| match a {
@@ -538,127 +653,145 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             })
             .or_else(|| m.last_bootstrap_error.clone())
             .unwrap_or_default();
-        p.summary.bootstrap_alarm = Some(format!(
+        self.p.summary.bootstrap_alarm = Some(format!(
             "bootstrap is failing: {failures} delivered servers in a row were not healthy within {}; no more orders until one is (last error: {last})",
             humantime::format_duration(i.rules.bootstrap_timeout)
         ));
     }
 
-    // 4. Delivered servers join the pool; failed ones and long-down nodes are released.
-    let count = |s: State| {
-        i.nodes
-            .iter()
-            .filter(|n| n.state == s && !expired.contains(n.id.as_str()))
-            .count()
-    };
-    let mut in_service = count(State::InService);
-    // Warming nodes count as capacity on its way only until their bootstrap deadline.
-    let mut toward_service = in_service + count(State::Warming);
-    let mut pending = count(State::Warming);
-    let mut spares: Vec<&str> = i
-        .nodes
-        .iter()
-        .filter(|n| n.state == State::Standby && !expired.contains(n.id.as_str()))
-        .map(|n| n.id.as_str())
-        .collect();
-    let first_adoption = !m.adopted_once;
-    for (z, d) in &devices {
-        if m.releasing.contains_key(&d.id) || removed_by_operator.contains(d.id.as_str()) {
-            continue;
+    /// 4. Delivered servers join the pool (as spares first, if spares are short); failed
+    /// ones are drained or released. The capacity counted on the way.
+    fn deliveries(&mut self, expired: &HashSet<&str>, removed: &HashSet<&str>) -> Count {
+        let (i, m) = (self.i, self.m);
+        let count = |s: State| {
+            i.nodes
+                .iter()
+                .filter(|n| n.state == s && !expired.contains(n.id.as_str()))
+                .count()
+        };
+        // Warming nodes count as capacity on its way only until their bootstrap deadline.
+        let mut c = Count {
+            in_service: count(State::InService),
+            toward_service: count(State::InService) + count(State::Warming),
+            pending: count(State::Warming),
+            spares: count(State::Standby),
+        };
+        let first_adoption = !m.adopted_once;
+        for (z, d) in self.devices.clone() {
+            if m.releasing.contains_key(&d.id) || removed.contains(d.id.as_str()) {
+                continue;
+            }
+            match d.state {
+                DeviceState::Ready => self.delivered(z, d, first_adoption, &mut c),
+                DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing => {
+                    c.pending += 1
+                }
+                DeviceState::Failed if z.complete => self.failed(z, d),
+                DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
+            }
         }
+        c
+    }
+
+    /// A ready server not in the pool: adopted (warming, or as a spare) once it has a
+    /// usable address; released if it has none by the order deadline.
+    fn delivered(&mut self, z: &ZoneListing, d: &Device, first_adoption: bool, c: &mut Count) {
+        let i = self.i;
         let id = backend_id(d);
-        match d.state {
-            DeviceState::Ready => {
-                if nodes.contains_key(id.as_str()) || m.draining.contains_key(&id) {
-                    continue;
-                }
-                let address = if i.rules.private_network {
-                    i.addresses.get(&d.id).copied()
-                } else {
-                    d.address
-                };
-                let Some(ip) = address.filter(usable_address) else {
-                    // Counted as on its way (it is billed and may get an address), not
-                    // ordered again; released if it never becomes usable.
-                    pending += 1;
-                    let since = placed_at(&d.id);
-                    if i.wall.duration_since(since).unwrap_or_default() >= i.rules.order_deadline {
-                        p.actions.push(Action::Release {
-                            device_id: d.id.clone(),
-                            zone: z.zone.clone(),
-                            node: None,
-                            why: "ready but without a usable address past the order deadline"
-                                .into(),
-                        });
-                    } else {
-                        p.summary.notes.push(format!(
-                            "server {} is ready but has no usable address yet",
-                            d.id
-                        ));
-                    }
-                    continue;
-                };
-                let spare = adopt_as_spare(
-                    first_adoption,
-                    toward_service,
-                    i.desired,
-                    spares.len(),
-                    i.rules.standby,
-                );
-                p.actions.push(Action::Adopt {
-                    id: id.clone(),
-                    known: Known {
-                        zone: z.zone.clone(),
-                        device_id: d.id.clone(),
-                    },
-                    addr: SocketAddr::new(ip, i.rules.blade_port),
-                    spare,
-                    created_at: d.created_at,
-                    request_id: d.tag(REQUEST_TAG).map(str::to_owned),
-                });
-                if spare {
-                    spares.push("");
-                } else {
-                    toward_service += 1;
-                    pending += 1;
-                }
-            }
-            DeviceState::Requested | DeviceState::Provisioning | DeviceState::Installing => {
-                pending += 1
-            }
-            DeviceState::Failed if z.complete => match nodes.get(id.as_str()) {
-                // Serving or warming: drained first, released once drained.
-                Some(n) if matches!(n.state, State::InService | State::Warming) => {
-                    p.summary.notes.push(format!(
-                        "server {} of node {id} failed ({}); draining it before release",
-                        d.id, d.vendor_status
-                    ));
-                    if !m.draining.contains_key(&id) {
-                        p.actions.push(Action::Drain {
-                            id,
-                            why: DrainWhy::Broken,
-                        });
-                    }
-                }
-                Some(n) if n.state == State::Draining => {}
-                node => p.actions.push(Action::Release {
+        if self.nodes.contains_key(id.as_str()) || self.m.draining.contains_key(&id) {
+            return;
+        }
+        let address = if i.rules.private_network {
+            i.addresses.get(&d.id).copied()
+        } else {
+            d.address
+        };
+        let Some(ip) = address.filter(usable_address) else {
+            // Counted as on its way (it is billed and may get an address), not ordered
+            // again; released if it never becomes usable.
+            c.pending += 1;
+            let since = self.placed_at(&d.id);
+            if i.wall.duration_since(since).unwrap_or_default() >= i.rules.order_deadline {
+                self.act(Action::Release {
                     device_id: d.id.clone(),
                     zone: z.zone.clone(),
-                    node: node.map(|_| id),
-                    why: format!("the server failed ({})", d.vendor_status),
-                }),
+                    node: None,
+                    why: "ready but without a usable address past the order deadline".into(),
+                });
+            } else {
+                self.note(format!(
+                    "server {} is ready but has no usable address yet",
+                    d.id
+                ));
+            }
+            return;
+        };
+        let spare = adopt_as_spare(
+            first_adoption,
+            c.toward_service,
+            i.desired,
+            c.spares,
+            i.rules.standby,
+        );
+        self.act(Action::Adopt {
+            id,
+            known: Known {
+                zone: z.zone.clone(),
+                device_id: d.id.clone(),
             },
-            DeviceState::Failed | DeviceState::Deleting | DeviceState::Gone => {}
+            addr: SocketAddr::new(ip, i.rules.blade_port),
+            spare,
+            created_at: d.created_at,
+            request_id: d.tag(REQUEST_TAG).map(str::to_owned),
+        });
+        if spare {
+            c.spares += 1;
+        } else {
+            c.toward_service += 1;
+            c.pending += 1;
         }
     }
-    for n in i.nodes.iter().filter(|n| {
-        n.origin == Origin::Provisioned
-            && n.state == State::Down
-            && n.in_state_for >= i.rules.down_release_after
-    }) {
-        if let Some(k) = m.known.get(&n.id) {
+
+    /// A server the vendor says failed: drained first if it serves, else released.
+    fn failed(&mut self, z: &ZoneListing, d: &Device) {
+        let id = backend_id(d);
+        match self.nodes.get(id.as_str()).copied() {
+            // Serving or warming: drained first, released once drained.
+            Some(n) if matches!(n.state, State::InService | State::Warming) => {
+                self.note(format!(
+                    "server {} of node {id} failed ({}); draining it before release",
+                    d.id, d.vendor_status
+                ));
+                if !self.m.draining.contains_key(&id) {
+                    self.act(Action::Drain {
+                        id,
+                        why: DrainWhy::Broken,
+                    });
+                }
+            }
+            Some(n) if n.state == State::Draining => {}
+            node => self.act(Action::Release {
+                device_id: d.id.clone(),
+                zone: z.zone.clone(),
+                node: node.map(|_| id),
+                why: format!("the server failed ({})", d.vendor_status),
+            }),
+        }
+    }
+
+    /// Provisioned nodes down for `down_release_after`: released.
+    fn release_long_down(&mut self) {
+        let (i, m) = (self.i, self.m);
+        for n in i.nodes.iter().filter(|n| {
+            n.origin == Origin::Provisioned
+                && n.state == State::Down
+                && n.in_state_for >= i.rules.down_release_after
+        }) {
+            let Some(k) = m.known.get(&n.id) else {
+                continue;
+            };
             if !m.releasing.contains_key(&k.device_id) {
-                p.actions.push(Action::Release {
+                self.act(Action::Release {
                     device_id: k.device_id.clone(),
                     zone: k.zone.clone(),
                     node: Some(n.id.clone()),
@@ -671,41 +804,42 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         }
     }
 
-    // 5. Spares first: in service within this round.
-    let mut promotable: Vec<&str> = i
-        .nodes
-        .iter()
-        .filter(|n| n.state == State::Standby)
-        .map(|n| n.id.as_str())
-        .collect();
-    while i.desired > in_service + pending {
-        let Some(id) = promotable.pop() else { break };
-        p.actions.push(Action::Promote { id: id.to_owned() });
-        spares.retain(|s| *s != id);
-        in_service += 1;
+    /// 5. Spares first: in service within this round.
+    fn promote_spares(&mut self, c: &mut Count, expired: &HashSet<&str>) {
+        let i = self.i;
+        let mut promotable = i.nodes.iter().filter(|n| n.state == State::Standby);
+        while i.desired > c.in_service + c.pending {
+            let Some(n) = promotable.next_back() else {
+                break;
+            };
+            self.act(Action::Promote { id: n.id.clone() });
+            // A spare past its bootstrap deadline was not counted as one.
+            if !expired.contains(n.id.as_str()) {
+                c.spares = c.spares.saturating_sub(1);
+            }
+            c.in_service += 1;
+        }
     }
-    let supply = in_service + pending + unseen_orders + spares.len();
-    p.summary.in_service = in_service;
-    p.summary.pending = pending + unseen_orders;
-    p.summary.standby = spares.len();
-    p.summary.supply = supply;
-    p.summary.draining = m.draining.len();
 
-    // 6. Scale up, within the budget: what is on its way counts, so a slow delivery or a
-    // lagging list is not ordered twice.
-    let target = i.desired + i.rules.standby;
-    if all_complete
-        && target > supply
-        && m.next_order_at.is_none_or(|t| i.now >= t)
-        && p.summary.bootstrap_alarm.is_none()
-    {
+    /// 6. Scale up, within the budget: what is on its way counts, so a slow delivery or a
+    /// lagging list is not ordered twice.
+    fn scale_up(&mut self, supply: usize) {
+        let i = self.i;
+        let target = i.desired + i.rules.standby;
+        if !self.all_complete
+            || target <= supply
+            || self.m.next_order_at.is_some_and(|t| i.now < t)
+            || self.p.summary.bootstrap_alarm.is_some()
+        {
+            return;
+        }
         let wanted = (target - supply).min(MAX_ORDERS_PER_ROUND);
         let (allowed, limit) = within_budget(wanted, i);
         if let Some(limit) = limit {
-            p.summary.budget_reached = Some(limit);
+            self.p.summary.budget_reached = Some(limit);
         }
         if allowed > 0 {
-            p.actions.push(Action::Order {
+            self.act(Action::Order {
                 count: allowed,
                 reason: format!(
                     "{} wanted ({} in service + standby {}), {supply} in service, on the way or spare",
@@ -715,34 +849,20 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         }
     }
 
-    // 7. Scale in, cheapest first, billing-aware; never while a listing is incomplete or
-    // another scale-in drain is under way.
-    if all_complete && supply > target && !scale_in_draining {
-        let mut surplus = supply - target;
-        let spare_ids: Vec<&str> = i
-            .nodes
-            .iter()
-            .filter(|n| n.state == State::Standby && n.origin == Origin::Provisioned)
-            .map(|n| n.id.as_str())
-            .collect();
-        let extra_spares = spare_ids.len().saturating_sub(i.rules.standby);
-        for id in spare_ids.iter().take(extra_spares.min(surplus)) {
-            let Some(k) = m.known.get(*id) else { continue };
-            if release_due(placed_at(&k.device_id), i.wall, i.rules.release_margin) {
-                p.actions.push(Action::Release {
-                    device_id: k.device_id.clone(),
-                    zone: k.zone.clone(),
-                    node: Some((*id).to_owned()),
-                    why: "surplus spare; its paid hour is ending".into(),
-                });
-            }
-            // Kept otherwise: paid for anyway, and ready at once if the load comes back.
-            surplus -= 1;
+    /// 7. Scale in, cheapest first, billing-aware; never while a listing is incomplete or
+    /// another scale-in drain is under way.
+    fn scale_in(&mut self, supply: usize, in_service: usize, scale_in_draining: bool) {
+        let (i, m) = (self.i, self.m);
+        let target = i.desired + i.rules.standby;
+        if !self.all_complete || supply <= target || scale_in_draining {
+            return;
         }
+        let mut surplus = self.release_surplus_spares(supply - target);
         // An order on its way is never cancelled because the count went down: it was
         // placed for a reason, its hour is paid, and it becomes a spare when delivered
         // (released like any spare, on the billing clock). It covers surplus meanwhile.
-        let on_the_way = devices
+        let on_the_way = self
+            .devices
             .iter()
             .filter(|(_, d)| {
                 matches!(
@@ -752,28 +872,55 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             })
             .count();
         surplus = surplus.saturating_sub(on_the_way);
-        if surplus > 0 && i.desired < in_service {
-            // The node whose paid hour ends soonest: it is the cheapest to let go.
-            let candidate = i
-                .nodes
-                .iter()
-                .filter(|n| {
-                    n.state == State::InService
-                        && n.origin == Origin::Provisioned
-                        && !m.operator_kept.contains(&n.id)
-                        && !m.draining.contains_key(&n.id)
-                })
-                .filter_map(|n| m.known.get(&n.id).map(|k| (n, k)))
-                .min_by_key(|(_, k)| paid_hour_ends(placed_at(&k.device_id), i.wall));
-            if let Some((n, _)) = candidate {
-                p.actions.push(Action::Drain {
-                    id: n.id.clone(),
-                    why: DrainWhy::ScaleIn,
-                });
-            }
+        if surplus == 0 || i.desired >= in_service {
+            return;
+        }
+        // The node whose paid hour ends soonest: it is the cheapest to let go.
+        let candidate = i
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.state == State::InService
+                    && n.origin == Origin::Provisioned
+                    && !m.operator_kept.contains(&n.id)
+                    && !m.draining.contains_key(&n.id)
+            })
+            .filter_map(|n| m.known.get(&n.id).map(|k| (n, k)))
+            .min_by_key(|(_, k)| paid_hour_ends(self.placed_at(&k.device_id), i.wall));
+        if let Some((n, _)) = candidate {
+            self.act(Action::Drain {
+                id: n.id.clone(),
+                why: DrainWhy::ScaleIn,
+            });
         }
     }
-    p
+
+    /// Spares beyond `standby` cover the surplus first; each is released when its paid
+    /// hour is ending and kept otherwise (paid for anyway, ready at once if the load
+    /// comes back). The surplus left.
+    fn release_surplus_spares(&mut self, mut surplus: usize) -> usize {
+        let (i, m) = (self.i, self.m);
+        let spare_ids: Vec<&str> = i
+            .nodes
+            .iter()
+            .filter(|n| n.state == State::Standby && n.origin == Origin::Provisioned)
+            .map(|n| n.id.as_str())
+            .collect();
+        let extra_spares = spare_ids.len().saturating_sub(i.rules.standby);
+        for id in spare_ids.iter().take(extra_spares.min(surplus)) {
+            let Some(k) = m.known.get(*id) else { continue };
+            if release_due(self.placed_at(&k.device_id), i.wall, i.rules.release_margin) {
+                self.act(Action::Release {
+                    device_id: k.device_id.clone(),
+                    zone: k.zone.clone(),
+                    node: Some((*id).to_owned()),
+                    why: "surplus spare; its paid hour is ending".into(),
+                });
+            }
+            surplus -= 1;
+        }
+        surplus
+    }
 }
 
 /// How many of `wanted` orders the budget allows, and the limit that cut them, in words.
