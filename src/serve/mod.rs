@@ -274,27 +274,7 @@ pub async fn start_with(
 ) -> Result<Running, ServeError> {
     // Before any backend exists: backends register their metric handles when created.
     let metrics = crate::telemetry::prometheus();
-    let mut blades = Vec::new();
-    let mut extra = Vec::new();
-    if let Some(local) = &cfg.local_blades {
-        for n in 1..=local.count {
-            let handle = blade::start(BladeConfig {
-                id: format!("blade-{n}"),
-                listen: ([127, 0, 0, 1], 0).into(),
-                latency: local.latency,
-                cpu_work: local.cpu_work,
-                tls: None,
-            })
-            .await?;
-            extra.push(Arc::new(Backend::new(
-                &handle.id,
-                handle.addr,
-                1,
-                Origin::Local,
-            )));
-            blades.push(handle);
-        }
-    }
+    let (blades, extra) = start_local_blades(cfg).await?;
     let pool = Arc::new(Pool::from_config(&cfg.pool, extra));
     let (background, rx) = watch::channel(false);
     let cluster = match &cfg.cluster {
@@ -302,78 +282,19 @@ pub async fn start_with(
         None => None,
     };
     share_ticket_claims(&pool, cluster.as_ref());
-    let upstream_tls = match &cfg.pool.tls {
-        Some(t) => Some(
-            crate::proxy::tls::UpstreamTls::new(t)
-                .map_err(|e| ServeError::Proxy(ProxyError::UpstreamTls(e)))?,
-        ),
-        None => None,
-    };
-    let prober = Arc::new(HttpProber::new(cfg.proxy.connect_timeout).with_tls(upstream_tls));
-    tokio::spawn(health::run(
-        pool.clone(),
-        cfg.pool.health.clone(),
-        prober,
-        rx.clone(),
-    ));
-    tokio::spawn(health::run_upkeep(
-        pool.clone(),
-        UPKEEP_INTERVAL,
-        rx.clone(),
-    ));
-    if pool.traffic.waiting.is_some() {
-        tokio::spawn(tidy_waiting_room(pool.clone(), rx));
-    }
-    // The simulator's key exists only in this process: nothing to leak.
-    let maas = cfg.provider.as_ref().is_some_and(|p| p.kind == "maas");
-    let sim_token = if maas {
-        // A MAAS API key: consumer:token:secret.
-        format!(
-            "surge-sim:{:016x}:{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        )
-    } else {
-        format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-    };
-    let sim = match &cfg.sim {
-        Some(s) => {
-            let token = sim_token.clone();
-            let mut sim_cfg = crate::sim::SimConfig::demo(s.listen, &token);
-            if maas {
-                sim_cfg.api = crate::sim::SimApi::Maas;
-                sim_cfg.machines_per_zone = s.capacity;
-            }
-            if let Some(p) = &cfg.provider {
-                sim_cfg.zones = p.zones.clone();
-            }
-            sim_cfg.delivery = s.delivery;
-            sim_cfg.install = s.install;
-            sim_cfg.capacity = s.capacity;
-            sim_cfg.blade_port = s.blade_port;
-            sim_cfg.state_file = s.state_file.clone();
-            sim_cfg.spread = s.spread;
-            sim_cfg.time_scale = s.time_scale;
-            sim_cfg.blade_latency = s.blade_latency;
-            sim_cfg.blade_cpu_work = s.blade_cpu_work;
-            Some(crate::sim::start(sim_cfg).await?)
-        }
-        None => None,
-    };
+    start_pool_upkeep(cfg, &pool, rx)?;
+    let (sim, sim_token) = start_sim(cfg).await?;
     let autoscaler = match (&cfg.autoscale, &cfg.provider) {
         (Some(a), Some(p)) => {
-            let (api_url, secret) = match (&p.api_url, &sim) {
+            let api = match (&p.api_url, &sim) {
                 (Some(url), _) => (
                     url.clone(),
                     std::env::var(&p.secret_key_env)
                         .map_err(|_| ServeError::MissingSecret(p.secret_key_env.clone()))?,
                 ),
-                (None, Some(s)) => (s.url(), sim_token.clone()),
+                (None, Some(s)) => (s.url(), sim_token),
                 (None, None) => return Err(ServeError::NoSimulator),
             };
-            let shared = Arc::new(crate::autoscale::Shared::new(a.paused));
-            pool.traffic.scaling.set_share(a.max_client_share);
-            let ledger = crate::autoscale::open_ledger(a)?;
             let start = AutoscalerStart {
                 pool: pool.clone(),
                 cfg: a.clone(),
@@ -384,72 +305,17 @@ pub async fn start_with(
                     .first()
                     .map(|l| l.listen.to_string())
                     .unwrap_or_default(),
-                ledger,
-                shared: shared.clone(),
+                ledger: crate::autoscale::open_ledger(a)?,
+                shared: Arc::new(crate::autoscale::Shared::new(a.paused)),
                 cluster: cluster.clone(),
                 shutdown: background.subscribe(),
             };
-            let retry = crate::provider::http::Retry {
-                max_attempts: p.max_attempts,
-                backoff_base: Duration::from_millis(200),
-                backoff_max: Duration::from_secs(10),
-                max_retry_after: p.max_retry_after,
-            };
-            if maas {
-                let key: crate::provider::maas::ApiKey = secret.parse()?;
-                start.spawn(|zone| {
-                    Maas::new(MaasConfig {
-                        api_url: api_url.clone(),
-                        api_key: key.clone(),
-                        zone: zone.to_owned(),
-                        offer: p.offer.clone(),
-                        resource_pool: p.maas.as_ref().and_then(|m| m.resource_pool.clone()),
-                        tags: p.maas.as_ref().map(|m| m.tags.clone()).unwrap_or_default(),
-                        min_cpu_count: p.maas.as_ref().and_then(|m| m.min_cpu_count),
-                        min_memory_mib: p.maas.as_ref().and_then(|m| m.min_memory_mib),
-                        distro_series: p
-                            .maas
-                            .as_ref()
-                            .map_or_else(|| "noble".into(), |m| m.distro_series.clone()),
-                        erase_on_release: p.maas.as_ref().is_some_and(|m| m.erase_on_release),
-                        call_timeout: p.call_timeout,
-                        retry,
-                    })
-                })?;
-            } else {
-                start.spawn(|zone| {
-                    Scaleway::new(ScalewayConfig {
-                        api_url: api_url.clone(),
-                        zone: zone.to_owned(),
-                        project_id: p.project_id.clone(),
-                        secret_key: secret.clone(),
-                        os_id: p.os_id.clone(),
-                        call_timeout: p.call_timeout,
-                        retry,
-                    })
-                })?;
-            }
-            Some(shared)
+            pool.traffic.scaling.set_share(a.max_client_share);
+            Some(start_autoscaler(start, p, api)?)
         }
         _ => None,
     };
-    let admin_tls = match &cfg.admin.tls {
-        Some(t) => {
-            let addr = cfg.admin.listen;
-            let tls = Tls::new(format!("admin {addr}"), t)
-                .map_err(|source| ServeError::Proxy(ProxyError::Tls { addr, source }))?;
-            let (tls, mut stop) = (Arc::new(tls), background.subscribe());
-            let watched = tls.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = watched.watch() => {}
-                    _ = stop.changed() => {}
-                }
-            });
-            Some(tls)
-        }
-        None => None,
-    };
+    let admin_tls = start_admin_tls(cfg, &background)?;
     let front = Front {
         cfg: cfg.clone(),
         metrics,
@@ -513,6 +379,173 @@ pub async fn start_with(
         front,
         retired: Vec::new(),
     })
+}
+
+/// The demo's blades (`[local_blades]`), started on loopback, and their pool members.
+async fn start_local_blades(
+    cfg: &Config,
+) -> Result<(Vec<blade::BladeHandle>, Vec<Arc<Backend>>), ServeError> {
+    let (mut blades, mut extra) = (Vec::new(), Vec::new());
+    let Some(local) = &cfg.local_blades else {
+        return Ok((blades, extra));
+    };
+    for n in 1..=local.count {
+        let handle = blade::start(BladeConfig {
+            id: format!("blade-{n}"),
+            listen: ([127, 0, 0, 1], 0).into(),
+            latency: local.latency,
+            cpu_work: local.cpu_work,
+            tls: None,
+        })
+        .await?;
+        extra.push(Arc::new(Backend::new(
+            &handle.id,
+            handle.addr,
+            1,
+            Origin::Local,
+        )));
+        blades.push(handle);
+    }
+    Ok((blades, extra))
+}
+
+/// The pool's own clocks: health checks, upkeep, the waiting room's tidying.
+fn start_pool_upkeep(
+    cfg: &Config,
+    pool: &Arc<Pool>,
+    rx: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let upstream_tls = match &cfg.pool.tls {
+        Some(t) => Some(
+            crate::proxy::tls::UpstreamTls::new(t)
+                .map_err(|e| ServeError::Proxy(ProxyError::UpstreamTls(e)))?,
+        ),
+        None => None,
+    };
+    let prober = Arc::new(HttpProber::new(cfg.proxy.connect_timeout).with_tls(upstream_tls));
+    tokio::spawn(health::run(
+        pool.clone(),
+        cfg.pool.health.clone(),
+        prober,
+        rx.clone(),
+    ));
+    tokio::spawn(health::run_upkeep(
+        pool.clone(),
+        UPKEEP_INTERVAL,
+        rx.clone(),
+    ));
+    if pool.traffic.waiting.is_some() {
+        tokio::spawn(tidy_waiting_room(pool.clone(), rx));
+    }
+    Ok(())
+}
+
+/// The in-process simulator (`[sim]`) speaking the configured provider's API, and the
+/// key it accepts (it exists only in this process: nothing to leak).
+async fn start_sim(cfg: &Config) -> Result<(Option<crate::sim::SimHandle>, String), ServeError> {
+    let maas = cfg.provider.as_ref().is_some_and(|p| p.kind == "maas");
+    let token = if maas {
+        // A MAAS API key: consumer:token:secret.
+        format!(
+            "surge-sim:{:016x}:{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        )
+    } else {
+        format!("sim-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    };
+    let Some(s) = &cfg.sim else {
+        return Ok((None, token));
+    };
+    let mut sim_cfg = crate::sim::SimConfig::demo(s.listen, &token);
+    if maas {
+        sim_cfg.api = crate::sim::SimApi::Maas;
+        sim_cfg.machines_per_zone = s.capacity;
+    }
+    if let Some(p) = &cfg.provider {
+        sim_cfg.zones = p.zones.clone();
+    }
+    sim_cfg.delivery = s.delivery;
+    sim_cfg.install = s.install;
+    sim_cfg.capacity = s.capacity;
+    sim_cfg.blade_port = s.blade_port;
+    sim_cfg.state_file = s.state_file.clone();
+    sim_cfg.spread = s.spread;
+    sim_cfg.time_scale = s.time_scale;
+    sim_cfg.blade_latency = s.blade_latency;
+    sim_cfg.blade_cpu_work = s.blade_cpu_work;
+    Ok((Some(crate::sim::start(sim_cfg).await?), token))
+}
+
+/// Starts the autoscaler over the configured vendor's API (`api`: its address and
+/// secret), one provider client per zone.
+fn start_autoscaler(
+    start: AutoscalerStart,
+    p: &crate::config::ProviderConfig,
+    (api_url, secret): (String, String),
+) -> Result<Arc<crate::autoscale::Shared>, ServeError> {
+    let shared = start.shared.clone();
+    let retry = crate::provider::http::Retry {
+        max_attempts: p.max_attempts,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(10),
+        max_retry_after: p.max_retry_after,
+    };
+    if p.kind == "maas" {
+        let key: crate::provider::maas::ApiKey = secret.parse()?;
+        let maas = p.maas.as_ref();
+        start.spawn(|zone| {
+            Maas::new(MaasConfig {
+                api_url: api_url.clone(),
+                api_key: key.clone(),
+                zone: zone.to_owned(),
+                offer: p.offer.clone(),
+                resource_pool: maas.and_then(|m| m.resource_pool.clone()),
+                tags: maas.map(|m| m.tags.clone()).unwrap_or_default(),
+                min_cpu_count: maas.and_then(|m| m.min_cpu_count),
+                min_memory_mib: maas.and_then(|m| m.min_memory_mib),
+                distro_series: maas.map_or_else(|| "noble".into(), |m| m.distro_series.clone()),
+                erase_on_release: maas.is_some_and(|m| m.erase_on_release),
+                call_timeout: p.call_timeout,
+                retry,
+            })
+        })?;
+    } else {
+        start.spawn(|zone| {
+            Scaleway::new(ScalewayConfig {
+                api_url: api_url.clone(),
+                zone: zone.to_owned(),
+                project_id: p.project_id.clone(),
+                secret_key: secret.clone(),
+                os_id: p.os_id.clone(),
+                call_timeout: p.call_timeout,
+                retry,
+            })
+        })?;
+    }
+    Ok(shared)
+}
+
+/// The admin listener's TLS (`[admin.tls]`), its files watched until surge stops.
+fn start_admin_tls(
+    cfg: &Config,
+    background: &watch::Sender<bool>,
+) -> Result<Option<Arc<Tls>>, ServeError> {
+    let Some(t) = &cfg.admin.tls else {
+        return Ok(None);
+    };
+    let addr = cfg.admin.listen;
+    let tls = Tls::new(format!("admin {addr}"), t)
+        .map_err(|source| ServeError::Proxy(ProxyError::Tls { addr, source }))?;
+    let (tls, mut stop) = (Arc::new(tls), background.subscribe());
+    let watched = tls.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = watched.watch() => {}
+            _ = stop.changed() => {}
+        }
+    });
+    Ok(Some(tls))
 }
 
 /// Starts the admin API (before the proxy, so `/readyz` can say the proxy is not up).
