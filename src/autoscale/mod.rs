@@ -234,8 +234,8 @@ pub async fn run<P: Provider>(
     cluster: Option<Arc<Cluster>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut meter = Meter::with_fast_window(cfg.metrics_window, cfg.fast_window);
-    let mut state = PolicyState::default();
+    let meter = Meter::with_fast_window(cfg.metrics_window, cfg.fast_window);
+    let state = PolicyState::default();
     let started = SystemTime::now();
     let gate = cluster.clone().map(Gate::new);
     let fence = |zones: Vec<(String, P)>| -> Vec<(String, Fenced<P>)> {
@@ -260,159 +260,276 @@ pub async fn run<P: Provider>(
     if let Some(g) = &gate {
         reconciler = reconciler.fenced(g.clone());
     }
-    let servers_gauge = metrics::gauge!(names::AUTOSCALER_SERVERS);
-    let cost_gauge = metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR);
-    let today_gauge = metrics::gauge!(names::AUTOSCALER_SPENT_TODAY);
-    let desired_gauge = metrics::gauge!(names::AUTOSCALER_DESIRED);
-    let min_gauge = metrics::gauge!(names::AUTOSCALER_MIN);
-    let max_gauge = metrics::gauge!(names::AUTOSCALER_MAX);
-    max_gauge.set(cfg.policy.max as f64);
-    let leader_gauge = cluster
-        .as_ref()
-        .map(|_| metrics::gauge!(names::CLUSTER_LEADER));
-    let mut tick = tokio::time::interval(cfg.interval);
+    let cluster_present = cluster.is_some();
+    let mut round = Rounds {
+        pool,
+        cfg,
+        shared,
+        cluster,
+        gate,
+        meter,
+        state,
+        reconciler,
+        started,
+        term: None,
+        gauges: Gauges::new(cluster_present),
+    };
+    round.gauges.max.set(round.cfg.policy.max as f64);
+    let mut tick = tokio::time::interval(round.cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The term the memory belongs to: a new one starts from the etcd records.
-    let mut term: Option<crate::cluster::Term> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        let shared = round.shared.clone();
         let _round = shared.round.lock().await;
         if shared.aside.load(Ordering::SeqCst) {
             continue;
         }
         if shared.resumed.swap(false, Ordering::SeqCst) {
-            for problem in reconciler.resume() {
+            for problem in round.reconciler.resume() {
                 tracing::warn!(%problem, "autoscaler: resuming");
             }
         }
-        let now = Instant::now();
-        let local = meter.observe(&pool, now);
-        let obs = match &cluster {
-            None => local,
-            Some(c) => {
-                let lead = c.leading();
-                if let Some(g) = &leader_gauge {
-                    g.set(if lead.is_some() { 1.0 } else { 0.0 });
-                }
-                if let Some(g) = &gate {
-                    g.set_term(lead);
-                }
-                let obs = cluster_round(c, &pool, &meter, &local, &cfg, &mut reconciler, now).await;
-                if lead.is_some() && lead != term {
-                    match take_over(c, &mut reconciler).await {
-                        Ok(()) => term = lead,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cluster: cannot take over yet");
-                            if let Some(g) = &gate {
-                                g.set_term(None);
-                            }
-                        }
-                    }
-                }
-                if lead.is_none() || lead != term {
-                    term = None;
-                    let roles = c.roles().await;
-                    let operator: std::collections::HashSet<String> =
-                        c.intents().borrow().nodes.keys().cloned().collect();
-                    let mut report = match &roles {
-                        Ok(r) => reconciler.follow(r.as_ref(), &operator, now).await,
-                        // etcd away: the pool stays as it is.
-                        Err(e) => Report {
-                            errors: vec![format!("cluster: {e}; the pool is kept as it is")],
-                            ..Report::default()
-                        },
-                    };
-                    report.notes.retain(|n| !n.is_empty());
-                    shared.rounds.send_modify(|n| *n += 1);
-                    if let Ok(mut s) = shared.status.lock() {
-                        s.desired = report.in_service;
-                        s.observations = Some(obs);
-                        s.report = report;
-                        s.sample(SystemTime::now());
-                    }
-                    continue;
-                }
-                obs
-            }
+        let outcome = round.once(Instant::now()).await;
+        record(&shared, outcome);
+    }
+}
+
+/// The autoscaler's gauges.
+struct Gauges {
+    servers: metrics::Gauge,
+    cost: metrics::Gauge,
+    today: metrics::Gauge,
+    desired: metrics::Gauge,
+    min: metrics::Gauge,
+    max: metrics::Gauge,
+    /// In a cluster only.
+    leader: Option<metrics::Gauge>,
+}
+
+impl Gauges {
+    fn new(cluster: bool) -> Self {
+        Self {
+            servers: metrics::gauge!(names::AUTOSCALER_SERVERS),
+            cost: metrics::gauge!(names::AUTOSCALER_COST_PER_HOUR),
+            today: metrics::gauge!(names::AUTOSCALER_SPENT_TODAY),
+            desired: metrics::gauge!(names::AUTOSCALER_DESIRED),
+            min: metrics::gauge!(names::AUTOSCALER_MIN),
+            max: metrics::gauge!(names::AUTOSCALER_MAX),
+            leader: cluster.then(|| metrics::gauge!(names::CLUSTER_LEADER)),
+        }
+    }
+}
+
+/// What the loop keeps from one round to the next.
+struct Rounds<P: Provider> {
+    pool: Arc<Pool>,
+    cfg: AutoscaleConfig,
+    shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
+    gate: Option<Gate>,
+    meter: Meter,
+    state: PolicyState,
+    reconciler: Reconciler<Fenced<P>>,
+    started: SystemTime,
+    /// The term the memory belongs to: a new one starts from the etcd records.
+    term: Option<crate::cluster::Term>,
+    gauges: Gauges,
+}
+
+/// What a round did, for the status: a leader's (or a lone instance's) decision, or a
+/// follower's report.
+struct Outcome {
+    desired: usize,
+    observations: policy::Observations,
+    report: Report,
+    led: Option<Led>,
+}
+
+/// The part of a round only the deciding instance has.
+struct Led {
+    decision: Decision,
+    scheduled: Option<(usize, String)>,
+    cost: cost::Cost,
+}
+
+impl<P: Provider> Rounds<P> {
+    /// One round: in a cluster, a follower's if this instance does not lead (or has not
+    /// taken over yet), else the leader's.
+    async fn once(&mut self, now: Instant) -> Outcome {
+        let local = self.meter.observe(&self.pool, now);
+        let Some(c) = self.cluster.clone() else {
+            return self.lead(local, now).await;
         };
-        let current = pool.snapshot().count(crate::pool::State::InService);
-        let paused = shared.is_paused();
+        let lead = c.leading();
+        if let Some(g) = &self.gauges.leader {
+            g.set(if lead.is_some() { 1.0 } else { 0.0 });
+        }
+        if let Some(g) = &self.gate {
+            g.set_term(lead);
+        }
+        let obs = cluster_round(
+            &c,
+            &self.pool,
+            &self.meter,
+            &local,
+            &self.cfg,
+            &mut self.reconciler,
+            now,
+        )
+        .await;
+        if lead.is_some() && lead != self.term {
+            match take_over(&c, &mut self.reconciler).await {
+                Ok(()) => self.term = lead,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: cannot take over yet");
+                    if let Some(g) = &self.gate {
+                        g.set_term(None);
+                    }
+                }
+            }
+        }
+        if lead.is_none() || lead != self.term {
+            self.term = None;
+            return self.follow(&c, obs, now).await;
+        }
+        self.lead(obs, now).await
+    }
+
+    /// A follower's round: the pool set to the roles the leader published.
+    async fn follow(&mut self, c: &Cluster, obs: policy::Observations, now: Instant) -> Outcome {
+        let roles = c.roles().await;
+        let operator: std::collections::HashSet<String> =
+            c.intents().borrow().nodes.keys().cloned().collect();
+        let mut report = match &roles {
+            Ok(r) => self.reconciler.follow(r.as_ref(), &operator, now).await,
+            // etcd away: the pool stays as it is.
+            Err(e) => Report {
+                errors: vec![format!("cluster: {e}; the pool is kept as it is")],
+                ..Report::default()
+            },
+        };
+        report.notes.retain(|n| !n.is_empty());
+        Outcome {
+            desired: report.in_service,
+            observations: obs,
+            report,
+            led: None,
+        }
+    }
+
+    /// The deciding round: policy, then the reconciler's step towards its count, the
+    /// roles published for the followers, the cost.
+    async fn lead(&mut self, obs: policy::Observations, now: Instant) -> Outcome {
+        let cfg = &self.cfg;
+        let current = self.pool.snapshot().count(crate::pool::State::InService);
+        let paused = self.shared.is_paused();
         let scheduled = schedule::min_at(&cfg.schedule, chrono::Utc::now());
         let min = scheduled.map_or(cfg.policy.min, |(m, _)| m.max(cfg.policy.min));
-        min_gauge.set(min as f64);
-        let decision = policy::decide(&obs, current, min, paused, &cfg.policy, &mut state, now);
-        if decision.desired != decision.current {
-            tracing::info!(
-                current = decision.current,
-                desired = decision.desired,
-                reasons = %decision.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-                "autoscaler decision"
-            );
-        }
-        for r in &decision.reasons {
-            metrics::counter!(names::AUTOSCALER_DECISIONS, "direction" => decision.direction(), "reason" => r.label())
-                .increment(1);
-        }
-        desired_gauge.set(decision.desired as f64);
+        self.gauges.min.set(min as f64);
+        let decision = policy::decide(
+            &obs,
+            current,
+            min,
+            paused,
+            &cfg.policy,
+            &mut self.state,
+            now,
+        );
+        log_decision(&decision);
+        self.gauges.desired.set(decision.desired as f64);
         let wall = SystemTime::now();
-        if let Some(c) = &cluster {
-            reconciler.set_operator_nodes(c.intents().borrow().nodes.keys().cloned());
+        if let Some(c) = &self.cluster {
+            self.reconciler
+                .set_operator_nodes(c.intents().borrow().nodes.keys().cloned());
         }
-        let mut report = reconciler.step_at(decision.desired, now, wall).await;
-        if let Some(c) = &cluster {
-            if let Err(e) = reconciler.publish(c.instance(), wall).await {
+        let mut report = self.reconciler.step_at(decision.desired, now, wall).await;
+        if let Some(c) = &self.cluster {
+            if let Err(e) = self.reconciler.publish(c.instance(), wall).await {
                 report
                     .errors
                     .push(format!("publishing the roles to etcd: {e}"));
             }
         }
-        let cost = cost::cost(&report.orders, started, cfg.budget.timezone, wall);
-        servers_gauge.set(cost.servers as f64);
-        cost_gauge.set(cost.per_hour);
-        today_gauge.set(cost.today);
-        shared.rounds.send_modify(|n| *n += 1);
-        if let Ok(mut s) = shared.status.lock() {
-            s.desired = decision.desired;
-            let scheduled = scheduled.map(|(m, name)| (m, name.to_owned()));
-            if scheduled != s.scheduled {
-                match &scheduled {
-                    Some((m, name)) => {
-                        tracing::info!(event = %name, min = m, "scheduled event: minimum raised")
-                    }
-                    None => {
-                        tracing::info!("scheduled event over: minimum back to the configured one")
-                    }
-                }
+        let cost = cost::cost(&report.orders, self.started, cfg.budget.timezone, wall);
+        self.gauges.servers.set(cost.servers as f64);
+        self.gauges.cost.set(cost.per_hour);
+        self.gauges.today.set(cost.today);
+        Outcome {
+            desired: decision.desired,
+            observations: obs,
+            report,
+            led: Some(Led {
+                decision,
+                scheduled: scheduled.map(|(m, name)| (m, name.to_owned())),
+                cost,
+            }),
+        }
+    }
+}
+
+fn log_decision(decision: &Decision) {
+    if decision.desired != decision.current {
+        tracing::info!(
+            current = decision.current,
+            desired = decision.desired,
+            reasons = %decision.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            "autoscaler decision"
+        );
+    }
+    for r in &decision.reasons {
+        metrics::counter!(names::AUTOSCALER_DECISIONS, "direction" => decision.direction(), "reason" => r.label())
+            .increment(1);
+    }
+}
+
+/// The one place a round's outcome becomes the status the admin API and the status page
+/// read: counted, sampled, and (when this instance decided) its decision kept in the
+/// history when it changed.
+fn record(shared: &Shared, outcome: Outcome) {
+    shared.rounds.send_modify(|n| *n += 1);
+    let Ok(mut s) = shared.status.lock() else {
+        return;
+    };
+    s.desired = outcome.desired;
+    s.observations = Some(outcome.observations);
+    s.report = outcome.report;
+    let Some(led) = outcome.led else {
+        s.sample(SystemTime::now());
+        return;
+    };
+    if led.scheduled != s.scheduled {
+        match &led.scheduled {
+            Some((m, name)) => {
+                tracing::info!(event = %name, min = m, "scheduled event: minimum raised")
             }
-            s.scheduled = scheduled;
-            s.observations = Some(obs);
-            s.report = report;
-            s.cost = cost;
-            s.sample(SystemTime::now());
-            let mut decision = decision;
-            if let Some(limit) = &s.report.budget_reached {
-                decision.reasons.push(policy::Reason::Budget {
-                    limit: limit.clone(),
-                });
-            }
-            let budget_changed = |d: &Decision| {
-                d.reasons
-                    .iter()
-                    .any(|r| matches!(r, policy::Reason::Budget { .. }))
-                    != s.report.budget_reached.is_some()
-            };
-            let changed = s.decisions.back().is_none_or(|(_, d)| {
-                d.desired != decision.desired || d.current != decision.current || budget_changed(d)
-            });
-            if changed {
-                s.decisions.push_back((SystemTime::now(), decision));
-                if s.decisions.len() > HISTORY {
-                    s.decisions.pop_front();
-                }
-            }
+            None => tracing::info!("scheduled event over: minimum back to the configured one"),
+        }
+    }
+    s.scheduled = led.scheduled;
+    s.cost = led.cost;
+    s.sample(SystemTime::now());
+    let mut decision = led.decision;
+    if let Some(limit) = &s.report.budget_reached {
+        decision.reasons.push(policy::Reason::Budget {
+            limit: limit.clone(),
+        });
+    }
+    let budget_changed = |d: &Decision| {
+        d.reasons
+            .iter()
+            .any(|r| matches!(r, policy::Reason::Budget { .. }))
+            != s.report.budget_reached.is_some()
+    };
+    let changed = s.decisions.back().is_none_or(|(_, d)| {
+        d.desired != decision.desired || d.current != decision.current || budget_changed(d)
+    });
+    if changed {
+        s.decisions.push_back((SystemTime::now(), decision));
+        if s.decisions.len() > HISTORY {
+            s.decisions.pop_front();
         }
     }
 }
