@@ -1,15 +1,13 @@
 //! surge: an autoscaling L7 load balancer for e-commerce frontends.
 //!
 //! Module floors (a module imports only from floors below its own, never across its own
-//! floor; see DESIGN.md), top to bottom:
-//! 1. `serve`, `handoff`: the wiring `main` calls;
+//! floor; docs/architecture.md is the map and says what each room owns), top to bottom:
+//! 1. `serve`: the wiring `main` calls;
 //! 2. `admin`;
 //! 3. `autoscale`, `proxy`;
-//! 4. `provider`, `pool`, `sim`;
-//! 5. `telemetry`, `blade`, `loadtest`;
+//! 4. `pool`, `provider`, `sim`, `cluster`;
+//! 5. `telemetry`, `blade`, `loadtest`, `handoff`;
 //! 6. `config`.
-//!
-//! (`cluster`, on floor 4 in DESIGN.md, does not exist yet.)
 
 #![forbid(unsafe_code)]
 

@@ -95,7 +95,7 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Run a load-test plan (open model); exits 1 when an SLO fails.
     Loadtest(LoadtestArgs),
-    /// Run the bare-metal simulator (Scaleway Elastic Metal API) on loopback.
+    /// Run the bare-metal simulator (Scaleway Elastic Metal or MAAS API) on loopback.
     Sim(SimArgs),
     /// List the pool's nodes (calls the admin API).
     Nodes {
@@ -325,7 +325,7 @@ where
 
 #[derive(clap::Args, Debug)]
 struct LoadtestArgs {
-    /// The plan (see loadtests/*.toml and README.md).
+    /// The plan (see loadtests/*.toml and docs/operations.md).
     #[arg(required_unless_present = "compare")]
     file: Option<PathBuf>,
     /// Instead of running: overlay two runs' report.json (before, after) into

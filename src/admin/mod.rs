@@ -2,7 +2,8 @@
 //! remove nodes, Prometheus metrics, liveness and readiness.
 //!
 //! Owns: routing, authentication, JSON shapes. Must not: hold state of its own (everything
-//! it shows or changes lives in `pool`), or import the proxy.
+//! it shows or changes lives in `pool`, the autoscaler's shared status or the cluster), or
+//! import the proxy.
 
 pub mod api;
 pub mod client;
@@ -1246,6 +1247,14 @@ fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     bool::from(given.as_ref().ct_eq(secret.as_ref()))
 }
 
+fn no_autoscaler() -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no autoscaler configured ([autoscale] and [provider])",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::host_allowed;
@@ -1276,12 +1285,4 @@ mod tests {
             assert!(!host_allowed(bad, &hosts), "{bad}");
         }
     }
-}
-
-fn no_autoscaler() -> Reply {
-    error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no autoscaler configured ([autoscale] and [provider])",
-    )
 }

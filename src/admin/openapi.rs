@@ -38,8 +38,6 @@ fn history_schema() -> Value {
 }
 
 pub fn document() -> Value {
-    let id_param =
-        json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -49,7 +47,16 @@ pub fn document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
+            "schemas": schemas(),
+        },
+        "security": [{"bearer": []}],
+        "paths": paths(),
+    })
+}
+
+/// The shapes of the API's bodies.
+fn schemas() -> Value {
+    json!({
                 "Error": {"type": "object", "required": ["error", "detail"], "properties": {
                     "error": {"type": "string"}, "detail": {"type": "string"}}},
                 "Node": {"type": "object", "required": ["id", "address", "state", "weight", "in_flight", "requests", "origin"], "properties": {
@@ -77,10 +84,14 @@ pub fn document() -> Value {
                     "address": {"type": "string", "pattern": IPV4_PORT,
                         "description": "IP:port; IPv6 as [addr]:port is accepted too"},
                     "weight": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1}}}
-            }
-        },
-        "security": [{"bearer": []}],
-        "paths": {
+    })
+}
+
+/// Every route, its methods and answers.
+fn paths() -> Value {
+    let id_param =
+        json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
+    json!({
             "/healthz": {"get": {"summary": "The process is alive.", "security": [],
                 "responses": {"200": {"description": "alive", "content": {"application/json": {}}}}}},
             "/readyz": {"get": {"summary": "The proxy listens and at least one node is in service.", "security": [],
@@ -176,6 +187,5 @@ pub fn document() -> Value {
                 "post": {"summary": "Maintenance: no traffic, no health checks, until undrained.",
                     "responses": {"200": node("the node"), "401": err("no or wrong token"), "404": err("no such node")}}
             }
-        }
     })
 }

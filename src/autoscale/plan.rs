@@ -401,7 +401,7 @@ impl<'a> Round<'a> {
         self.p.summary.notes.push(note);
     }
 
-    /// 1. The ledger: orders seen, orders past their deadline looked up. How many orders
+    /// Step 1, the ledger: orders seen, orders past their deadline looked up. How many orders
     /// are not seen yet (they count as supply).
     fn orders_seen(&mut self) -> usize {
         let i = self.i;
@@ -440,7 +440,7 @@ impl<'a> Round<'a> {
         unseen_orders
     }
 
-    /// 2. Releases in flight: confirmed once the server is no longer listed; retried on
+    /// Step 2, releases in flight: confirmed once the server is no longer listed; retried on
     /// their back-off otherwise.
     fn releases_confirmed(&mut self) {
         let (i, m) = (self.i, self.m);
@@ -465,7 +465,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// 3. Known nodes the inventory no longer shows: drained (never dropped) once
+    /// Step 3, known nodes the inventory no longer shows: drained (never dropped) once
     /// confirmed gone or missing too often. Servers whose node an operator removed
     /// (admin `DELETE`: drained, then out of the pool) are released, not adopted again:
     /// their ids.
@@ -537,7 +537,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// 3a. Drains that finished: removed, released, or parked as a spare until the paid
+    /// Step 3a, drains that finished: removed, released, or parked as a spare until the paid
     /// hour ends; an operator's hand on a drain makes the node theirs. Whether a
     /// scale-in drain is still under way.
     fn drains_finished(&mut self) -> bool {
@@ -586,7 +586,7 @@ impl<'a> Round<'a> {
         scale_in_draining
     }
 
-    /// 3b. Bootstraps: a delivered server proves itself healthy by its deadline, or it is
+    /// Step 3b, bootstraps: a delivered server proves itself healthy by its deadline, or it is
     /// released (it never served: nothing to drain) and counted as a failure. The nodes
     /// whose deadline passed.
     fn bootstraps(&mut self) -> HashSet<&'a str> {
@@ -659,7 +659,7 @@ impl<'a> Round<'a> {
         ));
     }
 
-    /// 4. Delivered servers join the pool (as spares first, if spares are short); failed
+    /// Step 4, delivered servers join the pool (as spares first, if spares are short); failed
     /// ones are drained or released. The capacity counted on the way.
     fn deliveries(&mut self, expired: &HashSet<&str>, removed: &HashSet<&str>) -> Count {
         let (i, m) = (self.i, self.m);
@@ -804,7 +804,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// 5. Spares first: in service within this round.
+    /// Step 5, spares first: in service within this round.
     fn promote_spares(&mut self, c: &mut Count, expired: &HashSet<&str>) {
         let i = self.i;
         let mut promotable = i.nodes.iter().filter(|n| n.state == State::Standby);
@@ -821,7 +821,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// 6. Scale up, within the budget: what is on its way counts, so a slow delivery or a
+    /// Step 6, scale up, within the budget: what is on its way counts, so a slow delivery or a
     /// lagging list is not ordered twice.
     fn scale_up(&mut self, supply: usize) {
         let i = self.i;
@@ -849,7 +849,7 @@ impl<'a> Round<'a> {
         }
     }
 
-    /// 7. Scale in, cheapest first, billing-aware; never while a listing is incomplete or
+    /// Step 7, scale in, cheapest first, billing-aware; never while a listing is incomplete or
     /// another scale-in drain is under way.
     fn scale_in(&mut self, supply: usize, in_service: usize, scale_in_draining: bool) {
         let (i, m) = (self.i, self.m);

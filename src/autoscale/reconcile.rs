@@ -629,55 +629,7 @@ impl<P: Provider> Reconciler<P> {
     ) {
         for action in actions {
             match action {
-                Action::Adopt {
-                    id,
-                    known,
-                    addr,
-                    spare,
-                    created_at,
-                    request_id,
-                } => {
-                    // A server with no order in the ledger (ordered before it existed, or
-                    // by hand with this pool's tag) still costs money: account for it.
-                    // An order counted as not placed whose server showed after all is
-                    // that order again, not a second one beside it.
-                    let revived = request_id.as_deref().and_then(|r| {
-                        self.ledger
-                            .get_mut(r)
-                            .filter(|o| o.state == OrderState::Lost && o.device_id.is_none())
-                    });
-                    if let Some(o) = revived {
-                        o.state = OrderState::Seen;
-                        o.device_id = Some(known.device_id.clone());
-                    } else if self.ledger.by_device(&known.device_id).is_none() {
-                        self.ledger.orders.push(Order {
-                            request_id: request_id
-                                .unwrap_or_else(|| format!("adopted-{}", known.device_id)),
-                            zone: known.zone.clone(),
-                            offer: self.cfg.offer.clone(),
-                            placed_at: created_at.unwrap_or(wall),
-                            device_id: Some(known.device_id.clone()),
-                            state: OrderState::Seen,
-                            price_per_hour: self.offer_price.unwrap_or(0.0),
-                            released_at: None,
-                            reason: "found running at the provider and adopted".into(),
-                        });
-                    }
-                    let backend = Arc::new(Backend::new(&id, addr, 1, Origin::Provisioned));
-                    let added = if spare {
-                        self.pool.add_standby(backend)
-                    } else {
-                        self.pool.add(backend)
-                    };
-                    match added {
-                        Ok(()) => {
-                            tracing::info!(backend = %id, %addr, zone = %known.zone, standby = spare, "delivered server joins the pool");
-                            self.memory.booting.insert(id.clone());
-                            self.memory.known.insert(id, known);
-                        }
-                        Err(e) => report.errors.push(format!("adding {id}: {e}")),
-                    }
-                }
+                adopt @ Action::Adopt { .. } => self.adopt(adopt, wall, report),
                 Action::Promote { id } => {
                     if self.pool.promote(&id) {
                         tracing::info!(backend = %id, "standby promoted into service");
@@ -739,38 +691,7 @@ impl<P: Provider> Reconciler<P> {
                     }
                 }
                 Action::LookUpOrder { request_id, zone } => {
-                    let found = match self.provider(&zone) {
-                        Some(p) => p.list(&format!("{REQUEST_TAG}={request_id}")).await,
-                        None => Ok(Vec::new()),
-                    };
-                    match found {
-                        Ok(list) => {
-                            let device = list.into_iter().find(|d| d.state != DeviceState::Gone);
-                            if let Some(o) = self.ledger.get_mut(&request_id) {
-                                match device {
-                                    Some(d) => {
-                                        o.state = OrderState::Seen;
-                                        o.device_id = Some(d.id);
-                                    }
-                                    None if o.device_id.is_none() => {
-                                        o.state = OrderState::Lost;
-                                        report.errors.push(format!(
-                                            "order {request_id} in {zone} got no answer and is not listed under its tag: counted as not placed, ordered again if still needed (a server that shows later is taken in as found running)"
-                                        ));
-                                    }
-                                    None => {
-                                        o.state = OrderState::Lost;
-                                        report.errors.push(format!(
-                                            "order {request_id} in {zone} never showed up by its deadline and is not found by its tag: given up (check the provider's console)"
-                                        ));
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => report
-                            .errors
-                            .push(format!("looking up order {request_id}: {e}")),
-                    }
+                    self.look_up_order(&request_id, &zone, report).await
                 }
                 Action::Released { device_id } => {
                     self.memory.releasing.remove(&device_id);
@@ -803,6 +724,99 @@ impl<P: Provider> Reconciler<P> {
                     ));
                     self.memory.last_bootstrap_error = Some(error);
                 }
+            }
+        }
+    }
+
+    /// A delivered server into the pool (warming, or as a spare), and into the ledger if
+    /// it has no order there: a server with no order (ordered before the ledger existed,
+    /// or by hand with this pool's tag) still costs money. An order counted as not placed
+    /// whose server showed after all is that order again, not a second one beside it.
+    fn adopt(&mut self, adopt: Action, wall: SystemTime, report: &mut Report) {
+        let Action::Adopt {
+            id,
+            known,
+            addr,
+            spare,
+            created_at,
+            request_id,
+        } = adopt
+        else {
+            return;
+        };
+        let revived = request_id.as_deref().and_then(|r| {
+            self.ledger
+                .get_mut(r)
+                .filter(|o| o.state == OrderState::Lost && o.device_id.is_none())
+        });
+        if let Some(o) = revived {
+            o.state = OrderState::Seen;
+            o.device_id = Some(known.device_id.clone());
+        } else if self.ledger.by_device(&known.device_id).is_none() {
+            self.ledger.orders.push(Order {
+                request_id: request_id.unwrap_or_else(|| format!("adopted-{}", known.device_id)),
+                zone: known.zone.clone(),
+                offer: self.cfg.offer.clone(),
+                placed_at: created_at.unwrap_or(wall),
+                device_id: Some(known.device_id.clone()),
+                state: OrderState::Seen,
+                price_per_hour: self.offer_price.unwrap_or(0.0),
+                released_at: None,
+                reason: "found running at the provider and adopted".into(),
+            });
+        }
+        let backend = Arc::new(Backend::new(&id, addr, 1, Origin::Provisioned));
+        let added = if spare {
+            self.pool.add_standby(backend)
+        } else {
+            self.pool.add(backend)
+        };
+        match added {
+            Ok(()) => {
+                tracing::info!(backend = %id, %addr, zone = %known.zone, standby = spare, "delivered server joins the pool");
+                self.memory.booting.insert(id.clone());
+                self.memory.known.insert(id, known);
+            }
+            Err(e) => report.errors.push(format!("adding {id}: {e}")),
+        }
+    }
+
+    /// An order past its deadline looked up by its request tag: seen after all, or lost
+    /// (ordered again if still needed when it never got an answer).
+    async fn look_up_order(&mut self, request_id: &str, zone: &str, report: &mut Report) {
+        let found = match self.provider(zone) {
+            Some(p) => p.list(&format!("{REQUEST_TAG}={request_id}")).await,
+            None => Ok(Vec::new()),
+        };
+        let list = match found {
+            Ok(list) => list,
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("looking up order {request_id}: {e}"));
+                return;
+            }
+        };
+        let device = list.into_iter().find(|d| d.state != DeviceState::Gone);
+        let Some(o) = self.ledger.get_mut(request_id) else {
+            return;
+        };
+        match device {
+            Some(d) => {
+                o.state = OrderState::Seen;
+                o.device_id = Some(d.id);
+            }
+            None if o.device_id.is_none() => {
+                o.state = OrderState::Lost;
+                report.errors.push(format!(
+                    "order {request_id} in {zone} got no answer and is not listed under its tag: counted as not placed, ordered again if still needed (a server that shows later is taken in as found running)"
+                ));
+            }
+            None => {
+                o.state = OrderState::Lost;
+                report.errors.push(format!(
+                    "order {request_id} in {zone} never showed up by its deadline and is not found by its tag: given up (check the provider's console)"
+                ));
             }
         }
     }
@@ -897,52 +911,23 @@ impl<P: Provider> Reconciler<P> {
     ) -> bool {
         let mut refused = OrderRefused { zones: Vec::new() };
         for zi in 0..self.zones.len() {
-            let (zone, provider) = &self.zones[zi];
-            let zone = zone.clone();
-            let offer = match provider.offers().await {
-                Ok(offers) => offers.into_iter().find(|o| o.name == self.cfg.offer),
-                Err(e) => {
-                    refused.zones.push(ZoneRefusal {
-                        zone,
-                        why: WhyNot::Offers(e),
-                    });
+            let zone = self.zones[zi].0.clone();
+            let offer = match self.offer_in(zi).await {
+                Ok(offer) => offer,
+                Err(why) => {
+                    refused.zones.push(ZoneRefusal { zone, why });
                     continue;
                 }
             };
-            let Some(offer) = offer else {
-                refused.zones.push(ZoneRefusal {
-                    zone,
-                    why: WhyNot::NoSuchOffer(self.cfg.offer.clone()),
-                });
-                continue;
-            };
-            if offer.stock == Stock::Empty {
-                refused.zones.push(ZoneRefusal {
-                    zone,
-                    why: WhyNot::OutOfStock(self.cfg.offer.clone()),
-                });
-                continue;
-            }
             if let Some(price) = offer.price_per_hour {
                 self.offer_price = Some(price);
-                if let Some(max) = self.cfg.rules.budget.max_price_per_hour {
-                    let billed: f64 = self
-                        .ledger
-                        .orders
-                        .iter()
-                        .filter(|o| o.billed())
-                        .map(|o| o.price_per_hour)
-                        .sum();
-                    if billed + price > max + 1e-9 {
-                        report.budget_reached = Some(format!(
-                            "budget: {billed:.2}/h spent on servers, at most {max:.2}/h ({price:.2}/h each)"
-                        ));
-                        return false;
-                    }
+                if let Some(limit) = self.over_budget(price) {
+                    report.budget_reached = Some(limit);
+                    return false;
                 }
             }
             let request_id = new_request_id();
-            self.ledger.orders.push(Order {
+            let order = Order {
                 request_id: request_id.clone(),
                 zone: zone.clone(),
                 offer: self.cfg.offer.clone(),
@@ -952,53 +937,13 @@ impl<P: Provider> Reconciler<P> {
                 price_per_hour: offer.price_per_hour.unwrap_or(0.0),
                 released_at: None,
                 reason: reason.to_owned(),
-            });
-            // Write-ahead: if this process dies with the order sent, the next one knows
-            // (in a cluster, the next leader: the ledger goes to etcd, fenced).
-            if let Err(e) = self.ledger.save(wall) {
-                report
-                    .errors
-                    .push(format!("{e}; not ordering without a ledger"));
-                self.ledger.orders.pop();
+            };
+            if let Err(e) = self.write_ahead(order, wall).await {
+                report.errors.push(e);
                 return false;
             }
-            if let Some(gate) = &self.gate {
-                let key = gate.cluster().ledger_key();
-                if let Err(e) = gate.put(vec![(key, self.ledger.to_json())]).await {
-                    report
-                        .errors
-                        .push(format!("ledger to etcd: {e}; not ordering"));
-                    self.ledger.orders.pop();
-                    return false;
-                }
-            }
-            let name = format!("surge-{}-{}", self.cfg.pool, &request_id[..8]);
-            let blade_port = self.cfg.rules.blade_port.to_string();
-            let user_data = self.cfg.bootstrap.as_ref().map(|b| {
-                b.render(&[
-                    ("server_name", &name),
-                    ("pool", &self.cfg.pool),
-                    ("zone", &zone),
-                    ("proxy_address", &self.cfg.proxy_address),
-                    ("blade_port", &blade_port),
-                ])
-            });
-            let spec = CreateSpec {
-                offer_id: offer.id.clone(),
-                name,
-                pool: self.cfg.pool.clone(),
-                request_id: request_id.clone(),
-                user_data,
-                ssh_key_ids: self
-                    .cfg
-                    .bootstrap
-                    .as_ref()
-                    .map(|b| b.ssh_key_ids.clone())
-                    .unwrap_or_default(),
-                private_network: self.cfg.private_network.clone(),
-            };
-            let (_, provider) = &self.zones[zi];
-            let created = provider.create(&spec).await;
+            let spec = self.create_spec(&zone, &offer, &request_id);
+            let created = self.zones[zi].1.create(&spec).await;
             let order = self.ledger.get_mut(&request_id);
             match created {
                 Ok(d) => {
@@ -1052,6 +997,93 @@ impl<P: Provider> Reconciler<P> {
         .max(self.cfg.order_backoff_base);
         self.memory.next_order_at = Some(now + wait);
         false
+    }
+
+    /// The configured offer in zone `zi`, in stock; or why not.
+    async fn offer_in(&self, zi: usize) -> Result<crate::provider::Offer, WhyNot> {
+        let offers = self.zones[zi].1.offers().await.map_err(WhyNot::Offers)?;
+        let name = &self.cfg.offer;
+        let offer = offers
+            .into_iter()
+            .find(|o| &o.name == name)
+            .ok_or_else(|| WhyNot::NoSuchOffer(name.clone()))?;
+        if offer.stock == Stock::Empty {
+            return Err(WhyNot::OutOfStock(name.clone()));
+        }
+        Ok(offer)
+    }
+
+    /// The budget's limit, in words, if one more server at `price` per hour would pass
+    /// `max_price_per_hour`.
+    fn over_budget(&self, price: f64) -> Option<String> {
+        let max = self.cfg.rules.budget.max_price_per_hour?;
+        let billed: f64 = self
+            .ledger
+            .orders
+            .iter()
+            .filter(|o| o.billed())
+            .map(|o| o.price_per_hour)
+            .sum();
+        (billed + price > max + 1e-9).then(|| {
+            format!(
+                "budget: {billed:.2}/h spent on servers, at most {max:.2}/h ({price:.2}/h each)"
+            )
+        })
+    }
+
+    /// Records `order` in the ledger before it is sent (write-ahead): if this process
+    /// dies with the order sent, the next one knows (in a cluster, the next leader: the
+    /// ledger goes to etcd, fenced). On failure the order is taken back out, and the
+    /// error says that nothing was ordered.
+    async fn write_ahead(&mut self, order: Order, wall: SystemTime) -> Result<(), String> {
+        self.ledger.orders.push(order);
+        if let Err(e) = self.ledger.save(wall) {
+            self.ledger.orders.pop();
+            return Err(format!("{e}; not ordering without a ledger"));
+        }
+        if let Some(gate) = &self.gate {
+            let key = gate.cluster().ledger_key();
+            if let Err(e) = gate.put(vec![(key, self.ledger.to_json())]).await {
+                self.ledger.orders.pop();
+                return Err(format!("ledger to etcd: {e}; not ordering"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the vendor is asked for: the offer, a name and the pool's tags, the request
+    /// id (found again by its tag if the answer is lost), the bootstrap's user-data.
+    fn create_spec(
+        &self,
+        zone: &str,
+        offer: &crate::provider::Offer,
+        request_id: &str,
+    ) -> CreateSpec {
+        let name = format!("surge-{}-{}", self.cfg.pool, &request_id[..8]);
+        let blade_port = self.cfg.rules.blade_port.to_string();
+        let user_data = self.cfg.bootstrap.as_ref().map(|b| {
+            b.render(&[
+                ("server_name", &name),
+                ("pool", &self.cfg.pool),
+                ("zone", zone),
+                ("proxy_address", &self.cfg.proxy_address),
+                ("blade_port", &blade_port),
+            ])
+        });
+        CreateSpec {
+            offer_id: offer.id.clone(),
+            name,
+            pool: self.cfg.pool.clone(),
+            request_id: request_id.to_owned(),
+            user_data,
+            ssh_key_ids: self
+                .cfg
+                .bootstrap
+                .as_ref()
+                .map(|b| b.ssh_key_ids.clone())
+                .unwrap_or_default(),
+            private_network: self.cfg.private_network.clone(),
+        }
     }
 }
 

@@ -292,91 +292,9 @@ pub(super) fn validate(
     if provider.is_none() {
         p.bad("", "needs a [provider] to order blades from");
     }
-    if a.max == 0 || a.min > a.max {
-        let min = p.path("min");
-        p.bad("max", format!("must be ≥ 1 and ≥ {min} ({})", a.min));
-    }
-    if a.target_connections_per_node.is_nan() || a.target_connections_per_node <= 0.0 {
-        p.bad("target_connections_per_node", "must be greater than 0");
-    }
-    if !(0.0..1.0).contains(&a.tolerance) {
-        p.bad("tolerance", format!("{} is outside 0..1", a.tolerance));
-    }
-    if a.max_in_flight_per_node.is_nan() || a.max_in_flight_per_node <= 0.0 {
-        p.bad("max_in_flight_per_node", "must be greater than 0");
-    }
-    for (key, d) in [
-        ("interval", a.interval),
-        ("metrics_window", a.metrics_window),
-        ("fast_window", a.fast_window),
-        ("delivery_time", a.delivery_time),
-        (
-            "line_clear_within",
-            a.line_clear_within.unwrap_or(Duration::from_secs(1)),
-        ),
-    ] {
-        if d.is_zero() {
-            p.bad(key, "must be greater than 0");
-        }
-    }
-    if a.delivery_time > Duration::from_secs(24 * 3600) {
-        p.bad("delivery_time", "must be at most 24h");
-    }
-    if !a.interval.is_zero() && a.interval < Duration::from_millis(200) {
-        p.bad(
-            "interval",
-            "must be at least 200ms (each tick reads the provider's inventory)",
-        );
-    }
-
-    if a.bootstrap_failures == 0 {
-        p.bad("bootstrap_failures", "must be at least 1");
-    }
-    if a.drain_timeout > super::admin::MAX_DRAIN {
-        p.bad("drain_timeout", "must be at most 7 days");
-    }
-    if a.missing_listings == 0 {
-        p.bad("missing_listings", "must be at least 1");
-    }
-    if a.order_deadline.is_zero() {
-        p.bad("order_deadline", "must be greater than 0");
-    }
-    if a.unanswered_order_wait.is_zero() || a.unanswered_order_wait > a.order_deadline {
-        p.bad(
-            "unanswered_order_wait",
-            "must be greater than 0 and at most order_deadline",
-        );
-    }
-    if !(a.max_client_share > 0.0 && a.max_client_share <= 1.0) {
-        p.bad(
-            "max_client_share",
-            format!("{} is outside 0 (exclusive) ..= 1", a.max_client_share),
-        );
-    }
-    let budget = p.within("budget", |p| {
-        let b = &a.budget;
-        if b.max_price_per_hour
-            .is_some_and(|m| !(m >= 0.0 && m.is_finite()))
-        {
-            p.bad("max_price_per_hour", "must be a number ≥ 0");
-        }
-        let timezone = Tz::from_str(&b.timezone).unwrap_or_else(|_| {
-            p.bad(
-                "timezone",
-                format!(
-                    "`{}` is not a time zone name (e.g. Europe/Paris)",
-                    b.timezone
-                ),
-            );
-            Tz::UTC
-        });
-        BudgetConfig {
-            max_orders_per_hour: b.max_orders_per_hour,
-            max_servers: b.max_servers,
-            max_price_per_hour: b.max_price_per_hour,
-            timezone,
-        }
-    });
+    check_policy(a, p);
+    check_orders(a, p);
+    let budget = p.within("budget", |p| budget(&a.budget, p));
     let schedule = a
         .schedule
         .iter()
@@ -420,6 +338,99 @@ pub(super) fn validate(
         bootstrap_timeout: a.bootstrap_timeout,
         bootstrap_failures: a.bootstrap_failures,
         budget,
+    }
+}
+
+/// The policy's numbers: sizes, targets and windows.
+fn check_policy(a: &FileAutoscale, p: &mut Problems) {
+    if a.max == 0 || a.min > a.max {
+        let min = p.path("min");
+        p.bad("max", format!("must be ≥ 1 and ≥ {min} ({})", a.min));
+    }
+    if a.target_connections_per_node.is_nan() || a.target_connections_per_node <= 0.0 {
+        p.bad("target_connections_per_node", "must be greater than 0");
+    }
+    if !(0.0..1.0).contains(&a.tolerance) {
+        p.bad("tolerance", format!("{} is outside 0..1", a.tolerance));
+    }
+    if a.max_in_flight_per_node.is_nan() || a.max_in_flight_per_node <= 0.0 {
+        p.bad("max_in_flight_per_node", "must be greater than 0");
+    }
+    for (key, d) in [
+        ("interval", a.interval),
+        ("metrics_window", a.metrics_window),
+        ("fast_window", a.fast_window),
+        ("delivery_time", a.delivery_time),
+        (
+            "line_clear_within",
+            a.line_clear_within.unwrap_or(Duration::from_secs(1)),
+        ),
+    ] {
+        if d.is_zero() {
+            p.bad(key, "must be greater than 0");
+        }
+    }
+    if a.delivery_time > Duration::from_secs(24 * 3600) {
+        p.bad("delivery_time", "must be at most 24h");
+    }
+    if !a.interval.is_zero() && a.interval < Duration::from_millis(200) {
+        p.bad(
+            "interval",
+            "must be at least 200ms (each tick reads the provider's inventory)",
+        );
+    }
+}
+
+/// The reconciler's limits: bootstraps, drains, listings, order deadlines, client share.
+fn check_orders(a: &FileAutoscale, p: &mut Problems) {
+    if a.bootstrap_failures == 0 {
+        p.bad("bootstrap_failures", "must be at least 1");
+    }
+    if a.drain_timeout > super::admin::MAX_DRAIN {
+        p.bad("drain_timeout", "must be at most 7 days");
+    }
+    if a.missing_listings == 0 {
+        p.bad("missing_listings", "must be at least 1");
+    }
+    if a.order_deadline.is_zero() {
+        p.bad("order_deadline", "must be greater than 0");
+    }
+    if a.unanswered_order_wait.is_zero() || a.unanswered_order_wait > a.order_deadline {
+        p.bad(
+            "unanswered_order_wait",
+            "must be greater than 0 and at most order_deadline",
+        );
+    }
+    if !(a.max_client_share > 0.0 && a.max_client_share <= 1.0) {
+        p.bad(
+            "max_client_share",
+            format!("{} is outside 0 (exclusive) ..= 1", a.max_client_share),
+        );
+    }
+}
+
+/// `[autoscale.budget]`, checked.
+fn budget(b: &FileBudget, p: &mut Problems) -> BudgetConfig {
+    if b.max_price_per_hour
+        .is_some_and(|m| !(m >= 0.0 && m.is_finite()))
+    {
+        p.bad("max_price_per_hour", "must be a number ≥ 0");
+    }
+    let timezone = Tz::from_str(&b.timezone).unwrap_or_else(|_| {
+        p.bad(
+            "timezone",
+            format!(
+                "`{}` is not a time zone name (e.g. Europe/Paris)",
+                b.timezone
+            ),
+        );
+        Tz::UTC
+    });
+    BudgetConfig {
+        max_orders_per_hour: b.max_orders_per_hour,
+        max_servers: b.max_servers,
+        max_price_per_hour: b.max_price_per_hour,
+        timezone,
     }
 }
 

@@ -188,70 +188,14 @@ pub struct ProviderConfig {
 /// Checks `[provider]` (keys relative to it).
 pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) -> ProviderConfig {
     let is_maas = f.kind == "maas";
-    let reach = match (&f.private_network, f.public_addresses) {
-        // MAAS machines are on the shop's own networks: reached on their own address.
-        (None, _) if is_maas => Reach::Public,
-        (Some(_), _) if is_maas => {
-            p.bad(
-                "private_network",
-                "MAAS machines are reached on their own address (the shop's network); remove private_network",
-            );
-            Reach::Public
-        }
-        (Some(pn), false) if !pn.is_empty() => Reach::Private(pn.clone()),
-        (None, true) => Reach::Public,
-        (Some(_), true) => {
-            p.bad(
-                "public_addresses",
-                "give either private_network or public_addresses = true, not both",
-            );
-            Reach::Public
-        }
-        _ => {
-            p.bad(
-                "private_network",
-                "name the private network surge reaches the blades on (its id), or set public_addresses = true to reach them on the Internet",
-            );
-            Reach::Public
-        }
-    };
+    let reach = reach(f, is_maas, p);
     if !matches!(f.kind.as_str(), "scaleway" | "maas") {
         p.bad(
             "kind",
             format!("`{}` is not supported (supported: scaleway, maas)", f.kind),
         );
     }
-    let maas = match (&f.maas, is_maas) {
-        (Some(m), true) => Some(p.within("maas", |p| {
-            if m.distro_series.is_empty() {
-                p.bad("distro_series", "name the OS release to deploy, e.g. noble");
-            }
-            if m.tags.iter().any(String::is_empty) {
-                p.bad("tags", "tags must not be empty");
-            }
-            MaasSettings {
-                resource_pool: m.resource_pool.clone().filter(|r| !r.is_empty()),
-                tags: m.tags.clone(),
-                min_cpu_count: m.min_cpu_count,
-                min_memory_mib: m.min_memory_mib,
-                distro_series: m.distro_series.clone(),
-                erase_on_release: m.erase_on_release,
-            }
-        })),
-        (None, true) => Some(MaasSettings {
-            resource_pool: None,
-            tags: Vec::new(),
-            min_cpu_count: None,
-            min_memory_mib: None,
-            distro_series: default_distro_series(),
-            erase_on_release: false,
-        }),
-        (Some(_), false) => {
-            p.bad("maas", "only with kind = \"maas\"");
-            None
-        }
-        (None, false) => None,
-    };
+    let maas = maas_settings(f, is_maas, p);
     let offer = match &maas {
         // The one "offer" of a MAAS zone: its Ready machines in the pool.
         Some(m) => {
@@ -322,6 +266,73 @@ pub(super) fn validate(f: &FileProvider, env: &Environment, p: &mut Problems) ->
             .and_then(|b| p.within("bootstrap", |p| bootstrap(b, env, p))),
         reach,
         maas,
+    }
+}
+
+/// How surge reaches delivered servers: a private network (by id) or their public
+/// address; MAAS machines always on their own address.
+fn reach(f: &FileProvider, is_maas: bool, p: &mut Problems) -> Reach {
+    match (&f.private_network, f.public_addresses) {
+        // MAAS machines are on the shop's own networks: reached on their own address.
+        (None, _) if is_maas => Reach::Public,
+        (Some(_), _) if is_maas => {
+            p.bad(
+                "private_network",
+                "MAAS machines are reached on their own address (the shop's network); remove private_network",
+            );
+            Reach::Public
+        }
+        (Some(pn), false) if !pn.is_empty() => Reach::Private(pn.clone()),
+        (None, true) => Reach::Public,
+        (Some(_), true) => {
+            p.bad(
+                "public_addresses",
+                "give either private_network or public_addresses = true, not both",
+            );
+            Reach::Public
+        }
+        _ => {
+            p.bad(
+                "private_network",
+                "name the private network surge reaches the blades on (its id), or set public_addresses = true to reach them on the Internet",
+            );
+            Reach::Public
+        }
+    }
+}
+
+/// `[provider.maas]`, checked (defaults when MAAS has none; refused for other kinds).
+fn maas_settings(f: &FileProvider, is_maas: bool, p: &mut Problems) -> Option<MaasSettings> {
+    match (&f.maas, is_maas) {
+        (Some(m), true) => Some(p.within("maas", |p| {
+            if m.distro_series.is_empty() {
+                p.bad("distro_series", "name the OS release to deploy, e.g. noble");
+            }
+            if m.tags.iter().any(String::is_empty) {
+                p.bad("tags", "tags must not be empty");
+            }
+            MaasSettings {
+                resource_pool: m.resource_pool.clone().filter(|r| !r.is_empty()),
+                tags: m.tags.clone(),
+                min_cpu_count: m.min_cpu_count,
+                min_memory_mib: m.min_memory_mib,
+                distro_series: m.distro_series.clone(),
+                erase_on_release: m.erase_on_release,
+            }
+        })),
+        (None, true) => Some(MaasSettings {
+            resource_pool: None,
+            tags: Vec::new(),
+            min_cpu_count: None,
+            min_memory_mib: None,
+            distro_series: default_distro_series(),
+            erase_on_release: false,
+        }),
+        (Some(_), false) => {
+            p.bad("maas", "only with kind = \"maas\"");
+            None
+        }
+        (None, false) => None,
     }
 }
 

@@ -53,8 +53,8 @@ pub enum Engine {
     /// allocated per request, WebSocket tunnelled.
     #[default]
     Surge,
-    /// hyper's HTTP/1.1 server and client, as before the engine existed; kept selectable
-    /// while the new one proves itself in production.
+    /// hyper's HTTP/1.1 server and client: a second implementation to fall back on;
+    /// to be retired once the engine also carries requests to h2c blades.
     Hyper,
 }
 
@@ -168,7 +168,8 @@ pub struct ProxyConfig {
     pub max_new_connections_per_second_per_ip: u32,
     /// One log line per request on target `surge::access`.
     pub access_log: bool,
-    /// Text or JSON lines; read at start (a reload keeps the format it started with).
+    /// Text or JSON lines; read when the process starts (a reload is a new process, so it
+    /// takes the new format).
     pub access_log_format: AccessLogFormat,
     /// HTTPS to the blades (`[pool.tls]`, copied here for the request path).
     pub upstream_tls: Option<super::UpstreamTlsConfig>,

@@ -54,7 +54,7 @@ pub struct WaitingRoomConfig {
     pub page: Option<String>,
     /// Start with the door held (a pre-queue before a sale; the admin API opens it).
     pub held: bool,
-    /// Most places held at once (about 60 bytes each); beyond it a newcomer gets the
+    /// Most places held at once (about 96 bytes each); beyond it a newcomer gets the
     /// 503 with `Retry-After`.
     pub max_waiting: usize,
 }

@@ -250,145 +250,18 @@ impl Plan {
                     e.into_inner().message().replace('\n', "; "),
                 )
             })?;
-        if !raw.target.starts_with("http://") {
-            return Err(invalid(
-                "target",
-                format!("`{}` must be an http:// URL", raw.target),
-            ));
-        }
-        if raw.target.parse::<http::Uri>().is_err() {
-            return Err(invalid(
-                "target",
-                format!("`{}` is not a valid URL", raw.target),
-            ));
-        }
+        let fail = |(key, reason): (String, String)| invalid(&key, reason);
+        check_target(&raw.target).map_err(|reason| invalid("target", reason))?;
         check_clients(&raw.target, raw.clients).map_err(|reason| invalid("clients", reason))?;
-        if raw.scenarios.is_empty()
-            || raw
-                .scenarios
-                .iter()
-                .any(|s| s.steps.is_empty() || s.weight == 0)
-        {
-            return Err(invalid(
-                "scenarios",
-                "need at least one scenario, each with a weight ≥ 1 and a step".into(),
-            ));
-        }
-        for (i, s) in raw.scenarios.iter().enumerate() {
-            for (j, step) in s.steps.iter().enumerate() {
-                if http::Method::from_bytes(step.method.as_bytes()).is_err() {
-                    return Err(invalid(
-                        &format!("scenarios[{i}].steps[{j}].method"),
-                        format!("`{}` is not an HTTP method", step.method),
-                    ));
-                }
-                if !step.path.starts_with('/') || step.path.parse::<http::Uri>().is_err() {
-                    return Err(invalid(
-                        &format!("scenarios[{i}].steps[{j}].path"),
-                        format!("`{}` must be a path starting with /", step.path),
-                    ));
-                }
-            }
-        }
-        let model = match (raw.closed, raw.stages.is_empty()) {
-            (Some(_), false) => {
-                return Err(invalid(
-                    "closed",
-                    "give either [[stages]] (open model) or [closed], not both".into(),
-                ))
-            }
-            (None, true) => {
-                return Err(invalid(
-                    "stages",
-                    "need [[stages]] (open model) or [closed] (users in a loop)".into(),
-                ))
-            }
-            (Some(c), true) => {
-                if c.users == 0 || c.duration.is_zero() {
-                    return Err(invalid(
-                        "closed",
-                        "users and duration must be above zero".into(),
-                    ));
-                }
-                Model::Closed {
-                    users: c.users,
-                    duration: c.duration,
-                }
-            }
-            (None, false) => {
-                for (i, s) in raw.stages.iter().enumerate() {
-                    let ok = |r: f64| r.is_finite() && r >= 0.0;
-                    if !ok(s.rate) || !s.ramp_to.is_none_or(ok) {
-                        return Err(invalid(
-                            &format!("stages[{i}]"),
-                            "rates must be finite and ≥ 0".into(),
-                        ));
-                    }
-                }
-                Model::Open(
-                    raw.stages
-                        .iter()
-                        .map(|s| Stage {
-                            duration: s.duration,
-                            rate: s.rate,
-                            ramp_to: s.ramp_to,
-                        })
-                        .collect(),
-                )
-            }
-        };
-        let mut slos = Vec::new();
-        for (i, s) in raw.slo.iter().enumerate() {
-            let q = match s.metric.as_str() {
-                "p50" => Some(0.5),
-                "p90" => Some(0.9),
-                "p99" => Some(0.99),
-                "p999" => Some(0.999),
-                "error_rate" => None,
-                m => {
-                    return Err(invalid(
-                        &format!("slo[{i}].metric"),
-                        format!("`{m}`: use p50, p90, p99, p999 or error_rate"),
-                    ))
-                }
-            };
-            let limit = match q {
-                Some(q) => SloLimit::Latency(
-                    q,
-                    humantime::parse_duration(&s.below)
-                        .map_err(|e| invalid(&format!("slo[{i}].below"), e.to_string()))?,
-                ),
-                None => SloLimit::ErrorRate(
-                    s.below
-                        .trim_end_matches('%')
-                        .parse::<f64>()
-                        .map(|v| if s.below.ends_with('%') { v / 100.0 } else { v })
-                        .map_err(|e| invalid(&format!("slo[{i}].below"), e.to_string()))?,
-                ),
-            };
-            if let Some(step) = &s.step {
-                if !raw
-                    .scenarios
-                    .iter()
-                    .any(|sc| sc.steps.iter().any(|st| &st.name == step))
-                {
-                    return Err(invalid(
-                        &format!("slo[{i}].step"),
-                        format!("no scenario has a step named `{step}`"),
-                    ));
-                }
-            }
-            slos.push(Slo {
-                label: format!(
-                    "{} of {} < {}",
-                    s.metric,
-                    s.step.as_deref().unwrap_or("all steps"),
-                    s.below
-                ),
-                step: s.step.clone(),
-                limit,
-            });
-        }
+        check_scenarios(&raw.scenarios).map_err(fail)?;
+        let model = model_of(&raw).map_err(fail)?;
+        let slos = raw
+            .slo
+            .iter()
+            .enumerate()
+            .map(|(i, s)| slo_of(i, s, &raw.scenarios))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
         Ok(Plan {
             target: raw.target.trim_end_matches('/').to_owned(),
             timeout: raw.timeout,
@@ -422,6 +295,146 @@ pub fn weighted_pick(weights: &[u32], n: usize) -> usize {
         slot -= w;
     }
     0
+}
+
+/// The target must be a valid `http://` URL.
+fn check_target(target: &str) -> Result<(), String> {
+    if !target.starts_with("http://") {
+        return Err(format!("`{target}` must be an http:// URL"));
+    }
+    if target.parse::<http::Uri>().is_err() {
+        return Err(format!("`{target}` is not a valid URL"));
+    }
+    Ok(())
+}
+
+/// At least one scenario, each weighted and with steps of valid methods and paths. A
+/// problem as (key, reason).
+fn check_scenarios(scenarios: &[Scenario]) -> Result<(), (String, String)> {
+    if scenarios.is_empty()
+        || scenarios
+            .iter()
+            .any(|s| s.steps.is_empty() || s.weight == 0)
+    {
+        return Err((
+            "scenarios".into(),
+            "need at least one scenario, each with a weight ≥ 1 and a step".into(),
+        ));
+    }
+    for (i, s) in scenarios.iter().enumerate() {
+        for (j, step) in s.steps.iter().enumerate() {
+            if http::Method::from_bytes(step.method.as_bytes()).is_err() {
+                return Err((
+                    format!("scenarios[{i}].steps[{j}].method"),
+                    format!("`{}` is not an HTTP method", step.method),
+                ));
+            }
+            if !step.path.starts_with('/') || step.path.parse::<http::Uri>().is_err() {
+                return Err((
+                    format!("scenarios[{i}].steps[{j}].path"),
+                    format!("`{}` must be a path starting with /", step.path),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The arrival model: `[[stages]]` (open) or `[closed]`, exactly one of them.
+fn model_of(raw: &FilePlan) -> Result<Model, (String, String)> {
+    let bad = |key: &str, reason: &str| Err((key.to_owned(), reason.to_owned()));
+    match (&raw.closed, raw.stages.is_empty()) {
+        (Some(_), false) => bad(
+            "closed",
+            "give either [[stages]] (open model) or [closed], not both",
+        ),
+        (None, true) => bad(
+            "stages",
+            "need [[stages]] (open model) or [closed] (users in a loop)",
+        ),
+        (Some(c), true) => {
+            if c.users == 0 || c.duration.is_zero() {
+                return bad("closed", "users and duration must be above zero");
+            }
+            Ok(Model::Closed {
+                users: c.users,
+                duration: c.duration,
+            })
+        }
+        (None, false) => {
+            let ok = |r: f64| r.is_finite() && r >= 0.0;
+            if let Some(i) = raw
+                .stages
+                .iter()
+                .position(|s| !ok(s.rate) || !s.ramp_to.is_none_or(ok))
+            {
+                return bad(&format!("stages[{i}]"), "rates must be finite and ≥ 0");
+            }
+            Ok(Model::Open(
+                raw.stages
+                    .iter()
+                    .map(|s| Stage {
+                        duration: s.duration,
+                        rate: s.rate,
+                        ramp_to: s.ramp_to,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// SLO `i`: a latency quantile or the error rate below a limit, for all steps or one
+/// named step.
+fn slo_of(i: usize, s: &FileSlo, scenarios: &[Scenario]) -> Result<Slo, (String, String)> {
+    let q = match s.metric.as_str() {
+        "p50" => Some(0.5),
+        "p90" => Some(0.9),
+        "p99" => Some(0.99),
+        "p999" => Some(0.999),
+        "error_rate" => None,
+        m => {
+            return Err((
+                format!("slo[{i}].metric"),
+                format!("`{m}`: use p50, p90, p99, p999 or error_rate"),
+            ))
+        }
+    };
+    let below = |e: String| (format!("slo[{i}].below"), e);
+    let limit = match q {
+        Some(q) => SloLimit::Latency(
+            q,
+            humantime::parse_duration(&s.below).map_err(|e| below(e.to_string()))?,
+        ),
+        None => SloLimit::ErrorRate(
+            s.below
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .map(|v| if s.below.ends_with('%') { v / 100.0 } else { v })
+                .map_err(|e| below(e.to_string()))?,
+        ),
+    };
+    if let Some(step) = &s.step {
+        if !scenarios
+            .iter()
+            .any(|sc| sc.steps.iter().any(|st| &st.name == step))
+        {
+            return Err((
+                format!("slo[{i}].step"),
+                format!("no scenario has a step named `{step}`"),
+            ));
+        }
+    }
+    Ok(Slo {
+        label: format!(
+            "{} of {} < {}",
+            s.metric,
+            s.step.as_deref().unwrap_or("all steps"),
+            s.below
+        ),
+        step: s.step.clone(),
+        limit,
+    })
 }
 
 #[cfg(test)]

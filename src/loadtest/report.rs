@@ -648,50 +648,9 @@ impl Report {
         let queue_length = self.queue.length_per_second(secs);
         let queued = series(&|i| queue_length.get(i).copied().unwrap_or(0) as f64);
         let markers = self.scaler_events();
-        let chart = |id: &str, unit: &str, lines: &[Series]| {
-            Chart {
-                id,
-                unit,
-                series: lines,
-                markers: &markers,
-                counts: unit != "ms",
-            }
-            .svg()
-        };
+        let chart = |id: &str, unit: &str, lines: &[Series]| chart_svg(id, unit, lines, &markers);
         let distribution = distribution_table(&self.total);
-        const PALETTE: [&str; 8] = [
-            "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-        ];
-        let per_step: Vec<(String, Vec<f64>)> = self
-            .step_timeline
-            .iter()
-            .map(|(name, sketches)| {
-                let p99 = series(&|i| {
-                    sketches
-                        .get(i)
-                        .and_then(|s| s.quantile(0.99))
-                        .map_or(0.0, ms)
-                });
-                (format!("{name} p99"), p99)
-            })
-            .collect();
-        let step_series: Vec<Series> = per_step
-            .iter()
-            .enumerate()
-            .map(|(i, (name, values))| Series {
-                name,
-                color: PALETTE[i % PALETTE.len()],
-                values,
-            })
-            .collect();
-        let step_chart = if step_series.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "<h2>p99 per step over time</h2>{}",
-                chart("latency per step", "ms", &step_series)
-            )
-        };
+        let step_chart = self.step_chart(secs, &markers);
         let mut spec_rows = String::new();
         for q in [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0] {
             spec_rows.push_str(&format!(
@@ -700,48 +659,7 @@ impl Report {
                 ms(self.total.quantile(q))
             ));
         }
-        let scaler = if self.autoscaler.iter().any(Option::is_some) {
-            let pick = |f: fn(&ScalerSample) -> u64| {
-                series(&|i| {
-                    self.autoscaler
-                        .get(i)
-                        .copied()
-                        .flatten()
-                        .map_or(0.0, |s| f(&s) as f64)
-                })
-            };
-            let (desired, in_service, servers) = (
-                pick(|s| s.desired),
-                pick(|s| s.in_service),
-                pick(|s| s.servers),
-            );
-            format!(
-                "<h2>Autoscaler: desired, in service and provisioned nodes</h2>{}",
-                chart(
-                    "autoscaler",
-                    "nodes",
-                    &[
-                        Series {
-                            name: "desired",
-                            color: "#9467bd",
-                            values: &desired
-                        },
-                        Series {
-                            name: "in service",
-                            color: "#000000",
-                            values: &in_service
-                        },
-                        Series {
-                            name: "provisioned",
-                            color: "#8c564b",
-                            values: &servers
-                        },
-                    ]
-                )
-            )
-        } else {
-            String::new()
-        };
+        let scaler = self.scaler_chart(secs, &markers);
         format!(
             "<!doctype html><meta charset=utf-8><title>surge load test</title>\
              <style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}svg{{border:1px solid #ccc;margin:.5em 0;display:block}}</style>\
@@ -779,6 +697,101 @@ impl Report {
             ),
         )
     }
+
+    /// The p99 of each step over time, one line per step (empty without steps).
+    fn step_chart(&self, secs: usize, markers: &[Marker]) -> String {
+        const PALETTE: [&str; 8] = [
+            "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+        ];
+        let per_step: Vec<(String, Vec<f64>)> = self
+            .step_timeline
+            .iter()
+            .map(|(name, sketches)| {
+                let p99 = (0..secs)
+                    .map(|i| {
+                        sketches
+                            .get(i)
+                            .and_then(|s| s.quantile(0.99))
+                            .map_or(0.0, ms)
+                    })
+                    .collect();
+                (format!("{name} p99"), p99)
+            })
+            .collect();
+        if per_step.is_empty() {
+            return String::new();
+        }
+        let step_series: Vec<Series> = per_step
+            .iter()
+            .enumerate()
+            .map(|(i, (name, values))| Series {
+                name,
+                color: PALETTE[i % PALETTE.len()],
+                values,
+            })
+            .collect();
+        format!(
+            "<h2>p99 per step over time</h2>{}",
+            chart_svg("latency per step", "ms", &step_series, markers)
+        )
+    }
+
+    /// The autoscaler's desired, in-service and provisioned nodes over time (empty when
+    /// the run did not watch an autoscaler).
+    fn scaler_chart(&self, secs: usize, markers: &[Marker]) -> String {
+        if !self.autoscaler.iter().any(Option::is_some) {
+            return String::new();
+        }
+        let pick = |f: fn(&ScalerSample) -> u64| -> Vec<f64> {
+            (0..secs)
+                .map(|i| {
+                    self.autoscaler
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map_or(0.0, |s| f(&s) as f64)
+                })
+                .collect()
+        };
+        let (desired, in_service, servers) = (
+            pick(|s| s.desired),
+            pick(|s| s.in_service),
+            pick(|s| s.servers),
+        );
+        let lines = [
+            Series {
+                name: "desired",
+                color: "#9467bd",
+                values: &desired,
+            },
+            Series {
+                name: "in service",
+                color: "#000000",
+                values: &in_service,
+            },
+            Series {
+                name: "provisioned",
+                color: "#8c564b",
+                values: &servers,
+            },
+        ];
+        format!(
+            "<h2>Autoscaler: desired, in service and provisioned nodes</h2>{}",
+            chart_svg("autoscaler", "nodes", &lines, markers)
+        )
+    }
+}
+
+/// One chart of the report: counts unless its unit is milliseconds.
+fn chart_svg(id: &str, unit: &str, lines: &[Series], markers: &[Marker]) -> String {
+    Chart {
+        id,
+        unit,
+        series: lines,
+        markers,
+        counts: unit != "ms",
+    }
+    .svg()
 }
 
 /// The response-time distribution as a table of bars: requests up to each bound.

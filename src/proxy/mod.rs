@@ -1,12 +1,17 @@
-//! The data plane: hyper server for shoppers, hyper client to backends.
+//! The data plane: shoppers' connections (plain, TLS, PROXY protocol) to the blades.
+//! HTTP/1.1 goes through surge's own engine ([`h1`]); HTTP/2 shoppers through hyper's
+//! HTTP/2 server into [`service`], and from there to HTTP/1.1 blades through the engine's
+//! blade connections ([`h1::bridge`]) or to h2c blades through hyper's client. Every leg
+//! takes the same decisions (admission, affinity, pick) and the one retry loop
+//! ([`attempts`]).
 //!
 //! One worker thread per core, each running a single-threaded tokio runtime with its own
 //! `SO_REUSEPORT` listener and its own upstream connection pools: the kernel spreads new
 //! connections over workers, and a request never crosses threads (no work stealing, no
 //! cross-core cache traffic). Backends are picked from the pool's lock-free table.
 //!
-//! Owns: everything engine-specific (hyper server and client wiring). Must not: decide
-//! scaling, or keep state about backends beyond connection pools (that is `pool`'s).
+//! Owns: the request path, its connection pools and limits. Must not: decide scaling, or
+//! keep state about backends beyond connection pools (that is `pool`'s).
 
 mod admission;
 mod answers;

@@ -1,7 +1,7 @@
 //! `surge serve`: wires config, pool, health checks, demo blades and the proxy together,
 //! and runs them until SIGTERM or Ctrl-C.
 //!
-//! Sits on the top floor with `main` (it imports everything below). Owns: start-up order
+//! The top floor under `main` (it imports everything below). Owns: start-up order
 //! and shutdown order. Must not: contain request-path or selection logic.
 
 mod intent;

@@ -1,13 +1,13 @@
 //! A bare-metal-as-a-service simulator on loopback, speaking Scaleway Elastic Metal's
-//! HTTP API. When a server becomes ready it starts a real `blade` on the server's own
+//! HTTP API or Canonical MAAS's. When a server becomes ready it starts a real `blade` on the server's own
 //! loopback address (127.0.1.x), so what surge orders really serves traffic.
 //!
 //! Deliberately an independent implementation of the vendor's API: it shares no types with
 //! `provider`, so a contract misunderstanding in the client shows up as a failing test.
 //!
-//! Three rooms: [`fleet`] (servers and their lifecycle, vendor-neutral), [`faults`]
-//! (deliberate misbehaviour, vendor-neutral) and [`elastic_metal`] (the vendor's HTTP API
-//! over the fleet). A second vendor's API sits beside the first over the same fleet.
+//! Its rooms: [`fleet`] (servers and their lifecycle, vendor-neutral), [`faults`]
+//! (deliberate misbehaviour, vendor-neutral), and each vendor's HTTP API over the same
+//! fleet: [`elastic_metal`] and [`maas`].
 //!
 //! Faults, from [`Faults`] or per request with `?sim_fault=`: orders ending in `error`,
 //! offers out of stock, 429 with `Retry-After`, 5xx, slow answers, orders whose answer is

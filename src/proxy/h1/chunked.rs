@@ -22,7 +22,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    Trailer,
+    /// In a trailer field's name, up to its colon.
+    TrailerName,
+    /// In a trailer field's value, up to CR.
+    TrailerValue,
     TrailerLf,
     EndLf,
     Done,
@@ -137,28 +140,10 @@ impl Chunked {
                     self.state = State::Size;
                     self.digits = 0;
                 }
-                State::TrailerStart => match b {
-                    b'\r' => self.state = State::EndLf,
-                    b'\n' => return Err(ChunkError),
-                    _ => self.state = State::Trailer,
-                },
-                State::Trailer => {
-                    self.meta += 1;
-                    if self.meta > MAX_META_BYTES {
-                        return Err(ChunkError);
-                    }
-                    match b {
-                        b'\r' => self.state = State::TrailerLf,
-                        b'\n' => return Err(ChunkError),
-                        _ => {}
-                    }
-                }
-                State::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError);
-                    }
-                    self.state = State::TrailerStart;
-                }
+                State::TrailerStart
+                | State::TrailerName
+                | State::TrailerValue
+                | State::TrailerLf => self.trailer_byte(b)?,
                 State::EndLf => {
                     if b != b'\n' {
                         return Err(ChunkError);
@@ -174,6 +159,38 @@ impl Chunked {
     }
 }
 
+impl Chunked {
+    /// One byte of the trailer section: field lines as in a head (a token name, a colon,
+    /// a value without control characters but HTAB), each ended by CRLF. The fields are
+    /// skipped, but one that a parser would refuse makes the body malformed: a proxy that
+    /// passed what the blade's parser refuses would disagree with it about the message.
+    fn trailer_byte(&mut self, b: u8) -> Result<(), ChunkError> {
+        if self.state != State::TrailerStart {
+            self.meta += 1;
+            if self.meta > MAX_META_BYTES {
+                return Err(ChunkError);
+            }
+        }
+        self.state = match (self.state, b) {
+            (State::TrailerStart, b'\r') => State::EndLf,
+            (State::TrailerStart | State::TrailerName, b) if is_tchar(b) => State::TrailerName,
+            (State::TrailerName, b':') => State::TrailerValue,
+            (State::TrailerValue, b'\r') => State::TrailerLf,
+            (State::TrailerValue, b) if b == b'\t' || (b >= 0x20 && b != 0x7f) => {
+                State::TrailerValue
+            }
+            (State::TrailerLf, b'\n') => State::TrailerStart,
+            _ => return Err(ChunkError),
+        };
+        Ok(())
+    }
+}
+
+/// A token character of a field name (RFC 9110 section 5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -186,6 +203,29 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trailer_field_a_parser_would_refuse_makes_the_body_malformed() {
+        for bad in [
+            &b"0\r\nx-trailer\0 t\r\n\r\n"[..],
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n: empty name\r\n\r\n",
+            b"0\r\nx-t: a\x01b\r\n\r\n",
+            b"0\r\n folded: x\r\n\r\n",
+        ] {
+            let mut c = Chunked::default();
+            assert_eq!(
+                c.feed(bad, None),
+                Err(ChunkError),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut c = Chunked::default();
+        let good = b"0\r\nx-trailer: 1\r\nexpires:\tnever \xe9\r\n\r\n";
+        assert_eq!(c.feed(good, None), Ok(good.len()));
+        assert!(c.done());
+    }
 
     fn decode_in_pieces(raw: &[u8], piece: usize) -> Result<(Vec<u8>, usize), ChunkError> {
         let mut c = Chunked::default();
