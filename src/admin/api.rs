@@ -361,7 +361,7 @@ impl AutoscalerStatus {
                 arrived_per_second: o.line.arrived_per_second,
                 let_in_per_second: o.line.let_in_per_second,
             }),
-            errors: s.report.errors,
+            errors: s.report.errors.iter().map(ToString::to_string).collect(),
             notes: s.report.notes,
             budget_reached: s.report.budget_reached,
             bootstrap_alarm: s.report.bootstrap_alarm,

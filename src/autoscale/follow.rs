@@ -1,7 +1,9 @@
 //! What an instance that does not lead does with the leader's roles: its pool follows the
 //! leader's provisioned nodes (added, promoted, parked, drained, removed), so that every
-//! instance serves the same blades and none sends work to a server being released. Pure:
-//! the reconciler observes, this decides, the reconciler applies to the pool.
+//! instance serves the same blades and none sends work to a server being released.
+//! [`follow`] decides (pure); [`round`] is the follower's round: it reads the inventory
+//! through the reconciler (never writing to the provider) and applies the decisions to
+//! the pool.
 //!
 //! A node an operator gave an instruction for (drain, maintenance, removal) is the
 //! operator's: roles never move it. A node the roles list whose server a complete listing
@@ -9,10 +11,82 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::plan::{Node, ZoneListing};
+use super::problem::Problem;
+use super::reconcile::{Following, Report};
 use crate::cluster::{Role, Roles};
-use crate::pool::{Origin, State};
+use crate::pool::{Backend, Origin, Pool, State};
+use crate::provider::Provider;
+
+/// A round of an instance that does not lead: the inventory is read (nothing is written
+/// to the provider) and the pool follows the leader's `roles`; `operator` holds the
+/// nodes an operator gave an instruction for.
+pub(super) async fn round<P: Provider>(
+    r: Following<'_, P>,
+    roles: Option<&Roles>,
+    operator: &HashSet<String>,
+    now: Instant,
+) -> Report {
+    let mut report = Report::default();
+    let zones = r.inventory(&mut report).await;
+    let nodes = r.nodes(now);
+    if let Some(roles) = roles {
+        for action in follow(roles, &zones, &nodes, operator) {
+            apply(r.pool(), r.drain_timeout(), action, &mut report);
+        }
+    }
+    let table = r.pool().snapshot();
+    report.in_service = table.count(State::InService);
+    report.pending = table.count(State::Warming);
+    report.standby = table.count(State::Standby);
+    report.draining = table.count(State::Draining);
+    report.devices = zones.iter().map(|z| z.devices.len()).sum();
+    report.orders = r.orders().to_vec();
+    report.notes.push(match roles {
+        Some(r) => format!("following the leader {}: it orders and releases", r.leader),
+        None => "no leader has published its nodes yet".into(),
+    });
+    report
+}
+
+/// One decision applied to this instance's pool.
+fn apply(pool: &Pool, drain_timeout: Duration, action: FollowAction, report: &mut Report) {
+    let outcome = match &action {
+        FollowAction::Add {
+            id,
+            address,
+            standby,
+        } => {
+            let backend = Arc::new(Backend::new(id, *address, 1, Origin::Provisioned));
+            if *standby {
+                pool.add_standby(backend)
+            } else {
+                pool.add(backend)
+            }
+        }
+        FollowAction::Promote { id } => {
+            pool.promote(id);
+            Ok(())
+        }
+        FollowAction::Park { id } => {
+            pool.park(id);
+            Ok(())
+        }
+        FollowAction::Drain { id } => pool.drain(id, drain_timeout).map(|_| ()),
+        FollowAction::Undrain { id } => pool.undrain(id).map(|_| ()),
+        FollowAction::Remove { id } => pool.remove(id).map(|_| ()),
+    };
+    match outcome {
+        Ok(()) => tracing::info!(?action, "following the leader"),
+        Err(e) => report.errors.push(Problem::Follow {
+            action: format!("{action:?}"),
+            error: e.to_string(),
+        }),
+    }
+}
 
 /// One change to this instance's pool.
 #[derive(Debug, Clone, PartialEq, Eq)]

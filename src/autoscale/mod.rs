@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod meter;
 pub mod plan;
 pub mod policy;
+pub mod problem;
 pub mod reconcile;
 pub mod schedule;
 
@@ -29,6 +30,7 @@ use crate::telemetry::names;
 use fence::{Fenced, Gate};
 use meter::Meter;
 use policy::{Decision, PolicyState};
+use problem::Problem;
 use reconcile::{ReconcileConfig, Reconciler, Report};
 
 /// Decisions kept for `GET /v1/autoscaler`.
@@ -404,10 +406,12 @@ impl<P: Provider> Rounds<P> {
         let operator: std::collections::HashSet<String> =
             c.intents().borrow().nodes.keys().cloned().collect();
         let mut report = match &roles {
-            Ok(r) => self.reconciler.follow(r.as_ref(), &operator, now).await,
+            Ok(r) => follow::round(self.reconciler.as_follower(), r.as_ref(), &operator, now).await,
             // etcd away: the pool stays as it is.
             Err(e) => Report {
-                errors: vec![format!("cluster: {e}; the pool is kept as it is")],
+                errors: vec![Problem::ClusterAway {
+                    error: e.to_string(),
+                }],
                 ..Report::default()
             },
         };
@@ -448,9 +452,9 @@ impl<P: Provider> Rounds<P> {
         let mut report = self.reconciler.step_at(decision.desired, now, wall).await;
         if let Some(c) = &self.cluster {
             if let Err(e) = self.reconciler.publish(c.instance(), wall).await {
-                report
-                    .errors
-                    .push(format!("publishing the roles to etcd: {e}"));
+                report.errors.push(Problem::Publish {
+                    error: e.to_string(),
+                });
             }
         }
         let cost = cost::cost(&report.orders, self.started, cfg.budget.timezone, wall);

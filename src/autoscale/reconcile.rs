@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::fence::Gate;
-use super::follow::{self, FollowAction};
 use super::ledger::{Ledger, Order, OrderState};
 use super::plan::{
     self, Action, DrainWhy, Inputs, Known, LookUp, Memory, Node, Releasing, Rules, ZoneListing,
 };
+use super::problem::Problem;
 use crate::cluster::{Role, RoleEntry, Roles};
 use crate::pool::{Backend, Origin, Pool};
 use crate::provider::{
@@ -77,8 +77,8 @@ pub struct Report {
     pub bootstrap_alarm: Option<String>,
     /// Things an operator should know (servers missing from a listing, kept spares...).
     pub notes: Vec<String>,
-    /// Problems met, in words for the status page and the log.
-    pub errors: Vec<String>,
+    /// Problems met (the status page and the log show them in words).
+    pub errors: Vec<Problem>,
     /// The ledger's orders, for the cost view.
     pub orders: Vec<Order>,
     /// Servers with a `surge-pool` tag that this reconciler does not manage (another
@@ -295,73 +295,12 @@ impl<P: Provider> Reconciler<P> {
         self.take_over(theirs.as_deref(), None)
     }
 
-    /// A round of an instance that does not lead: the inventory is read (nothing is
-    /// written to the provider) and the pool follows the leader's `roles`; `operator`
-    /// holds the nodes an operator gave an instruction for.
-    pub async fn follow(
-        &mut self,
-        roles: Option<&Roles>,
-        operator: &std::collections::HashSet<String>,
-        now: Instant,
-    ) -> Report {
-        let mut report = Report::default();
-        // The leader's memory is the leader's: a later term starts from its roles.
+    /// The follower's view of this reconciler: its pool, its inventory and its ledger
+    /// (see [`follow::round`]). Its memory is the leader's and is dropped: a later term
+    /// starts from the roles.
+    pub(super) fn as_follower(&mut self) -> Following<'_, P> {
         self.memory = Memory::default();
-        let (zones, _) = self.observe(&mut report).await;
-        let nodes = self.nodes(now);
-        if let Some(roles) = roles {
-            for action in follow::follow(roles, &zones, &nodes, operator) {
-                self.apply_follow(action, &mut report);
-            }
-        }
-        let table = self.pool.snapshot();
-        let count = |s: crate::pool::State| table.count(s);
-        report.in_service = count(crate::pool::State::InService);
-        report.pending = count(crate::pool::State::Warming);
-        report.standby = count(crate::pool::State::Standby);
-        report.draining = count(crate::pool::State::Draining);
-        report.devices = zones.iter().map(|z| z.devices.len()).sum();
-        report.orders = self.ledger.orders.clone();
-        report.notes.push(match roles {
-            Some(r) => format!("following the leader {}: it orders and releases", r.leader),
-            None => "no leader has published its nodes yet".into(),
-        });
-        report
-    }
-
-    fn apply_follow(&self, action: FollowAction, report: &mut Report) {
-        let outcome = match &action {
-            FollowAction::Add {
-                id,
-                address,
-                standby,
-            } => {
-                let backend = Arc::new(Backend::new(id, *address, 1, Origin::Provisioned));
-                if *standby {
-                    self.pool.add_standby(backend)
-                } else {
-                    self.pool.add(backend)
-                }
-            }
-            FollowAction::Promote { id } => {
-                self.pool.promote(id);
-                Ok(())
-            }
-            FollowAction::Park { id } => {
-                self.pool.park(id);
-                Ok(())
-            }
-            FollowAction::Drain { id } => self
-                .pool
-                .drain(id, self.cfg.rules.drain_timeout)
-                .map(|_| ()),
-            FollowAction::Undrain { id } => self.pool.undrain(id).map(|_| ()),
-            FollowAction::Remove { id } => self.pool.remove(id).map(|_| ()),
-        };
-        match outcome {
-            Ok(()) => tracing::info!(?action, "following the leader"),
-            Err(e) => report.errors.push(format!("{action:?}: {e}")),
-        }
+        Following { r: self }
     }
 
     /// Also watches `zones` (not ordered from) for servers carrying this pool's tag.
@@ -379,9 +318,10 @@ impl<P: Provider> Reconciler<P> {
             let listing = match provider.inventory("").await {
                 Ok(l) => l,
                 Err(e) => {
-                    report
-                        .errors
-                        .push(format!("scanning {zone} for unmanaged servers: {e}"));
+                    report.errors.push(Problem::ScanUnmanaged {
+                        zone: zone.clone(),
+                        error: e,
+                    });
                     continue;
                 }
             };
@@ -422,29 +362,14 @@ impl<P: Provider> Reconciler<P> {
     /// [`Reconciler::step`] at wall-clock time `wall` (billing hours, order deadlines).
     pub async fn step_at(&mut self, desired: usize, now: Instant, wall: SystemTime) -> Report {
         let mut report = Report::default();
-        if self.next_scan.is_none_or(|t| now >= t) {
-            self.scan_unmanaged(&mut report).await;
-            self.next_scan = Some(now + UNMANAGED_SCAN_EVERY);
-        }
-        if self.offer_price.is_none() {
-            // Once, for the cost of servers found running (no order in the ledger).
-            if let Some((_, provider)) = self.zones.first() {
-                if let Ok(offers) = provider.offers().await {
-                    self.offer_price = offers
-                        .into_iter()
-                        .find(|o| o.name == self.cfg.offer)
-                        .and_then(|o| o.price_per_hour);
-                }
-            }
-        }
-        let (zones, looked_up) = self.observe(&mut report).await;
-        let addresses = self.private_addresses(&zones, &mut report).await;
+        let seen = self.observe(now, &mut report).await;
+        let zones = &seen.zones;
         let nodes = self.nodes(now);
         let plan = plan::plan(&Inputs {
             desired,
-            zones: &zones,
-            looked_up: &looked_up,
-            addresses: &addresses,
+            zones,
+            looked_up: &seen.looked_up,
+            addresses: &seen.addresses,
             nodes: &nodes,
             ledger: &self.ledger.orders,
             memory: &self.memory,
@@ -477,11 +402,14 @@ impl<P: Provider> Reconciler<P> {
             tracing::warn!(%limit, "orders held back by the budget; shedding takes over");
         }
         self.apply(plan.actions, now, wall, &mut report).await;
+        self.attach(&seen.unattached, &mut report).await;
         if zones.iter().all(|z| z.complete) {
             self.memory.adopted_once = true;
         }
         if let Err(e) = self.ledger.save(wall) {
-            report.errors.push(e.to_string());
+            report.errors.push(Problem::Ledger {
+                error: e.to_string(),
+            });
         }
         report.draining = self.memory.draining.len();
         report.orders = self.ledger.orders.clone();
@@ -493,18 +421,48 @@ impl<P: Provider> Reconciler<P> {
         report
     }
 
+    /// What a leading round reads from the provider, all of it here (it writes only in
+    /// `apply` and `attach`): the servers of other pools now and then, the offer's price
+    /// once, every zone's inventory with look-ups of missing servers, and the private
+    /// addresses of delivered servers.
+    async fn observe(&mut self, now: Instant, report: &mut Report) -> Observed {
+        if self.next_scan.is_none_or(|t| now >= t) {
+            self.scan_unmanaged(report).await;
+            self.next_scan = Some(now + UNMANAGED_SCAN_EVERY);
+        }
+        if self.offer_price.is_none() {
+            // Once, for the cost of servers found running (no order in the ledger).
+            if let Some((_, provider)) = self.zones.first() {
+                if let Ok(offers) = provider.offers().await {
+                    self.offer_price = offers
+                        .into_iter()
+                        .find(|o| o.name == self.cfg.offer)
+                        .and_then(|o| o.price_per_hour);
+                }
+            }
+        }
+        let (zones, looked_up) = self.inventory(report).await;
+        let (addresses, unattached) = self.private_addresses(&zones, report).await;
+        Observed {
+            zones,
+            looked_up,
+            addresses,
+            unattached,
+        }
+    }
+
     /// The inventory of every zone, and look-ups of known servers a complete listing
     /// did not show.
-    async fn observe(&self, report: &mut Report) -> (Vec<ZoneListing>, HashMap<String, LookUp>) {
+    async fn inventory(&self, report: &mut Report) -> (Vec<ZoneListing>, HashMap<String, LookUp>) {
         let tag = format!("{POOL_TAG}={}", self.cfg.pool);
         let mut zones = Vec::with_capacity(self.zones.len());
         for (zone, provider) in &self.zones {
             match provider.inventory(&tag).await {
                 Ok(listing) => {
                     if !listing.complete {
-                        report.errors.push(format!(
-                            "listing {zone}: incomplete (pages changed while read, or no total); nothing ordered or removed this round"
-                        ));
+                        report
+                            .errors
+                            .push(Problem::ListingIncomplete { zone: zone.clone() });
                     }
                     zones.push(ZoneListing {
                         zone: zone.clone(),
@@ -513,7 +471,10 @@ impl<P: Provider> Reconciler<P> {
                     });
                 }
                 Err(e) => {
-                    report.errors.push(format!("listing {zone}: {e}"));
+                    report.errors.push(Problem::Listing {
+                        zone: zone.clone(),
+                        error: e,
+                    });
                     zones.push(ZoneListing {
                         zone: zone.clone(),
                         devices: Vec::new(),
@@ -540,9 +501,10 @@ impl<P: Provider> Reconciler<P> {
                 Ok(d) => LookUp::Present(d),
                 Err(ProviderError::NotFound(_)) => LookUp::Gone,
                 Err(e) => {
-                    report
-                        .errors
-                        .push(format!("looking up server {}: {e}", k.device_id));
+                    report.errors.push(Problem::LookUpServer {
+                        device_id: k.device_id.clone(),
+                        error: e,
+                    });
                     LookUp::Unknown
                 }
             };
@@ -552,15 +514,16 @@ impl<P: Provider> Reconciler<P> {
     }
 
     /// The private addresses of delivered servers not yet in the pool (with a private
-    /// network; one look-up per server, until it is adopted).
+    /// network; one look-up per server, until it is adopted), and those not attached to
+    /// the network yet (zone, server).
     async fn private_addresses(
         &self,
         zones: &[ZoneListing],
         report: &mut Report,
-    ) -> HashMap<String, std::net::IpAddr> {
-        let mut out = HashMap::new();
+    ) -> (HashMap<String, std::net::IpAddr>, Vec<(String, String)>) {
+        let (mut out, mut unattached) = (HashMap::new(), Vec::new());
         let Some(network) = &self.cfg.private_network else {
-            return out;
+            return (out, unattached);
         };
         let table = self.pool.snapshot_full();
         for z in zones {
@@ -576,22 +539,36 @@ impl<P: Provider> Reconciler<P> {
                         out.insert(d.id.clone(), ip);
                     }
                     // Not attached (the order's answer was lost before surge could, or
-                    // the attach failed): attach it now, its address shows next round.
-                    Ok(None) => {
-                        if let Err(e) = provider.attach(&d.id, network).await {
-                            report.errors.push(format!(
-                                "attaching server {} to private network {network}: {e}",
-                                d.id
-                            ));
-                        }
-                    }
-                    Err(e) => report
-                        .errors
-                        .push(format!("private address of server {}: {e}", d.id)),
+                    // the attach failed): attached in this round's apply.
+                    Ok(None) => unattached.push((z.zone.clone(), d.id.clone())),
+                    Err(e) => report.errors.push(Problem::PrivateAddress {
+                        device_id: d.id.clone(),
+                        error: e,
+                    }),
                 }
             }
         }
-        out
+        (out, unattached)
+    }
+
+    /// Attaches delivered servers to the private network; their address shows next
+    /// round.
+    async fn attach(&self, unattached: &[(String, String)], report: &mut Report) {
+        let Some(network) = &self.cfg.private_network else {
+            return;
+        };
+        for (zone, device_id) in unattached {
+            let Some(provider) = self.provider(zone) else {
+                continue;
+            };
+            if let Err(e) = provider.attach(device_id, network).await {
+                report.errors.push(Problem::Attach {
+                    device_id: device_id.clone(),
+                    network: network.clone(),
+                    error: e,
+                });
+            }
+        }
     }
 
     /// The pool as the plan sees it.
@@ -649,7 +626,10 @@ impl<P: Provider> Reconciler<P> {
                             tracing::info!(backend = %id, ?why, "draining");
                             self.memory.draining.insert(id, why);
                         }
-                        Err(e) => report.errors.push(format!("draining {id}: {e}")),
+                        Err(e) => report.errors.push(Problem::Drain {
+                            id,
+                            error: e.to_string(),
+                        }),
                     }
                 }
                 Action::Park { id } => {
@@ -718,10 +698,11 @@ impl<P: Provider> Reconciler<P> {
                     self.memory.bootstrap_failures += 1;
                     metrics::counter!(crate::telemetry::names::AUTOSCALER_BOOTSTRAP_FAILURES)
                         .increment(1);
-                    report.errors.push(format!(
-                        "server of {id} did not become healthy after its delivery (bootstrap failure {} in a row): {error}",
-                        self.memory.bootstrap_failures
-                    ));
+                    report.errors.push(Problem::Bootstrap {
+                        id,
+                        in_a_row: self.memory.bootstrap_failures,
+                        error: error.clone(),
+                    });
                     self.memory.last_bootstrap_error = Some(error);
                 }
             }
@@ -777,7 +758,10 @@ impl<P: Provider> Reconciler<P> {
                 self.memory.booting.insert(id.clone());
                 self.memory.known.insert(id, known);
             }
-            Err(e) => report.errors.push(format!("adding {id}: {e}")),
+            Err(e) => report.errors.push(Problem::AddNode {
+                id,
+                error: e.to_string(),
+            }),
         }
     }
 
@@ -791,9 +775,10 @@ impl<P: Provider> Reconciler<P> {
         let list = match found {
             Ok(list) => list,
             Err(e) => {
-                report
-                    .errors
-                    .push(format!("looking up order {request_id}: {e}"));
+                report.errors.push(Problem::LookUpOrder {
+                    request_id: request_id.to_owned(),
+                    error: e,
+                });
                 return;
             }
         };
@@ -808,15 +793,17 @@ impl<P: Provider> Reconciler<P> {
             }
             None if o.device_id.is_none() => {
                 o.state = OrderState::Lost;
-                report.errors.push(format!(
-                    "order {request_id} in {zone} got no answer and is not listed under its tag: counted as not placed, ordered again if still needed (a server that shows later is taken in as found running)"
-                ));
+                report.errors.push(Problem::OrderUnanswered {
+                    request_id: request_id.to_owned(),
+                    zone: zone.to_owned(),
+                });
             }
             None => {
                 o.state = OrderState::Lost;
-                report.errors.push(format!(
-                    "order {request_id} in {zone} never showed up by its deadline and is not found by its tag: given up (check the provider's console)"
-                ));
+                report.errors.push(Problem::OrderNeverShowed {
+                    request_id: request_id.to_owned(),
+                    zone: zone.to_owned(),
+                });
             }
         }
     }
@@ -842,9 +829,10 @@ impl<P: Provider> Reconciler<P> {
         report: &mut Report,
     ) {
         let Some(provider) = self.provider(zone) else {
-            report.errors.push(format!(
-                "releasing {device_id}: zone {zone} is not configured"
-            ));
+            report.errors.push(Problem::ReleaseZoneUnknown {
+                device_id: device_id.to_owned(),
+                zone: zone.to_owned(),
+            });
             return;
         };
         let outcome = provider.delete(device_id).await;
@@ -891,11 +879,13 @@ impl<P: Provider> Reconciler<P> {
                 entry.next_try = Some(now + wait);
                 metrics::counter!(crate::telemetry::names::AUTOSCALER_RELEASE_FAILURES)
                     .increment(1);
-                report.errors.push(format!(
-                    "releasing server {device_id} ({why}) failed (attempt {}): {e}; retrying in {}",
-                    entry.failures,
-                    humantime::format_duration(Duration::from_secs(wait.as_secs().max(1)))
-                ));
+                report.errors.push(Problem::ReleaseFailed {
+                    device_id: device_id.to_owned(),
+                    why: why.to_owned(),
+                    attempt: entry.failures,
+                    error: e,
+                    retry_in: Duration::from_secs(wait.as_secs().max(1)),
+                });
             }
         }
     }
@@ -961,15 +951,20 @@ impl<P: Provider> Reconciler<P> {
                     if let Some(o) = order {
                         o.state = OrderState::Refused;
                     }
-                    report.errors.push(format!("order {request_id}: {e}"));
+                    report.errors.push(Problem::OrderHeld {
+                        request_id: request_id.clone(),
+                        error: e,
+                    });
                     return false;
                 }
                 Err(e @ ProviderError::Uncertain(_)) => {
                     // It may stand: it counts as on its way until its server shows (or
                     // its deadline passes), and is never sent again.
-                    report.errors.push(format!(
-                        "order {request_id} in {zone}: {e}; counted as on its way until its server shows"
-                    ));
+                    report.errors.push(Problem::OrderUncertain {
+                        request_id: request_id.clone(),
+                        zone: zone.clone(),
+                        error: e,
+                    });
                     report.ordered += 1;
                     return true;
                 }
@@ -986,7 +981,7 @@ impl<P: Provider> Reconciler<P> {
         }
         report
             .errors
-            .extend(refused.zones.iter().map(ToString::to_string));
+            .extend(refused.zones.into_iter().map(Problem::ZoneRefused));
         self.order_failures += 1;
         let wait = backoff(
             self.order_failures,
@@ -1035,17 +1030,21 @@ impl<P: Provider> Reconciler<P> {
     /// dies with the order sent, the next one knows (in a cluster, the next leader: the
     /// ledger goes to etcd, fenced). On failure the order is taken back out, and the
     /// error says that nothing was ordered.
-    async fn write_ahead(&mut self, order: Order, wall: SystemTime) -> Result<(), String> {
+    async fn write_ahead(&mut self, order: Order, wall: SystemTime) -> Result<(), Problem> {
         self.ledger.orders.push(order);
         if let Err(e) = self.ledger.save(wall) {
             self.ledger.orders.pop();
-            return Err(format!("{e}; not ordering without a ledger"));
+            return Err(Problem::LedgerNotWritten {
+                error: e.to_string(),
+            });
         }
         if let Some(gate) = &self.gate {
             let key = gate.cluster().ledger_key();
             if let Err(e) = gate.put(vec![(key, self.ledger.to_json())]).await {
                 self.ledger.orders.pop();
-                return Err(format!("ledger to etcd: {e}; not ordering"));
+                return Err(Problem::LedgerNotShared {
+                    error: e.to_string(),
+                });
             }
         }
         Ok(())
@@ -1087,6 +1086,44 @@ impl<P: Provider> Reconciler<P> {
     }
 }
 
+/// What a leading round read from the provider.
+struct Observed {
+    zones: Vec<ZoneListing>,
+    looked_up: HashMap<String, LookUp>,
+    addresses: HashMap<String, std::net::IpAddr>,
+    /// Delivered servers not attached to the private network yet: (zone, server).
+    unattached: Vec<(String, String)>,
+}
+
+/// What a follower's round may use of the reconciler: reads of the provider and the
+/// pool to change, never a write to the provider.
+pub(super) struct Following<'a, P> {
+    r: &'a mut Reconciler<P>,
+}
+
+impl<P: Provider> Following<'_, P> {
+    /// Every zone's inventory (no look-ups are written, nothing is ordered).
+    pub(super) async fn inventory(&self, report: &mut Report) -> Vec<ZoneListing> {
+        self.r.inventory(report).await.0
+    }
+
+    pub(super) fn nodes(&self, now: Instant) -> Vec<Node> {
+        self.r.nodes(now)
+    }
+
+    pub(super) fn pool(&self) -> &Pool {
+        &self.r.pool
+    }
+
+    pub(super) fn drain_timeout(&self) -> Duration {
+        self.r.cfg.rules.drain_timeout
+    }
+
+    pub(super) fn orders(&self) -> &[Order] {
+        &self.r.ledger.orders
+    }
+}
+
 /// Why no zone could take an order: each zone's reason, in order of preference.
 #[derive(Debug, thiserror::Error)]
 #[error("no zone could take the order: {}", .zones.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -1095,7 +1132,7 @@ pub struct OrderRefused {
 }
 
 /// Why one zone could not take an order.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{zone}: {why}")]
 pub struct ZoneRefusal {
     pub zone: String,
@@ -1103,7 +1140,7 @@ pub struct ZoneRefusal {
 }
 
 /// What stood in the way of an order in a zone.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WhyNot {
     #[error("offers: {0}")]
