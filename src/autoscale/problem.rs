@@ -59,6 +59,10 @@ pub enum Problem {
     LedgerNotShared { error: String },
     #[error("{error}")]
     Ledger { error: String },
+    #[error("the previous leader's ledger is unreadable: {error}")]
+    LedgerNotTakenOver { error: String },
+    #[error("cannot re-read the ledger: {error}")]
+    LedgerNotReread { error: String },
     #[error("order {request_id}: {error}")]
     OrderHeld {
         request_id: String,

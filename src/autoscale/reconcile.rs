@@ -247,14 +247,16 @@ impl<P: Provider> Reconciler<P> {
     /// (the provisioned nodes this pool follows, the drains it had started) and its
     /// ledger is taken over, so nothing it ordered is ordered again and no drain of its
     /// is mistaken for an operator's.
-    pub fn take_over(&mut self, ledger: Option<&[u8]>, roles: Option<&Roles>) -> Vec<String> {
+    pub fn take_over(&mut self, ledger: Option<&[u8]>, roles: Option<&Roles>) -> Vec<Problem> {
         let mut problems = Vec::new();
         self.memory = Memory::default();
         self.order_failures = 0;
         self.next_scan = None;
         if let Some(json) = ledger {
             if let Err(e) = self.ledger.take_over(json) {
-                problems.push(format!("the previous leader's ledger is unreadable: {e}"));
+                problems.push(Problem::LedgerNotTakenOver {
+                    error: e.to_string(),
+                });
             }
         }
         let table = self.pool.snapshot_full();
@@ -287,10 +289,14 @@ impl<P: Provider> Reconciler<P> {
     /// that then died): its orders are merged in from the ledger file, and the memory is
     /// rebuilt by adopting the provider's servers as at start, so nothing it ordered is
     /// ordered again or left unknown.
-    pub fn resume(&mut self) -> Vec<String> {
+    pub fn resume(&mut self) -> Vec<Problem> {
         let theirs = match self.ledger.reread() {
             Ok(bytes) => bytes,
-            Err(e) => return vec![format!("cannot re-read the ledger: {e}")],
+            Err(e) => {
+                return vec![Problem::LedgerNotReread {
+                    error: e.to_string(),
+                }]
+            }
         };
         self.take_over(theirs.as_deref(), None)
     }
