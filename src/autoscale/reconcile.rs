@@ -302,8 +302,8 @@ impl<P: Provider> Reconciler<P> {
     }
 
     /// The follower's view of this reconciler: its pool, its inventory and its ledger
-    /// (see [`follow::round`]). Its memory is the leader's and is dropped: a later term
-    /// starts from the roles.
+    /// (see [`super::follow::round`]). Its memory is the leader's and is dropped: a
+    /// later term starts from the roles.
     pub(super) fn as_follower(&mut self) -> Following<'_, P> {
         self.memory = Memory::default();
         Following { r: self }
@@ -558,12 +558,16 @@ impl<P: Provider> Reconciler<P> {
     }
 
     /// Attaches delivered servers to the private network; their address shows next
-    /// round.
+    /// round. A server this round released (one that never got a usable address) is
+    /// left alone.
     async fn attach(&self, unattached: &[(String, String)], report: &mut Report) {
         let Some(network) = &self.cfg.private_network else {
             return;
         };
         for (zone, device_id) in unattached {
+            if self.memory.releasing.contains_key(device_id) {
+                continue;
+            }
             let Some(provider) = self.provider(zone) else {
                 continue;
             };
@@ -1104,11 +1108,12 @@ struct Observed {
 /// What a follower's round may use of the reconciler: reads of the provider and the
 /// pool to change, never a write to the provider.
 pub(super) struct Following<'a, P> {
-    r: &'a mut Reconciler<P>,
+    r: &'a Reconciler<P>,
 }
 
 impl<P: Provider> Following<'_, P> {
-    /// Every zone's inventory (no look-ups are written, nothing is ordered).
+    /// Every zone's inventory (with look-ups of known servers it misses; none are known
+    /// with the memory dropped).
     pub(super) async fn inventory(&self, report: &mut Report) -> Vec<ZoneListing> {
         self.r.inventory(report).await.0
     }

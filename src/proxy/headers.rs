@@ -56,6 +56,17 @@ pub const CLIENT_CLAIMS: [&str; 18] = [
     "ssl-client-cert",
 ];
 
+/// Whether `name` is one of [`CLIENT_CLAIMS`] (any case). Most fields start with none of
+/// their first letters, and are told apart by one comparison.
+pub fn is_client_claim(name: &[u8]) -> bool {
+    matches!(
+        name.first().map(u8::to_ascii_lowercase),
+        Some(b'f' | b's' | b't' | b'x')
+    ) && CLIENT_CLAIMS
+        .iter()
+        .any(|c| c.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// A `Content-Length` said more than once (`5, 5`, or two fields) as one value, as RFC
 /// 9110 section 8.6 asks of a proxy passing on a length whose values agree (hyper
 /// refused any that disagree when it read the answer).
@@ -541,6 +552,17 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn every_client_claim_is_recognised_in_any_case_and_nothing_else() {
+        for claim in CLIENT_CLAIMS {
+            assert!(is_client_claim(claim.as_bytes()), "{claim}");
+            assert!(is_client_claim(claim.to_ascii_uppercase().as_bytes()), "{claim}");
+        }
+        for other in ["x-request-id", "accept", "forwarded-by", "", "s", "user-agent"] {
+            assert!(!is_client_claim(other.as_bytes()), "{other}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {

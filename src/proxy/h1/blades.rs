@@ -32,6 +32,11 @@ impl Stream {
     /// is a no-op, and the next real read registers its own.
     fn is_quiet(&mut self) -> bool {
         let mut probe = [0u8; 1];
+        // Plain TCP: tokio answers from the readiness it already knows, with no system
+        // call and no waker to store when nothing arrived.
+        if let Stream::Plain(tcp) = self {
+            return matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        }
         let mut buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         Pin::new(self).poll_read(&mut cx, &mut buf).is_pending()

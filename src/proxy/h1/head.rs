@@ -538,10 +538,7 @@ pub fn write_request(
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
             || (fwd.new_request_id.is_some() && name.eq_ignore_ascii_case(b"x-request-id"))
-            || (!fwd.trusted
-                && crate::proxy::headers::CLIENT_CLAIMS
-                    .iter()
-                    .any(|c| c.as_bytes().eq_ignore_ascii_case(name)));
+            || (!fwd.trusted && crate::proxy::headers::is_client_claim(name));
         if skip {
             continue;
         }
