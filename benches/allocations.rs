@@ -15,6 +15,10 @@
 //! Then the heap each idle keep-alive connection holds, by the same allocator's count of
 //! live bytes: memory per connection without the kernel's part or the allocator's slack.
 //!
+//! Then HTTP/2: h2load (another process, if installed) over an h2c listener, whose
+//! requests reach the blade through the engine's blade connections (surge engine) or
+//! hyper's client (hyper engine).
+//!
 //! Run: `cargo bench --bench allocations` (prints a table; exits non-zero when the
 //! surge engine allocates on its steady path).
 
@@ -175,8 +179,10 @@ impl Shopper {
 
 fn surge_config(engine: &str, blade: SocketAddr) -> surge::config::Config {
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\nengine = \"{engine}\"\n\
+        "[proxy]\nworkers = 1\naccess_log = false\nengine = \"{engine}\"\n\
          max_requests_per_connection = 1000000\nmax_connections_per_ip = 0\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[pool]\n[pool.sticky]\ncookie = \"cart\"\n\
          [pool.health]\ninterval = \"1h\"\n\
          [[pool.backends]]\nid = \"blade-1\"\naddress = \"{blade}\"\n"
@@ -196,6 +202,34 @@ struct Figures {
     at_once: f64,
     /// Heap bytes held per idle keep-alive connection (one request answered on each).
     idle_bytes: f64,
+    /// Allocations per HTTP/2 request (h2c, h2load in another process), if h2load is
+    /// installed.
+    h2: Option<f64>,
+}
+
+/// Allocations per HTTP/2 request: `h2load` (another process, so its own allocations
+/// are not counted) sends requests over one h2c connection, 10 streams at a time; the
+/// process's allocations over a second, longer run less those over a first, divided by
+/// the difference in requests. `None` without h2load.
+fn h2_allocations(addr: SocketAddr) -> Option<f64> {
+    let run = |n: u64| -> Option<u64> {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let out = std::process::Command::new("h2load")
+            .args(["-n", &n.to_string(), "-c", "1", "-m", "10", "-t", "1"])
+            .arg(format!("http://{addr}/catalog"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("{n} succeeded")),
+            "h2load did not complete {n} requests:\n{text}"
+        );
+        Some(ALLOCATIONS.load(Ordering::Relaxed) - before)
+    };
+    run(1_000)?;
+    let short = run(2_000)?;
+    let long = run(2_000 + MEASURED as u64)?;
+    Some(long.saturating_sub(short) as f64 / MEASURED as f64)
 }
 
 /// Heap bytes each idle keep-alive connection holds: [`IDLE`] shoppers each send one
@@ -313,11 +347,13 @@ fn measure(runtime: &tokio::runtime::Runtime, engine: &str, blade: SocketAddr) -
     }
     let at_once = concurrent(addr, &plain);
     let idle_bytes = idle_bytes(addr, &plain);
+    let h2 = h2_allocations(surge.proxy.listeners[1].addr);
     runtime.block_on(surge.stop());
     Figures {
         per_request: out,
         at_once,
         idle_bytes,
+        h2,
     }
 }
 
@@ -358,6 +394,12 @@ fn main() {
         "{:<28} {:>12.0} {:>12.0}",
         "heap bytes per idle conn", ours.idle_bytes, hypers.idle_bytes
     );
+    match (ours.h2, hypers.h2) {
+        (Some(a), Some(b)) => {
+            println!("{:<28} {:>12.2} {:>12.2}", "HTTP/2 (h2c), 10 streams", a, b)
+        }
+        _ => println!("HTTP/2: h2load (nghttp2-client) not installed, not measured"),
+    }
     // What the process does meanwhile (its timers, the pools' trims) is well under 0.01
     // per request.
     let steady = ours.per_request[..2].iter().all(|&a| a < 0.01) && ours.at_once < 0.01;
