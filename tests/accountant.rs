@@ -224,6 +224,12 @@ ledger = "{ledger}"
     let surge = surge::serve::start(&cfg).await.unwrap();
     let plain = surge.proxy.listeners[0].addr;
     let tls = surge.proxy.listeners[1].addr;
+    // The autoscaler's first decision recorded (before it, the status says 0 of
+    // nothing): what the flood must not move is the size decided without it.
+    let first_round = Instant::now() + Duration::from_secs(10);
+    while status_of(&surge).desired == 0 && Instant::now() < first_round {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let connects = Arc::new(AtomicU64::new(0));

@@ -557,9 +557,19 @@ mod tests {
     fn every_client_claim_is_recognised_in_any_case_and_nothing_else() {
         for claim in CLIENT_CLAIMS {
             assert!(is_client_claim(claim.as_bytes()), "{claim}");
-            assert!(is_client_claim(claim.to_ascii_uppercase().as_bytes()), "{claim}");
+            assert!(
+                is_client_claim(claim.to_ascii_uppercase().as_bytes()),
+                "{claim}"
+            );
         }
-        for other in ["x-request-id", "accept", "forwarded-by", "", "s", "user-agent"] {
+        for other in [
+            "x-request-id",
+            "accept",
+            "forwarded-by",
+            "",
+            "s",
+            "user-agent",
+        ] {
             assert!(!is_client_claim(other.as_bytes()), "{other}");
         }
     }
